@@ -1,0 +1,14 @@
+//! p2pchat: a peer-to-peer group chat with a tiny tracker, wire-compatible with the original asyncio
+//! `server.py` / `client.py` pair.
+//!
+//! The core knows nothing of Python: [`tracker`] and [`peer`] are tokio services built on the pure
+//! [`wire`] formats and the socket helpers in [`net`]. The `python` feature adds the PyO3 bindings in
+//! `py`, which maturin builds into the `p2pchat._core` extension module.
+
+pub mod net;
+pub mod peer;
+pub mod tracker;
+pub mod wire;
+
+#[cfg(feature = "python")]
+mod py;

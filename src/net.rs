@@ -1,0 +1,138 @@
+//! The socket options p2pchat depends on, behind small functions so platform differences live here only.
+//!
+//! * **Shared port.** A peer listens on port P and talks to the tracker *from* P, so the address the
+//!   tracker records is the one others can dial (also through a port-preserving NAT). The listener must
+//!   exist before the tracker can hand out P, so both sockets are bound to P at once: that takes
+//!   `SO_REUSEADDR` plus, on Unix, `SO_REUSEPORT` on every socket bound to P. Windows has no
+//!   `SO_REUSEPORT`; there `SO_REUSEADDR` alone lets the second bind succeed.
+//! * **Abortive close.** The tracker ends an original client's exchange with a reset (`SO_LINGER` 0), so the
+//!   client's socket is gone at once and its `bind` to P right after cannot fail with `EADDRINUSE` (a FIN
+//!   would leave it in `LAST_ACK` or `TIME_WAIT`). A reset throws away bytes still queued for sending, so
+//!   the close first waits until the list has left the send queue.
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+
+/// A TCP socket bound to `local` that can share its port with our other sockets bound the same way.
+pub fn shared_port_socket(local: SocketAddr) -> io::Result<TcpSocket> {
+    let socket = if local.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    #[cfg(all(unix, not(any(target_os = "solaris", target_os = "illumos", target_os = "cygwin"))))]
+    socket.set_reuseport(true)?;
+    socket.bind(local)?;
+    Ok(socket)
+}
+
+/// Listen on `local` with a shareable port (see the module docs).
+pub fn listen_shared(local: SocketAddr) -> io::Result<TcpListener> {
+    shared_port_socket(local)?.listen(1024)
+}
+
+/// Connect to `remote` from the shareable `local` address.
+pub async fn connect_from(local: SocketAddr, remote: SocketAddr) -> io::Result<TcpStream> {
+    shared_port_socket(local)?.connect(remote).await
+}
+
+/// Close with a reset once everything written has been handed to the network (bounded by `max_wait`).
+pub async fn abortive_close(stream: TcpStream, max_wait: Duration) {
+    wait_until_sent(&stream, max_wait).await;
+    if let Err(err) = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)) {
+        log::debug!("could not set SO_LINGER 0, closing normally: {err}");
+    }
+    drop(stream);
+}
+
+/// Close with a reset right away, leaving no `TIME_WAIT` behind (used where nothing is left to send).
+pub fn reset(stream: TcpStream) {
+    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    drop(stream);
+}
+
+/// Wait until the kernel has transmitted every byte we wrote (it may not be acknowledged yet).
+///
+/// Waiting for the acknowledgement instead would lose the race against an original client, which
+/// closes and binds P within microseconds of reading, long before its ACK could reach us on a real path.
+#[cfg(target_os = "linux")]
+async fn wait_until_sent(stream: &TcpStream, max_wait: Duration) {
+    use std::os::fd::AsRawFd;
+    let deadline = tokio::time::Instant::now() + max_wait;
+    loop {
+        let mut unsent: libc::c_int = 0;
+        // SIOCOUTQNSD: bytes in the send queue not yet sent. Reads a counter; cannot harm the socket.
+        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::SIOCOUTQNSD as _, &mut unsent) };
+        if rc != 0 || unsent <= 0 || tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// Other systems give no portable count of unsent bytes; a short pause lets a small write leave.
+#[cfg(not(target_os = "linux"))]
+async fn wait_until_sent(_stream: &TcpStream, max_wait: Duration) {
+    tokio::time::sleep(max_wait.min(Duration::from_millis(5))).await;
+}
+
+/// The unspecified address ("any interface") of the same family as `addr`.
+pub fn unspecified_like(addr: &SocketAddr, port: u16) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(_) => SocketAddr::from(([0, 0, 0, 0], port)),
+        SocketAddr::V6(_) => SocketAddr::from(([0u16; 8], port)),
+    }
+}
+
+/// An IPv4-mapped IPv6 address (what a dual-stack socket reports for an IPv4 peer) as plain IPv4.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::from((v4, v6.port())),
+            None => addr,
+        },
+        SocketAddr::V4(_) => addr,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_listener_and_an_outgoing_socket_share_one_port() {
+        let remote = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = listen_shared("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port_p = listener.local_addr().unwrap();
+        let outgoing = connect_from(port_p, remote.local_addr().unwrap()).await.unwrap();
+        assert_eq!(outgoing.local_addr().unwrap(), port_p);
+        let (_accepted, seen) = remote.accept().await.unwrap();
+        assert_eq!(seen, port_p, "the remote sees the port we listen on");
+        // And the listener still accepts on P.
+        let _dialer = TcpStream::connect(port_p).await.unwrap();
+        listener.accept().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn abortive_close_delivers_the_bytes_then_resets() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (mut server_side, _) = listener.accept().await.unwrap();
+        server_side.write_all(b"10.0.0.1:5-10.0.0.2:6").await.unwrap();
+        abortive_close(server_side, Duration::from_secs(1)).await;
+        let mut buf = [0u8; 2048];
+        let n = client.read(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"10.0.0.1:5-10.0.0.2:6");
+        let next = client.read(&mut buf).await;
+        assert_eq!(next.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+    }
+
+    #[test]
+    fn mapped_addresses_become_ipv4() {
+        let mapped: SocketAddr = "[::ffff:1.2.3.4]:5".parse().unwrap();
+        assert_eq!(canonical(mapped), "1.2.3.4:5".parse().unwrap());
+        let v6: SocketAddr = "[::1]:5".parse().unwrap();
+        assert_eq!(canonical(v6), v6);
+    }
+}

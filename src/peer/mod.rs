@@ -1,0 +1,246 @@
+//! A chat peer: joins a room through a tracker, keeps a TCP connection to every other member (a full
+//! mesh) and writes each line straight to each of them in the original `<NAME> :: text` format.
+//!
+//! Tasks and channels (one owner per piece of state):
+//!
+//! ```text
+//!  PeerHandle (Clone) ──Command (bounded mpsc, oneshot replies)──▶ actor ◀──NetEvent── accept loop, dialers,
+//!                                                                   │                  connection readers/writers
+//!                                          per-connection queue ◀──┘ (try_send: a full queue drops that peer)
+//!  Events ◀── Event (bounded mpsc) ── connection readers (messages, with backpressure) and the actor (joins, leaves)
+//! ```
+//!
+//! [`join`] binds the listener on port P first, then asks the tracker from P (so nobody can be handed
+//! P before we listen), then dials every listed peer concurrently.
+
+mod actor;
+mod bootstrap;
+mod connection;
+
+use std::io;
+use std::net::SocketAddr;
+use std::time::{Duration, SystemTime};
+
+use thiserror::Error;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::wire::chat::{self, InvalidInput};
+
+pub use crate::tracker::DEFAULT_PORT;
+
+/// Where to find the tracker: a host name or IP address, and a port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrackerAddr {
+    pub host: String,
+    pub port: u16,
+}
+
+/// Timing and size limits of a peer; the defaults suit a LAN or the Internet.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// How long one connection attempt to a peer or the tracker may take.
+    pub connect_timeout: Duration,
+    /// How long a peer that refuses connections is retried (with backoff) before it is skipped.
+    pub retry_refused_for: Duration,
+    /// How long to wait for the tracker's first byte.
+    pub tracker_answer_timeout: Duration,
+    /// The tracker's answer is complete once no byte arrived for this long (the original never closes).
+    pub tracker_idle: Duration,
+    /// Largest tracker answer read; the rest is ignored.
+    pub tracker_answer_cap: usize,
+    /// Lines queued for one peer before it counts as not reading and is disconnected.
+    pub send_queue: usize,
+    /// Events buffered for the application before readers wait (backpressure onto the senders).
+    pub event_queue: usize,
+    /// A possible header prefix or split character at the end of a read is held back at most this long.
+    pub hold_back: Duration,
+    /// How long `close` lets queued lines drain before the sockets are closed.
+    pub close_grace: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(3),
+            retry_refused_for: Duration::from_secs(5),
+            tracker_answer_timeout: Duration::from_secs(5),
+            tracker_idle: Duration::from_millis(200),
+            tracker_answer_cap: 64 * 1024,
+            send_queue: 256,
+            event_queue: 4096,
+            hold_back: Duration::from_millis(50),
+            close_grace: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What a peer needs to join.
+#[derive(Debug, Clone)]
+pub struct PeerConfig {
+    pub name: String,
+    pub tracker: TrackerAddr,
+    /// Fix the listening port P (for a forwarded port on a router); `None` lets the system choose.
+    pub listen_port: Option<u16>,
+    pub limits: Limits,
+}
+
+impl PeerConfig {
+    pub fn new(name: impl Into<String>, tracker_host: impl Into<String>, tracker_port: u16) -> Self {
+        Self {
+            name: name.into(),
+            tracker: TrackerAddr { host: tracker_host.into(), port: tracker_port },
+            listen_port: None,
+            limits: Limits::default(),
+        }
+    }
+}
+
+/// One received chat message (or, when its bytes arrived in two bursts, one piece of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    /// The name in the sender's `<NAME> :: ` prefix; `None` for bytes that came before any prefix.
+    pub sender: Option<String>,
+    pub text: String,
+    /// The remote address of the connection it came on.
+    pub from: SocketAddr,
+    pub received_at: SystemTime,
+    /// False for the later part of a message whose bytes arrived after a pause.
+    pub starts_message: bool,
+}
+
+/// Something that happened in the room, in the order the peer saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Message(Message),
+    /// A connection to another member opened; `outgoing` when we dialled it.
+    Connected { addr: SocketAddr, outgoing: bool },
+    /// A connection closed, with a human-readable reason.
+    Disconnected { addr: SocketAddr, name: Option<String>, reason: String },
+}
+
+/// A member we hold a connection to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PeerInfo {
+    pub addr: SocketAddr,
+    /// The name learnt from its first `<NAME> :: ` prefix, once it has said something.
+    pub name: Option<String>,
+    pub outgoing: bool,
+}
+
+/// What joining found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinReport {
+    /// The address we listen on.
+    pub listen_addr: SocketAddr,
+    /// How many addresses the tracker listed (after removing our own).
+    pub listed: usize,
+    /// How many of them we reached with the first attempt.
+    pub connected: usize,
+}
+
+#[derive(Debug, Error)]
+pub enum PeerError {
+    #[error(transparent)]
+    InvalidInput(#[from] InvalidInput),
+    #[error("cannot find the tracker host {host:?}: {source}")]
+    TrackerLookup { host: String, source: io::Error },
+    #[error("cannot reach the tracker at {addr}: {source}")]
+    TrackerUnreachable { addr: SocketAddr, source: io::Error },
+    #[error("the tracker at {addr} accepted the connection but sent nothing within {waited:?}")]
+    TrackerSilent { addr: SocketAddr, waited: Duration },
+    #[error("port {port} is already in use on this machine; choose another listening port")]
+    AddressInUse { port: u16 },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+    #[error("the peer is closed")]
+    Closed,
+}
+
+/// A cheap, cloneable handle to a joined peer. The peer shuts down when [`close`](Self::close) is
+/// called or when every handle is dropped.
+#[derive(Clone, Debug)]
+pub struct PeerHandle {
+    commands: mpsc::Sender<actor::Command>,
+    name: String,
+    listen_addr: SocketAddr,
+}
+
+/// The stream of [`Event`]s of one peer. It ends after the peer closes.
+#[derive(Debug)]
+pub struct Events {
+    rx: mpsc::Receiver<Event>,
+}
+
+impl Events {
+    /// The next event, or `None` once the peer is closed and every event was taken.
+    pub async fn recv(&mut self) -> Option<Event> {
+        self.rx.recv().await
+    }
+}
+
+/// Join the room: listen on P, ask the tracker from P, dial every listed peer.
+///
+/// Returns once each listed peer was tried once (those refusing are retried in the background).
+pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport), PeerError> {
+    chat::validate_name(&config.name)?;
+    let boot = bootstrap::contact_tracker(&config).await?;
+    let (commands, commands_rx) = mpsc::channel(256);
+    let (events_tx, events_rx) = mpsc::channel(config.limits.event_queue);
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let listen_addr = boot.listen_addr;
+    let listed = boot.peers.len();
+    tokio::spawn(actor::run(actor::Setup {
+        name: config.name.clone(),
+        limits: config.limits.clone(),
+        listener: boot.listener,
+        initial_peers: boot.peers,
+        commands: commands_rx,
+        events: events_tx,
+        ready: ready_tx,
+    }));
+    let connected = ready_rx.await.map_err(|_| PeerError::Closed)?;
+    let handle = PeerHandle { commands, name: config.name, listen_addr };
+    Ok((handle, Events { rx: events_rx }, JoinReport { listen_addr, listed, connected }))
+}
+
+impl PeerHandle {
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    /// Send one line to every connected peer; returns how many peers it was queued for.
+    pub async fn send(&self, text: &str) -> Result<usize, PeerError> {
+        chat::validate_text(text)?;
+        let line = chat::encode_line(&self.name, text).into();
+        self.ask(|reply| actor::Command::Send { line, reply }).await
+    }
+
+    /// The members we currently hold a connection to.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>, PeerError> {
+        self.ask(|reply| actor::Command::Peers { reply }).await
+    }
+
+    /// Leave the room: queued lines get a short grace period to be written, then every connection closes.
+    /// Closing twice is fine.
+    pub async fn close(&self) {
+        let (reply, done) = oneshot::channel();
+        if self.commands.send(actor::Command::Close { reply }).await.is_ok() {
+            let _ = done.await;
+        }
+    }
+
+    /// Whether the peer has stopped (closed, or every other handle dropped).
+    pub fn is_closed(&self) -> bool {
+        self.commands.is_closed()
+    }
+
+    async fn ask<T>(&self, command: impl FnOnce(oneshot::Sender<T>) -> actor::Command) -> Result<T, PeerError> {
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(command(reply)).await.map_err(|_| PeerError::Closed)?;
+        answer.await.map_err(|_| PeerError::Closed)
+    }
+}

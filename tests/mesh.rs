@@ -1,0 +1,158 @@
+//! End to end in Rust: a real tracker on port 0 and real peers on loopback.
+
+use std::time::Duration;
+
+use p2pchat::peer::{self, Event, Events, PeerConfig, PeerHandle};
+use p2pchat::tracker::{Tracker, TrackerConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+async fn start_tracker() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() };
+    let tracker = Tracker::bind(config).await.unwrap();
+    let addr = tracker.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(tracker.run(async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop)
+}
+
+async fn join(name: &str, tracker: std::net::SocketAddr) -> (PeerHandle, Events) {
+    let (handle, events, _) = peer::join(PeerConfig::new(name, "127.0.0.1", tracker.port())).await.unwrap();
+    (handle, events)
+}
+
+async fn next_message(events: &mut Events) -> peer::Message {
+    loop {
+        match tokio::time::timeout(WAIT, events.recv()).await.expect("timed out").expect("peer closed") {
+            Event::Message(m) => return m,
+            _ => continue,
+        }
+    }
+}
+
+async fn wait_connections(handle: &PeerHandle, n: usize) {
+    tokio::time::timeout(WAIT, async {
+        while handle.peers().await.unwrap().len() < n {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("connections did not open");
+}
+
+#[tokio::test]
+async fn three_peers_every_line_reaches_every_other_peer() {
+    let (tracker, _stop) = start_tracker().await;
+    let (a, mut a_events) = join("ana", tracker).await;
+    let (b, mut b_events) = join("bob", tracker).await;
+    let (c, mut c_events) = join("cid", tracker).await;
+    for h in [&a, &b, &c] {
+        wait_connections(h, 2).await;
+    }
+    assert_eq!(a.send("from ana").await.unwrap(), 2);
+    assert_eq!(c.send("from cid").await.unwrap(), 2);
+    let mut at_b = vec![next_message(&mut b_events).await.text, next_message(&mut b_events).await.text];
+    at_b.sort();
+    assert_eq!(at_b, vec!["from ana", "from cid"]);
+    assert_eq!(next_message(&mut a_events).await.text, "from cid");
+    let m = next_message(&mut c_events).await;
+    assert_eq!((m.sender.as_deref(), m.text.as_str()), (Some("ana"), "from ana"));
+}
+
+#[tokio::test]
+async fn back_to_back_lines_arrive_as_separate_messages() {
+    let (tracker, _stop) = start_tracker().await;
+    let (a, _a_events) = join("ana", tracker).await;
+    let (_b, mut b_events) = join("bob", tracker).await;
+    wait_connections(&a, 1).await;
+    for i in 0..50 {
+        a.send(&format!("line {i}")).await.unwrap();
+    }
+    for i in 0..50 {
+        assert_eq!(next_message(&mut b_events).await.text, format!("line {i}"));
+    }
+}
+
+#[tokio::test]
+async fn the_tracker_speaks_the_original_exchange() {
+    let (tracker, _stop) = start_tracker().await;
+    let mut first = TcpStream::connect(tracker).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = first.read_to_end(&mut answer).await; // ends with a reset after the list
+    assert_eq!(answer, b"-");
+    let first_addr = first.local_addr().unwrap();
+    let mut second = TcpStream::connect(tracker).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = second.read_to_end(&mut answer).await;
+    assert_eq!(answer, first_addr.to_string().as_bytes());
+}
+
+/// A peer written the way the original client is: tracker exchange from port P, then listen on P, then
+/// raw bytes with no handshake.
+#[tokio::test]
+async fn a_raw_original_style_peer_chats_with_a_p2pchat_peer() {
+    let (tracker, _stop) = start_tracker().await;
+    // No SO_REUSEADDR anywhere, as in the original: the bind after the exchange only works because the
+    // tracker's reset left nothing behind.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port_p = socket.local_addr().unwrap();
+    let mut exchange = socket.connect(tracker).await.unwrap();
+    let mut buf = [0u8; 2048];
+    let n = exchange.read(&mut buf).await.unwrap();
+    assert_eq!(&buf[..n], b"-");
+    drop(exchange);
+    let listener_socket = tokio::net::TcpSocket::new_v4().unwrap();
+    listener_socket.bind(port_p).expect("the original client can listen on its port");
+    let original = listener_socket.listen(16).unwrap();
+    let (p, mut p_events) = join("ana", tracker).await;
+    let (mut link, _) = tokio::time::timeout(WAIT, original.accept()).await.unwrap().unwrap();
+    link.write_all("<orig> :: olá".as_bytes()).await.unwrap();
+    let m = next_message(&mut p_events).await;
+    assert_eq!((m.sender.as_deref(), m.text.as_str()), (Some("orig"), "olá"));
+    assert_eq!(p.send("hi orig").await.unwrap(), 1);
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, link.read(&mut buf)).await.unwrap().unwrap();
+    assert_eq!(&buf[..n], b"<ana> :: hi orig");
+}
+
+#[tokio::test]
+async fn close_delivers_queued_lines_and_tells_the_others() {
+    let (tracker, _stop) = start_tracker().await;
+    let (a, _a_events) = join("ana", tracker).await;
+    let (_b, mut b_events) = join("bob", tracker).await;
+    wait_connections(&a, 1).await;
+    a.send("bye").await.unwrap();
+    a.close().await;
+    assert!(a.send("after close").await.is_err());
+    assert_eq!(next_message(&mut b_events).await.text, "bye");
+    loop {
+        match tokio::time::timeout(WAIT, b_events.recv()).await.unwrap().unwrap() {
+            Event::Disconnected { name, .. } => {
+                assert_eq!(name.as_deref(), Some("ana"));
+                break;
+            }
+            _ => continue,
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_listed_address_that_refuses_is_skipped() {
+    let (tracker, _stop) = start_tracker().await;
+    // Register an address nobody listens on.
+    let ghost = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ghost_addr = ghost.local_addr().unwrap();
+    drop(ghost);
+    let mut exchange = p2pchat::net::connect_from(ghost_addr, tracker).await.unwrap();
+    let _ = exchange.read_to_end(&mut Vec::new()).await;
+    let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+    config.limits.retry_refused_for = Duration::from_millis(300);
+    let (handle, _events, report) = peer::join(config).await.unwrap();
+    assert_eq!((report.listed, report.connected), (1, 0));
+    assert_eq!(handle.send("anyone?").await.unwrap(), 0);
+}
