@@ -1,0 +1,66 @@
+"""p2pchat: peer-to-peer group chat.
+
+A tiny tracker tells a newcomer who is in the room; the newcomer connects to every member directly and
+every line goes straight from its author to each peer. The wire protocol is the original asyncio
+scripts', byte for byte, so original and p2pchat peers chat in one room.
+
+Blocking use::
+
+    from p2pchat import Tracker, Peer
+    with Tracker(host="127.0.0.1", port=0) as tracker, \\
+         Peer("ana", *tracker.address) as ana, Peer("bob", *tracker.address) as bob:
+        ana.send("hello")
+        print(bob.recv(timeout=5))
+
+asyncio use::
+
+    async with Peer("ana", "127.0.0.1", 7472) as ana:
+        await ana.send_async("hello")
+        async for message in ana:
+            print(message.sender, message.text)
+"""
+
+import atexit as _atexit
+
+from . import _core, _logbridge
+from ._core import (
+    DEFAULT_PORT,
+    MAX_NAME_CHARS,
+    MAX_TEXT_BYTES,
+    AddressInUse,
+    InvalidInput,
+    Message,
+    P2PChatError,
+    Peer,
+    PeerClosed,
+    PeerConnected,
+    PeerDisconnected,
+    PeerInfo,
+    Tracker,
+    TrackerUnreachable,
+    __version__,
+)
+
+__all__ = [
+    "DEFAULT_PORT",
+    "MAX_NAME_CHARS",
+    "MAX_TEXT_BYTES",
+    "AddressInUse",
+    "InvalidInput",
+    "Message",
+    "P2PChatError",
+    "Peer",
+    "PeerClosed",
+    "PeerConnected",
+    "PeerDisconnected",
+    "PeerInfo",
+    "Tracker",
+    "TrackerUnreachable",
+    "__version__",
+]
+
+# atexit runs handlers last-registered first: close every peer and tracker (letting queued lines out),
+# then stop the log bridge once their last records were forwarded.
+_logbridge.start()
+_atexit.register(_logbridge.stop)
+_atexit.register(_core._shutdown)

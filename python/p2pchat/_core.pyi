@@ -1,0 +1,128 @@
+"""Type stubs for the compiled core (``p2pchat._core``)."""
+
+from types import TracebackType
+from typing import Awaitable, Iterator, List, Optional, Tuple, Type, Union, final
+
+__version__: str
+DEFAULT_PORT: int
+MAX_NAME_CHARS: int
+MAX_TEXT_BYTES: int
+
+Address = Tuple[str, int]
+
+class P2PChatError(Exception):
+    """Base class of every error p2pchat raises."""
+
+class InvalidInput(P2PChatError):
+    """A name or message that cannot be sent as given."""
+
+class TrackerUnreachable(P2PChatError):
+    """The tracker could not be found, reached, or gave no answer."""
+
+class AddressInUse(P2PChatError):
+    """The port to listen on is taken by another program."""
+
+class PeerClosed(P2PChatError):
+    """The peer was closed (or never joined)."""
+
+@final
+class Message:
+    """A chat message received from another member."""
+
+    sender: Optional[str]
+    text: str
+    address: Address
+    received_at: float
+    continued: bool
+
+@final
+class PeerConnected:
+    """A connection to another member opened."""
+
+    address: Address
+    outgoing: bool
+
+@final
+class PeerDisconnected:
+    """A connection to another member closed."""
+
+    address: Address
+    name: Optional[str]
+    reason: str
+
+@final
+class PeerInfo:
+    """A member this peer holds a connection to."""
+
+    address: Address
+    name: Optional[str]
+    outgoing: bool
+
+Event = Union[Message, PeerConnected, PeerDisconnected]
+
+@final
+class Tracker:
+    """A tracker speaking the original protocol, serving in the background from creation."""
+
+    def __init__(self, host: str = "0.0.0.0", port: int = 7472) -> None: ...
+    @property
+    def address(self) -> Address: ...
+    @property
+    def running(self) -> bool: ...
+    def peers(self) -> List[Address]: ...
+    def serve_forever(self) -> None: ...
+    def stop(self) -> None: ...
+    def __enter__(self) -> "Tracker": ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...
+
+@final
+class Peer:
+    """A chat peer; `join()` it to a room, then send and receive."""
+
+    def __init__(self, name: str, server: str = "127.0.0.1", port: int = 7472, *, listen: Optional[int] = None) -> None: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def address(self) -> Optional[Address]: ...
+    @property
+    def join_result(self) -> Optional[Tuple[int, int]]: ...
+    @property
+    def closed(self) -> bool: ...
+    def join(self) -> "Peer": ...
+    def join_async(self) -> Awaitable["Peer"]: ...
+    def send(self, text: str) -> int: ...
+    def send_async(self, text: str) -> Awaitable[int]: ...
+    def recv(self, timeout: Optional[float] = None) -> Optional[Message]: ...
+    def recv_async(self) -> Awaitable[Message]: ...
+    def recv_event(self, timeout: Optional[float] = None) -> Optional[Event]: ...
+    def recv_event_async(self) -> Awaitable[Event]: ...
+    def peers(self) -> List[PeerInfo]: ...
+    def close(self) -> None: ...
+    def close_async(self) -> Awaitable[None]: ...
+    def __iter__(self) -> Iterator[Message]: ...
+    def __next__(self) -> Message: ...
+    def __aiter__(self) -> "Peer": ...
+    def __anext__(self) -> Awaitable[Message]: ...
+    def __enter__(self) -> "Peer": ...
+    def __exit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> bool: ...
+    def __aenter__(self) -> Awaitable["Peer"]: ...
+    def __aexit__(
+        self,
+        exc_type: Optional[Type[BaseException]],
+        exc: Optional[BaseException],
+        tb: Optional[TracebackType],
+    ) -> Awaitable[None]: ...
+
+def _shutdown() -> None: ...
+def _set_log_level(level: int) -> None: ...
+def _next_log_records(timeout: float) -> List[Tuple[str, int, str]]: ...

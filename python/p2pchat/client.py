@@ -1,0 +1,209 @@
+"""The p2pchat client, with the original ``client.py``'s command line.
+
+    python client.py                       # tracker on 127.0.0.1:7472; asks for a name first
+    python client.py -s 192.168.1.10 -n ana
+
+Chat lines go to stdout (``<name> :: text``, one message per line); system lines (``* ...``) and logs go
+to stderr. With a terminal, the prompt stays intact while messages arrive; with a pipe, lines are read
+from stdin and the client stays in the room after stdin ends (like the original) unless
+``--exit-on-eof`` is given.
+"""
+
+import argparse
+import sys
+import threading
+import time
+from typing import List, Optional
+
+from . import (
+    MAX_NAME_CHARS,
+    AddressInUse,
+    InvalidInput,
+    Message,
+    P2PChatError,
+    Peer,
+    PeerClosed,
+    PeerConnected,
+    PeerDisconnected,
+    TrackerUnreachable,
+    __version__,
+)
+from ._cli import Leave, leave_on_sigterm, port, setup_logging, status
+
+NAME_PROMPT = "Escreva um nome: "
+DEFAULT_NAME = "Unknow"
+TRACKER_RETRY_SECONDS = 5.0
+QUIT = "/quit"
+
+EXAMPLES = """\
+examples:
+  python client.py                          tracker on this machine, port 7472; asks for a name
+  python client.py -s 192.168.1.10 -n ana   tracker on another machine, name given
+  python client.py --listen 7500            listen on a fixed port (to forward it on a router)
+  printf 'ana\\nhello\\n' | python client.py --exit-on-eof
+
+Type a line and press Enter to send it to everyone; /quit, Ctrl-C or Ctrl-D leaves.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="client.py",
+        description="Join a p2pchat room: ask the tracker who is there, then chat with everyone directly.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("-s", "--server", default="127.0.0.1", help="the tracker's IP address or host name (default: %(default)s)")
+    parser.add_argument("-p", "--port", type=port, default=7472, help="the tracker's port (default: %(default)s)")
+    parser.add_argument("-n", "--name", help=f"your name, 1 to {MAX_NAME_CHARS} characters without '>' (default: ask on stdin)")
+    parser.add_argument("-l", "--listen", type=port, metavar="PORT", help="port to listen on for other peers (default: any free port)")
+    parser.add_argument("--exit-on-eof", action="store_true", help="leave the room when stdin ends instead of staying to listen")
+    parser.add_argument("-d", "--debug", action="store_true", help="print debug logs (connections, tracker exchange) on stderr")
+    parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")
+    return parser
+
+
+def ask_name() -> str:
+    """The original's name prompt: first input line, at most 40 characters, empty means 'Unknow'."""
+    if sys.stdin.isatty():
+        try:
+            raw = input(NAME_PROMPT)
+        except EOFError:
+            raw = ""
+    else:
+        raw = sys.stdin.readline().rstrip("\r\n")
+    return raw[:MAX_NAME_CHARS] or DEFAULT_NAME
+
+
+def printable(text: str) -> str:
+    """Show control characters escaped, so a peer cannot move the cursor or break one message per line."""
+    return "".join(c if c == "\t" or (c >= " " and c != "\x7f") else repr(c)[1:-1] for c in text)
+
+
+def show(event: object) -> None:
+    if isinstance(event, Message):
+        prefix = f"<{printable(event.sender)}> :: " if event.sender is not None else ""
+        print(prefix + printable(event.text), flush=True)
+    elif isinstance(event, PeerConnected):
+        host, peer_port = event.address
+        status(f"connected to {host}:{peer_port}")
+    elif isinstance(event, PeerDisconnected):
+        host, peer_port = event.address
+        who = f"{printable(event.name)} ({host}:{peer_port})" if event.name else f"{host}:{peer_port}"
+        status(f"{who} left: {event.reason}")
+
+
+def pump_events(peer: Peer) -> None:
+    while True:
+        try:
+            event = peer.recv_event()
+        except PeerClosed:
+            return
+        show(event)
+
+
+def join(peer: Peer, server: str, tracker_port: int) -> None:
+    """Join, retrying every 5 s while the tracker cannot be reached, as the original does."""
+    while True:
+        try:
+            peer.join()
+            return
+        except TrackerUnreachable as err:
+            status(f"{err}. Retrying in {TRACKER_RETRY_SECONDS:.0f} s (Ctrl-C to quit). "
+                   f"Is the tracker running at {server}:{tracker_port}? Use --server and --port to change it.")
+            time.sleep(TRACKER_RETRY_SECONDS)
+
+
+def handle_line(peer: Peer, line: str) -> bool:
+    """Send one typed line; returns False when the user asked to leave."""
+    text = line.rstrip("\r\n")
+    if not text:
+        return True
+    if text.strip() == QUIT:
+        return False
+    try:
+        reached = peer.send(text)
+    except InvalidInput as err:
+        status(f"not sent: {err}")
+        return True
+    print(f"<Eu> :: {text}", flush=True)
+    if reached == 0:
+        status("nobody else is connected; that line reached no one")
+    return True
+
+
+def chat_in_terminal(peer: Peer) -> None:
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.patch_stdout import patch_stdout
+
+    session: PromptSession = PromptSession()
+    with patch_stdout():
+        while True:
+            try:
+                line = session.prompt("> ")
+            except (EOFError, KeyboardInterrupt):
+                return
+            if not handle_line(peer, line):
+                return
+
+
+def chat_from_pipe(peer: Peer, exit_on_eof: bool) -> None:
+    while True:
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if not handle_line(peer, line):
+            return
+    if exit_on_eof:
+        return
+    status("input ended; still in the room and printing messages (Ctrl-C or SIGTERM to leave)")
+    while True:
+        time.sleep(3600)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug)
+    leave_on_sigterm()
+    try:
+        name = args.name if args.name is not None else ask_name()
+        try:
+            peer = Peer(name, args.server, args.port, listen=args.listen)
+        except InvalidInput as err:
+            print(f"client.py: cannot use the name {name!r}: {err}", file=sys.stderr)
+            return 2
+        except ValueError as err:
+            print(f"client.py: {err}", file=sys.stderr)
+            return 2
+        try:
+            join(peer, args.server, args.port)
+        except AddressInUse as err:
+            print(f"client.py: {err} (use --listen to choose another, or leave it out)", file=sys.stderr)
+            return 1
+        except P2PChatError as err:
+            print(f"client.py: {err}", file=sys.stderr)
+            return 1
+    except (KeyboardInterrupt, Leave):
+        return 0
+
+    reached, listed = peer.join_result or (0, 0)
+    _, listen_port = peer.address or ("", 0)
+    status(f"joined as {name!r}, listening on port {listen_port}; connected to {reached} of {listed} peer(s)")
+    receiver = threading.Thread(target=pump_events, args=(peer,), name="p2pchat-receiver", daemon=True)
+    receiver.start()
+    try:
+        if sys.stdin.isatty() and sys.stdout.isatty():
+            chat_in_terminal(peer)
+        else:
+            chat_from_pipe(peer, args.exit_on_eof)
+    except (KeyboardInterrupt, Leave):
+        pass
+    finally:
+        peer.close()
+        receiver.join(timeout=2)
+    status("left the room")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The p2pchat tracker, with the original ``server.py``'s command line.
+
+    python server.py                 # 0.0.0.0:7472, like the original
+    python server.py --port 9000 -d  # another port, debug logs
+"""
+
+import argparse
+import sys
+from typing import List, Optional
+
+from . import AddressInUse, P2PChatError, Tracker, __version__
+from ._cli import Leave, leave_on_sigterm, port, setup_logging, status
+
+EXAMPLES = """\
+examples:
+  python server.py                    listen on every interface, port 7472 (the original's)
+  python server.py --port 9000        another port; clients then use --port 9000
+  python server.py --host 127.0.0.1   only this machine can join
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="server.py",
+        description="Run a p2pchat tracker. It only tells newcomers who is in the room; chat goes peer to peer.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s, every interface)")
+    parser.add_argument("-p", "--port", type=port, default=7472, help="port to listen on (default: %(default)s)")
+    parser.add_argument("-d", "--debug", action="store_true", help="log every join")
+    parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug)
+    try:
+        tracker = Tracker(args.host, args.port)
+    except AddressInUse as err:
+        print(f"server.py: {err} (use --port to choose another)", file=sys.stderr)
+        return 1
+    except (P2PChatError, ValueError) as err:
+        print(f"server.py: {err}", file=sys.stderr)
+        return 1
+    host, bound_port = tracker.address
+    status(f"p2pchat tracker listening on {host}:{bound_port} (Ctrl-C to stop)")
+    leave_on_sigterm()
+    try:
+        tracker.serve_forever()
+    except (KeyboardInterrupt, Leave):
+        pass
+    finally:
+        tracker.stop()
+    status("tracker stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

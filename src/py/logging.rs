@@ -1,0 +1,110 @@
+//! Rust `log` records to Python's `logging`, without ever calling Python from a Rust thread.
+//!
+//! The `log` facade writes records into a bounded channel (dropping them, and counting, if Python falls
+//! behind); `p2pchat._logbridge` runs a Python thread that drains it with `_next_log_records` and feeds
+//! each record to `logging.getLogger("p2pchat.<module>")`. That thread also pushes the effective level
+//! of the `p2pchat` logger down with `_set_log_level`, so disabled levels cost one comparison in Rust.
+//! (pyo3-log does the same job by taking the GIL on whatever thread logs, which would stall tokio
+//! workers: the pitfall the bindings are built to avoid.)
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+use pyo3::prelude::*;
+
+const QUEUE: usize = 4096;
+
+struct Channel {
+    tx: SyncSender<(String, i32, String)>,
+    rx: Mutex<Receiver<(String, i32, String)>>,
+    dropped: AtomicU64,
+}
+
+fn channel() -> &'static Channel {
+    static CHANNEL: OnceLock<Channel> = OnceLock::new();
+    CHANNEL.get_or_init(|| {
+        let (tx, rx) = sync_channel(QUEUE);
+        Channel { tx, rx: Mutex::new(rx), dropped: AtomicU64::new(0) }
+    })
+}
+
+struct Bridge;
+
+impl Log for Bridge {
+    fn enabled(&self, metadata: &Metadata<'_>) -> bool {
+        metadata.level() <= log::max_level() && metadata.target().starts_with("p2pchat")
+    }
+
+    fn log(&self, record: &Record<'_>) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let level = match record.level() {
+            Level::Error => 40,
+            Level::Warn => 30,
+            Level::Info => 20,
+            Level::Debug => 10,
+            Level::Trace => 5,
+        };
+        let logger = record.target().replace("::", ".");
+        if channel().tx.try_send((logger, level, record.args().to_string())).is_err() {
+            channel().dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn flush(&self) {}
+}
+
+static BRIDGE: Bridge = Bridge;
+
+/// Set the most verbose Python level that Rust should emit (e.g. `logging.DEBUG`).
+#[pyfunction]
+fn _set_log_level(level: i32) {
+    log::set_max_level(match level {
+        i32::MIN..=5 => LevelFilter::Trace,
+        6..=10 => LevelFilter::Debug,
+        11..=20 => LevelFilter::Info,
+        21..=30 => LevelFilter::Warn,
+        31..=50 => LevelFilter::Error,
+        _ => LevelFilter::Off,
+    });
+}
+
+/// Wait up to `timeout` seconds for log records; returns `(logger, level, message)` tuples (at most
+/// 256), plus a notice if records were dropped because nobody drained them in time.
+#[pyfunction]
+fn _next_log_records(py: Python<'_>, timeout: f64) -> Vec<(String, i32, String)> {
+    let timeout = Duration::from_secs_f64(timeout.clamp(0.0, 60.0));
+    py.detach(|| {
+        let Ok(rx) = channel().rx.lock() else { return Vec::new() };
+        let mut out = Vec::new();
+        match rx.recv_timeout(timeout) {
+            Ok(record) => out.push(record),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+        }
+        while out.len() < 256 {
+            match rx.try_recv() {
+                Ok(record) => out.push(record),
+                Err(_) => break,
+            }
+        }
+        let dropped = channel().dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            out.push(("p2pchat".to_owned(), 30, format!("{dropped} log records were dropped (logging fell behind)")));
+        }
+        out
+    })
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    // Another extension may have installed a `log` logger in this process already; then ours stays off.
+    if log::set_logger(&BRIDGE).is_ok() {
+        log::set_max_level(LevelFilter::Warn);
+    }
+    m.add_function(wrap_pyfunction!(_set_log_level, m)?)?;
+    m.add_function(wrap_pyfunction!(_next_log_records, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,140 @@
+//! PyO3 bindings: the `p2pchat._core` extension module. Only adaptation lives here; the logic is in the
+//! Python-free core.
+//!
+//! * One tokio runtime per process (pyo3-async-runtimes' shared one). Tokio tasks never call into
+//!   Python: results reach Python as return values of blocking calls (GIL released, woken every 100 ms
+//!   so Ctrl-C works) or through pyo3-async-runtimes awaitables; Rust logs go through a channel that a
+//!   Python thread drains (see [`logging`]).
+//! * Errors map to a small hierarchy under `P2PChatError`.
+//! * `_shutdown()`, registered with `atexit` by the Python package, closes every live peer and tracker
+//!   before the interpreter finalizes, so nothing is left half-written and nothing touches a dying
+//!   interpreter.
+
+mod logging;
+mod peer;
+mod tracker;
+
+use std::future::Future;
+use std::sync::{Mutex, Weak};
+use std::time::Duration;
+
+use pyo3::create_exception;
+use pyo3::exceptions::PyException;
+use pyo3::prelude::*;
+
+use crate::peer::PeerError;
+use crate::tracker::TrackerError;
+
+create_exception!(_core, P2PChatError, PyException, "Base class of every error p2pchat raises.");
+create_exception!(_core, InvalidInput, P2PChatError, "A name or message that cannot be sent as given.");
+create_exception!(_core, TrackerUnreachable, P2PChatError, "The tracker could not be found, reached, or gave no answer.");
+create_exception!(_core, AddressInUse, P2PChatError, "The port to listen on is taken by another program.");
+create_exception!(_core, PeerClosed, P2PChatError, "The peer was closed (or never joined).");
+
+/// How often a blocking wait wakes up to let Python handle signals (Ctrl-C).
+const SIGNAL_SLICE: Duration = Duration::from_millis(100);
+
+fn runtime() -> &'static tokio::runtime::Runtime {
+    pyo3_async_runtimes::tokio::get_runtime()
+}
+
+/// Run `fut` on the shared runtime and wait for it with the GIL released, interruptibly: on Ctrl-C the
+/// task is cancelled and `KeyboardInterrupt` is raised.
+fn wait<T: Send + 'static>(py: Python<'_>, fut: impl Future<Output = T> + Send + 'static) -> PyResult<T> {
+    let rt = runtime();
+    let mut task = rt.spawn(fut);
+    loop {
+        let outcome = py.detach(|| rt.block_on(async { tokio::time::timeout(SIGNAL_SLICE, &mut task).await }));
+        match outcome {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(join_error)) => return Err(P2PChatError::new_err(format!("internal task failed: {join_error}"))),
+            Err(_slice_elapsed) => {
+                if let Err(interrupt) = py.check_signals() {
+                    task.abort();
+                    return Err(interrupt);
+                }
+            }
+        }
+    }
+}
+
+fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
+    match timeout {
+        None => Ok(None),
+        Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t))),
+        Some(t) => Err(pyo3::exceptions::PyValueError::new_err(format!("timeout must be a non-negative number of seconds, not {t}"))),
+    }
+}
+
+impl From<PeerError> for PyErr {
+    fn from(err: PeerError) -> PyErr {
+        let message = err.to_string();
+        match err {
+            PeerError::InvalidInput(_) => InvalidInput::new_err(message),
+            PeerError::TrackerLookup { .. } | PeerError::TrackerUnreachable { .. } | PeerError::TrackerSilent { .. } => {
+                TrackerUnreachable::new_err(message)
+            }
+            PeerError::AddressInUse { .. } => AddressInUse::new_err(message),
+            PeerError::Listen { .. } => P2PChatError::new_err(message),
+            PeerError::Closed => PeerClosed::new_err(message),
+        }
+    }
+}
+
+impl From<TrackerError> for PyErr {
+    fn from(err: TrackerError) -> PyErr {
+        let message = err.to_string();
+        match err {
+            TrackerError::AddressInUse { .. } => AddressInUse::new_err(message),
+            TrackerError::Bind { .. } | TrackerError::Stopped => P2PChatError::new_err(message),
+        }
+    }
+}
+
+/// Something `_shutdown` must close at interpreter exit.
+trait Closable: Send + Sync {
+    fn close_blocking(&self);
+}
+
+static LIVE: Mutex<Vec<Weak<dyn Closable>>> = Mutex::new(Vec::new());
+
+fn register_live(item: Weak<dyn Closable>) {
+    if let Ok(mut live) = LIVE.lock() {
+        live.retain(|w| w.strong_count() > 0);
+        live.push(item);
+    }
+}
+
+/// Close every live peer and tracker (called by `atexit`).
+#[pyfunction]
+fn _shutdown(py: Python<'_>) {
+    let live: Vec<_> = LIVE.lock().map(|mut l| std::mem::take(&mut *l)).unwrap_or_default();
+    py.detach(|| {
+        for item in live.iter().filter_map(Weak::upgrade) {
+            item.close_blocking();
+        }
+    });
+}
+
+#[pymodule(name = "_core")]
+fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add("DEFAULT_PORT", crate::tracker::DEFAULT_PORT)?;
+    m.add("MAX_NAME_CHARS", crate::wire::chat::MAX_NAME_CHARS)?;
+    m.add("MAX_TEXT_BYTES", crate::wire::chat::MAX_TEXT_BYTES)?;
+    m.add("P2PChatError", py.get_type::<P2PChatError>())?;
+    m.add("InvalidInput", py.get_type::<InvalidInput>())?;
+    m.add("TrackerUnreachable", py.get_type::<TrackerUnreachable>())?;
+    m.add("AddressInUse", py.get_type::<AddressInUse>())?;
+    m.add("PeerClosed", py.get_type::<PeerClosed>())?;
+    m.add_class::<tracker::PyTracker>()?;
+    m.add_class::<peer::PyPeer>()?;
+    m.add_class::<peer::PyMessage>()?;
+    m.add_class::<peer::PyPeerConnected>()?;
+    m.add_class::<peer::PyPeerDisconnected>()?;
+    m.add_class::<peer::PyPeerInfo>()?;
+    m.add_function(wrap_pyfunction!(_shutdown, m)?)?;
+    logging::register(m)?;
+    Ok(())
+}

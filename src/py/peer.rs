@@ -1,0 +1,442 @@
+//! `p2pchat.Peer` and the event classes it yields.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, UNIX_EPOCH};
+
+use pyo3::exceptions::{PyStopAsyncIteration, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyTuple;
+use pyo3_async_runtimes::tokio::future_into_py;
+
+use super::{register_live, runtime, seconds, wait, Closable, InvalidInput, P2PChatError, PeerClosed};
+use crate::peer::{self, Event, Events, JoinReport, PeerConfig, PeerError, PeerHandle};
+use crate::wire::chat;
+
+type SharedEvents = Arc<tokio::sync::Mutex<Events>>;
+
+fn py_addr(addr: SocketAddr) -> (String, u16) {
+    (addr.ip().to_string(), addr.port())
+}
+
+/// An optional string as Python would write it in a repr.
+fn repr_opt(value: &Option<String>) -> String {
+    value.as_ref().map_or_else(|| "None".to_owned(), |v| format!("{v:?}"))
+}
+
+/// A chat message received from another member.
+#[pyclass(frozen, get_all, name = "Message", module = "p2pchat._core")]
+pub struct PyMessage {
+    /// The sender's name from its `<NAME> :: ` prefix (None for bytes that came before any prefix).
+    sender: Option<String>,
+    text: String,
+    /// The `(ip, port)` of the connection it arrived on.
+    address: (String, u16),
+    /// When it was received, in seconds since the epoch (as `time.time()`).
+    received_at: f64,
+    /// True for the later part of a message whose bytes arrived after a pause (the original protocol has
+    /// no message boundaries; see the README).
+    continued: bool,
+}
+
+#[pymethods]
+impl PyMessage {
+    fn __repr__(&self) -> String {
+        format!("Message(sender={}, text={:?}, address={:?})", repr_opt(&self.sender), self.text, self.address)
+    }
+
+    fn __str__(&self) -> String {
+        match &self.sender {
+            Some(sender) => format!("<{sender}> :: {}", self.text),
+            None => self.text.clone(),
+        }
+    }
+}
+
+/// A connection to another member opened.
+#[pyclass(frozen, get_all, name = "PeerConnected", module = "p2pchat._core")]
+pub struct PyPeerConnected {
+    address: (String, u16),
+    /// True when we dialled it, False when it dialled us.
+    outgoing: bool,
+}
+
+#[pymethods]
+impl PyPeerConnected {
+    fn __repr__(&self) -> String {
+        format!("PeerConnected(address={:?}, outgoing={})", self.address, if self.outgoing { "True" } else { "False" })
+    }
+}
+
+/// A connection to another member closed.
+#[pyclass(frozen, get_all, name = "PeerDisconnected", module = "p2pchat._core")]
+pub struct PyPeerDisconnected {
+    address: (String, u16),
+    /// Its name, if it had said something.
+    name: Option<String>,
+    reason: String,
+}
+
+#[pymethods]
+impl PyPeerDisconnected {
+    fn __repr__(&self) -> String {
+        format!("PeerDisconnected(address={:?}, name={}, reason={:?})", self.address, repr_opt(&self.name), self.reason)
+    }
+}
+
+/// A member this peer holds a connection to.
+#[pyclass(frozen, get_all, name = "PeerInfo", module = "p2pchat._core")]
+pub struct PyPeerInfo {
+    address: (String, u16),
+    name: Option<String>,
+    outgoing: bool,
+}
+
+#[pymethods]
+impl PyPeerInfo {
+    fn __repr__(&self) -> String {
+        format!("PeerInfo(address={:?}, name={})", self.address, repr_opt(&self.name))
+    }
+}
+
+#[derive(IntoPyObject)]
+enum PyEvent {
+    Message(PyMessage),
+    Connected(PyPeerConnected),
+    Disconnected(PyPeerDisconnected),
+}
+
+impl From<Event> for PyEvent {
+    fn from(event: Event) -> Self {
+        match event {
+            Event::Message(m) => PyEvent::Message(PyMessage {
+                sender: m.sender,
+                text: m.text,
+                address: py_addr(m.from),
+                received_at: m.received_at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+                continued: !m.starts_message,
+            }),
+            Event::Connected { addr, outgoing } => PyEvent::Connected(PyPeerConnected { address: py_addr(addr), outgoing }),
+            Event::Disconnected { addr, name, reason } => {
+                PyEvent::Disconnected(PyPeerDisconnected { address: py_addr(addr), name, reason })
+            }
+        }
+    }
+}
+
+enum State {
+    New,
+    Joining,
+    Joined { handle: PeerHandle, events: SharedEvents, report: JoinReport },
+}
+
+struct Core {
+    state: Mutex<State>,
+}
+
+impl Core {
+    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, State>> {
+        self.state.lock().map_err(|_| P2PChatError::new_err("internal state poisoned"))
+    }
+
+    fn start_joining(&self) -> PyResult<()> {
+        let mut state = self.lock()?;
+        match *state {
+            State::New => {
+                *state = State::Joining;
+                Ok(())
+            }
+            State::Joining => Err(P2PChatError::new_err("this peer is already joining")),
+            State::Joined { .. } => Err(P2PChatError::new_err("this peer has already joined; create a new Peer to join again")),
+        }
+    }
+
+    fn finish_joining(&self, result: Result<(PeerHandle, Events, JoinReport), PeerError>) -> PyResult<()> {
+        let mut state = self.lock()?;
+        match result {
+            Ok((handle, events, report)) => {
+                *state = State::Joined { handle, events: Arc::new(tokio::sync::Mutex::new(events)), report };
+                Ok(())
+            }
+            Err(err) => {
+                *state = State::New;
+                Err(err.into())
+            }
+        }
+    }
+
+    fn joined(&self) -> PyResult<(PeerHandle, SharedEvents)> {
+        match &*self.lock()? {
+            State::Joined { handle, events, .. } => Ok((handle.clone(), events.clone())),
+            _ => Err(PeerClosed::new_err("this peer has not joined a room yet; call join() first")),
+        }
+    }
+
+    fn is_joined(&self) -> bool {
+        matches!(self.state.lock().as_deref(), Ok(State::Joined { .. }))
+    }
+}
+
+impl Closable for Core {
+    fn close_blocking(&self) {
+        let handle = match self.state.lock().as_deref() {
+            Ok(State::Joined { handle, .. }) => handle.clone(),
+            _ => return,
+        };
+        runtime().block_on(handle.close());
+    }
+}
+
+/// The next event, or the next message when `messages_only`; `Ok(None)` on timeout, `Err(Closed)` once
+/// the peer is closed and everything was taken.
+async fn next_event(events: SharedEvents, timeout: Option<Duration>, messages_only: bool) -> Result<Option<Event>, PeerError> {
+    let take = async {
+        let mut events = events.lock().await;
+        loop {
+            match events.recv().await {
+                Some(event @ Event::Message(_)) => return Ok(event),
+                Some(event) if !messages_only => return Ok(event),
+                Some(_) => continue,
+                None => return Err(PeerError::Closed),
+            }
+        }
+    };
+    match timeout {
+        Some(limit) => match tokio::time::timeout(limit, take).await {
+            Ok(result) => result.map(Some),
+            Err(_) => Ok(None),
+        },
+        None => take.await.map(Some),
+    }
+}
+
+/// A chat peer. Create it, then `join()` (or `await join_async()`, or use it as a context manager):
+/// it listens on a port, asks the tracker at `server:port` who is in the room, and connects to everyone.
+///
+/// `listen` fixes the port to listen on (for a port forwarded on a router); by default the system
+/// picks one. Names are 1 to 40 characters without `>`.
+#[pyclass(frozen, name = "Peer", module = "p2pchat._core", weakref)]
+pub struct PyPeer {
+    config: PeerConfig,
+    core: Arc<Core>,
+}
+
+#[pymethods]
+impl PyPeer {
+    #[new]
+    #[pyo3(signature = (name, server = "127.0.0.1", port = crate::tracker::DEFAULT_PORT, *, listen = None))]
+    fn new(name: &str, server: &str, port: u16, listen: Option<u16>) -> PyResult<Self> {
+        chat::validate_name(name).map_err(|e| InvalidInput::new_err(e.to_string()))?;
+        if server.trim().is_empty() {
+            return Err(PyValueError::new_err("server must be a host name or an IP address"));
+        }
+        let mut config = PeerConfig::new(name, server, port);
+        config.listen_port = listen;
+        let core = Arc::new(Core { state: Mutex::new(State::New) });
+        let weak = Arc::downgrade(&core);
+        register_live(weak);
+        Ok(Self { config, core })
+    }
+
+    /// Join the room (blocking; Ctrl-C interrupts). Returns the peer itself.
+    fn join(slf: Py<Self>, py: Python<'_>) -> PyResult<Py<Self>> {
+        let this = slf.get();
+        this.core.start_joining()?;
+        let result = wait(py, peer::join(this.config.clone()));
+        match result {
+            Ok(joined) => this.core.finish_joining(joined)?,
+            Err(interrupted) => {
+                this.core.finish_joining(Err(PeerError::Closed)).ok();
+                return Err(interrupted);
+            }
+        }
+        Ok(slf)
+    }
+
+    /// `await peer.join_async()`: join without blocking the event loop. Resolves to the peer itself.
+    fn join_async<'py>(slf: Py<Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let this = slf.get();
+        this.core.start_joining()?;
+        let (config, core) = (this.config.clone(), this.core.clone());
+        future_into_py(py, async move {
+            core.finish_joining(peer::join(config).await)?;
+            Ok(slf)
+        })
+    }
+
+    /// Send one line to every connected peer, exactly as the original client does (`<NAME> :: text`).
+    /// Returns how many peers it was written to. Raises `InvalidInput` for an empty text, a line break,
+    /// or more than `MAX_TEXT_BYTES`.
+    fn send(&self, py: Python<'_>, text: String) -> PyResult<usize> {
+        let (handle, _) = self.core.joined()?;
+        Ok(wait(py, async move { handle.send(&text).await })??)
+    }
+
+    /// `await peer.send_async(text)`: like `send`.
+    fn send_async<'py>(&self, py: Python<'py>, text: String) -> PyResult<Bound<'py, PyAny>> {
+        let (handle, _) = self.core.joined()?;
+        future_into_py(py, async move { Ok(handle.send(&text).await?) })
+    }
+
+    /// The next received message; waits up to `timeout` seconds (forever when None) and returns None if
+    /// none came. Raises `PeerClosed` once the peer is closed and every message was taken.
+    #[pyo3(signature = (timeout = None))]
+    fn recv(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<PyMessage>> {
+        let (_, events) = self.core.joined()?;
+        let limit = seconds(timeout)?;
+        match wait(py, next_event(events, limit, true))?? {
+            Some(event) => match PyEvent::from(event) {
+                PyEvent::Message(message) => Ok(Some(message)),
+                _ => Err(P2PChatError::new_err("internal error: expected a message")),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// `await peer.recv_async()`: the next message; raises `PeerClosed` once the peer is closed.
+    fn recv_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let (_, events) = self.core.joined()?;
+        future_into_py(py, async move {
+            let event = next_event(events, None, true).await?.ok_or(PeerError::Closed)?;
+            Ok(PyEvent::from(event))
+        })
+    }
+
+    /// The next event of any kind: `Message`, `PeerConnected` or `PeerDisconnected`; None on timeout.
+    #[pyo3(signature = (timeout = None))]
+    fn recv_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
+        let (_, events) = self.core.joined()?;
+        let limit = seconds(timeout)?;
+        match wait(py, next_event(events, limit, false))?? {
+            Some(event) => Ok(Some(PyEvent::from(event).into_pyobject(py)?.unbind())),
+            None => Ok(None),
+        }
+    }
+
+    /// `await peer.recv_event_async()`: the next event of any kind.
+    fn recv_event_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let (_, events) = self.core.joined()?;
+        future_into_py(py, async move {
+            let event = next_event(events, None, false).await?.ok_or(PeerError::Closed)?;
+            Ok(PyEvent::from(event))
+        })
+    }
+
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyMessage>> {
+        match self.recv(py, None) {
+            Err(err) if err.is_instance_of::<PeerClosed>(py) => Ok(None),
+            other => other,
+        }
+    }
+
+    fn __aiter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let (_, events) = self.core.joined()?;
+        future_into_py(py, async move {
+            match next_event(events, None, true).await {
+                Ok(Some(event)) => Ok(PyEvent::from(event)),
+                Ok(None) | Err(_) => Err(PyStopAsyncIteration::new_err(())),
+            }
+        })
+    }
+
+    /// The members this peer is connected to, as `PeerInfo` objects.
+    fn peers(&self, py: Python<'_>) -> PyResult<Vec<PyPeerInfo>> {
+        let (handle, _) = self.core.joined()?;
+        let peers = wait(py, async move { handle.peers().await })??;
+        Ok(peers.into_iter().map(|p| PyPeerInfo { address: py_addr(p.addr), name: p.name, outgoing: p.outgoing }).collect())
+    }
+
+    /// This peer's name.
+    #[getter]
+    fn name(&self) -> &str {
+        &self.config.name
+    }
+
+    /// The `(host, port)` this peer listens on (None before `join`).
+    #[getter]
+    fn address(&self) -> PyResult<Option<(String, u16)>> {
+        Ok(match &*self.core.lock()? {
+            State::Joined { handle, .. } => Some(py_addr(handle.listen_addr())),
+            _ => None,
+        })
+    }
+
+    /// `(reached, listed)` at join: how many of the peers the tracker listed were reached at once.
+    #[getter]
+    fn join_result(&self) -> PyResult<Option<(usize, usize)>> {
+        Ok(match &*self.core.lock()? {
+            State::Joined { report, .. } => Some((report.connected, report.listed)),
+            _ => None,
+        })
+    }
+
+    /// True once the peer was closed.
+    #[getter]
+    fn closed(&self) -> PyResult<bool> {
+        Ok(match &*self.core.lock()? {
+            State::Joined { handle, .. } => handle.is_closed(),
+            _ => false,
+        })
+    }
+
+    /// Leave the room: lines already sent get up to a second to be written, then every connection
+    /// closes. Closing twice, or closing a peer that never joined, is fine.
+    fn close(&self, py: Python<'_>) -> PyResult<()> {
+        let Ok((handle, _)) = self.core.joined() else { return Ok(()) };
+        wait(py, async move { handle.close().await })
+    }
+
+    /// `await peer.close_async()`: like `close`.
+    fn close_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let handle = self.core.joined().ok().map(|(handle, _)| handle);
+        future_into_py(py, async move {
+            if let Some(handle) = handle {
+                handle.close().await;
+            }
+            Ok(())
+        })
+    }
+
+    fn __enter__(slf: Py<Self>, py: Python<'_>) -> PyResult<Py<Self>> {
+        if slf.get().core.is_joined() {
+            return Ok(slf);
+        }
+        Self::join(slf, py)
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, PyTuple>) -> PyResult<bool> {
+        self.close(py)?;
+        Ok(false)
+    }
+
+    fn __aenter__<'py>(slf: Py<Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        if slf.get().core.is_joined() {
+            return future_into_py(py, async move { Ok(slf) });
+        }
+        Self::join_async(slf, py)
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __aexit__<'py>(&self, py: Python<'py>, _exc: &Bound<'py, PyTuple>) -> PyResult<Bound<'py, PyAny>> {
+        self.close_async(py)
+    }
+
+    fn __repr__(&self) -> String {
+        let state = match self.core.state.lock().as_deref() {
+            Ok(State::Joined { handle, .. }) if handle.is_closed() => "closed".to_owned(),
+            Ok(State::Joined { handle, .. }) => format!("listening on {}", handle.listen_addr()),
+            Ok(State::Joining) => "joining".to_owned(),
+            _ => "not joined".to_owned(),
+        };
+        format!("<p2pchat.Peer {:?} {state}>", self.config.name)
+    }
+}

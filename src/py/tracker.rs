@@ -1,0 +1,137 @@
+//! `p2pchat.Tracker`: the core tracker, running in the background from the moment it is created.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use tokio::sync::{oneshot, watch};
+
+use super::{register_live, runtime, wait, Closable, P2PChatError};
+use crate::tracker::{Tracker, TrackerConfig, TrackerHandle};
+
+/// How long `stop()` waits for the tracker's task to end.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+struct Control {
+    handle: TrackerHandle,
+    stop: Mutex<Option<oneshot::Sender<()>>>,
+    stopped: watch::Receiver<bool>,
+}
+
+impl Control {
+    fn request_stop(&self) {
+        if let Some(stop) = self.stop.lock().ok().and_then(|mut s| s.take()) {
+            let _ = stop.send(());
+        }
+    }
+
+    async fn until_stopped(mut stopped: watch::Receiver<bool>) {
+        let _ = stopped.wait_for(|done| *done).await;
+    }
+}
+
+impl Closable for Control {
+    fn close_blocking(&self) {
+        self.request_stop();
+        let stopped = self.stopped.clone();
+        let _ = runtime().block_on(async move { tokio::time::timeout(STOP_WAIT, Control::until_stopped(stopped)).await });
+    }
+}
+
+/// A p2pchat tracker, speaking the original tracker's protocol. It starts serving in the background as
+/// soon as it is created; `port=0` picks a free port (see `address`).
+///
+/// >>> with Tracker(host="127.0.0.1", port=0) as tracker:
+/// ...     host, port = tracker.address
+#[pyclass(frozen, name = "Tracker", module = "p2pchat._core", weakref)]
+pub struct PyTracker {
+    control: Arc<Control>,
+}
+
+fn resolve(host: &str, port: u16) -> PyResult<SocketAddr> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| PyValueError::new_err(format!("cannot use {host:?} as an address to listen on: {e}")))?
+        .next()
+        .ok_or_else(|| PyValueError::new_err(format!("{host:?} has no address to listen on")))
+}
+
+#[pymethods]
+impl PyTracker {
+    #[new]
+    #[pyo3(signature = (host = "0.0.0.0", port = crate::tracker::DEFAULT_PORT))]
+    fn new(py: Python<'_>, host: &str, port: u16) -> PyResult<Self> {
+        let config = TrackerConfig { listen: resolve(host, port)?, ..TrackerConfig::default() };
+        let tracker = wait(py, Tracker::bind(config))??;
+        let handle = tracker.handle();
+        let (stop, stop_requested) = oneshot::channel::<()>();
+        let (stopped_tx, stopped) = watch::channel(false);
+        runtime().spawn(async move {
+            tracker
+                .run(async move {
+                    let _ = stop_requested.await;
+                })
+                .await;
+            let _ = stopped_tx.send(true);
+        });
+        let control = Arc::new(Control { handle, stop: Mutex::new(Some(stop)), stopped });
+        let weak = Arc::downgrade(&control);
+        register_live(weak);
+        Ok(Self { control })
+    }
+
+    /// The `(host, port)` the tracker listens on; the real port when it was created with `port=0`.
+    #[getter]
+    fn address(&self) -> (String, u16) {
+        let addr = self.control.handle.local_addr();
+        (addr.ip().to_string(), addr.port())
+    }
+
+    /// Whether the tracker is still serving.
+    #[getter]
+    fn running(&self) -> bool {
+        !*self.control.stopped.borrow()
+    }
+
+    /// The `(ip, port)` addresses the tracker remembers, oldest first.
+    fn peers(&self, py: Python<'_>) -> PyResult<Vec<(String, u16)>> {
+        let handle = self.control.handle.clone();
+        let addrs = wait(py, async move { handle.addresses().await })??;
+        Ok(addrs.into_iter().map(|a| (a.ip().to_string(), a.port())).collect())
+    }
+
+    /// Block until the tracker stops (another thread calls `stop()`), or raise `KeyboardInterrupt` on
+    /// Ctrl-C; the tracker keeps running in that case until `stop()` or exit.
+    fn serve_forever(&self, py: Python<'_>) -> PyResult<()> {
+        wait(py, Control::until_stopped(self.control.stopped.clone()))
+    }
+
+    /// Stop serving and wait (up to 2 s) until the listening socket is closed. Stopping twice is fine.
+    fn stop(&self, py: Python<'_>) -> PyResult<()> {
+        self.control.request_stop();
+        let stopped = self.control.stopped.clone();
+        match wait(py, async move { tokio::time::timeout(STOP_WAIT, Control::until_stopped(stopped)).await })? {
+            Ok(()) => Ok(()),
+            Err(_) => Err(P2PChatError::new_err("the tracker did not stop within 2 s")),
+        }
+    }
+
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __exit__(&self, py: Python<'_>, _exc: &Bound<'_, pyo3::types::PyTuple>) -> PyResult<bool> {
+        self.stop(py)?;
+        Ok(false)
+    }
+
+    fn __repr__(&self) -> String {
+        let addr = self.control.handle.local_addr();
+        let state = if self.running() { "running" } else { "stopped" };
+        format!("<p2pchat.Tracker {addr} {state}>")
+    }
+
+}
