@@ -4,19 +4,50 @@ import argparse
 import logging
 import signal
 import sys
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator, Optional
+
+from . import _logbridge
 
 
 class Leave(Exception):
     """Raised by the SIGTERM handler so the command leaves the way Ctrl-C does."""
 
 
-def _raise_leave(signum: int, frame: Any) -> None:
-    raise Leave()
+class _SignalState:
+    deferring = False
+    pending: Optional[int] = None
 
 
-def leave_on_sigterm() -> None:
-    signal.signal(signal.SIGTERM, _raise_leave)
+def _exception_for(signum: int) -> BaseException:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Leave()
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    if _SignalState.deferring:
+        _SignalState.pending = signum
+        return
+    raise _exception_for(signum)
+
+
+def handle_signals() -> None:
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM raises Leave, except inside `signals_deferred`."""
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """A section a signal must not cut in half (an exception raised inside `Thread.start()` breaks the
+    threading module); a signal that arrives meanwhile takes effect when the section ends."""
+    _SignalState.deferring = True
+    try:
+        yield
+    finally:
+        _SignalState.deferring = False
+        if _SignalState.pending is not None:
+            signum, _SignalState.pending = _SignalState.pending, None
+            raise _exception_for(signum)
 
 
 def port(text: str) -> int:
@@ -47,6 +78,7 @@ def setup_logging(debug: bool) -> None:
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.WARNING)
+    _logbridge.sync_level()
 
 
 def status(text: str) -> None:

@@ -38,6 +38,11 @@ class _Bridge(threading.Thread):
 _bridge: Optional[_Bridge] = None
 
 
+def sync_level() -> None:
+    """Apply the ``p2pchat`` logger's level to Rust now, rather than within the next poll."""
+    _core._set_log_level(logging.getLogger("p2pchat").getEffectiveLevel())
+
+
 def start() -> None:
     global _bridge
     if _bridge is None:

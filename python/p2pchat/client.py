@@ -28,7 +28,7 @@ from . import (
     TrackerUnreachable,
     __version__,
 )
-from ._cli import Leave, leave_on_sigterm, port, setup_logging, status
+from ._cli import Leave, handle_signals, port, setup_logging, signals_deferred, status
 
 NAME_PROMPT = "Escreva um nome: "
 DEFAULT_NAME = "Unknow"
@@ -161,48 +161,47 @@ def chat_from_pipe(peer: Peer, exit_on_eof: bool) -> None:
         time.sleep(3600)
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.debug)
-    leave_on_sigterm()
+def run(args: argparse.Namespace) -> int:
+    name = args.name if args.name is not None else ask_name()
     try:
-        name = args.name if args.name is not None else ask_name()
-        try:
-            peer = Peer(name, args.server, args.port, listen=args.listen)
-        except InvalidInput as err:
-            print(f"client.py: cannot use the name {name!r}: {err}", file=sys.stderr)
-            return 2
-        except ValueError as err:
-            print(f"client.py: {err}", file=sys.stderr)
-            return 2
-        try:
-            join(peer, args.server, args.port)
-        except AddressInUse as err:
-            print(f"client.py: {err} (use --listen to choose another, or leave it out)", file=sys.stderr)
-            return 1
-        except P2PChatError as err:
-            print(f"client.py: {err}", file=sys.stderr)
-            return 1
-    except (KeyboardInterrupt, Leave):
-        return 0
-
-    reached, listed = peer.join_result or (0, 0)
-    _, listen_port = peer.address or ("", 0)
-    status(f"joined as {name!r}, listening on port {listen_port}; connected to {reached} of {listed} peer(s)")
-    receiver = threading.Thread(target=pump_events, args=(peer,), name="p2pchat-receiver", daemon=True)
-    receiver.start()
+        peer = Peer(name, args.server, args.port, listen=args.listen)
+    except (InvalidInput, ValueError) as err:
+        print(f"client.py: cannot use the name {name!r}: {err}", file=sys.stderr)
+        return 2
     try:
+        join(peer, args.server, args.port)
+    except AddressInUse as err:
+        print(f"client.py: {err} (use --listen to choose another, or leave it out)", file=sys.stderr)
+        return 1
+    except P2PChatError as err:
+        print(f"client.py: {err}", file=sys.stderr)
+        return 1
+    try:
+        with signals_deferred():
+            threading.Thread(target=pump_events, args=(peer,), name="p2pchat-receiver", daemon=True).start()
+            reached, listed = peer.join_result or (0, 0)
+            _, listen_port = peer.address or ("", 0)
+            status(f"joined as {name!r}, listening on port {listen_port}; connected to {reached} of {listed} peer(s)")
         if sys.stdin.isatty() and sys.stdout.isatty():
             chat_in_terminal(peer)
         else:
             chat_from_pipe(peer, args.exit_on_eof)
-    except (KeyboardInterrupt, Leave):
-        pass
     finally:
-        peer.close()
-        receiver.join(timeout=2)
-    status("left the room")
+        with signals_deferred():
+            peer.close()
+            status("left the room")
     return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.debug)
+    handle_signals()
+    try:
+        return run(args)
+    except (KeyboardInterrupt, Leave):
+        # Ctrl-C or SIGTERM at any point, even while asking the name or waiting for the tracker.
+        return 0
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 from typing import List, Optional
 
 from . import AddressInUse, P2PChatError, Tracker, __version__
-from ._cli import Leave, leave_on_sigterm, port, setup_logging, status
+from ._cli import Leave, handle_signals, port, setup_logging, signals_deferred, status
 
 EXAMPLES = """\
 examples:
@@ -36,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
+    handle_signals()
     try:
         tracker = Tracker(args.host, args.port)
     except AddressInUse as err:
@@ -44,16 +45,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (P2PChatError, ValueError) as err:
         print(f"server.py: {err}", file=sys.stderr)
         return 1
-    host, bound_port = tracker.address
-    status(f"p2pchat tracker listening on {host}:{bound_port} (Ctrl-C to stop)")
-    leave_on_sigterm()
+    except (KeyboardInterrupt, Leave):
+        return 0
     try:
+        host, bound_port = tracker.address
+        status(f"p2pchat tracker listening on {host}:{bound_port} (Ctrl-C to stop)")
         tracker.serve_forever()
     except (KeyboardInterrupt, Leave):
         pass
     finally:
-        tracker.stop()
-    status("tracker stopped")
+        with signals_deferred():
+            tracker.stop()
+            status("tracker stopped")
     return 0
 
 

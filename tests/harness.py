@@ -1,0 +1,216 @@
+"""Real processes for the tests: start scripts, feed stdin, wait (bounded) for lines they print."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional, Pattern, Sequence, Union
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT / "tests" / "reference"
+WAIT = 15.0  # seconds any single expectation may take; generous for a loaded 2-core CI machine
+
+Regex = Union[str, Pattern[str]]
+
+
+class Stream:
+    """The lines a process printed on one stream, with a cursor for `expect`."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.lines: List[str] = []
+        self.closed = False
+        self.cond = threading.Condition()
+        self.cursor = 0
+
+    def pump(self, pipe) -> None:
+        for raw in iter(pipe.readline, b""):
+            with self.cond:
+                self.lines.append(raw.decode("utf-8", errors="replace").rstrip("\r\n"))
+                self.cond.notify_all()
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+    def expect(self, pattern: Regex, timeout: float = WAIT) -> "re.Match[str]":
+        """Wait for the next line (after the cursor) matching `pattern`; moves the cursor past it."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while True:
+                for i in range(self.cursor, len(self.lines)):
+                    found = regex.search(self.lines[i])
+                    if found:
+                        self.cursor = i + 1
+                        return found
+                remaining = deadline - time.monotonic()
+                if self.closed or remaining <= 0:
+                    why = "stream closed" if self.closed else f"no match within {timeout}s"
+                    raise AssertionError(f"{self.name}: {why} for {regex.pattern!r}; lines:\n" + "\n".join(self.lines))
+                self.cond.wait(remaining)
+
+    def saw(self, pattern: Regex, timeout: float = WAIT) -> "re.Match[str]":
+        """Wait until any line printed so far (or later) matches `pattern`; order-independent."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            checked = 0
+            while True:
+                for i in range(checked, len(self.lines)):
+                    found = regex.search(self.lines[i])
+                    if found:
+                        return found
+                checked = len(self.lines)
+                remaining = deadline - time.monotonic()
+                if self.closed or remaining <= 0:
+                    why = "stream closed" if self.closed else f"no match within {timeout}s"
+                    raise AssertionError(f"{self.name}: {why} for {regex.pattern!r}; lines:\n" + "\n".join(self.lines))
+                self.cond.wait(remaining)
+
+    def count(self, pattern: Regex) -> int:
+        regex = re.compile(pattern)
+        with self.cond:
+            return sum(1 for line in self.lines if regex.search(line))
+
+    def snapshot(self) -> List[str]:
+        with self.cond:
+            return list(self.lines)
+
+
+class Proc:
+    """A child process with captured stdout/stderr and a writable stdin."""
+
+    def __init__(self, argv: Sequence[str], name: str, env: Optional[dict] = None) -> None:
+        self.name = name
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1")
+        full_env.update(env or {})
+        self.popen = subprocess.Popen(
+            list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=ROOT
+        )
+        self.out = Stream(f"{name} stdout")
+        self.err = Stream(f"{name} stderr")
+        for stream, pipe in ((self.out, self.popen.stdout), (self.err, self.popen.stderr)):
+            threading.Thread(target=stream.pump, args=(pipe,), daemon=True).start()
+
+    def write(self, data: Union[str, bytes]) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(data.encode("utf-8") if isinstance(data, str) else data)
+        self.popen.stdin.flush()
+
+    def line(self, text: str) -> None:
+        self.write(text + "\n")
+
+    def close_stdin(self) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.close()
+
+    def signal(self, signum: int) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signum)
+
+    def wait(self, timeout: float = WAIT) -> int:
+        return self.popen.wait(timeout=timeout)
+
+    def stop(self) -> Optional[int]:
+        """SIGTERM, then SIGKILL if it does not go within the bound."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+        if self.popen.stdin and not self.popen.stdin.closed:
+            try:
+                self.popen.stdin.close()
+            except BrokenPipeError:
+                pass
+        return self.popen.returncode
+
+
+def assert_clean_stderr(proc: "Proc") -> None:
+    """No traceback and no Rust panic: what a user must never see."""
+    lines = proc.err.snapshot()
+    bad = [line for line in lines if "Traceback" in line or "panicked" in line or "Exception ignored" in line]
+    assert not bad, f"{proc.name} printed an error a user should never see:\n" + "\n".join(lines)
+
+
+def python(*args: str) -> List[str]:
+    return [sys.executable, "-u", *args]
+
+
+class Room:
+    """Processes started by one test, all stopped at the end."""
+
+    def __init__(self) -> None:
+        self.procs: List[Proc] = []
+
+    def start(self, argv: Sequence[str], name: str, env: Optional[dict] = None) -> Proc:
+        proc = Proc(argv, name, env)
+        self.procs.append(proc)
+        return proc
+
+    # -- trackers ---------------------------------------------------------------------------------
+    def p2pchat_tracker(self, *extra: str) -> "Tracker":
+        proc = self.start(python("server.py", "--host", "127.0.0.1", "--port", "0", *extra), "tracker")
+        port = int(proc.err.expect(r"listening on [\d.]+:(\d+)").group(1))
+        return Tracker(proc, port)
+
+    def reference_tracker(self) -> "Tracker":
+        proc = self.start(python(str(REFERENCE / "original_server.py"), "--host", "127.0.0.1", "--port", "0"), "ref-tracker")
+        port = int(proc.out.expect(r"listening on (\d+)").group(1))
+        return Tracker(proc, port)
+
+    # -- peers --------------------------------------------------------------------------------------
+    def p2pchat_peer(self, name: str, tracker_port: int, *extra: str) -> "Peer":
+        proc = self.start(python("client.py", "--port", str(tracker_port), "--name", name, *extra), name)
+        found = proc.err.expect(r"joined as .*listening on port (\d+); connected to (\d+) of (\d+)")
+        return Peer(proc, name, "p2pchat", int(found.group(1)), int(found.group(2)))
+
+    def reference_peer(self, name: str, tracker_port: int, *extra: str) -> "Peer":
+        proc = self.start(python(str(REFERENCE / "original_client.py"), "--port", str(tracker_port), "-d", *extra), name)
+        proc.line(name)
+        port = int(proc.err.expect(r"listening on (\d+)").group(1))
+        peer = Peer(proc, name, "reference", port, 0)
+        # It dials the listed peers one after another; wait until it tried them all.
+        return peer
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+
+class Tracker:
+    def __init__(self, proc: Proc, port: int) -> None:
+        self.proc, self.port = proc, port
+
+
+class Peer:
+    """A chat process of either kind, with kind-specific readiness patterns."""
+
+    CONNECTED = {"p2pchat": r"^\* connected to ", "reference": r"connection (opened to|accepted from) "}
+
+    def __init__(self, proc: Proc, name: str, kind: str, listen_port: int, connected_at_join: int) -> None:
+        self.proc, self.name, self.kind, self.listen_port = proc, name, kind, listen_port
+        self.connected_at_join = connected_at_join
+
+    def wait_connections(self, count: int, timeout: float = WAIT) -> None:
+        """Wait until this peer reported `count` open connections in all."""
+        deadline = time.monotonic() + timeout
+        pattern = self.CONNECTED[self.kind]
+        while self.proc.err.count(pattern) < count:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: fewer than {count} connections:\n" + "\n".join(self.proc.err.snapshot()))
+            with self.proc.err.cond:
+                self.proc.err.cond.wait(0.2)
+
+    def say(self, text: str) -> None:
+        self.proc.line(text)
+
+    def saw_line(self, pattern: Regex, timeout: float = WAIT) -> "re.Match[str]":
+        """Wait until this peer printed a chat line matching `pattern` (in any order)."""
+        return self.proc.out.saw(pattern, timeout)

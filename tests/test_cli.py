@@ -1,0 +1,177 @@
+"""The command lines, as users run them: real `server.py` and `client.py` processes on loopback."""
+
+import re
+import signal
+import socket
+
+import pytest
+
+from harness import WAIT, assert_clean_stderr, python
+
+
+def test_three_clients_every_message_reaches_every_other_peer(room):
+    tracker = room.p2pchat_tracker()
+    peers = [room.p2pchat_peer(name, tracker.port) for name in ("ana", "bob", "cid")]
+    assert [p.connected_at_join for p in peers] == [0, 1, 2]
+    for p in peers:
+        p.wait_connections(2)
+    for p in peers:
+        p.say(f"hello from {p.name}")
+    for p in peers:
+        p.saw_line(rf"^<Eu> :: hello from {p.name}$")
+        for other in peers:
+            if other is not p:
+                p.saw_line(rf"^<{other.name}> :: hello from {other.name}$")
+
+
+def test_two_lines_sent_back_to_back_arrive_as_two_messages(room):
+    tracker = room.p2pchat_tracker()
+    ana = room.p2pchat_peer("ana", tracker.port)
+    bob = room.p2pchat_peer("bob", tracker.port)
+    ana.wait_connections(1)
+    ana.proc.write("first line\nsecond line\nthird ☃ line\n")  # one write: the lines leave together
+    bob.proc.out.expect(r"^<ana> :: first line$")
+    bob.proc.out.expect(r"^<ana> :: second line$")
+    bob.proc.out.expect(r"^<ana> :: third ☃ line$")
+
+
+def test_name_comes_from_the_first_input_line_like_the_original(room):
+    tracker = room.p2pchat_tracker()
+    long_name = "x" * 50
+    proc = room.start(python("client.py", "--port", str(tracker.port)), "asks-name")
+    proc.line(long_name)
+    proc.err.expect(rf"joined as '{'x' * 40}',")
+    unnamed = room.start(python("client.py", "--port", str(tracker.port)), "empty-name")
+    unnamed.line("")
+    unnamed.err.expect(r"joined as 'Unknow',")
+    unnamed.line("who am i")
+    proc.out.saw(r"^<Unknow> :: who am i$")
+
+
+def test_a_bad_name_is_a_clear_error_without_traceback(room):
+    proc = room.start(python("client.py", "--name", "a>b"), "bad-name")
+    assert proc.wait() == 2
+    assert "cannot use the name 'a>b'" in "\n".join(proc.err.snapshot()) or proc.err.saw("cannot use the name")
+    assert_clean_stderr(proc)
+
+
+@pytest.mark.parametrize("argv", [["--port", "70000"], ["--port", "x"], ["--listen", "-1"], ["--bogus"]])
+def test_bad_arguments_are_usage_errors(room, argv):
+    proc = room.start(python("client.py", *argv), "bad-args")
+    assert proc.wait() == 2
+    proc.err.saw(r"usage: client.py")
+    assert_clean_stderr(proc)
+
+
+def test_a_lines_too_long_or_empty_are_refused_and_the_client_goes_on(room):
+    tracker = room.p2pchat_tracker()
+    ana = room.p2pchat_peer("ana", tracker.port)
+    bob = room.p2pchat_peer("bob", tracker.port)
+    ana.wait_connections(1)
+    ana.say("x" * 70000)
+    ana.proc.err.expect(r"not sent: the message is 70000 bytes long")
+    ana.say("")
+    ana.say("still here")
+    bob.proc.out.expect(r"^<ana> :: still here$")
+    assert bob.proc.out.count(r"x{100}") == 0
+
+
+def test_after_stdin_ends_it_stays_in_the_room_until_sigterm(room):
+    tracker = room.p2pchat_tracker()
+    quiet = room.p2pchat_peer("quiet", tracker.port)
+    talker = room.p2pchat_peer("talker", tracker.port)
+    quiet.proc.close_stdin()
+    quiet.proc.err.expect(r"input ended; still in the room")
+    talker.wait_connections(1)
+    talker.say("are you there?")
+    quiet.saw_line(r"^<talker> :: are you there\?$")
+    quiet.proc.signal(signal.SIGTERM)
+    assert quiet.proc.wait() == 0
+    quiet.proc.err.expect(r"left the room")
+    # quiet never spoke, so the others know it only by its address.
+    talker.proc.err.saw(rf"127\.0\.0\.1:{quiet.listen_port} left: closed by the other side")
+    assert_clean_stderr(quiet.proc)
+
+
+def test_exit_on_eof_leaves_after_delivering_its_lines(room):
+    tracker = room.p2pchat_tracker()
+    listener = room.p2pchat_peer("listener", tracker.port)
+    sender = room.p2pchat_peer("sender", tracker.port, "--exit-on-eof")
+    listener.wait_connections(1)
+    sender.proc.write("one\ntwo\n")
+    sender.proc.close_stdin()
+    assert sender.proc.wait() == 0
+    listener.proc.out.expect(r"^<sender> :: one$")
+    listener.proc.out.expect(r"^<sender> :: two$")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signals_leave_cleanly(room, signum):
+    tracker = room.p2pchat_tracker()
+    peer = room.p2pchat_peer("ana", tracker.port)
+    peer.proc.signal(signum)
+    assert peer.proc.wait() == 0
+    peer.proc.err.expect(r"left the room")
+    tracker.proc.signal(signum)
+    assert tracker.proc.wait() == 0
+    tracker.proc.err.expect(r"tracker stopped")
+    assert_clean_stderr(peer.proc)
+    assert_clean_stderr(tracker.proc)
+
+
+def test_unreachable_tracker_is_retried_until_it_appears(room):
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    client = room.start(python("client.py", "--port", str(port), "--name", "early"), "early")
+    client.err.expect(rf"cannot reach the tracker at 127\.0\.0\.1:{port}.*Retrying in 5 s.*--server and --port")
+    tracker = room.start(python("server.py", "--host", "127.0.0.1", "--port", str(port)), "late-tracker")
+    tracker.err.expect(r"listening on")
+    client.err.expect(r"joined as 'early'", timeout=WAIT)
+
+
+def test_a_second_tracker_on_a_taken_port_says_so(room):
+    tracker = room.p2pchat_tracker()
+    second = room.start(python("server.py", "--host", "127.0.0.1", "--port", str(tracker.port)), "second")
+    assert second.wait() == 1
+    second.err.saw(rf"port {tracker.port} is already in use.*--port")
+    assert_clean_stderr(second)
+
+
+def test_a_taken_listen_port_says_so(room):
+    tracker = room.p2pchat_tracker()
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    taken = holder.getsockname()[1]
+    try:
+        proc = room.start(python("client.py", "--port", str(tracker.port), "--name", "x", "--listen", str(taken)), "taken")
+        assert proc.wait() == 1
+        proc.err.saw(rf"port {taken} is already in use.*--listen")
+    finally:
+        holder.close()
+
+
+def test_a_fixed_listen_port_is_used(room):
+    tracker = room.p2pchat_tracker()
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    wanted = probe.getsockname()[1]
+    probe.close()
+    peer = room.p2pchat_peer("fixed", tracker.port, "--listen", str(wanted))
+    assert peer.listen_port == wanted
+
+
+def test_debug_logs_come_from_the_rust_core_through_python_logging(room):
+    tracker = room.p2pchat_tracker("-d")
+    room.p2pchat_peer("ana", tracker.port, "-d").proc.err.saw(r"DEBUG p2pchat\.peer\.actor: peer \"ana\" running")
+    tracker.proc.err.saw(r"DEBUG p2pchat\.tracker: 127\.0\.0\.1:\d+ joined")
+
+
+@pytest.mark.parametrize("argv", [["-m", "p2pchat.server", "--help"], ["-m", "p2pchat.client", "--help"],
+                                  ["server.py", "--version"], ["client.py", "--version"]])
+def test_entry_points(room, argv):
+    proc = room.start(python(*argv), "entry")
+    assert proc.wait() == 0
+    assert re.search(r"examples:|p2pchat \d", "\n".join(proc.out.snapshot()))

@@ -1,0 +1,49 @@
+"""Original-protocol interop: p2pchat and reference (original-behaving) trackers and peers, mixed.
+
+The reference scripts in tests/reference behave on the wire like the original server.py and client.py.
+Under the reference tracker, reference peers need --reuseaddr to listen on Linux (the original's known
+defect); under p2pchat's tracker they run exactly as the original, without it.
+"""
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def start_peer(room, kind, name, tracker, capture_dir: Path):
+    if kind == "p2pchat":
+        return room.p2pchat_peer(name, tracker.port)
+    extra = ["--capture", str(capture_dir / f"{name}.jsonl")]
+    if tracker.kind == "reference":
+        extra.append("--reuseaddr")
+    return room.reference_peer(name, tracker.port, *extra)
+
+
+@pytest.mark.parametrize("tracker_kind", ["p2pchat", "reference"])
+@pytest.mark.parametrize("order", [("p2pchat", "reference", "p2pchat", "reference"),
+                                   ("reference", "p2pchat", "reference", "p2pchat")])
+def test_mixed_room_every_line_reaches_every_peer(room, tmp_path, tracker_kind, order):
+    tracker = room.p2pchat_tracker() if tracker_kind == "p2pchat" else room.reference_tracker()
+    tracker.kind = tracker_kind
+    names = [f"{kind[:3]}{i}" for i, kind in enumerate(order)]
+    peers = [start_peer(room, kind, name, tracker, tmp_path) for kind, name in zip(order, names)]
+    for p in peers:
+        p.wait_connections(len(peers) - 1)
+
+    for p in peers:
+        p.say(f"hi from {p.name} ☃")
+    for p in peers:
+        for other in peers:
+            if other is not p:
+                p.saw_line(rf"<{other.name}> :: hi from {other.name} ☃")
+
+    # A reference peer received exactly the original bytes from every p2pchat peer, nothing else.
+    for ref in (p for p in peers if p.kind == "reference"):
+        chunks = [json.loads(line) for line in (tmp_path / f"{ref.name}.jsonl").read_text().splitlines()]
+        by_connection = {}
+        for chunk in chunks:
+            by_connection.setdefault(chunk["from"], bytearray()).extend(bytes.fromhex(chunk["hex"]))
+        streams = sorted(bytes(b) for b in by_connection.values())
+        expected = sorted(f"<{o.name}> :: hi from {o.name} ☃".encode() for o in peers if o is not ref)
+        assert streams == expected, f"{ref.name} received {streams!r}"
