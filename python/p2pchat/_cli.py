@@ -4,10 +4,15 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
 from . import _logbridge
+
+
+# Whole lines only: the receiver thread, the input loop and log records all write to the terminal.
+_output = threading.Lock()
 
 
 class Leave(Exception):
@@ -66,8 +71,10 @@ class _CurrentStderr(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            sys.stderr.write(self.format(record) + "\n")
-            sys.stderr.flush()
+            line = self.format(record) + "\n"
+            with _output:
+                sys.stderr.write(line)
+                sys.stderr.flush()
         except Exception:
             self.handleError(record)
 
@@ -81,6 +88,15 @@ def setup_logging(debug: bool) -> None:
     _logbridge.sync_level()
 
 
+def say(line: str) -> None:
+    """A chat line on stdout, written whole: the receiver thread and the input loop both print."""
+    with _output:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+
 def status(text: str) -> None:
-    """A system line: on stderr, so stdout carries only chat lines."""
-    print(f"* {text}", file=sys.stderr, flush=True)
+    """A system line: on stderr (written whole), so stdout carries only chat lines."""
+    with _output:
+        sys.stderr.write(f"* {text}\n")
+        sys.stderr.flush()

@@ -28,7 +28,7 @@ from . import (
     TrackerUnreachable,
     __version__,
 )
-from ._cli import Leave, handle_signals, port, setup_logging, signals_deferred, status
+from ._cli import Leave, handle_signals, port, say, setup_logging, signals_deferred, status
 
 NAME_PROMPT = "Escreva um nome: "
 DEFAULT_NAME = "Unknow"
@@ -83,7 +83,7 @@ def printable(text: str) -> str:
 def show(event: object) -> None:
     if isinstance(event, Message):
         prefix = f"<{printable(event.sender)}> :: " if event.sender is not None else ""
-        print(prefix + printable(event.text), flush=True)
+        say(prefix + printable(event.text))
     elif isinstance(event, PeerConnected):
         host, peer_port = event.address
         status(f"connected to {host}:{peer_port}")
@@ -126,7 +126,7 @@ def handle_line(peer: Peer, line: str) -> bool:
     except InvalidInput as err:
         status(f"not sent: {err}")
         return True
-    print(f"<Eu> :: {text}", flush=True)
+    say(f"<Eu> :: {text}")
     if reached == 0:
         status("nobody else is connected; that line reached no one")
     return True
