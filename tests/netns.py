@@ -1,0 +1,60 @@
+"""Network namespaces created by a test for itself: isolated loopback, own firewall, removed afterwards.
+
+Needs root (CAP_NET_ADMIN), iproute2's `ip` and, for firewall rules, `nft` (.ci/run installs both).
+Tests that need them skip with the reason when they cannot run.
+"""
+
+import os
+import shutil
+import subprocess
+import uuid
+from typing import List, Sequence
+
+import pytest
+
+from harness import Room
+
+
+def require_netns(*tools: str) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root to create a network namespace")
+    for tool in ("ip", *tools):
+        if shutil.which(tool) is None:
+            pytest.skip(f"needs `{tool}` (Debian package {'nftables' if tool == 'nft' else 'iproute2'})")
+
+
+class Namespace:
+    """One namespace with loopback up; processes started in it are stopped before it is deleted."""
+
+    def __init__(self) -> None:
+        self.name = f"p2pchat-test-{uuid.uuid4().hex[:8]}"
+        created = subprocess.run(["ip", "netns", "add", self.name], capture_output=True, text=True)
+        if created.returncode != 0:
+            pytest.skip(f"cannot create a network namespace: {created.stderr.strip()}")
+        self.room = Room()
+        self.sh("ip", "link", "set", "lo", "up")
+
+    def sh(self, *argv: str, stdin: str = "") -> str:
+        done = subprocess.run(["ip", "netns", "exec", self.name, *argv], input=stdin, capture_output=True, text=True, timeout=30)
+        assert done.returncode == 0, f"{' '.join(argv)} failed: {done.stderr}"
+        return done.stdout
+
+    def nft(self, ruleset: str) -> None:
+        self.sh("nft", "-f", "-", stdin=ruleset)
+
+    def argv(self, argv: Sequence[str]) -> List[str]:
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def delete(self) -> None:
+        self.room.stop_all()
+        subprocess.run(["ip", "netns", "del", self.name], capture_output=True)
+
+
+@pytest.fixture
+def namespace():
+    require_netns("nft")
+    ns = Namespace()
+    try:
+        yield ns
+    finally:
+        ns.delete()

@@ -1,0 +1,296 @@
+"""The Python API, blocking and asyncio, against real sockets on loopback."""
+
+import asyncio
+import logging
+import signal
+import textwrap
+import threading
+import time
+
+import pytest
+
+import p2pchat
+from harness import WAIT, assert_clean_stderr, python
+from p2pchat import (AddressInUse, InvalidInput, Message, P2PChatError, Peer, PeerClosed, PeerConnected,
+                     PeerDisconnected, Tracker, TrackerUnreachable)
+
+
+@pytest.fixture
+def tracker():
+    with Tracker(host="127.0.0.1", port=0) as t:
+        yield t
+
+
+def next_message(peer: Peer) -> Message:
+    message = peer.recv(timeout=WAIT)
+    assert message is not None, "no message within the bound"
+    return message
+
+
+def wait_connected(peer: Peer, count: int) -> None:
+    """Wait for `count` PeerConnected events (join's own dials are already counted in join_result)."""
+    seen = 0
+    while seen < count:
+        event = peer.recv_event(timeout=WAIT)
+        assert event is not None, f"{peer.name}: only {seen} of {count} connections"
+        seen += isinstance(event, PeerConnected)
+
+
+def test_exceptions_form_one_hierarchy():
+    for exc in (InvalidInput, TrackerUnreachable, AddressInUse, PeerClosed):
+        assert issubclass(exc, P2PChatError)
+    assert issubclass(P2PChatError, Exception)
+
+
+def test_tracker_address_and_remembered_peers(tracker):
+    host, port = tracker.address
+    assert host == "127.0.0.1" and port > 0
+    assert tracker.running
+    assert tracker.peers() == []
+    with Peer("ana", host, port) as ana:
+        assert tracker.peers() == [("127.0.0.1", ana.address[1])]
+    assert "running" in repr(tracker)
+
+
+def test_tracker_stop_is_idempotent_and_frees_the_port():
+    t = Tracker(host="127.0.0.1", port=0)
+    port = t.address[1]
+    t.stop()
+    t.stop()
+    assert not t.running
+    with Tracker(host="127.0.0.1", port=port) as again:
+        assert again.address[1] == port
+
+
+def test_blocking_send_and_receive(tracker):
+    host, port = tracker.address
+    with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+        assert ana.join_result == (0, 0)
+        assert bob.join_result == (1, 1)
+        wait_connected(ana, 1)
+        assert bob.send("olá ana") == 1
+        message = next_message(ana)
+        assert (message.sender, message.text, message.continued) == ("bob", "olá ana", False)
+        assert message.address[0] == "127.0.0.1"
+        assert abs(message.received_at - time.time()) < 60
+        assert str(message) == "<bob> :: olá ana"
+        assert ana.send("hi bob") == 1
+        assert next_message(bob).text == "hi bob"
+        [info] = bob.peers()
+        assert (info.address, info.name, info.outgoing) == (("127.0.0.1", ana.address[1]), "ana", True)
+    assert ana.closed and bob.closed
+
+
+def test_recv_timeout_returns_none(tracker):
+    with Peer("ana", *tracker.address) as ana:
+        assert ana.recv(timeout=0.05) is None
+        with pytest.raises(ValueError):
+            ana.recv(timeout=-1)
+
+
+def test_iteration_ends_when_the_peer_closes(tracker):
+    host, port = tracker.address
+    with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+        wait_connected(ana, 1)
+        for i in range(3):
+            bob.send(f"m{i}")
+        received = []
+        for message in ana:
+            received.append(message.text)
+            if len(received) == 3:
+                ana.close()
+        assert received == ["m0", "m1", "m2"]
+    with pytest.raises(PeerClosed):
+        ana.send("after close")
+
+
+def test_leaving_peer_is_reported(tracker):
+    host, port = tracker.address
+    with Peer("ana", host, port) as ana:
+        with Peer("bob", host, port) as bob:
+            wait_connected(ana, 1)
+            bob.send("bye")
+        assert next_message(ana).text == "bye"
+        event = ana.recv_event(timeout=WAIT)
+        assert isinstance(event, PeerDisconnected)
+        assert event.name == "bob"
+
+
+@pytest.mark.parametrize("name", ["", "x" * 41, "a>b", "two\nlines"])
+def test_invalid_names_are_refused(name):
+    with pytest.raises(InvalidInput):
+        Peer(name)
+
+
+@pytest.mark.parametrize("text", ["", "a\nb", "a\rb", "x" * (p2pchat.MAX_TEXT_BYTES + 1)])
+def test_invalid_texts_are_refused_and_nothing_is_sent(tracker, text):
+    host, port = tracker.address
+    with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+        wait_connected(ana, 1)
+        with pytest.raises(InvalidInput):
+            bob.send(text)
+        bob.send("valid")
+        assert next_message(ana).text == "valid"
+
+
+def test_forty_character_names_work(tracker):
+    name = "é" * 40
+    host, port = tracker.address
+    with Peer(name, host, port) as a, Peer("b", host, port) as b:
+        wait_connected(a, 1)
+        b.send("x")
+        a.send("y")
+        assert next_message(b).sender == name
+
+
+def test_misuse_gives_clear_errors(tracker):
+    peer = Peer("ana", *tracker.address)
+    with pytest.raises(PeerClosed, match="call join"):
+        peer.send("too early")
+    peer.join()
+    with pytest.raises(P2PChatError, match="already joined"):
+        peer.join()
+    peer.close()
+    peer.close()
+
+
+def test_unreachable_tracker():
+    with Tracker(host="127.0.0.1", port=0) as t:
+        port = t.address[1]
+    with pytest.raises(TrackerUnreachable, match=f"127.0.0.1:{port}"):
+        Peer("ana", "127.0.0.1", port).join()
+    with pytest.raises(TrackerUnreachable, match="cannot find the tracker host"):
+        Peer("ana", "no-such-host.invalid", port).join()
+
+
+def test_a_failed_join_can_be_retried(tracker):
+    peer = Peer("ana", "127.0.0.1", 1)
+    with pytest.raises(TrackerUnreachable):
+        peer.join()
+    assert peer.address is None
+
+
+def test_ports_in_use(tracker):
+    with pytest.raises(AddressInUse, match=f"port {tracker.address[1]}"):
+        Tracker(host="127.0.0.1", port=tracker.address[1])
+    import socket
+    holder = socket.socket()
+    holder.bind(("0.0.0.0", 0))
+    holder.listen()
+    try:
+        with pytest.raises(AddressInUse, match=str(holder.getsockname()[1])):
+            Peer("ana", *tracker.address, listen=holder.getsockname()[1]).join()
+    finally:
+        holder.close()
+
+
+def test_blocking_waits_release_the_gil(tracker):
+    host, port = tracker.address
+    with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+        wait_connected(ana, 1)
+        got = []
+        waiter = threading.Thread(target=lambda: got.append(ana.recv(timeout=WAIT)))
+        waiter.start()
+        # If recv() held the GIL, this thread could not run send() until recv() timed out with None.
+        bob.send("while you wait")
+        waiter.join(WAIT + 5)
+        assert got and got[0] is not None and got[0].text == "while you wait"
+
+
+def test_asyncio_api(tracker):
+    host, port = tracker.address
+
+    async def main():
+        async with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+            assert isinstance(await asyncio.wait_for(ana.recv_event_async(), WAIT), PeerConnected)
+            assert await bob.send_async("async hello") == 1
+            message = await asyncio.wait_for(ana.recv_async(), WAIT)
+            assert (message.sender, message.text) == ("bob", "async hello")
+            await ana.send_async("one")
+            await ana.send_async("two")
+            received = []
+            async for m in bob:
+                received.append(m.text)
+                if len(received) == 2:
+                    await bob.close_async()
+            assert received == ["one", "two"]
+        with pytest.raises(PeerClosed):
+            await ana.send_async("closed")
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_join_async_does_not_block_the_event_loop(tracker):
+    async def main():
+        ticks = 0
+        stop = asyncio.Event()
+
+        async def ticker():
+            nonlocal ticks
+            while not stop.is_set():
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(ticker())
+        async with Peer("ana", *tracker.address):
+            pass
+        stop.set()
+        await task
+        assert ticks > 1, "the loop did not run while joining"
+
+    asyncio.run(main())
+
+
+def test_rust_logs_reach_python_logging(tracker):
+    seen = threading.Event()
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            if record.name == "p2pchat.peer.actor" and "running" in record.getMessage():
+                seen.set()
+
+    logger = logging.getLogger("p2pchat")
+    handler = Catch()
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    p2pchat._logbridge.sync_level()
+    try:
+        with Peer("logged", *tracker.address):
+            assert seen.wait(WAIT), "no debug record from the Rust core arrived in logging"
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(logging.NOTSET)
+        p2pchat._logbridge.sync_level()
+
+
+def run_script(room, body: str, name: str):
+    return room.start(python("-c", textwrap.dedent(body)), name)
+
+
+def test_ctrl_c_interrupts_a_blocking_wait(room, tracker):
+    proc = run_script(room, f"""
+        import p2pchat
+        peer = p2pchat.Peer("waiter", "127.0.0.1", {tracker.address[1]}).join()
+        print("waiting", flush=True)
+        try:
+            peer.recv()
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """, "waiter")
+    proc.out.expect("waiting")
+    proc.signal(signal.SIGINT)
+    proc.out.expect("interrupted")
+    assert proc.wait() == 0
+    assert_clean_stderr(proc)
+
+
+def test_exit_without_close_is_clean_and_delivers_the_last_line(room, tracker):
+    with Peer("stays", *tracker.address) as stays:
+        proc = run_script(room, f"""
+            import p2pchat
+            peer = p2pchat.Peer("leaves", "127.0.0.1", {tracker.address[1]}).join()
+            assert peer.send("last words") == 1
+        """, "leaves")
+        assert proc.wait() == 0
+        assert next_message(stays).text == "last words"
+        assert_clean_stderr(proc)

@@ -1,0 +1,115 @@
+"""Bad input from the network never crashes anything, and the room goes on."""
+
+import socket
+import time
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from harness import WAIT
+from p2pchat import Message, Peer, PeerConnected, PeerDisconnected, Tracker
+
+
+def raw_exchange(port: int, payload: bytes = b"", hold: bool = True) -> bytes:
+    """Talk to a tracker with a raw socket; returns what it answered (empty if it reset us)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
+        if payload:
+            s.sendall(payload)
+        if not hold:
+            return b""
+        answer = b""
+        try:
+            while chunk := s.recv(4096):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+        return answer
+
+
+def test_tracker_survives_junk_and_silent_and_vanishing_clients():
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        port = tracker.address[1]
+        with Peer("real", "127.0.0.1", port):
+            for junk in (b"\x00\xff" * 100, b"GET / HTTP/1.1\r\n\r\n", bytes(range(256))):
+                assert raw_exchange(port, junk) == b"", "a client that sends bytes is not an original client"
+            for _ in range(200):
+                raw_exchange(port, hold=False)  # connects and leaves at once
+            silent = raw_exchange(port)  # an original client: sends nothing, gets the list
+            assert silent.decode().split("-")[0].startswith("127.0.0.1:")
+            remembered = tracker.peers()
+            assert len(remembered) == 2, remembered  # the real peer and the silent client only
+            with Peer("late", "127.0.0.1", port) as late:
+                assert late.join_result == (1, 2)  # reached the real peer; the silent one is not listening
+
+
+def collect_until(peer: Peer, text: str):
+    """Every message until one with `text` arrives (bounded)."""
+    seen = []
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        event = peer.recv_event(timeout=max(0.01, deadline - time.monotonic()))
+        if isinstance(event, Message):
+            seen.append(event)
+            if event.text == text:
+                return seen
+    raise AssertionError(f"{text!r} never arrived; got {[m.text for m in seen]}")
+
+
+def test_invalid_utf8_and_split_characters_from_a_raw_peer():
+    with Tracker(host="127.0.0.1", port=0) as tracker, Peer("victim", *tracker.address) as victim:
+        with socket.create_connection(("127.0.0.1", victim.address[1]), timeout=WAIT) as raw:
+            raw.sendall(b"<evil> :: bad \xff\xfe byte")
+            assert collect_until(victim, "bad \ufffd\ufffd byte")
+            snowman = "<evil> :: ☃ ok".encode()
+            raw.sendall(snowman[:11])  # cut inside the snowman's three bytes
+            time.sleep(0.01)  # two separate reads are the point of this test, not synchronisation
+            raw.sendall(snowman[11:])
+            assert "".join(m.text for m in collect_until(victim, "☃ ok")[-1:]) == "☃ ok"
+
+
+def test_a_peer_dying_mid_message_is_dropped_and_the_room_goes_on():
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        host, port = tracker.address
+        with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+            assert isinstance(ana.recv_event(timeout=WAIT), PeerConnected)
+            raw = socket.create_connection(("127.0.0.1", ana.address[1]), timeout=WAIT)
+            assert isinstance(ana.recv_event(timeout=WAIT), PeerConnected)
+            raw.sendall(b"<dying> :: half a mess")
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            raw.close()  # reset, mid-message
+            events = []
+            while not any(isinstance(e, PeerDisconnected) for e in events):
+                event = ana.recv_event(timeout=WAIT)
+                assert event is not None, f"no disconnect noticed; got {events}"
+                events.append(event)
+            bob.send("still alive?")
+            assert collect_until(ana, "still alive?")
+
+
+def test_a_dead_address_in_the_list_is_skipped():
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        port = tracker.address[1]
+        ghost = socket.socket()
+        ghost.bind(("127.0.0.1", 0))
+        ghost.connect(("127.0.0.1", port))
+        ghost.recv(2048)  # registered, then gone: nobody will listen there
+        ghost.close()
+        with Peer("ana", "127.0.0.1", port) as ana, Peer("bob", "127.0.0.1", port) as bob:
+            assert bob.join_result == (1, 2)
+            bob.send("the room works")
+            assert collect_until(ana, "the room works")
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(chunks=st.lists(st.binary(min_size=1, max_size=512), min_size=1, max_size=8))
+def test_random_bytes_never_hurt_a_peer(chunks):
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        host, port = tracker.address
+        with Peer("target", host, port) as target, Peer("friend", host, port) as friend:
+            with socket.create_connection(("127.0.0.1", target.address[1]), timeout=WAIT) as raw:
+                for chunk in chunks:
+                    raw.sendall(chunk)
+            friend.send("after the noise")
+            received = collect_until(target, "after the noise")
+            assert all(isinstance(m.text, str) for m in received)
+            assert not target.closed

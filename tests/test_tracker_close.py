@@ -1,0 +1,90 @@
+"""An unmodified original client must get its whole list and then listen on its port, every time.
+
+The original client connects to the tracker from port P (without SO_REUSEADDR), reads once, closes and
+binds P at once. If its socket still exists (TIME_WAIT after closing first, LAST_ACK while waiting for
+the tracker's final ACK) the bind fails with EADDRINUSE. p2pchat's tracker ends the exchange with a reset
+so nothing is left. The test runs in a network namespace whose firewall drops every pure ACK the tracker
+sends, i.e. the final ACK of a FIN close, as a lossy real network might. Two control trackers show the
+same check fails where the close is not abortive.
+"""
+
+import re
+import textwrap
+
+import pytest
+
+from harness import REFERENCE, WAIT, python
+from netns import namespace  # noqa: F401 - fixture
+
+TRACKER_PORT = 7472
+DROP_TRACKER_PURE_ACKS = f"""
+table inet p2pchat_test {{
+    chain output {{
+        type filter hook output priority 0; policy accept;
+        tcp sport {TRACKER_PORT} tcp flags & (fin | syn | rst | psh | ack | urg) == ack drop
+    }}
+}}
+"""
+
+# Control: a tracker that writes the list and closes normally (FIN) instead of resetting.
+FIN_CLOSING_TRACKER = textwrap.dedent(f"""
+    import asyncio
+    class T(asyncio.Protocol):
+        def connection_made(self, transport):
+            transport.write(b"-")
+            transport.close()
+    async def main():
+        server = await asyncio.get_running_loop().create_server(T, "127.0.0.1", {TRACKER_PORT})
+        print("listening on {TRACKER_PORT}", flush=True)
+        await server.serve_forever()
+    asyncio.run(main())
+""")
+
+
+def start_tracker(ns, kind):
+    if kind == "p2pchat":
+        proc = ns.room.start(ns.argv(python("server.py", "--host", "127.0.0.1", "--port", str(TRACKER_PORT))), "tracker")
+        proc.err.expect("listening on")
+    elif kind == "reference":
+        proc = ns.room.start(ns.argv(python(str(REFERENCE / "original_server.py"), "--host", "127.0.0.1")), "ref-tracker")
+        proc.out.expect("listening on")
+    else:
+        proc = ns.room.start(ns.argv(python("-c", FIN_CLOSING_TRACKER)), "fin-tracker")
+        proc.out.expect("listening on")
+    return proc
+
+
+def strict_original_client(ns, i):
+    """The reference client without --reuseaddr: exactly the original's sockets."""
+    proc = ns.room.start(ns.argv(python(str(REFERENCE / "original_client.py"), "-d")), f"original-{i}")
+    proc.line(f"orig{i}")
+    answer = proc.err.expect(r"tracker answered b'(.*)'").group(1)
+    try:
+        port = int(proc.err.expect(r"listening on (\d+)", timeout=WAIT).group(1))
+    except AssertionError:
+        port = None  # it crashed: its bind failed
+    proc.stop()
+    return answer, port, proc
+
+
+def test_every_original_client_gets_the_whole_list_and_listens(namespace):
+    namespace.nft(DROP_TRACKER_PURE_ACKS)
+    start_tracker(namespace, "p2pchat")
+    earlier = []
+    for i in range(20):
+        answer, port, proc = strict_original_client(namespace, i)
+        assert port is not None, f"client {i} could not listen:\n" + "\n".join(proc.err.snapshot())
+        listed = sorted(int(entry.split(":")[1]) for entry in answer.split("-") if entry)
+        assert listed == sorted(earlier), f"client {i} got {answer!r}"
+        earlier.append(port)
+
+
+@pytest.mark.parametrize("kind", ["reference", "fin-close"])
+def test_control_trackers_that_do_not_reset_break_the_original_client(namespace, kind):
+    """Proves the check above can fail: the same client cannot listen after these trackers."""
+    namespace.nft(DROP_TRACKER_PURE_ACKS)
+    start_tracker(namespace, kind)
+    answer, port, proc = strict_original_client(namespace, 0)
+    assert answer == "-"
+    assert port is None
+    assert re.search(r"Address already in use|EADDRINUSE|Errno 98", "\n".join(proc.err.snapshot()))
