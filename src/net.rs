@@ -36,18 +36,24 @@ pub async fn connect_from(local: SocketAddr, remote: SocketAddr) -> io::Result<T
     shared_port_socket(local)?.connect(remote).await
 }
 
-/// Close with a reset once everything written has been handed to the network (bounded by `max_wait`).
+/// Make the next close of `stream` a reset. Set it before writing the last bytes, so that nothing but
+/// the final `close` separates them from the reset.
+pub fn reset_on_close(stream: &TcpStream) {
+    if let Err(err) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
+        log::debug!("could not set SO_LINGER 0, the close will be normal: {err}");
+    }
+}
+
+/// Close a stream prepared with [`reset_on_close`] once everything written has been handed to the
+/// network (bounded by `max_wait`).
 pub async fn abortive_close(stream: TcpStream, max_wait: Duration) {
     wait_until_sent(&stream, max_wait).await;
-    if let Err(err) = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO)) {
-        log::debug!("could not set SO_LINGER 0, closing normally: {err}");
-    }
     drop(stream);
 }
 
 /// Close with a reset right away, leaving no `TIME_WAIT` behind (used where nothing is left to send).
 pub fn reset(stream: TcpStream) {
-    let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+    reset_on_close(&stream);
     drop(stream);
 }
 
@@ -119,6 +125,7 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (mut server_side, _) = listener.accept().await.unwrap();
+        reset_on_close(&server_side);
         server_side.write_all(b"10.0.0.1:5-10.0.0.2:6").await.unwrap();
         abortive_close(server_side, Duration::from_secs(1)).await;
         let mut buf = [0u8; 2048];

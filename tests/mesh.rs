@@ -156,3 +156,40 @@ async fn a_listed_address_that_refuses_is_skipped() {
     assert_eq!((report.listed, report.connected), (1, 0));
     assert_eq!(handle.send("anyone?").await.unwrap(), 0);
 }
+
+/// A member that stops reading fills its own queue and is dropped; the others get every line.
+#[tokio::test]
+async fn a_peer_that_never_reads_is_dropped_without_holding_back_the_others() {
+    let (tracker, _stop) = start_tracker().await;
+    let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+    config.limits.send_queue = 4;
+    let (ana, mut ana_events, _) = peer::join(config).await.unwrap();
+    let (_bob, mut bob_events) = join("bob", tracker).await;
+    // A raw connection that never reads: its kernel buffers fill, then its queue.
+    let _stuck = TcpStream::connect(ana.listen_addr()).await.unwrap();
+    wait_connections(&ana, 2).await;
+    let big = "x".repeat(p2pchat::wire::chat::MAX_TEXT_BYTES);
+    let mut sent = 0;
+    let dropped_reason = loop {
+        assert!(sent < 2_000, "the stuck peer was never dropped");
+        ana.send(&big).await.unwrap();
+        sent += 1;
+        // Drain ana's events to see the drop as soon as it happens.
+        match tokio::time::timeout(Duration::from_millis(1), ana_events.recv()).await {
+            Ok(Some(Event::Disconnected { reason, .. })) => break reason,
+            _ => continue,
+        }
+    };
+    assert!(dropped_reason.contains("not reading"), "{dropped_reason}");
+    assert_eq!(ana.peers().await.unwrap().len(), 1);
+    let mut received = 0;
+    let mut bytes = 0;
+    while received < sent {
+        let m = next_message(&mut bob_events).await;
+        bytes += m.text.len();
+        if bytes >= (received + 1) * big.len() {
+            received = bytes / big.len();
+        }
+    }
+    assert_eq!(bytes, sent * big.len(), "bob got every byte of every line");
+}

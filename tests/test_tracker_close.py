@@ -74,8 +74,10 @@ def test_every_original_client_gets_the_whole_list_and_listens(namespace):
     for i in range(20):
         answer, port, proc = strict_original_client(namespace, i)
         assert port is not None, f"client {i} could not listen:\n" + "\n".join(proc.err.snapshot())
-        listed = sorted(int(entry.split(":")[1]) for entry in answer.split("-") if entry)
-        assert listed == sorted(earlier), f"client {i} got {answer!r}"
+        listed = {int(entry.split(":")[1]) for entry in answer.split("-") if entry}
+        # An ephemeral port can come round again: the tracker counts an address once and never lists
+        # a client's own address to it.
+        assert listed == set(earlier) - {port}, f"client {i} (port {port}) got {answer!r}; earlier: {earlier}"
         earlier.append(port)
 
 

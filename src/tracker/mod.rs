@@ -207,6 +207,9 @@ async fn serve_client(mut stream: TcpStream, remote: SocketAddr, tracker: Tracke
         Ok(Err(err)) => return log::debug!("{remote}: {err}"),
     }
     let Ok(list) = tracker.admit(remote).await else { return };
+    // The reset has to reach the client before its own close(), microseconds after it reads the list:
+    // prepare it now so only the write and the close separate the two.
+    crate::net::reset_on_close(&stream);
     match tokio::time::timeout(config.write_timeout, stream.write_all(&list)).await {
         Ok(Ok(())) => crate::net::abortive_close(stream, Duration::from_secs(1)).await,
         Ok(Err(err)) => log::debug!("{remote} left before its list was written: {err}"),
