@@ -192,17 +192,20 @@ class Tracker:
 class Peer:
     """A chat process of either kind, with kind-specific readiness patterns."""
 
-    CONNECTED = {"p2pchat": r"^\* connected to ", "reference": r"connection (opened to|accepted from) "}
+    OPENED = {"p2pchat": r"^\* .+ joined \((p2pchat|original)\)$", "reference": r"connection (opened to|accepted from) "}
+    CLOSED = {"p2pchat": r"^\* .+ left (the room|\()", "reference": r"connection closed "}
 
     def __init__(self, proc: Proc, name: str, kind: str, listen_port: int, connected_at_join: int) -> None:
         self.proc, self.name, self.kind, self.listen_port = proc, name, kind, listen_port
         self.connected_at_join = connected_at_join
 
+    def live_connections(self) -> int:
+        return self.proc.err.count(self.OPENED[self.kind]) - self.proc.err.count(self.CLOSED[self.kind])
+
     def wait_connections(self, count: int, timeout: float = WAIT) -> None:
-        """Wait until this peer reported `count` open connections in all."""
+        """Wait until this peer has `count` open connections (opened minus closed, as it reported)."""
         deadline = time.monotonic() + timeout
-        pattern = self.CONNECTED[self.kind]
-        while self.proc.err.count(pattern) < count:
+        while self.live_connections() < count:
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.name}: fewer than {count} connections:\n" + "\n".join(self.proc.err.snapshot()))
             with self.proc.err.cond:

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use p2pchat::peer::{self, Event, Events, PeerConfig, PeerHandle};
+use p2pchat::peer::{self, Event, Events, PeerConfig, PeerHandle, Protocol};
 use p2pchat::tracker::{Tracker, TrackerConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -132,8 +132,9 @@ async fn close_delivers_queued_lines_and_tells_the_others() {
     assert_eq!(next_message(&mut b_events).await.text, "bye");
     loop {
         match tokio::time::timeout(WAIT, b_events.recv()).await.unwrap().unwrap() {
-            Event::Disconnected { name, .. } => {
+            Event::Left { name, clean, .. } => {
                 assert_eq!(name.as_deref(), Some("ana"));
+                assert!(clean, "ana said goodbye");
                 break;
             }
             _ => continue,
@@ -165,9 +166,15 @@ async fn a_peer_that_never_reads_is_dropped_without_holding_back_the_others() {
     config.limits.send_queue = 4;
     let (ana, mut ana_events, _) = peer::join(config).await.unwrap();
     let (_bob, mut bob_events) = join("bob", tracker).await;
-    // A raw connection that never reads: its kernel buffers fill, then its queue.
+    // A raw connection that never reads: its kernel buffers fill, then its queue. It sends nothing, so
+    // ana takes it for an original peer once `decide_timeout` has passed.
     let _stuck = TcpStream::connect(ana.listen_addr()).await.unwrap();
-    wait_connections(&ana, 2).await;
+    let mut joined = 0;
+    while joined < 2 {
+        if let Event::Joined { .. } = tokio::time::timeout(WAIT, ana_events.recv()).await.unwrap().unwrap() {
+            joined += 1;
+        }
+    }
     let big = "x".repeat(p2pchat::wire::chat::MAX_TEXT_BYTES);
     let mut sent = 0;
     let dropped_reason = loop {
@@ -176,7 +183,7 @@ async fn a_peer_that_never_reads_is_dropped_without_holding_back_the_others() {
         sent += 1;
         // Drain ana's events to see the drop as soon as it happens.
         match tokio::time::timeout(Duration::from_millis(1), ana_events.recv()).await {
-            Ok(Some(Event::Disconnected { reason, .. })) => break reason,
+            Ok(Some(Event::Left { reason, .. })) => break reason,
             _ => continue,
         }
     };
@@ -192,4 +199,88 @@ async fn a_peer_that_never_reads_is_dropped_without_holding_back_the_others() {
         }
     }
     assert_eq!(bytes, sent * big.len(), "bob got every byte of every line");
+}
+
+async fn join_room(name: &str, tracker: std::net::SocketAddr, room: &str) -> (PeerHandle, Events) {
+    let mut config = PeerConfig::new(name, "127.0.0.1", tracker.port());
+    config.room = room.to_owned();
+    let (handle, events, _) = peer::join(config).await.unwrap();
+    (handle, events)
+}
+
+async fn wait_p2pchat_links(handle: &PeerHandle, n: usize) {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let peers = handle.peers().await.unwrap();
+            if peers.iter().filter(|p| p.protocol == Some(Protocol::P2pchat)).count() >= n {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("p2pchat links did not open");
+}
+
+#[tokio::test]
+async fn rooms_do_not_hear_each_other() {
+    let (tracker, _stop) = start_tracker().await;
+    let (a, mut a_events) = join_room("ana", tracker, "red").await;
+    let (b, mut b_events) = join_room("bob", tracker, "red").await;
+    let (c, mut c_events) = join_room("cid", tracker, "blue").await;
+    wait_p2pchat_links(&a, 1).await;
+    wait_p2pchat_links(&b, 1).await;
+    assert_eq!(c.send("blue only").await.unwrap(), 0);
+    assert_eq!(a.send("red only").await.unwrap(), 1);
+    let m = next_message(&mut b_events).await;
+    assert_eq!((m.text.as_str(), m.id.is_some()), ("red only", true));
+    b.send("red reply").await.unwrap();
+    assert_eq!(next_message(&mut a_events).await.text, "red reply");
+    assert!(tokio::time::timeout(Duration::from_millis(300), next_message(&mut c_events)).await.is_err());
+}
+
+/// Under a tracker that says nothing about protocols (the original's list), p2pchat peers still find
+/// each other through the probe.
+#[tokio::test]
+async fn p2pchat_peers_upgrade_without_a_p2pchat_tracker() {
+    // Join b directly through a's address, as `--peer` does.
+    let (tracker, _stop) = start_tracker().await;
+    let (a, mut a_events) = join("ana", tracker).await;
+    let mut config = PeerConfig::new("bob", "", 0);
+    config.tracker = None;
+    config.peers = vec![std::net::SocketAddr::from(([127, 0, 0, 1], a.listen_addr().port()))];
+    let (b, mut b_events, report) = peer::join(config).await.unwrap();
+    assert_eq!((report.listed, report.connected), (1, 1));
+    wait_p2pchat_links(&b, 1).await;
+    b.send("via --peer").await.unwrap();
+    let m = next_message(&mut a_events).await;
+    assert!(m.id.is_some(), "it came as a p2pchat frame");
+    a.nick("ana2").await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, b_events.recv()).await.unwrap().unwrap() {
+            Event::Renamed { old, new, .. } => {
+                assert_eq!((old.as_deref(), new.as_str()), (Some("ana"), "ana2"));
+                break;
+            }
+            _ => continue,
+        }
+    }
+    a.send("renamed").await.unwrap();
+    let m = next_message(&mut b_events).await;
+    assert_eq!((m.sender.as_deref(), m.text.as_str()), (Some("ana2"), "renamed"));
+}
+
+/// A third peer joining through one member learns the rest of the room from it (peer exchange).
+#[tokio::test]
+async fn joining_through_one_member_reaches_the_whole_room() {
+    let (tracker, _stop) = start_tracker().await;
+    let (a, _a_events) = join("ana", tracker).await;
+    let (b, _b_events) = join("bob", tracker).await;
+    wait_p2pchat_links(&a, 1).await;
+    wait_p2pchat_links(&b, 1).await;
+    let mut config = PeerConfig::new("cid", "", 0);
+    config.tracker = None;
+    config.peers = vec![std::net::SocketAddr::from(([127, 0, 0, 1], a.listen_addr().port()))];
+    let (c, _c_events, _) = peer::join(config).await.unwrap();
+    wait_p2pchat_links(&c, 2).await;
 }

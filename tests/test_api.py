@@ -11,8 +11,8 @@ import pytest
 
 import p2pchat
 from harness import WAIT, assert_clean_stderr, python
-from p2pchat import (AddressInUse, InvalidInput, Message, P2PChatError, Peer, PeerClosed, PeerConnected,
-                     PeerDisconnected, Tracker, TrackerUnreachable)
+from p2pchat import (AddressInUse, InvalidInput, Message, P2PChatError, Peer, PeerClosed, PeerJoined, PeerLeft,
+                     Tracker, TrackerUnreachable)
 
 
 @pytest.fixture
@@ -28,12 +28,12 @@ def next_message(peer: Peer) -> Message:
 
 
 def wait_connected(peer: Peer, count: int) -> None:
-    """Wait for `count` PeerConnected events (join's own dials are already counted in join_result)."""
+    """Wait for `count` PeerJoined events."""
     seen = 0
     while seen < count:
         event = peer.recv_event(timeout=WAIT)
         assert event is not None, f"{peer.name}: only {seen} of {count} connections"
-        seen += isinstance(event, PeerConnected)
+        seen += isinstance(event, PeerJoined)
 
 
 def test_exceptions_form_one_hierarchy():
@@ -71,13 +71,14 @@ def test_blocking_send_and_receive(tracker):
         assert bob.send("olá ana") == 1
         message = next_message(ana)
         assert (message.sender, message.text, message.continued) == ("bob", "olá ana", False)
+        assert message.id is not None and abs(message.sent_at - time.time()) < 60
         assert message.address[0] == "127.0.0.1"
         assert abs(message.received_at - time.time()) < 60
         assert str(message) == "<bob> :: olá ana"
         assert ana.send("hi bob") == 1
         assert next_message(bob).text == "hi bob"
         [info] = bob.peers()
-        assert (info.address, info.name, info.outgoing) == (("127.0.0.1", ana.address[1]), "ana", True)
+        assert (info.address, info.name, info.outgoing, info.protocol) == (("127.0.0.1", ana.address[1]), "ana", True, "p2pchat")
     assert ana.closed and bob.closed
 
 
@@ -112,8 +113,8 @@ def test_leaving_peer_is_reported(tracker):
             bob.send("bye")
         assert next_message(ana).text == "bye"
         event = ana.recv_event(timeout=WAIT)
-        assert isinstance(event, PeerDisconnected)
-        assert event.name == "bob"
+        assert isinstance(event, PeerLeft)
+        assert (event.name, event.clean) == ("bob", True)
 
 
 @pytest.mark.parametrize("name", ["", "x" * 41, "a>b", "two\nlines"])
@@ -202,7 +203,7 @@ def test_asyncio_api(tracker):
 
     async def main():
         async with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
-            assert isinstance(await asyncio.wait_for(ana.recv_event_async(), WAIT), PeerConnected)
+            assert isinstance(await asyncio.wait_for(ana.recv_event_async(), WAIT), PeerJoined)
             assert await bob.send_async("async hello") == 1
             message = await asyncio.wait_for(ana.recv_async(), WAIT)
             assert (message.sender, message.text) == ("bob", "async hello")

@@ -7,7 +7,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from harness import WAIT
-from p2pchat import Message, Peer, PeerConnected, PeerDisconnected, Tracker
+from p2pchat import Message, Peer, PeerJoined, PeerLeft, Tracker
 
 
 def raw_exchange(port: int, payload: bytes = b"", hold: bool = True) -> bytes:
@@ -71,14 +71,14 @@ def test_a_peer_dying_mid_message_is_dropped_and_the_room_goes_on():
     with Tracker(host="127.0.0.1", port=0) as tracker:
         host, port = tracker.address
         with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
-            assert isinstance(ana.recv_event(timeout=WAIT), PeerConnected)
+            assert isinstance(ana.recv_event(timeout=WAIT), PeerJoined)
             raw = socket.create_connection(("127.0.0.1", ana.address[1]), timeout=WAIT)
-            assert isinstance(ana.recv_event(timeout=WAIT), PeerConnected)
+            assert isinstance(ana.recv_event(timeout=WAIT), PeerJoined)
             raw.sendall(b"<dying> :: half a mess")
             raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
             raw.close()  # reset, mid-message
             events = []
-            while not any(isinstance(e, PeerDisconnected) for e in events):
+            while not any(isinstance(e, PeerLeft) for e in events):
                 event = ana.recv_event(timeout=WAIT)
                 assert event is not None, f"no disconnect noticed; got {events}"
                 events.append(event)

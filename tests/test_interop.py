@@ -38,12 +38,29 @@ def test_mixed_room_every_line_reaches_every_peer(room, tmp_path, tracker_kind, 
             if other is not p:
                 p.saw_line(rf"<{other.name}> :: hi from {other.name} ☃")
 
-    # A reference peer received exactly the original bytes from every p2pchat peer, nothing else.
+    # p2pchat peers speak the extension with each other and the original protocol with reference peers,
+    # also under the reference tracker, which tells them nothing.
+    for p in (p for p in peers if p.kind == "p2pchat"):
+        p.say("/who")
+        for other in peers:
+            if other is not p:
+                protocol = "p2pchat" if other.kind == "p2pchat" else "original"
+                p.proc.err.saw(rf"^\*   {other.name} \(127\.0\.0\.1:\d+\) {protocol}$")
+
+    # A reference peer received exactly the original bytes from every p2pchat peer, and at most a probe
+    # (0xFF first) alone on a connection it then dropped.
     for ref in (p for p in peers if p.kind == "reference"):
         chunks = [json.loads(line) for line in (tmp_path / f"{ref.name}.jsonl").read_text().splitlines()]
         by_connection = {}
         for chunk in chunks:
             by_connection.setdefault(chunk["from"], bytearray()).extend(bytes.fromhex(chunk["hex"]))
-        streams = sorted(bytes(b) for b in by_connection.values())
+        probes = [bytes(b) for b in by_connection.values() if b.startswith(b"\xff")]
+        streams = sorted(bytes(b) for b in by_connection.values() if not b.startswith(b"\xff"))
         expected = sorted(f"<{o.name}> :: hi from {o.name} ☃".encode() for o in peers if o is not ref)
         assert streams == expected, f"{ref.name} received {streams!r}"
+        for probe in probes:
+            assert tracker_kind == "reference", "under p2pchat's tracker nobody needs to probe"
+            assert probe.startswith(b"\xffp2pchat")
+            length = int.from_bytes(probe[8:12], "big")
+            assert len(probe) == 12 + length, f"nothing but one hello frame: {probe!r}"
+            assert json.loads(probe[12:])["type"] == "hello"

@@ -96,7 +96,7 @@ def terminal_client(room):
 def test_typing_is_not_garbled_by_incoming_messages(room, terminal_client):
     tracker, term = terminal_client
     bob = room.p2pchat_peer("bob", tracker.port)
-    term.wait_for(r"^\* connected to ")
+    term.wait_for(r"^\* bob \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$")
     term.wait_for(r"^>$")
     term.type("hello wor")
     term.wait_for(r"^> hello wor$")

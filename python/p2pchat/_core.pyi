@@ -1,12 +1,13 @@
 """Type stubs for the compiled core (``p2pchat._core``)."""
 
 from types import TracebackType
-from typing import Awaitable, Iterator, List, Optional, Tuple, Type, Union, final
+from typing import Awaitable, Iterator, List, Optional, Sequence, Tuple, Type, Union, final
 
 __version__: str
 DEFAULT_PORT: int
 MAX_NAME_CHARS: int
 MAX_TEXT_BYTES: int
+MAX_ROOM_CHARS: int
 
 Address = Tuple[str, int]
 
@@ -34,21 +35,40 @@ class Message:
     address: Address
     received_at: float
     continued: bool
+    id: Optional[str]
+    sent_at: Optional[float]
 
 @final
-class PeerConnected:
-    """A connection to another member opened."""
+class PeerJoined:
+    """A member joined the room."""
 
     address: Address
+    name: Optional[str]
+    protocol: str
     outgoing: bool
 
 @final
-class PeerDisconnected:
-    """A connection to another member closed."""
+class PeerLeft:
+    """A member left the room (clean: it said goodbye)."""
 
     address: Address
     name: Optional[str]
     reason: str
+    clean: bool
+
+@final
+class PeerRenamed:
+    """A member is known by a new name."""
+
+    address: Address
+    old: Optional[str]
+    new: str
+
+@final
+class Notice:
+    """Something the user should know that is not about one message."""
+
+    text: str
 
 @final
 class PeerInfo:
@@ -57,8 +77,9 @@ class PeerInfo:
     address: Address
     name: Optional[str]
     outgoing: bool
+    protocol: Optional[str]
 
-Event = Union[Message, PeerConnected, PeerDisconnected]
+Event = Union[Message, PeerJoined, PeerLeft, PeerRenamed, Notice]
 
 @final
 class Tracker:
@@ -69,7 +90,7 @@ class Tracker:
     def address(self) -> Address: ...
     @property
     def running(self) -> bool: ...
-    def peers(self) -> List[Address]: ...
+    def peers(self, room: str = "") -> List[Address]: ...
     def serve_forever(self) -> None: ...
     def stop(self) -> None: ...
     def __enter__(self) -> "Tracker": ...
@@ -84,9 +105,21 @@ class Tracker:
 class Peer:
     """A chat peer; `join()` it to a room, then send and receive."""
 
-    def __init__(self, name: str, server: str = "127.0.0.1", port: int = 7472, *, listen: Optional[int] = None) -> None: ...
+    def __init__(
+        self,
+        name: str,
+        server: Optional[str] = "127.0.0.1",
+        port: int = 7472,
+        *,
+        listen: Optional[int] = None,
+        room: str = "",
+        peers: Sequence[Union[str, Address]] = (),
+    ) -> None: ...
     @property
     def name(self) -> str: ...
+    @property
+    def room(self) -> str: ...
+    def nick(self, name: str) -> None: ...
     @property
     def address(self) -> Optional[Address]: ...
     @property

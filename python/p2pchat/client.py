@@ -20,11 +20,13 @@ from . import (
     AddressInUse,
     InvalidInput,
     Message,
+    Notice,
     P2PChatError,
     Peer,
     PeerClosed,
-    PeerConnected,
-    PeerDisconnected,
+    PeerJoined,
+    PeerLeft,
+    PeerRenamed,
     TrackerUnreachable,
     __version__,
 )
@@ -33,7 +35,12 @@ from ._cli import Leave, handle_signals, port, say, setup_logging, signals_defer
 NAME_PROMPT = "Escreva um nome: "
 DEFAULT_NAME = "Unknow"
 TRACKER_RETRY_SECONDS = 5.0
-QUIT = "/quit"
+COMMANDS = {
+    "/who": "list the members of the room",
+    "/nick NEW": "change your name",
+    "/help": "this list",
+    "/quit": "leave (Ctrl-C and Ctrl-D too)",
+}
 
 EXAMPLES = """\
 examples:
@@ -53,9 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-s", "--server", default="127.0.0.1", help="the tracker's IP address or host name (default: %(default)s)")
+    parser.add_argument("-s", "--server", help="the tracker's IP address or host name (default: 127.0.0.1, "
+                        "or none when --peer is given)")
     parser.add_argument("-p", "--port", type=port, default=7472, help="the tracker's port (default: %(default)s)")
     parser.add_argument("-n", "--name", help=f"your name, 1 to {MAX_NAME_CHARS} characters without '>' (default: ask on stdin)")
+    parser.add_argument("-r", "--room", default="", help="the room to join (default: the room original peers are in)")
+    parser.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
+                        help="a member to connect to directly (repeatable); the others are learnt from it")
     parser.add_argument("-l", "--listen", type=port, metavar="PORT", help="port to listen on for other peers (default: any free port)")
     parser.add_argument("--exit-on-eof", action="store_true", help="leave the room when stdin ends instead of staying to listen")
     parser.add_argument("-d", "--debug", action="store_true", help="print debug logs (connections, tracker exchange) on stderr")
@@ -80,17 +91,23 @@ def printable(text: str) -> str:
     return "".join(c if c == "\t" or (c >= " " and c != "\x7f") else repr(c)[1:-1] for c in text)
 
 
+def who(name: Optional[str], address: tuple) -> str:
+    host, peer_port = address
+    return f"{printable(name)} ({host}:{peer_port})" if name else f"{host}:{peer_port}"
+
+
 def show(event: object) -> None:
     if isinstance(event, Message):
         prefix = f"<{printable(event.sender)}> :: " if event.sender is not None else ""
         say(prefix + printable(event.text))
-    elif isinstance(event, PeerConnected):
-        host, peer_port = event.address
-        status(f"connected to {host}:{peer_port}")
-    elif isinstance(event, PeerDisconnected):
-        host, peer_port = event.address
-        who = f"{printable(event.name)} ({host}:{peer_port})" if event.name else f"{host}:{peer_port}"
-        status(f"{who} left: {event.reason}")
+    elif isinstance(event, PeerJoined):
+        status(f"{who(event.name, event.address)} joined ({event.protocol})")
+    elif isinstance(event, PeerLeft):
+        status(f"{who(event.name, event.address)} " + ("left the room" if event.clean else f"left ({event.reason})"))
+    elif isinstance(event, PeerRenamed):
+        status(f"{who(event.old, event.address)} is now known as {printable(event.new)}")
+    elif isinstance(event, Notice):
+        status(printable(event.text))
 
 
 def pump_events(peer: Peer) -> None:
@@ -114,13 +131,42 @@ def join(peer: Peer, server: str, tracker_port: int) -> None:
             time.sleep(TRACKER_RETRY_SECONDS)
 
 
+def list_members(peer: Peer) -> None:
+    members = peer.peers()
+    room = f"room {peer.room!r}" if peer.room else "the default room"
+    status(f"{len(members) + 1} member(s) in {room}:")
+    _, my_port = peer.address or ("", 0)
+    status(f"  {peer.name} (you, port {my_port})")
+    for member in members:
+        status(f"  {who(member.name, member.address)} {member.protocol or 'connecting'}")
+
+
+def run_command(peer: Peer, command: str, argument: str) -> bool:
+    """A /command typed by the user; returns False to leave."""
+    if command == "/quit":
+        return False
+    if command == "/who":
+        list_members(peer)
+    elif command == "/nick":
+        try:
+            peer.nick(argument)
+            status(f"you are now known as {argument}")
+        except InvalidInput as err:
+            status(f"cannot use that name: {err}")
+    else:
+        for usage, meaning in COMMANDS.items():
+            status(f"{usage:10} {meaning}")
+    return True
+
+
 def handle_line(peer: Peer, line: str) -> bool:
-    """Send one typed line; returns False when the user asked to leave."""
+    """Send one typed line, or run it if it is a command; returns False when the user asked to leave."""
     text = line.rstrip("\r\n")
     if not text:
         return True
-    if text.strip() == QUIT:
-        return False
+    command, _, argument = text.strip().partition(" ")
+    if command in ("/quit", "/who", "/nick", "/help"):
+        return run_command(peer, command, argument.strip())
     try:
         reached = peer.send(text)
     except InvalidInput as err:
@@ -164,12 +210,16 @@ def chat_from_pipe(peer: Peer, exit_on_eof: bool) -> None:
 def run(args: argparse.Namespace) -> int:
     name = args.name if args.name is not None else ask_name()
     try:
-        peer = Peer(name, args.server, args.port, listen=args.listen)
-    except (InvalidInput, ValueError) as err:
-        print(f"client.py: cannot use the name {name!r}: {err}", file=sys.stderr)
+        server = args.server if args.server is not None or args.peer else "127.0.0.1"
+        peer = Peer(name, server, args.port, listen=args.listen, room=args.room, peers=args.peer)
+    except InvalidInput as err:
+        print(f"client.py: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"client.py: {err}", file=sys.stderr)
         return 2
     try:
-        join(peer, args.server, args.port)
+        join(peer, server or "(none)", args.port)
     except AddressInUse as err:
         print(f"client.py: {err} (use --listen to choose another, or leave it out)", file=sys.stderr)
         return 1
@@ -181,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
             threading.Thread(target=pump_events, args=(peer,), name="p2pchat-receiver", daemon=True).start()
             reached, listed = peer.join_result or (0, 0)
             _, listen_port = peer.address or ("", 0)
-            status(f"joined as {name!r}, listening on port {listen_port}; connected to {reached} of {listed} peer(s)")
+            room = f" in room {args.room!r}" if args.room else ""
+            status(f"joined as {name!r}{room}, listening on port {listen_port}; connected to {reached} of {listed} peer(s)")
         if sys.stdin.isatty() and sys.stdout.isatty():
             chat_in_terminal(peer)
         else:

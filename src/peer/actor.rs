@@ -1,72 +1,159 @@
-//! The peer's one stateful task: it owns the connection table, and nothing else touches it.
+//! The peer's one stateful task: it owns the links, the room's presence and the protocol decisions,
+//! and nothing else touches them.
 //!
-//! Handles send [`Command`]s with oneshot replies; the accept loop, the dialers and the connection tasks
-//! report [`NetEvent`]s. Sending a line is a `try_send` into each connection's queue, so the actor never
-//! waits on a network peer.
+//! Handles send [`Command`]s with oneshot replies; the accept loop, the dialers, the tracker
+//! registration and the connection tasks report [`NetEvent`]s. Writing to a link is a `try_send` into
+//! its queue, so the actor never waits on a network peer. Lines for a link whose protocol is not known
+//! yet are held here and written, in the right encoding, once it is.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
 use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 
-use super::bootstrap;
-use super::connection::{self, ConnId, Connection, Line};
-use super::{Event, Limits, PeerInfo};
+use super::bootstrap::{self, Contact};
+use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role};
+use super::seen::SeenIds;
+use super::{Event, Limits, PeerInfo, Protocol};
+use crate::tracker::DEFAULT_ROOM;
+use crate::wire::chat;
+use crate::wire::frames::{self, Chat, Frame, Hello, Member, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
 
 pub(crate) enum Command {
-    Send { line: Line, reply: oneshot::Sender<usize> },
+    Send { text: String, reply: oneshot::Sender<usize> },
+    Nick { name: String, reply: oneshot::Sender<()> },
+    Name { reply: oneshot::Sender<String> },
     Peers { reply: oneshot::Sender<Vec<PeerInfo>> },
     Close { reply: oneshot::Sender<()> },
 }
 
 pub(crate) enum NetEvent {
-    Opened { stream: TcpStream, addr: SocketAddr, outgoing: bool },
+    Dialled { stream: TcpStream, contact: Contact },
+    Accepted { stream: TcpStream, addr: SocketAddr },
     DialFailed { addr: SocketAddr, reason: String, gave_up: bool },
-    NameLearned { id: ConnId, name: String },
-    Closed { id: ConnId, reason: String },
+    /// The link speaks p2pchat; this is the other end's hello.
+    Hello { id: ConnId, hello: Hello },
+    /// The link speaks the original protocol.
+    Original { id: ConnId },
+    /// We probed and the other end closed or said nothing: an original peer.
+    ProbeRejected { id: ConnId },
+    /// The other end refused the link with an `error` frame.
+    Refused { id: ConnId, code: String, message: String },
+    /// The other end is known by this name now.
+    Renamed { id: ConnId, name: String },
+    Closed { id: ConnId, reason: String, clean: bool },
+    TrackerLost { reason: String },
 }
 
 pub(super) struct Setup {
     pub name: String,
+    pub room: String,
     pub limits: Limits,
     pub listener: TcpListener,
-    pub initial_peers: Vec<SocketAddr>,
+    pub tracker_link: Option<TcpStream>,
+    pub contacts: Vec<Contact>,
     pub commands: mpsc::Receiver<Command>,
     pub events: mpsc::Sender<Event>,
-    /// Told how many listed peers the first attempts reached, once every one was tried.
+    /// Told how many contacts the first attempts reached, once every one was tried.
     pub ready: oneshot::Sender<usize>,
 }
 
-struct Member {
-    info: PeerInfo,
+/// One line in both encodings; each link takes the one it speaks.
+struct OutLine {
+    original: Line,
+    p2pchat: Line,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Opening,
+    P2pchat,
+    Original,
+}
+
+struct Link {
     conn: Connection,
+    /// The remote address of the connection.
+    remote: SocketAddr,
+    /// Where it accepts connections: the address we dialled, or its hello's port. Unknown for an
+    /// original peer that dialled us.
+    listen_addr: Option<SocketAddr>,
+    outgoing: bool,
+    state: State,
+    name: Option<String>,
+    peer_id: Option<String>,
+    /// We opened with a p2pchat hello (its 0xFF makes an original peer drop the link).
+    probed: bool,
+    /// Lines held until the protocol is known.
+    held: Vec<Arc<OutLine>>,
+}
+
+impl Link {
+    fn shown_addr(&self) -> SocketAddr {
+        self.listen_addr.unwrap_or(self.remote)
+    }
 }
 
 struct Actor {
+    my_id: String,
+    name: String,
+    room: String,
+    listen_port: u16,
     limits: Limits,
-    members: HashMap<ConnId, Member>,
+    links: HashMap<ConnId, Link>,
     next_id: ConnId,
     net: mpsc::Sender<NetEvent>,
     events: mpsc::Sender<Event>,
+    seen: Arc<Mutex<SeenIds>>,
+    /// Listen addresses known to speak only the original protocol: never probed again.
+    originals: HashSet<SocketAddr>,
+    /// Addresses being dialled (so peer exchange does not dial them twice).
+    dialling: HashSet<SocketAddr>,
+    /// Lines held for an original peer being redialled after it dropped our probe.
+    carried: HashMap<SocketAddr, Vec<Arc<OutLine>>>,
+    background: JoinSet<()>,
 }
 
 pub(super) async fn run(setup: Setup) {
-    let Setup { name, limits, listener, initial_peers, mut commands, events, ready } = setup;
+    let Setup { name, room, limits, listener, tracker_link, contacts, mut commands, events, ready } = setup;
     let (net, mut net_rx) = mpsc::channel(1024);
-    // Dropping this set (when the actor ends) aborts the accept loop and every dialer.
-    let mut background = JoinSet::new();
-    background.spawn(accept_loop(listener, net.clone()));
-    let mut untried: HashSet<SocketAddr> = initial_peers.iter().copied().collect();
-    for addr in initial_peers {
-        background.spawn(bootstrap::dial(addr, limits.clone(), net.clone()));
+    let listen_port = listener.local_addr().map_or(0, |a| a.port());
+    let mut actor = Actor {
+        my_id: frames::random_id(),
+        name,
+        room,
+        listen_port,
+        limits,
+        links: HashMap::new(),
+        next_id: 0,
+        net,
+        events,
+        seen: Arc::new(Mutex::new(SeenIds::new(4096))),
+        originals: HashSet::new(),
+        dialling: HashSet::new(),
+        carried: HashMap::new(),
+        background: JoinSet::new(),
+    };
+    // Dropping `background` (when the actor ends) aborts the accept loop, the dialers and the registration.
+    actor.background.spawn(accept_loop(listener, actor.net.clone()));
+    if let Some(link) = tracker_link {
+        actor.background.spawn(bootstrap::hold_registration(link, actor.net.clone()));
+    }
+    let mut untried: HashSet<SocketAddr> = contacts.iter().map(|c| c.addr).collect();
+    for contact in contacts {
+        actor.dial(contact);
     }
     let mut ready = Some(ready);
     let mut reached_first_time = 0;
-    let mut actor = Actor { limits, members: HashMap::new(), next_id: 0, net, events };
-    log::debug!("peer {name:?} running");
+    // Set by `close` (or when every handle is gone): lines held for links still opening get until the
+    // grace deadline to be written, then everything closes.
+    let mut closing: Option<(tokio::time::Instant, Option<oneshot::Sender<()>>)> = None;
+    log::debug!("peer {:?} running in room {:?}", actor.name, actor.room);
 
     loop {
         if untried.is_empty() {
@@ -74,97 +161,373 @@ pub(super) async fn run(setup: Setup) {
                 let _ = ready.send(reached_first_time);
             }
         }
+        if let Some((deadline, _)) = &closing {
+            if !actor.holds_lines() || tokio::time::Instant::now() >= *deadline {
+                break;
+            }
+        }
+        let grace_over = async {
+            match &closing {
+                Some((deadline, _)) => tokio::time::sleep_until(*deadline).await,
+                None => std::future::pending().await,
+            }
+        };
         tokio::select! {
-            command = commands.recv() => match command {
-                Some(Command::Send { line, reply }) => { let _ = reply.send(actor.broadcast(line)); }
+            command = commands.recv(), if closing.is_none() => match command {
+                Some(Command::Send { text, reply }) => { let _ = reply.send(actor.send(&text)); }
+                Some(Command::Nick { name, reply }) => { actor.nick(name); let _ = reply.send(()); }
+                Some(Command::Name { reply }) => { let _ = reply.send(actor.name.clone()); }
                 Some(Command::Peers { reply }) => { let _ = reply.send(actor.peers()); }
-                Some(Command::Close { reply }) => {
-                    actor.close_all().await;
-                    let _ = reply.send(());
-                    break;
-                }
-                None => {
-                    actor.close_all().await;
-                    break;
-                }
+                Some(Command::Close { reply }) => closing = Some((tokio::time::Instant::now() + actor.limits.close_grace, Some(reply))),
+                None => closing = Some((tokio::time::Instant::now() + actor.limits.close_grace, None)),
             },
-            Some(event) = net_rx.recv() => match event {
-                NetEvent::Opened { stream, addr, outgoing } => {
-                    if outgoing && untried.remove(&addr) {
-                        reached_first_time += 1;
-                    }
-                    actor.open(stream, addr, outgoing);
+            Some(event) = net_rx.recv() => {
+                match &event {
+                    NetEvent::Dialled { contact, .. } if untried.remove(&contact.addr) => reached_first_time += 1,
+                    NetEvent::DialFailed { addr, .. } => { untried.remove(addr); }
+                    _ => {}
                 }
-                NetEvent::DialFailed { addr, reason, gave_up } => {
-                    untried.remove(&addr);
-                    if gave_up {
-                        log::warn!("cannot reach {addr} ({reason}); skipping it");
-                    } else {
-                        log::debug!("{addr} refused ({reason}); retrying");
-                    }
-                }
-                NetEvent::NameLearned { id, name } => {
-                    if let Some(member) = actor.members.get_mut(&id) {
-                        member.info.name = Some(name);
-                    }
-                }
-                NetEvent::Closed { id, reason } => actor.remove(id, reason),
-            },
+                actor.handle(event);
+            }
+            () = grace_over => {}
         }
     }
-    log::debug!("peer {name:?} closed");
+    actor.close_all().await;
+    if let Some((_, Some(reply))) = closing {
+        let _ = reply.send(());
+    }
+    log::debug!("peer {:?} closed", actor.name);
+}
+
+fn now_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 impl Actor {
-    fn open(&mut self, stream: TcpStream, addr: SocketAddr, outgoing: bool) {
-        let id = self.next_id;
-        self.next_id += 1;
-        let conn = connection::spawn(id, stream, addr, &self.limits, self.net.clone(), self.events.clone());
-        log::info!("connected to {addr} ({})", if outgoing { "dialled" } else { "accepted" });
-        self.members.insert(id, Member { info: PeerInfo { addr, name: None, outgoing }, conn });
-        self.notify(Event::Connected { addr, outgoing });
+    fn in_default_room(&self) -> bool {
+        self.room == DEFAULT_ROOM
     }
 
-    /// Queue `line` for every member; returns how many took it. A member whose queue is full is not
-    /// reading: it is dropped rather than allowed to hold the others back.
-    fn broadcast(&mut self, line: Line) -> usize {
-        let mut queued = 0;
-        let mut dropped = Vec::new();
-        for (id, member) in &self.members {
-            match member.conn.queue.try_send(line.clone()) {
-                Ok(()) => queued += 1,
-                Err(TrySendError::Full(_)) => dropped.push((*id, format!("not reading: {} lines queued", self.limits.send_queue))),
-                Err(TrySendError::Closed(_)) => dropped.push((*id, "connection closed".to_owned())),
+    /// Whether some line is still waiting for a link to show what it speaks.
+    fn holds_lines(&self) -> bool {
+        self.links.values().any(|l| !l.held.is_empty()) || self.carried.values().any(|c| !c.is_empty())
+    }
+
+    fn dial(&mut self, contact: Contact) {
+        if self.dialling.insert(contact.addr) {
+            self.background.spawn(bootstrap::dial(contact, self.limits.clone(), self.net.clone()));
+        }
+    }
+
+    fn handle(&mut self, event: NetEvent) {
+        match event {
+            NetEvent::Dialled { stream, contact } => {
+                self.dialling.remove(&contact.addr);
+                let original = contact.known == Some(Protocol::Original) || self.originals.contains(&contact.addr);
+                let role = if original { Role::DialOriginal } else { Role::Probe };
+                let id = self.open(stream, contact.addr, Some(contact.addr), true, role);
+                if let Some(carried) = self.carried.remove(&contact.addr) {
+                    if let Some(link) = self.links.get_mut(&id) {
+                        link.held.extend(carried);
+                    }
+                }
+            }
+            NetEvent::Accepted { stream, addr } => {
+                self.open(stream, addr, None, false, Role::Accepted);
+            }
+            NetEvent::DialFailed { addr, reason, gave_up } => {
+                if gave_up {
+                    self.dialling.remove(&addr);
+                    self.carried.remove(&addr);
+                    log::warn!("cannot reach {addr} ({reason}); skipping it");
+                } else {
+                    log::debug!("{addr} refused ({reason}); retrying");
+                }
+            }
+            NetEvent::Hello { id, hello } => self.on_hello(id, hello),
+            NetEvent::Original { id } => self.on_original(id),
+            NetEvent::ProbeRejected { id } => {
+                if let Some(link) = self.links.remove(&id) {
+                    let addr = link.shown_addr();
+                    log::debug!("{addr} dropped our p2pchat hello: an original peer");
+                    self.originals.insert(addr);
+                    if self.in_default_room() {
+                        self.carried.insert(addr, link.held);
+                        self.dial(Contact { addr, known: Some(Protocol::Original) });
+                    }
+                }
+            }
+            NetEvent::Refused { id, code, message } => {
+                let Some(link) = self.links.remove(&id) else { return };
+                let addr = link.shown_addr();
+                if code == ERR_ROOM {
+                    log::debug!("{addr} is in another room: {message}");
+                    return;
+                }
+                self.notice(format!("{addr} refused the p2pchat link: {message}"));
+                if code == ERR_VERSION && link.outgoing && self.in_default_room() {
+                    self.notice(format!("using the original protocol with {addr}"));
+                    self.originals.insert(addr);
+                    self.carried.insert(addr, link.held);
+                    self.dial(Contact { addr, known: Some(Protocol::Original) });
+                }
+            }
+            NetEvent::Renamed { id, name } => {
+                let Some(link) = self.links.get_mut(&id) else { return };
+                if link.name.as_deref() == Some(name.as_str()) {
+                    return;
+                }
+                let old = link.name.replace(name.clone());
+                let addr = link.shown_addr();
+                self.notify(Event::Renamed { addr, old, new: name });
+            }
+            NetEvent::Closed { id, reason, clean } => {
+                let Some(link) = self.links.get(&id) else { return };
+                // An original peer we probed drops that link when it reads the probe: dial it again.
+                let redial = link.outgoing && link.probed && link.state == State::Original;
+                let addr = link.shown_addr();
+                self.remove(id, reason, clean);
+                if redial {
+                    self.dial(Contact { addr, known: Some(Protocol::Original) });
+                }
+            }
+            NetEvent::TrackerLost { reason } => {
+                self.notice(format!("lost the connection to the tracker ({reason}); the room goes on without it"));
             }
         }
-        for (id, reason) in dropped {
-            self.remove(id, reason);
+    }
+
+    fn open(&mut self, stream: TcpStream, remote: SocketAddr, listen_addr: Option<SocketAddr>, outgoing: bool, role: Role) -> ConnId {
+        let id = self.next_id;
+        self.next_id += 1;
+        let context = ReaderContext {
+            limits: self.limits.clone(),
+            room: self.room.clone(),
+            net: self.net.clone(),
+            events: self.events.clone(),
+            seen: self.seen.clone(),
+        };
+        let conn = connection::spawn(id, stream, remote, role, context);
+        let probed = role == Role::Probe;
+        if probed {
+            let _ = conn.queue.try_send(frames::encode_opening(&Frame::Hello(self.hello())).into());
         }
-        queued
+        log::debug!("link {id} to {remote} opened ({role:?})");
+        let link = Link { conn, remote, listen_addr, outgoing, state: State::Opening, name: None, peer_id: None, probed, held: Vec::new() };
+        self.links.insert(id, link);
+        id
+    }
+
+    /// Our hello: who we are, and (peer exchange) the members we know where to reach.
+    fn hello(&self) -> Hello {
+        let peers = self
+            .links
+            .values()
+            .filter(|l| l.state != State::Opening)
+            .filter_map(|l| l.listen_addr.map(|a| Member { addr: a.to_string(), p2pchat: l.state == State::P2pchat }))
+            .collect();
+        Hello {
+            v: PROTOCOL_VERSION,
+            id: self.my_id.clone(),
+            name: Some(self.name.clone()),
+            room: self.room.clone(),
+            listen_port: Some(self.listen_port),
+            peers,
+        }
+    }
+
+    fn on_hello(&mut self, id: ConnId, hello: Hello) {
+        let Some(link) = self.links.get(&id) else { return };
+        let (outgoing, remote) = (link.outgoing, link.remote);
+        if hello.v != PROTOCOL_VERSION {
+            let message = format!("{remote} speaks p2pchat protocol version {}, this peer version {PROTOCOL_VERSION}", hello.v);
+            self.notice(message.clone());
+            return self.refuse(id, ERR_VERSION, message);
+        }
+        if hello.id == self.my_id {
+            log::debug!("link {id} reached ourselves; closing it");
+            return self.close_quietly(id);
+        }
+        if hello.room != self.room {
+            log::debug!("{remote} is in room {:?}, we are in {:?}", hello.room, self.room);
+            return if outgoing { self.close_quietly(id) } else { self.refuse(id, ERR_ROOM, format!("this peer is in room {:?}", self.room)) };
+        }
+        if self.links.values().any(|l| l.state == State::P2pchat && l.peer_id.as_deref() == Some(hello.id.as_str())) {
+            log::debug!("link {id} duplicates a link to the same peer; closing it");
+            return self.close_quietly(id);
+        }
+        let name = hello.name.filter(|n| chat::validate_name(n).is_ok());
+        let our_hello = (!outgoing).then(|| frames::encode_opening(&Frame::Hello(self.hello())));
+        let Some(link) = self.links.get_mut(&id) else { return };
+        if let Some(port) = hello.listen_port {
+            link.listen_addr = Some(SocketAddr::new(remote.ip(), port));
+        }
+        link.state = State::P2pchat;
+        link.name = name.clone();
+        link.peer_id = Some(hello.id);
+        if let Some(bytes) = our_hello {
+            let _ = link.conn.queue.try_send(bytes.into());
+        }
+        let (addr, held) = (link.shown_addr(), std::mem::take(&mut link.held));
+        self.flush_held(id, held);
+        self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing });
+        for member in hello.peers {
+            self.consider(member);
+        }
+    }
+
+    fn on_original(&mut self, id: ConnId) {
+        if !self.in_default_room() {
+            // Original peers are all in the default room; this one is not in ours.
+            log::debug!("link {id} speaks the original protocol, which has no rooms; closing it");
+            return self.close_quietly(id);
+        }
+        let Some(link) = self.links.get_mut(&id) else { return };
+        link.state = State::Original;
+        if link.outgoing {
+            if let Some(addr) = link.listen_addr {
+                self.originals.insert(addr);
+            }
+        }
+        let (addr, outgoing, held) = (link.shown_addr(), link.outgoing, std::mem::take(&mut link.held));
+        self.flush_held(id, held);
+        self.notify(Event::Joined { addr, name: None, protocol: Protocol::Original, outgoing });
+    }
+
+    /// A member another peer told us about: dial it unless we know it already.
+    fn consider(&mut self, member: Member) {
+        let Ok(addr) = member.addr.parse::<SocketAddr>() else { return };
+        let ours = addr.port() == self.listen_port
+            && (addr.ip().is_loopback() || addr.ip().is_unspecified() || self.links.values().any(|l| l.remote.ip() == addr.ip()));
+        let known = self.dialling.contains(&addr)
+            || self.links.values().any(|l| l.listen_addr == Some(addr) || l.remote == addr)
+            || (!member.p2pchat && !self.in_default_room());
+        if !ours && !known {
+            log::debug!("dialling {addr}, which a member told us about");
+            let known = if member.p2pchat { None } else { Some(Protocol::Original) };
+            self.dial(Contact { addr, known });
+        }
+    }
+
+    fn flush_held(&mut self, id: ConnId, held: Vec<Arc<OutLine>>) {
+        for line in held {
+            self.write(id, &line);
+        }
+    }
+
+    /// Queue one line for one link, in its protocol's encoding.
+    fn write(&mut self, id: ConnId, line: &Arc<OutLine>) -> bool {
+        let Some(link) = self.links.get_mut(&id) else { return false };
+        let bytes = match link.state {
+            State::P2pchat => line.p2pchat.clone(),
+            State::Original => line.original.clone(),
+            State::Opening => {
+                if link.held.len() < self.limits.send_queue {
+                    link.held.push(line.clone());
+                    return true;
+                }
+                let reason = format!("not answering: {} lines held", self.limits.send_queue);
+                self.remove(id, reason, false);
+                return false;
+            }
+        };
+        match link.conn.queue.try_send(bytes) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) => {
+                self.remove(id, format!("not reading: {} lines queued", self.limits.send_queue), false);
+                false
+            }
+            Err(TrySendError::Closed(_)) => {
+                self.remove(id, "connection closed".to_owned(), false);
+                false
+            }
+        }
+    }
+
+    /// Send a line to every member; returns how many took it.
+    fn send(&mut self, text: &str) -> usize {
+        let message = Chat { id: frames::random_id(), from: self.name.clone(), room: self.room.clone(), ts: now_millis(), text: text.to_owned() };
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.first_time(&message.id);
+        }
+        let line = Arc::new(OutLine {
+            original: chat::encode_line(&self.name, text).into(),
+            p2pchat: frames::encode(&Frame::Msg(message)).into(),
+        });
+        let ids: Vec<ConnId> = self.links.keys().copied().collect();
+        ids.into_iter().filter(|id| self.write(*id, &line)).count()
+    }
+
+    fn nick(&mut self, name: String) {
+        self.name = name.clone();
+        let frame: Line = frames::encode(&Frame::Nick { name }).into();
+        for link in self.links.values().filter(|l| l.state == State::P2pchat) {
+            let _ = link.conn.queue.try_send(frame.clone());
+        }
     }
 
     fn peers(&self) -> Vec<PeerInfo> {
-        let mut peers: Vec<PeerInfo> = self.members.values().map(|m| m.info.clone()).collect();
+        let mut peers: Vec<PeerInfo> = self
+            .links
+            .values()
+            .map(|l| PeerInfo {
+                addr: l.shown_addr(),
+                name: l.name.clone(),
+                outgoing: l.outgoing,
+                protocol: match l.state {
+                    State::Opening => None,
+                    State::P2pchat => Some(Protocol::P2pchat),
+                    State::Original => Some(Protocol::Original),
+                },
+            })
+            .collect();
         peers.sort_by_key(|p| p.addr);
         peers
     }
 
-    fn remove(&mut self, id: ConnId, reason: String) {
-        if let Some(Member { info, conn }) = self.members.remove(&id) {
-            log::info!("disconnected from {} ({reason})", info.addr);
-            drop(conn);
-            self.notify(Event::Disconnected { addr: info.addr, name: info.name, reason });
+    fn remove(&mut self, id: ConnId, reason: String, clean: bool) {
+        if let Some(link) = self.links.remove(&id) {
+            log::info!("link to {} closed ({reason})", link.shown_addr());
+            let announced = link.state != State::Opening;
+            let (addr, name) = (link.shown_addr(), link.name.clone());
+            drop(link);
+            if announced {
+                self.notify(Event::Left { addr, name, reason, clean });
+            }
         }
     }
 
-    /// Let each writer finish what is queued (within the grace period), then close everything.
+    /// Close a link that never joined, without telling anyone.
+    fn close_quietly(&mut self, id: ConnId) {
+        self.links.remove(&id);
+    }
+
+    /// Tell the other end why (an `error` frame), then close once that is written.
+    fn refuse(&mut self, id: ConnId, code: &str, message: String) {
+        let Some(link) = self.links.remove(&id) else { return };
+        let frame = Frame::Error { code: code.to_owned(), message };
+        let bytes = if link.outgoing { frames::encode(&frame) } else { frames::encode_opening(&frame) };
+        let _ = link.conn.queue.try_send(bytes.into());
+        let Connection { queue, reader, writer } = link.conn;
+        drop((queue, reader));
+        let grace = self.limits.close_grace;
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(grace, writer).await;
+        });
+    }
+
+    /// Say goodbye to p2pchat members, let each writer finish what is queued (within the grace
+    /// period), then close everything.
     async fn close_all(&mut self) {
+        let bye: Line = frames::encode(&Frame::Bye).into();
         let deadline = tokio::time::Instant::now() + self.limits.close_grace;
         let mut writers = Vec::new();
-        for (_, Member { conn, .. }) in self.members.drain() {
-            let Connection { queue, reader, writer } = conn;
-            drop(queue);
-            drop(reader);
+        for (_, link) in self.links.drain() {
+            if link.state == State::P2pchat {
+                let _ = link.conn.queue.try_send(bye.clone());
+            }
+            let Connection { queue, reader, writer } = link.conn;
+            drop((queue, reader));
             writers.push(writer);
         }
         for writer in &mut writers {
@@ -172,7 +535,12 @@ impl Actor {
         }
     }
 
-    /// Membership events are rare; if the application is behind, deliver them later rather than block.
+    fn notice(&self, text: String) {
+        log::warn!("{text}");
+        self.notify(Event::Notice { text });
+    }
+
+    /// Presence events are rare; if the application is behind, deliver them later rather than block.
     fn notify(&self, event: Event) {
         if let Err(TrySendError::Full(event)) = self.events.try_send(event) {
             let events = self.events.clone();
@@ -187,7 +555,7 @@ async fn accept_loop(listener: TcpListener, net: mpsc::Sender<NetEvent>) {
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
-                if net.send(NetEvent::Opened { stream, addr, outgoing: false }).await.is_err() {
+                if net.send(NetEvent::Accepted { stream, addr }).await.is_err() {
                     return;
                 }
             }

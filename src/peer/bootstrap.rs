@@ -1,55 +1,104 @@
-//! Getting into the room: listen on P, ask the tracker from P, and dial the listed members.
+//! Getting into the room: listen on P, ask the tracker from P, and dial the members.
 //!
-//! Works the same under the original tracker (which writes the list and never closes, so the answer ends
-//! when the connection goes idle) and under ours (which writes the list and resets the connection).
+//! We open with our `hello` (after the p2pchat magic). A p2pchat tracker answers with a `welcome` frame
+//! listing the room's members and which of them speak p2pchat, and keeps the connection as our
+//! registration. The original tracker never reads: it writes its `ip:port-...` list at once and never
+//! closes, so that answer ends when the connection goes idle; it tells nothing about who speaks what.
 
 use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::time::{timeout, Instant};
+use tokio::time::{timeout, timeout_at, Instant};
 
 use super::actor::NetEvent;
-use super::{Limits, PeerConfig, PeerError};
+use super::{Limits, PeerConfig, PeerError, Protocol};
 use crate::net;
+use crate::wire::frames::{self, classify_opening, Frame, FrameDecoder, Hello, Opening, MAGIC, PROTOCOL_VERSION};
 use crate::wire::peer_list;
+
+/// Someone to dial, and what we know of the protocol it speaks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Contact {
+    pub addr: SocketAddr,
+    pub known: Option<Protocol>,
+}
 
 pub(super) struct Boot {
     pub listener: TcpListener,
     pub listen_addr: SocketAddr,
-    /// The listed members, without ourselves.
-    pub peers: Vec<SocketAddr>,
+    /// The members to dial, without ourselves.
+    pub contacts: Vec<Contact>,
+    /// Our registration with a p2pchat tracker (open for as long as we are registered).
+    pub tracker_link: Option<TcpStream>,
 }
 
 pub(super) async fn contact_tracker(config: &PeerConfig) -> Result<Boot, PeerError> {
     let limits = &config.limits;
-    let tracker = resolve(&config.tracker.host, config.tracker.port).await?;
-    let wanted = net::unspecified_like(&tracker, config.listen_port.unwrap_or(0));
+    let tracker = match &config.tracker {
+        Some(t) => Some(resolve(&t.host, t.port).await?),
+        None => None,
+    };
+    let family_of = tracker.or_else(|| config.peers.first().copied()).unwrap_or(SocketAddr::from(([0, 0, 0, 0], 0)));
+    let wanted = net::unspecified_like(&family_of, config.listen_port.unwrap_or(0));
     let listener = net::listen_shared(wanted).map_err(|source| match source.kind() {
         io::ErrorKind::AddrInUse => PeerError::AddressInUse { port: wanted.port() },
         _ => PeerError::Listen { addr: wanted, source },
     })?;
     let listen_addr = listener.local_addr().map_err(|source| PeerError::Listen { addr: wanted, source })?;
+    let Some(tracker) = tracker else {
+        return Ok(Boot { listener, listen_addr, contacts: Vec::new(), tracker_link: None });
+    };
 
     // From P, so the tracker records the address we listen on; P already accepts connections.
     let unreachable = |source| PeerError::TrackerUnreachable { addr: tracker, source };
-    let stream = timeout(limits.connect_timeout, net::connect_from(listen_addr, tracker))
+    let mut stream = timeout(limits.connect_timeout, net::connect_from(listen_addr, tracker))
         .await
         .map_err(|_| unreachable(timed_out(limits.connect_timeout)))?
         .map_err(unreachable)?;
     let seen_as = stream.local_addr().map_err(unreachable)?;
-    let answer = read_answer(stream, tracker, limits).await?;
-
-    let (mut peers, rejected) = peer_list::parse(&answer);
-    for entry in rejected {
-        log::warn!("ignoring an unusable entry in the tracker's list: {:?}", entry.0);
-    }
-    peers.retain(|addr| net::canonical(*addr) != net::canonical(seen_as));
-    log::info!("listening on {listen_addr}; the tracker at {tracker} listed {} peer(s)", peers.len());
-    Ok(Boot { listener, listen_addr, peers })
+    let hello = Hello {
+        v: PROTOCOL_VERSION,
+        id: frames::random_id(),
+        name: None,
+        room: config.room.clone(),
+        listen_port: Some(listen_addr.port()),
+        peers: Vec::new(),
+    };
+    // The original tracker never reads, so these bytes are harmless there.
+    stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.map_err(unreachable)?;
+    let (contacts, tracker_link) = match read_answer(&mut stream, tracker, limits).await? {
+        Answer::Welcome(members) => {
+            let contacts = members
+                .into_iter()
+                .filter_map(|m| match m.addr.parse() {
+                    Ok(addr) => Some(Contact { addr, known: Some(if m.p2pchat { Protocol::P2pchat } else { Protocol::Original }) }),
+                    Err(_) => {
+                        log::warn!("ignoring an unusable member address from the tracker: {:?}", m.addr);
+                        None
+                    }
+                })
+                .collect();
+            (contacts, Some(stream))
+        }
+        Answer::List(list) => {
+            // A reset leaves no TIME_WAIT on P, so joining again from the same port works at once.
+            net::reset(stream);
+            let (addrs, rejected) = peer_list::parse(&list);
+            for entry in rejected {
+                log::warn!("ignoring an unusable entry in the tracker's list: {:?}", entry.0);
+            }
+            (addrs.into_iter().map(|addr| Contact { addr, known: None }).collect(), None)
+        }
+    };
+    let mut contacts: Vec<Contact> = contacts;
+    contacts.retain(|c| net::canonical(c.addr) != net::canonical(seen_as));
+    let kind = if tracker_link.is_some() { "p2pchat" } else { "original" };
+    log::info!("listening on {listen_addr}; the {kind} tracker at {tracker} listed {} peer(s)", contacts.len());
+    Ok(Boot { listener, listen_addr, contacts, tracker_link })
 }
 
 async fn resolve(host: &str, port: u16) -> Result<SocketAddr, PeerError> {
@@ -58,63 +107,105 @@ async fn resolve(host: &str, port: u16) -> Result<SocketAddr, PeerError> {
     addrs.next().ok_or_else(|| lookup_failed(io::Error::new(io::ErrorKind::NotFound, "no address found")))
 }
 
-/// Read the tracker's answer until EOF, a reset after the list, or `tracker_idle` without a byte; never
-/// trust a single read, since a long list can span several segments.
-async fn read_answer(mut stream: TcpStream, tracker: SocketAddr, limits: &Limits) -> Result<Vec<u8>, PeerError> {
+enum Answer {
+    /// A p2pchat tracker's members.
+    Welcome(Vec<frames::Member>),
+    /// An original tracker's list.
+    List(Vec<u8>),
+}
+
+/// Read the tracker's answer: a `welcome` frame, or an original list read until EOF, a reset after the
+/// list, or `tracker_idle` without a byte (never trusting a single read: a long list can span segments).
+async fn read_answer(stream: &mut TcpStream, tracker: SocketAddr, limits: &Limits) -> Result<Answer, PeerError> {
     let mut answer = Vec::new();
     let mut buf = [0u8; 4096];
-    let mut wait = limits.tracker_answer_timeout;
-    let outcome = loop {
-        match timeout(wait, stream.read(&mut buf)).await {
-            Ok(Ok(0)) | Err(_) => break Ok(()),
+    let deadline = Instant::now() + limits.tracker_answer_timeout;
+    let mut idle_deadline = deadline;
+    loop {
+        if classify_opening(&answer) == Opening::P2pchat {
+            return read_welcome(stream, tracker, answer.split_off(MAGIC.len()), deadline).await;
+        }
+        if answer.len() >= limits.tracker_answer_cap {
+            log::warn!("the tracker's answer is longer than {} bytes; ignoring the rest", limits.tracker_answer_cap);
+            answer.truncate(limits.tracker_answer_cap);
+            return Ok(Answer::List(answer));
+        }
+        match timeout_at(idle_deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) | Err(_) => break,
             Ok(Ok(n)) => {
                 answer.extend_from_slice(&buf[..n]);
-                if answer.len() >= limits.tracker_answer_cap {
-                    log::warn!("the tracker's answer is longer than {} bytes; ignoring the rest", limits.tracker_answer_cap);
-                    answer.truncate(limits.tracker_answer_cap);
-                    break Ok(());
-                }
-                wait = limits.tracker_idle;
+                idle_deadline = Instant::now() + limits.tracker_idle;
             }
-            // Our tracker resets the connection right after the list.
-            Ok(Err(_)) if !answer.is_empty() => break Ok(()),
-            Ok(Err(source)) => break Err(PeerError::TrackerUnreachable { addr: tracker, source }),
+            // Our tracker resets an original client's connection right after the list.
+            Ok(Err(_)) if !answer.is_empty() => break,
+            Ok(Err(source)) => return Err(PeerError::TrackerUnreachable { addr: tracker, source }),
         }
-    };
-    // A reset leaves no TIME_WAIT on P, so joining again from the same port works at once.
-    net::reset(stream);
-    outcome?;
+    }
     if answer.is_empty() {
         return Err(PeerError::TrackerSilent { addr: tracker, waited: limits.tracker_answer_timeout });
     }
-    Ok(answer)
+    Ok(Answer::List(answer))
+}
+
+async fn read_welcome(stream: &mut TcpStream, tracker: SocketAddr, after_magic: Vec<u8>, deadline: Instant) -> Result<Answer, PeerError> {
+    let mut decoder = FrameDecoder::new();
+    decoder.feed(&after_magic);
+    let refused = |message: String| PeerError::TrackerRefused { addr: tracker, message };
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(Frame::Welcome { members, .. })) => return Ok(Answer::Welcome(members)),
+            Ok(Some(Frame::Error { message, .. })) => return Err(refused(message)),
+            Ok(Some(_)) => continue,
+            Ok(None) => {}
+            Err(err) => return Err(refused(format!("unreadable answer: {err}"))),
+        }
+        let mut buf = [0u8; 4096];
+        match timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),
+            Ok(Ok(_)) => return Err(refused("it closed the connection before answering".to_owned())),
+            Ok(Err(source)) => return Err(PeerError::TrackerUnreachable { addr: tracker, source }),
+            Err(_) => return Err(PeerError::TrackerSilent { addr: tracker, waited: Duration::from_secs(5) }),
+        }
+    }
 }
 
 fn timed_out(after: Duration) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {after:?}"))
 }
 
-/// Dial one listed member. A refusal is retried with backoff for `retry_refused_for` (it may be about to
-/// listen); a timeout or any other error gives up at once. Every outcome is reported to the actor; the
-/// first one also tells `join` that this address has been tried.
-pub(super) async fn dial(addr: SocketAddr, limits: Limits, net: mpsc::Sender<NetEvent>) {
+/// Dial one member. A refusal is retried with backoff for `retry_refused_for` (it may be about to
+/// listen); a timeout or any other error gives up at once. Every outcome is reported to the actor.
+pub(super) async fn dial(contact: Contact, limits: Limits, net: mpsc::Sender<NetEvent>) {
     let deadline = Instant::now() + limits.retry_refused_for;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let error = match timeout(limits.connect_timeout, TcpStream::connect(addr)).await {
+        let error = match timeout(limits.connect_timeout, TcpStream::connect(contact.addr)).await {
             Ok(Ok(stream)) => {
-                let _ = net.send(NetEvent::Opened { stream, addr, outgoing: true }).await;
+                let _ = net.send(NetEvent::Dialled { stream, contact }).await;
                 return;
             }
             Ok(Err(error)) => error,
             Err(_) => timed_out(limits.connect_timeout),
         };
         let retry = error.kind() == io::ErrorKind::ConnectionRefused && Instant::now() + backoff < deadline;
-        let report = NetEvent::DialFailed { addr, reason: error.to_string(), gave_up: !retry };
+        let report = NetEvent::DialFailed { addr: contact.addr, reason: error.to_string(), gave_up: !retry };
         if net.send(report).await.is_err() || !retry {
             return;
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(1));
     }
+}
+
+/// Hold our registration with a p2pchat tracker; tell the actor when the tracker goes away.
+pub(super) async fn hold_registration(mut link: TcpStream, net: mpsc::Sender<NetEvent>) {
+    let mut buf = [0u8; 1024];
+    let reason = loop {
+        match link.read(&mut buf).await {
+            Ok(0) => break "it closed the connection".to_owned(),
+            Ok(_) => continue,
+            Err(err) => break err.to_string(),
+        }
+    };
+    let _ = net.send(NetEvent::TrackerLost { reason }).await;
 }

@@ -1,14 +1,25 @@
 //! One TCP connection to another member: a reader task and a writer task.
 //!
-//! The writer owns the write half and a bounded queue of encoded lines; the actor only ever `try_send`s
+//! The writer owns the write half and a bounded queue of encoded bytes; the actor only ever `try_send`s
 //! into it, so a peer that stops reading fills its own queue and gets dropped, never stalling the others.
-//! The reader decodes the legacy stream ([`ChatDecoder`]) and hands messages straight to the application's
-//! event channel, waiting when it is full: a slow application slows its senders through TCP, it does
-//! not lose messages.
+//!
+//! The reader first finds out which protocol the link speaks (the *opening*), reports it to the actor,
+//! then decodes that protocol for the rest of the link's life:
+//! * [`Role::Probe`]: we dialled and our hello (0xFF first) is queued. A hello back means p2pchat.
+//!   Original bytes back mean an original peer (that typed before reading our probe). A close or
+//!   silence means an original peer that dropped the link on our 0xFF byte: the actor redials it
+//!   speaking the original protocol.
+//! * [`Role::DialOriginal`]: we dialled a known original peer; original protocol from the first byte.
+//! * [`Role::Accepted`]: the first bytes decide: the p2pchat magic, else original (also when nothing
+//!   comes within `decide_timeout`, since an original dialler says nothing until its user types). The
+//!   actor writes nothing to the link until then.
+//!
+//! Messages go straight from the reader to the application's event channel, waiting when it is full: a
+//! slow application slows its senders through TCP, it does not lose messages.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -17,13 +28,32 @@ use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::actor::NetEvent;
+use super::seen::SeenIds;
 use super::{Event, Limits, Message};
-use crate::wire::chat::{ChatDecoder, Piece};
+use crate::wire::chat::{self, ChatDecoder, Piece};
+use crate::wire::frames::{classify_opening, Frame, FrameDecoder, Opening, MAGIC};
 
-/// An encoded line, shared by every connection's queue.
+/// Encoded bytes for one connection's queue, shared between connections when they are the same.
 pub(super) type Line = Arc<[u8]>;
 
 pub(super) type ConnId = u64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Role {
+    Probe,
+    DialOriginal,
+    Accepted,
+}
+
+/// What a reader needs besides its socket.
+#[derive(Clone)]
+pub(super) struct ReaderContext {
+    pub limits: Limits,
+    pub room: String,
+    pub net: mpsc::Sender<NetEvent>,
+    pub events: mpsc::Sender<Event>,
+    pub seen: Arc<Mutex<SeenIds>>,
+}
 
 /// The live parts of a connection; dropping it aborts both tasks and closes the socket.
 pub(super) struct Connection {
@@ -32,18 +62,12 @@ pub(super) struct Connection {
     pub writer: AbortOnDropHandle<()>,
 }
 
-pub(super) fn spawn(
-    id: ConnId,
-    stream: TcpStream,
-    addr: SocketAddr,
-    limits: &Limits,
-    net: mpsc::Sender<NetEvent>,
-    events: mpsc::Sender<Event>,
-) -> Connection {
+pub(super) fn spawn(id: ConnId, stream: TcpStream, from: SocketAddr, role: Role, context: ReaderContext) -> Connection {
     let _ = stream.set_nodelay(true);
     let (read_half, write_half) = stream.into_split();
-    let (queue, lines) = mpsc::channel(limits.send_queue);
-    let reader = tokio::spawn(read_loop(id, read_half, addr, limits.hold_back, net.clone(), events));
+    let (queue, lines) = mpsc::channel(context.limits.send_queue);
+    let net = context.net.clone();
+    let reader = tokio::spawn(read_loop(id, read_half, from, role, context));
     let writer = tokio::spawn(write_loop(id, write_half, lines, net));
     Connection { queue, reader: AbortOnDropHandle::new(reader), writer: AbortOnDropHandle::new(writer) }
 }
@@ -51,7 +75,7 @@ pub(super) fn spawn(
 async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Receiver<Line>, net: mpsc::Sender<NetEvent>) {
     while let Some(line) = lines.recv().await {
         if let Err(err) = half.write_all(&line).await {
-            let _ = net.send(NetEvent::Closed { id, reason: format!("write failed: {err}") }).await;
+            let _ = net.send(NetEvent::Closed { id, reason: format!("write failed: {err}"), clean: false }).await;
             return;
         }
     }
@@ -59,22 +83,84 @@ async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Recei
     let _ = half.shutdown().await;
 }
 
-async fn read_loop(
-    id: ConnId,
-    mut half: OwnedReadHalf,
-    from: SocketAddr,
-    hold_back: std::time::Duration,
-    net: mpsc::Sender<NetEvent>,
-    events: mpsc::Sender<Event>,
-) {
+enum Opened {
+    P2pchat(Vec<u8>),
+    Original(Vec<u8>),
+    Silent,
+    Closed(String),
+}
+
+/// Read until the first bytes tell the protocol, or `wait` passes, or the link closes.
+async fn opening(half: &mut OwnedReadHalf, wait: Duration) -> Opened {
+    let mut first = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match classify_opening(&first) {
+            Opening::P2pchat => return Opened::P2pchat(first.split_off(MAGIC.len())),
+            Opening::Original => return Opened::Original(first),
+            Opening::Undecided => {}
+        }
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, half.read(&mut buf)).await {
+            Err(_) if first.is_empty() => return Opened::Silent,
+            Err(_) => return Opened::Closed("sent a partial p2pchat opening, then nothing".to_owned()),
+            Ok(Ok(0)) => return Opened::Closed("closed by the other side".to_owned()),
+            Ok(Ok(n)) => first.extend_from_slice(&buf[..n]),
+            Ok(Err(err)) => return Opened::Closed(format!("read failed: {err}")),
+        }
+    }
+}
+
+async fn read_loop(id: ConnId, mut half: OwnedReadHalf, from: SocketAddr, role: Role, context: ReaderContext) {
+    let opened = match role {
+        Role::DialOriginal => Opened::Original(Vec::new()),
+        Role::Probe => opening(&mut half, context.limits.probe_timeout).await,
+        Role::Accepted => opening(&mut half, context.limits.decide_timeout).await,
+    };
+    let net = context.net.clone();
+    let (reason, clean) = match (role, opened) {
+        (Role::Probe, Opened::Silent | Opened::Closed(_)) => {
+            let _ = net.send(NetEvent::ProbeRejected { id }).await;
+            return;
+        }
+        (_, Opened::Closed(reason)) => (reason, false),
+        (_, Opened::P2pchat(rest)) => p2pchat_loop(id, &mut half, from, rest, &context).await,
+        (_, Opened::Original(first)) => {
+            if net.send(NetEvent::Original { id }).await.is_err() {
+                return;
+            }
+            (original_loop(id, &mut half, from, first, &context).await, false)
+        }
+        (_, Opened::Silent) => {
+            if net.send(NetEvent::Original { id }).await.is_err() {
+                return;
+            }
+            (original_loop(id, &mut half, from, Vec::new(), &context).await, false)
+        }
+    };
+    let _ = net.send(NetEvent::Closed { id, reason, clean }).await;
+}
+
+/// The original protocol: `<NAME> :: text` pieces, decoded incrementally.
+async fn original_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, first: Vec<u8>, context: &ReaderContext) -> String {
     let mut decoder = ChatDecoder::new();
     let mut buf = vec![0u8; 64 * 1024];
-    let reason = loop {
+    let mut pending = first;
+    loop {
+        if !pending.is_empty() {
+            let had_name = decoder.name().is_some();
+            let pieces = decoder.feed(&pending);
+            pending.clear();
+            if let (false, Some(name)) = (had_name, decoder.name()) {
+                let _ = context.net.send(NetEvent::Renamed { id, name: name.to_owned() }).await;
+            }
+            deliver(pieces, from, &context.events).await;
+        }
         let read = if decoder.has_held_back() {
-            match tokio::time::timeout(hold_back, half.read(&mut buf)).await {
+            match tokio::time::timeout(context.limits.hold_back, half.read(&mut buf)).await {
                 Ok(read) => read,
                 Err(_idle) => {
-                    deliver(decoder.flush(), from, &events).await;
+                    deliver(decoder.flush(), from, &context.events).await;
                     continue;
                 }
             }
@@ -82,26 +168,89 @@ async fn read_loop(
             half.read(&mut buf).await
         };
         match read {
-            Ok(0) => break "closed by the other side".to_owned(),
-            Ok(n) => {
-                let had_name = decoder.name().is_some();
-                let pieces = decoder.feed(&buf[..n]);
-                if let (false, Some(name)) = (had_name, decoder.name()) {
-                    let _ = net.send(NetEvent::NameLearned { id, name: name.to_owned() }).await;
-                }
-                deliver(pieces, from, &events).await;
+            Ok(0) => break,
+            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Err(err) => {
+                deliver(decoder.flush(), from, &context.events).await;
+                return format!("read failed: {err}");
             }
-            Err(err) => break format!("read failed: {err}"),
         }
-    };
-    deliver(decoder.flush(), from, &events).await;
-    let _ = net.send(NetEvent::Closed { id, reason }).await;
+    }
+    deliver(decoder.flush(), from, &context.events).await;
+    "closed by the other side".to_owned()
 }
 
 async fn deliver(pieces: Vec<Piece>, from: SocketAddr, events: &mpsc::Sender<Event>) {
     for Piece { sender, text, starts_message } in pieces {
-        let message = Message { sender, text, from, received_at: SystemTime::now(), starts_message };
+        let message = Message { sender, text, from, received_at: SystemTime::now(), starts_message, id: None, sent_at: None };
         // An error means the application dropped its event stream: nobody is listening any more.
         let _ = events.send(Event::Message(message)).await;
+    }
+}
+
+/// The extension protocol: frames. Returns why the link ended and whether the other side said goodbye.
+async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, rest: Vec<u8>, context: &ReaderContext) -> (String, bool) {
+    let mut decoder = FrameDecoder::new();
+    decoder.feed(&rest);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut greeted = false;
+    let mut said_bye = false;
+    loop {
+        loop {
+            let frame = match decoder.next_frame() {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(err) => {
+                    let text = format!("{from} sent a broken p2pchat frame ({err}); closing that link");
+                    log::warn!("{text}");
+                    let _ = context.events.send(Event::Notice { text }).await;
+                    return (format!("protocol error: {err}"), false);
+                }
+            };
+            match frame {
+                Frame::Hello(hello) if !greeted => {
+                    greeted = true;
+                    if context.net.send(NetEvent::Hello { id, hello }).await.is_err() {
+                        return ("closing".to_owned(), false);
+                    }
+                }
+                Frame::Error { code, message } => {
+                    let _ = context.net.send(NetEvent::Refused { id, code, message }).await;
+                    return ("refused".to_owned(), false);
+                }
+                _ if !greeted => return ("spoke before its hello".to_owned(), false),
+                Frame::Msg(chat) => {
+                    if chat.room != context.room || chat::validate_text(&chat.text).is_err() {
+                        log::debug!("ignoring a message from {from} for room {:?} or with an invalid text", chat.room);
+                        continue;
+                    }
+                    let first_time = context.seen.lock().map(|mut seen| seen.first_time(&chat.id)).unwrap_or(true);
+                    if first_time {
+                        let message = Message {
+                            sender: Some(chat.from),
+                            text: chat.text,
+                            from,
+                            received_at: SystemTime::now(),
+                            starts_message: true,
+                            id: Some(chat.id),
+                            sent_at: Some(UNIX_EPOCH + Duration::from_millis(chat.ts)),
+                        };
+                        let _ = context.events.send(Event::Message(message)).await;
+                    }
+                }
+                Frame::Nick { name } => {
+                    if chat::validate_name(&name).is_ok() {
+                        let _ = context.net.send(NetEvent::Renamed { id, name }).await;
+                    }
+                }
+                Frame::Bye => said_bye = true,
+                Frame::Hello(_) | Frame::Welcome { .. } | Frame::Unknown => {}
+            }
+        }
+        match half.read(&mut buf).await {
+            Ok(0) => return (if said_bye { "left" } else { "closed by the other side" }.to_owned(), said_bye),
+            Ok(n) => decoder.feed(&buf[..n]),
+            Err(err) => return (format!("read failed: {err}"), said_bye),
+        }
     }
 }

@@ -1,5 +1,10 @@
-//! A chat peer: joins a room through a tracker, keeps a TCP connection to every other member (a full
-//! mesh) and writes each line straight to each of them in the original `<NAME> :: text` format.
+//! A chat peer: joins a room through a tracker (or through any member), keeps a TCP connection to every
+//! other member (a full mesh) and writes each line straight to each of them.
+//!
+//! Every link speaks one of two protocols. With an original peer it is the original one: `<NAME> :: text`
+//! bytes and nothing else. Between p2pchat peers it is the extension (`wire::frames`): framed messages
+//! with ids, rooms, names and presence. A link finds out which without an original peer ever printing
+//! a byte it would not get from an original peer (see `connection`).
 //!
 //! Tasks and channels (one owner per piece of state):
 //!
@@ -7,7 +12,7 @@
 //!  PeerHandle (Clone) ──Command (bounded mpsc, oneshot replies)──▶ actor ◀──NetEvent── accept loop, dialers,
 //!                                                                   │                  connection readers/writers
 //!                                          per-connection queue ◀──┘ (try_send: a full queue drops that peer)
-//!  Events ◀── Event (bounded mpsc) ── connection readers (messages, with backpressure) and the actor (joins, leaves)
+//!  Events ◀── Event (bounded mpsc) ── connection readers (messages, with backpressure) and the actor (presence)
 //! ```
 //!
 //! [`join`] binds the listener on port P first, then asks the tracker from P (so nobody can be handed
@@ -16,6 +21,7 @@
 mod actor;
 mod bootstrap;
 mod connection;
+mod seen;
 
 use std::io;
 use std::net::SocketAddr;
@@ -56,6 +62,11 @@ pub struct Limits {
     pub hold_back: Duration,
     /// How long `close` lets queued lines drain before the sockets are closed.
     pub close_grace: Duration,
+    /// How long a dialled peer may take to answer our hello before it counts as an original peer.
+    pub probe_timeout: Duration,
+    /// How long an accepted connection may stay silent before it counts as an original peer (which
+    /// sends nothing until its user types). Lines for it are held, not written, until then.
+    pub decide_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -70,6 +81,8 @@ impl Default for Limits {
             event_queue: 4096,
             hold_back: Duration::from_millis(50),
             close_grace: Duration::from_secs(1),
+            probe_timeout: Duration::from_secs(3),
+            decide_timeout: Duration::from_secs(1),
         }
     }
 }
@@ -78,7 +91,12 @@ impl Default for Limits {
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
     pub name: String,
-    pub tracker: TrackerAddr,
+    /// The room; "" is the default room, the only one original peers can be in.
+    pub room: String,
+    /// The tracker to ask; `None` joins through `peers` alone.
+    pub tracker: Option<TrackerAddr>,
+    /// Members to dial directly (`--peer`); with p2pchat members, they tell us the rest of the room.
+    pub peers: Vec<SocketAddr>,
     /// Fix the listening port P (for a forwarded port on a router); `None` lets the system choose.
     pub listen_port: Option<u16>,
     pub limits: Limits,
@@ -88,11 +106,22 @@ impl PeerConfig {
     pub fn new(name: impl Into<String>, tracker_host: impl Into<String>, tracker_port: u16) -> Self {
         Self {
             name: name.into(),
-            tracker: TrackerAddr { host: tracker_host.into(), port: tracker_port },
+            room: String::new(),
+            tracker: Some(TrackerAddr { host: tracker_host.into(), port: tracker_port }),
+            peers: Vec::new(),
             listen_port: None,
             limits: Limits::default(),
         }
     }
+}
+
+/// Which protocol a link speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    /// The p2pchat extension (framed, with ids and presence).
+    P2pchat,
+    /// The original `<NAME> :: text` stream.
+    Original,
 }
 
 /// One received chat message (or, when its bytes arrived in two bursts, one piece of it).
@@ -104,27 +133,39 @@ pub struct Message {
     /// The remote address of the connection it came on.
     pub from: SocketAddr,
     pub received_at: SystemTime,
-    /// False for the later part of a message whose bytes arrived after a pause.
+    /// False for the later part of a message whose bytes arrived after a pause (original links only).
     pub starts_message: bool,
+    /// The message id (p2pchat links only; original lines carry none).
+    pub id: Option<String>,
+    /// When the sender says it sent it (p2pchat links only; the sender's clock).
+    pub sent_at: Option<SystemTime>,
 }
 
 /// Something that happened in the room, in the order the peer saw it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Message(Message),
-    /// A connection to another member opened; `outgoing` when we dialled it.
-    Connected { addr: SocketAddr, outgoing: bool },
-    /// A connection closed, with a human-readable reason.
-    Disconnected { addr: SocketAddr, name: Option<String>, reason: String },
+    /// A member joined: a link opened and its protocol is known. `outgoing` when we dialled it.
+    Joined { addr: SocketAddr, name: Option<String>, protocol: Protocol, outgoing: bool },
+    /// A member is known by a new name: a p2pchat peer's `/nick`, or an original peer's first prefix.
+    Renamed { addr: SocketAddr, old: Option<String>, new: String },
+    /// A member left: `clean` when it said goodbye, else the link was lost (with the reason).
+    Left { addr: SocketAddr, name: Option<String>, reason: String, clean: bool },
+    /// Something the user should know that is not about one message (a refused link, a lost tracker).
+    Notice { text: String },
 }
 
 /// A member we hold a connection to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PeerInfo {
+    /// Where it accepts connections when known (p2pchat peers and peers we dialled), else the remote
+    /// address of the connection.
     pub addr: SocketAddr,
-    /// The name learnt from its first `<NAME> :: ` prefix, once it has said something.
+    /// Its name: from its hello (p2pchat) or its first `<NAME> :: ` prefix (original), once known.
     pub name: Option<String>,
     pub outgoing: bool,
+    /// `None` while an accepted connection has not shown what it speaks yet.
+    pub protocol: Option<Protocol>,
 }
 
 /// What joining found.
@@ -144,6 +185,10 @@ pub enum PeerError {
     InvalidInput(#[from] InvalidInput),
     #[error("cannot find the tracker host {host:?}: {source}")]
     TrackerLookup { host: String, source: io::Error },
+    #[error("the tracker at {addr} refused us: {message}")]
+    TrackerRefused { addr: SocketAddr, message: String },
+    #[error("nobody to join: give a tracker or at least one peer address")]
+    NothingToJoin,
     #[error("cannot reach the tracker at {addr}: {source}")]
     TrackerUnreachable { addr: SocketAddr, source: io::Error },
     #[error("the tracker at {addr} accepted the connection but sent nothing within {waited:?}")]
@@ -161,7 +206,7 @@ pub enum PeerError {
 #[derive(Clone, Debug)]
 pub struct PeerHandle {
     commands: mpsc::Sender<actor::Command>,
-    name: String,
+    room: String,
     listen_addr: SocketAddr,
 }
 
@@ -178,34 +223,46 @@ impl Events {
     }
 }
 
-/// Join the room: listen on P, ask the tracker from P, dial every listed peer.
+/// Join the room: listen on P, ask the tracker from P (if any), dial every listed peer and `peers`.
 ///
-/// Returns once each listed peer was tried once (those refusing are retried in the background).
+/// Returns once each of them was tried once (those refusing are retried in the background).
 pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport), PeerError> {
     chat::validate_name(&config.name)?;
+    chat::validate_room(&config.room)?;
+    if config.tracker.is_none() && config.peers.is_empty() {
+        return Err(PeerError::NothingToJoin);
+    }
     let boot = bootstrap::contact_tracker(&config).await?;
     let (commands, commands_rx) = mpsc::channel(256);
     let (events_tx, events_rx) = mpsc::channel(config.limits.event_queue);
     let (ready_tx, ready_rx) = oneshot::channel();
     let listen_addr = boot.listen_addr;
-    let listed = boot.peers.len();
+    let mut contacts = boot.contacts;
+    for addr in &config.peers {
+        if !contacts.iter().any(|c| c.addr == *addr) {
+            contacts.push(bootstrap::Contact { addr: *addr, known: None });
+        }
+    }
+    let listed = contacts.len();
     tokio::spawn(actor::run(actor::Setup {
         name: config.name.clone(),
+        room: config.room.clone(),
         limits: config.limits.clone(),
         listener: boot.listener,
-        initial_peers: boot.peers,
+        tracker_link: boot.tracker_link,
+        contacts,
         commands: commands_rx,
         events: events_tx,
         ready: ready_tx,
     }));
     let connected = ready_rx.await.map_err(|_| PeerError::Closed)?;
-    let handle = PeerHandle { commands, name: config.name, listen_addr };
+    let handle = PeerHandle { commands, room: config.room, listen_addr };
     Ok((handle, Events { rx: events_rx }, JoinReport { listen_addr, listed, connected }))
 }
 
 impl PeerHandle {
-    pub fn name(&self) -> &str {
-        &self.name
+    pub fn room(&self) -> &str {
+        &self.room
     }
 
     pub fn listen_addr(&self) -> SocketAddr {
@@ -215,8 +272,20 @@ impl PeerHandle {
     /// Send one line to every connected peer; returns how many peers it was queued for.
     pub async fn send(&self, text: &str) -> Result<usize, PeerError> {
         chat::validate_text(text)?;
-        let line = chat::encode_line(&self.name, text).into();
-        self.ask(|reply| actor::Command::Send { line, reply }).await
+        let text = text.to_owned();
+        self.ask(|reply| actor::Command::Send { text, reply }).await
+    }
+
+    /// Our current name.
+    pub async fn name(&self) -> Result<String, PeerError> {
+        self.ask(|reply| actor::Command::Name { reply }).await
+    }
+
+    /// Change our name: announced to p2pchat peers; original peers see it in the next line's prefix.
+    pub async fn nick(&self, name: &str) -> Result<(), PeerError> {
+        chat::validate_name(name)?;
+        let name = name.to_owned();
+        self.ask(|reply| actor::Command::Nick { name, reply }).await
     }
 
     /// The members we currently hold a connection to.

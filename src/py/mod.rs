@@ -70,10 +70,11 @@ impl From<PeerError> for PyErr {
     fn from(err: PeerError) -> PyErr {
         let message = err.to_string();
         match err {
-            PeerError::InvalidInput(_) => InvalidInput::new_err(message),
-            PeerError::TrackerLookup { .. } | PeerError::TrackerUnreachable { .. } | PeerError::TrackerSilent { .. } => {
-                TrackerUnreachable::new_err(message)
-            }
+            PeerError::InvalidInput(_) | PeerError::NothingToJoin => InvalidInput::new_err(message),
+            PeerError::TrackerLookup { .. }
+            | PeerError::TrackerUnreachable { .. }
+            | PeerError::TrackerSilent { .. }
+            | PeerError::TrackerRefused { .. } => TrackerUnreachable::new_err(message),
             PeerError::AddressInUse { .. } => AddressInUse::new_err(message),
             PeerError::Listen { .. } => P2PChatError::new_err(message),
             PeerError::Closed => PeerClosed::new_err(message),
@@ -123,6 +124,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("DEFAULT_PORT", crate::tracker::DEFAULT_PORT)?;
     m.add("MAX_NAME_CHARS", crate::wire::chat::MAX_NAME_CHARS)?;
     m.add("MAX_TEXT_BYTES", crate::wire::chat::MAX_TEXT_BYTES)?;
+    m.add("MAX_ROOM_CHARS", crate::wire::chat::MAX_ROOM_CHARS)?;
     m.add("P2PChatError", py.get_type::<P2PChatError>())?;
     m.add("InvalidInput", py.get_type::<InvalidInput>())?;
     m.add("TrackerUnreachable", py.get_type::<TrackerUnreachable>())?;
@@ -131,8 +133,10 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tracker::PyTracker>()?;
     m.add_class::<peer::PyPeer>()?;
     m.add_class::<peer::PyMessage>()?;
-    m.add_class::<peer::PyPeerConnected>()?;
-    m.add_class::<peer::PyPeerDisconnected>()?;
+    m.add_class::<peer::PyPeerJoined>()?;
+    m.add_class::<peer::PyPeerLeft>()?;
+    m.add_class::<peer::PyPeerRenamed>()?;
+    m.add_class::<peer::PyNotice>()?;
     m.add_class::<peer::PyPeerInfo>()?;
     m.add_function(wrap_pyfunction!(_shutdown, m)?)?;
     logging::register(m)?;

@@ -10,7 +10,7 @@ use pyo3::types::PyTuple;
 use pyo3_async_runtimes::tokio::future_into_py;
 
 use super::{register_live, runtime, seconds, wait, Closable, InvalidInput, P2PChatError, PeerClosed};
-use crate::peer::{self, Event, Events, JoinReport, PeerConfig, PeerError, PeerHandle};
+use crate::peer::{self, Event, Events, JoinReport, PeerConfig, PeerError, PeerHandle, Protocol};
 use crate::wire::chat;
 
 type SharedEvents = Arc<tokio::sync::Mutex<Events>>;
@@ -37,6 +37,10 @@ pub struct PyMessage {
     /// True for the later part of a message whose bytes arrived after a pause (the original protocol has
     /// no message boundaries; see the README).
     continued: bool,
+    /// The message's unique id (messages from p2pchat peers; None from original peers).
+    id: Option<String>,
+    /// When the sender says it sent it, in seconds since the epoch (p2pchat peers; the sender's clock).
+    sent_at: Option<f64>,
 }
 
 #[pymethods]
@@ -53,34 +57,76 @@ impl PyMessage {
     }
 }
 
-/// A connection to another member opened.
-#[pyclass(frozen, get_all, name = "PeerConnected", module = "p2pchat._core")]
-pub struct PyPeerConnected {
+fn protocol_name(protocol: Protocol) -> &'static str {
+    match protocol {
+        Protocol::P2pchat => "p2pchat",
+        Protocol::Original => "original",
+    }
+}
+
+/// A member joined the room (a link to it opened and we know what it speaks).
+#[pyclass(frozen, get_all, name = "PeerJoined", module = "p2pchat._core")]
+pub struct PyPeerJoined {
+    /// Where it accepts connections (or, for an original peer that dialled us, its connection's address).
     address: (String, u16),
+    /// Its name: from its hello (p2pchat peers); None for an original peer until it says something.
+    name: Option<String>,
+    /// "p2pchat" or "original".
+    protocol: &'static str,
     /// True when we dialled it, False when it dialled us.
     outgoing: bool,
 }
 
 #[pymethods]
-impl PyPeerConnected {
+impl PyPeerJoined {
     fn __repr__(&self) -> String {
-        format!("PeerConnected(address={:?}, outgoing={})", self.address, if self.outgoing { "True" } else { "False" })
+        format!("PeerJoined(address={:?}, name={}, protocol={:?})", self.address, repr_opt(&self.name), self.protocol)
     }
 }
 
-/// A connection to another member closed.
-#[pyclass(frozen, get_all, name = "PeerDisconnected", module = "p2pchat._core")]
-pub struct PyPeerDisconnected {
+/// A member left the room.
+#[pyclass(frozen, get_all, name = "PeerLeft", module = "p2pchat._core")]
+pub struct PyPeerLeft {
     address: (String, u16),
-    /// Its name, if it had said something.
     name: Option<String>,
     reason: String,
+    /// True when it said goodbye (a p2pchat peer leaving on purpose), False when the link was lost.
+    clean: bool,
 }
 
 #[pymethods]
-impl PyPeerDisconnected {
+impl PyPeerLeft {
     fn __repr__(&self) -> String {
-        format!("PeerDisconnected(address={:?}, name={}, reason={:?})", self.address, repr_opt(&self.name), self.reason)
+        format!("PeerLeft(address={:?}, name={}, reason={:?})", self.address, repr_opt(&self.name), self.reason)
+    }
+}
+
+/// A member is known by a new name: a p2pchat peer's `/nick`, or an original peer's first prefix
+/// (then `old` is None).
+#[pyclass(frozen, get_all, name = "PeerRenamed", module = "p2pchat._core")]
+pub struct PyPeerRenamed {
+    address: (String, u16),
+    old: Option<String>,
+    new: String,
+}
+
+#[pymethods]
+impl PyPeerRenamed {
+    fn __repr__(&self) -> String {
+        format!("PeerRenamed(address={:?}, old={}, new={:?})", self.address, repr_opt(&self.old), self.new)
+    }
+}
+
+/// Something the user should know that is not about one message (a refused link, a lost tracker).
+#[pyclass(frozen, get_all, name = "Notice", module = "p2pchat._core")]
+pub struct PyNotice {
+    text: String,
+}
+
+#[pymethods]
+impl PyNotice {
+    fn __repr__(&self) -> String {
+        format!("Notice({:?})", self.text)
     }
 }
 
@@ -90,6 +136,8 @@ pub struct PyPeerInfo {
     address: (String, u16),
     name: Option<String>,
     outgoing: bool,
+    /// "p2pchat", "original", or None while an accepted connection has not shown what it speaks.
+    protocol: Option<&'static str>,
 }
 
 #[pymethods]
@@ -102,8 +150,14 @@ impl PyPeerInfo {
 #[derive(IntoPyObject)]
 enum PyEvent {
     Message(PyMessage),
-    Connected(PyPeerConnected),
-    Disconnected(PyPeerDisconnected),
+    Joined(PyPeerJoined),
+    Left(PyPeerLeft),
+    Renamed(PyPeerRenamed),
+    Notice(PyNotice),
+}
+
+fn epoch_seconds(t: std::time::SystemTime) -> f64 {
+    t.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl From<Event> for PyEvent {
@@ -113,13 +167,17 @@ impl From<Event> for PyEvent {
                 sender: m.sender,
                 text: m.text,
                 address: py_addr(m.from),
-                received_at: m.received_at.duration_since(UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64()),
+                received_at: epoch_seconds(m.received_at),
                 continued: !m.starts_message,
+                id: m.id,
+                sent_at: m.sent_at.map(epoch_seconds),
             }),
-            Event::Connected { addr, outgoing } => PyEvent::Connected(PyPeerConnected { address: py_addr(addr), outgoing }),
-            Event::Disconnected { addr, name, reason } => {
-                PyEvent::Disconnected(PyPeerDisconnected { address: py_addr(addr), name, reason })
+            Event::Joined { addr, name, protocol, outgoing } => {
+                PyEvent::Joined(PyPeerJoined { address: py_addr(addr), name, protocol: protocol_name(protocol), outgoing })
             }
+            Event::Left { addr, name, reason, clean } => PyEvent::Left(PyPeerLeft { address: py_addr(addr), name, reason, clean }),
+            Event::Renamed { addr, old, new } => PyEvent::Renamed(PyPeerRenamed { address: py_addr(addr), old, new }),
+            Event::Notice { text } => PyEvent::Notice(PyNotice { text }),
         }
     }
 }
@@ -213,29 +271,62 @@ async fn next_event(events: SharedEvents, timeout: Option<Duration>, messages_on
 /// A chat peer. Create it, then `join()` (or `await join_async()`, or use it as a context manager):
 /// it listens on a port, asks the tracker at `server:port` who is in the room, and connects to everyone.
 ///
-/// `listen` fixes the port to listen on (for a port forwarded on a router); by default the system
-/// picks one. Names are 1 to 40 characters without `>`.
+/// `room` picks a room ("" is the default room, shared with original peers). `peers` lists members to
+/// dial directly, as `(host, port)` or `"host:port"`; with `server=None` they are the only way in.
+/// `listen` fixes the port to listen on (for a port forwarded on a router); by default the system picks
+/// one. Names are 1 to 40 characters without `>`.
 #[pyclass(frozen, name = "Peer", module = "p2pchat._core", weakref)]
 pub struct PyPeer {
     config: PeerConfig,
     core: Arc<Core>,
+    /// Our name as last set (the actor has the authoritative copy).
+    name: Mutex<String>,
+}
+
+/// `(host, port)` or `"host:port"` to a socket address (host names are looked up).
+fn peer_address(value: &Bound<'_, PyAny>) -> PyResult<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    let (host, port): (String, u16) = if let Ok(text) = value.extract::<String>() {
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| PyValueError::new_err(format!("{text:?} is not HOST:PORT")))?;
+        let port = port.parse().map_err(|_| PyValueError::new_err(format!("{port:?} in {text:?} is not a port")))?;
+        (host.trim_start_matches('[').trim_end_matches(']').to_owned(), port)
+    } else {
+        value.extract().map_err(|_| PyValueError::new_err("a peer address is (host, port) or \"host:port\""))?
+    };
+    (host.as_str(), port)
+        .to_socket_addrs()
+        .map_err(|e| PyValueError::new_err(format!("cannot find {host}:{port}: {e}")))?
+        .next()
+        .ok_or_else(|| PyValueError::new_err(format!("{host}:{port} has no address")))
 }
 
 #[pymethods]
 impl PyPeer {
     #[new]
-    #[pyo3(signature = (name, server = "127.0.0.1", port = crate::tracker::DEFAULT_PORT, *, listen = None))]
-    fn new(name: &str, server: &str, port: u16, listen: Option<u16>) -> PyResult<Self> {
+    #[pyo3(signature = (name, server = Some("127.0.0.1"), port = crate::tracker::DEFAULT_PORT, *, listen = None, room = "", peers = Vec::new()))]
+    fn new(name: &str, server: Option<&str>, port: u16, listen: Option<u16>, room: &str, peers: Vec<Bound<'_, PyAny>>) -> PyResult<Self> {
         chat::validate_name(name).map_err(|e| InvalidInput::new_err(e.to_string()))?;
-        if server.trim().is_empty() {
-            return Err(PyValueError::new_err("server must be a host name or an IP address"));
+        chat::validate_room(room).map_err(|e| InvalidInput::new_err(e.to_string()))?;
+        let mut config = PeerConfig::new(name, "", port);
+        config.tracker = match server {
+            Some(host) if host.trim().is_empty() => {
+                return Err(PyValueError::new_err("server must be a host name or an IP address (or None)"))
+            }
+            Some(host) => Some(peer::TrackerAddr { host: host.to_owned(), port }),
+            None => None,
+        };
+        config.peers = peers.iter().map(peer_address).collect::<PyResult<_>>()?;
+        if config.tracker.is_none() && config.peers.is_empty() {
+            return Err(InvalidInput::new_err("nothing to join: give a server or at least one peer address"));
         }
-        let mut config = PeerConfig::new(name, server, port);
+        config.room = room.to_owned();
         config.listen_port = listen;
         let core = Arc::new(Core { state: Mutex::new(State::New) });
         let weak = Arc::downgrade(&core);
         register_live(weak);
-        Ok(Self { config, core })
+        Ok(Self { config, core, name: Mutex::new(name.to_owned()) })
     }
 
     /// Join the room (blocking; Ctrl-C interrupts). Returns the peer itself.
@@ -351,13 +442,34 @@ impl PyPeer {
     fn peers(&self, py: Python<'_>) -> PyResult<Vec<PyPeerInfo>> {
         let (handle, _) = self.core.joined()?;
         let peers = wait(py, async move { handle.peers().await })??;
-        Ok(peers.into_iter().map(|p| PyPeerInfo { address: py_addr(p.addr), name: p.name, outgoing: p.outgoing }).collect())
+        Ok(peers
+            .into_iter()
+            .map(|p| PyPeerInfo { address: py_addr(p.addr), name: p.name, outgoing: p.outgoing, protocol: p.protocol.map(protocol_name) })
+            .collect())
     }
 
-    /// This peer's name.
+    /// This peer's current name.
     #[getter]
-    fn name(&self) -> &str {
-        &self.config.name
+    fn name(&self) -> String {
+        self.name.lock().map(|n| n.clone()).unwrap_or_else(|_| self.config.name.clone())
+    }
+
+    /// The room this peer is in ("" is the default room).
+    #[getter]
+    fn room(&self) -> &str {
+        &self.config.room
+    }
+
+    /// Change this peer's name: p2pchat members are told at once; original peers see it in the prefix of
+    /// the next line. Raises `InvalidInput` for an unusable name.
+    fn nick(&self, py: Python<'_>, name: String) -> PyResult<()> {
+        let (handle, _) = self.core.joined()?;
+        let new = name.clone();
+        wait(py, async move { handle.nick(&new).await })??;
+        if let Ok(mut current) = self.name.lock() {
+            *current = name;
+        }
+        Ok(())
     }
 
     /// The `(host, port)` this peer listens on (None before `join`).

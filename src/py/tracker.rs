@@ -95,11 +95,14 @@ impl PyTracker {
         !*self.control.stopped.borrow()
     }
 
-    /// The `(ip, port)` addresses the tracker remembers, oldest first.
-    fn peers(&self, py: Python<'_>) -> PyResult<Vec<(String, u16)>> {
+    /// The `(ip, port)` addresses of a room's members, oldest first; the default room ("", where
+    /// original clients are) unless `room` is given.
+    #[pyo3(signature = (room = ""))]
+    fn peers(&self, py: Python<'_>, room: &str) -> PyResult<Vec<(String, u16)>> {
         let handle = self.control.handle.clone();
-        let addrs = wait(py, async move { handle.addresses().await })??;
-        Ok(addrs.into_iter().map(|a| (a.ip().to_string(), a.port())).collect())
+        let room = room.to_owned();
+        let members = wait(py, async move { handle.members(&room).await })??;
+        Ok(members.into_iter().map(|(a, _)| (a.ip().to_string(), a.port())).collect())
     }
 
     /// Block until the tracker stops (another thread calls `stop()`), or raise `KeyboardInterrupt` on

@@ -14,8 +14,12 @@
 //!   socket is gone when it binds its listener to the same port, which the original tracker's lingering
 //!   connection made impossible.
 //!
-//! An original client never writes to the tracker; a connection that sends bytes during the grace period
-//! is not one, and is reset without being listed.
+//! The first bytes decide what a connection is (an original client never writes to the tracker):
+//! * nothing within the grace period: an original client, served as above, listed in the default room;
+//! * the p2pchat [`MAGIC`] and a `hello`: a p2pchat peer registering. It gets a `welcome` frame with its
+//!   room's members (each marked p2pchat or original) and stays registered while it keeps this control
+//!   connection open;
+//! * anything else: junk, reset without being listed.
 
 mod registry;
 
@@ -31,8 +35,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 
-pub use registry::Registry;
+pub use registry::{Kind, Registry, DEFAULT_ROOM};
 
+use crate::wire::chat::validate_room;
+use crate::wire::frames::{self, classify_opening, Frame, FrameDecoder, Member, Opening, MAGIC, PROTOCOL_VERSION};
 use crate::wire::peer_list::LEGACY_LIST_BUDGET;
 
 /// The original tracker's fixed port.
@@ -51,6 +57,8 @@ pub struct TrackerConfig {
     pub write_timeout: Duration,
     /// How long after accepting a client the list is written (see the module docs).
     pub answer_after: Duration,
+    /// p2pchat peers registered at once (each holds a connection open).
+    pub max_registrations: usize,
 }
 
 impl Default for TrackerConfig {
@@ -62,6 +70,7 @@ impl Default for TrackerConfig {
             max_connections: 1024,
             write_timeout: Duration::from_secs(5),
             answer_after: Duration::from_millis(150),
+            max_registrations: 10_000,
         }
     }
 }
@@ -77,9 +86,11 @@ pub enum TrackerError {
 }
 
 enum Query {
-    Addresses(oneshot::Sender<Vec<SocketAddr>>),
-    /// Remember this client and give the list to send it.
-    Admit { addr: SocketAddr, reply: oneshot::Sender<Vec<u8>> },
+    Members { room: String, reply: oneshot::Sender<Vec<(SocketAddr, Kind)>> },
+    /// Remember this original client and give the list to send it.
+    AdmitOriginal { addr: SocketAddr, reply: oneshot::Sender<Vec<u8>> },
+    Register { room: String, addr: SocketAddr, reply: oneshot::Sender<(Vec<Member>, registry::Registration)> },
+    Deregister { room: String, addr: SocketAddr, registration: registry::Registration },
 }
 
 /// A bound tracker, ready to [`run`](Tracker::run).
@@ -103,13 +114,14 @@ impl TrackerHandle {
         self.local_addr
     }
 
-    /// Every address the tracker remembers, oldest first.
-    pub async fn addresses(&self) -> Result<Vec<SocketAddr>, TrackerError> {
-        self.ask(Query::Addresses).await
+    /// The members of `room` ("" is the default room), oldest first.
+    pub async fn members(&self, room: &str) -> Result<Vec<(SocketAddr, Kind)>, TrackerError> {
+        let room = room.to_owned();
+        self.ask(|reply| Query::Members { room, reply }).await
     }
 
-    async fn admit(&self, addr: SocketAddr) -> Result<Vec<u8>, TrackerError> {
-        self.ask(|reply| Query::Admit { addr, reply }).await
+    async fn admit_original(&self, addr: SocketAddr) -> Result<Vec<u8>, TrackerError> {
+        self.ask(|reply| Query::AdmitOriginal { addr, reply }).await
     }
 
     async fn ask<T>(&self, query: impl FnOnce(oneshot::Sender<T>) -> Query) -> Result<T, TrackerError> {
@@ -153,6 +165,7 @@ impl Tracker {
         let Tracker { listener, config, mut queries, handle } = self;
         let mut registry = Registry::new(config.max_entries, config.list_budget);
         let slots = Arc::new(Semaphore::new(config.max_connections));
+        let registrations = Arc::new(Semaphore::new(config.max_registrations));
         let mut serving = JoinSet::new();
         tokio::pin!(shutdown);
         log::info!("tracker listening on {}", handle.local_addr);
@@ -160,11 +173,20 @@ impl Tracker {
             tokio::select! {
                 () = &mut shutdown => break,
                 Some(query) = queries.recv() => match query {
-                    Query::Addresses(reply) => { let _ = reply.send(registry.addresses()); }
-                    Query::Admit { addr, reply } => {
-                        let list = registry.admit(addr);
+                    Query::Members { room, reply } => { let _ = reply.send(registry.members(&room)); }
+                    Query::AdmitOriginal { addr, reply } => {
+                        let list = registry.admit_original(addr);
                         log::debug!("{addr} joined; {} bytes of list; {} remembered", list.len(), registry.len());
                         let _ = reply.send(list);
+                    }
+                    Query::Register { room, addr, reply } => {
+                        let registered = registry.register(&room, addr);
+                        log::debug!("{addr} registered in room {room:?}; {} other member(s)", registered.0.len());
+                        let _ = reply.send(registered);
+                    }
+                    Query::Deregister { room, addr, registration } => {
+                        registry.deregister(&room, addr, registration);
+                        log::debug!("{addr} left room {room:?}");
                     }
                 },
                 accepted = listener.accept() => match accepted {
@@ -174,10 +196,9 @@ impl Tracker {
                             crate::net::reset(stream);
                             continue;
                         };
-                        let (handle, config) = (handle.clone(), config.clone());
+                        let (handle, config, registrations) = (handle.clone(), config.clone(), registrations.clone());
                         serving.spawn(async move {
-                            serve_client(stream, remote, handle, config).await;
-                            drop(slot);
+                            serve_client(stream, remote, handle, config, slot, registrations).await;
                         });
                     }
                     Err(err) => {
@@ -193,20 +214,48 @@ impl Tracker {
     }
 }
 
-/// The original exchange: after the grace period, write the list, then reset once it is on its way.
-async fn serve_client(mut stream: TcpStream, remote: SocketAddr, tracker: TrackerHandle, config: TrackerConfig) {
+/// Tell an original client from a registering p2pchat peer by its first bytes, and serve it.
+async fn serve_client(
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    tracker: TrackerHandle,
+    config: TrackerConfig,
+    slot: tokio::sync::OwnedSemaphorePermit,
+    registrations: Arc<Semaphore>,
+) {
     let _ = stream.set_nodelay(true);
-    let mut probe = [0u8; 1];
-    match tokio::time::timeout(config.answer_after, stream.read(&mut probe)).await {
-        Err(_quiet) => {}
-        Ok(Ok(0)) => return log::debug!("{remote} left before its list was sent"),
-        Ok(Ok(_)) => {
-            log::debug!("{remote} sent bytes; not an original client, closing");
-            return crate::net::reset(stream);
+    let mut first = Vec::new();
+    let deadline = tokio::time::Instant::now() + config.answer_after;
+    loop {
+        let mut buf = [0u8; 512];
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Err(_quiet) if first.is_empty() => return serve_original(stream, remote, &tracker, &config).await,
+            Err(_quiet) => return log::debug!("{remote} sent {} bytes and stopped; closing", first.len()),
+            Ok(Ok(0)) => return log::debug!("{remote} left before it was answered"),
+            Ok(Ok(n)) => first.extend_from_slice(&buf[..n]),
+            Ok(Err(err)) => return log::debug!("{remote}: {err}"),
         }
-        Ok(Err(err)) => return log::debug!("{remote}: {err}"),
+        match classify_opening(&first) {
+            Opening::Undecided => continue,
+            Opening::Original => {
+                log::debug!("{remote} sent bytes that are neither nothing nor a p2pchat hello; closing");
+                return crate::net::reset(stream);
+            }
+            Opening::P2pchat => break,
+        }
     }
-    let Ok(list) = tracker.admit(remote).await else { return };
+    drop(slot);
+    let Ok(registration_slot) = registrations.try_acquire_owned() else {
+        log::warn!("{remote} refused: {} peers already registered", config.max_registrations);
+        return crate::net::reset(stream);
+    };
+    serve_registration(stream, remote, first.split_off(MAGIC.len()), &tracker).await;
+    drop(registration_slot);
+}
+
+/// The original exchange: write the list, then reset once it is on its way.
+async fn serve_original(mut stream: TcpStream, remote: SocketAddr, tracker: &TrackerHandle, config: &TrackerConfig) {
+    let Ok(list) = tracker.admit_original(remote).await else { return };
     // The reset has to reach the client before its own close(), microseconds after it reads the list:
     // prepare it now so only the write and the close separate the two.
     crate::net::reset_on_close(&stream);
@@ -215,4 +264,65 @@ async fn serve_client(mut stream: TcpStream, remote: SocketAddr, tracker: Tracke
         Ok(Err(err)) => log::debug!("{remote} left before its list was written: {err}"),
         Err(_) => log::debug!("{remote} did not take its list within {:?}; dropped", config.write_timeout),
     }
+}
+
+/// A p2pchat peer's control connection: `hello` in, `welcome` out, registered until it closes.
+async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_magic: Vec<u8>, tracker: &TrackerHandle) {
+    let mut decoder = FrameDecoder::new();
+    decoder.feed(&after_magic);
+    let hello = match read_frame(&mut stream, &mut decoder, Duration::from_secs(5)).await {
+        Ok(Frame::Hello(hello)) => hello,
+        Ok(other) => return refuse(stream, remote, frames::ERR_MALFORMED, format!("expected a hello, got {other:?}")).await,
+        Err(why) => return refuse(stream, remote, frames::ERR_MALFORMED, why).await,
+    };
+    if hello.v != PROTOCOL_VERSION {
+        let why = format!("this tracker speaks p2pchat protocol version {PROTOCOL_VERSION}, not {}", hello.v);
+        return refuse(stream, remote, frames::ERR_VERSION, why).await;
+    }
+    if let Err(err) = validate_room(&hello.room) {
+        return refuse(stream, remote, frames::ERR_ROOM, err.to_string()).await;
+    }
+    let room = hello.room;
+    let (reply, answer) = oneshot::channel();
+    if tracker.queries.send(Query::Register { room: room.clone(), addr: remote, reply }).await.is_err() {
+        return;
+    }
+    let Ok((members, registration)) = answer.await else { return };
+    let welcome = frames::encode_opening(&Frame::Welcome { v: PROTOCOL_VERSION, members, you: remote.to_string() });
+    if stream.write_all(&welcome).await.is_ok() {
+        // Registered while this stays open; later frames (keep-alives, in later versions) are ignored.
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = stream.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+    let _ = tracker.queries.send(Query::Deregister { room, addr: remote, registration }).await;
+}
+
+/// The next frame from `stream` within `wait`, or why not.
+async fn read_frame(stream: &mut TcpStream, decoder: &mut FrameDecoder, wait: Duration) -> Result<Frame, String> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(frame)) => return Ok(frame),
+            Ok(None) => {}
+            Err(err) => return Err(err.to_string()),
+        }
+        let mut buf = [0u8; 4096];
+        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
+            Ok(Ok(0)) => return Err("closed before a whole frame arrived".to_owned()),
+            Ok(Ok(n)) => decoder.feed(&buf[..n]),
+            Ok(Err(err)) => return Err(err.to_string()),
+            Err(_) => return Err(format!("no whole frame within {wait:?}")),
+        }
+    }
+}
+
+/// Tell a p2pchat end why it is refused, then close.
+async fn refuse(mut stream: TcpStream, remote: SocketAddr, code: &str, message: String) {
+    log::warn!("refusing {remote}: {message}");
+    let frame = frames::encode_opening(&Frame::Error { code: code.to_owned(), message });
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&frame)).await;
 }

@@ -35,6 +35,10 @@ pub enum InvalidInput {
     NameHasAngleBracket,
     #[error("the name contains a line break or another control character")]
     NameHasControlChar,
+    #[error("the room name has {0} characters; at most {MAX_ROOM_CHARS} are allowed")]
+    RoomTooLong(usize),
+    #[error("the room name contains a line break or another control character")]
+    RoomHasControlChar,
     #[error("the message is empty")]
     EmptyText,
     #[error("the message contains a line break; send each line as its own message")]
@@ -58,6 +62,21 @@ pub fn validate_name(name: &str) -> Result<(), InvalidInput> {
     }
     if name.chars().any(char::is_control) {
         return Err(InvalidInput::NameHasControlChar);
+    }
+    Ok(())
+}
+
+/// Longest room name, in characters.
+pub const MAX_ROOM_CHARS: usize = 64;
+
+/// Check a room name: at most 64 characters, no control characters. "" is the default room.
+pub fn validate_room(room: &str) -> Result<(), InvalidInput> {
+    let chars = room.chars().count();
+    if chars > MAX_ROOM_CHARS {
+        return Err(InvalidInput::RoomTooLong(chars));
+    }
+    if room.chars().any(char::is_control) {
+        return Err(InvalidInput::RoomHasControlChar);
     }
     Ok(())
 }
@@ -335,6 +354,10 @@ mod tests {
         assert_eq!(validate_text("a\rb"), Err(InvalidInput::TextHasLineBreak));
         assert!(matches!(validate_text(&"x".repeat(MAX_TEXT_BYTES + 1)), Err(InvalidInput::TextTooLong { .. })));
         assert!(validate_text("<x> :: is fine inside a text").is_ok());
+        assert!(validate_room("").is_ok());
+        assert!(validate_room("café ☕").is_ok());
+        assert_eq!(validate_room(&"r".repeat(65)), Err(InvalidInput::RoomTooLong(65)));
+        assert_eq!(validate_room("a\tb"), Err(InvalidInput::RoomHasControlChar));
     }
 
     #[test]

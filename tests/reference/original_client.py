@@ -50,6 +50,7 @@ async def serve_connection(reader, writer, capture_path):
     finally:
         CONNECTIONS.discard(writer)
         writer.close()
+        log.debug("connection closed %s:%s", peer[0], peer[1])
 
 
 async def ask_tracker(server, port, local_port, reuseaddr):

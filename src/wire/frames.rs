@@ -1,0 +1,263 @@
+//! The p2pchat extension protocol's framing, spoken only between p2pchat ends.
+//!
+//! A p2pchat end opens with [`MAGIC`] (its first byte is 0xFF, which is never valid UTF-8, so an original
+//! peer decoding the chunk fails before printing anything and drops the connection), then sends frames:
+//! a 4-byte big-endian length followed by that many bytes of JSON. Every frame is an object with a
+//! `"type"`; unknown types decode to [`Frame::Unknown`] and unknown fields are ignored, so later versions
+//! can add both. A `hello` carries the protocol version `v`; ends with a different `v` refuse each other
+//! with an `error` frame (code [`ERR_VERSION`]).
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+/// The first bytes of every p2pchat connection, before any frame.
+pub const MAGIC: &[u8] = b"\xFFp2pchat";
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+/// Largest frame accepted (a 64 KiB text plus its envelope fits easily).
+pub const MAX_FRAME_BYTES: usize = 256 * 1024;
+
+pub const ERR_VERSION: &str = "version";
+pub const ERR_ROOM: &str = "room";
+pub const ERR_MALFORMED: &str = "malformed";
+
+/// Introduces an end: sent first by a dialler, answered by the acceptor; also registers with a tracker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    pub v: u32,
+    /// A random id for this peer's session (tells two links to the same peer apart from two peers).
+    pub id: String,
+    /// The sender's display name (absent when registering with a tracker).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The room ("" is the default room, the one original peers are in).
+    #[serde(default)]
+    pub room: String,
+    /// The port this end accepts peers on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub listen_port: Option<u16>,
+    /// Room members the sender is connected to and where they listen: peer exchange.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peers: Vec<Member>,
+}
+
+/// A room member as a p2pchat tracker lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    pub addr: String,
+    /// Whether it registered as a p2pchat peer (else it is an original client).
+    #[serde(default)]
+    pub p2pchat: bool,
+}
+
+/// A chat line between p2pchat peers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chat {
+    /// Random, unique per message: the receiver shows each id once.
+    pub id: String,
+    pub from: String,
+    pub room: String,
+    /// Sender's clock, milliseconds since the Unix epoch.
+    pub ts: u64,
+    pub text: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Frame {
+    Hello(Hello),
+    /// The tracker's answer to a registering peer: the room's other members.
+    Welcome {
+        v: u32,
+        members: Vec<Member>,
+        /// The address the tracker saw this peer at.
+        you: String,
+    },
+    Msg(Chat),
+    /// The sender now goes by `name`.
+    Nick { name: String },
+    /// The sender is leaving on purpose (a closed link without it is a lost peer).
+    Bye,
+    /// The sender refuses the link; it closes after this.
+    Error { code: String, message: String },
+    /// A frame type this version does not know; ignored.
+    #[serde(other)]
+    Unknown,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum FrameError {
+    #[error("a frame of {0} bytes is larger than the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge(usize),
+    #[error("a frame is not valid p2pchat JSON: {0}")]
+    Malformed(String),
+}
+
+/// The bytes of one frame, length prefix included.
+pub fn encode(frame: &Frame) -> Vec<u8> {
+    // Serializing these plain structs cannot fail; an empty object would be refused by the peer.
+    let json = serde_json::to_vec(frame).unwrap_or_default();
+    let mut out = Vec::with_capacity(4 + json.len());
+    out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+    out.extend_from_slice(&json);
+    out
+}
+
+/// [`MAGIC`] followed by one frame: how every p2pchat connection starts.
+pub fn encode_opening(frame: &Frame) -> Vec<u8> {
+    let mut out = MAGIC.to_vec();
+    out.extend_from_slice(&encode(frame));
+    out
+}
+
+/// What the first bytes received on a connection say about the other end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// Too few bytes to tell yet.
+    Undecided,
+    /// It starts with [`MAGIC`]: a p2pchat end.
+    P2pchat,
+    /// Anything else: an original end (which never sends a 0xFF byte).
+    Original,
+}
+
+pub fn classify_opening(first: &[u8]) -> Opening {
+    let n = first.len().min(MAGIC.len());
+    if first[..n] != MAGIC[..n] {
+        Opening::Original
+    } else if n < MAGIC.len() {
+        Opening::Undecided
+    } else {
+        Opening::P2pchat
+    }
+}
+
+/// Splits a byte stream (after [`MAGIC`]) into frames.
+#[derive(Debug, Default)]
+pub struct FrameDecoder {
+    buf: Vec<u8>,
+}
+
+impl FrameDecoder {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn feed(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete frame, if one is buffered. After an error the stream cannot be trusted.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        let Some(prefix) = self.buf.get(..4) else { return Ok(None) };
+        let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
+        if len > MAX_FRAME_BYTES {
+            return Err(FrameError::TooLarge(len));
+        }
+        if self.buf.len() < 4 + len {
+            return Ok(None);
+        }
+        let parsed = serde_json::from_slice::<Frame>(&self.buf[4..4 + len]);
+        self.buf.drain(..4 + len);
+        parsed.map(Some).map_err(|e| FrameError::Malformed(e.to_string()))
+    }
+}
+
+/// A random 128-bit identifier as 32 hex digits.
+pub fn random_id() -> String {
+    let mut bytes = [0u8; 16];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness: fall back to the clock and a counter, unique enough within one process.
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        bytes[..8].copy_from_slice(&(nanos as u64).to_be_bytes());
+        bytes[8..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn hello() -> Hello {
+        Hello { v: PROTOCOL_VERSION, id: random_id(), name: Some("ana".into()), room: "".into(), listen_port: Some(5000), peers: vec![] }
+    }
+
+    #[test]
+    fn the_opening_starts_with_a_byte_no_utf8_decoder_accepts() {
+        let opening = encode_opening(&Frame::Hello(hello()));
+        assert_eq!(opening[0], 0xFF);
+        assert!(std::str::from_utf8(&opening).is_err());
+        assert_eq!(classify_opening(&opening), Opening::P2pchat);
+    }
+
+    #[test]
+    fn classification_of_first_bytes() {
+        assert_eq!(classify_opening(b""), Opening::Undecided);
+        assert_eq!(classify_opening(b"\xFFp2p"), Opening::Undecided);
+        assert_eq!(classify_opening(b"<ana> :: hi"), Opening::Original);
+        assert_eq!(classify_opening(b"\xFFjunk"), Opening::Original);
+    }
+
+    #[test]
+    fn frames_round_trip_through_any_split() {
+        let frames = vec![
+            Frame::Hello(hello()),
+            Frame::Msg(Chat { id: random_id(), from: "ana".into(), room: "x".into(), ts: 1, text: "olá ☃".into() }),
+            Frame::Nick { name: "bia".into() },
+            Frame::Bye,
+        ];
+        let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
+        for cut in 0..bytes.len() {
+            let mut decoder = FrameDecoder::new();
+            let mut out = Vec::new();
+            for part in [&bytes[..cut], &bytes[cut..]] {
+                decoder.feed(part);
+                while let Some(frame) = decoder.next_frame().unwrap() {
+                    out.push(frame);
+                }
+            }
+            assert_eq!(out, frames);
+        }
+    }
+
+    #[test]
+    fn unknown_fields_and_types_are_tolerated() {
+        let mut decoder = FrameDecoder::new();
+        for json in [r#"{"type":"hello","v":1,"id":"x","room":"","future":[1,2]}"#, r#"{"type":"teleport","to":"mars"}"#] {
+            decoder.feed(&(json.len() as u32).to_be_bytes());
+            decoder.feed(json.as_bytes());
+        }
+        assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Hello(h))) if h.id == "x" && h.name.is_none()));
+        assert_eq!(decoder.next_frame(), Ok(Some(Frame::Unknown)));
+    }
+
+    #[test]
+    fn bad_frames_are_errors_not_panics() {
+        let mut decoder = FrameDecoder::new();
+        decoder.feed(&u32::MAX.to_be_bytes());
+        assert_eq!(decoder.next_frame(), Err(FrameError::TooLarge(u32::MAX as usize)));
+        let mut decoder = FrameDecoder::new();
+        decoder.feed(&3u32.to_be_bytes());
+        decoder.feed(b"{x}");
+        assert!(matches!(decoder.next_frame(), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn ids_are_random() {
+        assert_ne!(random_id(), random_id());
+        assert_eq!(random_id().len(), 32);
+    }
+
+    proptest! {
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let mut decoder = FrameDecoder::new();
+            decoder.feed(&bytes);
+            while let Ok(Some(_)) = decoder.next_frame() {}
+        }
+    }
+}
