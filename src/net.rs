@@ -5,10 +5,9 @@
 //!   exist before the tracker can hand out P, so both sockets are bound to P at once: that takes
 //!   `SO_REUSEADDR` plus, on Unix, `SO_REUSEPORT` on every socket bound to P. Windows has no
 //!   `SO_REUSEPORT`; there `SO_REUSEADDR` alone lets the second bind succeed.
-//! * **Abortive close.** The tracker ends an original client's exchange with a reset (`SO_LINGER` 0), so the
-//!   client's socket is gone at once and its `bind` to P right after cannot fail with `EADDRINUSE` (a FIN
-//!   would leave it in `LAST_ACK` or `TIME_WAIT`). A reset throws away bytes still queued for sending, so
-//!   the close first waits until the list has left the send queue.
+//! * **Leaving nothing behind on the other side** ([`write_and_end`]). The tracker must end an original
+//!   client's exchange so that the client's socket is gone by the time it binds P again, microseconds
+//!   after it read the list (`EADDRINUSE` otherwise). See the function for how.
 
 use std::io;
 use std::net::SocketAddr;
@@ -36,19 +35,37 @@ pub async fn connect_from(local: SocketAddr, remote: SocketAddr) -> io::Result<T
     shared_port_socket(local)?.connect(remote).await
 }
 
-/// Make the next close of `stream` a reset. Set it before writing the last bytes, so that nothing but
-/// the final `close` separates them from the reset.
-pub fn reset_on_close(stream: &TcpStream) {
+/// Write `bytes` as the last thing said on `stream`, and close it so that nothing of the connection
+/// survives on the other side, whichever side's kernel runs first.
+///
+/// 1. The bytes and our FIN leave in one segment (the socket is corked while they are queued), so the
+///    reader sees the data and the end of the stream at the same moment. If it closes then, it is the
+///    passive closer (`LAST_ACK`), and our kernel's ACK of its FIN frees its socket; on one host that
+///    happens inside its own `close()`.
+/// 2. Then we reset (`SO_LINGER` 0): across a network, where that ACK would take a round trip (or be
+///    lost), the reset arrives right behind the data and frees the socket at once. Linux keeps data
+///    already received readable after a reset. A reset discards unsent bytes, so it waits until the
+///    send queue is empty (bounded by `max_wait`).
+pub async fn write_and_end(mut stream: TcpStream, bytes: &[u8], max_wait: Duration) -> io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    let socket = socket2::SockRef::from(&stream);
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(err) = socket.set_tcp_cork(true) {
+        log::debug!("could not cork the socket, data and FIN may leave apart: {err}");
+    }
+    reset_on_close(&stream);
+    stream.write_all(bytes).await?;
+    stream.shutdown().await?;
+    wait_until_sent(&stream, max_wait).await;
+    drop(stream);
+    Ok(())
+}
+
+/// Make the next close of `stream` a reset.
+fn reset_on_close(stream: &TcpStream) {
     if let Err(err) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {
         log::debug!("could not set SO_LINGER 0, the close will be normal: {err}");
     }
-}
-
-/// Close a stream prepared with [`reset_on_close`] once everything written has been handed to the
-/// network (bounded by `max_wait`).
-pub async fn abortive_close(stream: TcpStream, max_wait: Duration) {
-    wait_until_sent(&stream, max_wait).await;
-    drop(stream);
 }
 
 /// Close with a reset right away, leaving no `TIME_WAIT` behind (used where nothing is left to send).
@@ -120,19 +137,21 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn abortive_close_delivers_the_bytes_then_resets() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn write_and_end_delivers_the_bytes_and_leaves_nothing() {
+        use tokio::io::AsyncReadExt;
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (mut server_side, _) = listener.accept().await.unwrap();
-        reset_on_close(&server_side);
-        server_side.write_all(b"10.0.0.1:5-10.0.0.2:6").await.unwrap();
-        abortive_close(server_side, Duration::from_secs(1)).await;
+        let (server_side, _) = listener.accept().await.unwrap();
+        write_and_end(server_side, b"10.0.0.1:5-10.0.0.2:6", Duration::from_secs(1)).await.unwrap();
         let mut buf = [0u8; 2048];
         let n = client.read(&mut buf).await.unwrap();
         assert_eq!(&buf[..n], b"10.0.0.1:5-10.0.0.2:6");
-        let next = client.read(&mut buf).await;
-        assert_eq!(next.unwrap_err().kind(), io::ErrorKind::ConnectionReset);
+        // Then the end: EOF (our FIN) or the reset behind it, depending on which was processed first.
+        match client.read(&mut buf).await {
+            Ok(0) => {}
+            Err(err) => assert_eq!(err.kind(), io::ErrorKind::ConnectionReset),
+            Ok(n) => panic!("{n} more bytes"),
+        }
     }
 
     #[test]

@@ -9,11 +9,13 @@ same check fails where the close is not abortive.
 """
 
 import re
+import socket
 import textwrap
 
 import pytest
 
 from harness import REFERENCE, WAIT, python
+from p2pchat import Tracker
 from netns import namespace  # noqa: F401 - fixture
 
 TRACKER_PORT = 7472
@@ -90,3 +92,32 @@ def test_control_trackers_that_do_not_reset_break_the_original_client(namespace,
     assert answer == "-"
     assert port is None
     assert re.search(r"Address already in use|EADDRINUSE|Errno 98", "\n".join(proc.err.snapshot()))
+
+
+def test_original_clients_can_listen_even_on_a_busy_machine(room):
+    """The reset must not lose a race against the client on a loaded host: the list and the FIN
+    arrive together, so a client that closes first is the passive closer and its port is freed by
+    our kernel's ACK inside its own close(). (Resetting right after a plain write failed about a third
+    of these joins with two CPU hogs.)"""
+    hogs = [room.start(python("-c", "while True: pass"), f"hog{i}") for i in range(2)]
+    try:
+        with Tracker(host="127.0.0.1", port=0) as tracker:
+            failures = []
+            for i in range(60):
+                client = socket.socket()  # no SO_REUSEADDR, as in the original
+                client.bind(("127.0.0.1", 0))
+                port = client.getsockname()[1]
+                client.connect(tracker.address)
+                client.recv(2048)
+                client.close()
+                listener = socket.socket()
+                try:
+                    listener.bind(("0.0.0.0", port))
+                except OSError as err:
+                    failures.append((i, err))
+                finally:
+                    listener.close()
+            assert not failures, f"{len(failures)} of 60 could not listen: {failures[:3]}"
+    finally:
+        for hog in hogs:
+            hog.stop()

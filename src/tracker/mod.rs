@@ -10,9 +10,9 @@
 //! * the list is written after a short grace period (`answer_after`) instead of at once: a reset that
 //!   lands before the client's own `connect()` has returned makes that `connect()` fail with
 //!   `ECONNRESET`, and on loopback our answer can be that fast;
-//! * the exchange ends with an abortive close (see [`crate::net::abortive_close`]), so the client's
-//!   socket is gone when it binds its listener to the same port, which the original tracker's lingering
-//!   connection made impossible.
+//! * the exchange ends with data and FIN in one segment, then a reset (see
+//!   [`crate::net::write_and_end`]), so the client's socket is gone when it binds its listener to the
+//!   same port, which the original tracker's lingering connection made impossible.
 //!
 //! The first bytes decide what a connection is (an original client never writes to the tracker):
 //! * nothing within the grace period: an original client, served as above, listed in the default room;
@@ -253,14 +253,12 @@ async fn serve_client(
     drop(registration_slot);
 }
 
-/// The original exchange: write the list, then reset once it is on its way.
-async fn serve_original(mut stream: TcpStream, remote: SocketAddr, tracker: &TrackerHandle, config: &TrackerConfig) {
+/// The original exchange: write the list and end the connection so the client can bind its port again
+/// at once (see [`crate::net::write_and_end`]).
+async fn serve_original(stream: TcpStream, remote: SocketAddr, tracker: &TrackerHandle, config: &TrackerConfig) {
     let Ok(list) = tracker.admit_original(remote).await else { return };
-    // The reset has to reach the client before its own close(), microseconds after it reads the list:
-    // prepare it now so only the write and the close separate the two.
-    crate::net::reset_on_close(&stream);
-    match tokio::time::timeout(config.write_timeout, stream.write_all(&list)).await {
-        Ok(Ok(())) => crate::net::abortive_close(stream, Duration::from_secs(1)).await,
+    match tokio::time::timeout(config.write_timeout, crate::net::write_and_end(stream, &list, Duration::from_secs(1))).await {
+        Ok(Ok(())) => {}
         Ok(Err(err)) => log::debug!("{remote} left before its list was written: {err}"),
         Err(_) => log::debug!("{remote} did not take its list within {:?}; dropped", config.write_timeout),
     }
