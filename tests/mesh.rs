@@ -284,3 +284,38 @@ async fn joining_through_one_member_reaches_the_whole_room() {
     let (c, _c_events, _) = peer::join(config).await.unwrap();
     wait_p2pchat_links(&c, 2).await;
 }
+
+/// Two peers that dial each other at the same moment keep one link between them (both ends pick the
+/// same one), and chat over it.
+#[tokio::test]
+async fn peers_dialling_each_other_at_once_keep_one_link() {
+    for _ in 0..5 {
+        let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let (pa, pb) = (free(), free());
+        let config = |name: &str, own: std::net::SocketAddr, other: std::net::SocketAddr| {
+            let mut c = PeerConfig::new(name, "", 0);
+            c.tracker = None;
+            c.listen_port = Some(own.port());
+            c.peers = vec![other];
+            c
+        };
+        let (a, b) = tokio::join!(peer::join(config("ana", pa, pb)), peer::join(config("bob", pb, pa)));
+        let ((a, mut a_events, _), (b, mut b_events, _)) = (a.unwrap(), b.unwrap());
+        wait_p2pchat_links(&a, 1).await;
+        wait_p2pchat_links(&b, 1).await;
+        a.send("to bob").await.unwrap();
+        b.send("to ana").await.unwrap();
+        assert_eq!(next_message(&mut b_events).await.text, "to bob");
+        assert_eq!(next_message(&mut a_events).await.text, "to ana");
+        // Whatever duplicate existed has been retired by now on both sides.
+        tokio::time::timeout(WAIT, async {
+            while a.peers().await.unwrap().len() != 1 || b.peers().await.unwrap().len() != 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("one link each");
+        a.close().await;
+        b.close().await;
+    }
+}

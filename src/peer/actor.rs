@@ -15,6 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::bootstrap::{self, Contact};
 use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role};
@@ -56,6 +57,8 @@ pub(super) struct Setup {
     pub limits: Limits,
     pub listener: TcpListener,
     pub tracker_link: Option<TcpStream>,
+    /// Whether a tracker (of either kind) gave us the room; see [`Actor::consider`].
+    pub joined_via_tracker: bool,
     pub contacts: Vec<Contact>,
     pub commands: mpsc::Receiver<Command>,
     pub events: mpsc::Sender<Event>,
@@ -116,11 +119,15 @@ struct Actor {
     dialling: HashSet<SocketAddr>,
     /// Lines held for an original peer being redialled after it dropped our probe.
     carried: HashMap<SocketAddr, Vec<Arc<OutLine>>>,
+    /// Links given up for a duplicate to the same peer: no longer written to (the writer finishes its
+    /// queue and shuts down), read until they end. Their reader and writer tasks.
+    retiring: HashMap<ConnId, (AbortOnDropHandle<()>, AbortOnDropHandle<()>)>,
+    joined_via_tracker: bool,
     background: JoinSet<()>,
 }
 
 pub(super) async fn run(setup: Setup) {
-    let Setup { name, room, limits, listener, tracker_link, contacts, mut commands, events, ready } = setup;
+    let Setup { name, room, limits, listener, tracker_link, joined_via_tracker, contacts, mut commands, events, ready } = setup;
     let (net, mut net_rx) = mpsc::channel(1024);
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let mut actor = Actor {
@@ -137,6 +144,8 @@ pub(super) async fn run(setup: Setup) {
         originals: HashSet::new(),
         dialling: HashSet::new(),
         carried: HashMap::new(),
+        retiring: HashMap::new(),
+        joined_via_tracker,
         background: JoinSet::new(),
     };
     // Dropping `background` (when the actor ends) aborts the accept loop, the dialers and the registration.
@@ -282,6 +291,9 @@ impl Actor {
                 self.notify(Event::Renamed { addr, old, new: name });
             }
             NetEvent::Closed { id, reason, clean } => {
+                if self.retiring.remove(&id).is_some() {
+                    return;
+                }
                 let Some(link) = self.links.get(&id) else { return };
                 // An original peer we probed drops that link when it reads the probe: dial it again.
                 let redial = link.outgoing && link.probed && link.state == State::Original;
@@ -352,9 +364,21 @@ impl Actor {
             log::debug!("{remote} is in room {:?}, we are in {:?}", hello.room, self.room);
             return if outgoing { self.close_quietly(id) } else { self.refuse(id, ERR_ROOM, format!("this peer is in room {:?}", self.room)) };
         }
-        if self.links.values().any(|l| l.state == State::P2pchat && l.peer_id.as_deref() == Some(hello.id.as_str())) {
-            log::debug!("link {id} duplicates a link to the same peer; closing it");
-            return self.close_quietly(id);
+        let duplicate = self
+            .links
+            .iter()
+            .find(|(_, l)| l.state == State::P2pchat && l.peer_id.as_deref() == Some(hello.id.as_str()))
+            .map(|(other, l)| (*other, l.outgoing));
+        if let Some((existing, existing_outgoing)) = duplicate {
+            // Two links to one peer (we dialled each other at once). Both ends must keep the same one:
+            // the link dialled by the smaller session id.
+            let dialler = |outgoing: bool| if outgoing { self.my_id.clone() } else { hello.id.clone() };
+            if dialler(outgoing) >= dialler(existing_outgoing) {
+                log::debug!("link {id} duplicates link {existing} to the same peer; closing it");
+                return self.retire(id);
+            }
+            log::debug!("link {id} replaces link {existing} to the same peer");
+            return self.replace(existing, id, hello);
         }
         let name = hello.name.filter(|n| chat::validate_name(n).is_ok());
         let our_hello = (!outgoing).then(|| frames::encode_opening(&Frame::Hello(self.hello())));
@@ -394,14 +418,50 @@ impl Actor {
         self.notify(Event::Joined { addr, name: None, protocol: Protocol::Original, outgoing });
     }
 
+    /// Stop writing to a link but read it until the other end closes it, so nothing in flight is lost.
+    fn retire(&mut self, id: ConnId) {
+        if let Some(link) = self.links.remove(&id) {
+            let Connection { queue, reader, writer } = link.conn;
+            drop(queue);
+            self.retiring.insert(id, (reader, writer));
+        }
+    }
+
+    /// `newer` takes over from `older` as the link to the same peer, without presence noise.
+    fn replace(&mut self, older: ConnId, newer: ConnId, hello: Hello) {
+        let (name, held) = match self.links.get_mut(&older) {
+            Some(old) => (old.name.clone(), std::mem::take(&mut old.held)),
+            None => (None, Vec::new()),
+        };
+        self.retire(older);
+        let our_hello = self.links.get(&newer).filter(|l| !l.outgoing).map(|_| frames::encode_opening(&Frame::Hello(self.hello())));
+        let Some(link) = self.links.get_mut(&newer) else { return };
+        if let Some(port) = hello.listen_port {
+            link.listen_addr = Some(SocketAddr::new(link.remote.ip(), port));
+        }
+        link.state = State::P2pchat;
+        link.name = name;
+        link.peer_id = Some(hello.id);
+        if let Some(bytes) = our_hello {
+            let _ = link.conn.queue.try_send(bytes.into());
+        }
+        let mut pending = std::mem::take(&mut link.held);
+        pending.extend(held);
+        self.flush_held(newer, pending);
+    }
+
     /// A member another peer told us about: dial it unless we know it already.
+    ///
+    /// Original members are only dialled by a peer that joined through members alone (`--peer`): one
+    /// that joined through a tracker dialled every original peer the tracker knew, and every later one
+    /// dialled it, on a link whose listen address we cannot know (so we could not tell it is the same).
     fn consider(&mut self, member: Member) {
         let Ok(addr) = member.addr.parse::<SocketAddr>() else { return };
         let ours = addr.port() == self.listen_port
             && (addr.ip().is_loopback() || addr.ip().is_unspecified() || self.links.values().any(|l| l.remote.ip() == addr.ip()));
         let known = self.dialling.contains(&addr)
             || self.links.values().any(|l| l.listen_addr == Some(addr) || l.remote == addr)
-            || (!member.p2pchat && !self.in_default_room());
+            || (!member.p2pchat && (self.joined_via_tracker || !self.in_default_room()));
         if !ours && !known {
             log::debug!("dialling {addr}, which a member told us about");
             let known = if member.p2pchat { None } else { Some(Protocol::Original) };

@@ -250,6 +250,7 @@ pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport)
         limits: config.limits.clone(),
         listener: boot.listener,
         tracker_link: boot.tracker_link,
+        joined_via_tracker: config.tracker.is_some(),
         contacts,
         commands: commands_rx,
         events: events_tx,
