@@ -55,8 +55,17 @@ pub async fn write_and_end(mut stream: TcpStream, bytes: &[u8], max_wait: Durati
     }
     reset_on_close(&stream);
     stream.write_all(bytes).await?;
-    stream.shutdown().await?;
-    wait_until_sent(&stream, max_wait).await;
+    // Leave tokio's reactor first, so that between the FIN leaving and the reset there is nothing but
+    // a counter read: the reader wakes up at the FIN and may run before we do anything else.
+    let stream = stream.into_std()?;
+    stream.shutdown(std::net::Shutdown::Write)?;
+    if unsent_bytes(&stream) > 0 {
+        // Rare (the kernel held the segment back): a reset would discard it, so let it leave first.
+        let deadline = std::time::Instant::now() + max_wait;
+        while unsent_bytes(&stream) > 0 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
     drop(stream);
     Ok(())
 }
@@ -74,29 +83,41 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
-/// Wait until the kernel has transmitted every byte we wrote (it may not be acknowledged yet).
-///
-/// Waiting for the acknowledgement instead would lose the race against an original client, which
-/// closes and binds P within microseconds of reading, long before its ACK could reach us on a real path.
+/// Bytes written to `stream` that the kernel has not transmitted yet (they may be unacknowledged).
 #[cfg(target_os = "linux")]
-async fn wait_until_sent(stream: &TcpStream, max_wait: Duration) {
+fn unsent_bytes(stream: &std::net::TcpStream) -> i64 {
     use std::os::fd::AsRawFd;
-    let deadline = tokio::time::Instant::now() + max_wait;
-    loop {
-        let mut unsent: libc::c_int = 0;
-        // SIOCOUTQNSD: bytes in the send queue not yet sent. Reads a counter; cannot harm the socket.
-        let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::SIOCOUTQNSD as _, &mut unsent) };
-        if rc != 0 || unsent <= 0 || tokio::time::Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
+    let mut unsent: libc::c_int = 0;
+    // SIOCOUTQNSD: bytes in the send queue not yet sent. Reads a counter; cannot harm the socket.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::SIOCOUTQNSD as _, &mut unsent) };
+    if rc == 0 {
+        i64::from(unsent)
+    } else {
+        0
     }
 }
 
-/// Other systems give no portable count of unsent bytes; a short pause lets a small write leave.
+/// Other systems give no portable count of unsent bytes; assume a small write has left.
 #[cfg(not(target_os = "linux"))]
-async fn wait_until_sent(_stream: &TcpStream, max_wait: Duration) {
-    tokio::time::sleep(max_wait.min(Duration::from_millis(5))).await;
+fn unsent_bytes(_stream: &std::net::TcpStream) -> i64 {
+    0
+}
+
+/// Let the kernel notice a peer that vanished without a FIN or a reset (crash, cable, firewall): TCP
+/// keep-alive probes while the link is idle, and (Linux) a bound on how long written data may stay
+/// unacknowledged. Used on every link; p2pchat links also ping, original links cannot.
+pub fn detect_dead_peer(stream: &TcpStream, after: Duration) {
+    let socket = socket2::SockRef::from(stream);
+    let probes = socket2::TcpKeepalive::new().with_time(after / 2).with_interval(after / 8);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "ios"))]
+    let probes = probes.with_retries(4);
+    if let Err(err) = socket.set_tcp_keepalive(&probes) {
+        log::debug!("could not enable TCP keep-alive: {err}");
+    }
+    #[cfg(any(target_os = "linux", target_os = "android"))]
+    if let Err(err) = socket.set_tcp_user_timeout(Some(after)) {
+        log::debug!("could not set TCP_USER_TIMEOUT: {err}");
+    }
 }
 
 /// The unspecified address ("any interface") of the same family as `addr`.

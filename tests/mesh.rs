@@ -319,3 +319,87 @@ async fn peers_dialling_each_other_at_once_keep_one_link() {
         b.close().await;
     }
 }
+
+async fn start_tracker_with(config: TrackerConfig) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+    let tracker = Tracker::bind(config).await.unwrap();
+    let addr = tracker.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(tracker.run(async move {
+        let _ = stopped.await;
+    }));
+    (addr, stop, task)
+}
+
+async fn wait_members(handle: &p2pchat::tracker::TrackerHandle, n: usize) {
+    tokio::time::timeout(WAIT, async {
+        while handle.members("").await.unwrap().len() != n {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the tracker never listed {n} member(s)"));
+}
+
+/// A registration that goes silent (no pings, no FIN: the peer vanished) is dropped.
+#[tokio::test]
+async fn the_tracker_drops_a_silent_registration() {
+    use p2pchat::wire::frames::{self, Frame, Hello, PROTOCOL_VERSION};
+    let config = TrackerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        registration_timeout: Duration::from_millis(300),
+        ..TrackerConfig::default()
+    };
+    let tracker = Tracker::bind(config).await.unwrap();
+    let (addr, handle) = (tracker.local_addr(), tracker.handle());
+    tokio::spawn(tracker.run(std::future::pending()));
+    let mut silent = TcpStream::connect(addr).await.unwrap();
+    let hello = Hello { v: PROTOCOL_VERSION, id: "x".into(), name: None, room: String::new(), listen_port: Some(1), peers: vec![] };
+    silent.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
+    wait_members(&handle, 1).await;
+    wait_members(&handle, 0).await;
+}
+
+/// A p2pchat link that stops carrying anything (not even pings) is dropped as lost.
+#[tokio::test]
+async fn a_silent_p2pchat_link_is_dropped() {
+    use p2pchat::wire::frames::{self, Frame, Hello, PROTOCOL_VERSION};
+    let (tracker, _stop) = start_tracker().await;
+    let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+    config.limits.dead_after = Duration::from_millis(400);
+    let (ana, mut events, _) = peer::join(config).await.unwrap();
+    let mut impostor = TcpStream::connect(ana.listen_addr()).await.unwrap();
+    let hello = Hello { v: PROTOCOL_VERSION, id: "ghost".into(), name: Some("ghost".into()), room: String::new(), listen_port: None, peers: vec![] };
+    impostor.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, events.recv()).await.unwrap().unwrap() {
+            Event::Left { name, reason, clean, .. } => {
+                assert_eq!((name.as_deref(), clean), (Some("ghost"), false));
+                assert!(reason.contains("silent"), "{reason}");
+                break;
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// The tracker restarts with an empty memory: running peers register again on their own, and a
+/// newcomer finds the whole room.
+#[tokio::test]
+async fn peers_register_again_after_a_tracker_restart() {
+    let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() };
+    let (addr, stop, task) = start_tracker_with(config.clone()).await;
+    let (a, _a_events) = join("ana", addr).await;
+    let (b, _b_events) = join("bob", addr).await;
+    wait_p2pchat_links(&a, 1).await;
+    let _ = stop.send(());
+    task.await.unwrap();
+    let config = TrackerConfig { listen: addr, ..config };
+    let tracker = Tracker::bind(config).await.unwrap();
+    let handle = tracker.handle();
+    tokio::spawn(tracker.run(std::future::pending()));
+    wait_members(&handle, 2).await;
+    let (c, _c_events, report) = peer::join(PeerConfig::new("cid", "127.0.0.1", addr.port())).await.unwrap();
+    assert_eq!((report.listed, report.connected), (2, 2));
+    wait_p2pchat_links(&c, 2).await;
+    drop(b);
+}

@@ -49,6 +49,8 @@ pub(crate) enum NetEvent {
     Renamed { id: ConnId, name: String },
     Closed { id: ConnId, reason: String, clean: bool },
     TrackerLost { reason: String },
+    /// Registered with the tracker again after losing it.
+    Registered { link: TcpStream, contacts: Vec<Contact> },
 }
 
 pub(super) struct Setup {
@@ -56,6 +58,8 @@ pub(super) struct Setup {
     pub room: String,
     pub limits: Limits,
     pub listener: TcpListener,
+    /// The tracker, to register again after losing it.
+    pub tracker: Option<SocketAddr>,
     pub tracker_link: Option<TcpStream>,
     /// Whether a tracker (of either kind) gave us the room; see [`Actor::consider`].
     pub joined_via_tracker: bool,
@@ -123,11 +127,12 @@ struct Actor {
     /// queue and shuts down), read until they end. Their reader and writer tasks.
     retiring: HashMap<ConnId, (AbortOnDropHandle<()>, AbortOnDropHandle<()>)>,
     joined_via_tracker: bool,
+    tracker: Option<SocketAddr>,
     background: JoinSet<()>,
 }
 
 pub(super) async fn run(setup: Setup) {
-    let Setup { name, room, limits, listener, tracker_link, joined_via_tracker, contacts, mut commands, events, ready } = setup;
+    let Setup { name, room, limits, listener, tracker, tracker_link, joined_via_tracker, contacts, mut commands, events, ready } = setup;
     let (net, mut net_rx) = mpsc::channel(1024);
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let mut actor = Actor {
@@ -146,17 +151,19 @@ pub(super) async fn run(setup: Setup) {
         carried: HashMap::new(),
         retiring: HashMap::new(),
         joined_via_tracker,
+        tracker,
         background: JoinSet::new(),
     };
     // Dropping `background` (when the actor ends) aborts the accept loop, the dialers and the registration.
     actor.background.spawn(accept_loop(listener, actor.net.clone()));
     if let Some(link) = tracker_link {
-        actor.background.spawn(bootstrap::hold_registration(link, actor.net.clone()));
+        actor.background.spawn(bootstrap::hold_registration(link, actor.limits.keepalive_interval, actor.net.clone()));
     }
     let mut untried: HashSet<SocketAddr> = contacts.iter().map(|c| c.addr).collect();
     for contact in contacts {
-        actor.dial(contact);
+        actor.dial(contact, actor.limits.retry_refused_for);
     }
+    let mut keepalive = tokio::time::interval(actor.limits.keepalive_interval);
     let mut ready = Some(ready);
     let mut reached_first_time = 0;
     // Set by `close` (or when every handle is gone): lines held for links still opening get until the
@@ -199,6 +206,7 @@ pub(super) async fn run(setup: Setup) {
                 actor.handle(event);
             }
             () = grace_over => {}
+            _ = keepalive.tick() => actor.ping(),
         }
     }
     actor.close_all().await;
@@ -222,9 +230,24 @@ impl Actor {
         self.links.values().any(|l| !l.held.is_empty()) || self.carried.values().any(|c| !c.is_empty())
     }
 
-    fn dial(&mut self, contact: Contact) {
+    fn dial(&mut self, contact: Contact, retry_for: std::time::Duration) {
         if self.dialling.insert(contact.addr) {
-            self.background.spawn(bootstrap::dial(contact, self.limits.clone(), self.net.clone()));
+            self.background.spawn(bootstrap::dial(contact, self.limits.clone(), retry_for, self.net.clone()));
+        }
+    }
+
+    /// Keep-alive for p2pchat links (their readers drop a link that stays silent).
+    fn ping(&mut self) {
+        let ping: Line = frames::encode(&Frame::Ping).into();
+        let stuck: Vec<ConnId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.state == State::P2pchat)
+            .filter(|(_, l)| matches!(l.conn.queue.try_send(ping.clone()), Err(TrySendError::Full(_))))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stuck {
+            self.remove(id, format!("not reading: {} lines queued", self.limits.send_queue), false);
         }
     }
 
@@ -262,7 +285,7 @@ impl Actor {
                     self.originals.insert(addr);
                     if self.in_default_room() {
                         self.carried.insert(addr, link.held);
-                        self.dial(Contact { addr, known: Some(Protocol::Original) });
+                        self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
                     }
                 }
             }
@@ -278,7 +301,7 @@ impl Actor {
                     self.notice(format!("using the original protocol with {addr}"));
                     self.originals.insert(addr);
                     self.carried.insert(addr, link.held);
-                    self.dial(Contact { addr, known: Some(Protocol::Original) });
+                    self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
                 }
             }
             NetEvent::Renamed { id, name } => {
@@ -296,15 +319,34 @@ impl Actor {
                 }
                 let Some(link) = self.links.get(&id) else { return };
                 // An original peer we probed drops that link when it reads the probe: dial it again.
-                let redial = link.outgoing && link.probed && link.state == State::Original;
-                let addr = link.shown_addr();
+                let redial_original = link.outgoing && link.probed && link.state == State::Original;
+                // A p2pchat peer lost without a goodbye may still be in the room: try to get it back.
+                let redial_p2pchat = link.state == State::P2pchat && !clean;
+                let (addr, listen_addr) = (link.shown_addr(), link.listen_addr);
                 self.remove(id, reason, clean);
-                if redial {
-                    self.dial(Contact { addr, known: Some(Protocol::Original) });
+                if redial_original {
+                    self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
+                } else if let (true, Some(addr)) = (redial_p2pchat, listen_addr) {
+                    self.dial(Contact { addr, known: Some(Protocol::P2pchat) }, self.limits.redial_for);
                 }
             }
             NetEvent::TrackerLost { reason } => {
-                self.notice(format!("lost the connection to the tracker ({reason}); the room goes on without it"));
+                let Some(tracker) = self.tracker else { return };
+                self.notice(format!("lost the connection to the tracker ({reason}); the room goes on, registering again"));
+                let task = bootstrap::register_again(tracker, self.listen_port, self.room.clone(), self.limits.clone(), self.net.clone());
+                self.background.spawn(task);
+            }
+            NetEvent::Registered { link, contacts } => {
+                self.notice("registered with the tracker again".to_owned());
+                self.background.spawn(bootstrap::hold_registration(link, self.limits.keepalive_interval, self.net.clone()));
+                // Only p2pchat members: a second link to one is noticed by its id, but an original peer
+                // we already know may be on a link we accepted, whose listen address we cannot know.
+                for contact in contacts.into_iter().filter(|c| c.known == Some(Protocol::P2pchat)) {
+                    let known = self.links.values().any(|l| l.listen_addr == Some(contact.addr));
+                    if !known {
+                        self.dial(contact, self.limits.retry_refused_for);
+                    }
+                }
             }
         }
     }
@@ -465,7 +507,7 @@ impl Actor {
         if !ours && !known {
             log::debug!("dialling {addr}, which a member told us about");
             let known = if member.p2pchat { None } else { Some(Protocol::Original) };
-            self.dial(Contact { addr, known });
+            self.dial(Contact { addr, known }, self.limits.retry_refused_for);
         }
     }
 

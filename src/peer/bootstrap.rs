@@ -30,14 +30,23 @@ pub(super) struct Contact {
 pub(super) struct Boot {
     pub listener: TcpListener,
     pub listen_addr: SocketAddr,
+    /// The tracker's address, if we have one (to register again after losing it).
+    pub tracker: Option<SocketAddr>,
     /// The members to dial, without ourselves.
     pub contacts: Vec<Contact>,
     /// Our registration with a p2pchat tracker (open for as long as we are registered).
     pub tracker_link: Option<TcpStream>,
 }
 
+/// What asking a tracker gave.
+pub(super) enum Asked {
+    /// A p2pchat tracker registered us: keep `link` open to stay registered.
+    Registered { link: TcpStream, contacts: Vec<Contact> },
+    /// An original tracker listed the room (it knows nothing of protocols, and nothing needs keeping).
+    Listed { contacts: Vec<Contact> },
+}
+
 pub(super) async fn contact_tracker(config: &PeerConfig) -> Result<Boot, PeerError> {
-    let limits = &config.limits;
     let tracker = match &config.tracker {
         Some(t) => Some(resolve(&t.host, t.port).await?),
         None => None,
@@ -49,13 +58,24 @@ pub(super) async fn contact_tracker(config: &PeerConfig) -> Result<Boot, PeerErr
         _ => PeerError::Listen { addr: wanted, source },
     })?;
     let listen_addr = listener.local_addr().map_err(|source| PeerError::Listen { addr: wanted, source })?;
-    let Some(tracker) = tracker else {
-        return Ok(Boot { listener, listen_addr, contacts: Vec::new(), tracker_link: None });
+    let Some(tracker_addr) = tracker else {
+        return Ok(Boot { listener, listen_addr, tracker: None, contacts: Vec::new(), tracker_link: None });
     };
+    let (contacts, tracker_link) = match ask_tracker(tracker_addr, listen_addr.port(), &config.room, &config.limits).await? {
+        Asked::Registered { link, contacts } => (contacts, Some(link)),
+        Asked::Listed { contacts } => (contacts, None),
+    };
+    let kind = if tracker_link.is_some() { "p2pchat" } else { "original" };
+    log::info!("listening on {listen_addr}; the {kind} tracker at {tracker_addr} listed {} peer(s)", contacts.len());
+    Ok(Boot { listener, listen_addr, tracker, contacts, tracker_link })
+}
 
+/// Connect to the tracker from our listening port, say hello, and read its answer.
+pub(super) async fn ask_tracker(tracker: SocketAddr, listen_port: u16, room: &str, limits: &Limits) -> Result<Asked, PeerError> {
     // From P, so the tracker records the address we listen on; P already accepts connections.
     let unreachable = |source| PeerError::TrackerUnreachable { addr: tracker, source };
-    let mut stream = timeout(limits.connect_timeout, net::connect_from(listen_addr, tracker))
+    let from = net::unspecified_like(&tracker, listen_port);
+    let mut stream = timeout(limits.connect_timeout, net::connect_from(from, tracker))
         .await
         .map_err(|_| unreachable(timed_out(limits.connect_timeout)))?
         .map_err(unreachable)?;
@@ -64,14 +84,15 @@ pub(super) async fn contact_tracker(config: &PeerConfig) -> Result<Boot, PeerErr
         v: PROTOCOL_VERSION,
         id: frames::random_id(),
         name: None,
-        room: config.room.clone(),
-        listen_port: Some(listen_addr.port()),
+        room: room.to_owned(),
+        listen_port: Some(listen_port),
         peers: Vec::new(),
     };
     // The original tracker never reads, so these bytes are harmless there.
     stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.map_err(unreachable)?;
-    let (contacts, tracker_link) = match read_answer(&mut stream, tracker, limits).await? {
-        Answer::Welcome(members) => {
+    let not_us = |c: &Contact| net::canonical(c.addr) != net::canonical(seen_as);
+    Ok(match read_answer(&mut stream, tracker, limits).await {
+        Ok(Answer::Welcome(members)) => {
             let contacts = members
                 .into_iter()
                 .filter_map(|m| match m.addr.parse() {
@@ -81,24 +102,25 @@ pub(super) async fn contact_tracker(config: &PeerConfig) -> Result<Boot, PeerErr
                         None
                     }
                 })
+                .filter(not_us)
                 .collect();
-            (contacts, Some(stream))
+            net::detect_dead_peer(&stream, limits.dead_after);
+            Asked::Registered { link: stream, contacts }
         }
-        Answer::List(list) => {
-            // A reset leaves no TIME_WAIT on P, so joining again from the same port works at once.
+        Ok(Answer::List(list)) => {
+            // A reset leaves no TIME_WAIT on P, so asking again from the same port works at once.
             net::reset(stream);
             let (addrs, rejected) = peer_list::parse(&list);
             for entry in rejected {
                 log::warn!("ignoring an unusable entry in the tracker's list: {:?}", entry.0);
             }
-            (addrs.into_iter().map(|addr| Contact { addr, known: None }).collect(), None)
+            Asked::Listed { contacts: addrs.into_iter().map(|addr| Contact { addr, known: None }).filter(not_us).collect() }
         }
-    };
-    let mut contacts: Vec<Contact> = contacts;
-    contacts.retain(|c| net::canonical(c.addr) != net::canonical(seen_as));
-    let kind = if tracker_link.is_some() { "p2pchat" } else { "original" };
-    log::info!("listening on {listen_addr}; the {kind} tracker at {tracker} listed {} peer(s)", contacts.len());
-    Ok(Boot { listener, listen_addr, contacts, tracker_link })
+        Err(err) => {
+            net::reset(stream);
+            return Err(err);
+        }
+    })
 }
 
 async fn resolve(host: &str, port: u16) -> Result<SocketAddr, PeerError> {
@@ -173,10 +195,10 @@ fn timed_out(after: Duration) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {after:?}"))
 }
 
-/// Dial one member. A refusal is retried with backoff for `retry_refused_for` (it may be about to
-/// listen); a timeout or any other error gives up at once. Every outcome is reported to the actor.
-pub(super) async fn dial(contact: Contact, limits: Limits, net: mpsc::Sender<NetEvent>) {
-    let deadline = Instant::now() + limits.retry_refused_for;
+/// Dial one member. A refusal is retried with backoff for `retry_for` (it may be about to listen, or
+/// restarting); a timeout or any other error gives up at once. Every outcome is reported to the actor.
+pub(super) async fn dial(contact: Contact, limits: Limits, retry_for: Duration, net: mpsc::Sender<NetEvent>) {
+    let deadline = Instant::now() + retry_for;
     let mut backoff = Duration::from_millis(100);
     loop {
         let error = match timeout(limits.connect_timeout, TcpStream::connect(contact.addr)).await {
@@ -197,15 +219,47 @@ pub(super) async fn dial(contact: Contact, limits: Limits, net: mpsc::Sender<Net
     }
 }
 
-/// Hold our registration with a p2pchat tracker; tell the actor when the tracker goes away.
-pub(super) async fn hold_registration(mut link: TcpStream, net: mpsc::Sender<NetEvent>) {
+/// Hold our registration with a p2pchat tracker, pinging it; tell the actor when the tracker goes away.
+pub(super) async fn hold_registration(mut link: TcpStream, every: Duration, net: mpsc::Sender<NetEvent>) {
+    let ping = frames::encode(&Frame::Ping);
+    let mut tick = tokio::time::interval(every);
     let mut buf = [0u8; 1024];
     let reason = loop {
-        match link.read(&mut buf).await {
-            Ok(0) => break "it closed the connection".to_owned(),
-            Ok(_) => continue,
-            Err(err) => break err.to_string(),
+        tokio::select! {
+            read = link.read(&mut buf) => match read {
+                Ok(0) => break "it closed the connection".to_owned(),
+                Ok(_) => continue,
+                Err(err) => break err.to_string(),
+            },
+            _ = tick.tick() => {
+                if let Err(err) = link.write_all(&ping).await {
+                    break err.to_string();
+                }
+            }
         }
     };
+    // A reset leaves no TIME_WAIT, so registering again from the same port can start at once.
+    net::reset(link);
     let _ = net.send(NetEvent::TrackerLost { reason }).await;
+}
+
+/// Register with the tracker again after losing it, with backoff, until it answers (or turns out to be
+/// an original tracker, with which there is nothing to keep).
+pub(super) async fn register_again(tracker: SocketAddr, listen_port: u16, room: String, limits: Limits, net: mpsc::Sender<NetEvent>) {
+    let mut backoff = Duration::from_millis(500);
+    loop {
+        tokio::time::sleep(backoff).await;
+        match ask_tracker(tracker, listen_port, &room, &limits).await {
+            Ok(Asked::Registered { link, contacts }) => {
+                let _ = net.send(NetEvent::Registered { link, contacts }).await;
+                return;
+            }
+            Ok(Asked::Listed { .. }) => {
+                log::info!("the tracker at {tracker} is now an original tracker; nothing to register");
+                return;
+            }
+            Err(err) => log::debug!("registering again failed: {err}"),
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(4));
+    }
 }

@@ -64,6 +64,7 @@ pub(super) struct Connection {
 
 pub(super) fn spawn(id: ConnId, stream: TcpStream, from: SocketAddr, role: Role, context: ReaderContext) -> Connection {
     let _ = stream.set_nodelay(true);
+    crate::net::detect_dead_peer(&stream, context.limits.dead_after);
     let (read_half, write_half) = stream.into_split();
     let (queue, lines) = mpsc::channel(context.limits.send_queue);
     let net = context.net.clone();
@@ -244,13 +245,15 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                     }
                 }
                 Frame::Bye => said_bye = true,
-                Frame::Hello(_) | Frame::Welcome { .. } | Frame::Unknown => {}
+                Frame::Hello(_) | Frame::Welcome { .. } | Frame::Ping | Frame::Unknown => {}
             }
         }
-        match half.read(&mut buf).await {
-            Ok(0) => return (if said_bye { "left" } else { "closed by the other side" }.to_owned(), said_bye),
-            Ok(n) => decoder.feed(&buf[..n]),
-            Err(err) => return (format!("read failed: {err}"), said_bye),
+        // p2pchat ends ping every `keepalive_interval`: silence means the other end is gone.
+        match tokio::time::timeout(context.limits.dead_after, half.read(&mut buf)).await {
+            Ok(Ok(0)) => return (if said_bye { "left" } else { "closed by the other side" }.to_owned(), said_bye),
+            Ok(Ok(n)) => decoder.feed(&buf[..n]),
+            Ok(Err(err)) => return (format!("read failed: {err}"), said_bye),
+            Err(_) => return (format!("silent for {:?}", context.limits.dead_after), false),
         }
     }
 }

@@ -67,6 +67,13 @@ pub struct Limits {
     /// How long an accepted connection may stay silent before it counts as an original peer (which
     /// sends nothing until its user types). Lines for it are held, not written, until then.
     pub decide_timeout: Duration,
+    /// How often p2pchat links and the tracker registration are pinged.
+    pub keepalive_interval: Duration,
+    /// A link silent this long is dead: a p2pchat link that got no frame (it pings), or an original
+    /// link whose TCP keep-alive probes went unanswered.
+    pub dead_after: Duration,
+    /// How long a p2pchat peer whose link was lost without a goodbye is redialled (with backoff).
+    pub redial_for: Duration,
 }
 
 impl Default for Limits {
@@ -83,6 +90,9 @@ impl Default for Limits {
             close_grace: Duration::from_secs(1),
             probe_timeout: Duration::from_secs(3),
             decide_timeout: Duration::from_secs(1),
+            keepalive_interval: Duration::from_secs(2),
+            dead_after: Duration::from_secs(8),
+            redial_for: Duration::from_secs(10),
         }
     }
 }
@@ -249,6 +259,7 @@ pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport)
         room: config.room.clone(),
         limits: config.limits.clone(),
         listener: boot.listener,
+        tracker: boot.tracker,
         tracker_link: boot.tracker_link,
         joined_via_tracker: config.tracker.is_some(),
         contacts,

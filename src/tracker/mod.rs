@@ -59,6 +59,9 @@ pub struct TrackerConfig {
     pub answer_after: Duration,
     /// p2pchat peers registered at once (each holds a connection open).
     pub max_registrations: usize,
+    /// A registration that sends nothing (peers ping every 2 s) for this long is dropped, so a peer
+    /// that vanished leaves the list within it.
+    pub registration_timeout: Duration,
 }
 
 impl Default for TrackerConfig {
@@ -71,6 +74,7 @@ impl Default for TrackerConfig {
             write_timeout: Duration::from_secs(5),
             answer_after: Duration::from_millis(150),
             max_registrations: 10_000,
+            registration_timeout: Duration::from_secs(6),
         }
     }
 }
@@ -249,7 +253,7 @@ async fn serve_client(
         log::warn!("{remote} refused: {} peers already registered", config.max_registrations);
         return crate::net::reset(stream);
     };
-    serve_registration(stream, remote, first.split_off(MAGIC.len()), &tracker).await;
+    serve_registration(stream, remote, first.split_off(MAGIC.len()), &tracker, config.registration_timeout).await;
     drop(registration_slot);
 }
 
@@ -265,7 +269,7 @@ async fn serve_original(stream: TcpStream, remote: SocketAddr, tracker: &Tracker
 }
 
 /// A p2pchat peer's control connection: `hello` in, `welcome` out, registered until it closes.
-async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_magic: Vec<u8>, tracker: &TrackerHandle) {
+async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_magic: Vec<u8>, tracker: &TrackerHandle, silence: Duration) {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&after_magic);
     let hello = match read_frame(&mut stream, &mut decoder, Duration::from_secs(5)).await {
@@ -288,15 +292,21 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
     let Ok((members, registration)) = answer.await else { return };
     let welcome = frames::encode_opening(&Frame::Welcome { v: PROTOCOL_VERSION, members, you: remote.to_string() });
     if stream.write_all(&welcome).await.is_ok() {
-        // Registered while this stays open; later frames (keep-alives, in later versions) are ignored.
+        // Registered while this stays open and keeps talking (the peer pings); what it says is ignored.
         let mut buf = [0u8; 1024];
-        while let Ok(n) = stream.read(&mut buf).await {
-            if n == 0 {
-                break;
+        loop {
+            match tokio::time::timeout(silence, stream.read(&mut buf)).await {
+                Ok(Ok(n)) if n > 0 => continue,
+                Ok(_) => break,
+                Err(_) => {
+                    log::debug!("{remote} said nothing for {silence:?}; dropping its registration");
+                    break;
+                }
             }
         }
     }
     let _ = tracker.queries.send(Query::Deregister { room, addr: remote, registration }).await;
+    crate::net::reset(stream);
 }
 
 /// The next frame from `stream` within `wait`, or why not.

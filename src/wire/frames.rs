@@ -78,6 +78,9 @@ pub enum Frame {
     Nick { name: String },
     /// The sender is leaving on purpose (a closed link without it is a lost peer).
     Bye,
+    /// Keep-alive: sent every couple of seconds; a link (or registration) silent for longer than its
+    /// bound is dead.
+    Ping,
     /// The sender refuses the link; it closes after this.
     Error { code: String, message: String },
     /// A frame type this version does not know; ignored.
@@ -209,6 +212,7 @@ mod tests {
             Frame::Msg(Chat { id: random_id(), from: "ana".into(), room: "x".into(), ts: 1, text: "olá ☃".into() }),
             Frame::Nick { name: "bia".into() },
             Frame::Bye,
+            Frame::Ping,
         ];
         let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
         for cut in 0..bytes.len() {

@@ -1,0 +1,67 @@
+"""Faults: peers that crash or silently vanish, and a tracker that dies and comes back."""
+
+import signal
+import time
+
+from harness import WAIT, python
+from netns import namespace  # noqa: F401 - fixture
+from p2pchat import Tracker
+
+
+def wait_until(predicate, what: str, timeout: float = WAIT) -> None:
+    """Poll a cheap local query (bounded) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
+
+
+def test_a_killed_peer_leaves_the_tracker_list_and_the_room(room):
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        port = tracker.address[1]
+        ana = room.p2pchat_peer("ana", port)
+        victim = room.p2pchat_peer("victim", port)
+        ana.wait_connections(1)
+        wait_until(lambda: len(tracker.peers()) == 2, "both are registered")
+        victim.proc.signal(signal.SIGKILL)
+        victim.proc.wait()
+        wait_until(lambda: tracker.peers() == [("127.0.0.1", ana.listen_port)], "the killed peer is forgotten", timeout=10)
+        ana.proc.err.saw(r"^\* victim \(127\.0\.0\.1:\d+\) left \(")
+
+
+def test_a_silently_vanished_peer_is_noticed_by_the_others_and_the_tracker(namespace):
+    ns = namespace
+    tracker = ns.room.start(ns.argv(python("server.py", "--host", "127.0.0.1", "--port", "7472", "-d")), "tracker")
+    tracker.err.expect("listening on")
+
+    def client(name):
+        proc = ns.room.start(ns.argv(python("client.py", "--name", name)), name)
+        return proc, int(proc.err.expect(r"listening on port (\d+)").group(1))
+
+    ghost, ghost_port = client("ghost")  # first, so every other link to it uses its port
+    tracker.err.expect(rf"127\.0\.0\.1:{ghost_port} registered")
+    others = [client(name)[0] for name in ("ana", "bob")]
+    for proc in others:
+        proc.err.saw(rf"^\* ghost \(127\.0\.0\.1:{ghost_port}\) joined \(p2pchat\)$")
+    # From now on nothing to or from the ghost's port gets through: no FIN, no reset, ever.
+    ns.nft(f"""
+table inet vanish {{
+    chain output {{
+        type filter hook output priority 0; policy accept;
+        tcp sport {ghost_port} drop
+        tcp dport {ghost_port} drop
+    }}
+}}
+""")
+    vanished_at = time.monotonic()
+    tracker.err.expect(rf"127\.0\.0\.1:{ghost_port} said nothing for .*dropping its registration", timeout=15)
+    tracker_took = time.monotonic() - vanished_at
+    for proc in others:
+        proc.err.saw(rf"^\* ghost \(127\.0\.0\.1:{ghost_port}\) left \(silent for", timeout=15)
+    peers_took = time.monotonic() - vanished_at
+    assert tracker_took < 10, f"the tracker kept the vanished peer {tracker_took:.1f} s"
+    assert peers_took < 15, f"the peers noticed after {peers_took:.1f} s"
+    # The room goes on without it.
+    others[0].line("still here")
+    others[1].out.saw(r"^<ana> :: still here$")
+    ghost.stop()
