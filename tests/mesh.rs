@@ -403,3 +403,78 @@ async fn peers_register_again_after_a_tracker_restart() {
     wait_p2pchat_links(&c, 2).await;
     drop(b);
 }
+
+/// The original client's exchange, as the original does it (no SO_REUSEADDR); returns its port.
+async fn original_exchange(tracker: std::net::SocketAddr) -> std::net::SocketAddr {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let port_p = socket.local_addr().unwrap();
+    let mut exchange = socket.connect(tracker).await.unwrap();
+    let _ = exchange.read_to_end(&mut Vec::new()).await;
+    port_p
+}
+
+async fn tracker_with_ttl(ttl: Duration) -> (std::net::SocketAddr, p2pchat::tracker::TrackerHandle) {
+    let config = TrackerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        original_ttl: ttl,
+        probe_timeout: Duration::from_millis(500),
+        ..TrackerConfig::default()
+    };
+    let tracker = Tracker::bind(config).await.unwrap();
+    let (addr, handle) = (tracker.local_addr(), tracker.handle());
+    tokio::spawn(tracker.run(std::future::pending()));
+    (addr, handle)
+}
+
+/// Counts connections accepted by a listener standing in for an original peer.
+fn count_accepts(listener: TcpListener) -> std::sync::Arc<std::sync::atomic::AtomicUsize> {
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(stream);
+        }
+    });
+    count
+}
+
+#[tokio::test]
+async fn an_original_peer_that_left_is_forgotten() {
+    let (tracker, handle) = tracker_with_ttl(Duration::from_millis(200)).await;
+    original_exchange(tracker).await; // and it never listens: it is gone
+    wait_members(&handle, 1).await;
+    wait_members(&handle, 0).await;
+}
+
+#[tokio::test]
+async fn a_live_original_peer_nobody_vouches_for_is_probed_and_kept() {
+    let (tracker, handle) = tracker_with_ttl(Duration::from_millis(200)).await;
+    let port_p = original_exchange(tracker).await;
+    let accepts = count_accepts(TcpListener::bind(port_p).await.unwrap());
+    tokio::time::timeout(WAIT, async {
+        while accepts.load(std::sync::atomic::Ordering::SeqCst) < 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the tracker probes an unvouched original now and then");
+    assert_eq!(handle.members("").await.unwrap().len(), 1, "it answered, so it stays listed");
+}
+
+#[tokio::test]
+async fn an_original_peer_a_member_vouches_for_is_not_probed() {
+    let (tracker, handle) = tracker_with_ttl(Duration::from_millis(600)).await;
+    let port_p = original_exchange(tracker).await;
+    let accepts = count_accepts(TcpListener::bind(port_p).await.unwrap());
+    let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+    config.limits.keepalive_interval = Duration::from_millis(100);
+    let (_ana, _events, report) = peer::join(config).await.unwrap();
+    assert_eq!(report.connected, 1);
+    // Several TTLs pass: ana vouches every 100 ms, so the tracker never needs to probe.
+    tokio::time::sleep(Duration::from_millis(2000)).await;
+    assert_eq!(accepts.load(std::sync::atomic::Ordering::SeqCst), 1, "only ana's own link");
+    assert_eq!(handle.members("").await.unwrap().len(), 2);
+}

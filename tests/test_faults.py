@@ -3,6 +3,8 @@
 import signal
 import time
 
+import pytest
+
 from harness import WAIT, python
 from netns import namespace  # noqa: F401 - fixture
 from p2pchat import Tracker
@@ -65,3 +67,21 @@ table inet vanish {{
     others[0].line("still here")
     others[1].out.saw(r"^<ana> :: still here$")
     ghost.stop()
+
+
+def test_an_original_peer_that_left_leaves_the_list_within_the_bound(room):
+    """Original peers never talk to the tracker again: it probes the ones nobody vouches for."""
+    with Tracker(host="127.0.0.1", port=0, original_ttl=1.0) as tracker:
+        port = tracker.address[1]
+        ana = room.p2pchat_peer("ana", port)
+        ref = room.reference_peer("ref", port)
+        ana.wait_connections(1)
+        wait_until(lambda: len(tracker.peers()) == 2, "both are listed")
+        ref.proc.signal(signal.SIGKILL)
+        ref.proc.wait()
+        wait_until(lambda: tracker.peers() == [("127.0.0.1", ana.listen_port)], "the dead original is dropped", timeout=10)
+
+
+def test_tracker_bounds_are_validated():
+    with pytest.raises(ValueError, match="original_ttl"):
+        Tracker(host="127.0.0.1", port=0, original_ttl=0)

@@ -85,7 +85,9 @@ Event = Union[Message, PeerJoined, PeerLeft, PeerRenamed, Notice]
 class Tracker:
     """A tracker speaking the original protocol, serving in the background from creation."""
 
-    def __init__(self, host: str = "0.0.0.0", port: int = 7472) -> None: ...
+    def __init__(
+        self, host: str = "0.0.0.0", port: int = 7472, *, original_ttl: float = 45.0, registration_timeout: float = 6.0
+    ) -> None: ...
     @property
     def address(self) -> Address: ...
     @property

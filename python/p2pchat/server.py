@@ -28,6 +28,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s, every interface)")
     parser.add_argument("-p", "--port", type=port, default=7472, help="port to listen on (default: %(default)s)")
+    parser.add_argument("--registration-timeout", type=float, default=6.0, metavar="SECONDS",
+                        help="drop a p2pchat peer that stopped pinging after this long (default: %(default)s)")
+    parser.add_argument("--original-ttl", type=float, default=45.0, metavar="SECONDS",
+                        help="probe an original peer nobody vouched for in this long, and drop it if the probe "
+                             "fails (default: %(default)s)")
     parser.add_argument("-d", "--debug", action="store_true", help="log every join")
     parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")
     return parser
@@ -38,7 +43,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     setup_logging(args.debug)
     handle_signals()
     try:
-        tracker = Tracker(args.host, args.port)
+        tracker = Tracker(args.host, args.port, original_ttl=args.original_ttl,
+                          registration_timeout=args.registration_timeout)
     except AddressInUse as err:
         print(f"server.py: {err} (use --port to choose another)", file=sys.stderr)
         return 1

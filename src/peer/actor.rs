@@ -128,6 +128,8 @@ struct Actor {
     retiring: HashMap<ConnId, (AbortOnDropHandle<()>, AbortOnDropHandle<()>)>,
     joined_via_tracker: bool,
     tracker: Option<SocketAddr>,
+    /// Frames for our tracker registration (pings, vouches), while we are registered.
+    registration: Option<mpsc::Sender<Line>>,
     background: JoinSet<()>,
 }
 
@@ -152,12 +154,13 @@ pub(super) async fn run(setup: Setup) {
         retiring: HashMap::new(),
         joined_via_tracker,
         tracker,
+        registration: None,
         background: JoinSet::new(),
     };
     // Dropping `background` (when the actor ends) aborts the accept loop, the dialers and the registration.
     actor.background.spawn(accept_loop(listener, actor.net.clone()));
     if let Some(link) = tracker_link {
-        actor.background.spawn(bootstrap::hold_registration(link, actor.limits.keepalive_interval, actor.net.clone()));
+        actor.hold_registration(link);
     }
     let mut untried: HashSet<SocketAddr> = contacts.iter().map(|c| c.addr).collect();
     for contact in contacts {
@@ -236,8 +239,25 @@ impl Actor {
         }
     }
 
-    /// Keep-alive for p2pchat links (their readers drop a link that stays silent).
+    fn hold_registration(&mut self, link: TcpStream) {
+        let (frames, outgoing) = mpsc::channel(8);
+        self.registration = Some(frames);
+        self.background.spawn(bootstrap::hold_registration(link, outgoing, self.net.clone()));
+    }
+
+    /// Keep-alive for p2pchat links (their readers drop a link that stays silent) and for the tracker
+    /// registration, which also hears which original peers we are linked to.
     fn ping(&mut self) {
+        if let Some(registration) = &self.registration {
+            let originals: Vec<String> = self
+                .links
+                .values()
+                .filter(|l| l.state == State::Original && l.outgoing)
+                .filter_map(|l| l.listen_addr.map(|a| a.to_string()))
+                .collect();
+            let frame = if originals.is_empty() { Frame::Ping } else { Frame::Vouch { originals } };
+            let _ = registration.try_send(frames::encode(&frame).into());
+        }
         let ping: Line = frames::encode(&Frame::Ping).into();
         let stuck: Vec<ConnId> = self
             .links
@@ -331,6 +351,7 @@ impl Actor {
                 }
             }
             NetEvent::TrackerLost { reason } => {
+                self.registration = None;
                 let Some(tracker) = self.tracker else { return };
                 self.notice(format!("lost the connection to the tracker ({reason}); the room goes on, registering again"));
                 let task = bootstrap::register_again(tracker, self.listen_port, self.room.clone(), self.limits.clone(), self.net.clone());
@@ -338,7 +359,7 @@ impl Actor {
             }
             NetEvent::Registered { link, contacts } => {
                 self.notice("registered with the tracker again".to_owned());
-                self.background.spawn(bootstrap::hold_registration(link, self.limits.keepalive_interval, self.net.clone()));
+                self.hold_registration(link);
                 // Only p2pchat members: a second link to one is noticed by its id, but an original peer
                 // we already know may be on a link we accepted, whose listen address we cannot know.
                 for contact in contacts.into_iter().filter(|c| c.known == Some(Protocol::P2pchat)) {

@@ -7,6 +7,7 @@
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -219,10 +220,9 @@ pub(super) async fn dial(contact: Contact, limits: Limits, retry_for: Duration, 
     }
 }
 
-/// Hold our registration with a p2pchat tracker, pinging it; tell the actor when the tracker goes away.
-pub(super) async fn hold_registration(mut link: TcpStream, every: Duration, net: mpsc::Sender<NetEvent>) {
-    let ping = frames::encode(&Frame::Ping);
-    let mut tick = tokio::time::interval(every);
+/// Hold our registration with a p2pchat tracker, writing what the actor queues (pings, vouches); tell
+/// the actor when the tracker goes away.
+pub(super) async fn hold_registration(mut link: TcpStream, mut outgoing: mpsc::Receiver<Arc<[u8]>>, net: mpsc::Sender<NetEvent>) {
     let mut buf = [0u8; 1024];
     let reason = loop {
         tokio::select! {
@@ -231,11 +231,14 @@ pub(super) async fn hold_registration(mut link: TcpStream, every: Duration, net:
                 Ok(_) => continue,
                 Err(err) => break err.to_string(),
             },
-            _ = tick.tick() => {
-                if let Err(err) = link.write_all(&ping).await {
-                    break err.to_string();
+            frame = outgoing.recv() => match frame {
+                Some(frame) => {
+                    if let Err(err) = link.write_all(&frame).await {
+                        break err.to_string();
+                    }
                 }
-            }
+                None => return net::reset(link),
+            },
         }
     };
     // A reset leaves no TIME_WAIT, so registering again from the same port can start at once.

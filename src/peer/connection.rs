@@ -245,7 +245,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                     }
                 }
                 Frame::Bye => said_bye = true,
-                Frame::Hello(_) | Frame::Welcome { .. } | Frame::Ping | Frame::Unknown => {}
+                Frame::Hello(_) | Frame::Welcome { .. } | Frame::Ping | Frame::Vouch { .. } | Frame::Unknown => {}
             }
         }
         // p2pchat ends ping every `keepalive_interval`: silence means the other end is gone.

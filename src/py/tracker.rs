@@ -8,7 +8,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-use super::{register_live, runtime, wait, Closable, P2PChatError};
+use super::{register_live, runtime, seconds, wait, Closable, P2PChatError};
 use crate::tracker::{Tracker, TrackerConfig, TrackerHandle};
 
 /// How long `stop()` waits for the tracker's task to end.
@@ -43,6 +43,10 @@ impl Closable for Control {
 /// A p2pchat tracker, speaking the original tracker's protocol. It starts serving in the background as
 /// soon as it is created; `port=0` picks a free port (see `address`).
 ///
+/// `registration_timeout`: a p2pchat peer that stops pinging is dropped after this many seconds.
+/// `original_ttl`: an original peer nobody vouched for in this many seconds is probed, and dropped if
+/// the probe fails.
+///
 /// >>> with Tracker(host="127.0.0.1", port=0) as tracker:
 /// ...     host, port = tracker.address
 #[pyclass(frozen, name = "Tracker", module = "p2pchat._core", weakref)]
@@ -61,9 +65,18 @@ fn resolve(host: &str, port: u16) -> PyResult<SocketAddr> {
 #[pymethods]
 impl PyTracker {
     #[new]
-    #[pyo3(signature = (host = "0.0.0.0", port = crate::tracker::DEFAULT_PORT))]
-    fn new(py: Python<'_>, host: &str, port: u16) -> PyResult<Self> {
-        let config = TrackerConfig { listen: resolve(host, port)?, ..TrackerConfig::default() };
+    #[pyo3(signature = (host = "0.0.0.0", port = crate::tracker::DEFAULT_PORT, *, original_ttl = 45.0, registration_timeout = 6.0))]
+    fn new(py: Python<'_>, host: &str, port: u16, original_ttl: f64, registration_timeout: f64) -> PyResult<Self> {
+        let positive = |name: &str, value: f64| match seconds(Some(value))? {
+            Some(d) if !d.is_zero() => Ok(d),
+            _ => Err(PyValueError::new_err(format!("{name} must be a positive number of seconds"))),
+        };
+        let config = TrackerConfig {
+            listen: resolve(host, port)?,
+            original_ttl: positive("original_ttl", original_ttl)?,
+            registration_timeout: positive("registration_timeout", registration_timeout)?,
+            ..TrackerConfig::default()
+        };
         let tracker = wait(py, Tracker::bind(config))??;
         let handle = tracker.handle();
         let (stop, stop_requested) = oneshot::channel::<()>();

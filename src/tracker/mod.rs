@@ -62,6 +62,13 @@ pub struct TrackerConfig {
     /// A registration that sends nothing (peers ping every 2 s) for this long is dropped, so a peer
     /// that vanished leaves the list within it.
     pub registration_timeout: Duration,
+    /// An original entry that no p2pchat member vouched for and that was not otherwise confirmed for
+    /// this long is probed (a bare TCP connect, reset at once); it is dropped if the probe fails.
+    pub original_ttl: Duration,
+    /// How long a probe may take to connect.
+    pub probe_timeout: Duration,
+    /// Probes in flight at once.
+    pub max_probes: usize,
 }
 
 impl Default for TrackerConfig {
@@ -75,6 +82,9 @@ impl Default for TrackerConfig {
             answer_after: Duration::from_millis(150),
             max_registrations: 10_000,
             registration_timeout: Duration::from_secs(6),
+            original_ttl: Duration::from_secs(45),
+            probe_timeout: Duration::from_secs(3),
+            max_probes: 32,
         }
     }
 }
@@ -95,6 +105,9 @@ enum Query {
     AdmitOriginal { addr: SocketAddr, reply: oneshot::Sender<Vec<u8>> },
     Register { room: String, addr: SocketAddr, reply: oneshot::Sender<(Vec<Member>, registry::Registration)> },
     Deregister { room: String, addr: SocketAddr, registration: registry::Registration },
+    /// A p2pchat member of the default room holds live links to these original peers.
+    Vouch { originals: Vec<SocketAddr> },
+    Probed { addr: SocketAddr, alive: bool },
 }
 
 /// A bound tracker, ready to [`run`](Tracker::run).
@@ -170,6 +183,8 @@ impl Tracker {
         let mut registry = Registry::new(config.max_entries, config.list_budget);
         let slots = Arc::new(Semaphore::new(config.max_connections));
         let registrations = Arc::new(Semaphore::new(config.max_registrations));
+        let mut probes_in_flight = 0usize;
+        let mut probe_tick = tokio::time::interval((config.original_ttl / 4).clamp(Duration::from_millis(20), Duration::from_secs(5)));
         let mut serving = JoinSet::new();
         tokio::pin!(shutdown);
         log::info!("tracker listening on {}", handle.local_addr);
@@ -179,7 +194,7 @@ impl Tracker {
                 Some(query) = queries.recv() => match query {
                     Query::Members { room, reply } => { let _ = reply.send(registry.members(&room)); }
                     Query::AdmitOriginal { addr, reply } => {
-                        let list = registry.admit_original(addr);
+                        let list = registry.admit_original(addr, std::time::Instant::now());
                         log::debug!("{addr} joined; {} bytes of list; {} remembered", list.len(), registry.len());
                         let _ = reply.send(list);
                     }
@@ -191,6 +206,21 @@ impl Tracker {
                     Query::Deregister { room, addr, registration } => {
                         registry.deregister(&room, addr, registration);
                         log::debug!("{addr} left room {room:?}");
+                    }
+                    Query::Vouch { originals } => registry.vouch(&originals, std::time::Instant::now()),
+                    Query::Probed { addr, alive } => {
+                        probes_in_flight -= 1;
+                        registry.probed(addr, alive, std::time::Instant::now());
+                        if !alive {
+                            log::debug!("original peer {addr} did not answer a probe; forgotten");
+                        }
+                    }
+                },
+                _ = probe_tick.tick() => {
+                    let room = config.max_probes.saturating_sub(probes_in_flight);
+                    for addr in registry.due_for_probe(std::time::Instant::now(), config.original_ttl, room) {
+                        probes_in_flight += 1;
+                        serving.spawn(probe(addr, config.probe_timeout, handle.clone()));
                     }
                 },
                 accepted = listener.accept() => match accepted {
@@ -292,21 +322,48 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
     let Ok((members, registration)) = answer.await else { return };
     let welcome = frames::encode_opening(&Frame::Welcome { v: PROTOCOL_VERSION, members, you: remote.to_string() });
     if stream.write_all(&welcome).await.is_ok() {
-        // Registered while this stays open and keeps talking (the peer pings); what it says is ignored.
-        let mut buf = [0u8; 1024];
-        loop {
+        // Registered while this stays open and keeps talking (the peer pings every 2 s).
+        let mut buf = [0u8; 4096];
+        'registered: loop {
             match tokio::time::timeout(silence, stream.read(&mut buf)).await {
-                Ok(Ok(n)) if n > 0 => continue,
+                Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),
                 Ok(_) => break,
                 Err(_) => {
                     log::debug!("{remote} said nothing for {silence:?}; dropping its registration");
                     break;
                 }
             }
+            loop {
+                match decoder.next_frame() {
+                    Ok(Some(Frame::Vouch { originals })) if room == DEFAULT_ROOM => {
+                        let originals = originals.iter().filter_map(|a| a.parse().ok()).collect();
+                        let _ = tracker.queries.send(Query::Vouch { originals }).await;
+                    }
+                    Ok(Some(_)) => {}
+                    Ok(None) => break,
+                    Err(err) => {
+                        log::warn!("{remote} sent a broken frame ({err}); dropping its registration");
+                        break 'registered;
+                    }
+                }
+            }
         }
     }
     let _ = tracker.queries.send(Query::Deregister { room, addr: remote, registration }).await;
     crate::net::reset(stream);
+}
+
+/// Is an original peer still listening? A bare connect, reset at once (it costs the original one dead
+/// entry in its connection set, so probes are rare: only for entries nobody vouched for).
+async fn probe(addr: SocketAddr, timeout: Duration, tracker: TrackerHandle) {
+    let alive = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => {
+            crate::net::reset(stream);
+            true
+        }
+        _ => false,
+    };
+    let _ = tracker.queries.send(Query::Probed { addr, alive }).await;
 }
 
 /// The next frame from `stream` within `wait`, or why not.

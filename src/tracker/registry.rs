@@ -9,9 +9,15 @@
 //!   late close of an old connection cannot remove a peer that has registered again since.
 //!
 //! Original clients get the default room as a list of whole entries that fits their single read.
+//!
+//! Original entries stay listed only while they are known to be alive: each has a time it was last
+//! confirmed (its join, a p2pchat member vouching for it, or a successful probe). One unconfirmed for
+//! longer than the TTL is due for a probe ([`Registry::due_for_probe`]); a failed probe removes it. Time is
+//! passed in, so all of this is tested without waiting.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use crate::net::canonical;
 use crate::wire::frames::Member;
@@ -35,6 +41,14 @@ struct Room {
     seq_of: HashMap<SocketAddr, u64>,
     /// Members by join sequence number, oldest first.
     by_seq: BTreeMap<u64, (SocketAddr, Kind)>,
+    /// Original members: when each was last known alive, and whether a probe is out for it.
+    originals: HashMap<SocketAddr, Liveness>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Liveness {
+    confirmed: Instant,
+    probing: bool,
 }
 
 impl Room {
@@ -50,8 +64,16 @@ impl Room {
         while self.by_seq.len() > max_entries {
             if let Some((_, (oldest, _))) = self.by_seq.pop_first() {
                 self.seq_of.remove(&oldest);
+                self.originals.remove(&oldest);
             }
         }
+    }
+
+    fn remove(&mut self, addr: &SocketAddr) {
+        if let Some(seq) = self.seq_of.remove(addr) {
+            self.by_seq.remove(&seq);
+        }
+        self.originals.remove(addr);
     }
 }
 
@@ -76,13 +98,53 @@ impl Registry {
 
     /// An original client at `addr` asks: return its list (the default room without itself), then
     /// remember it.
-    pub fn admit_original(&mut self, addr: SocketAddr) -> Vec<u8> {
+    pub fn admit_original(&mut self, addr: SocketAddr, now: Instant) -> Vec<u8> {
         let addr = canonical(addr);
         let seq = self.next_seq();
         let room = self.rooms.entry(DEFAULT_ROOM.to_owned()).or_default();
         let list = peer_list::encode(room.newest_first().map(|(a, _)| a).filter(|known| **known != addr), self.list_budget);
         room.insert(seq, addr, Kind::Original, self.max_entries);
+        room.originals.insert(addr, Liveness { confirmed: now, probing: false });
         list
+    }
+
+    /// A p2pchat member of the default room holds live links to these original peers.
+    pub fn vouch(&mut self, originals: &[SocketAddr], now: Instant) {
+        let Some(room) = self.rooms.get_mut(DEFAULT_ROOM) else { return };
+        for addr in originals {
+            if let Some(liveness) = room.originals.get_mut(&canonical(*addr)) {
+                liveness.confirmed = now;
+            }
+        }
+    }
+
+    /// Original entries nobody confirmed for `ttl` and not being probed (at most `limit`): they are
+    /// marked as probed and returned, for the caller to try to reach.
+    pub fn due_for_probe(&mut self, now: Instant, ttl: Duration, limit: usize) -> Vec<SocketAddr> {
+        let Some(room) = self.rooms.get_mut(DEFAULT_ROOM) else { return Vec::new() };
+        let mut due = Vec::new();
+        for (addr, liveness) in room.originals.iter_mut() {
+            if due.len() == limit {
+                break;
+            }
+            if !liveness.probing && now.saturating_duration_since(liveness.confirmed) >= ttl {
+                liveness.probing = true;
+                due.push(*addr);
+            }
+        }
+        due
+    }
+
+    /// The probe of `addr` answered (`alive`) or not; a dead original is forgotten.
+    pub fn probed(&mut self, addr: SocketAddr, alive: bool, now: Instant) {
+        let Some(room) = self.rooms.get_mut(DEFAULT_ROOM) else { return };
+        if alive {
+            if let Some(liveness) = room.originals.get_mut(&addr) {
+                *liveness = Liveness { confirmed: now, probing: false };
+            }
+        } else {
+            room.remove(&addr);
+        }
     }
 
     /// A p2pchat peer at `addr` registers in `room`: return the other members, newest first.
@@ -96,6 +158,7 @@ impl Registry {
             .map(|(known, kind)| Member { addr: known.to_string(), p2pchat: *kind == Kind::P2pchat })
             .collect();
         room.insert(seq, addr, Kind::P2pchat, self.max_entries);
+        room.originals.remove(&addr);
         (members, Registration(seq))
     }
 
@@ -104,8 +167,7 @@ impl Registry {
         let addr = canonical(addr);
         let Some(room) = self.rooms.get_mut(room_name) else { return };
         if room.seq_of.get(&addr) == Some(&registration.0) {
-            room.seq_of.remove(&addr);
-            room.by_seq.remove(&registration.0);
+            room.remove(&addr);
         }
         if room.by_seq.is_empty() {
             self.rooms.remove(room_name);
@@ -140,29 +202,40 @@ mod tests {
         members.iter().map(|(a, _)| *a).collect()
     }
 
+    /// The tests' registry, with a fixed "now" for original clients.
+    trait AdmitNow {
+        fn admit(&mut self, addr: SocketAddr) -> Vec<u8>;
+    }
+
+    impl AdmitNow for Registry {
+        fn admit(&mut self, addr: SocketAddr) -> Vec<u8> {
+            self.admit_original(addr, Instant::now())
+        }
+    }
+
     #[test]
     fn behaves_like_the_original_for_a_small_room() {
         let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
-        assert_eq!(r.admit_original(a("10.0.0.1:1000")), b"-");
-        assert_eq!(r.admit_original(a("10.0.0.2:2000")), b"10.0.0.1:1000");
-        assert_eq!(r.admit_original(a("10.0.0.3:3000")), b"10.0.0.1:1000-10.0.0.2:2000");
+        assert_eq!(r.admit(a("10.0.0.1:1000")), b"-");
+        assert_eq!(r.admit(a("10.0.0.2:2000")), b"10.0.0.1:1000");
+        assert_eq!(r.admit(a("10.0.0.3:3000")), b"10.0.0.1:1000-10.0.0.2:2000");
         assert_eq!(addrs(&r.members(DEFAULT_ROOM)), vec![a("10.0.0.1:1000"), a("10.0.0.2:2000"), a("10.0.0.3:3000")]);
     }
 
     #[test]
     fn a_returning_address_is_not_listed_to_itself_and_counted_once() {
         let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
-        r.admit_original(a("10.0.0.1:1000"));
-        r.admit_original(a("10.0.0.2:2000"));
-        assert_eq!(r.admit_original(a("10.0.0.1:1000")), b"10.0.0.2:2000");
+        r.admit(a("10.0.0.1:1000"));
+        r.admit(a("10.0.0.2:2000"));
+        assert_eq!(r.admit(a("10.0.0.1:1000")), b"10.0.0.2:2000");
         assert_eq!(addrs(&r.members(DEFAULT_ROOM)), vec![a("10.0.0.2:2000"), a("10.0.0.1:1000")]);
     }
 
     #[test]
     fn mapped_ipv6_is_stored_as_ipv4() {
         let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
-        r.admit_original(a("[::ffff:10.0.0.1]:1000"));
-        assert_eq!(r.admit_original(a("10.0.0.1:1000")), b"-");
+        r.admit(a("[::ffff:10.0.0.1]:1000"));
+        assert_eq!(r.admit(a("10.0.0.1:1000")), b"-");
         assert_eq!(r.len(), 1);
     }
 
@@ -170,10 +243,10 @@ mod tests {
     fn memory_is_bounded_and_forgets_the_oldest() {
         let mut r = Registry::new(3, LEGACY_LIST_BUDGET);
         for port in 1..=5u16 {
-            r.admit_original(SocketAddr::from(([10, 0, 0, 1], port)));
+            r.admit(SocketAddr::from(([10, 0, 0, 1], port)));
         }
         assert_eq!(r.len(), 3);
-        assert_eq!(r.admit_original(a("10.0.0.9:9")), b"10.0.0.1:3-10.0.0.1:4-10.0.0.1:5");
+        assert_eq!(r.admit(a("10.0.0.9:9")), b"10.0.0.1:3-10.0.0.1:4-10.0.0.1:5");
     }
 
     #[test]
@@ -181,9 +254,9 @@ mod tests {
         let mut r = Registry::new(10_000, LEGACY_LIST_BUDGET);
         for i in 0..5_000u32 {
             let [_, b, c, d] = i.to_be_bytes();
-            r.admit_original(SocketAddr::from(([10, b, c, d], 40_000)));
+            r.admit(SocketAddr::from(([10, b, c, d], 40_000)));
         }
-        let list = r.admit_original(a("192.168.1.1:1"));
+        let list = r.admit(a("192.168.1.1:1"));
         assert!(list.len() <= LEGACY_LIST_BUDGET);
         let (listed, rejected) = peer_list::parse(&list);
         assert!(rejected.is_empty());
@@ -198,7 +271,7 @@ mod tests {
         let (members, _) = r.register("x", a("10.0.0.2:2"));
         assert_eq!(members, vec![Member { addr: "10.0.0.1:1".into(), p2pchat: true }]);
         r.register(DEFAULT_ROOM, a("10.0.0.3:3"));
-        assert_eq!(r.admit_original(a("10.0.0.4:4")), b"10.0.0.3:3");
+        assert_eq!(r.admit(a("10.0.0.4:4")), b"10.0.0.3:3");
         let (members, _) = r.register(DEFAULT_ROOM, a("10.0.0.5:5"));
         assert_eq!(
             members,
@@ -216,5 +289,34 @@ mod tests {
         r.deregister("x", a("10.0.0.1:1"), again);
         assert!(r.members("x").is_empty());
         assert!(r.is_empty(), "an empty room is forgotten");
+    }
+
+    #[test]
+    fn originals_stay_while_confirmed_and_are_probed_when_not() {
+        let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(45);
+        r.admit_original(a("10.0.0.1:1"), t0);
+        r.admit_original(a("10.0.0.2:2"), t0);
+        assert!(r.due_for_probe(t0 + Duration::from_secs(44), ttl, 10).is_empty());
+        // A p2pchat member vouches for the first one.
+        r.vouch(&[a("10.0.0.1:1")], t0 + Duration::from_secs(40));
+        assert_eq!(r.due_for_probe(t0 + Duration::from_secs(46), ttl, 10), vec![a("10.0.0.2:2")]);
+        assert!(r.due_for_probe(t0 + Duration::from_secs(47), ttl, 10).is_empty(), "one probe at a time");
+        r.probed(a("10.0.0.2:2"), false, t0 + Duration::from_secs(48));
+        assert_eq!(addrs(&r.members(DEFAULT_ROOM)), vec![a("10.0.0.1:1")]);
+        // Unvouched for a whole TTL, the first is probed; it answers and stays.
+        assert_eq!(r.due_for_probe(t0 + Duration::from_secs(86), ttl, 10), vec![a("10.0.0.1:1")]);
+        r.probed(a("10.0.0.1:1"), true, t0 + Duration::from_secs(87));
+        assert!(r.due_for_probe(t0 + Duration::from_secs(100), ttl, 10).is_empty());
+        assert_eq!(r.members(DEFAULT_ROOM).len(), 1);
+    }
+
+    #[test]
+    fn p2pchat_registrations_are_never_probed() {
+        let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
+        let t0 = Instant::now();
+        r.register(DEFAULT_ROOM, a("10.0.0.1:1"));
+        assert!(r.due_for_probe(t0 + Duration::from_secs(3600), Duration::from_secs(1), 10).is_empty());
     }
 }

@@ -81,6 +81,9 @@ pub enum Frame {
     /// Keep-alive: sent every couple of seconds; a link (or registration) silent for longer than its
     /// bound is dead.
     Ping,
+    /// Peer → tracker: the original peers (listen addresses) this peer holds live links to, so the
+    /// tracker keeps listing them without disturbing them.
+    Vouch { originals: Vec<String> },
     /// The sender refuses the link; it closes after this.
     Error { code: String, message: String },
     /// A frame type this version does not know; ignored.
@@ -213,6 +216,7 @@ mod tests {
             Frame::Nick { name: "bia".into() },
             Frame::Bye,
             Frame::Ping,
+            Frame::Vouch { originals: vec!["10.0.0.1:5000".into()] },
         ];
         let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
         for cut in 0..bytes.len() {
