@@ -165,7 +165,9 @@ async fn a_peer_that_never_reads_is_dropped_without_holding_back_the_others() {
     let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
     config.limits.send_queue = 4;
     let (ana, mut ana_events, _) = peer::join(config).await.unwrap();
-    let (_bob, mut bob_events) = join("bob", tracker).await;
+    let mut bob_config = PeerConfig::new("bob", "127.0.0.1", tracker.port());
+    bob_config.limits.max_message_rate = u32::MAX / 4; // bob takes the whole flood on purpose
+    let (_bob, mut bob_events, _) = peer::join(bob_config).await.unwrap();
     // A raw connection that never reads: its kernel buffers fill, then its queue. It sends nothing, so
     // ana takes it for an original peer once `decide_timeout` has passed.
     let _stuck = TcpStream::connect(ana.listen_addr()).await.unwrap();
@@ -477,4 +479,41 @@ async fn an_original_peer_a_member_vouches_for_is_not_probed() {
     tokio::time::sleep(Duration::from_millis(2000)).await;
     assert_eq!(accepts.load(std::sync::atomic::Ordering::SeqCst), 1, "only ana's own link");
     assert_eq!(handle.members("").await.unwrap().len(), 2);
+}
+
+/// A member that floods is muted locally (one notice), and shown again once it slows down.
+#[tokio::test]
+async fn a_flooding_member_is_muted() {
+    let (tracker, _stop) = start_tracker().await;
+    let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+    config.limits.max_message_rate = 10;
+    let (ana, mut events, _) = peer::join(config).await.unwrap();
+    let (bob, _bob_events) = join("bob", tracker).await;
+    wait_p2pchat_links(&ana, 1).await;
+    for i in 0..100 {
+        bob.send(&format!("spam {i}")).await.unwrap();
+    }
+    let (mut shown, mut notices) = (0, Vec::new());
+    while notices.is_empty() || shown < 30 {
+        match tokio::time::timeout(WAIT, events.recv()).await.unwrap().unwrap() {
+            Event::Message(_) => shown += 1,
+            Event::Notice { text } => notices.push(text),
+            _ => {}
+        }
+    }
+    assert_eq!(shown, 30, "a burst of 3 x 10 was shown");
+    assert!(notices[0].starts_with("muting bob"), "{notices:?}");
+    // Later, at a calm pace, bob is shown again.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    bob.send("calm again").await.unwrap();
+    loop {
+        match tokio::time::timeout(WAIT, events.recv()).await.unwrap().unwrap() {
+            Event::Message(m) => {
+                assert_eq!(m.text, "calm again");
+                break;
+            }
+            Event::Notice { text } => assert!(text.contains("no longer muted"), "{text}"),
+            _ => {}
+        }
+    }
 }

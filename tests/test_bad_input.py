@@ -113,3 +113,25 @@ def test_random_bytes_never_hurt_a_peer(chunks):
             received = collect_until(target, "after the noise")
             assert all(isinstance(m.text, str) for m in received)
             assert not target.closed
+
+
+def rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_thousands_of_junk_connections_leave_the_tracker_correct_and_small(room):
+    tracker = room.p2pchat_tracker()
+    pid = tracker.proc.popen.pid
+    with Peer("real", "127.0.0.1", tracker.port):
+        before = rss_kib(pid)
+        junk = [b"", b"\x00" * 64, b"GET / HTTP/1.0\r\n\r\n", b"\xffp2pchat\xff\xff\xff\xff", b"\xffp2pchat\x00\x00\x00\x02{}"]
+        for i in range(3000):
+            with socket.create_connection(("127.0.0.1", tracker.port), timeout=WAIT) as s:
+                if junk[i % len(junk)]:
+                    s.sendall(junk[i % len(junk)])
+        after = rss_kib(pid)
+        answer = raw_exchange(tracker.port)  # an original client still gets a correct list
+        listed = answer.decode().split("-")
+        assert len(listed) == 1 and listed[0].startswith("127.0.0.1:"), answer
+        assert after - before < 20 * 1024, f"the tracker grew by {after - before} KiB over 3000 junk connections"

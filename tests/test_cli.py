@@ -174,3 +174,24 @@ def test_entry_points(room, argv):
     proc = room.start(python(*argv), "entry")
     assert proc.wait() == 0
     assert re.search(r"examples:|p2pchat \d", "\n".join(proc.out.snapshot()))
+
+
+def test_ignore_hides_a_member_for_this_user_only(room):
+    tracker = room.p2pchat_tracker()
+    ana = room.p2pchat_peer("ana", tracker.port)
+    bob = room.p2pchat_peer("bob", tracker.port)
+    cid = room.p2pchat_peer("cid", tracker.port)
+    for p in (ana, bob, cid):
+        p.wait_connections(2)
+    ana.say("/ignore bob")
+    ana.proc.err.expect(r"hiding messages from bob")
+    bob.say("you cannot see me")
+    cid.say("but you see me")
+    ana.proc.out.expect(r"^<cid> :: but you see me$")
+    cid.saw_line(r"^<bob> :: you cannot see me$")
+    ana.say("/unignore bob")
+    ana.proc.err.expect(r"showing messages from bob")
+    bob.say("visible again")
+    ana.proc.out.expect(r"^<bob> :: visible again$")
+    # bob's lines travel in order on one link: the hidden one had arrived before this one.
+    assert ana.proc.out.count("you cannot see me") == 0

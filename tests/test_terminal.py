@@ -53,11 +53,15 @@ class Terminal:
 
     def wait_for(self, pattern: str, timeout: float = WAIT) -> None:
         regex = re.compile(pattern, re.M)
+        self.wait_until(lambda screen: bool(regex.search(screen)), pattern, timeout)
+
+    def wait_until(self, holds, what: str, timeout: float = WAIT) -> None:
+        """Read output until `holds(screen text)` is true (the screen is redrawn in several writes)."""
         deadline = time.monotonic() + timeout
-        while not regex.search("\n".join(self.lines())):
+        while not holds("\n".join(self.lines())):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise AssertionError(f"screen never showed {pattern!r}:\n" + "\n".join(self.lines()))
+                raise AssertionError(f"screen never showed {what}:\n" + "\n".join(self.lines()))
             try:
                 self._read(min(remaining, 0.2))
             except EOFError:
@@ -101,9 +105,12 @@ def test_typing_is_not_garbled_by_incoming_messages(room, terminal_client):
     term.type("hello wor")
     term.wait_for(r"^> hello wor$")
     bob.say("incoming while you type")
-    term.wait_for(r"^<bob> :: incoming while you type$")
-    lines = [line for line in term.lines() if line]
-    assert lines[-1] == "> hello wor", "the line being typed must stay intact at the bottom:\n" + "\n".join(lines)
+
+    def message_above_intact_prompt(screen: str) -> bool:
+        lines = [line for line in screen.splitlines() if line]
+        return "<bob> :: incoming while you type" in lines[:-1] and lines[-1] == "> hello wor"
+
+    term.wait_until(message_above_intact_prompt, "the message above the intact half-typed line")
     term.type("ld\r")
     bob.saw_line(r"^<ana> :: hello world$")
     term.wait_for(r"^<Eu> :: hello world$")

@@ -13,7 +13,7 @@ import argparse
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import List, Optional, Set
 
 from . import (
     MAX_NAME_CHARS,
@@ -38,6 +38,8 @@ TRACKER_RETRY_SECONDS = 5.0
 COMMANDS = {
     "/who": "list the members of the room",
     "/nick NEW": "change your name",
+    "/ignore NAME": "hide NAME's messages (for you only); /ignore alone lists them",
+    "/unignore NAME": "show NAME's messages again",
     "/help": "this list",
     "/quit": "leave (Ctrl-C and Ctrl-D too)",
 }
@@ -96,8 +98,10 @@ def who(name: Optional[str], address: tuple) -> str:
     return f"{printable(name)} ({host}:{peer_port})" if name else f"{host}:{peer_port}"
 
 
-def show(event: object) -> None:
+def show(event: object, ignored: Set[str]) -> None:
     if isinstance(event, Message):
+        if event.sender in ignored:
+            return
         prefix = f"<{printable(event.sender)}> :: " if event.sender is not None else ""
         say(prefix + printable(event.text))
     elif isinstance(event, PeerJoined):
@@ -110,13 +114,13 @@ def show(event: object) -> None:
         status(printable(event.text))
 
 
-def pump_events(peer: Peer) -> None:
+def pump_events(peer: Peer, ignored: Set[str]) -> None:
     while True:
         try:
             event = peer.recv_event()
         except PeerClosed:
             return
-        show(event)
+        show(event, ignored)
 
 
 def join(peer: Peer, server: str, tracker_port: int) -> None:
@@ -141,12 +145,20 @@ def list_members(peer: Peer) -> None:
         status(f"  {who(member.name, member.address)} {member.protocol or 'connecting'}")
 
 
-def run_command(peer: Peer, command: str, argument: str) -> bool:
+def run_command(peer: Peer, command: str, argument: str, ignored: Set[str]) -> bool:
     """A /command typed by the user; returns False to leave."""
     if command == "/quit":
         return False
     if command == "/who":
         list_members(peer)
+    elif command == "/ignore" and argument:
+        ignored.add(argument)
+        status(f"hiding messages from {argument} (/unignore {argument} to see them again)")
+    elif command == "/ignore":
+        status("ignoring: " + (", ".join(sorted(ignored)) if ignored else "nobody"))
+    elif command == "/unignore":
+        ignored.discard(argument)
+        status(f"showing messages from {argument}")
     elif command == "/nick":
         try:
             peer.nick(argument)
@@ -159,14 +171,14 @@ def run_command(peer: Peer, command: str, argument: str) -> bool:
     return True
 
 
-def handle_line(peer: Peer, line: str) -> bool:
+def handle_line(peer: Peer, line: str, ignored: Set[str]) -> bool:
     """Send one typed line, or run it if it is a command; returns False when the user asked to leave."""
     text = line.rstrip("\r\n")
     if not text:
         return True
     command, _, argument = text.strip().partition(" ")
-    if command in ("/quit", "/who", "/nick", "/help"):
-        return run_command(peer, command, argument.strip())
+    if command in ("/quit", "/who", "/nick", "/ignore", "/unignore", "/help"):
+        return run_command(peer, command, argument.strip(), ignored)
     try:
         reached = peer.send(text)
     except InvalidInput as err:
@@ -178,7 +190,7 @@ def handle_line(peer: Peer, line: str) -> bool:
     return True
 
 
-def chat_in_terminal(peer: Peer) -> None:
+def chat_in_terminal(peer: Peer, ignored: Set[str]) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
@@ -189,16 +201,16 @@ def chat_in_terminal(peer: Peer) -> None:
                 line = session.prompt("> ")
             except (EOFError, KeyboardInterrupt):
                 return
-            if not handle_line(peer, line):
+            if not handle_line(peer, line, ignored):
                 return
 
 
-def chat_from_pipe(peer: Peer, exit_on_eof: bool) -> None:
+def chat_from_pipe(peer: Peer, exit_on_eof: bool, ignored: Set[str]) -> None:
     while True:
         line = sys.stdin.readline()
         if not line:
             break
-        if not handle_line(peer, line):
+        if not handle_line(peer, line, ignored):
             return
     if exit_on_eof:
         return
@@ -226,17 +238,18 @@ def run(args: argparse.Namespace) -> int:
     except P2PChatError as err:
         print(f"client.py: {err}", file=sys.stderr)
         return 1
+    ignored: Set[str] = set()
     try:
         with signals_deferred():
-            threading.Thread(target=pump_events, args=(peer,), name="p2pchat-receiver", daemon=True).start()
+            threading.Thread(target=pump_events, args=(peer, ignored), name="p2pchat-receiver", daemon=True).start()
             reached, listed = peer.join_result or (0, 0)
             _, listen_port = peer.address or ("", 0)
             room = f" in room {args.room!r}" if args.room else ""
             status(f"joined as {name!r}{room}, listening on port {listen_port}; connected to {reached} of {listed} peer(s)")
         if sys.stdin.isatty() and sys.stdout.isatty():
-            chat_in_terminal(peer)
+            chat_in_terminal(peer, ignored)
         else:
-            chat_from_pipe(peer, args.exit_on_eof)
+            chat_from_pipe(peer, args.exit_on_eof, ignored)
     finally:
         with signals_deferred():
             peer.close()

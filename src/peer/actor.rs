@@ -285,6 +285,10 @@ impl Actor {
                 }
             }
             NetEvent::Accepted { stream, addr } => {
+                if self.links.len() >= self.limits.max_links {
+                    log::warn!("refusing {addr}: already {} links (the limit)", self.limits.max_links);
+                    return crate::net::reset(stream);
+                }
                 self.open(stream, addr, None, false, Role::Accepted);
             }
             NetEvent::DialFailed { addr, reason, gave_up } => {

@@ -45,6 +45,42 @@ pub(super) enum Role {
     Accepted,
 }
 
+/// A token bucket per link: a member sending faster than `max_message_rate` (after a burst of three
+/// times that) is muted (its messages dropped here) until it slows down; one notice per muted spell.
+const BURST: f64 = 3.0;
+
+struct Flood {
+    tokens: f64,
+    rate: f64,
+    last: tokio::time::Instant,
+    muted: bool,
+}
+
+impl Flood {
+    fn new(rate: u32) -> Self {
+        let rate = f64::from(rate.max(1));
+        Self { tokens: BURST * rate, rate, last: tokio::time::Instant::now(), muted: false }
+    }
+
+    /// Whether one more message may be shown; `Some(notice)` when the muted state changes.
+    fn admit(&mut self, from: SocketAddr, sender: Option<&str>) -> (bool, Option<String>) {
+        let now = tokio::time::Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(BURST * self.rate);
+        self.last = now;
+        let who = sender.map_or_else(|| from.to_string(), |name| format!("{name} ({from})"));
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            let change = std::mem::take(&mut self.muted).then(|| format!("{who} is no longer muted"));
+            (true, change)
+        } else if self.muted {
+            (false, None)
+        } else {
+            self.muted = true;
+            (false, Some(format!("muting {who}: more than {} messages per second", self.rate)))
+        }
+    }
+}
+
 /// What a reader needs besides its socket.
 #[derive(Clone)]
 pub(super) struct ReaderContext {
@@ -145,6 +181,7 @@ async fn read_loop(id: ConnId, mut half: OwnedReadHalf, from: SocketAddr, role: 
 /// The original protocol: `<NAME> :: text` pieces, decoded incrementally.
 async fn original_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, first: Vec<u8>, context: &ReaderContext) -> String {
     let mut decoder = ChatDecoder::new();
+    let mut flood = Flood::new(context.limits.max_message_rate);
     let mut buf = vec![0u8; 64 * 1024];
     let mut pending = first;
     loop {
@@ -155,13 +192,13 @@ async fn original_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, f
             if let (false, Some(name)) = (had_name, decoder.name()) {
                 let _ = context.net.send(NetEvent::Renamed { id, name: name.to_owned() }).await;
             }
-            deliver(pieces, from, &context.events).await;
+            deliver(pieces, from, &context.events, &mut flood).await;
         }
         let read = if decoder.has_held_back() {
             match tokio::time::timeout(context.limits.hold_back, half.read(&mut buf)).await {
                 Ok(read) => read,
                 Err(_idle) => {
-                    deliver(decoder.flush(), from, &context.events).await;
+                    deliver(decoder.flush(), from, &context.events, &mut flood).await;
                     continue;
                 }
             }
@@ -172,17 +209,28 @@ async fn original_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, f
             Ok(0) => break,
             Ok(n) => pending.extend_from_slice(&buf[..n]),
             Err(err) => {
-                deliver(decoder.flush(), from, &context.events).await;
+                deliver(decoder.flush(), from, &context.events, &mut flood).await;
                 return format!("read failed: {err}");
             }
         }
     }
-    deliver(decoder.flush(), from, &context.events).await;
+    deliver(decoder.flush(), from, &context.events, &mut flood).await;
     "closed by the other side".to_owned()
 }
 
-async fn deliver(pieces: Vec<Piece>, from: SocketAddr, events: &mpsc::Sender<Event>) {
+async fn deliver(pieces: Vec<Piece>, from: SocketAddr, events: &mpsc::Sender<Event>, flood: &mut Flood) {
     for Piece { sender, text, starts_message } in pieces {
+        if starts_message {
+            let (shown, notice) = flood.admit(from, sender.as_deref());
+            if let Some(text) = notice {
+                let _ = events.send(Event::Notice { text }).await;
+            }
+            if !shown {
+                continue;
+            }
+        } else if flood.muted {
+            continue;
+        }
         let message = Message { sender, text, from, received_at: SystemTime::now(), starts_message, id: None, sent_at: None };
         // An error means the application dropped its event stream: nobody is listening any more.
         let _ = events.send(Event::Message(message)).await;
@@ -194,6 +242,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
     let mut decoder = FrameDecoder::new();
     decoder.feed(&rest);
     let mut buf = vec![0u8; 64 * 1024];
+    let mut flood = Flood::new(context.limits.max_message_rate);
     let mut greeted = false;
     let mut said_bye = false;
     loop {
@@ -226,7 +275,11 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                         continue;
                     }
                     let first_time = context.seen.lock().map(|mut seen| seen.first_time(&chat.id)).unwrap_or(true);
-                    if first_time {
+                    let (shown, notice) = if first_time { flood.admit(from, Some(&chat.from)) } else { (false, None) };
+                    if let Some(text) = notice {
+                        let _ = context.events.send(Event::Notice { text }).await;
+                    }
+                    if shown {
                         let message = Message {
                             sender: Some(chat.from),
                             text: chat.text,

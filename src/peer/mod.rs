@@ -74,6 +74,11 @@ pub struct Limits {
     pub dead_after: Duration,
     /// How long a p2pchat peer whose link was lost without a goodbye is redialled (with backoff).
     pub redial_for: Duration,
+    /// Links held at once; more incoming connections are refused (reset) with a log line.
+    pub max_links: usize,
+    /// Messages per second one member may send before it is muted here (its further messages are
+    /// dropped until it slows down); bursts of three times this are allowed (a pasted page).
+    pub max_message_rate: u32,
 }
 
 impl Default for Limits {
@@ -93,6 +98,8 @@ impl Default for Limits {
             keepalive_interval: Duration::from_secs(2),
             dead_after: Duration::from_secs(8),
             redial_for: Duration::from_secs(10),
+            max_links: 512,
+            max_message_rate: 200,
         }
     }
 }
