@@ -139,6 +139,25 @@ def assert_clean_stderr(proc: "Proc") -> None:
     assert not bad, f"{proc.name} printed an error a user should never see:\n" + "\n".join(lines)
 
 
+def original_exchange(port: int, host: str = "127.0.0.1", payload: bytes = b"", hold: bool = True) -> bytes:
+    """Talk to a tracker as an original client (optionally sending `payload` first, which no original
+    does); returns its answer (empty if it reset us, or if `hold` is False and we left at once)."""
+    import socket
+
+    with socket.create_connection((host, port), timeout=WAIT) as s:
+        if payload:
+            s.sendall(payload)
+        if not hold:
+            return b""
+        answer = b""
+        try:
+            while chunk := s.recv(4096):
+                answer += chunk
+        except ConnectionResetError:
+            pass
+        return answer
+
+
 def python(*args: str) -> List[str]:
     return [sys.executable, "-u", *args]
 

@@ -6,24 +6,8 @@ import time
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from harness import WAIT
+from harness import WAIT, original_exchange
 from p2pchat import Message, Peer, PeerJoined, PeerLeft, Tracker
-
-
-def raw_exchange(port: int, payload: bytes = b"", hold: bool = True) -> bytes:
-    """Talk to a tracker with a raw socket; returns what it answered (empty if it reset us)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=WAIT) as s:
-        if payload:
-            s.sendall(payload)
-        if not hold:
-            return b""
-        answer = b""
-        try:
-            while chunk := s.recv(4096):
-                answer += chunk
-        except ConnectionResetError:
-            pass
-        return answer
 
 
 def test_tracker_survives_junk_and_silent_and_vanishing_clients():
@@ -31,10 +15,10 @@ def test_tracker_survives_junk_and_silent_and_vanishing_clients():
         port = tracker.address[1]
         with Peer("real", "127.0.0.1", port):
             for junk in (b"\x00\xff" * 100, b"GET / HTTP/1.1\r\n\r\n", bytes(range(256))):
-                assert raw_exchange(port, junk) == b"", "a client that sends bytes is not an original client"
+                assert original_exchange(port, payload=junk) == b"", "a client that sends bytes is not an original client"
             for _ in range(200):
-                raw_exchange(port, hold=False)  # connects and leaves at once
-            silent = raw_exchange(port)  # an original client: sends nothing, gets the list
+                original_exchange(port, hold=False)  # connects and leaves at once
+            silent = original_exchange(port)  # an original client: sends nothing, gets the list
             assert silent.decode().split("-")[0].startswith("127.0.0.1:")
             remembered = tracker.peers()
             assert len(remembered) == 2, remembered  # the real peer and the silent client only
@@ -131,7 +115,7 @@ def test_thousands_of_junk_connections_leave_the_tracker_correct_and_small(room)
                 if junk[i % len(junk)]:
                     s.sendall(junk[i % len(junk)])
         after = rss_kib(pid)
-        answer = raw_exchange(tracker.port)  # an original client still gets a correct list
+        answer = original_exchange(tracker.port)  # an original client still gets a correct list
         listed = answer.decode().split("-")
         assert len(listed) == 1 and listed[0].startswith("127.0.0.1:"), answer
         assert after - before < 20 * 1024, f"the tracker grew by {after - before} KiB over 3000 junk connections"
