@@ -104,3 +104,61 @@ def test_ipv6_between_p2pchat_peers_and_ipv4_lists_for_original_clients(room):
             assert {p.protocol for p in sixtoo.peers()} == {"p2pchat"}
             answer = original_exchange(port)
             assert answer.decode() == f"127.0.0.1:{four.address[1]}", answer
+
+
+def received_all(proc, expected, timeout: float = WAIT) -> None:
+    """Wait until everything in `expected` appears somewhere in proc's stdout (bounded)."""
+    deadline = time.monotonic() + timeout
+    with proc.out.cond:
+        while True:
+            text = "\n".join(proc.out.lines)
+            missing = [e for e in expected if e not in text]
+            if not missing:
+                return
+            remaining = deadline - time.monotonic()
+            assert remaining > 0, f"{proc.name} never got {len(missing)} line(s), e.g. {missing[:3]}"
+            proc.out.cond.wait(remaining)
+
+
+def test_churn_in_a_twenty_peer_room(room):
+    """For 30 s, p2pchat peers are SIGKILLed and replaced every 2 s while everyone talks. Lines
+    between the peers that stay reach each other, reference (original) peers included, and the tracker
+    never lists a killed peer for long."""
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        port = tracker.address[1]
+        steady = [room.p2pchat_peer(f"st{i}", port) for i in range(6)]
+        steady += [room.reference_peer(f"ref{i}", port) for i in range(4)]
+        churn = [room.p2pchat_peer(f"ch{i}", port) for i in range(10)]
+        for p in steady + churn:
+            p.wait_connections(19, timeout=30)
+
+        said = {p.name: [] for p in steady}
+        killed = {}  # listen port -> when it was killed
+        serial = 0
+        start = time.monotonic()
+        next_kill = start + 2
+        turn = 0
+        while time.monotonic() - start < 30:
+            speaker = steady[turn % len(steady)]
+            line = f"{speaker.name} says #{turn:04d};"
+            speaker.say(line)
+            said[speaker.name].append(f"<{speaker.name}> :: {line}")
+            turn += 1
+            if time.monotonic() >= next_kill:
+                victim = churn.pop(0)
+                victim.proc.signal(signal.SIGKILL)
+                victim.proc.wait()
+                killed[victim.listen_port] = time.monotonic()
+                serial += 1
+                churn.append(room.p2pchat_peer(f"new{serial}", port))
+                next_kill += 2
+            listed = {p for _, p in tracker.peers()}
+            for dead_port, when in killed.items():
+                assert not (dead_port in listed and time.monotonic() - when > 10), f"port {dead_port} still listed"
+            time.sleep(0.25)  # the talking pace of this simulated room
+
+        for receiver in steady:
+            expected = [line for name, lines in said.items() if name != receiver.name for line in lines]
+            received_all(receiver.proc, expected, timeout=30)
+        assert serial >= 12 and turn >= 100
+        wait_until(lambda: not ({p for _, p in tracker.peers()} & set(killed)), "every killed peer is unlisted")
