@@ -391,10 +391,17 @@ async fn peers_register_again_after_a_tracker_restart() {
     let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() };
     let (addr, stop, task) = start_tracker_with(config.clone()).await;
     let (a, _a_events) = join("ana", addr).await;
-    let (b, _b_events) = join("bob", addr).await;
+    let (b, mut b_events) = join("bob", addr).await;
     wait_p2pchat_links(&a, 1).await;
     let _ = stop.send(());
     task.await.unwrap();
+    // The room goes on without its tracker: nothing is lost between the members.
+    for i in 0..20 {
+        a.send(&format!("while the tracker is down {i}")).await.unwrap();
+    }
+    for i in 0..20 {
+        assert_eq!(next_message(&mut b_events).await.text, format!("while the tracker is down {i}"));
+    }
     let config = TrackerConfig { listen: addr, ..config };
     let tracker = Tracker::bind(config).await.unwrap();
     let handle = tracker.handle();

@@ -119,3 +119,15 @@ def test_thousands_of_junk_connections_leave_the_tracker_correct_and_small(room)
         listed = answer.decode().split("-")
         assert len(listed) == 1 and listed[0].startswith("127.0.0.1:"), answer
         assert after - before < 20 * 1024, f"the tracker grew by {after - before} KiB over 3000 junk connections"
+
+
+@settings(max_examples=60, deadline=None)
+@given(payload=st.binary(min_size=1, max_size=2048), close_early=st.booleans())
+def test_random_bytes_never_hurt_the_tracker(payload, close_early):
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        port = tracker.address[1]
+        with Peer("member", "127.0.0.1", port) as member:
+            original_exchange(port, payload=payload, hold=not close_early)
+            # Whatever that was, an original client still gets exactly the room.
+            assert original_exchange(port) == f"127.0.0.1:{member.address[1]}".encode()
+            assert tracker.running

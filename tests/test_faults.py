@@ -162,3 +162,33 @@ def test_churn_in_a_twenty_peer_room(room):
             received_all(receiver.proc, expected, timeout=30)
         assert serial >= 12 and turn >= 100
         wait_until(lambda: not ({p for _, p in tracker.peers()} & set(killed)), "every killed peer is unlisted")
+
+
+def test_a_lost_link_between_live_peers_comes_back(namespace):
+    """An outage kills the link between two p2pchat peers (no FIN, no reset: packets dropped); both
+    notice, and once the network is back they are redialled and chat again."""
+    ns = namespace
+    tracker = ns.room.start(ns.argv(python("server.py", "--host", "127.0.0.1", "--port", "7472")), "tracker")
+    tracker.err.expect("listening on")
+    bob = ns.room.start(ns.argv(python("client.py", "--name", "bob")), "bob")
+    bob_port = int(bob.err.expect(r"listening on port (\d+)").group(1))
+    ana = ns.room.start(ns.argv(python("client.py", "--name", "ana")), "ana")
+    ana.err.expect(r"connected to 1 of 1")
+    bob.err.expect(r"^\* ana \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$")
+    # The outage: every packet to or from bob's port is lost (the link and bob's registration use it).
+    ns.nft(f"""
+table inet outage {{
+    chain output {{
+        type filter hook output priority 0; policy accept;
+        tcp sport {bob_port} drop
+        tcp dport {bob_port} drop
+    }}
+}}
+""")
+    ana.err.expect(r"^\* bob \(127\.0\.0\.1:\d+\) left \((silent for|read failed)", timeout=15)
+    ns.sh("nft", "delete", "table", "inet", "outage")
+    ana.err.expect(r"^\* bob \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$", timeout=30)
+    bob.line("back again")
+    ana.out.expect(r"^<bob> :: back again$")
+    ana.line("welcome back")
+    bob.out.expect(r"^<ana> :: welcome back$")

@@ -196,8 +196,9 @@ fn timed_out(after: Duration) -> io::Error {
     io::Error::new(io::ErrorKind::TimedOut, format!("no answer within {after:?}"))
 }
 
-/// Dial one member. A refusal is retried with backoff for `retry_for` (it may be about to listen, or
-/// restarting); a timeout or any other error gives up at once. Every outcome is reported to the actor.
+/// Dial one member. A refusal or a timeout is retried with backoff for `retry_for` (it may be about to
+/// listen, restarting, or behind a passing outage); any other error gives up at once. Every outcome is
+/// reported to the actor.
 pub(super) async fn dial(contact: Contact, limits: Limits, retry_for: Duration, net: mpsc::Sender<NetEvent>) {
     let deadline = Instant::now() + retry_for;
     let mut backoff = Duration::from_millis(100);
@@ -210,7 +211,8 @@ pub(super) async fn dial(contact: Contact, limits: Limits, retry_for: Duration, 
             Ok(Err(error)) => error,
             Err(_) => timed_out(limits.connect_timeout),
         };
-        let retry = error.kind() == io::ErrorKind::ConnectionRefused && Instant::now() + backoff < deadline;
+        let transient = matches!(error.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut);
+        let retry = transient && Instant::now() + backoff < deadline;
         let report = NetEvent::DialFailed { addr: contact.addr, reason: error.to_string(), gave_up: !retry };
         if net.send(report).await.is_err() || !retry {
             return;

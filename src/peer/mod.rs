@@ -46,7 +46,8 @@ pub struct TrackerAddr {
 pub struct Limits {
     /// How long one connection attempt to a peer or the tracker may take.
     pub connect_timeout: Duration,
-    /// How long a peer that refuses connections is retried (with backoff) before it is skipped.
+    /// How long a peer that refuses connections (or does not answer) is retried, with backoff, before
+    /// it is skipped.
     pub retry_refused_for: Duration,
     /// How long to wait for the tracker's first byte.
     pub tracker_answer_timeout: Duration,
@@ -97,7 +98,7 @@ impl Default for Limits {
             decide_timeout: Duration::from_secs(1),
             keepalive_interval: Duration::from_secs(2),
             dead_after: Duration::from_secs(8),
-            redial_for: Duration::from_secs(10),
+            redial_for: Duration::from_secs(30),
             max_links: 512,
             max_message_rate: 200,
         }
