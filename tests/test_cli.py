@@ -124,7 +124,8 @@ def test_unreachable_tracker_is_retried_until_it_appears(room):
     port = probe.getsockname()[1]
     probe.close()
     client = room.start(python("client.py", "--port", str(port), "--name", "early"), "early")
-    client.err.expect(rf"cannot reach the tracker at 127\.0\.0\.1:{port}.*Retrying in 5 s.*--server and --port")
+    client.err.expect(rf"cannot reach the tracker at 127\.0\.0\.1:{port}.*Retrying in 1 s.*--server and --port")
+    client.err.expect(r"Retrying in 2 s")  # backing off
     tracker = room.start(python("server.py", "--host", "127.0.0.1", "--port", str(port)), "late-tracker")
     tracker.err.expect(r"listening on")
     client.err.expect(r"joined as 'early'", timeout=WAIT)

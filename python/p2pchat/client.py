@@ -34,7 +34,7 @@ from ._cli import Leave, handle_signals, port, say, setup_logging, signals_defer
 
 NAME_PROMPT = "Escreva um nome: "
 DEFAULT_NAME = "Unknow"
-TRACKER_RETRY_SECONDS = 5.0
+TRACKER_RETRY_SECONDS = (1.0, 2.0, 4.0, 5.0)  # then every 5 s, as the original
 COMMANDS = {
     "/who": "list the members of the room",
     "/nick NEW": "change your name",
@@ -124,15 +124,18 @@ def pump_events(peer: Peer, ignored: Set[str]) -> None:
 
 
 def join(peer: Peer, server: str, tracker_port: int) -> None:
-    """Join, retrying every 5 s while the tracker cannot be reached, as the original does."""
+    """Join, retrying with backoff (up to every 5 s, as the original) while the tracker cannot be reached."""
+    attempt = 0
     while True:
         try:
             peer.join()
             return
         except TrackerUnreachable as err:
-            status(f"{err}. Retrying in {TRACKER_RETRY_SECONDS:.0f} s (Ctrl-C to quit). "
+            wait = TRACKER_RETRY_SECONDS[min(attempt, len(TRACKER_RETRY_SECONDS) - 1)]
+            attempt += 1
+            status(f"{err}. Retrying in {wait:.0f} s (Ctrl-C to quit). "
                    f"Is the tracker running at {server}:{tracker_port}? Use --server and --port to change it.")
-            time.sleep(TRACKER_RETRY_SECONDS)
+            time.sleep(wait)
 
 
 def list_members(peer: Peer) -> None:

@@ -102,7 +102,24 @@ impl Registry {
         let addr = canonical(addr);
         let seq = self.next_seq();
         let room = self.rooms.entry(DEFAULT_ROOM.to_owned()).or_default();
-        let list = peer_list::encode(room.newest_first().map(|(a, _)| a).filter(|known| **known != addr), self.list_budget);
+        // When more are alive than fit, the most recently confirmed alive go first: registered p2pchat
+        // peers (alive now), then original ones by when they were last confirmed.
+        let mut candidates: Vec<(Instant, &SocketAddr)> = room
+            .newest_first()
+            .filter(|(known, _)| *known != addr)
+            .map(|(known, kind)| match kind {
+                Kind::P2pchat => (now, known),
+                Kind::Original => (room.originals.get(known).map_or(now, |l| l.confirmed), known),
+            })
+            .collect();
+        // Only what can fit matters (the shortest entry, `1.1.1.1:1`, is 9 bytes plus a separator).
+        let can_fit = self.list_budget / 10 + 1;
+        if candidates.len() > can_fit {
+            candidates.select_nth_unstable_by(can_fit, |a, b| b.0.cmp(&a.0));
+            candidates.truncate(can_fit);
+        }
+        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        let list = peer_list::encode(candidates.into_iter().map(|(_, a)| a), self.list_budget);
         room.insert(seq, addr, Kind::Original, self.max_entries);
         room.originals.insert(addr, Liveness { confirmed: now, probing: false });
         list
@@ -252,7 +269,7 @@ mod tests {
     #[test]
     fn the_list_fits_one_read_however_many_joined() {
         let mut r = Registry::new(10_000, LEGACY_LIST_BUDGET);
-        for i in 0..5_000u32 {
+        for i in 0..2_000u32 {
             let [_, b, c, d] = i.to_be_bytes();
             r.admit(SocketAddr::from(([10, b, c, d], 40_000)));
         }
@@ -260,7 +277,7 @@ mod tests {
         assert!(list.len() <= LEGACY_LIST_BUDGET);
         let (listed, rejected) = peer_list::parse(&list);
         assert!(rejected.is_empty());
-        assert_eq!(listed.last(), Some(&a("10.0.19.135:40000")), "the newest entry is kept");
+        assert_eq!(listed.last(), Some(&a("10.0.7.207:40000")), "the newest entry is kept");
     }
 
     #[test]
@@ -310,6 +327,18 @@ mod tests {
         r.probed(a("10.0.0.1:1"), true, t0 + Duration::from_secs(87));
         assert!(r.due_for_probe(t0 + Duration::from_secs(100), ttl, 10).is_empty());
         assert_eq!(r.members(DEFAULT_ROOM).len(), 1);
+    }
+
+    #[test]
+    fn a_full_list_keeps_the_most_recently_confirmed() {
+        let mut r = Registry::new(100, 30); // room for two entries of 13-14 bytes
+        let t0 = Instant::now();
+        r.admit_original(a("10.0.0.1:1001"), t0);
+        r.admit_original(a("10.0.0.2:1002"), t0 + Duration::from_secs(1));
+        r.admit_original(a("10.0.0.3:1003"), t0 + Duration::from_secs(2));
+        // The oldest joiner was vouched for most recently.
+        r.vouch(&[a("10.0.0.1:1001")], t0 + Duration::from_secs(3));
+        assert_eq!(r.admit_original(a("10.0.0.9:9"), t0 + Duration::from_secs(4)), b"10.0.0.3:1003-10.0.0.1:1001");
     }
 
     #[test]
