@@ -393,7 +393,8 @@ impl PyPeer {
         })
     }
 
-    /// The next event of any kind: `Message`, `PeerConnected` or `PeerDisconnected`; None on timeout.
+    /// The next event of any kind: `Message`, `PeerJoined`, `PeerLeft`, `PeerRenamed` or `Notice`; None on
+    /// timeout.
     #[pyo3(signature = (timeout = None))]
     fn recv_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
         let (_, events) = self.core.joined()?;
