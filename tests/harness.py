@@ -38,31 +38,23 @@ class Stream:
 
     def expect(self, pattern: Regex, timeout: float = WAIT) -> "re.Match[str]":
         """Wait for the next line (after the cursor) matching `pattern`; moves the cursor past it."""
-        regex = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while True:
-                for i in range(self.cursor, len(self.lines)):
-                    found = regex.search(self.lines[i])
-                    if found:
-                        self.cursor = i + 1
-                        return found
-                remaining = deadline - time.monotonic()
-                if self.closed or remaining <= 0:
-                    why = "stream closed" if self.closed else f"no match within {timeout}s"
-                    raise AssertionError(f"{self.name}: {why} for {regex.pattern!r}; lines:\n" + "\n".join(self.lines))
-                self.cond.wait(remaining)
+        return self._wait_for(pattern, timeout, ordered=True)
 
     def saw(self, pattern: Regex, timeout: float = WAIT) -> "re.Match[str]":
         """Wait until any line printed so far (or later) matches `pattern`; order-independent."""
+        return self._wait_for(pattern, timeout, ordered=False)
+
+    def _wait_for(self, pattern: Regex, timeout: float, ordered: bool) -> "re.Match[str]":
         regex = re.compile(pattern)
         deadline = time.monotonic() + timeout
         with self.cond:
-            checked = 0
+            checked = self.cursor if ordered else 0
             while True:
                 for i in range(checked, len(self.lines)):
                     found = regex.search(self.lines[i])
                     if found:
+                        if ordered:
+                            self.cursor = i + 1
                         return found
                 checked = len(self.lines)
                 remaining = deadline - time.monotonic()

@@ -11,12 +11,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 async fn start_tracker() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() };
-    let tracker = Tracker::bind(config).await.unwrap();
-    let addr = tracker.local_addr();
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(tracker.run(async move {
-        let _ = stopped.await;
-    }));
+    let (addr, stop, _task) = start_tracker_with(config).await;
     (addr, stop)
 }
 

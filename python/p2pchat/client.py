@@ -227,10 +227,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = args.server if args.server is not None or args.peer else "127.0.0.1"
         peer = Peer(name, server, args.port, listen=args.listen, room=args.room, peers=args.peer)
-    except InvalidInput as err:
-        print(f"client.py: {err}", file=sys.stderr)
-        return 2
-    except ValueError as err:
+    except (InvalidInput, ValueError) as err:
         print(f"client.py: {err}", file=sys.stderr)
         return 2
     try:

@@ -448,19 +448,7 @@ impl Actor {
             return self.replace(existing, id, hello);
         }
         let name = hello.name.filter(|n| chat::validate_name(n).is_ok());
-        let our_hello = (!outgoing).then(|| frames::encode_opening(&Frame::Hello(self.hello())));
-        let Some(link) = self.links.get_mut(&id) else { return };
-        if let Some(port) = hello.listen_port {
-            link.listen_addr = Some(SocketAddr::new(remote.ip(), port));
-        }
-        link.state = State::P2pchat;
-        link.name = name.clone();
-        link.peer_id = Some(hello.id);
-        if let Some(bytes) = our_hello {
-            let _ = link.conn.queue.try_send(bytes.into());
-        }
-        let (addr, held) = (link.shown_addr(), std::mem::take(&mut link.held));
-        self.flush_held(id, held);
+        let Some(addr) = self.adopt(id, hello.id, hello.listen_port, name.clone(), Vec::new()) else { return };
         self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing });
         for member in hello.peers {
             self.consider(member);
@@ -501,20 +489,28 @@ impl Actor {
             None => (None, Vec::new()),
         };
         self.retire(older);
-        let our_hello = self.links.get(&newer).filter(|l| !l.outgoing).map(|_| frames::encode_opening(&Frame::Hello(self.hello())));
-        let Some(link) = self.links.get_mut(&newer) else { return };
-        if let Some(port) = hello.listen_port {
+        self.adopt(newer, hello.id, hello.listen_port, name, held);
+    }
+
+    /// Make `id` the p2pchat link to the peer `peer_id`: answer its hello if it dialled us, then write
+    /// what was held for it (and `carried` from a link it replaces). Returns where it is shown.
+    fn adopt(&mut self, id: ConnId, peer_id: String, listen_port: Option<u16>, name: Option<String>, carried: Vec<Arc<OutLine>>) -> Option<SocketAddr> {
+        let our_hello = self.links.get(&id).filter(|l| !l.outgoing).map(|_| frames::encode_opening(&Frame::Hello(self.hello())));
+        let link = self.links.get_mut(&id)?;
+        if let Some(port) = listen_port {
             link.listen_addr = Some(SocketAddr::new(link.remote.ip(), port));
         }
         link.state = State::P2pchat;
         link.name = name;
-        link.peer_id = Some(hello.id);
+        link.peer_id = Some(peer_id);
         if let Some(bytes) = our_hello {
             let _ = link.conn.queue.try_send(bytes.into());
         }
-        let mut pending = std::mem::take(&mut link.held);
-        pending.extend(held);
-        self.flush_held(newer, pending);
+        let addr = link.shown_addr();
+        let mut held = std::mem::take(&mut link.held);
+        held.extend(carried);
+        self.flush_held(id, held);
+        Some(addr)
     }
 
     /// A member another peer told us about: dial it unless we know it already.
