@@ -12,6 +12,7 @@ from typing import List, Optional, Pattern, Sequence, Union
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tests" / "reference"
+REFERENCE_PROMPT = "Escreva um nome: "  # printed by the original client, without a newline
 WAIT = 15.0  # seconds any single expectation may take; generous for a loaded 2-core CI machine
 
 Regex = Union[str, Pattern[str]]
@@ -226,5 +227,12 @@ class Peer:
         self.proc.line(text)
 
     def saw_line(self, pattern: Regex, timeout: float = WAIT) -> "re.Match[str]":
-        """Wait until this peer printed a chat line matching `pattern` (in any order)."""
+        """Wait until this peer printed a chat line matching `pattern` (in any order).
+
+        The original client prints its name prompt without a newline, so its first chat line arrives
+        glued to `Escreva um nome: `; an anchored pattern allows that prefix for reference peers."""
+        if self.kind == "reference":
+            text = pattern.pattern if isinstance(pattern, re.Pattern) else pattern
+            if text.startswith("^"):
+                pattern = "^(?:" + re.escape(REFERENCE_PROMPT) + ")?" + text[1:]
         return self.proc.out.saw(pattern, timeout)
