@@ -2,9 +2,11 @@
 //! `server.py` / `client.py` pair.
 //!
 //! The core knows nothing of Python: [`tracker`] and [`peer`] are tokio services built on the pure
-//! [`wire`] formats and the socket helpers in [`net`]. The `python` feature adds the PyO3 bindings in
+//! [`wire`] formats and the socket helpers in [`net`]. [`bench`] holds the
+//! benchmark's Rust load generators. The `python` feature adds the PyO3 bindings in
 //! `py`, which maturin builds into the `p2pchat._core` extension module.
 
+pub mod bench;
 pub mod net;
 pub mod peer;
 pub mod tracker;

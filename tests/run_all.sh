@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything the tests need, then run every test: the Rust core's (cargo test) and the
-# Python ones (pytest: API, command lines, interop with the reference originals, terminal, and the
-# network-namespace tests, which need root and nftables and skip with a reason otherwise).
+# Python ones (pytest: API, command lines, interop with the reference originals, terminal, the
+# benchmark's quick smoke run, and the network-namespace tests, which need root and nftables and skip with a reason otherwise).
 # This is the README's test command, and exactly what .ci/run runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,8 +17,9 @@ fi
 echo "== pip install .[test]  (builds the Rust core in release mode)"
 "$PYTHON" -m pip install --quiet --disable-pip-version-check ".[test]"
 
-echo "== cargo test (the Rust core, no Python needed)"
-cargo test --locked
+echo "== cargo test (the Rust core, no Python needed; each \`cargo bench\` case runs once)"
+cargo test --locked --all-targets
+cargo test --locked --doc
 
 echo "== pytest (real processes and sockets on loopback)"
 "$PYTHON" -m pytest tests

@@ -1,7 +1,7 @@
 """Type stubs for the compiled core (``p2pchat._core``)."""
 
 from types import TracebackType
-from typing import Awaitable, Iterator, List, Optional, Sequence, Tuple, Type, Union, final
+from typing import Awaitable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union, final
 
 __version__: str
 DEFAULT_PORT: int
@@ -116,6 +116,7 @@ class Peer:
         listen: Optional[int] = None,
         room: str = "",
         peers: Sequence[Union[str, Address]] = (),
+        max_message_rate: Optional[int] = None,
     ) -> None: ...
     @property
     def name(self) -> str: ...
@@ -161,3 +162,11 @@ class Peer:
 def _shutdown() -> None: ...
 def _set_log_level(level: int) -> None: ...
 def _next_log_records(timeout: float) -> List[Tuple[str, int, str]]: ...
+
+# Benchmark instruments (benches/run.py): Rust load generators, not part of the chat API.
+def _bench_tracker_joins(
+    host: str, port: int, protocol: str, registrations: int, *, concurrency: int = 4, duration: float = 2.0
+) -> Dict[str, float]: ...
+def _bench_fanout(
+    nodes: int, rate: int, message: bytes, *, duration: float = 2.0, drain: float = 2.0
+) -> Dict[str, float]: ...

@@ -476,7 +476,7 @@ impl Actor {
     /// Stop writing to a link but read it until the other end closes it, so nothing in flight is lost.
     fn retire(&mut self, id: ConnId) {
         if let Some(link) = self.links.remove(&id) {
-            let Connection { queue, reader, writer } = link.conn;
+            let Connection { queue, reader, writer, .. } = link.conn;
             drop(queue);
             self.retiring.insert(id, (reader, writer));
         }
@@ -501,6 +501,7 @@ impl Actor {
             link.listen_addr = Some(SocketAddr::new(link.remote.ip(), port));
         }
         link.state = State::P2pchat;
+        link.conn.framed.store(true, std::sync::atomic::Ordering::Release);
         link.name = name;
         link.peer_id = Some(peer_id);
         if let Some(bytes) = our_hello {
@@ -631,7 +632,7 @@ impl Actor {
         let frame = Frame::Error { code: code.to_owned(), message };
         let bytes = if link.outgoing { frames::encode(&frame) } else { frames::encode_opening(&frame) };
         let _ = link.conn.queue.try_send(bytes.into());
-        let Connection { queue, reader, writer } = link.conn;
+        let Connection { queue, reader, writer, .. } = link.conn;
         drop((queue, reader));
         let grace = self.limits.close_grace;
         tokio::spawn(async move {
@@ -649,7 +650,7 @@ impl Actor {
             if link.state == State::P2pchat {
                 let _ = link.conn.queue.try_send(bye.clone());
             }
-            let Connection { queue, reader, writer } = link.conn;
+            let Connection { queue, reader, writer, .. } = link.conn;
             drop((queue, reader));
             writers.push(writer);
         }

@@ -171,7 +171,7 @@ async fn read_answer(stream: &mut TcpStream, tracker: SocketAddr, limits: &Limit
 }
 
 async fn read_welcome(stream: &mut TcpStream, tracker: SocketAddr, after_magic: Vec<u8>, deadline: Instant) -> Result<Answer, PeerError> {
-    let mut decoder = FrameDecoder::new();
+    let mut decoder = FrameDecoder::with_limit(frames::MAX_WELCOME_BYTES);
     decoder.feed(&after_magic);
     let refused = |message: String| PeerError::TrackerRefused { addr: tracker, message };
     loop {

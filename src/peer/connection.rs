@@ -18,6 +18,7 @@
 //! slow application slows its senders through TCP, it does not lose messages.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -94,6 +95,8 @@ pub(super) struct ReaderContext {
 /// The live parts of a connection; dropping it aborts both tasks and closes the socket.
 pub(super) struct Connection {
     pub queue: mpsc::Sender<Line>,
+    /// Set once the link speaks p2pchat frames: its writer may then join queued lines in one write.
+    pub framed: Arc<AtomicBool>,
     pub reader: AbortOnDropHandle<()>,
     pub writer: AbortOnDropHandle<()>,
 }
@@ -104,14 +107,33 @@ pub(super) fn spawn(id: ConnId, stream: TcpStream, from: SocketAddr, role: Role,
     let (read_half, write_half) = stream.into_split();
     let (queue, lines) = mpsc::channel(context.limits.send_queue);
     let net = context.net.clone();
+    let framed = Arc::new(AtomicBool::new(false));
     let reader = tokio::spawn(read_loop(id, read_half, from, role, context));
-    let writer = tokio::spawn(write_loop(id, write_half, lines, net));
-    Connection { queue, reader: AbortOnDropHandle::new(reader), writer: AbortOnDropHandle::new(writer) }
+    let writer = tokio::spawn(write_loop(id, write_half, lines, framed.clone(), net));
+    Connection { queue, framed, reader: AbortOnDropHandle::new(reader), writer: AbortOnDropHandle::new(writer) }
 }
 
-async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Receiver<Line>, net: mpsc::Sender<NetEvent>) {
+/// Most bytes one write gathers from a framed link's queue.
+const MAX_BATCH_BYTES: usize = 64 * 1024;
+
+async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>, net: mpsc::Sender<NetEvent>) {
+    let mut batch = Vec::new();
     while let Some(line) = lines.recv().await {
-        if let Err(err) = half.write_all(&line).await {
+        // Frames keep their boundaries however the stream is cut, so a p2pchat link writes everything
+        // already queued at once (one syscall instead of one per line when the room is busy). An
+        // original peer prints each read as it comes, so its lines keep one write each.
+        let written = if framed.load(Ordering::Acquire) {
+            batch.clear();
+            batch.extend_from_slice(&line);
+            while batch.len() < MAX_BATCH_BYTES {
+                let Ok(more) = lines.try_recv() else { break };
+                batch.extend_from_slice(&more);
+            }
+            half.write_all(&batch).await
+        } else {
+            half.write_all(&line).await
+        };
+        if let Err(err) = written {
             let _ = net.send(NetEvent::Closed { id, reason: format!("write failed: {err}"), clean: false }).await;
             return;
         }

@@ -239,6 +239,16 @@ impl Events {
     pub async fn recv(&mut self) -> Option<Event> {
         self.rx.recv().await
     }
+
+    /// An event already waiting, without waiting: `Ok(None)` if there is none yet,
+    /// `Err(PeerError::Closed)` once the peer is closed and every event was taken.
+    pub fn try_recv(&mut self) -> Result<Option<Event>, PeerError> {
+        match self.rx.try_recv() {
+            Ok(event) => Ok(Some(event)),
+            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
+            Err(mpsc::error::TryRecvError::Disconnected) => Err(PeerError::Closed),
+        }
+    }
 }
 
 /// Join the room: listen on P, ask the tracker from P (if any), dial every listed peer and `peers`.

@@ -10,6 +10,7 @@
 //!   before the interpreter finalizes, so nothing is left half-written and nothing touches a dying
 //!   interpreter.
 
+mod bench;
 mod logging;
 mod peer;
 mod tracker;
@@ -140,5 +141,6 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<peer::PyPeerInfo>()?;
     m.add_function(wrap_pyfunction!(_shutdown, m)?)?;
     logging::register(m)?;
+    bench::register(m)?;
     Ok(())
 }

@@ -38,7 +38,7 @@ use tokio::task::JoinSet;
 pub use registry::{Kind, Registry, DEFAULT_ROOM};
 
 use crate::wire::chat::validate_room;
-use crate::wire::frames::{self, classify_opening, Frame, FrameDecoder, Member, Opening, MAGIC, PROTOCOL_VERSION};
+use crate::wire::frames::{self, classify_opening, Frame, FrameDecoder, Opening, MAGIC, PROTOCOL_VERSION};
 use crate::wire::peer_list::LEGACY_LIST_BUDGET;
 
 /// The original tracker's fixed port.
@@ -75,12 +75,12 @@ impl Default for TrackerConfig {
     fn default() -> Self {
         Self {
             listen: SocketAddr::from(([0, 0, 0, 0], DEFAULT_PORT)),
-            max_entries: 10_000,
+            max_entries: 16_384,
             list_budget: LEGACY_LIST_BUDGET,
             max_connections: 1024,
             write_timeout: Duration::from_secs(5),
             answer_after: Duration::from_millis(150),
-            max_registrations: 10_000,
+            max_registrations: 16_000,
             registration_timeout: Duration::from_secs(6),
             original_ttl: Duration::from_secs(45),
             probe_timeout: Duration::from_secs(3),
@@ -103,7 +103,7 @@ enum Query {
     Members { room: String, reply: oneshot::Sender<Vec<(SocketAddr, Kind)>> },
     /// Remember this original client and give the list to send it.
     AdmitOriginal { addr: SocketAddr, reply: oneshot::Sender<Vec<u8>> },
-    Register { room: String, addr: SocketAddr, reply: oneshot::Sender<(Vec<Member>, registry::Registration)> },
+    Register { room: String, addr: SocketAddr, reply: oneshot::Sender<(Vec<u8>, registry::Registration)> },
     Deregister { room: String, addr: SocketAddr, registration: registry::Registration },
     /// A p2pchat member of the default room holds live links to these original peers.
     Vouch { originals: Vec<SocketAddr> },
@@ -319,8 +319,7 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
     if tracker.queries.send(Query::Register { room: room.clone(), addr: remote, reply }).await.is_err() {
         return;
     }
-    let Ok((members, registration)) = answer.await else { return };
-    let welcome = frames::encode_opening(&Frame::Welcome { v: PROTOCOL_VERSION, members, you: remote.to_string() });
+    let Ok((welcome, registration)) = answer.await else { return };
     if stream.write_all(&welcome).await.is_ok() {
         // Registered while this stays open and keeps talking (the peer pings every 2 s).
         let mut buf = [0u8; 4096];

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use crate::net::canonical;
-use crate::wire::frames::Member;
+use crate::wire::frames::{self, Member};
 use crate::wire::peer_list;
 
 /// The room original clients are in.
@@ -40,9 +40,17 @@ pub struct Registration(u64);
 struct Room {
     seq_of: HashMap<SocketAddr, u64>,
     /// Members by join sequence number, oldest first.
-    by_seq: BTreeMap<u64, (SocketAddr, Kind)>,
+    by_seq: BTreeMap<u64, Entry>,
     /// Original members: when each was last known alive, and whether a probe is out for it.
     originals: HashMap<SocketAddr, Liveness>,
+}
+
+#[derive(Debug)]
+struct Entry {
+    addr: SocketAddr,
+    kind: Kind,
+    /// The member as a welcome lists it, encoded once (see [`frames::encode_welcome_opening`]).
+    encoded: Box<[u8]>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -52,7 +60,7 @@ struct Liveness {
 }
 
 impl Room {
-    fn newest_first(&self) -> impl Iterator<Item = &(SocketAddr, Kind)> {
+    fn newest_first(&self) -> impl Iterator<Item = &Entry> {
         self.by_seq.values().rev()
     }
 
@@ -60,11 +68,12 @@ impl Room {
         if let Some(previous) = self.seq_of.insert(addr, seq) {
             self.by_seq.remove(&previous);
         }
-        self.by_seq.insert(seq, (addr, kind));
+        let encoded = frames::encode_member(&Member { addr: addr.to_string(), p2pchat: kind == Kind::P2pchat });
+        self.by_seq.insert(seq, Entry { addr, kind, encoded });
         while self.by_seq.len() > max_entries {
-            if let Some((_, (oldest, _))) = self.by_seq.pop_first() {
-                self.seq_of.remove(&oldest);
-                self.originals.remove(&oldest);
+            if let Some((_, oldest)) = self.by_seq.pop_first() {
+                self.seq_of.remove(&oldest.addr);
+                self.originals.remove(&oldest.addr);
             }
         }
     }
@@ -106,8 +115,8 @@ impl Registry {
         // peers (alive now), then original ones by when they were last confirmed.
         let mut candidates: Vec<(Instant, &SocketAddr)> = room
             .newest_first()
-            .filter(|(known, _)| *known != addr)
-            .map(|(known, kind)| match kind {
+            .filter(|entry| entry.addr != addr)
+            .map(|Entry { addr: known, kind, .. }| match kind {
                 Kind::P2pchat => (now, known),
                 Kind::Original => (room.originals.get(known).map_or(now, |l| l.confirmed), known),
             })
@@ -164,19 +173,17 @@ impl Registry {
         }
     }
 
-    /// A p2pchat peer at `addr` registers in `room`: return the other members, newest first.
-    pub fn register(&mut self, room_name: &str, addr: SocketAddr) -> (Vec<Member>, Registration) {
+    /// A p2pchat peer at `addr` registers in `room`: return its whole answer (a welcome listing the
+    /// other members, newest first) and the proof of registration.
+    pub fn register(&mut self, room_name: &str, addr: SocketAddr) -> (Vec<u8>, Registration) {
         let addr = canonical(addr);
         let seq = self.next_seq();
         let room = self.rooms.entry(room_name.to_owned()).or_default();
-        let members = room
-            .newest_first()
-            .filter(|(known, _)| *known != addr)
-            .map(|(known, kind)| Member { addr: known.to_string(), p2pchat: *kind == Kind::P2pchat })
-            .collect();
+        let others = room.newest_first().filter(|entry| entry.addr != addr).map(|entry| &entry.encoded[..]);
+        let welcome = frames::encode_welcome_opening(others, &addr.to_string());
         room.insert(seq, addr, Kind::P2pchat, self.max_entries);
         room.originals.remove(&addr);
-        (members, Registration(seq))
+        (welcome, Registration(seq))
     }
 
     /// The registration's connection closed: forget the peer, unless it has registered again since.
@@ -193,7 +200,7 @@ impl Registry {
 
     /// The members of `room`, oldest first.
     pub fn members(&self, room: &str) -> Vec<(SocketAddr, Kind)> {
-        self.rooms.get(room).map(|r| r.by_seq.values().copied().collect()).unwrap_or_default()
+        self.rooms.get(room).map(|r| r.by_seq.values().map(|e| (e.addr, e.kind)).collect()).unwrap_or_default()
     }
 
     /// How many addresses are remembered, over all rooms.
@@ -210,6 +217,15 @@ impl Registry {
 mod tests {
     use super::*;
     use crate::wire::peer_list::LEGACY_LIST_BUDGET;
+
+    fn welcome_members(opening: &[u8]) -> Vec<Member> {
+        let mut decoder = frames::FrameDecoder::new();
+        decoder.feed(&opening[frames::MAGIC.len()..]);
+        match decoder.next_frame() {
+            Ok(Some(frames::Frame::Welcome { members, .. })) => members,
+            other => panic!("not a welcome: {other:?}"),
+        }
+    }
 
     fn a(s: &str) -> SocketAddr {
         s.parse().unwrap()
@@ -283,15 +299,15 @@ mod tests {
     #[test]
     fn rooms_are_separate_and_originals_see_only_the_default_room() {
         let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
-        let (members, _) = r.register("x", a("10.0.0.1:1"));
-        assert!(members.is_empty());
-        let (members, _) = r.register("x", a("10.0.0.2:2"));
-        assert_eq!(members, vec![Member { addr: "10.0.0.1:1".into(), p2pchat: true }]);
+        let (welcome, _) = r.register("x", a("10.0.0.1:1"));
+        assert!(welcome_members(&welcome).is_empty());
+        let (welcome, _) = r.register("x", a("10.0.0.2:2"));
+        assert_eq!(welcome_members(&welcome), vec![Member { addr: "10.0.0.1:1".into(), p2pchat: true }]);
         r.register(DEFAULT_ROOM, a("10.0.0.3:3"));
         assert_eq!(r.admit(a("10.0.0.4:4")), b"10.0.0.3:3");
-        let (members, _) = r.register(DEFAULT_ROOM, a("10.0.0.5:5"));
+        let (welcome, _) = r.register(DEFAULT_ROOM, a("10.0.0.5:5"));
         assert_eq!(
-            members,
+            welcome_members(&welcome),
             vec![Member { addr: "10.0.0.4:4".into(), p2pchat: false }, Member { addr: "10.0.0.3:3".into(), p2pchat: true }]
         );
     }

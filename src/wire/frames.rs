@@ -16,6 +16,8 @@ pub const MAGIC: &[u8] = b"\xFFp2pchat";
 pub const PROTOCOL_VERSION: u32 = 1;
 /// Largest frame accepted (a 64 KiB text plus its envelope fits easily).
 pub const MAX_FRAME_BYTES: usize = 256 * 1024;
+/// Largest welcome a peer accepts from a tracker: a room of 16,384 members at their longest (IPv6).
+pub const MAX_WELCOME_BYTES: usize = 4 * 1024 * 1024;
 
 pub const ERR_VERSION: &str = "version";
 pub const ERR_ROOM: &str = "room";
@@ -93,8 +95,8 @@ pub enum Frame {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum FrameError {
-    #[error("a frame of {0} bytes is larger than the {MAX_FRAME_BYTES}-byte limit")]
-    TooLarge(usize),
+    #[error("a frame of {len} bytes is larger than the {max}-byte limit")]
+    TooLarge { len: usize, max: usize },
     #[error("a frame is not valid p2pchat JSON: {0}")]
     Malformed(String),
 }
@@ -106,6 +108,32 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
     let mut out = Vec::with_capacity(4 + json.len());
     out.extend_from_slice(&(json.len() as u32).to_be_bytes());
     out.extend_from_slice(&json);
+    out
+}
+
+/// One member as it appears in a welcome's `members` array (see [`encode_welcome_opening`]).
+pub fn encode_member(member: &Member) -> Box<[u8]> {
+    serde_json::to_vec(member).unwrap_or_default().into_boxed_slice()
+}
+
+/// A tracker's whole answer, [`MAGIC`] and a `welcome` frame, from members already encoded by
+/// [`encode_member`]. The tracker keeps every member encoded, so answering a join into a room of
+/// thousands copies bytes instead of serializing the room again. Decodes as [`Frame::Welcome`].
+pub fn encode_welcome_opening<'a>(members: impl Iterator<Item = &'a [u8]>, you: &str) -> Vec<u8> {
+    let you = serde_json::to_string(you).unwrap_or_else(|_| "\"\"".to_owned());
+    let mut out = Vec::with_capacity(4096);
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&[0; 4]);
+    out.extend_from_slice(format!(r#"{{"type":"welcome","v":{PROTOCOL_VERSION},"you":{you},"members":["#).as_bytes());
+    for (i, member) in members.enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(member);
+    }
+    out.extend_from_slice(b"]}");
+    let body_len = (out.len() - MAGIC.len() - 4) as u32;
+    out[MAGIC.len()..MAGIC.len() + 4].copy_from_slice(&body_len.to_be_bytes());
     out
 }
 
@@ -139,9 +167,19 @@ pub fn classify_opening(first: &[u8]) -> Opening {
 }
 
 /// Splits a byte stream (after [`MAGIC`]) into frames.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
+    /// Where the next frame starts in `buf`: consumed frames are dropped in one move per `feed`, not
+    /// one per frame, so a read holding hundreds of small frames costs no more than their bytes.
+    start: usize,
+    max_frame: usize,
+}
+
+impl Default for FrameDecoder {
+    fn default() -> Self {
+        Self::with_limit(MAX_FRAME_BYTES)
+    }
 }
 
 impl FrameDecoder {
@@ -149,22 +187,32 @@ impl FrameDecoder {
         Self::default()
     }
 
+    /// A decoder accepting frames of up to `max_frame` bytes (a tracker's welcome lists a whole room).
+    pub fn with_limit(max_frame: usize) -> Self {
+        Self { buf: Vec::new(), start: 0, max_frame }
+    }
+
     pub fn feed(&mut self, bytes: &[u8]) {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
         self.buf.extend_from_slice(bytes);
     }
 
     /// The next complete frame, if one is buffered. After an error the stream cannot be trusted.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
-        let Some(prefix) = self.buf.get(..4) else { return Ok(None) };
+        let pending = &self.buf[self.start..];
+        let Some(prefix) = pending.get(..4) else { return Ok(None) };
         let len = u32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]) as usize;
-        if len > MAX_FRAME_BYTES {
-            return Err(FrameError::TooLarge(len));
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge { len, max: self.max_frame });
         }
-        if self.buf.len() < 4 + len {
+        if pending.len() < 4 + len {
             return Ok(None);
         }
-        let parsed = serde_json::from_slice::<Frame>(&self.buf[4..4 + len]);
-        self.buf.drain(..4 + len);
+        let parsed = serde_json::from_slice::<Frame>(&pending[4..4 + len]);
+        self.start += 4 + len;
         parsed.map(Some).map_err(|e| FrameError::Malformed(e.to_string()))
     }
 }
@@ -247,11 +295,36 @@ mod tests {
     fn bad_frames_are_errors_not_panics() {
         let mut decoder = FrameDecoder::new();
         decoder.feed(&u32::MAX.to_be_bytes());
-        assert_eq!(decoder.next_frame(), Err(FrameError::TooLarge(u32::MAX as usize)));
+        assert_eq!(decoder.next_frame(), Err(FrameError::TooLarge { len: u32::MAX as usize, max: MAX_FRAME_BYTES }));
         let mut decoder = FrameDecoder::new();
         decoder.feed(&3u32.to_be_bytes());
         decoder.feed(b"{x}");
         assert!(matches!(decoder.next_frame(), Err(FrameError::Malformed(_))));
+    }
+
+    #[test]
+    fn a_welcome_from_encoded_members_is_the_welcome_frame() {
+        let members: Vec<Member> =
+            (0..3).map(|i| Member { addr: format!("10.0.0.{i}:5000"), p2pchat: i % 2 == 0 }).collect();
+        let encoded: Vec<Box<[u8]>> = members.iter().map(encode_member).collect();
+        for count in [0, 1, 3] {
+            let opening = encode_welcome_opening(encoded[..count].iter().map(|m| &m[..]), "10.9.8.7:\"1\"");
+            assert_eq!(&opening[..MAGIC.len()], MAGIC);
+            let mut decoder = FrameDecoder::new();
+            decoder.feed(&opening[MAGIC.len()..]);
+            let expected = Frame::Welcome { v: PROTOCOL_VERSION, members: members[..count].to_vec(), you: "10.9.8.7:\"1\"".into() };
+            assert_eq!(decoder.next_frame(), Ok(Some(expected)));
+        }
+    }
+
+    #[test]
+    fn a_welcome_for_a_big_room_needs_the_welcome_limit() {
+        let member = encode_member(&Member { addr: "[2001:db8::1234:5678:9abc:def0]:65535".into(), p2pchat: true });
+        let opening = encode_welcome_opening(std::iter::repeat_n(&member[..], 16_384), "[2001:db8::1]:1");
+        assert!(opening.len() > MAX_FRAME_BYTES && opening.len() < MAX_WELCOME_BYTES);
+        let mut decoder = FrameDecoder::with_limit(MAX_WELCOME_BYTES);
+        decoder.feed(&opening[MAGIC.len()..]);
+        assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Welcome { members, .. })) if members.len() == 16_384));
     }
 
     #[test]

@@ -56,10 +56,12 @@ pub struct RejectedEntry(pub String);
 pub fn parse(answer: &[u8]) -> (Vec<SocketAddr>, Vec<RejectedEntry>) {
     let text = String::from_utf8_lossy(answer);
     let mut addrs: Vec<SocketAddr> = Vec::new();
+    // The original tracker's answer grows with everyone who ever joined: dedupe in O(1) per entry.
+    let mut seen = std::collections::HashSet::new();
     let mut rejected = Vec::new();
     for part in text.split('-').map(str::trim).filter(|p| !p.is_empty()) {
         match parse_entry(part) {
-            Some(addr) if !addrs.contains(&addr) => addrs.push(addr),
+            Some(addr) if seen.insert(addr) => addrs.push(addr),
             Some(_) => {}
             None => rejected.push(RejectedEntry(part.to_owned())),
         }

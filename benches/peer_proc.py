@@ -1,0 +1,180 @@
+"""One chat peer for the benchmark, as its own process, driven by `run.py` over stdin/stdout (JSON lines).
+
+`--impl p2pchat` is an application on the `p2pchat.Peer` API; `--impl baseline` is the asyncio reference
+peer of the interop tests (tests/reference/original_client.py): its own functions run the tracker
+exchange, the listener and every connection; this file only replaces its `print` (so nothing is
+written to a terminal) and hooks its `capture` to see each received chunk as it arrives.
+
+Every benchmark message is the text `SENDER:SEQ:T.` where T is `time.monotonic_ns()` at the send call;
+CLOCK_MONOTONIC is one clock for every process on the machine, so the receiver's latency is
+`monotonic_ns() - T` at the moment the application gets the message. The final `.` lets the baseline,
+whose wire has no message boundaries, tell a whole message from a cut one.
+
+Commands (one JSON object per line): `links` (how many peers this one is connected to), `send`
+(`count` messages at `rate` per second), `report` (what was received since the last report), `quit`.
+Each gets one JSON line back.
+"""
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import re
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+MESSAGE = re.compile(rb"<n\d+> :: (\d+):(\d+):(\d+)\.")
+
+
+class Inbox:
+    """What this peer received: per sender, the count and the latencies (ns)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.counts = defaultdict(int)
+        self.latencies = []
+
+    def record(self, sender: int, sent_ns: int, now_ns: int) -> None:
+        with self.lock:
+            self.counts[sender] += 1
+            self.latencies.append(now_ns - sent_ns)
+
+    def take(self) -> dict:
+        with self.lock:
+            out = {"counts": dict(self.counts), "latencies_ns": self.latencies}
+            self.counts, self.latencies = defaultdict(int), []
+        return out
+
+
+def text(index: int, seq: int) -> str:
+    return f"{index}:{seq}:{time.monotonic_ns()}."
+
+
+def reply(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def paced(count: int, rate: float):
+    """Yield 0..count-1, each no earlier than its turn at `rate` per second."""
+    start = time.monotonic()
+    for seq in range(count):
+        due = start + seq / rate
+        delay = due - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        yield seq
+
+
+def run_p2pchat(args, inbox: Inbox) -> None:
+    import p2pchat
+
+    peer = p2pchat.Peer(f"n{args.index}", "127.0.0.1", args.tracker_port, max_message_rate=args.max_rate).join()
+
+    def receive() -> None:
+        try:
+            for message in peer:
+                now = time.monotonic_ns()
+                sender, _, sent = message.text.rstrip(".").split(":")
+                inbox.record(int(sender), int(sent), now)
+        except p2pchat.PeerClosed:
+            pass
+
+    threading.Thread(target=receive, daemon=True).start()
+    reply({"ready": True, "pid": os.getpid()})
+    seq = 0
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "links":
+            reply({"links": len(peer.peers())})
+        elif cmd["cmd"] == "send":
+            for _ in paced(cmd["count"], cmd["rate"]):
+                peer.send(text(args.index, seq))
+                seq += 1
+            reply({"sent": cmd["count"]})
+        elif cmd["cmd"] == "report":
+            reply(inbox.take())
+        elif cmd["cmd"] == "quit":
+            break
+    peer.close()
+    reply({"bye": True})
+
+
+def load_reference_client():
+    spec = importlib.util.spec_from_file_location("original_client", ROOT / "tests" / "reference" / "original_client.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_baseline(args, inbox: Inbox) -> None:
+    original = load_reference_client()
+    buffers = defaultdict(bytes)
+
+    def on_chunk(_path, peer, data: bytes) -> None:
+        now = time.monotonic_ns()
+        pending = buffers[peer] + data
+        end = 0
+        for found in MESSAGE.finditer(pending):
+            inbox.record(int(found.group(1)), int(found.group(3)), now)
+            end = found.end()
+        buffers[peer] = pending[end:]
+
+    original.capture = on_chunk  # sees every chunk the reference reads, with its connection
+    original.print = lambda *a, **k: None  # the reference prints each chunk; a benchmark has no terminal
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        local_port, answer = await original.ask_tracker("127.0.0.1", args.tracker_port, 0, True)
+        addresses = [part.split(":") for part in answer.split("-") if part]
+        await asyncio.start_server(lambda r, w: original.serve_connection(r, w, "bench"), "0.0.0.0", local_port)
+        for host, port in addresses:
+            try:
+                reader, writer = await asyncio.open_connection(host, int(port))
+            except OSError:
+                continue
+            asyncio.ensure_future(original.serve_connection(reader, writer, "bench"))
+        reply({"ready": True, "pid": os.getpid()})
+        name, seq = f"n{args.index}", 0
+        while True:
+            line = await loop.run_in_executor(None, sys.stdin.readline)
+            if not line:
+                return
+            cmd = json.loads(line)
+            if cmd["cmd"] == "links":
+                reply({"links": len(original.CONNECTIONS)})
+            elif cmd["cmd"] == "send":
+                start = time.monotonic()
+                for i in range(cmd["count"]):
+                    delay = start + i / cmd["rate"] - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    line_text = text(args.index, seq)
+                    seq += 1
+                    # Exactly what the reference client does for each typed line.
+                    for writer in list(original.CONNECTIONS):
+                        writer.write(f"<{name}> :: {line_text}".encode("utf-8"))
+                reply({"sent": cmd["count"]})
+            elif cmd["cmd"] == "report":
+                reply(inbox.take())
+            elif cmd["cmd"] == "quit":
+                reply({"bye": True})
+                return
+
+    asyncio.run(main())
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--impl", choices=("p2pchat", "baseline"), required=True)
+    parser.add_argument("--tracker-port", type=int, required=True)
+    parser.add_argument("--index", type=int, required=True)
+    parser.add_argument("--max-rate", type=int, default=100_000)
+    options = parser.parse_args()
+    inbox = Inbox()
+    (run_p2pchat if options.impl == "p2pchat" else run_baseline)(options, inbox)

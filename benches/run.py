@@ -1,0 +1,550 @@
+"""The p2pchat benchmark: every scenario for p2pchat and for the asyncio baseline, in the same run.
+
+    python benches/run.py            # the full benchmark (a few minutes on 2 cores)
+    python benches/run.py --quick    # a small smoke run (what CI runs; figures printed, not asserted)
+
+The baseline is the asyncio reference tracker and peer of the interop tests (tests/reference/), which
+behave like the original scripts. Each figure is the median over repeated runs; every row shows the
+p2pchat/baseline ratio. Raw results go to benches/results/latest.json (and a PNG chart when matplotlib is
+installed). Scenarios:
+
+1. latency: rooms of 5, 20, 50 peers, one process each, one message at a time; one-way latency from the
+   send call to the receiving application (CLOCK_MONOTONIC, shared by every process), p50 and p99.
+2. throughput: a 20-peer room, every peer sending at an offered rate raised step by step; the highest
+   rate at which every message reaches every peer, its deliveries per second and CPU seconds per 1,000
+   deliveries; the raw TCP fan-out floor (Rust, no protocol) at the same steps.
+3. tracker: joins per second with 10, 1,000 and 10,000 registrations, each join reading the full list,
+   from a load generator written in Rust.
+4. scale: the largest room (one process per peer, in steps up to 200) where every message reaches every
+   peer, and memory per peer process as PSS; and how many peers fit in one process through the API.
+"""
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+PEER = Path(__file__).resolve().parent / "peer_proc.py"
+REFERENCE = ROOT / "tests" / "reference"
+IMPLS = ("p2pchat", "baseline")
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+class BenchFailure(Exception):
+    """A scenario could not be set up (not a measured failure of delivery)."""
+
+
+def log(text: str) -> None:
+    print(f"  .. {text}", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+
+class Child:
+    """A child process speaking JSON lines on stdin/stdout."""
+
+    def __init__(self, argv: List[str], name: str) -> None:
+        self.name = name
+        self.popen = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, text=True,
+            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+        )
+        self.lines: List[str] = []
+        self.cond = threading.Condition()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        assert self.popen.stdout is not None
+        for line in self.popen.stdout:
+            with self.cond:
+                self.lines.append(line)
+                self.cond.notify_all()
+        with self.cond:
+            self.lines.append("")  # end of output
+            self.cond.notify_all()
+
+    def next_line(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not self.lines:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise BenchFailure(f"{self.name}: no answer within {timeout:.0f} s")
+                self.cond.wait(remaining)
+            line = self.lines.pop(0)
+        if not line:
+            raise BenchFailure(f"{self.name}: exited (code {self.popen.poll()})")
+        return line
+
+    def ask(self, cmd: dict, timeout: float = 60.0) -> dict:
+        self.tell(cmd)
+        return json.loads(self.next_line(timeout))
+
+    def tell(self, cmd: dict) -> None:
+        assert self.popen.stdin is not None
+        self.popen.stdin.write(json.dumps(cmd) + "\n")
+        self.popen.stdin.flush()
+
+    def cpu_seconds(self) -> float:
+        try:
+            fields = Path(f"/proc/{self.popen.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+
+    def pss_kib(self) -> int:
+        try:
+            text = Path(f"/proc/{self.popen.pid}/smaps_rollup").read_text()
+        except OSError:
+            return 0
+        found = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
+        return int(found.group(1)) if found else 0
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+
+
+def start_tracker(impl: str) -> subprocess.Popen:
+    """A tracker on a free loopback port; returns the process with `.port` set."""
+    if impl == "p2pchat":
+        argv = [sys.executable, "server.py", "--host", "127.0.0.1", "--port", "0"]
+        pattern, stream = r"listening on [\d.]+:(\d+)", "stderr"
+    else:
+        argv = [sys.executable, str(REFERENCE / "original_server.py"), "--host", "127.0.0.1", "--port", "0"]
+        pattern, stream = r"listening on (\d+)", "stdout"
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    source = proc.stderr if stream == "stderr" else proc.stdout
+    assert source is not None
+    first = source.readline()
+    found = re.search(pattern, first)
+    if not found:
+        proc.kill()
+        raise BenchFailure(f"{impl} tracker did not start: {first!r}")
+    proc.port = int(found.group(1))  # type: ignore[attr-defined]
+    # Keep draining the other pipe so the tracker never blocks on a full one.
+    other = proc.stdout if stream == "stderr" else proc.stderr
+    threading.Thread(target=lambda: [None for _ in other], daemon=True).start()
+    threading.Thread(target=lambda: [None for _ in source], daemon=True).start()
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+class Room:
+    """A tracker and `size` peer processes of one implementation, fully meshed."""
+
+    def __init__(self, impl: str, size: int, mesh_timeout: float = 60.0) -> None:
+        self.impl, self.size = impl, size
+        self.tracker = start_tracker(impl)
+        self.peers: List[Child] = []
+        try:
+            for i in range(size):
+                argv = [sys.executable, str(PEER), "--impl", impl, "--tracker-port", str(self.tracker.port), "--index", str(i)]
+                child = Child(argv, f"{impl} peer {i}")
+                child.next_line(timeout=30)  # ready: it asked the tracker and dialled everyone listed
+                self.peers.append(child)
+            self.meshed = self.wait_mesh(mesh_timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def links(self) -> List[int]:
+        for peer in self.peers:
+            peer.tell({"cmd": "links"})
+        return [json.loads(peer.next_line(30))["links"] for peer in self.peers]
+
+    def wait_mesh(self, timeout: float) -> bool:
+        """Wait (bounded) until every peer holds a link to every other one."""
+        deadline = time.monotonic() + timeout
+        while True:
+            links = self.links()
+            if min(links) >= self.size - 1:
+                return True
+            if time.monotonic() > deadline:
+                log(f"{self.impl} room of {self.size}: mesh incomplete after {timeout:.0f} s (links per peer {min(links)}..{max(links)})")
+                return False
+            time.sleep(0.2)  # polling the peers' own counts; there is no event to wait on across processes
+
+    def reports(self) -> List[dict]:
+        for peer in self.peers:
+            peer.tell({"cmd": "report"})
+        return [json.loads(peer.next_line(60)) for peer in self.peers]
+
+    def cpu_seconds(self) -> float:
+        return sum(p.cpu_seconds() for p in self.peers)
+
+    def close(self) -> None:
+        for peer in self.peers:
+            peer.stop()
+        stop(self.tracker)
+
+
+def percentile(values: List[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+def median(values: List[float]) -> float:
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float("nan")
+
+
+# ---------------------------------------------------------------- scenarios
+
+
+def latency(sizes: List[int], messages: int, repeats: int) -> List[dict]:
+    rows = []
+    for size in sizes:
+        for impl in IMPLS:
+            log(f"latency: {impl}, {size} peers")
+            room = Room(impl, size)
+            try:
+                runs = []
+                for _ in range(repeats):
+                    room.reports()  # start clean
+                    gap = 0.002 + size * 0.0003  # "one at a time": well above the delivery time
+                    for m in range(messages):
+                        room.peers[m % size].ask({"cmd": "send", "count": 1, "rate": 1.0})
+                        time.sleep(gap)
+                    reports = wait_deliveries(room, messages * (size - 1), timeout=10)
+                    samples = [ns / 1e3 for r in reports for ns in r["latencies_ns"]]
+                    runs.append({"p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99),
+                                 "delivered": len(samples), "expected": messages * (size - 1)})
+            finally:
+                room.close()
+            rows.append({"impl": impl, "peers": size, "meshed": room.meshed, "runs": runs,
+                         "p50_us": median([r["p50_us"] for r in runs]), "p99_us": median([r["p99_us"] for r in runs])})
+    return rows
+
+
+def wait_deliveries(room: Room, expected: int, timeout: float) -> List[dict]:
+    """Collect the peers' reports until `expected` deliveries are in, or `timeout` passes."""
+    deadline = time.monotonic() + timeout
+    merged = [{"counts": {}, "latencies_ns": []} for _ in room.peers]
+    while True:
+        for mine, new in zip(merged, room.reports()):
+            for sender, n in new["counts"].items():
+                mine["counts"][sender] = mine["counts"].get(sender, 0) + n
+            mine["latencies_ns"].extend(new["latencies_ns"])
+        got = sum(sum(m["counts"].values()) for m in merged)
+        if got >= expected or time.monotonic() > deadline:
+            return merged
+        time.sleep(0.05)  # polling peers in other processes
+
+
+def throughput(size: int, rates: List[int], seconds: float, repeats: int) -> List[dict]:
+    rows = []
+    for impl in IMPLS:
+        runs = []
+        for _ in range(repeats):
+            log(f"throughput: {impl}, {size} peers")
+            room = Room(impl, size)
+            try:
+                runs.append(step_rates(room, rates, seconds))
+            finally:
+                room.close()
+        rows.append(summarise_steps(impl, runs))
+    runs = []
+    for _ in range(repeats):
+        log(f"throughput: raw TCP fan-out floor, {size} nodes")
+        runs.append(step_floor(size, rates, seconds))
+    rows.append(summarise_steps("floor", runs))
+    return rows
+
+
+def step_rates(room: Room, rates: List[int], seconds: float) -> List[dict]:
+    steps = []
+    for rate in rates:
+        count = int(rate * seconds)
+        expected = count * room.size * (room.size - 1)
+        room.reports()
+        cpu_before, started = room.cpu_seconds(), time.monotonic()
+        for peer in room.peers:
+            peer.tell({"cmd": "send", "count": count, "rate": rate})
+        for peer in room.peers:
+            json.loads(peer.next_line(seconds * 4 + 30))
+        reports = wait_deliveries(room, expected, timeout=seconds + 5)
+        elapsed = time.monotonic() - started
+        delivered = sum(sum(r["counts"].values()) for r in reports)
+        links = room.links()
+        full = delivered == expected and min(links) >= room.size - 1
+        cpu = room.cpu_seconds() - cpu_before
+        steps.append({"rate": rate, "delivered": delivered, "expected": expected, "full": full,
+                      "deliveries_per_s": delivered / elapsed, "cpu_per_1000": 1000 * cpu / max(delivered, 1)})
+        log(f"  {room.impl} rate {rate}/s per peer: {delivered}/{expected} delivered, links {min(links)}..{max(links)}")
+        if not full:
+            break
+    return steps
+
+
+def step_floor(size: int, rates: List[int], seconds: float) -> List[dict]:
+    import p2pchat
+
+    message = b"<n10> :: 10:12345:" + str(time.monotonic_ns()).encode() + b"."
+    steps = []
+    for rate in rates:
+        cpu_before = time.process_time()
+        r = p2pchat._core._bench_fanout(size, rate, message, duration=seconds, drain=5.0)
+        cpu = time.process_time() - cpu_before
+        full = r["delivered"] == r["expected"]
+        steps.append({"rate": rate, "delivered": r["delivered"], "expected": r["expected"], "full": full,
+                      "deliveries_per_s": r["delivered"] / r["seconds"], "cpu_per_1000": 1000 * cpu / max(r["delivered"], 1)})
+        if not full:
+            break
+    return steps
+
+
+def summarise_steps(impl: str, runs: List[List[dict]]) -> dict:
+    best = []
+    for steps in runs:
+        passed = [s for s in steps if s["full"]]
+        best.append(passed[-1] if passed else {"rate": 0, "deliveries_per_s": 0.0, "cpu_per_1000": float("nan")})
+    return {"impl": impl, "runs": runs, "max_rate": median([b["rate"] for b in best]),
+            "deliveries_per_s": median([b["deliveries_per_s"] for b in best]),
+            "cpu_per_1000": median([b["cpu_per_1000"] for b in best]),
+            "capped": all(len([s for s in steps if s["full"]]) == len(steps) for steps in runs)}
+
+
+def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
+    import p2pchat
+
+    rows = []
+    for size in sizes:
+        for impl in IMPLS:
+            runs = []
+            for _ in range(repeats):
+                log(f"tracker: {impl}, {size} registrations")
+                tracker = start_tracker(impl)
+                try:
+                    protocol = "p2pchat" if impl == "p2pchat" else "original"
+                    r = p2pchat._core._bench_tracker_joins("127.0.0.1", tracker.port, protocol, size, concurrency=4, duration=seconds)
+                finally:
+                    stop(tracker)
+                runs.append(r)
+            rows.append({"impl": impl, "registrations": size, "runs": runs,
+                         "joins_per_s": median([r["joins_per_second"] for r in runs]),
+                         "bytes_per_join": median([r["list_bytes"] / max(r["joins"], 1) for r in runs]),
+                         "min_entries": min(r["min_entries"] for r in runs),
+                         "failures": sum(r["failures"] for r in runs)})
+    return rows
+
+
+def scale(sizes: List[int]) -> List[dict]:
+    rows = []
+    for impl in IMPLS:
+        for size in sizes:
+            log(f"scale: {impl}, {size} peers")
+            room = Room(impl, size, mesh_timeout=60 + size / 2)
+            try:
+                pss = [p.pss_kib() for p in room.peers]
+                room.reports()
+                for i, peer in enumerate(room.peers):
+                    peer.tell({"cmd": "send", "count": 1, "rate": 1.0})
+                for peer in room.peers:
+                    json.loads(peer.next_line(30))
+                expected = size * (size - 1)
+                reports = wait_deliveries(room, expected, timeout=20)
+                delivered = sum(sum(r["counts"].values()) for r in reports)
+            finally:
+                room.close()
+            full = delivered == expected
+            rows.append({"impl": impl, "peers": size, "meshed": room.meshed, "delivered": delivered, "expected": expected,
+                         "full": full, "pss_kib_median": median(pss)})
+            log(f"  {delivered}/{expected} delivered; PSS median {median(pss):.0f} KiB")
+            if not full:
+                break
+    return rows
+
+
+def in_process(limit: int) -> dict:
+    """How many p2pchat peers one process can hold (fully meshed), adding them until one falls short."""
+    import resource
+
+    code = f"""
+import json, resource, sys, time, p2pchat
+port = int(sys.argv[1]); peers = []; why = None
+for i in range({limit}):
+    try:
+        peer = p2pchat.Peer(f"n{{i}}", "127.0.0.1", port).join()
+    except p2pchat.P2PChatError as err:
+        why = f"{{type(err).__name__}}: {{err}}"; break
+    peers.append(peer)
+    connected, listed = peer.join_result
+    if connected < listed:
+        why = f"peer {{i}} reached {{connected}} of {{listed}}"; break
+deadline = time.monotonic() + 30
+while time.monotonic() < deadline and min(len(p.peers()) for p in peers) < len(peers) - 1:
+    time.sleep(0.2)
+meshed = len(peers) if min(len(p.peers()) for p in peers) >= len(peers) - 1 else None
+peers[0].send("hello")
+got = sum(1 for p in peers[1:] if p.recv(timeout=10) is not None)
+import os
+print(json.dumps({{"peers": len(peers), "meshed": meshed, "delivered": got, "why": why,
+                  "fds": len(os.listdir("/proc/self/fd")), "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)}}))
+"""
+    tracker = start_tracker("p2pchat")
+    try:
+        out = subprocess.run([sys.executable, "-c", code, str(tracker.port)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    finally:
+        stop(tracker)
+    if out.returncode != 0:
+        return {"error": out.stderr.strip().splitlines()[-1:] or ["exited"], "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- report
+
+
+def ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}" if b and a == a and b == b else "n/a"
+
+
+def table(results: dict) -> str:
+    out = ["| scenario | figure | p2pchat | baseline | p2pchat / baseline |", "| --- | --- | ---: | ---: | ---: |"]
+
+    def row(scenario: str, figure: str, p: float, b: float, fmt: str = "{:.0f}") -> None:
+        out.append(f"| {scenario} | {figure} | {fmt.format(p)} | {fmt.format(b)} | {ratio(p, b)} |")
+
+    def pairs(rows: List[dict], key: str):
+        """(size, p2pchat row, baseline row) for every size measured, smallest first."""
+        by = {(r["impl"], r[key]): r for r in rows}
+        for size in sorted({r[key] for r in rows}):
+            yield size, by[("p2pchat", size)], by[("baseline", size)]
+
+    if "latency" in results:
+        for size, p, b in pairs(results["latency"], "peers"):
+            row("latency", f"{size} peers, p50 (µs)", p["p50_us"], b["p50_us"])
+            row("latency", f"{size} peers, p99 (µs)", p["p99_us"], b["p99_us"])
+    if "throughput" in results:
+        t = {r["impl"]: r for r in results["throughput"]["rows"]}
+        size = results["throughput"]["peers"]
+        p, b, f = t["p2pchat"], t["baseline"], t["floor"]
+        capped = lambda r: " (all steps passed)" if r["capped"] else ""  # noqa: E731
+        out.append(f"| throughput | {size} peers, highest rate per peer at 100% (msg/s) | {p['max_rate']:.0f}{capped(p)} | "
+                   f"{b['max_rate']:.0f}{capped(b)} | {ratio(p['max_rate'], b['max_rate'])} |")
+        row("throughput", "deliveries/s at that rate", p["deliveries_per_s"], b["deliveries_per_s"])
+        row("throughput", "CPU seconds per 1,000 deliveries", p["cpu_per_1000"], b["cpu_per_1000"], "{:.3f}")
+        out.append(f"| throughput | raw TCP fan-out floor: highest rate, deliveries/s | {f['max_rate']:.0f}, "
+                   f"{f['deliveries_per_s']:.0f} | | p2pchat / floor {ratio(p['deliveries_per_s'], f['deliveries_per_s'])} |")
+    if "tracker" in results:
+        for size, p, b in pairs(results["tracker"], "registrations"):
+            row("tracker", f"joins/s, {size} registered", p["joins_per_s"], b["joins_per_s"])
+            row("tracker", f"bytes of list per join, {size} registered", p["bytes_per_join"], b["bytes_per_join"])
+    if "scale" in results:
+        rows = results["scale"]["rooms"]
+        for impl in IMPLS:
+            mine = [r for r in rows if r["impl"] == impl]
+            results["scale"][f"{impl}_largest"] = max([r["peers"] for r in mine if r["full"]], default=0)
+        largest = lambda impl: results["scale"][f"{impl}_largest"]  # noqa: E731
+        row("scale", "largest room with 100% delivery (peers)", largest("p2pchat"), largest("baseline"))
+        for size in sorted({r["peers"] for r in rows}):
+            pair = {r["impl"]: r for r in rows if r["peers"] == size}
+            if len(pair) == 2:
+                row("scale", f"PSS per peer process, {size} peers (KiB)", pair["p2pchat"]["pss_kib_median"], pair["baseline"]["pss_kib_median"])
+        one = results["scale"].get("in_process", {})
+        if "peers" in one:
+            out.append(f"| scale | peers in one process (API), fully meshed | {one['peers']} ({one['fds']} descriptors; "
+                       f"stopped by: {one['why'] or 'the step limit'}) | | |")
+    return "\n".join(out)
+
+
+def chart(results: dict, path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    if "latency" in results:
+        for impl in IMPLS:
+            rows = sorted((r for r in results["latency"] if r["impl"] == impl), key=lambda r: r["peers"])
+            axes[0].plot([r["peers"] for r in rows], [r["p99_us"] for r in rows], marker="o", label=f"{impl} p99")
+            axes[0].plot([r["peers"] for r in rows], [r["p50_us"] for r in rows], marker=".", linestyle="--", label=f"{impl} p50")
+        axes[0].set(xlabel="peers in the room", ylabel="one-way latency (µs)", title="latency", yscale="log")
+        axes[0].legend()
+    if "tracker" in results:
+        for impl in IMPLS:
+            rows = sorted((r for r in results["tracker"] if r["impl"] == impl), key=lambda r: r["registrations"])
+            axes[1].plot([r["registrations"] for r in rows], [r["joins_per_s"] for r in rows], marker="o", label=impl)
+        axes[1].set(xlabel="registrations", ylabel="joins per second", title="tracker", xscale="log", yscale="log")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description="p2pchat vs the asyncio baseline, side by side")
+    parser.add_argument("--quick", action="store_true", help="a small smoke run (seconds, not minutes)")
+    parser.add_argument("--only", default="latency,throughput,tracker,scale", help="comma-separated scenarios")
+    parser.add_argument("--repeats", type=int, help="runs per figure (default 3; 1 with --quick)")
+    parser.add_argument("--out", type=Path, default=ROOT / "benches" / "results", help="where to write the results")
+    args = parser.parse_args(argv)
+    repeats = args.repeats or (1 if args.quick else 3)
+    only = set(args.only.split(","))
+    if args.quick:
+        plan: Dict[str, Callable[[], object]] = {
+            "latency": lambda: latency([3], messages=10, repeats=repeats),
+            "throughput": lambda: {"peers": 3, "rows": throughput(3, [50, 200], seconds=0.5, repeats=repeats)},
+            "tracker": lambda: tracker_joins([10, 100], seconds=0.5, repeats=repeats),
+            "scale": lambda: {"rooms": scale([4]), "in_process": in_process(limit=6)},
+        }
+    else:
+        plan = {
+            "latency": lambda: latency([5, 20, 50], messages=100, repeats=repeats),
+            "throughput": lambda: {"peers": 20, "rows": throughput(20, [100, 200, 400, 800, 1600, 3200, 6400], seconds=2.0, repeats=repeats)},
+            "tracker": lambda: tracker_joins([10, 1000, 10000], seconds=2.0, repeats=repeats),
+            "scale": lambda: {"rooms": scale([50, 100, 150, 200]), "in_process": in_process(limit=400)},
+        }
+    unknown = only - set(plan)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}; choose from {', '.join(plan)}")
+    started = time.monotonic()
+    results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
+                     "quick": args.quick, "repeats": repeats}
+    for name, run in plan.items():
+        if name in only:
+            try:
+                results[name] = run()
+            except BenchFailure as err:
+                print(f"bench: {name} could not run: {err}", file=sys.stderr)
+                return 1
+    results["seconds"] = time.monotonic() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / ("quick.json" if args.quick else "latest.json")).write_text(json.dumps(results, indent=1))
+    print(table(results))
+    png = chart(results, args.out / ("quick.png" if args.quick else "latest.png"))
+    print(f"\n{'quick' if args.quick else 'full'} benchmark, {repeats} run(s) per figure, {results['seconds']:.0f} s; "
+          f"raw results in {args.out}" + (f"; chart {png.name}" if png else " (no matplotlib: no chart)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,226 @@
+//! Joins per second at a tracker that already holds many registrations.
+//!
+//! Setup registers `registrations` members. Against a p2pchat tracker each is a live control connection
+//! (hello, welcome, then a ping every 2 s, as a real peer keeps it). Against an original tracker an entry
+//! is just an accepted connection, which it never forgets, so each is opened and closed at once.
+//!
+//! Then `concurrency` workers join over and over for `duration`. A join is a new connection that reads
+//! the **full** list: the whole `welcome` frame from a p2pchat tracker; from an original tracker (which
+//! never ends its answer) every entry that must be in it, i.e. at least the registrations plus the joins
+//! finished before this one connected. Every join ends with a reset, so no port lingers in TIME_WAIT and
+//! tens of thousands of joins fit in the ephemeral port range.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::task::JoinSet;
+
+use super::BenchError;
+use crate::wire::frames::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
+
+/// Which tracker protocol the load speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackerProtocol {
+    P2pchat,
+    Original,
+}
+
+#[derive(Debug, Clone)]
+pub struct JoinLoad {
+    pub tracker: SocketAddr,
+    pub protocol: TrackerProtocol,
+    pub registrations: usize,
+    pub concurrency: usize,
+    pub duration: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct JoinReport {
+    pub joins: u64,
+    pub failures: u64,
+    pub seconds: f64,
+    /// Bytes of list received, over all joins.
+    pub list_bytes: u64,
+    /// List entries received, over all joins.
+    pub entries: u64,
+    /// The shortest list any join received (to check that every join got the full list).
+    pub min_entries: u64,
+    pub setup_seconds: f64,
+}
+
+impl JoinReport {
+    pub fn joins_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.joins as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Register, then measure joins; the registrations are closed when this returns.
+pub async fn run(load: JoinLoad) -> Result<JoinReport, BenchError> {
+    if load.concurrency == 0 || load.duration.is_zero() {
+        return Err(BenchError::Setting("concurrency and duration must be above zero".into()));
+    }
+    let setup_started = Instant::now();
+    let mut held: Vec<TcpStream> = Vec::with_capacity(load.registrations);
+    // Register in parallel batches: a tracker on a 2-core machine takes them faster than one at a time.
+    let mut pending = JoinSet::new();
+    for i in 0..=load.registrations {
+        while pending.len() >= 64 || (i == load.registrations && !pending.is_empty()) {
+            if let Some(done) = pending.join_next().await {
+                held.extend(done.map_err(join_failed)??);
+            }
+        }
+        if i < load.registrations {
+            let (tracker, protocol) = (load.tracker, load.protocol);
+            pending.spawn(async move { register(tracker, protocol).await });
+        }
+    }
+    let mut keepalives = JoinSet::new();
+    for stream in held {
+        keepalives.spawn(keep_alive(stream));
+    }
+    let setup_seconds = setup_started.elapsed().as_secs_f64();
+
+    let completed = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + load.duration;
+    let mut workers = JoinSet::new();
+    for _ in 0..load.concurrency {
+        let (load, completed) = (load.clone(), completed.clone());
+        workers.spawn(async move { worker(load, deadline, completed).await });
+    }
+    let mut report = JoinReport { min_entries: u64::MAX, setup_seconds, ..JoinReport::default() };
+    while let Some(done) = workers.join_next().await {
+        let part = done.map_err(join_failed)?;
+        report.joins += part.joins;
+        report.failures += part.failures;
+        report.list_bytes += part.list_bytes;
+        report.entries += part.entries;
+        report.min_entries = report.min_entries.min(part.min_entries);
+    }
+    report.seconds = started.elapsed().as_secs_f64();
+    if report.joins == 0 {
+        report.min_entries = 0;
+    }
+    keepalives.shutdown().await;
+    Ok(report)
+}
+
+fn join_failed(err: tokio::task::JoinError) -> BenchError {
+    BenchError::Setting(format!("a load task failed: {err}"))
+}
+
+async fn connect(tracker: SocketAddr) -> Result<TcpStream, BenchError> {
+    let stream = TcpStream::connect(tracker).await.map_err(|source| BenchError::Connect { addr: tracker, source })?;
+    stream.set_nodelay(true)?;
+    // A reset on close: nothing lingers in TIME_WAIT on either side.
+    socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO))?;
+    Ok(stream)
+}
+
+/// One registration: a live control connection (p2pchat) or a remembered address (original, `None`).
+async fn register(tracker: SocketAddr, protocol: TrackerProtocol) -> Result<Option<TcpStream>, BenchError> {
+    let mut stream = connect(tracker).await?;
+    match protocol {
+        TrackerProtocol::P2pchat => {
+            read_welcome(&mut stream, tracker).await?;
+            Ok(Some(stream))
+        }
+        TrackerProtocol::Original => Ok(None),
+    }
+}
+
+async fn keep_alive(mut stream: TcpStream) {
+    let ping = frames::encode(&Frame::Ping);
+    loop {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if stream.write_all(&ping).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Send our hello and read the whole welcome; returns (list bytes, entries).
+async fn read_welcome(stream: &mut TcpStream, tracker: SocketAddr) -> Result<(u64, u64), BenchError> {
+    let port = stream.local_addr()?.port();
+    let hello = Hello { v: PROTOCOL_VERSION, id: frames::random_id(), name: None, room: String::new(), listen_port: Some(port), peers: vec![] };
+    stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await?;
+    let mut head = [0u8; MAGIC.len() + 4];
+    stream.read_exact(&mut head).await?;
+    if &head[..MAGIC.len()] != MAGIC {
+        return Err(BenchError::Protocol { addr: tracker, what: "no p2pchat opening".into() });
+    }
+    let len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as usize;
+    let mut body = vec![0u8; len];
+    stream.read_exact(&mut body).await?;
+    if !body.starts_with(br#"{"type":"welcome""#) {
+        return Err(BenchError::Protocol { addr: tracker, what: String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned() });
+    }
+    // Every member is one JSON object inside the welcome object.
+    let entries = body.iter().filter(|&&b| b == b'{').count().saturating_sub(1) as u64;
+    Ok((len as u64, entries))
+}
+
+/// Read an original tracker's list until it holds at least `expected` entries (or it ends).
+async fn read_original_list(stream: &mut TcpStream, expected: u64) -> Result<(u64, u64), BenchError> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let (mut bytes, mut separators) = (0u64, 0u64);
+    loop {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        bytes += n as u64;
+        separators += buf[..n].iter().filter(|&&b| b == b'-').count() as u64;
+        // n entries have n-1 separators; once `expected` entries have started, all earlier ones are whole.
+        if separators + 1 >= expected.max(1) {
+            break;
+        }
+    }
+    Ok((bytes, separators + 1))
+}
+
+#[derive(Default)]
+struct WorkerReport {
+    joins: u64,
+    failures: u64,
+    list_bytes: u64,
+    entries: u64,
+    min_entries: u64,
+}
+
+async fn worker(load: JoinLoad, deadline: Instant, completed: Arc<AtomicU64>) -> WorkerReport {
+    let mut report = WorkerReport { min_entries: u64::MAX, ..WorkerReport::default() };
+    while Instant::now() < deadline {
+        let done_before = completed.load(Ordering::Relaxed);
+        let outcome = async {
+            let mut stream = connect(load.tracker).await?;
+            match load.protocol {
+                TrackerProtocol::P2pchat => read_welcome(&mut stream, load.tracker).await,
+                TrackerProtocol::Original => read_original_list(&mut stream, load.registrations as u64 + done_before).await,
+            }
+        };
+        match tokio::time::timeout(Duration::from_secs(10), outcome).await {
+            Ok(Ok((bytes, entries))) => {
+                completed.fetch_add(1, Ordering::Relaxed);
+                report.joins += 1;
+                report.list_bytes += bytes;
+                report.entries += entries;
+                report.min_entries = report.min_entries.min(entries);
+            }
+            Ok(Err(err)) => {
+                log::debug!("a join failed: {err}");
+                report.failures += 1;
+            }
+            Err(_) => report.failures += 1,
+        }
+    }
+    report
+}

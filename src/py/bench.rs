@@ -1,0 +1,89 @@
+//! `p2pchat._core._bench_*`: the Rust load generators of the benchmark (`benches/run.py`), run on the
+//! shared runtime with the GIL released. Results come back as plain dicts.
+
+use std::net::ToSocketAddrs;
+use std::time::Duration;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use super::{seconds, wait, P2PChatError};
+use crate::bench::{fanout, tracker_load, BenchError};
+
+impl From<BenchError> for PyErr {
+    fn from(err: BenchError) -> PyErr {
+        match err {
+            BenchError::Setting(_) => PyValueError::new_err(err.to_string()),
+            _ => P2PChatError::new_err(err.to_string()),
+        }
+    }
+}
+
+fn positive_seconds(value: f64, what: &str) -> PyResult<Duration> {
+    seconds(Some(value))?.filter(|d| !d.is_zero()).ok_or_else(|| PyValueError::new_err(format!("{what} must be above zero")))
+}
+
+/// Hold `registrations` at the tracker at `host:port`, then join for `duration` seconds with
+/// `concurrency` workers, each join reading the full list. `protocol` is "p2pchat" or "original".
+#[pyfunction]
+#[pyo3(signature = (host, port, protocol, registrations, *, concurrency = 4, duration = 2.0))]
+fn _bench_tracker_joins<'py>(
+    py: Python<'py>,
+    host: &str,
+    port: u16,
+    protocol: &str,
+    registrations: usize,
+    concurrency: usize,
+    duration: f64,
+) -> PyResult<Bound<'py, PyDict>> {
+    let tracker = (host, port)
+        .to_socket_addrs()
+        .ok()
+        .and_then(|mut addrs| addrs.next())
+        .ok_or_else(|| PyValueError::new_err(format!("cannot resolve {host}:{port}")))?;
+    let protocol = match protocol {
+        "p2pchat" => tracker_load::TrackerProtocol::P2pchat,
+        "original" => tracker_load::TrackerProtocol::Original,
+        other => return Err(PyValueError::new_err(format!("protocol must be 'p2pchat' or 'original', not {other:?}"))),
+    };
+    let load = tracker_load::JoinLoad { tracker, protocol, registrations, concurrency, duration: positive_seconds(duration, "duration")? };
+    let report = wait(py, tracker_load::run(load))??;
+    let out = PyDict::new(py);
+    out.set_item("joins", report.joins)?;
+    out.set_item("failures", report.failures)?;
+    out.set_item("seconds", report.seconds)?;
+    out.set_item("joins_per_second", report.joins_per_second())?;
+    out.set_item("list_bytes", report.list_bytes)?;
+    out.set_item("entries", report.entries)?;
+    out.set_item("min_entries", report.min_entries)?;
+    out.set_item("setup_seconds", report.setup_seconds)?;
+    Ok(out)
+}
+
+/// The raw TCP fan-out floor: `nodes` in a full mesh on loopback, each sending `message` `rate` times
+/// a second for `duration` seconds, one write per message per link.
+#[pyfunction]
+#[pyo3(signature = (nodes, rate, message, *, duration = 2.0, drain = 2.0))]
+fn _bench_fanout<'py>(py: Python<'py>, nodes: usize, rate: u32, message: Vec<u8>, duration: f64, drain: f64) -> PyResult<Bound<'py, PyDict>> {
+    let load = fanout::FanoutLoad {
+        nodes,
+        rate,
+        message,
+        duration: positive_seconds(duration, "duration")?,
+        drain: positive_seconds(drain, "drain")?,
+    };
+    let report = wait(py, fanout::run(load))??;
+    let out = PyDict::new(py);
+    out.set_item("sent", report.sent)?;
+    out.set_item("delivered", report.delivered)?;
+    out.set_item("expected", report.expected)?;
+    out.set_item("seconds", report.seconds)?;
+    Ok(out)
+}
+
+pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(_bench_tracker_joins, m)?)?;
+    m.add_function(wrap_pyfunction!(_bench_fanout, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,35 @@
+"""The benchmark's smoke run (`benches/run.py --quick`) still works end to end.
+
+Figures are printed by the benchmark, never asserted here; what is checked is that every scenario ran
+for both implementations, in real processes, and that the tiny rooms delivered every message.
+"""
+
+import json
+import subprocess
+import sys
+
+from harness import ROOT
+
+
+def test_the_quick_benchmark_runs_every_scenario_for_both_implementations(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "benches/run.py", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    print(run.stdout)  # the table, for whoever reads the CI log
+    results = json.loads((tmp_path / "quick.json").read_text())
+    for row in results["latency"]:
+        assert all(r["delivered"] == r["expected"] for r in row["runs"]), row
+    throughput = {row["impl"]: row for row in results["throughput"]["rows"]}
+    assert set(throughput) == {"p2pchat", "baseline", "floor"}
+    assert all(row["max_rate"] > 0 for row in throughput.values()), throughput
+    tracker = results["tracker"]
+    assert {(r["impl"], r["registrations"]) for r in tracker} == {(i, n) for i in ("p2pchat", "baseline") for n in (10, 100)}
+    for row in tracker:
+        assert row["joins_per_s"] > 0 and row["failures"] == 0, row
+        assert row["min_entries"] >= row["registrations"], f"a join got less than the full list: {row}"
+    rooms = results["scale"]["rooms"]
+    assert all(r["full"] and r["pss_kib_median"] > 0 for r in rooms), rooms
+    assert results["scale"]["in_process"]["delivered"] == results["scale"]["in_process"]["peers"] - 1
+    assert "| latency | 3 peers, p99 (µs) |" in run.stdout
