@@ -11,7 +11,8 @@ CLOCK_MONOTONIC is one clock for every process on the machine, so the receiver's
 whose wire has no message boundaries, tell a whole message from a cut one.
 
 Commands (one JSON object per line): `links` (how many peers this one is connected to), `send`
-(`count` messages at `rate` per second), `report` (what was received since the last report), `quit`.
+(`count` messages at `rate` per second; the answer says how long that took, to tell whether the peer
+kept up), `report` (what was received since the last report), `quit`.
 Each gets one JSON line back.
 """
 
@@ -34,15 +35,17 @@ MESSAGE = re.compile(rb"<n\d+> :: (\d+):(\d+):(\d+)\.")
 class Inbox:
     """What this peer received: per sender, the count and the latencies (ns)."""
 
-    def __init__(self) -> None:
+    def __init__(self, keep_latencies: bool) -> None:
         self.lock = threading.Lock()
         self.counts = defaultdict(int)
         self.latencies = []
+        self.keep_latencies = keep_latencies
 
     def record(self, sender: int, sent_ns: int, now_ns: int) -> None:
         with self.lock:
             self.counts[sender] += 1
-            self.latencies.append(now_ns - sent_ns)
+            if self.keep_latencies:
+                self.latencies.append(now_ns - sent_ns)
 
     def take(self) -> dict:
         with self.lock:
@@ -93,10 +96,11 @@ def run_p2pchat(args, inbox: Inbox) -> None:
         if cmd["cmd"] == "links":
             reply({"links": len(peer.peers())})
         elif cmd["cmd"] == "send":
+            started = time.monotonic()
             for _ in paced(cmd["count"], cmd["rate"]):
                 peer.send(text(args.index, seq))
                 seq += 1
-            reply({"sent": cmd["count"]})
+            reply({"sent": cmd["count"], "seconds": time.monotonic() - started})
         elif cmd["cmd"] == "report":
             reply(inbox.take())
         elif cmd["cmd"] == "quit":
@@ -159,7 +163,7 @@ def run_baseline(args, inbox: Inbox) -> None:
                     # Exactly what the reference client does for each typed line.
                     for writer in list(original.CONNECTIONS):
                         writer.write(f"<{name}> :: {line_text}".encode("utf-8"))
-                reply({"sent": cmd["count"]})
+                reply({"sent": cmd["count"], "seconds": time.monotonic() - start})
             elif cmd["cmd"] == "report":
                 reply(inbox.take())
             elif cmd["cmd"] == "quit":
@@ -175,6 +179,7 @@ if __name__ == "__main__":
     parser.add_argument("--tracker-port", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--max-rate", type=int, default=100_000)
+    parser.add_argument("--latencies", action="store_true", help="keep every latency for the report")
     options = parser.parse_args()
-    inbox = Inbox()
+    inbox = Inbox(options.latencies)
     (run_p2pchat if options.impl == "p2pchat" else run_baseline)(options, inbox)

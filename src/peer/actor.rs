@@ -147,7 +147,7 @@ pub(super) async fn run(setup: Setup) {
         next_id: 0,
         net,
         events,
-        seen: Arc::new(Mutex::new(SeenIds::new(4096))),
+        seen: Arc::new(Mutex::new(SeenIds::new(super::seen::REMEMBERED_IDS))),
         originals: HashSet::new(),
         dialling: HashSet::new(),
         carried: HashMap::new(),

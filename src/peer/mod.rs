@@ -330,6 +330,9 @@ impl PeerHandle {
         if self.commands.send(actor::Command::Close { reply }).await.is_ok() {
             let _ = done.await;
         }
+        // The actor answers just before it ends; once this returns, `is_closed` is true (bounded, in
+        // case the task is somehow stuck: closing must never hang the caller).
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.commands.closed()).await;
     }
 
     /// Whether the peer has stopped (closed, or every other handle dropped).
