@@ -22,6 +22,9 @@ use tokio::task::JoinSet;
 use super::BenchError;
 use crate::wire::frames::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
 
+/// How long the tracker may take to answer the first join after the setup.
+const SETTLE_LIMIT: Duration = Duration::from_secs(300);
+
 /// Which tracker protocol the load speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TrackerProtocol {
@@ -68,13 +71,17 @@ pub async fn run(load: JoinLoad) -> Result<JoinReport, BenchError> {
         return Err(BenchError::Setting("concurrency and duration must be above zero".into()));
     }
     let setup_started = Instant::now();
-    let mut held: Vec<TcpStream> = Vec::with_capacity(load.registrations);
     // Register in parallel batches: a tracker on a 2-core machine takes them faster than one at a time.
+    // Each registration pings from the moment it is made: setting up 10,000 takes longer than the
+    // tracker's 6 s silence limit.
+    let mut keepalives = JoinSet::new();
     let mut pending = JoinSet::new();
     for i in 0..=load.registrations {
         while pending.len() >= 64 || (i == load.registrations && !pending.is_empty()) {
             if let Some(done) = pending.join_next().await {
-                held.extend(done.map_err(join_failed)??);
+                if let Some(stream) = done.map_err(join_failed)?? {
+                    keepalives.spawn(keep_alive(stream));
+                }
             }
         }
         if i < load.registrations {
@@ -82,10 +89,22 @@ pub async fn run(load: JoinLoad) -> Result<JoinReport, BenchError> {
             pending.spawn(async move { register(tracker, protocol).await });
         }
     }
-    let mut keepalives = JoinSet::new();
-    for stream in held {
-        keepalives.spawn(keep_alive(stream));
+    // One join that is not counted: an original tracker writes a growing list to every registration
+    // and may still be busy with them; the clock starts once it answers a join in full.
+    let mut settle = connect(load.tracker).await?;
+    let settled = async {
+        match load.protocol {
+            TrackerProtocol::P2pchat => read_welcome(&mut settle, load.tracker).await,
+            TrackerProtocol::Original => read_original_list(&mut settle, load.registrations as u64).await,
+        }
+    };
+    let (_, entries) = tokio::time::timeout(SETTLE_LIMIT, settled)
+        .await
+        .map_err(|_| BenchError::Setting(format!("the tracker did not answer a join within {SETTLE_LIMIT:?} after the setup")))??;
+    if entries < load.registrations as u64 {
+        return Err(BenchError::Protocol { addr: load.tracker, what: format!("it lists {entries} of {} registrations", load.registrations) });
     }
+    drop(settle);
     let setup_seconds = setup_started.elapsed().as_secs_f64();
 
     let completed = Arc::new(AtomicU64::new(0));

@@ -113,6 +113,34 @@ pub(super) fn spawn(id: ConnId, stream: TcpStream, from: SocketAddr, role: Role,
     Connection { queue, framed, reader: AbortOnDropHandle::new(reader), writer: AbortOnDropHandle::new(writer) }
 }
 
+/// How much one read asks for: it starts small, since every link keeps its buffer for its life (a room
+/// of 200 holds 199) and chat lines are short, and doubles while reads fill it, up to 64 KiB for a busy
+/// link. Buffers are filled with `read_buf`, which never zeroes them: only pages data lands in are
+/// touched.
+#[derive(Debug, Clone, Copy)]
+struct ReadSize(usize);
+
+impl ReadSize {
+    const FIRST: usize = 1024;
+    const MOST: usize = 64 * 1024;
+
+    fn new() -> Self {
+        Self(Self::FIRST)
+    }
+
+    /// Room for the next read in `buf`.
+    fn prepare(self, buf: &mut Vec<u8>) {
+        buf.reserve(self.0);
+    }
+
+    /// A read of `n` bytes happened: grow when it took everything asked for.
+    fn after_read(&mut self, n: usize) {
+        if n >= self.0 {
+            self.0 = (self.0 * 2).min(Self::MOST);
+        }
+    }
+}
+
 /// Most bytes one write gathers from a framed link's queue.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
@@ -159,12 +187,12 @@ async fn opening(half: &mut OwnedReadHalf, wait: Duration) -> Opened {
             Opening::Original => return Opened::Original(first),
             Opening::Undecided => {}
         }
-        let mut buf = [0u8; 4096];
-        match tokio::time::timeout_at(deadline, half.read(&mut buf)).await {
+        first.reserve(MAGIC.len());
+        match tokio::time::timeout_at(deadline, half.read_buf(&mut first)).await {
             Err(_) if first.is_empty() => return Opened::Silent,
             Err(_) => return Opened::Closed("sent a partial p2pchat opening, then nothing".to_owned()),
             Ok(Ok(0)) => return Opened::Closed("closed by the other side".to_owned()),
-            Ok(Ok(n)) => first.extend_from_slice(&buf[..n]),
+            Ok(Ok(_)) => {}
             Ok(Err(err)) => return Opened::Closed(format!("read failed: {err}")),
         }
     }
@@ -204,8 +232,8 @@ async fn read_loop(id: ConnId, mut half: OwnedReadHalf, from: SocketAddr, role: 
 async fn original_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, first: Vec<u8>, context: &ReaderContext) -> String {
     let mut decoder = ChatDecoder::new();
     let mut flood = Flood::new(context.limits.max_message_rate);
-    let mut buf = vec![0u8; 64 * 1024];
     let mut pending = first;
+    let mut read_size = ReadSize::new();
     loop {
         if !pending.is_empty() {
             let had_name = decoder.name().is_some();
@@ -216,8 +244,9 @@ async fn original_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, f
             }
             deliver(pieces, from, &context.events, &mut flood).await;
         }
+        read_size.prepare(&mut pending);
         let read = if decoder.has_held_back() {
-            match tokio::time::timeout(context.limits.hold_back, half.read(&mut buf)).await {
+            match tokio::time::timeout(context.limits.hold_back, half.read_buf(&mut pending)).await {
                 Ok(read) => read,
                 Err(_idle) => {
                     deliver(decoder.flush(), from, &context.events, &mut flood).await;
@@ -225,11 +254,11 @@ async fn original_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, f
                 }
             }
         } else {
-            half.read(&mut buf).await
+            half.read_buf(&mut pending).await
         };
         match read {
             Ok(0) => break,
-            Ok(n) => pending.extend_from_slice(&buf[..n]),
+            Ok(n) => read_size.after_read(n),
             Err(err) => {
                 deliver(decoder.flush(), from, &context.events, &mut flood).await;
                 return format!("read failed: {err}");
@@ -263,7 +292,7 @@ async fn deliver(pieces: Vec<Piece>, from: SocketAddr, events: &mpsc::Sender<Eve
 async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, rest: Vec<u8>, context: &ReaderContext) -> (String, bool) {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&rest);
-    let mut buf = vec![0u8; 64 * 1024];
+    let (mut buf, mut read_size) = (Vec::new(), ReadSize::new());
     let mut flood = Flood::new(context.limits.max_message_rate);
     let mut greeted = false;
     let mut said_bye = false;
@@ -324,11 +353,35 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
             }
         }
         // p2pchat ends ping every `keepalive_interval`: silence means the other end is gone.
-        match tokio::time::timeout(context.limits.dead_after, half.read(&mut buf)).await {
+        buf.clear();
+        read_size.prepare(&mut buf);
+        match tokio::time::timeout(context.limits.dead_after, half.read_buf(&mut buf)).await {
             Ok(Ok(0)) => return (if said_bye { "left" } else { "closed by the other side" }.to_owned(), said_bye),
-            Ok(Ok(n)) => decoder.feed(&buf[..n]),
+            Ok(Ok(n)) => {
+                read_size.after_read(n);
+                decoder.feed(&buf);
+            }
             Ok(Err(err)) => return (format!("read failed: {err}"), said_bye),
             Err(_) => return (format!("silent for {:?}", context.limits.dead_after), false),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReadSize;
+
+    #[test]
+    fn reads_start_small_and_grow_only_while_they_fill_the_buffer() {
+        let mut size = ReadSize::new();
+        let mut buf = Vec::new();
+        size.prepare(&mut buf);
+        assert!(buf.capacity() >= ReadSize::FIRST && buf.capacity() < ReadSize::MOST);
+        size.after_read(10);
+        assert_eq!(size.0, ReadSize::FIRST, "a short read does not grow it");
+        for _ in 0..20 {
+            size.after_read(size.0);
+        }
+        assert_eq!(size.0, ReadSize::MOST, "full reads double it, up to the cap");
     }
 }
