@@ -32,6 +32,8 @@ import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
+from p2pchat import P2PChatError
+
 ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).resolve().parent / "peer_proc.py"
 REFERENCE = ROOT / "tests" / "reference"
@@ -356,6 +358,7 @@ def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
             rows.append({"impl": impl, "registrations": size, "runs": runs,
                          "joins_per_s": median([r["joins_per_second"] for r in runs]),
                          "bytes_per_join": median([r["list_bytes"] / max(r["joins"], 1) for r in runs]),
+                         "entries_per_join": median([r["entries"] / max(r["joins"], 1) for r in runs]),
                          "min_entries": min(r["min_entries"] for r in runs),
                          "failures": sum(r["failures"] for r in runs)})
     return rows
@@ -465,6 +468,7 @@ def table(results: dict) -> str:
     if "tracker" in results:
         for size, p, b in pairs(results["tracker"], "registrations"):
             row("tracker", f"joins/s, {size} registered", p["joins_per_s"], b["joins_per_s"])
+            row("tracker", f"entries per list (mean), {size} registered", p["entries_per_join"], b["entries_per_join"])
             row("tracker", f"bytes of list per join, {size} registered", p["bytes_per_join"], b["bytes_per_join"])
     if "scale" in results:
         rows = results["scale"]["rooms"]
@@ -544,12 +548,16 @@ def main(argv: Optional[List[str]] = None) -> int:
         if name in only:
             try:
                 results[name] = run()
-            except BenchFailure as err:
+            except (BenchFailure, P2PChatError) as err:
                 print(f"bench: {name} could not run: {err}", file=sys.stderr)
                 return 1
     results["seconds"] = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / ("quick.json" if args.quick else "latest.json")).write_text(json.dumps(results, indent=1))
+    path = args.out / ("quick.json" if args.quick else "latest.json")
+    if only != set(plan) and path.exists():
+        # A partial run updates its scenarios and keeps the others' latest figures.
+        results = {**json.loads(path.read_text()), **{k: v for k, v in results.items() if k in only or k not in plan}}
+    path.write_text(json.dumps(results, indent=1))
     print(table(results))
     png = chart(results, args.out / ("quick.png" if args.quick else "latest.png"))
     print(f"\n{'quick' if args.quick else 'full'} benchmark, {repeats} run(s) per figure, {results['seconds']:.0f} s; "

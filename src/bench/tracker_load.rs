@@ -2,7 +2,7 @@
 //!
 //! Setup registers `registrations` members. Against a p2pchat tracker each is a live control connection
 //! (hello, welcome, then a ping every 2 s, as a real peer keeps it). Against an original tracker an entry
-//! is just an accepted connection, which it never forgets, so each is opened and closed at once.
+//! is just an accepted connection, which it never forgets, so each is closed as soon as it is answered.
 //!
 //! Then `concurrency` workers join over and over for `duration`. A join is a new connection that reads
 //! the **full** list: the whole `welcome` frame from a p2pchat tracker; from an original tracker (which
@@ -144,7 +144,8 @@ async fn connect(tracker: SocketAddr) -> Result<TcpStream, BenchError> {
     Ok(stream)
 }
 
-/// One registration: a live control connection (p2pchat) or a remembered address (original, `None`).
+/// One registration: a live control connection (p2pchat) or an address the tracker answered and so
+/// remembers (original, `None`).
 async fn register(tracker: SocketAddr, protocol: TrackerProtocol) -> Result<Option<TcpStream>, BenchError> {
     let mut stream = connect(tracker).await?;
     match protocol {
@@ -152,7 +153,13 @@ async fn register(tracker: SocketAddr, protocol: TrackerProtocol) -> Result<Opti
             read_welcome(&mut stream, tracker).await?;
             Ok(Some(stream))
         }
-        TrackerProtocol::Original => Ok(None),
+        TrackerProtocol::Original => {
+            // Wait for the first bytes of its answer: a connection reset while it is still in the
+            // accept backlog would never be remembered.
+            let mut first = [0u8; 1];
+            stream.read_exact(&mut first).await?;
+            Ok(None)
+        }
     }
 }
 

@@ -62,7 +62,8 @@ fn _bench_tracker_joins<'py>(
 }
 
 /// The raw TCP fan-out floor: `nodes` in a full mesh on loopback, each sending `message` `rate` times
-/// a second for `duration` seconds, one write per message per link.
+/// a second for `duration` seconds, one write per message per link, on every core. Not interruptible
+/// by Ctrl-C (it ends after `duration` plus `drain` seconds).
 #[pyfunction]
 #[pyo3(signature = (nodes, rate, message, *, duration = 2.0, drain = 2.0))]
 fn _bench_fanout<'py>(py: Python<'py>, nodes: usize, rate: u32, message: Vec<u8>, duration: f64, drain: f64) -> PyResult<Bound<'py, PyDict>> {
@@ -73,7 +74,15 @@ fn _bench_fanout<'py>(py: Python<'py>, nodes: usize, rate: u32, message: Vec<u8>
         duration: positive_seconds(duration, "duration")?,
         drain: positive_seconds(drain, "drain")?,
     };
-    let report = wait(py, fanout::run(load))??;
+    // The floor gets a runtime of its own with a worker per core: the shared runtime has one worker
+    // (right for a chat peer), and the floor must show what the sockets allow on the whole machine.
+    let cores = std::thread::available_parallelism().map_or(2, usize::from);
+    let floor_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cores)
+        .enable_all()
+        .build()
+        .map_err(|e| P2PChatError::new_err(format!("cannot start the floor's runtime: {e}")))?;
+    let report = py.detach(|| floor_runtime.block_on(fanout::run(load)))?;
     let out = PyDict::new(py);
     out.set_item("sent", report.sent)?;
     out.set_item("delivered", report.delivered)?;
