@@ -127,7 +127,7 @@ impl Registry {
             candidates.select_nth_unstable_by(can_fit, |a, b| b.0.cmp(&a.0));
             candidates.truncate(can_fit);
         }
-        candidates.sort_by(|a, b| b.0.cmp(&a.0));
+        candidates.sort_by_key(|c| std::cmp::Reverse(c.0));
         let list = peer_list::encode(candidates.into_iter().map(|(_, a)| a), self.list_budget);
         room.insert(seq, addr, Kind::Original, self.max_entries);
         room.originals.insert(addr, Liveness { confirmed: now, probing: false });
