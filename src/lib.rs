@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod net;
 pub mod peer;
+mod reading;
 pub mod tracker;
 pub mod wire;
 

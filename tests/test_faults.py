@@ -18,16 +18,21 @@ def wait_until(predicate, what: str, timeout: float = WAIT) -> None:
         time.sleep(0.05)
 
 
+def kill_and_wait_until_forgotten(tracker, survivor, victim) -> None:
+    """Both listed at the tracker; SIGKILL `victim`; only `survivor` stays listed (within 10 s)."""
+    survivor.wait_connections(1)
+    wait_until(lambda: len(tracker.peers()) == 2, "both are listed")
+    victim.proc.signal(signal.SIGKILL)
+    victim.proc.wait()
+    wait_until(lambda: tracker.peers() == [("127.0.0.1", survivor.listen_port)], f"{victim.name} is forgotten", timeout=10)
+
+
 def test_a_killed_peer_leaves_the_tracker_list_and_the_room(room):
     with Tracker(host="127.0.0.1", port=0) as tracker:
         port = tracker.address[1]
         ana = room.p2pchat_peer("ana", port)
         victim = room.p2pchat_peer("victim", port)
-        ana.wait_connections(1)
-        wait_until(lambda: len(tracker.peers()) == 2, "both are registered")
-        victim.proc.signal(signal.SIGKILL)
-        victim.proc.wait()
-        wait_until(lambda: tracker.peers() == [("127.0.0.1", ana.listen_port)], "the killed peer is forgotten", timeout=10)
+        kill_and_wait_until_forgotten(tracker, ana, victim)
         ana.proc.err.saw(r"^\* victim \(127\.0\.0\.1:\d+\) left \(")
 
 
@@ -78,11 +83,7 @@ def test_an_original_peer_that_left_leaves_the_list_within_the_bound(room):
         port = tracker.address[1]
         ana = room.p2pchat_peer("ana", port)
         ref = room.reference_peer("ref", port)
-        ana.wait_connections(1)
-        wait_until(lambda: len(tracker.peers()) == 2, "both are listed")
-        ref.proc.signal(signal.SIGKILL)
-        ref.proc.wait()
-        wait_until(lambda: tracker.peers() == [("127.0.0.1", ana.listen_port)], "the dead original is dropped", timeout=10)
+        kill_and_wait_until_forgotten(tracker, ana, ref)
 
 
 def test_tracker_bounds_are_validated():

@@ -65,7 +65,7 @@ class Terminal:
             try:
                 self._read(min(remaining, 0.2))
             except EOFError:
-                raise AssertionError(f"process ended before {pattern!r}:\n" + "\n".join(self.lines())) from None
+                raise AssertionError(f"process ended before the screen showed {what}:\n" + "\n".join(self.lines())) from None
 
     def type(self, keys: str) -> None:
         os.write(self.master, keys.encode())

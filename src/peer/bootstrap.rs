@@ -18,6 +18,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use super::actor::NetEvent;
 use super::{Limits, PeerConfig, PeerError, Protocol};
 use crate::net;
+use crate::reading::{read_frame, FrameReadError};
 use crate::wire::frames::{self, classify_opening, Frame, FrameDecoder, Hello, Opening, MAGIC, PROTOCOL_VERSION};
 use crate::wire::peer_list;
 
@@ -146,7 +147,7 @@ async fn read_answer(stream: &mut TcpStream, tracker: SocketAddr, limits: &Limit
     let mut idle_deadline = deadline;
     loop {
         if classify_opening(&answer) == Opening::P2pchat {
-            return read_welcome(stream, tracker, answer.split_off(MAGIC.len()), deadline).await;
+            return read_welcome(stream, tracker, answer.split_off(MAGIC.len()), deadline, limits.tracker_answer_timeout).await;
         }
         if answer.len() >= limits.tracker_answer_cap {
             log::warn!("the tracker's answer is longer than {} bytes; ignoring the rest", limits.tracker_answer_cap);
@@ -170,25 +171,27 @@ async fn read_answer(stream: &mut TcpStream, tracker: SocketAddr, limits: &Limit
     Ok(Answer::List(answer))
 }
 
-async fn read_welcome(stream: &mut TcpStream, tracker: SocketAddr, after_magic: Vec<u8>, deadline: Instant) -> Result<Answer, PeerError> {
+/// The rest of a p2pchat tracker's answer: its `welcome`, by the answer's deadline (`waited` after it began).
+async fn read_welcome(
+    stream: &mut TcpStream,
+    tracker: SocketAddr,
+    after_magic: Vec<u8>,
+    deadline: Instant,
+    waited: Duration,
+) -> Result<Answer, PeerError> {
     let mut decoder = FrameDecoder::with_limit(frames::MAX_WELCOME_BYTES);
     decoder.feed(&after_magic);
     let refused = |message: String| PeerError::TrackerRefused { addr: tracker, message };
     loop {
-        match decoder.next_frame() {
-            Ok(Some(Frame::Welcome { members, .. })) => return Ok(Answer::Welcome(members)),
-            Ok(Some(Frame::Error { message, .. })) => return Err(refused(message)),
-            Ok(Some(_)) => continue,
-            Ok(None) => {}
-            Err(err) => return Err(refused(format!("unreadable answer: {err}"))),
-        }
-        let mut buf = [0u8; 4096];
-        match timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),
-            Ok(Ok(_)) => return Err(refused("it closed the connection before answering".to_owned())),
-            Ok(Err(source)) => return Err(PeerError::TrackerUnreachable { addr: tracker, source }),
-            Err(_) => return Err(PeerError::TrackerSilent { addr: tracker, waited: Duration::from_secs(5) }),
-        }
+        return match read_frame(stream, &mut decoder, deadline).await {
+            Ok(Frame::Welcome { members, .. }) => Ok(Answer::Welcome(members)),
+            Ok(Frame::Error { message, .. }) => Err(refused(message)),
+            Ok(_) => continue,
+            Err(FrameReadError::Bad(err)) => Err(refused(format!("unreadable answer: {err}"))),
+            Err(FrameReadError::Closed) => Err(refused("it closed the connection before answering".to_owned())),
+            Err(FrameReadError::Io(source)) => Err(PeerError::TrackerUnreachable { addr: tracker, source }),
+            Err(FrameReadError::TimedOut) => Err(PeerError::TrackerSilent { addr: tracker, waited }),
+        };
     }
 }
 

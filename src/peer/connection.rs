@@ -32,7 +32,8 @@ use super::actor::NetEvent;
 use super::seen::SeenIds;
 use super::{Event, Limits, Message};
 use crate::wire::chat::{self, ChatDecoder, Piece};
-use crate::wire::frames::{classify_opening, Frame, FrameDecoder, Opening, MAGIC};
+use crate::reading::{read_opening, Opened};
+use crate::wire::frames::{Frame, FrameDecoder};
 
 /// Encoded bytes for one connection's queue, shared between connections when they are the same.
 pub(super) type Line = Arc<[u8]>;
@@ -170,39 +171,11 @@ async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Recei
     let _ = half.shutdown().await;
 }
 
-enum Opened {
-    P2pchat(Vec<u8>),
-    Original(Vec<u8>),
-    Silent,
-    Closed(String),
-}
-
-/// Read until the first bytes tell the protocol, or `wait` passes, or the link closes.
-async fn opening(half: &mut OwnedReadHalf, wait: Duration) -> Opened {
-    let mut first = Vec::new();
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match classify_opening(&first) {
-            Opening::P2pchat => return Opened::P2pchat(first.split_off(MAGIC.len())),
-            Opening::Original => return Opened::Original(first),
-            Opening::Undecided => {}
-        }
-        first.reserve(MAGIC.len());
-        match tokio::time::timeout_at(deadline, half.read_buf(&mut first)).await {
-            Err(_) if first.is_empty() => return Opened::Silent,
-            Err(_) => return Opened::Closed("sent a partial p2pchat opening, then nothing".to_owned()),
-            Ok(Ok(0)) => return Opened::Closed("closed by the other side".to_owned()),
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => return Opened::Closed(format!("read failed: {err}")),
-        }
-    }
-}
-
 async fn read_loop(id: ConnId, mut half: OwnedReadHalf, from: SocketAddr, role: Role, context: ReaderContext) {
     let opened = match role {
         Role::DialOriginal => Opened::Original(Vec::new()),
-        Role::Probe => opening(&mut half, context.limits.probe_timeout).await,
-        Role::Accepted => opening(&mut half, context.limits.decide_timeout).await,
+        Role::Probe => read_opening(&mut half, context.limits.probe_timeout).await,
+        Role::Accepted => read_opening(&mut half, context.limits.decide_timeout).await,
     };
     let net = context.net.clone();
     let (reason, clean) = match (role, opened) {

@@ -34,15 +34,20 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 pub use registry::{Kind, Registry, DEFAULT_ROOM};
 
 use crate::wire::chat::validate_room;
-use crate::wire::frames::{self, classify_opening, Frame, FrameDecoder, Opening, MAGIC, PROTOCOL_VERSION};
+use crate::reading::{read_frame, read_opening, FrameReadError, Opened};
+use crate::wire::frames::{self, Frame, FrameDecoder, PROTOCOL_VERSION};
 use crate::wire::peer_list::LEGACY_LIST_BUDGET;
 
 /// The original tracker's fixed port.
 pub const DEFAULT_PORT: u16 = 7472;
+
+/// How long a registering peer has to finish its hello once the magic arrived.
+const HELLO_WAIT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone)]
 pub struct TrackerConfig {
@@ -258,32 +263,21 @@ async fn serve_client(
     registrations: Arc<Semaphore>,
 ) {
     let _ = stream.set_nodelay(true);
-    let mut first = Vec::new();
-    let deadline = tokio::time::Instant::now() + config.answer_after;
-    loop {
-        let mut buf = [0u8; 512];
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Err(_quiet) if first.is_empty() => return serve_original(stream, remote, &tracker, &config).await,
-            Err(_quiet) => return log::debug!("{remote} sent {} bytes and stopped; closing", first.len()),
-            Ok(Ok(0)) => return log::debug!("{remote} left before it was answered"),
-            Ok(Ok(n)) => first.extend_from_slice(&buf[..n]),
-            Ok(Err(err)) => return log::debug!("{remote}: {err}"),
+    let after_magic = match read_opening(&mut stream, config.answer_after).await {
+        Opened::Silent => return serve_original(stream, remote, &tracker, &config).await,
+        Opened::P2pchat(after_magic) => after_magic,
+        Opened::Original(_) => {
+            log::debug!("{remote} sent bytes that are neither nothing nor a p2pchat hello; closing");
+            return crate::net::reset(stream);
         }
-        match classify_opening(&first) {
-            Opening::Undecided => continue,
-            Opening::Original => {
-                log::debug!("{remote} sent bytes that are neither nothing nor a p2pchat hello; closing");
-                return crate::net::reset(stream);
-            }
-            Opening::P2pchat => break,
-        }
-    }
+        Opened::Closed(why) => return log::debug!("{remote}: {why}; not answered"),
+    };
     drop(slot);
     let Ok(registration_slot) = registrations.try_acquire_owned() else {
         log::warn!("{remote} refused: {} peers already registered", config.max_registrations);
         return crate::net::reset(stream);
     };
-    serve_registration(stream, remote, first.split_off(MAGIC.len()), &tracker, config.registration_timeout).await;
+    serve_registration(stream, remote, after_magic, &tracker, config.registration_timeout).await;
     drop(registration_slot);
 }
 
@@ -302,10 +296,13 @@ async fn serve_original(stream: TcpStream, remote: SocketAddr, tracker: &Tracker
 async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_magic: Vec<u8>, tracker: &TrackerHandle, silence: Duration) {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&after_magic);
-    let hello = match read_frame(&mut stream, &mut decoder, Duration::from_secs(5)).await {
+    let hello = match read_frame(&mut stream, &mut decoder, Instant::now() + HELLO_WAIT).await {
         Ok(Frame::Hello(hello)) => hello,
         Ok(other) => return refuse(stream, remote, frames::ERR_MALFORMED, format!("expected a hello, got {other:?}")).await,
-        Err(why) => return refuse(stream, remote, frames::ERR_MALFORMED, why).await,
+        Err(FrameReadError::TimedOut) => {
+            return refuse(stream, remote, frames::ERR_MALFORMED, format!("no whole frame within {HELLO_WAIT:?}")).await
+        }
+        Err(why) => return refuse(stream, remote, frames::ERR_MALFORMED, why.to_string()).await,
     };
     if hello.v != PROTOCOL_VERSION {
         let why = format!("this tracker speaks p2pchat protocol version {PROTOCOL_VERSION}, not {}", hello.v);
@@ -363,25 +360,6 @@ async fn probe(addr: SocketAddr, timeout: Duration, tracker: TrackerHandle) {
         _ => false,
     };
     let _ = tracker.queries.send(Query::Probed { addr, alive }).await;
-}
-
-/// The next frame from `stream` within `wait`, or why not.
-async fn read_frame(stream: &mut TcpStream, decoder: &mut FrameDecoder, wait: Duration) -> Result<Frame, String> {
-    let deadline = tokio::time::Instant::now() + wait;
-    loop {
-        match decoder.next_frame() {
-            Ok(Some(frame)) => return Ok(frame),
-            Ok(None) => {}
-            Err(err) => return Err(err.to_string()),
-        }
-        let mut buf = [0u8; 4096];
-        match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
-            Ok(Ok(0)) => return Err("closed before a whole frame arrived".to_owned()),
-            Ok(Ok(n)) => decoder.feed(&buf[..n]),
-            Ok(Err(err)) => return Err(err.to_string()),
-            Err(_) => return Err(format!("no whole frame within {wait:?}")),
-        }
-    }
 }
 
 /// Tell a p2pchat end why it is refused, then close.
