@@ -59,7 +59,9 @@ class Child:
         self.name = name
         self.popen = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, text=True,
-            env=dict(os.environ, PYTHONUNBUFFERED="1"),
+            # Many peer processes share 2 cores here: one runtime worker each costs less CPU per
+            # delivery (README, "What was slow"). The baseline's asyncio ignores the variable.
+            env=dict(os.environ, PYTHONUNBUFFERED="1", TOKIO_WORKER_THREADS="1"),
         )
         self.lines: List[str] = []
         self.cond = threading.Condition()

@@ -1,8 +1,8 @@
 //! PyO3 bindings: the `p2pchat._core` extension module. Only adaptation lives here; the logic is in the
 //! Python-free core.
 //!
-//! * One tokio runtime per process (pyo3-async-runtimes' shared one, with one worker thread; see
-//!   [`configure_runtime`]). Tokio tasks never call into
+//! * One tokio runtime per process (pyo3-async-runtimes' shared one: a worker per core, or
+//!   `TOKIO_WORKER_THREADS`). Tokio tasks never call into
 //!   Python: results reach Python as return values of blocking calls (GIL released, woken every 100 ms
 //!   so Ctrl-C works) or through pyo3-async-runtimes awaitables; Rust logs go through a channel that a
 //!   Python thread drains (see [`logging`]).
@@ -38,20 +38,6 @@ const SIGNAL_SLICE: Duration = Duration::from_millis(100);
 
 fn runtime() -> &'static tokio::runtime::Runtime {
     pyo3_async_runtimes::tokio::get_runtime()
-}
-
-/// The shared runtime gets one worker thread unless `TOKIO_WORKER_THREADS` asks for more. A chat peer
-/// or tracker is bound by I/O, not CPU, and every extra worker costs futex wake-ups as work is handed
-/// between threads: measured with 20 peer processes on 2 cores, one worker needs a third less CPU per
-/// delivered message than two (benches/run.py, throughput). Blocking calls also drive their own
-/// future on the calling thread (see [`wait`]).
-fn configure_runtime() {
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all().thread_name("p2pchat");
-    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
-        builder.worker_threads(1);
-    }
-    pyo3_async_runtimes::tokio::init(builder);
 }
 
 /// Drive `fut` to completion on this thread, inside the shared runtime, with the GIL released; woken
@@ -131,7 +117,6 @@ fn _shutdown(py: Python<'_>) {
 #[pymodule(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
-    configure_runtime();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("DEFAULT_PORT", crate::tracker::DEFAULT_PORT)?;
     m.add("MAX_NAME_CHARS", crate::wire::chat::MAX_NAME_CHARS)?;
