@@ -177,15 +177,17 @@ def test_a_lost_link_between_live_peers_comes_back(namespace):
     bob = ns.room.start(ns.argv(python("client.py", "--name", "bob")), "bob")
     bob_port = int(bob.err.expect(r"listening on port (\d+)").group(1))
     ana = ns.room.start(ns.argv(python("client.py", "--name", "ana")), "ana")
-    ana.err.expect(r"connected to 1 of 1")
+    ana_port = int(ana.err.expect(r"listening on port (\d+); connected to 1 of 1").group(1))
     bob.err.expect(r"^\* ana \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$")
-    # The outage: every packet to or from bob's port is lost (the link and bob's registration use it).
+    # The outage: every packet to or from either listening port is lost. The link between them is
+    # dialled to one of those ports (which one depends on who kept it when both dialled), and each
+    # peer's tracker registration uses its own.
     ns.nft(f"""
 table inet outage {{
     chain output {{
         type filter hook output priority 0; policy accept;
-        tcp sport {bob_port} drop
-        tcp dport {bob_port} drop
+        tcp sport {{ {bob_port}, {ana_port} }} drop
+        tcp dport {{ {bob_port}, {ana_port} }} drop
     }}
 }}
 """)

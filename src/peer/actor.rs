@@ -121,7 +121,8 @@ struct Actor {
     originals: HashSet<SocketAddr>,
     /// Addresses being dialled (so peer exchange does not dial them twice).
     dialling: HashSet<SocketAddr>,
-    /// Lines held for an original peer being redialled after it dropped our probe.
+    /// Lines held for an original peer being redialled after it dropped our probe (and every line sent
+    /// until the redial connects or gives up).
     carried: HashMap<SocketAddr, Vec<Arc<OutLine>>>,
     /// Links given up for a duplicate to the same peer: no longer written to (the writer finishes its
     /// queue and shuts down), read until they end. Their reader and writer tasks.
@@ -578,6 +579,13 @@ impl Actor {
             original: chat::encode_line(&self.name, text).into(),
             p2pchat: frames::encode(&Frame::Msg(message)).into(),
         });
+        // An original peer being redialled (it dropped our hello) has no link yet: keep the line with
+        // the ones carried for it, so what is typed meanwhile is not lost.
+        for carried in self.carried.values_mut() {
+            if carried.len() < self.limits.send_queue {
+                carried.push(line.clone());
+            }
+        }
         let ids: Vec<ConnId> = self.links.keys().copied().collect();
         ids.into_iter().filter(|id| self.write(*id, &line)).count()
     }
