@@ -7,6 +7,7 @@
 //! `py`, which maturin builds into the `p2pchat._core` extension module.
 
 pub mod bench;
+pub mod history;
 pub mod net;
 pub mod peer;
 mod reading;

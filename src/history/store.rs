@@ -1,0 +1,274 @@
+//! The local message log: one SQLite database per data directory, a table of messages keyed by room
+//! and message id, read in the room's agreed order `(stamp, id)`.
+//!
+//! Blocking; only the log thread ([`super::log`]) touches it. Messages from original peers are kept
+//! with a locally made id and `shared = 0`: they are shown from this peer's own log but never served
+//! to other peers, because every p2pchat peer received them separately and has its own copy.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use thiserror::Error;
+
+/// The database file inside a data directory.
+pub const FILE_NAME: &str = "history.sqlite3";
+/// Messages an in-memory log keeps per room (a peer run without a log on disk).
+pub const MEMORY_KEEPS: usize = 20_000;
+const SCHEMA_VERSION: i64 = 1;
+
+/// Where a peer keeps its log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    /// `FILE_NAME` in this directory (created if missing).
+    Dir(PathBuf),
+    /// In memory for this session only: nothing is written to disk.
+    Memory,
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("cannot create the history directory {path}: {source}")]
+    CreateDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot open the history file {path}: {reason}. It was left as it is; move it away (a new one \
+             is started), choose another directory with --data-dir, or run with --no-history")]
+    Unusable { path: PathBuf, reason: String },
+    #[error("the history log failed: {0}")]
+    Sql(#[from] rusqlite::Error),
+}
+
+/// One logged message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub id: String,
+    /// Its place in the room's order (see `clock`).
+    pub stamp: u64,
+    /// The author's wall clock when it was said, in milliseconds since the epoch.
+    pub sent_at: u64,
+    pub sender: Option<String>,
+    pub text: String,
+    /// Written by a p2pchat peer (served to others); false for lines from original peers.
+    pub shared: bool,
+}
+
+/// A position in a room's order.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Key {
+    pub stamp: u64,
+    pub id: String,
+}
+
+/// Which records a query wants: strictly after `after`, strictly before `before`, the newest `limit`
+/// of them (returned oldest first), and no more than `max_bytes` of text.
+#[derive(Debug, Clone)]
+pub struct Query {
+    pub after: Option<Key>,
+    pub before: Option<Key>,
+    pub limit: usize,
+    pub max_bytes: usize,
+    pub shared_only: bool,
+}
+
+impl Query {
+    pub fn latest(limit: usize) -> Self {
+        Self { after: None, before: None, limit, max_bytes: usize::MAX, shared_only: false }
+    }
+}
+
+pub struct Store {
+    conn: Connection,
+    in_memory: bool,
+    inserted_since_prune: usize,
+}
+
+impl Store {
+    pub fn open(location: &Location) -> Result<Self, StoreError> {
+        let (conn, in_memory) = match location {
+            Location::Memory => (Connection::open_in_memory()?, true),
+            Location::Dir(dir) => {
+                std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { path: dir.clone(), source })?;
+                let path = dir.join(FILE_NAME);
+                let unusable = |reason: String| StoreError::Unusable { path: path.clone(), reason };
+                let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                let conn = Connection::open_with_flags(&path, flags).map_err(|e| unusable(e.to_string()))?;
+                Self::prepare_file(&conn).map_err(unusable)?;
+                (conn, false)
+            }
+        };
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS messages (
+                 room TEXT NOT NULL,
+                 id TEXT NOT NULL,
+                 stamp INTEGER NOT NULL,
+                 sent_at INTEGER NOT NULL,
+                 sender TEXT,
+                 text TEXT NOT NULL,
+                 shared INTEGER NOT NULL,
+                 PRIMARY KEY (room, id)
+             ) WITHOUT ROWID;
+             CREATE INDEX IF NOT EXISTS messages_in_order ON messages (room, stamp, id);",
+        )?;
+        Ok(Self { conn, in_memory, inserted_since_prune: 0 })
+    }
+
+    /// Settings for a file shared by every peer of one user, and a check that it is ours.
+    fn prepare_file(conn: &Connection) -> Result<(), String> {
+        let settings = || -> rusqlite::Result<i64> {
+            // Several clients of one user may run at once: WAL lets them read while one writes, and a
+            // writer waits for another instead of failing.
+            conn.busy_timeout(std::time::Duration::from_secs(5))?;
+            conn.pragma_update(None, "journal_mode", "WAL")?;
+            conn.pragma_update(None, "synchronous", "NORMAL")?;
+            conn.pragma_query_value(None, "user_version", |row| row.get(0))
+        };
+        match settings().map_err(|e| e.to_string())? {
+            0 => conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| e.to_string()),
+            SCHEMA_VERSION => Ok(()),
+            other => Err(format!("it was written by a newer p2pchat (log format {other}, this one reads {SCHEMA_VERSION})")),
+        }
+    }
+
+    /// Store `records` of `room` in one transaction; for each, whether it was new (ids already
+    /// stored are left as they are).
+    pub fn insert(&mut self, room: &str, records: &[Record]) -> Result<Vec<bool>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut fresh = Vec::with_capacity(records.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO messages (room, id, stamp, sent_at, sender, text, shared) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for r in records {
+                let changed = insert.execute(params![room, r.id, r.stamp as i64, r.sent_at as i64, r.sender, r.text, r.shared])?;
+                fresh.push(changed == 1);
+            }
+        }
+        if self.in_memory {
+            self.inserted_since_prune += records.len();
+            if self.inserted_since_prune > MEMORY_KEEPS / 10 {
+                self.inserted_since_prune = 0;
+                tx.execute(
+                    "DELETE FROM messages WHERE room = ?1 AND stamp < (
+                         SELECT stamp FROM messages WHERE room = ?1 ORDER BY stamp DESC LIMIT 1 OFFSET ?2)",
+                    params![room, MEMORY_KEEPS as i64],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(fresh)
+    }
+
+    /// The records `query` asks for, oldest first.
+    pub fn query(&self, room: &str, query: &Query) -> Result<Vec<Record>, StoreError> {
+        let (after_stamp, after_id) = query.after.as_ref().map_or((-1, ""), |k| (k.stamp as i64, k.id.as_str()));
+        let (before_stamp, before_id) = query.before.as_ref().map_or((i64::MAX, ""), |k| (k.stamp as i64, k.id.as_str()));
+        let mut select = self.conn.prepare_cached(
+            "SELECT id, stamp, sent_at, sender, text, shared FROM messages
+             WHERE room = ?1 AND (stamp, id) > (?2, ?3) AND (stamp, id) < (?4, ?5) AND (shared OR NOT ?6)
+             ORDER BY stamp DESC, id DESC LIMIT ?7",
+        )?;
+        let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
+        let rows = select.query_map(params![room, after_stamp, after_id, before_stamp, before_id, query.shared_only, limit], |row| {
+            Ok(Record {
+                id: row.get(0)?,
+                stamp: row.get::<_, i64>(1)? as u64,
+                sent_at: row.get::<_, i64>(2)? as u64,
+                sender: row.get(3)?,
+                text: row.get(4)?,
+                shared: row.get(5)?,
+            })
+        })?;
+        let mut newest_first = Vec::new();
+        let mut bytes = 0usize;
+        for row in rows {
+            let record = row?;
+            bytes += record.text.len() + record.sender.as_ref().map_or(0, String::len);
+            if bytes > query.max_bytes && !newest_first.is_empty() {
+                break;
+            }
+            newest_first.push(record);
+        }
+        newest_first.reverse();
+        Ok(newest_first)
+    }
+
+    /// The newest position of `room` in this log, if it has any message from a p2pchat peer.
+    pub fn newest_shared(&self, room: &str) -> Result<Option<Key>, StoreError> {
+        let key = self
+            .conn
+            .query_row(
+                "SELECT stamp, id FROM messages WHERE room = ?1 AND shared ORDER BY stamp DESC, id DESC LIMIT 1",
+                params![room],
+                |row| Ok(Key { stamp: row.get::<_, i64>(0)? as u64, id: row.get(1)? }),
+            )
+            .optional()?;
+        Ok(key)
+    }
+
+    /// The database file, when on disk.
+    pub fn path(&self) -> Option<&Path> {
+        self.conn.path().filter(|p| !p.is_empty()).map(Path::new)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, stamp: u64) -> Record {
+        Record { id: id.into(), stamp, sent_at: stamp, sender: Some("ana".into()), text: format!("text {id}"), shared: true }
+    }
+
+    fn ids(records: &[Record]) -> Vec<&str> {
+        records.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    #[test]
+    fn records_come_back_in_stamp_then_id_order_and_repeats_are_not_new() {
+        let mut store = Store::open(&Location::Memory).unwrap();
+        let fresh = store.insert("r", &[record("b", 2), record("a", 2), record("c", 1)]).unwrap();
+        assert_eq!(fresh, [true, true, true]);
+        assert_eq!(store.insert("r", &[record("a", 2), record("d", 3)]).unwrap(), [false, true]);
+        assert_eq!(ids(&store.query("r", &Query::latest(10)).unwrap()), ["c", "a", "b", "d"]);
+        assert_eq!(ids(&store.query("r", &Query::latest(2)).unwrap()), ["b", "d"], "the newest two, oldest first");
+        assert!(store.query("other", &Query::latest(10)).unwrap().is_empty(), "rooms are apart");
+    }
+
+    #[test]
+    fn queries_page_by_position_bytes_and_sharing() {
+        let mut store = Store::open(&Location::Memory).unwrap();
+        let mut local = record("o", 5);
+        local.shared = false;
+        store.insert("r", &[record("a", 1), record("b", 2), record("c", 3), local]).unwrap();
+        let after_a = Query { after: Some(Key { stamp: 1, id: "a".into() }), ..Query::latest(10) };
+        assert_eq!(ids(&store.query("r", &after_a).unwrap()), ["b", "c", "o"]);
+        let before_c = Query { before: Some(Key { stamp: 3, id: "c".into() }), ..Query::latest(10) };
+        assert_eq!(ids(&store.query("r", &before_c).unwrap()), ["a", "b"]);
+        let shared = Query { shared_only: true, ..Query::latest(10) };
+        assert_eq!(ids(&store.query("r", &shared).unwrap()), ["a", "b", "c"]);
+        let small = Query { max_bytes: 20, ..shared };
+        assert_eq!(ids(&store.query("r", &small).unwrap()), ["b", "c"], "9 bytes each: two fit in 20");
+        assert_eq!(store.newest_shared("r").unwrap(), Some(Key { stamp: 3, id: "c".into() }));
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_database_is_refused_and_left_alone() {
+        let dir = std::env::temp_dir().join(format!("p2pchat-store-test-{}", crate::wire::frames::random_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let garbage = b"this is not a database, it is a shopping list".repeat(100);
+        std::fs::write(dir.join(FILE_NAME), &garbage).unwrap();
+        let err = Store::open(&Location::Dir(dir.clone())).err().expect("refused");
+        assert!(matches!(err, StoreError::Unusable { .. }), "{err}");
+        assert!(err.to_string().contains("--no-history"), "{err}");
+        assert_eq!(std::fs::read(dir.join(FILE_NAME)).unwrap(), garbage);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_on_disk_survives_reopening() {
+        let dir = std::env::temp_dir().join(format!("p2pchat-store-test-{}", crate::wire::frames::random_id()));
+        Store::open(&Location::Dir(dir.clone())).unwrap().insert("r", &[record("a", 1)]).unwrap();
+        let again = Store::open(&Location::Dir(dir.clone())).unwrap();
+        assert_eq!(ids(&again.query("r", &Query::latest(10)).unwrap()), ["a"]);
+        assert_eq!(again.path(), Some(dir.join(FILE_NAME).as_path()));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
