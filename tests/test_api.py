@@ -202,7 +202,7 @@ def test_asyncio_api(tracker):
     host, port = tracker.address
 
     async def main():
-        async with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+        async with Peer("ana", host, port, history=0) as ana, Peer("bob", host, port) as bob:
             assert isinstance(await asyncio.wait_for(ana.recv_event_async(), WAIT), PeerJoined)
             assert await bob.send_async("async hello") == 1
             message = await asyncio.wait_for(ana.recv_async(), WAIT)

@@ -54,7 +54,7 @@ def test_invalid_utf8_and_split_characters_from_a_raw_peer():
 def test_a_peer_dying_mid_message_is_dropped_and_the_room_goes_on():
     with Tracker(host="127.0.0.1", port=0) as tracker:
         host, port = tracker.address
-        with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+        with Peer("ana", host, port, history=0) as ana, Peer("bob", host, port) as bob:
             assert isinstance(ana.recv_event(timeout=WAIT), PeerJoined)
             raw = socket.create_connection(("127.0.0.1", ana.address[1]), timeout=WAIT)
             assert isinstance(ana.recv_event(timeout=WAIT), PeerJoined)

@@ -115,7 +115,7 @@ def test_joining_through_a_member_with_peer_reaches_the_whole_room(room):
 
 @pytest.fixture
 def lone_peer():
-    with Tracker(host="127.0.0.1", port=0) as tracker, Peer("host", *tracker.address) as peer:
+    with Tracker(host="127.0.0.1", port=0) as tracker, Peer("host", *tracker.address, history=0) as peer:
         yield peer
 
 
@@ -166,7 +166,7 @@ def test_the_tracker_refuses_a_future_version_clearly():
 def test_long_and_back_to_back_messages_arrive_whole_and_separate():
     with Tracker(host="127.0.0.1", port=0) as tracker:
         host, port = tracker.address
-        with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+        with Peer("ana", host, port, history=0) as ana, Peer("bob", host, port) as bob:
             assert isinstance(ana.recv_event(timeout=WAIT), PeerJoined)
             texts = ["x" * MAX_TEXT_BYTES, "short", "<bob> :: looks like a header", "é" * (MAX_TEXT_BYTES // 2)]
             texts += [f"line {i}" for i in range(200)]
@@ -181,7 +181,7 @@ def test_long_and_back_to_back_messages_arrive_whole_and_separate():
 def test_python_api_rooms_and_presence():
     with Tracker(host="127.0.0.1", port=0) as tracker:
         host, port = tracker.address
-        with Peer("ana", host, port, room="red") as ana, Peer("bob", host, port, room="red") as bob, \
+        with Peer("ana", host, port, room="red", history=0) as ana, Peer("bob", host, port, room="red") as bob, \
                 Peer("cid", host, port, room="blue") as cid:
             assert (ana.room, cid.room) == ("red", "blue")
             assert tracker.peers(room="red") == [(host, ana.address[1]), (host, bob.address[1])]
@@ -210,7 +210,7 @@ def test_a_refused_version_falls_back_to_the_original_protocol():
     """A newer peer refuses our hello; we redial and speak the original protocol with it."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.settimeout(WAIT)
-        with Peer("ana", server=None, peers=[server.getsockname()]) as ana:
+        with Peer("ana", server=None, peers=[server.getsockname()], history=0) as ana:
             first = accept_and_read_hello(server)
             first.sendall(MAGIC + frame({"type": "error", "code": "version", "message": "I speak version 2"}))
             first.close()

@@ -29,6 +29,8 @@ from ._core import (
     MAX_ROOM_CHARS,
     MAX_TEXT_BYTES,
     AddressInUse,
+    HistoryError,
+    HistorySynced,
     InvalidInput,
     Message,
     Notice,
@@ -42,6 +44,7 @@ from ._core import (
     Tracker,
     TrackerUnreachable,
     __version__,
+    default_data_dir,
 )
 
 __all__ = [
@@ -50,6 +53,8 @@ __all__ = [
     "MAX_ROOM_CHARS",
     "MAX_TEXT_BYTES",
     "AddressInUse",
+    "HistoryError",
+    "HistorySynced",
     "InvalidInput",
     "Message",
     "Notice",
@@ -63,6 +68,7 @@ __all__ = [
     "Tracker",
     "TrackerUnreachable",
     "__version__",
+    "default_data_dir",
 ]
 
 # atexit runs handlers last-registered first: close every peer and tracker (letting queued lines out),

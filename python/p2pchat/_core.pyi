@@ -1,5 +1,7 @@
 """Type stubs for the compiled core (``p2pchat._core``)."""
 
+from os import PathLike
+from pathlib import Path
 from types import TracebackType
 from typing import Awaitable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union, final
 
@@ -26,17 +28,24 @@ class AddressInUse(P2PChatError):
 class PeerClosed(P2PChatError):
     """The peer was closed (or never joined)."""
 
+class HistoryError(P2PChatError):
+    """The message log on disk cannot be opened or used."""
+
+def default_data_dir() -> Path: ...
+
 @final
 class Message:
     """A chat message received from another member."""
 
     sender: Optional[str]
     text: str
-    address: Address
+    address: Optional[Address]
     received_at: float
     continued: bool
     id: Optional[str]
     sent_at: Optional[float]
+    stamp: Optional[int]
+    history: bool
 
 @final
 class PeerJoined:
@@ -71,6 +80,12 @@ class Notice:
     text: str
 
 @final
+class HistorySynced:
+    """The history asked for on join is in; live events follow."""
+
+    received: int
+
+@final
 class PeerInfo:
     """A member this peer holds a connection to."""
 
@@ -79,7 +94,7 @@ class PeerInfo:
     outgoing: bool
     protocol: Optional[str]
 
-Event = Union[Message, PeerJoined, PeerLeft, PeerRenamed, Notice]
+Event = Union[Message, PeerJoined, PeerLeft, PeerRenamed, Notice, HistorySynced]
 
 @final
 class Tracker:
@@ -117,6 +132,9 @@ class Peer:
         room: str = "",
         peers: Sequence[Union[str, Address]] = (),
         max_message_rate: Optional[int] = None,
+        history: int = 100,
+        data_dir: Union[str, "PathLike[str]", None] = None,
+        save_history: bool = True,
     ) -> None: ...
     @property
     def name(self) -> str: ...
@@ -137,6 +155,8 @@ class Peer:
     def recv_async(self) -> Awaitable[Message]: ...
     def recv_event(self, timeout: Optional[float] = None) -> Optional[Event]: ...
     def recv_event_async(self) -> Awaitable[Event]: ...
+    def history(self, limit: int = 100, before: Union[Message, float, None] = None) -> List[Message]: ...
+    def history_async(self, limit: int = 100, before: Union[Message, float, None] = None) -> Awaitable[List[Message]]: ...
     def peers(self) -> List[PeerInfo]: ...
     def close(self) -> None: ...
     def close_async(self) -> Awaitable[None]: ...

@@ -9,7 +9,6 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc::error::TrySendError;
@@ -19,11 +18,15 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::bootstrap::{self, Contact};
 use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role};
+use super::history::{self, AnswerBudget, HistoryConfig, Purpose, Sink};
 use super::seen::SeenIds;
 use super::{Event, Limits, PeerInfo, Protocol};
+use crate::history::clock::{self, Clock};
+use crate::history::log::LogHandle;
+use crate::history::store::{Key, Query, Record};
 use crate::tracker::DEFAULT_ROOM;
 use crate::wire::chat;
-use crate::wire::frames::{self, Chat, Frame, Hello, Member, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
+use crate::wire::frames::{self, Chat, Frame, Hello, Member, Position, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
 
 pub(crate) enum Command {
     Send { text: String, reply: oneshot::Sender<usize> },
@@ -49,6 +52,12 @@ pub(crate) enum NetEvent {
     Renamed { id: ConnId, name: String },
     Closed { id: ConnId, reason: String, clean: bool },
     TrackerLost { reason: String },
+    /// The other end asks for history.
+    HistoryRequested { id: ConnId, req: u32, limit: u32, after: Option<Position> },
+    /// Part of an answer to our history request (only messages fit for our room).
+    HistoryPart { id: ConnId, req: u32, msgs: Vec<Chat>, more: bool },
+    /// Our answer to a history request on this link was queued: `bytes` of it.
+    HistoryAnswered { id: ConnId, bytes: usize },
     /// Registered with the tracker again after losing it.
     Registered { link: TcpStream, contacts: Vec<Contact> },
 }
@@ -61,6 +70,11 @@ pub(super) struct Setup {
     /// The tracker, to register again after losing it.
     pub tracker: Option<SocketAddr>,
     pub tracker_link: Option<TcpStream>,
+    pub log: LogHandle,
+    pub history: HistoryConfig,
+    /// Ask the first p2pchat member for history after this position (`Some(None)`: the newest
+    /// messages); `None`: ask nothing.
+    pub history_after: Option<Option<Key>>,
     /// Whether a tracker (of either kind) gave us the room; see [`Actor::consider`].
     pub joined_via_tracker: bool,
     pub contacts: Vec<Contact>,
@@ -98,6 +112,8 @@ struct Link {
     probed: bool,
     /// Lines held until the protocol is known.
     held: Vec<Arc<OutLine>>,
+    /// What it may still make us send as history.
+    budget: AnswerBudget,
 }
 
 impl Link {
@@ -132,10 +148,33 @@ struct Actor {
     /// Frames for our tracker registration (pings, vouches), while we are registered.
     registration: Option<mpsc::Sender<Line>>,
     background: JoinSet<()>,
+    clock: Arc<Clock>,
+    log: LogHandle,
+    history: HistoryConfig,
+    /// The join's history request, until it is sent: after which position, and what for (the join,
+    /// or, once the join stopped waiting for it, a late catch-up).
+    join_history: Option<(Option<Key>, Purpose)>,
+    next_request: u32,
+    /// Our history requests being answered, one per link at most.
+    asked: HashMap<ConnId, Asked>,
+    /// p2pchat peers (by session id) lost without a goodbye: from which stamp to catch up if they
+    /// come back, and since when.
+    lost: HashMap<String, (u64, tokio::time::Instant)>,
+}
+
+/// A history request of ours on one link.
+struct Asked {
+    req: u32,
+    after: Option<Key>,
+    /// Messages still accepted in the answer.
+    remaining: usize,
+    purpose: Purpose,
+    /// To the task that logs and shows the answer; dropping it ends that task.
+    parts: mpsc::Sender<Vec<Chat>>,
 }
 
 pub(super) async fn run(setup: Setup) {
-    let Setup { name, room, limits, listener, tracker, tracker_link, joined_via_tracker, contacts, mut commands, events, ready } = setup;
+    let Setup { name, room, limits, listener, tracker, tracker_link, log, history, history_after, joined_via_tracker, contacts, mut commands, events, ready } = setup;
     let (net, mut net_rx) = mpsc::channel(1024);
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let mut actor = Actor {
@@ -157,7 +196,17 @@ pub(super) async fn run(setup: Setup) {
         tracker,
         registration: None,
         background: JoinSet::new(),
+        clock: Arc::new(Clock::new()),
+        log,
+        history,
+        join_history: history_after.map(|after| (after, Purpose::Join)),
+        next_request: 0,
+        asked: HashMap::new(),
+        lost: HashMap::new(),
     };
+    // The join stops waiting for its history this long after the first attempts (then it is still
+    // fetched, as a catch-up, from the first member that turns out to speak p2pchat).
+    let history_deadline = tokio::time::Instant::now() + actor.limits.connect_timeout + actor.limits.probe_timeout;
     // Dropping `background` (when the actor ends) aborts the accept loop, the dialers and the registration.
     actor.background.spawn(accept_loop(listener, actor.net.clone()));
     if let Some(link) = tracker_link {
@@ -180,6 +229,7 @@ pub(super) async fn run(setup: Setup) {
             if let Some(ready) = ready.take() {
                 let _ = ready.send(reached_first_time);
             }
+            actor.settle_join_history(history_deadline);
         }
         if let Some((deadline, _)) = &closing {
             if !actor.holds_lines() || tokio::time::Instant::now() >= *deadline {
@@ -211,6 +261,7 @@ pub(super) async fn run(setup: Setup) {
             }
             () = grace_over => {}
             _ = keepalive.tick() => actor.ping(),
+            () = tokio::time::sleep_until(history_deadline), if actor.waits_for_join_history() && untried.is_empty() => {}
         }
     }
     actor.close_all().await;
@@ -220,13 +271,124 @@ pub(super) async fn run(setup: Setup) {
     log::debug!("peer {:?} closed", actor.name);
 }
 
-fn now_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 impl Actor {
     fn in_default_room(&self) -> bool {
         self.room == DEFAULT_ROOM
+    }
+
+    fn waits_for_join_history(&self) -> bool {
+        matches!(self.join_history, Some((_, Purpose::Join)))
+    }
+
+    /// Stop holding the join's live messages back when nobody can give us history: every link is
+    /// settled and none speaks p2pchat (we are alone, or among original peers), or it took too long.
+    /// A p2pchat member that turns up later is still asked, as a catch-up.
+    fn settle_join_history(&mut self, deadline: tokio::time::Instant) {
+        if !self.waits_for_join_history() {
+            return;
+        }
+        let settled = self.links.values().all(|l| l.state == State::Original);
+        if settled || tokio::time::Instant::now() >= deadline {
+            self.notify(Event::HistorySynced { received: 0 });
+            if let Some((_, purpose)) = &mut self.join_history {
+                *purpose = Purpose::CatchUp;
+            }
+        }
+    }
+
+    /// Ask the member on link `id` for the newest `limit` messages after `after`; false when the
+    /// link cannot take the request (it is closing).
+    fn ask_history(&mut self, id: ConnId, after: Option<Key>, limit: usize, purpose: Purpose) -> bool {
+        let Some(link) = self.links.get(&id) else { return false };
+        let req = self.next_request;
+        self.next_request = self.next_request.wrapping_add(1);
+        let frame = Frame::HistoryRequest { req, limit: u32::try_from(limit).unwrap_or(u32::MAX), after: after.as_ref().map(history::position) };
+        if link.conn.queue.try_send(frames::encode(&frame).into()).is_err() {
+            return false;
+        }
+        log::debug!("asking {} for {limit} messages of history ({purpose:?})", link.shown_addr());
+        let (parts, parts_rx) = mpsc::channel(64);
+        let sink = Sink { log: self.log.clone(), seen: self.seen.clone(), clock: self.clock.clone(), events: self.events.clone() };
+        self.background.spawn(history::receive(parts_rx, link.shown_addr(), purpose, self.history.answer_wait, sink));
+        self.asked.insert(id, Asked { req, after, remaining: limit, purpose, parts });
+        true
+    }
+
+    /// A p2pchat link is up: ask it for history if we are joining, or if it is a member we lost.
+    fn after_adopting(&mut self, id: ConnId, peer_id: &str) {
+        if let Some((since, _)) = self.lost.remove(peer_id) {
+            let after = Key { stamp: since, id: String::new() };
+            self.ask_history(id, Some(after), self.history.answer_messages, Purpose::CatchUp);
+            return;
+        }
+        if let Some((after, purpose)) = self.join_history.take() {
+            if !self.ask_history(id, after.clone(), self.history.ask_on_join, purpose) {
+                self.join_history = Some((after, purpose));
+            }
+        }
+    }
+
+    /// Answer a member's history request from our log, within its link's allowance.
+    fn answer_history(&mut self, id: ConnId, req: u32, limit: u32, after: Option<Position>) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        if link.state != State::P2pchat {
+            return;
+        }
+        let Some(max_bytes) = link.budget.start(tokio::time::Instant::now()) else {
+            log::info!("{} asks for history faster than it may; answering with nothing", link.shown_addr());
+            let empty = Frame::History { req, msgs: Vec::new(), more: false };
+            let _ = link.conn.queue.try_send(frames::encode(&empty).into());
+            return;
+        };
+        let query = Query {
+            after: after.map(history::key),
+            before: None,
+            limit: (limit as usize).min(self.history.answer_messages),
+            max_bytes,
+            shared_only: true,
+        };
+        let (log, room, queue, net) = (self.log.clone(), self.room.clone(), link.conn.queue.clone(), self.net.clone());
+        self.background.spawn(async move {
+            let bytes = history::answer(log, room, req, query, queue).await;
+            let _ = net.send(NetEvent::HistoryAnswered { id, bytes }).await;
+        });
+    }
+
+    /// Pass on a part of an answer to one of our requests, up to the number of messages asked for.
+    fn take_history_part(&mut self, id: ConnId, req: u32, mut msgs: Vec<Chat>, more: bool) {
+        let Some(asked) = self.asked.get_mut(&id).filter(|a| a.req == req) else {
+            return log::debug!("ignoring history nobody asked for from link {id}");
+        };
+        msgs.truncate(asked.remaining);
+        asked.remaining -= msgs.len();
+        let finished = !more || asked.remaining == 0;
+        if !msgs.is_empty() && asked.parts.try_send(msgs).is_err() {
+            log::warn!("history from link {id} comes faster than it can be logged; dropping the rest of it");
+            self.asked.remove(&id);
+        } else if finished {
+            self.asked.remove(&id);
+        }
+    }
+
+    /// Link `id` is gone: a p2pchat member lost without a goodbye is caught up with if it comes back,
+    /// and a join request it had not finished answering goes to another member.
+    fn forget_link_history(&mut self, id: ConnId, peer_id: Option<String>, lost: bool) {
+        if let (Some(peer_id), true) = (peer_id, lost) {
+            // The link may have been dead for up to `dead_after` before that was noticed; a little
+            // more covers clocks a few seconds apart. Anything fetched twice is shown once.
+            let quiet_since = clock::wall_millis().saturating_sub((self.limits.dead_after.as_millis() as u64) + 5_000);
+            let now = tokio::time::Instant::now();
+            let keep_for = self.limits.redial_for * 2;
+            self.lost.retain(|_, (_, when)| now.duration_since(*when) < keep_for);
+            self.lost.insert(peer_id, (clock::stamp_at(quiet_since), now));
+        }
+        let Some(asked) = self.asked.remove(&id) else { return };
+        if asked.purpose == Purpose::Join && asked.remaining > 0 {
+            let other = self.links.iter().find(|(other, l)| l.state == State::P2pchat && !self.asked.contains_key(*other)).map(|(other, _)| *other);
+            if let Some(other) = other {
+                self.ask_history(other, asked.after, asked.remaining, Purpose::CatchUp);
+            }
+        }
     }
 
     /// Whether some line is still waiting for a link to show what it speaks.
@@ -302,6 +464,13 @@ impl Actor {
                 }
             }
             NetEvent::Hello { id, hello } => self.on_hello(id, hello),
+            NetEvent::HistoryRequested { id, req, limit, after } => self.answer_history(id, req, limit, after),
+            NetEvent::HistoryPart { id, req, msgs, more } => self.take_history_part(id, req, msgs, more),
+            NetEvent::HistoryAnswered { id, bytes } => {
+                if let Some(link) = self.links.get_mut(&id) {
+                    link.budget.finish(bytes);
+                }
+            }
             NetEvent::Original { id } => self.on_original(id),
             NetEvent::ProbeRejected { id } => {
                 if let Some(link) = self.links.remove(&id) {
@@ -340,7 +509,8 @@ impl Actor {
             }
             NetEvent::Closed { id, reason, clean } => {
                 if self.retiring.remove(&id).is_some() {
-                    return;
+                    // Its replacement is up; a request it was still answering goes to another member.
+                    return self.forget_link_history(id, None, false);
                 }
                 let Some(link) = self.links.get(&id) else { return };
                 // An original peer we probed drops that link when it reads the probe: dial it again.
@@ -386,6 +556,8 @@ impl Actor {
             net: self.net.clone(),
             events: self.events.clone(),
             seen: self.seen.clone(),
+            clock: self.clock.clone(),
+            log: self.log.clone(),
         };
         let conn = connection::spawn(id, stream, remote, role, context);
         let probed = role == Role::Probe;
@@ -393,7 +565,7 @@ impl Actor {
             let _ = conn.queue.try_send(frames::encode_opening(&Frame::Hello(self.hello())).into());
         }
         log::debug!("link {id} to {remote} opened ({role:?})");
-        let link = Link { conn, remote, listen_addr, outgoing, state: State::Opening, name: None, peer_id: None, probed, held: Vec::new() };
+        let link = Link { conn, remote, listen_addr, outgoing, state: State::Opening, name: None, peer_id: None, probed, held: Vec::new(), budget: AnswerBudget::new(&self.history) };
         self.links.insert(id, link);
         id
     }
@@ -449,8 +621,9 @@ impl Actor {
             return self.replace(existing, id, hello);
         }
         let name = hello.name.filter(|n| chat::validate_name(n).is_ok());
-        let Some(addr) = self.adopt(id, hello.id, hello.listen_port, name.clone(), Vec::new()) else { return };
+        let Some(addr) = self.adopt(id, hello.id.clone(), hello.listen_port, name.clone(), Vec::new()) else { return };
         self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing });
+        self.after_adopting(id, &hello.id);
         for member in hello.peers {
             self.consider(member);
         }
@@ -571,10 +744,13 @@ impl Actor {
 
     /// Send a line to every member; returns how many took it.
     fn send(&mut self, text: &str) -> usize {
-        let message = Chat { id: frames::random_id(), from: self.name.clone(), room: self.room.clone(), ts: now_millis(), text: text.to_owned() };
+        let stamp = self.clock.tick();
+        let ts = clock::wall_millis();
+        let message = Chat { id: frames::random_id(), from: self.name.clone(), room: self.room.clone(), ts, hlc: stamp, text: text.to_owned() };
         if let Ok(mut seen) = self.seen.lock() {
             seen.first_time(&message.id);
         }
+        self.log.record_now(Record { id: message.id.clone(), stamp, sent_at: ts, sender: Some(self.name.clone()), text: text.to_owned(), shared: true });
         let line = Arc::new(OutLine {
             original: chat::encode_line(&self.name, text).into(),
             p2pchat: frames::encode(&Frame::Msg(message)).into(),
@@ -622,7 +798,10 @@ impl Actor {
             log::info!("link to {} closed ({reason})", link.shown_addr());
             let announced = link.state != State::Opening;
             let (addr, name) = (link.shown_addr(), link.name.clone());
+            let lost = link.state == State::P2pchat && !clean;
+            let peer_id = link.peer_id.clone();
             drop(link);
+            self.forget_link_history(id, peer_id, lost);
             if announced {
                 self.notify(Event::Left { addr, name, reason, clean });
             }

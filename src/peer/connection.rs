@@ -29,8 +29,12 @@ use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::actor::NetEvent;
+use super::history;
 use super::seen::SeenIds;
 use super::{Event, Limits, Message};
+use crate::history::clock::Clock;
+use crate::history::log::LogHandle;
+use crate::history::store::Record;
 use crate::wire::chat::{self, ChatDecoder, Piece};
 use crate::reading::{read_opening, Opened};
 use crate::wire::frames::{Frame, FrameDecoder};
@@ -91,6 +95,8 @@ pub(super) struct ReaderContext {
     pub net: mpsc::Sender<NetEvent>,
     pub events: mpsc::Sender<Event>,
     pub seen: Arc<Mutex<SeenIds>>,
+    pub clock: Arc<Clock>,
+    pub log: LogHandle,
 }
 
 /// The live parts of a connection; dropping it aborts both tasks and closes the socket.
@@ -215,14 +221,14 @@ async fn original_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, f
             if let (false, Some(name)) = (had_name, decoder.name()) {
                 let _ = context.net.send(NetEvent::Renamed { id, name: name.to_owned() }).await;
             }
-            deliver(pieces, from, &context.events, &mut flood).await;
+            deliver(pieces, from, context, &mut flood).await;
         }
         read_size.prepare(&mut pending);
         let read = if decoder.has_held_back() {
             match tokio::time::timeout(context.limits.hold_back, half.read_buf(&mut pending)).await {
                 Ok(read) => read,
                 Err(_idle) => {
-                    deliver(decoder.flush(), from, &context.events, &mut flood).await;
+                    deliver(decoder.flush(), from, context, &mut flood).await;
                     continue;
                 }
             }
@@ -233,21 +239,24 @@ async fn original_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, f
             Ok(0) => break,
             Ok(n) => read_size.after_read(n),
             Err(err) => {
-                deliver(decoder.flush(), from, &context.events, &mut flood).await;
+                deliver(decoder.flush(), from, context, &mut flood).await;
                 return format!("read failed: {err}");
             }
         }
     }
-    deliver(decoder.flush(), from, &context.events, &mut flood).await;
+    deliver(decoder.flush(), from, context, &mut flood).await;
     "closed by the other side".to_owned()
 }
 
-async fn deliver(pieces: Vec<Piece>, from: SocketAddr, events: &mpsc::Sender<Event>, flood: &mut Flood) {
+/// Show and log what an original peer said. Its lines carry no id: each is logged under one made
+/// here, as not shared (see `history::store`).
+async fn deliver(pieces: Vec<Piece>, from: SocketAddr, context: &ReaderContext, flood: &mut Flood) {
+    let mut records = Vec::new();
     for Piece { sender, text, starts_message } in pieces {
         if starts_message {
             let (shown, notice) = flood.admit(from, sender.as_deref());
             if let Some(text) = notice {
-                let _ = events.send(Event::Notice { text }).await;
+                let _ = context.events.send(Event::Notice { text }).await;
             }
             if !shown {
                 continue;
@@ -255,9 +264,22 @@ async fn deliver(pieces: Vec<Piece>, from: SocketAddr, events: &mpsc::Sender<Eve
         } else if flood.muted {
             continue;
         }
-        let message = Message { sender, text, from, received_at: SystemTime::now(), starts_message, id: None, sent_at: None };
+        let stamp = context.clock.tick();
+        let received_at = SystemTime::now();
+        records.push(Record {
+            id: crate::wire::frames::random_id(),
+            stamp,
+            sent_at: crate::history::clock::millis_of(stamp),
+            sender: sender.clone(),
+            text: text.clone(),
+            shared: false,
+        });
+        let message = Message { sender, text, from, received_at, starts_message, id: None, sent_at: None, stamp: Some(stamp), history: false };
         // An error means the application dropped its event stream: nobody is listening any more.
-        let _ = events.send(Event::Message(message)).await;
+        let _ = context.events.send(Event::Message(message)).await;
+    }
+    if !records.is_empty() {
+        context.log.record(records).await;
     }
 }
 
@@ -269,30 +291,32 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
     let mut flood = Flood::new(context.limits.max_message_rate);
     let mut greeted = false;
     let mut said_bye = false;
+    // Messages of one read are logged in one job.
+    let mut to_log = Vec::new();
     loop {
-        loop {
+        let ended = loop {
             let frame = match decoder.next_frame() {
                 Ok(Some(frame)) => frame,
-                Ok(None) => break,
+                Ok(None) => break None,
                 Err(err) => {
                     let text = format!("{from} sent a broken p2pchat frame ({err}); closing that link");
                     log::warn!("{text}");
                     let _ = context.events.send(Event::Notice { text }).await;
-                    return (format!("protocol error: {err}"), false);
+                    break Some((format!("protocol error: {err}"), false));
                 }
             };
             match frame {
                 Frame::Hello(hello) if !greeted => {
                     greeted = true;
                     if context.net.send(NetEvent::Hello { id, hello }).await.is_err() {
-                        return ("closing".to_owned(), false);
+                        break Some(("closing".to_owned(), false));
                     }
                 }
                 Frame::Error { code, message } => {
                     let _ = context.net.send(NetEvent::Refused { id, code, message }).await;
-                    return ("refused".to_owned(), false);
+                    break Some(("refused".to_owned(), false));
                 }
-                _ if !greeted => return ("spoke before its hello".to_owned(), false),
+                _ if !greeted => break Some(("spoke before its hello".to_owned(), false)),
                 Frame::Msg(chat) => {
                     if chat.room != context.room || chat::validate_text(&chat.text).is_err() {
                         log::debug!("ignoring a message from {from} for room {:?} or with an invalid text", chat.room);
@@ -304,6 +328,9 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                         let _ = context.events.send(Event::Notice { text }).await;
                     }
                     if shown {
+                        let stamp = chat.stamp();
+                        context.clock.observe(stamp);
+                        to_log.push(history::chat_to_record(&chat));
                         let message = Message {
                             sender: Some(chat.from),
                             text: chat.text,
@@ -312,9 +339,18 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                             starts_message: true,
                             id: Some(chat.id),
                             sent_at: Some(UNIX_EPOCH + Duration::from_millis(chat.ts)),
+                            stamp: Some(stamp),
+                            history: false,
                         };
                         let _ = context.events.send(Event::Message(message)).await;
                     }
+                }
+                Frame::HistoryRequest { req, limit, after } => {
+                    let _ = context.net.send(NetEvent::HistoryRequested { id, req, limit, after }).await;
+                }
+                Frame::History { req, msgs, more } => {
+                    let msgs = msgs.into_iter().filter(|m| history::acceptable(m, &context.room)).collect();
+                    let _ = context.net.send(NetEvent::HistoryPart { id, req, msgs, more }).await;
                 }
                 Frame::Nick { name } => {
                     if chat::validate_name(&name).is_ok() {
@@ -324,6 +360,12 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                 Frame::Bye => said_bye = true,
                 Frame::Hello(_) | Frame::Welcome { .. } | Frame::Ping | Frame::Vouch { .. } | Frame::Unknown => {}
             }
+        };
+        if !to_log.is_empty() {
+            context.log.record(std::mem::take(&mut to_log)).await;
+        }
+        if let Some(end) = ended {
+            return end;
         }
         // p2pchat ends ping every `keepalive_interval`: silence means the other end is gone.
         buf.clear();

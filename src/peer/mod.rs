@@ -21,6 +21,7 @@
 mod actor;
 mod bootstrap;
 mod connection;
+mod history;
 mod seen;
 
 use std::io;
@@ -30,8 +31,11 @@ use std::time::{Duration, SystemTime};
 use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::history::log::{self as message_log, LogError, LogHandle};
+use crate::history::store::{Key, Query, Record, StoreError};
 use crate::wire::chat::{self, InvalidInput};
 
+pub use self::history::HistoryConfig;
 pub use crate::tracker::DEFAULT_PORT;
 
 /// Where to find the tracker: a host name or IP address, and a port.
@@ -118,6 +122,7 @@ pub struct PeerConfig {
     /// Fix the listening port P (for a forwarded port on a router); `None` lets the system choose.
     pub listen_port: Option<u16>,
     pub limits: Limits,
+    pub history: HistoryConfig,
 }
 
 impl PeerConfig {
@@ -129,6 +134,7 @@ impl PeerConfig {
             peers: Vec::new(),
             listen_port: None,
             limits: Limits::default(),
+            history: HistoryConfig::default(),
         }
     }
 }
@@ -157,6 +163,11 @@ pub struct Message {
     pub id: Option<String>,
     /// When the sender says it sent it (p2pchat links only; the sender's clock).
     pub sent_at: Option<SystemTime>,
+    /// Its place in the room's order (see `history::clock`): the author's stamp for p2pchat
+    /// messages, ours at arrival for original lines.
+    pub stamp: Option<u64>,
+    /// Said before it reached us: history on join, or missed during a gap and fetched since.
+    pub history: bool,
 }
 
 /// Something that happened in the room, in the order the peer saw it.
@@ -171,6 +182,9 @@ pub enum Event {
     Left { addr: SocketAddr, name: Option<String>, reason: String, clean: bool },
     /// Something the user should know that is not about one message (a refused link, a lost tracker).
     Notice { text: String },
+    /// The history asked for on join is in (`received` messages; 0 when nobody had any or nobody
+    /// could be asked). What happened meanwhile (live messages, presence) comes right after it.
+    HistorySynced { received: usize },
 }
 
 /// A member we hold a connection to.
@@ -215,8 +229,19 @@ pub enum PeerError {
     AddressInUse { port: u16 },
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    History(#[from] StoreError),
     #[error("the peer is closed")]
     Closed,
+}
+
+impl From<LogError> for PeerError {
+    fn from(err: LogError) -> Self {
+        match err {
+            LogError::Store(err) => PeerError::History(err),
+            LogError::Closed => PeerError::Closed,
+        }
+    }
 }
 
 /// A cheap, cloneable handle to a joined peer. The peer shuts down when [`close`](Self::close) is
@@ -224,29 +249,89 @@ pub enum PeerError {
 #[derive(Clone, Debug)]
 pub struct PeerHandle {
     commands: mpsc::Sender<actor::Command>,
+    log: LogHandle,
     room: String,
     listen_addr: SocketAddr,
 }
 
+/// Events held back at most while the join's history is fetched.
+const MAX_HELD: usize = 10_000;
+
 /// The stream of [`Event`]s of one peer. It ends after the peer closes.
+///
+/// While the history asked for on join is on its way, everything else (live messages, presence) is
+/// held back here (at most [`MAX_HELD`] events) and comes after it, in the order it happened, so a
+/// newcomer reads the conversation in order.
 #[derive(Debug)]
 pub struct Events {
     rx: mpsc::Receiver<Event>,
+    holding: bool,
+    held: std::collections::VecDeque<Event>,
 }
 
 impl Events {
     /// The next event, or `None` once the peer is closed and every event was taken.
     pub async fn recv(&mut self) -> Option<Event> {
-        self.rx.recv().await
+        loop {
+            if let Some(event) = self.release() {
+                return Some(event);
+            }
+            match self.rx.recv().await {
+                Some(event) => {
+                    if let Some(event) = self.sort(event) {
+                        return Some(event);
+                    }
+                }
+                None if self.held.is_empty() => return None,
+                None => self.holding = false,
+            }
+        }
     }
 
     /// An event already waiting, without waiting: `Ok(None)` if there is none yet,
     /// `Err(PeerError::Closed)` once the peer is closed and every event was taken.
     pub fn try_recv(&mut self) -> Result<Option<Event>, PeerError> {
-        match self.rx.try_recv() {
-            Ok(event) => Ok(Some(event)),
-            Err(mpsc::error::TryRecvError::Empty) => Ok(None),
-            Err(mpsc::error::TryRecvError::Disconnected) => Err(PeerError::Closed),
+        loop {
+            if let Some(event) = self.release() {
+                return Ok(Some(event));
+            }
+            match self.rx.try_recv() {
+                Ok(event) => {
+                    if let Some(event) = self.sort(event) {
+                        return Ok(Some(event));
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
+                Err(mpsc::error::TryRecvError::Disconnected) if self.held.is_empty() => return Err(PeerError::Closed),
+                Err(mpsc::error::TryRecvError::Disconnected) => self.holding = false,
+            }
+        }
+    }
+
+    fn release(&mut self) -> Option<Event> {
+        if self.holding {
+            None
+        } else {
+            self.held.pop_front()
+        }
+    }
+
+    /// The event to hand out now, or `None` when it is held back.
+    fn sort(&mut self, event: Event) -> Option<Event> {
+        match event {
+            Event::Message(message) if message.history => Some(Event::Message(message)),
+            Event::HistorySynced { received } => {
+                self.holding = false;
+                Some(Event::HistorySynced { received })
+            }
+            other if self.holding => {
+                self.held.push_back(other);
+                if self.held.len() >= MAX_HELD {
+                    self.holding = false;
+                }
+                None
+            }
+            other => Some(other),
         }
     }
 }
@@ -260,6 +345,12 @@ pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport)
     if config.tracker.is_none() && config.peers.is_empty() {
         return Err(PeerError::NothingToJoin);
     }
+    let (location, room) = (config.history.location.clone(), config.room.clone());
+    let log = tokio::task::spawn_blocking(move || message_log::open(&location, room)).await.map_err(|_| PeerError::Closed)??;
+    let history_after = match config.history.ask_on_join {
+        0 => None,
+        _ => Some(log.newest_shared().await?),
+    };
     let boot = bootstrap::contact_tracker(&config).await?;
     let (commands, commands_rx) = mpsc::channel(256);
     let (events_tx, events_rx) = mpsc::channel(config.limits.event_queue);
@@ -272,6 +363,7 @@ pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport)
         }
     }
     let listed = contacts.len();
+    let holding = history_after.is_some();
     tokio::spawn(actor::run(actor::Setup {
         name: config.name.clone(),
         room: config.room.clone(),
@@ -279,6 +371,9 @@ pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport)
         listener: boot.listener,
         tracker: boot.tracker,
         tracker_link: boot.tracker_link,
+        log: log.clone(),
+        history: config.history.clone(),
+        history_after,
         joined_via_tracker: config.tracker.is_some(),
         contacts,
         commands: commands_rx,
@@ -286,8 +381,9 @@ pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport)
         ready: ready_tx,
     }));
     let connected = ready_rx.await.map_err(|_| PeerError::Closed)?;
-    let handle = PeerHandle { commands, room: config.room, listen_addr };
-    Ok((handle, Events { rx: events_rx }, JoinReport { listen_addr, listed, connected }))
+    let handle = PeerHandle { commands, log, room: config.room, listen_addr };
+    let events = Events { rx: events_rx, holding, held: Default::default() };
+    Ok((handle, events, JoinReport { listen_addr, listed, connected }))
 }
 
 impl PeerHandle {
@@ -304,6 +400,12 @@ impl PeerHandle {
         chat::validate_text(text)?;
         let text = text.to_owned();
         self.ask(|reply| actor::Command::Send { text, reply }).await
+    }
+
+    /// The room's messages from our own log, oldest first: the newest `limit` of them said before
+    /// `before` (all when `None`).
+    pub async fn history(&self, limit: usize, before: Option<Key>) -> Result<Vec<Record>, PeerError> {
+        Ok(self.log.query(Query { before, ..Query::latest(limit) }).await?)
     }
 
     /// Our current name.

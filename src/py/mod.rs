@@ -32,6 +32,7 @@ create_exception!(_core, InvalidInput, P2PChatError, "A name or message that can
 create_exception!(_core, TrackerUnreachable, P2PChatError, "The tracker could not be found, reached, or gave no answer.");
 create_exception!(_core, AddressInUse, P2PChatError, "The port to listen on is taken by another program.");
 create_exception!(_core, PeerClosed, P2PChatError, "The peer was closed (or never joined).");
+create_exception!(_core, HistoryError, P2PChatError, "The message log on disk cannot be opened or used.");
 
 /// How often a blocking wait wakes up to let Python handle signals (Ctrl-C).
 const SIGNAL_SLICE: Duration = Duration::from_millis(100);
@@ -74,6 +75,7 @@ impl From<PeerError> for PyErr {
             | PeerError::TrackerRefused { .. } => TrackerUnreachable::new_err(message),
             PeerError::AddressInUse { .. } => AddressInUse::new_err(message),
             PeerError::Listen { .. } => P2PChatError::new_err(message),
+            PeerError::History(_) => HistoryError::new_err(message),
             PeerError::Closed => PeerClosed::new_err(message),
         }
     }
@@ -127,6 +129,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("TrackerUnreachable", py.get_type::<TrackerUnreachable>())?;
     m.add("AddressInUse", py.get_type::<AddressInUse>())?;
     m.add("PeerClosed", py.get_type::<PeerClosed>())?;
+    m.add("HistoryError", py.get_type::<HistoryError>())?;
     m.add_class::<tracker::PyTracker>()?;
     m.add_class::<peer::PyPeer>()?;
     m.add_class::<peer::PyMessage>()?;
@@ -134,8 +137,10 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<peer::PyPeerLeft>()?;
     m.add_class::<peer::PyPeerRenamed>()?;
     m.add_class::<peer::PyNotice>()?;
+    m.add_class::<peer::PyHistorySynced>()?;
     m.add_class::<peer::PyPeerInfo>()?;
     m.add_function(wrap_pyfunction!(_shutdown, m)?)?;
+    m.add_function(wrap_pyfunction!(peer::default_data_dir, m)?)?;
     logging::register(m)?;
     bench::register(m)?;
     Ok(())

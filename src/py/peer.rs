@@ -10,6 +10,8 @@ use pyo3::types::PyTuple;
 use pyo3_async_runtimes::tokio::future_into_py;
 
 use super::{register_live, runtime, seconds, wait, Closable, InvalidInput, P2PChatError, PeerClosed};
+use crate::history::clock;
+use crate::history::store::{Key, Location, Record};
 use crate::peer::{self, Event, Events, JoinReport, PeerConfig, PeerError, PeerHandle, Protocol};
 use crate::wire::chat;
 
@@ -30,8 +32,8 @@ pub struct PyMessage {
     /// The sender's name from its `<NAME> :: ` prefix (None for bytes that came before any prefix).
     sender: Option<String>,
     text: String,
-    /// The `(ip, port)` of the connection it arrived on.
-    address: (String, u16),
+    /// The `(ip, port)` of the connection it arrived on (None for a message read from the local log).
+    address: Option<(String, u16)>,
     /// When it was received, in seconds since the epoch (as `time.time()`).
     received_at: f64,
     /// True for the later part of a message whose bytes arrived after a pause (the original protocol has
@@ -41,12 +43,18 @@ pub struct PyMessage {
     id: Option<String>,
     /// When the sender says it sent it, in seconds since the epoch (p2pchat peers; the sender's clock).
     sent_at: Option<f64>,
+    /// Its place in the room's order, which every p2pchat peer agrees on: sort by `(stamp, id)`.
+    stamp: Option<u64>,
+    /// True when it was said before it reached us: history on join, a catch-up after a gap, or a
+    /// message read from the local log.
+    history: bool,
 }
 
 #[pymethods]
 impl PyMessage {
     fn __repr__(&self) -> String {
-        format!("Message(sender={}, text={:?}, address={:?})", repr_opt(&self.sender), self.text, self.address)
+        let history = if self.history { ", history=True" } else { "" };
+        format!("Message(sender={}, text={:?}, address={:?}{history})", repr_opt(&self.sender), self.text, self.address)
     }
 
     fn __str__(&self) -> String {
@@ -130,6 +138,20 @@ impl PyNotice {
     }
 }
 
+/// The history asked for on join is in: `received` messages came before this event (0 when nobody
+/// had any or nobody could be asked); live messages that arrived meanwhile come after it.
+#[pyclass(frozen, get_all, name = "HistorySynced", module = "p2pchat._core")]
+pub struct PyHistorySynced {
+    received: usize,
+}
+
+#[pymethods]
+impl PyHistorySynced {
+    fn __repr__(&self) -> String {
+        format!("HistorySynced(received={})", self.received)
+    }
+}
+
 /// A member this peer holds a connection to.
 #[pyclass(frozen, get_all, name = "PeerInfo", module = "p2pchat._core")]
 pub struct PyPeerInfo {
@@ -154,6 +176,7 @@ enum PyEvent {
     Left(PyPeerLeft),
     Renamed(PyPeerRenamed),
     Notice(PyNotice),
+    HistorySynced(PyHistorySynced),
 }
 
 fn epoch_seconds(t: std::time::SystemTime) -> f64 {
@@ -166,11 +189,13 @@ impl From<Event> for PyEvent {
             Event::Message(m) => PyEvent::Message(PyMessage {
                 sender: m.sender,
                 text: m.text,
-                address: py_addr(m.from),
+                address: Some(py_addr(m.from)),
                 received_at: epoch_seconds(m.received_at),
                 continued: !m.starts_message,
                 id: m.id,
                 sent_at: m.sent_at.map(epoch_seconds),
+                stamp: m.stamp,
+                history: m.history,
             }),
             Event::Joined { addr, name, protocol, outgoing } => {
                 PyEvent::Joined(PyPeerJoined { address: py_addr(addr), name, protocol: protocol_name(protocol), outgoing })
@@ -178,6 +203,7 @@ impl From<Event> for PyEvent {
             Event::Left { addr, name, reason, clean } => PyEvent::Left(PyPeerLeft { address: py_addr(addr), name, reason, clean }),
             Event::Renamed { addr, old, new } => PyEvent::Renamed(PyPeerRenamed { address: py_addr(addr), old, new }),
             Event::Notice { text } => PyEvent::Notice(PyNotice { text }),
+            Event::HistorySynced { received } => PyEvent::HistorySynced(PyHistorySynced { received }),
         }
     }
 }
@@ -302,12 +328,54 @@ async fn next_event(events: SharedEvents, timeout: Option<Duration>, messages_on
 /// one. `max_message_rate` is how many messages per second (after a burst of three times that) one
 /// member may send before this peer mutes it (default 200; raise it for rooms of bots). Names are 1 to
 /// 40 characters without `>`.
+///
+/// History: the room's messages are logged in `data_dir` (default: `default_data_dir()`); with
+/// `save_history=False` nothing is written to disk (this session's messages are kept in memory). On
+/// join, the first p2pchat member reached is asked for the newest `history` messages we do not have
+/// (0: ask nothing); they arrive as messages with `history=True`, before live ones.
 #[pyclass(frozen, name = "Peer", module = "p2pchat._core", weakref)]
 pub struct PyPeer {
     config: PeerConfig,
     core: Arc<Core>,
     /// Our name as last set (the actor has the authoritative copy).
     name: Mutex<String>,
+}
+
+/// Where the message log is kept unless `data_dir` says otherwise: `$P2PCHAT_DATA_DIR`, else the
+/// platform's per-user data directory (`~/.local/share/p2pchat` on Linux).
+#[pyfunction]
+pub fn default_data_dir() -> std::path::PathBuf {
+    crate::history::default_dir()
+}
+
+/// A position in the room's order from a `Message` or from seconds since the epoch.
+fn position(value: &Bound<'_, PyAny>) -> PyResult<Key> {
+    if let Ok(message) = value.cast::<PyMessage>() {
+        let message = message.get();
+        let stamp = message.stamp.ok_or_else(|| PyValueError::new_err("this message has no place in the room's order"))?;
+        return Ok(Key { stamp, id: message.id.clone().unwrap_or_default() });
+    }
+    let seconds: f64 = value.extract().map_err(|_| PyValueError::new_err("before must be a Message or a time in seconds since the epoch"))?;
+    if !seconds.is_finite() || seconds < 0.0 {
+        return Err(PyValueError::new_err(format!("before must be a time after 1970, not {seconds}")));
+    }
+    Ok(Key { stamp: clock::stamp_at((seconds * 1000.0) as u64), id: String::new() })
+}
+
+/// A message read from the local log.
+fn logged_message(record: Record) -> PyMessage {
+    let sent_at = record.sent_at as f64 / 1000.0;
+    PyMessage {
+        sender: record.sender,
+        text: record.text,
+        address: None,
+        received_at: sent_at,
+        continued: false,
+        id: record.shared.then_some(record.id),
+        sent_at: record.shared.then_some(sent_at),
+        stamp: Some(record.stamp),
+        history: true,
+    }
 }
 
 /// `(host, port)` or `"host:port"` to a socket address (host names are looked up).
@@ -332,7 +400,9 @@ fn peer_address(value: &Bound<'_, PyAny>) -> PyResult<SocketAddr> {
 #[pymethods]
 impl PyPeer {
     #[new]
-    #[pyo3(signature = (name, server = Some("127.0.0.1"), port = crate::tracker::DEFAULT_PORT, *, listen = None, room = "", peers = Vec::new(), max_message_rate = None))]
+    #[pyo3(signature = (name, server = Some("127.0.0.1"), port = crate::tracker::DEFAULT_PORT, *, listen = None, room = "", peers = Vec::new(),
+                        max_message_rate = None, history = 100, data_dir = None, save_history = true))]
+    #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn new(
         name: &str,
         server: Option<&str>,
@@ -341,6 +411,9 @@ impl PyPeer {
         room: &str,
         peers: Vec<Bound<'_, PyAny>>,
         max_message_rate: Option<u32>,
+        history: usize,
+        data_dir: Option<std::path::PathBuf>,
+        save_history: bool,
     ) -> PyResult<Self> {
         chat::validate_name(name).map_err(|e| InvalidInput::new_err(e.to_string()))?;
         chat::validate_room(room).map_err(|e| InvalidInput::new_err(e.to_string()))?;
@@ -363,6 +436,12 @@ impl PyPeer {
             Some(rate) => config.limits.max_message_rate = rate,
             None => {}
         }
+        config.history.ask_on_join = history;
+        config.history.location = match (save_history, data_dir) {
+            (false, _) => Location::Memory,
+            (true, Some(dir)) => Location::Dir(dir),
+            (true, None) => Location::Dir(crate::history::default_dir()),
+        };
         let core = Arc::new(Core { state: Mutex::new(State::New) });
         let weak = Arc::downgrade(&core);
         register_live(weak);
@@ -476,6 +555,28 @@ impl PyPeer {
                 Ok(Some(event)) => Ok(PyEvent::from(event)),
                 Ok(None) | Err(_) => Err(PyStopAsyncIteration::new_err(())),
             }
+        })
+    }
+
+    /// The room's messages from this peer's own log, oldest first: the newest `limit` of them said
+    /// before `before` (a `Message`, to page back from it, or a time in seconds since the epoch).
+    /// Every p2pchat member returns the messages they share in the same order.
+    #[pyo3(signature = (limit = 100, before = None))]
+    fn history(&self, py: Python<'_>, limit: usize, before: Option<Bound<'_, PyAny>>) -> PyResult<Vec<PyMessage>> {
+        let (handle, _) = self.core.joined()?;
+        let before = before.as_ref().map(position).transpose()?;
+        let records = wait(py, async move { handle.history(limit, before).await })??;
+        Ok(records.into_iter().map(logged_message).collect())
+    }
+
+    /// `await peer.history_async(limit, before)`: like `history`.
+    #[pyo3(signature = (limit = 100, before = None))]
+    fn history_async<'py>(&self, py: Python<'py>, limit: usize, before: Option<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+        let (handle, _) = self.core.joined()?;
+        let before = before.as_ref().map(position).transpose()?;
+        future_into_py(py, async move {
+            let records = handle.history(limit, before).await?;
+            Ok(records.into_iter().map(logged_message).collect::<Vec<_>>())
         })
     }
 

@@ -205,7 +205,7 @@ impl Tracker {
                     }
                     Query::Register { room, addr, reply } => {
                         let registered = registry.register(&room, addr);
-                        log::debug!("{addr} registered in room {room:?}; {} other member(s)", registered.0.len());
+                        log::debug!("{addr} registered in room {room:?}; answered with a {}-byte welcome", registered.0.len());
                         let _ = reply.send(registered);
                     }
                     Query::Deregister { room, addr, registration } => {

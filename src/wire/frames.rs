@@ -61,7 +61,29 @@ pub struct Chat {
     pub room: String,
     /// Sender's clock, milliseconds since the Unix epoch.
     pub ts: u64,
+    /// The message's place in the room's order: the sender's hybrid logical clock (`history::clock`).
+    /// 0 from a sender that does not stamp; the receiver then orders it by `ts`.
+    #[serde(default)]
+    pub hlc: u64,
     pub text: String,
+}
+
+impl Chat {
+    /// Where it sorts: its stamp, or the start of its `ts` millisecond when it has none.
+    pub fn stamp(&self) -> u64 {
+        if self.hlc == 0 {
+            crate::history::clock::stamp_at(self.ts)
+        } else {
+            self.hlc
+        }
+    }
+}
+
+/// A position in a room's order: a message's stamp and id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Position {
+    pub hlc: u64,
+    pub id: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -86,6 +108,17 @@ pub enum Frame {
     /// Peer → tracker: the original peers (listen addresses) this peer holds live links to, so the
     /// tracker keeps listing them without disturbing them.
     Vouch { originals: Vec<String> },
+    /// Ask for the room's history: the newest `limit` messages after `after` (all of them when absent),
+    /// answered by `history` frames carrying the same `req`.
+    HistoryRequest {
+        req: u32,
+        limit: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<Position>,
+    },
+    /// Part of an answer, oldest first; the last part has `more: false`. An answer may hold fewer
+    /// messages than asked (the answerer's log is shorter, or its size and rate limits cut it).
+    History { req: u32, msgs: Vec<Chat>, more: bool },
     /// The sender refuses the link; it closes after this.
     Error { code: String, message: String },
     /// A frame type this version does not know; ignored.
@@ -260,11 +293,14 @@ mod tests {
     fn frames_round_trip_through_any_split() {
         let frames = vec![
             Frame::Hello(hello()),
-            Frame::Msg(Chat { id: random_id(), from: "ana".into(), room: "x".into(), ts: 1, text: "olá ☃".into() }),
+            Frame::Msg(Chat { id: random_id(), from: "ana".into(), room: "x".into(), ts: 1, hlc: 7, text: "olá ☃".into() }),
             Frame::Nick { name: "bia".into() },
             Frame::Bye,
             Frame::Ping,
             Frame::Vouch { originals: vec!["10.0.0.1:5000".into()] },
+            Frame::HistoryRequest { req: 3, limit: 100, after: Some(Position { hlc: 1 << 40, id: random_id() }) },
+            Frame::HistoryRequest { req: 4, limit: 0, after: None },
+            Frame::History { req: 3, msgs: vec![Chat { id: random_id(), from: "bia".into(), room: "x".into(), ts: 2, hlc: 9, text: "old".into() }], more: true },
         ];
         let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
         for cut in 0..bytes.len() {
