@@ -1,7 +1,10 @@
 """Real processes for the tests: start scripts, feed stdin, wait (bounded) for lines they print."""
 
+import json
 import os
 import re
+import socket
+import struct
 import signal
 import subprocess
 import sys
@@ -16,6 +19,27 @@ REFERENCE_PROMPT = "Escreva um nome: "  # printed by the original client, withou
 WAIT = 15.0  # seconds any single expectation may take; generous for a loaded 2-core CI machine
 
 Regex = Union[str, Pattern[str]]
+
+MAGIC = b"\xffp2pchat"  # how every p2pchat connection starts
+
+
+def frame(obj) -> bytes:
+    """One p2pchat frame: a 4-byte big-endian length, then JSON."""
+    body = json.dumps(obj).encode()
+    return struct.pack(">I", len(body)) + body
+
+
+def read_frame(sock: socket.socket) -> dict:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, f"closed after {len(data)} of {n} bytes"
+            data += chunk
+        return data
+
+    (length,) = struct.unpack(">I", exactly(4))
+    return json.loads(exactly(length))
 
 
 class Stream:
@@ -80,6 +104,10 @@ class Proc:
     def __init__(self, argv: Sequence[str], name: str, env: Optional[dict] = None) -> None:
         self.name = name
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1")
+        if "P2PCHAT_DATA_DIR" in os.environ:
+            # Every process keeps its own message log, as on separate machines; one started again
+            # under the same name finds its log again.
+            full_env["P2PCHAT_DATA_DIR"] = os.path.join(os.environ["P2PCHAT_DATA_DIR"], name)
         full_env.update(env or {})
         self.popen = subprocess.Popen(
             list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=ROOT
@@ -149,6 +177,14 @@ def original_exchange(port: int, host: str = "127.0.0.1", payload: bytes = b"", 
         except ConnectionResetError:
             pass
         return answer
+
+
+def wait_until(predicate, what: str, timeout: float = WAIT) -> None:
+    """Poll a cheap local query (bounded) until it holds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.05)
 
 
 def python(*args: str) -> List[str]:

@@ -5,17 +5,9 @@ import time
 
 import pytest
 
-from harness import WAIT, original_exchange, python
+from harness import WAIT, original_exchange, python, wait_until
 from netns import namespace  # noqa: F401 - fixture
 from p2pchat import Peer, Tracker
-
-
-def wait_until(predicate, what: str, timeout: float = WAIT) -> None:
-    """Poll a cheap local query (bounded) until it holds."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.05)
 
 
 def kill_and_wait_until_forgotten(tracker, survivor, victim) -> None:

@@ -7,29 +7,8 @@ import struct
 
 import pytest
 
-from harness import WAIT, assert_clean_stderr
+from harness import MAGIC, WAIT, frame, read_frame
 from p2pchat import MAX_TEXT_BYTES, Message, Notice, Peer, PeerJoined, Tracker
-
-MAGIC = b"\xffp2pchat"
-
-
-def frame(obj) -> bytes:
-    body = json.dumps(obj).encode()
-    return struct.pack(">I", len(body)) + body
-
-
-def read_frame(sock: socket.socket) -> dict:
-    def exactly(n: int) -> bytes:
-        data = b""
-        while len(data) < n:
-            chunk = sock.recv(n - len(data))
-            assert chunk, f"closed after {len(data)} of {n} bytes"
-            data += chunk
-        return data
-
-    (length,) = struct.unpack(">I", exactly(4))
-    return json.loads(exactly(length))
-
 
 def test_rooms_do_not_hear_each_other_and_the_default_room_mixes(room, tmp_path):
     tracker = room.p2pchat_tracker()

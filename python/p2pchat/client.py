@@ -3,8 +3,9 @@
     python client.py                       # tracker on 127.0.0.1:7472; asks for a name first
     python client.py -s 192.168.1.10 -n ana
 
-Chat lines go to stdout (``<name> :: text``, one message per line); system lines (``* ...``) and logs go
-to stderr. With a terminal, the prompt stays intact while messages arrive; with a pipe, lines are read
+Chat lines go to stdout (``<name> :: text``, one message per line; earlier messages, from the local log
+or fetched from the room, as ``[history YYYY-MM-DD HH:MM] <name> :: text``); system lines (``* ...``) and
+logs go to stderr. With a terminal, the prompt stays intact while messages arrive; with a pipe, lines are read
 from stdin and the client stays in the room after stdin ends (like the original) unless
 ``--exit-on-eof`` is given.
 """
@@ -13,11 +14,13 @@ import argparse
 import sys
 import threading
 import time
-from typing import List, Optional, Set
+from pathlib import Path
+from typing import Collection, List, Optional, Set
 
 from . import (
     MAX_NAME_CHARS,
     AddressInUse,
+    HistorySynced,
     InvalidInput,
     Message,
     Notice,
@@ -29,6 +32,7 @@ from . import (
     PeerRenamed,
     TrackerUnreachable,
     __version__,
+    default_data_dir,
 )
 from ._cli import Leave, handle_signals, port, say, setup_logging, signals_deferred, status
 
@@ -49,6 +53,7 @@ examples:
   python client.py                          tracker on this machine, port 7472; asks for a name
   python client.py -s 192.168.1.10 -n ana   tracker on another machine, name given
   python client.py --listen 7500            listen on a fixed port (to forward it on a router)
+  python client.py --history 0 --no-history   no earlier messages shown, nothing written to disk
   printf 'ana\\nhello\\n' | python client.py --exit-on-eof
 
 Type a line and press Enter to send it to everyone; /quit, Ctrl-C or Ctrl-D leaves.
@@ -70,10 +75,29 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                         help="a member to connect to directly (repeatable); the others are learnt from it")
     parser.add_argument("-l", "--listen", type=port, metavar="PORT", help="port to listen on for other peers (default: any free port)")
+    parser.add_argument("--history", type=count, default=100, metavar="N",
+                        help="earlier messages to show on start: the last N from your log, and the newest N you "
+                             "do not have, asked from a member (default: %(default)s; 0: none)")
+    parser.add_argument("--no-history", action="store_true",
+                        help="write no message log to disk (this session's messages are kept in memory only)")
+    parser.add_argument("--data-dir", type=Path, metavar="DIR",
+                        help=f"where the message log is kept (default: {default_data_dir()}; "
+                             "or set P2PCHAT_DATA_DIR)")
     parser.add_argument("--exit-on-eof", action="store_true", help="leave the room when stdin ends instead of staying to listen")
     parser.add_argument("-d", "--debug", action="store_true", help="print debug logs (connections, tracker exchange) on stderr")
     parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")
     return parser
+
+
+def count(text: str) -> int:
+    """argparse type for a number of messages: 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 for none")
+    return value
 
 
 def ask_name() -> str:
@@ -103,7 +127,13 @@ def show(event: object, ignored: Set[str]) -> None:
         if event.sender in ignored:
             return
         prefix = f"<{printable(event.sender)}> :: " if event.sender is not None else ""
+        if event.history:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(event.sent_at or event.received_at))
+            prefix = f"[history {when}] {prefix}"
         say(prefix + printable(event.text))
+    elif isinstance(event, HistorySynced):
+        if event.received:
+            status(f"{event.received} earlier message(s) received from the room")
     elif isinstance(event, PeerJoined):
         status(f"{who(event.name, event.address)} joined ({event.protocol})")
     elif isinstance(event, PeerLeft):
@@ -114,13 +144,25 @@ def show(event: object, ignored: Set[str]) -> None:
         status(printable(event.text))
 
 
-def pump_events(peer: Peer, ignored: Set[str]) -> None:
+def pump_events(peer: Peer, ignored: Set[str], already_shown: Collection[str]) -> None:
     while True:
         try:
             event = peer.recv_event()
         except PeerClosed:
             return
+        if isinstance(event, Message) and event.id in already_shown:
+            continue
         show(event, ignored)
+
+
+def show_own_log(peer: Peer, limit: int, before: float, ignored: Set[str]) -> Set[str]:
+    """The room's last messages from our own log (said before we joined); returns their ids."""
+    if limit == 0:
+        return set()
+    logged = peer.history(limit=limit, before=before)
+    for message in logged:
+        show(message, ignored)
+    return {m.id for m in logged if m.id}
 
 
 def join(peer: Peer, server: str, tracker_port: int) -> None:
@@ -226,10 +268,12 @@ def run(args: argparse.Namespace) -> int:
     name = args.name if args.name is not None else ask_name()
     try:
         server = args.server if args.server is not None or args.peer else "127.0.0.1"
-        peer = Peer(name, server, args.port, listen=args.listen, room=args.room, peers=args.peer)
+        peer = Peer(name, server, args.port, listen=args.listen, room=args.room, peers=args.peer,
+                    history=args.history, data_dir=args.data_dir, save_history=not args.no_history)
     except (InvalidInput, ValueError) as err:
         print(f"client.py: {err}", file=sys.stderr)
         return 2
+    started = time.time()
     try:
         join(peer, server or "(none)", args.port)
     except AddressInUse as err:
@@ -240,8 +284,9 @@ def run(args: argparse.Namespace) -> int:
         return 1
     ignored: Set[str] = set()
     try:
+        from_log = show_own_log(peer, args.history, started, ignored)
         with signals_deferred():
-            threading.Thread(target=pump_events, args=(peer, ignored), name="p2pchat-receiver", daemon=True).start()
+            threading.Thread(target=pump_events, args=(peer, ignored, from_log), name="p2pchat-receiver", daemon=True).start()
             reached, listed = peer.join_result or (0, 0)
             _, listen_port = peer.address or ("", 0)
             room = f" in room {args.room!r}" if args.room else ""

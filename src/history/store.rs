@@ -50,6 +50,16 @@ pub struct Record {
     pub shared: bool,
 }
 
+impl Record {
+    /// About how many bytes it takes in a history answer (its text, names and JSON envelope).
+    pub fn wire_size(&self) -> usize {
+        self.text.len() + self.sender.as_ref().map_or(0, String::len) + self.id.len() + ENVELOPE_BYTES
+    }
+}
+
+/// The JSON around one message in a history answer: field names, room, stamps.
+const ENVELOPE_BYTES: usize = 96;
+
 /// A position in a room's order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub struct Key {
@@ -58,7 +68,7 @@ pub struct Key {
 }
 
 /// Which records a query wants: strictly after `after`, strictly before `before`, the newest `limit`
-/// of them (returned oldest first), and no more than `max_bytes` of text.
+/// of them (returned oldest first), and no more than `max_bytes` of them ([`Record::wire_size`]).
 #[derive(Debug, Clone)]
 pub struct Query {
     pub after: Option<Key>,
@@ -180,7 +190,7 @@ impl Store {
         let mut bytes = 0usize;
         for row in rows {
             let record = row?;
-            bytes += record.text.len() + record.sender.as_ref().map_or(0, String::len);
+            bytes += record.wire_size();
             if bytes > query.max_bytes && !newest_first.is_empty() {
                 break;
             }
@@ -244,8 +254,8 @@ mod tests {
         assert_eq!(ids(&store.query("r", &before_c).unwrap()), ["a", "b"]);
         let shared = Query { shared_only: true, ..Query::latest(10) };
         assert_eq!(ids(&store.query("r", &shared).unwrap()), ["a", "b", "c"]);
-        let small = Query { max_bytes: 20, ..shared };
-        assert_eq!(ids(&store.query("r", &small).unwrap()), ["b", "c"], "9 bytes each: two fit in 20");
+        let small = Query { max_bytes: 230, ..shared };
+        assert_eq!(ids(&store.query("r", &small).unwrap()), ["b", "c"], "about 110 bytes each: two fit in 230");
         assert_eq!(store.newest_shared("r").unwrap(), Some(Key { stamp: 3, id: "c".into() }));
     }
 

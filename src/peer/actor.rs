@@ -165,6 +165,8 @@ struct Actor {
 /// A history request of ours on one link.
 struct Asked {
     req: u32,
+    /// Who is answering (a session id): a replacement link to it takes the request over.
+    peer_id: Option<String>,
     after: Option<Key>,
     /// Messages still accepted in the answer.
     remaining: usize,
@@ -310,7 +312,8 @@ impl Actor {
         let (parts, parts_rx) = mpsc::channel(64);
         let sink = Sink { log: self.log.clone(), seen: self.seen.clone(), clock: self.clock.clone(), events: self.events.clone() };
         self.background.spawn(history::receive(parts_rx, link.shown_addr(), purpose, self.history.answer_wait, sink));
-        self.asked.insert(id, Asked { req, after, remaining: limit, purpose, parts });
+        let peer_id = link.peer_id.clone();
+        self.asked.insert(id, Asked { req, peer_id, after, remaining: limit, purpose, parts });
         true
     }
 
@@ -383,11 +386,14 @@ impl Actor {
             self.lost.insert(peer_id, (clock::stamp_at(quiet_since), now));
         }
         let Some(asked) = self.asked.remove(&id) else { return };
-        if asked.purpose == Purpose::Join && asked.remaining > 0 {
-            let other = self.links.iter().find(|(other, l)| l.state == State::P2pchat && !self.asked.contains_key(*other)).map(|(other, _)| *other);
-            if let Some(other) = other {
-                self.ask_history(other, asked.after, asked.remaining, Purpose::CatchUp);
-            }
+        // Unanswered: ask again on the link that replaced this one (two peers that redial each other
+        // keep one of the two links), or, for the join's history, any member.
+        let free = |l: &(&ConnId, &Link)| l.1.state == State::P2pchat && !self.asked.contains_key(l.0);
+        let same_peer = self.links.iter().filter(free).find(|(_, l)| l.peer_id.is_some() && l.peer_id == asked.peer_id);
+        let any = self.links.iter().filter(free).find(|_| asked.purpose == Purpose::Join);
+        if let Some((&other, _)) = same_peer.or(any) {
+            // The first ask's task still ends the join's wait; this one is a catch-up.
+            self.ask_history(other, asked.after, asked.remaining, Purpose::CatchUp);
         }
     }
 

@@ -20,7 +20,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -248,17 +248,18 @@ async fn original_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, f
     "closed by the other side".to_owned()
 }
 
-/// Show and log what an original peer said. Its lines carry no id: each is logged under one made
+/// Log and show what an original peer said. Its lines carry no id: each is logged under one made
 /// here, as not shared (see `history::store`).
 async fn deliver(pieces: Vec<Piece>, from: SocketAddr, context: &ReaderContext, flood: &mut Flood) {
     let mut records = Vec::new();
+    let mut shown = Vec::new();
     for Piece { sender, text, starts_message } in pieces {
         if starts_message {
-            let (shown, notice) = flood.admit(from, sender.as_deref());
+            let (admitted, notice) = flood.admit(from, sender.as_deref());
             if let Some(text) = notice {
-                let _ = context.events.send(Event::Notice { text }).await;
+                shown.push(Event::Notice { text });
             }
-            if !shown {
+            if !admitted {
                 continue;
             }
         } else if flood.muted {
@@ -275,11 +276,20 @@ async fn deliver(pieces: Vec<Piece>, from: SocketAddr, context: &ReaderContext, 
             shared: false,
         });
         let message = Message { sender, text, from, received_at, starts_message, id: None, sent_at: None, stamp: Some(stamp), history: false };
-        // An error means the application dropped its event stream: nobody is listening any more.
-        let _ = context.events.send(Event::Message(message)).await;
+        shown.push(Event::Message(message));
     }
+    log_then_show(context, records, shown).await;
+}
+
+/// Log messages before the application sees them, so a `history()` asked after a message arrived
+/// has it (the log thread takes jobs in order).
+async fn log_then_show(context: &ReaderContext, records: Vec<Record>, events: Vec<Event>) {
     if !records.is_empty() {
         context.log.record(records).await;
+    }
+    for event in events {
+        // An error means the application dropped its event stream: nobody is listening any more.
+        let _ = context.events.send(event).await;
     }
 }
 
@@ -291,8 +301,8 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
     let mut flood = Flood::new(context.limits.max_message_rate);
     let mut greeted = false;
     let mut said_bye = false;
-    // Messages of one read are logged in one job.
-    let mut to_log = Vec::new();
+    // Messages of one read are logged in one job, then shown.
+    let (mut to_log, mut to_show) = (Vec::new(), Vec::new());
     loop {
         let ended = loop {
             let frame = match decoder.next_frame() {
@@ -301,7 +311,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                 Err(err) => {
                     let text = format!("{from} sent a broken p2pchat frame ({err}); closing that link");
                     log::warn!("{text}");
-                    let _ = context.events.send(Event::Notice { text }).await;
+                    to_show.push(Event::Notice { text });
                     break Some((format!("protocol error: {err}"), false));
                 }
             };
@@ -325,24 +335,12 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                     let first_time = context.seen.lock().map(|mut seen| seen.first_time(&chat.id)).unwrap_or(true);
                     let (shown, notice) = if first_time { flood.admit(from, Some(&chat.from)) } else { (false, None) };
                     if let Some(text) = notice {
-                        let _ = context.events.send(Event::Notice { text }).await;
+                        to_show.push(Event::Notice { text });
                     }
                     if shown {
-                        let stamp = chat.stamp();
-                        context.clock.observe(stamp);
+                        context.clock.observe(chat.stamp());
                         to_log.push(history::chat_to_record(&chat));
-                        let message = Message {
-                            sender: Some(chat.from),
-                            text: chat.text,
-                            from,
-                            received_at: SystemTime::now(),
-                            starts_message: true,
-                            id: Some(chat.id),
-                            sent_at: Some(UNIX_EPOCH + Duration::from_millis(chat.ts)),
-                            stamp: Some(stamp),
-                            history: false,
-                        };
-                        let _ = context.events.send(Event::Message(message)).await;
+                        to_show.push(Event::Message(history::message(chat, from, false)));
                     }
                 }
                 Frame::HistoryRequest { req, limit, after } => {
@@ -361,9 +359,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                 Frame::Hello(_) | Frame::Welcome { .. } | Frame::Ping | Frame::Vouch { .. } | Frame::Unknown => {}
             }
         };
-        if !to_log.is_empty() {
-            context.log.record(std::mem::take(&mut to_log)).await;
-        }
+        log_then_show(context, std::mem::take(&mut to_log), std::mem::take(&mut to_show)).await;
         if let Some(end) = ended {
             return end;
         }

@@ -103,7 +103,7 @@ pub(super) fn answer_frames(req: u32, msgs: Vec<Chat>) -> Vec<Vec<u8>> {
     let mut part = Vec::new();
     let mut size = 0;
     for msg in msgs {
-        let len = msg.text.len() + msg.from.len() + msg.id.len() + 96;
+        let len = msg.text.len() + msg.from.len() + msg.id.len() + 96; // as `Record::wire_size`
         if !part.is_empty() && size + len > CHUNK_BYTES {
             frames_out.push(frames::encode(&Frame::History { req, msgs: std::mem::take(&mut part), more: true }));
             size = 0;
@@ -137,6 +137,22 @@ pub(super) fn acceptable(chat: &Chat, room: &str) -> bool {
         && chat.id.len() <= MAX_ID_CHARS
         && chat::validate_text(&chat.text).is_ok()
         && chat::validate_name(&chat.from).is_ok()
+}
+
+/// A p2pchat message as the application sees it; `from` is the link it came on.
+pub(super) fn message(chat: Chat, from: SocketAddr, history: bool) -> Message {
+    let stamp = chat.stamp();
+    Message {
+        sender: Some(chat.from),
+        text: chat.text,
+        from,
+        received_at: SystemTime::now(),
+        starts_message: true,
+        id: Some(chat.id),
+        sent_at: Some(UNIX_EPOCH + Duration::from_millis(chat.ts)),
+        stamp: Some(stamp),
+        history,
+    }
 }
 
 pub(super) fn position(key: &Key) -> Position {
@@ -207,19 +223,7 @@ pub(super) async fn receive(mut parts: mpsc::Receiver<Vec<Chat>>, from: SocketAd
                 continue;
             }
             received += 1;
-            let stamp = chat.stamp();
-            let message = Message {
-                sender: Some(chat.from),
-                text: chat.text,
-                from,
-                received_at: SystemTime::now(),
-                starts_message: true,
-                id: Some(chat.id),
-                sent_at: Some(UNIX_EPOCH + Duration::from_millis(chat.ts)),
-                stamp: Some(stamp),
-                history: true,
-            };
-            if sink.events.send(Event::Message(message)).await.is_err() {
+            if sink.events.send(Event::Message(message(chat, from, true))).await.is_err() {
                 return;
             }
         }

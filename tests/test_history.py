@@ -1,0 +1,248 @@
+"""History: late joiners see the conversation, gaps are caught up once, every peer keeps a local log."""
+
+import json
+import re
+import signal
+import socket
+import time
+
+import pytest
+
+from harness import MAGIC, WAIT, frame, python, read_frame, wait_until
+from netns import namespace  # noqa: F401 - fixture
+from p2pchat import HistoryError, HistorySynced, Message, Peer, Tracker
+from p2pchat._core import MAX_TEXT_BYTES
+
+HISTORY_LINE = r"^\[history \d{4}-\d\d-\d\d \d\d:\d\d\] "
+
+
+def take_messages(peer: Peer, count: int, timeout: float = WAIT):
+    """The next `count` messages (bounded wait for each)."""
+    received = []
+    for _ in range(count):
+        message = peer.recv(timeout=timeout)
+        assert message is not None, f"{peer.name}: only {len(received)} of {count} messages came"
+        received.append(message)
+    return received
+
+
+def test_a_newcomer_sees_500_earlier_messages_in_the_same_order_as_every_member(tmp_path):
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        host, port = tracker.address
+        with Peer("ana", host, port, data_dir=tmp_path / "ana") as ana, \
+                Peer("bob", host, port, data_dir=tmp_path / "bob") as bob:
+            assert isinstance(bob.recv_event(timeout=WAIT), HistorySynced)
+            for i in range(250):
+                ana.send(f"ana {i}")
+                bob.send(f"bob {i}")
+            take_messages(ana, 250)
+            take_messages(bob, 250)
+
+            with Peer("cid", host, port, data_dir=tmp_path / "cid", history=500) as cid:
+                events = []
+                while not isinstance(events[-1:] and events[-1], HistorySynced):
+                    event = cid.recv_event(timeout=WAIT)
+                    assert event is not None, f"cid got {len(events)} events, then nothing"
+                    events.append(event)
+                shown = [e for e in events if isinstance(e, Message)]
+                assert events[-1].received == 500 == len(shown)
+                assert all(m.history and m.id for m in shown)
+                assert [m.text for m in shown if m.sender == "ana"] == [f"ana {i}" for i in range(250)]
+                assert [m.text for m in shown if m.sender == "bob"] == [f"bob {i}" for i in range(250)]
+
+                # Every member's log has the 500 in one order, the one cid was shown them in.
+                order = [(m.stamp, m.id) for m in shown]
+                assert order == sorted(order)
+                for member in (ana, bob, cid):
+                    logged = member.history(limit=1000)
+                    assert [m.id for m in logged] == [m.id for m in shown], member.name
+                # Paging back from a message gives the ones before it.
+                assert [m.id for m in cid.history(limit=10, before=shown[100])] == [m.id for m in shown[90:100]]
+
+                # Live messages come after the history, marked as live.
+                ana.send("live now")
+                live = cid.recv(timeout=WAIT)
+                assert (live.text, live.history) == ("live now", False)
+
+
+def test_live_messages_said_while_history_arrives_come_after_it(tmp_path):
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        host, port = tracker.address
+        with Peer("ana", host, port, data_dir=tmp_path / "ana") as ana:
+            for i in range(1500):
+                ana.send(f"old {i}")
+            with Peer("bob", host, port, data_dir=tmp_path / "bob", history=2000) as bob:
+                # Live or (if ana had not seen bob's link yet) as history: either way once, last.
+                ana.send("new")
+                texts = [m.text for m in take_messages(bob, 1501)]
+                assert texts == [f"old {i}" for i in range(1500)] + ["new"]
+                assert bob.recv(timeout=0.5) is None
+
+
+def test_a_restarted_client_shows_its_log_and_gets_what_it_missed_once(room):
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        port = tracker.address[1]
+        ana = room.p2pchat_peer("ana", port)
+        bob = room.p2pchat_peer("bob", port)
+        bob.wait_connections(1)
+        for i in range(5):
+            ana.say(f"before {i}")
+        bob.saw_line(r"^<ana> :: before 4$")
+        bob.proc.signal(signal.SIGKILL)
+        bob.proc.wait()
+        ana.proc.err.saw(r"^\* bob \(.*\) left \(")
+        for i in range(5):
+            ana.say(f"while away {i}")
+
+        again = room.p2pchat_peer("bob", port)  # the same name: the same data directory
+        again.saw_line(HISTORY_LINE + r"<ana> :: while away 4$")
+        again.proc.err.saw(r"earlier message\(s\) received from the room")
+        ana.say("live again")
+        again.saw_line(r"^<ana> :: live again$")
+        lines = again.proc.out.snapshot()
+        for text in [f"before {i}" for i in range(5)] + [f"while away {i}" for i in range(5)]:
+            shown = [line for line in lines if line.endswith(f"<ana> :: {text}")]
+            assert len(shown) == 1 and re.match(HISTORY_LINE, shown[0]), (text, lines)
+        before = [lines.index(next(line for line in lines if line.endswith(f":: before {i}"))) for i in range(5)]
+        away = [lines.index(next(line for line in lines if line.endswith(f":: while away {i}"))) for i in range(5)]
+        assert before + away == sorted(before + away), "shown in the order they were said"
+
+
+def test_no_history_writes_no_message_log_to_disk(room, tmp_path):
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        port = tracker.address[1]
+        data = tmp_path / "nothing-here"
+        ana = room.p2pchat_peer("ana", port, "--no-history", "--data-dir", str(data))
+        with Peer("bob", "127.0.0.1", port, save_history=False, data_dir=data) as bob:
+            ana.wait_connections(1)
+            bob.send("not for the disk")
+            ana.saw_line(r"^<bob> :: not for the disk$")
+            ana.say("nor this")
+            assert bob.recv(timeout=WAIT).text == "nor this"
+            # This session's messages are still kept, in memory.
+            assert [m.text for m in bob.history()] == ["not for the disk", "nor this"]
+        assert not data.exists(), list(data.rglob("*"))
+
+
+def test_a_corrupt_log_gives_a_clear_error_and_a_way_forward(room, tmp_path):
+    data = tmp_path / "broken"
+    data.mkdir()
+    garbage = b"not a database\n" * 500
+    (data / "history.sqlite3").write_bytes(garbage)
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        host, port = tracker.address
+        with pytest.raises(HistoryError, match="history.sqlite3.*--no-history"):
+            Peer("ana", host, port, data_dir=data).join()
+
+        proc = room.start(python("client.py", "--port", str(port), "--name", "bob", "--data-dir", str(data)), "bob")
+        assert proc.wait() == 1
+        proc.err.saw(r"^client\.py: cannot open the history file .*history\.sqlite3: .*--no-history")
+        assert not any("Traceback" in line for line in proc.err.snapshot())
+        assert (data / "history.sqlite3").read_bytes() == garbage, "the file is left as it was"
+
+        # The way forward it names works.
+        room.p2pchat_peer("bob", port, "--data-dir", str(data), "--no-history")
+        not_a_dir = tmp_path / "a-file"
+        not_a_dir.write_text("")
+        with pytest.raises(HistoryError, match="cannot create the history directory"):
+            Peer("cid", host, port, data_dir=not_a_dir / "sub").join()
+
+
+def test_history_answers_are_bounded_in_size_and_rate(tmp_path):
+    """A member asked for history again and again answers one request at a time, with at most 10,000
+    messages, within a 16 MiB allowance that refills at 1 MiB/s, however it is asked."""
+    text = "h" * 1000
+    with Tracker(host="127.0.0.1", port=0) as tracker, \
+            Peer("ana", *tracker.address, data_dir=tmp_path / "ana", history=0) as ana:
+        for i in range(12_000):
+            ana.send(f"{i:05d} {text}")
+        wait_until(lambda: ana.history(limit=1)[0].text.startswith("11999"), "ana logged every message")
+        with socket.create_connection(("127.0.0.1", ana.address[1]), timeout=WAIT) as raw:
+            raw.sendall(MAGIC + frame({"type": "hello", "v": 1, "id": "greedy", "name": "greedy", "room": ""}))
+            assert raw.recv(len(MAGIC), socket.MSG_WAITALL) == MAGIC
+            assert read_frame(raw)["type"] == "hello"
+            answers = {}  # req -> messages
+            received_bytes = 0
+
+            def ask(first_req: int, count: int) -> None:
+                """Ask `count` times at once; wait until every one was answered."""
+                nonlocal received_bytes
+                for req in range(first_req, first_req + count):
+                    raw.sendall(frame({"type": "history_request", "req": req, "limit": 1_000_000_000}))
+                pending = set(range(first_req, first_req + count))
+                while pending:
+                    message = read_frame(raw)
+                    if message["type"] != "history":
+                        continue
+                    if message["msgs"]:  # an empty answer is smaller than the ask: no amplification
+                        received_bytes += len(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()) + 4
+                    answers.setdefault(message["req"], []).extend(message["msgs"])
+                    if not message["more"]:
+                        pending.discard(message["req"])
+
+            started = time.monotonic()
+            ask(0, 40)  # all at once: one is answered, the others get nothing while it is sent
+            first = [m["text"][:5] for m in answers[0]]
+            assert first == [f"{i:05d}" for i in range(2000, 12_000)], "the newest 10,000, oldest first"
+            assert all(not answers.get(req) for req in range(1, 40))
+            req = 40
+            while time.monotonic() - started < 4:  # then one after another, as fast as answered
+                ask(req, 1)
+                req += 1
+            took = time.monotonic() - started
+
+    envelopes = 2 * 2**20  # an answer may overdraw by its JSON envelopes (then the next one is smaller)
+    allowance = 16 * 2**20 + took * 2**20 + envelopes
+    assert received_bytes <= allowance, f"{received_bytes} bytes in {took:.1f} s"
+    assert req > 45 and received_bytes > 16 * 2**20, "it did answer, within its allowance"
+
+
+def test_a_history_answer_never_exceeds_the_frame_limit(tmp_path):
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        host, port = tracker.address
+        with Peer("ana", host, port, data_dir=tmp_path / "ana") as ana:
+            big = ["é" * (MAX_TEXT_BYTES // 2) for _ in range(20)]  # 1.3 MB: many frames
+            for text in big:
+                ana.send(text)
+            with Peer("bob", host, port, data_dir=tmp_path / "bob") as bob:
+                assert [m.text for m in take_messages(bob, 20)] == big
+
+
+def test_a_peer_cut_off_for_a_while_catches_up_once(namespace):
+    """An outage drops every packet between two clients for longer than they wait for a silent link.
+    What each typed meanwhile reaches the other once the link is back, once, marked as history."""
+    ns = namespace
+    tracker = ns.room.start(ns.argv(python("server.py", "--host", "127.0.0.1", "--port", "7472")), "tracker")
+    tracker.err.expect("listening on")
+    bob = ns.room.start(ns.argv(python("client.py", "--name", "bob")), "bob")
+    bob_port = int(bob.err.expect(r"listening on port (\d+)").group(1))
+    ana = ns.room.start(ns.argv(python("client.py", "--name", "ana")), "ana")
+    ana_port = int(ana.err.expect(r"listening on port (\d+); connected to 1 of 1").group(1))
+    bob.err.expect(r"^\* ana \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$")
+    bob.line("before the outage")
+    ana.out.expect(r"^<bob> :: before the outage$")
+    ns.nft(f"""
+table inet outage {{
+    chain output {{
+        type filter hook output priority 0; policy accept;
+        tcp sport {{ {bob_port}, {ana_port} }} drop
+        tcp dport {{ {bob_port}, {ana_port} }} drop
+    }}
+}}
+""")
+    bob.line("during the outage")  # written to a link that is already dead, unknowingly
+    ana.line("ana during the outage")
+    ana.err.expect(r"^\* bob \(127\.0\.0\.1:\d+\) left \((silent for|read failed)", timeout=15)
+    bob.err.expect(r"^\* ana \(127\.0\.0\.1:\d+\) left \((silent for|read failed)", timeout=15)
+    bob.line("after bob noticed")  # written to nobody
+    ns.sh("nft", "delete", "table", "inet", "outage")
+    ana.err.expect(r"^\* bob \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$", timeout=30)
+    ana.out.saw(HISTORY_LINE + r"<bob> :: after bob noticed$")
+    ana.out.saw(HISTORY_LINE + r"<bob> :: during the outage$")
+    bob.out.saw(HISTORY_LINE + r"<ana> :: ana during the outage$")
+    bob.line("live again")
+    ana.out.saw(r"^<bob> :: live again$")
+    for proc, texts in ((ana, ["during the outage", "after bob noticed", "before the outage"]), (bob, ["ana during the outage"])):
+        lines = proc.out.snapshot()
+        for text in texts:
+            assert sum(line.endswith(f":: {text}") for line in lines) == 1, (proc.name, text, lines)
