@@ -8,11 +8,11 @@ import os
 import shutil
 import subprocess
 import uuid
-from typing import List, Sequence
+from typing import List, Sequence, Tuple
 
 import pytest
 
-from harness import Room
+from harness import Proc, Room, python
 
 
 def require_netns(*tools: str) -> None:
@@ -44,6 +44,33 @@ class Namespace:
 
     def argv(self, argv: Sequence[str]) -> List[str]:
         return ["ip", "netns", "exec", self.name, *argv]
+
+    def two_clients(self) -> Tuple[Proc, int, Proc, int]:
+        """A tracker on 7472 and two clients, bob then ana, linked: (ana, ana_port, bob, bob_port)."""
+        tracker = self.room.start(self.argv(python("server.py", "--host", "127.0.0.1", "--port", "7472")), "tracker")
+        tracker.err.expect("listening on")
+        bob = self.room.start(self.argv(python("client.py", "--name", "bob")), "bob")
+        bob_port = int(bob.err.expect(r"listening on port (\d+)").group(1))
+        ana = self.room.start(self.argv(python("client.py", "--name", "ana")), "ana")
+        ana_port = int(ana.err.expect(r"listening on port (\d+); connected to 1 of 1").group(1))
+        bob.err.expect(r"^\* ana \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$")
+        return ana, ana_port, bob, bob_port
+
+    def outage(self, *ports: int) -> None:
+        """Lose every packet to or from these ports (no FIN, no reset) until `end_outage`."""
+        listed = ", ".join(map(str, ports))
+        self.nft(f"""
+table inet outage {{
+    chain output {{
+        type filter hook output priority 0; policy accept;
+        tcp sport {{ {listed} }} drop
+        tcp dport {{ {listed} }} drop
+    }}
+}}
+""")
+
+    def end_outage(self) -> None:
+        self.sh("nft", "delete", "table", "inet", "outage")
 
     def delete(self) -> None:
         self.room.stop_all()

@@ -164,27 +164,13 @@ def test_a_lost_link_between_live_peers_comes_back(namespace):
     """An outage kills the link between two p2pchat peers (no FIN, no reset: packets dropped); both
     notice, and once the network is back they are redialled and chat again."""
     ns = namespace
-    tracker = ns.room.start(ns.argv(python("server.py", "--host", "127.0.0.1", "--port", "7472")), "tracker")
-    tracker.err.expect("listening on")
-    bob = ns.room.start(ns.argv(python("client.py", "--name", "bob")), "bob")
-    bob_port = int(bob.err.expect(r"listening on port (\d+)").group(1))
-    ana = ns.room.start(ns.argv(python("client.py", "--name", "ana")), "ana")
-    ana_port = int(ana.err.expect(r"listening on port (\d+); connected to 1 of 1").group(1))
-    bob.err.expect(r"^\* ana \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$")
+    ana, ana_port, bob, bob_port = ns.two_clients()
     # The outage: every packet to or from either listening port is lost. The link between them is
     # dialled to one of those ports (which one depends on who kept it when both dialled), and each
     # peer's tracker registration uses its own.
-    ns.nft(f"""
-table inet outage {{
-    chain output {{
-        type filter hook output priority 0; policy accept;
-        tcp sport {{ {bob_port}, {ana_port} }} drop
-        tcp dport {{ {bob_port}, {ana_port} }} drop
-    }}
-}}
-""")
+    ns.outage(bob_port, ana_port)
     ana.err.expect(r"^\* bob \(127\.0\.0\.1:\d+\) left \((silent for|read failed)", timeout=15)
-    ns.sh("nft", "delete", "table", "inet", "outage")
+    ns.end_outage()
     ana.err.expect(r"^\* bob \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$", timeout=30)
     bob.line("back again")
     ana.out.expect(r"^<bob> :: back again$")

@@ -212,30 +212,16 @@ def test_a_peer_cut_off_for_a_while_catches_up_once(namespace):
     """An outage drops every packet between two clients for longer than they wait for a silent link.
     What each typed meanwhile reaches the other once the link is back, once, marked as history."""
     ns = namespace
-    tracker = ns.room.start(ns.argv(python("server.py", "--host", "127.0.0.1", "--port", "7472")), "tracker")
-    tracker.err.expect("listening on")
-    bob = ns.room.start(ns.argv(python("client.py", "--name", "bob")), "bob")
-    bob_port = int(bob.err.expect(r"listening on port (\d+)").group(1))
-    ana = ns.room.start(ns.argv(python("client.py", "--name", "ana")), "ana")
-    ana_port = int(ana.err.expect(r"listening on port (\d+); connected to 1 of 1").group(1))
-    bob.err.expect(r"^\* ana \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$")
+    ana, ana_port, bob, bob_port = ns.two_clients()
     bob.line("before the outage")
     ana.out.expect(r"^<bob> :: before the outage$")
-    ns.nft(f"""
-table inet outage {{
-    chain output {{
-        type filter hook output priority 0; policy accept;
-        tcp sport {{ {bob_port}, {ana_port} }} drop
-        tcp dport {{ {bob_port}, {ana_port} }} drop
-    }}
-}}
-""")
+    ns.outage(bob_port, ana_port)
     bob.line("during the outage")  # written to a link that is already dead, unknowingly
     ana.line("ana during the outage")
     ana.err.expect(r"^\* bob \(127\.0\.0\.1:\d+\) left \((silent for|read failed)", timeout=15)
     bob.err.expect(r"^\* ana \(127\.0\.0\.1:\d+\) left \((silent for|read failed)", timeout=15)
     bob.line("after bob noticed")  # written to nobody
-    ns.sh("nft", "delete", "table", "inet", "outage")
+    ns.end_outage()
     ana.err.expect(r"^\* bob \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$", timeout=30)
     ana.out.saw(HISTORY_LINE + r"<bob> :: after bob noticed$")
     ana.out.saw(HISTORY_LINE + r"<bob> :: during the outage$")
