@@ -77,7 +77,9 @@ def paced(count: int, rate: float):
 def run_p2pchat(args, inbox: Inbox) -> None:
     import p2pchat
 
-    peer = p2pchat.Peer(f"n{args.index}", "127.0.0.1", args.tracker_port, max_message_rate=args.max_rate).join()
+    # Each peer keeps its log on disk, as users run it, in the benchmark's own directory (run.py).
+    data_dir = os.path.join(os.environ["P2PCHAT_BENCH_DATA"], f"n{args.index}")
+    peer = p2pchat.Peer(f"n{args.index}", "127.0.0.1", args.tracker_port, max_message_rate=args.max_rate, data_dir=data_dir).join()
 
     def receive() -> None:
         try:

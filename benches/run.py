@@ -17,6 +17,9 @@ installed). Scenarios:
    from a load generator written in Rust.
 4. scale: the largest room (one process per peer, in steps up to 200) where every message reaches every
    peer, and memory per peer process as PSS; and how many peers fit in one process through the API.
+5. history (p2pchat only: the original keeps none): the time from a newcomer's join until it has received
+   10,000 earlier messages as history, against the same 10,000 messages reaching a connected peer live
+   in the same run; and the newcomer's log on disk per message.
 """
 
 import argparse
@@ -27,12 +30,13 @@ import re
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
-from p2pchat import P2PChatError
+from p2pchat import HistorySynced, Message, P2PChatError, Peer, Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).resolve().parent / "peer_proc.py"
@@ -402,7 +406,7 @@ import json, resource, sys, time, p2pchat
 port = int(sys.argv[1]); peers = []; why = None
 for i in range({limit}):
     try:
-        peer = p2pchat.Peer(f"n{{i}}", "127.0.0.1", port).join()
+        peer = p2pchat.Peer(f"n{{i}}", "127.0.0.1", port, data_dir=f"{{sys.argv[2]}}/n{{i}}").join()
     except p2pchat.P2PChatError as err:
         why = f"{{type(err).__name__}}: {{err}}"; break
     connected, listed = peer.join_result
@@ -425,12 +429,70 @@ print(json.dumps({{"peers": len(peers), "meshed": meshed, "delivered": got, "why
 """
     tracker = start_tracker("p2pchat")
     try:
-        out = subprocess.run([sys.executable, "-c", code, str(tracker.port)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+        out = subprocess.run([sys.executable, "-c", code, str(tracker.port), os.environ["P2PCHAT_BENCH_DATA"]],
+                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     finally:
         stop(tracker)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1:] or ["exited"], "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)}
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def history_sync(count: int, repeats: int) -> dict:
+    """A member with `count` messages in its log; newcomers ask for all of them (in this process)."""
+    text = "a chat line of a typical length, about sixty characters long"
+    runs, live = [], []
+    with tempfile.TemporaryDirectory() as data, Tracker(host="127.0.0.1", port=0) as tracker:
+        host, port = tracker.address
+        data_dir = Path(data)
+        with Peer("ana", host, port, data_dir=data_dir / "ana", history=0) as ana:
+            for i in range(count):
+                ana.send(f"{i:06d} {text}")
+            deadline = time.monotonic() + 60
+            while not ana.history(limit=1)[0].text.startswith(f"{count - 1:06d}"):
+                if time.monotonic() > deadline:
+                    raise BenchFailure("the member's log never had every message")
+                time.sleep(0.05)
+            for run in range(repeats):
+                log(f"history: newcomer {run + 1} of {repeats} asks for {count} messages")
+                newcomer_dir = data_dir / f"newcomer{run}"
+                started = time.perf_counter()
+                with Peer(f"new{run}", host, port, data_dir=newcomer_dir, history=count) as newcomer:
+                    received = 0
+                    while True:
+                        event = newcomer.recv_event(timeout=60)
+                        if event is None:
+                            raise BenchFailure(f"the newcomer got {received} of {count} and then nothing")
+                        if isinstance(event, Message) and event.history:
+                            received += 1
+                        elif isinstance(event, HistorySynced):
+                            break
+                    took = time.perf_counter() - started
+                # Its log is complete on disk once the peer is gone: the last handle closes the
+                # database, which folds the write-ahead log into it.
+                del newcomer
+                deadline = time.monotonic() + 10
+                while (newcomer_dir / "history.sqlite3-wal").exists() and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                disk = sum(f.stat().st_size for f in newcomer_dir.iterdir())
+                runs.append({"seconds": took, "received": received, "disk_bytes": disk})
+
+                log(f"history: the same {count} messages live")
+                with Peer(f"live{run}", host, port, data_dir=data_dir / f"live{run}", history=0,
+                          max_message_rate=1_000_000) as listener:
+                    deadline = time.monotonic() + 30
+                    while not any(p.name == listener.name for p in ana.peers()):
+                        if time.monotonic() > deadline:
+                            raise BenchFailure("the live listener never linked to the member")
+                        time.sleep(0.01)
+                    started = time.perf_counter()
+                    for i in range(count):
+                        ana.send(f"{i:06d} {text}")
+                    got = sum(1 for _ in range(count) if listener.recv(timeout=30) is not None)
+                    live.append({"seconds": time.perf_counter() - started, "received": got})
+    return {"messages": count, "text_bytes": len(text) + 7, "runs": runs, "live": live,
+            "seconds": median([r["seconds"] for r in runs]), "live_seconds": median([r["seconds"] for r in live]),
+            "disk_bytes_per_message": median([r["disk_bytes"] / max(r["received"], 1) for r in runs])}
 
 
 # ---------------------------------------------------------------- report
@@ -487,6 +549,13 @@ def table(results: dict) -> str:
         if "peers" in one:
             out.append(f"| scale | peers in one process (API), fully meshed | {one['peers']} ({one['fds']} descriptors; "
                        f"stopped by: {one['why'] or 'the step limit'}) | | |")
+    if "history" in results:
+        h = results["history"]
+        n = h["messages"]
+        out.append(f"| history | newcomer receives {n:,} earlier messages (s) | {h['seconds']:.3f} | n/a (none kept) | "
+                   f"vs the same {n:,} live: {ratio(h['seconds'], h['live_seconds'])} ({h['live_seconds']:.3f} s) |")
+        out.append(f"| history | log on disk per message (bytes; text is {h['text_bytes']}) | "
+                   f"{h['disk_bytes_per_message']:.0f} | n/a | |")
     return "\n".join(out)
 
 
@@ -520,7 +589,7 @@ def chart(results: dict, path: Path) -> Optional[Path]:
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="p2pchat vs the asyncio baseline, side by side")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (seconds, not minutes)")
-    parser.add_argument("--only", default="latency,throughput,tracker,scale", help="comma-separated scenarios")
+    parser.add_argument("--only", default="latency,throughput,tracker,scale,history", help="comma-separated scenarios")
     parser.add_argument("--repeats", type=int, help="runs per figure (default 3; 1 with --quick)")
     parser.add_argument("--out", type=Path, default=ROOT / "benches" / "results", help="where to write the results")
     args = parser.parse_args(argv)
@@ -532,6 +601,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "throughput": lambda: {"peers": 3, "rows": throughput(3, [50, 200], seconds=0.5, repeats=repeats)},
             "tracker": lambda: tracker_joins([10, 100], seconds=0.5, repeats=repeats),
             "scale": lambda: {"rooms": scale([4]), "in_process": in_process(limit=6)},
+            "history": lambda: history_sync(500, repeats=repeats),
         }
     else:
         plan = {
@@ -539,10 +609,14 @@ def main(argv: Optional[List[str]] = None) -> int:
             "throughput": lambda: {"peers": 20, "rows": throughput(20, [200, 400, 600, 800, 1000, 1200, 1400, 1600, 2000, 2400, 3200], seconds=2.0, repeats=repeats)},
             "tracker": lambda: tracker_joins([10, 1000, 10000], seconds=2.0, repeats=repeats),
             "scale": lambda: {"rooms": scale([50, 100, 150, 200]), "in_process": in_process(limit=400)},
+            "history": lambda: history_sync(10_000, repeats=repeats),
         }
     unknown = only - set(plan)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}; choose from {', '.join(plan)}")
+    # Peers log history on disk as users run them, each in a directory of this run, removed at the end.
+    bench_data = tempfile.TemporaryDirectory(prefix="p2pchat-bench-")
+    os.environ["P2PCHAT_BENCH_DATA"] = bench_data.name
     started = time.monotonic()
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
                      "quick": args.quick, "repeats": repeats}

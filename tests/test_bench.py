@@ -33,3 +33,7 @@ def test_the_quick_benchmark_runs_every_scenario_for_both_implementations(tmp_pa
     assert all(r["full"] and r["pss_kib_median"] > 0 for r in rooms), rooms
     assert results["scale"]["in_process"]["delivered"] == results["scale"]["in_process"]["peers"] - 1
     assert "| latency | 3 peers, p99 (µs) |" in run.stdout
+    history = results["history"]
+    assert all(r["received"] == history["messages"] for r in history["runs"]), history
+    assert all(r["received"] == history["messages"] for r in history["live"]), history
+    assert history["disk_bytes_per_message"] > history["text_bytes"], "the log holds at least the text"

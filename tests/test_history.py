@@ -149,8 +149,8 @@ def test_a_corrupt_log_gives_a_clear_error_and_a_way_forward(room, tmp_path):
 
 
 def test_history_answers_are_bounded_in_size_and_rate(tmp_path):
-    """A member asked for history again and again answers one request at a time, with at most 10,000
-    messages, within a 16 MiB allowance that refills at 1 MiB/s, however it is asked."""
+    """A member asked for history again and again answers with at most 10,000 messages each time,
+    within a 16 MiB allowance that refills at 1 MiB/s, however it is asked."""
     text = "h" * 1000
     with Tracker(host="127.0.0.1", port=0) as tracker, \
             Peer("ana", *tracker.address, data_dir=tmp_path / "ana", history=0) as ana:
@@ -181,10 +181,11 @@ def test_history_answers_are_bounded_in_size_and_rate(tmp_path):
                         pending.discard(message["req"])
 
             started = time.monotonic()
-            ask(0, 40)  # all at once: one is answered, the others get nothing while it is sent
+            ask(0, 40)  # all at once: the allowance runs out within the first two answers
             first = [m["text"][:5] for m in answers[0]]
             assert first == [f"{i:05d}" for i in range(2000, 12_000)], "the newest 10,000, oldest first"
-            assert all(not answers.get(req) for req in range(1, 40))
+            answered = {r: len(m) for r, m in answers.items() if m}
+            assert len(answered) <= 3, answered
             req = 40
             while time.monotonic() - started < 4:  # then one after another, as fast as answered
                 ask(req, 1)

@@ -1,10 +1,11 @@
 //! The local message log: one SQLite database per data directory, a table of messages keyed by room
-//! and message id, read in the room's agreed order `(stamp, id)`.
+//! and the room's agreed order `(stamp, id)`.
 //!
 //! Blocking; only the log thread ([`super::log`]) touches it. Messages from original peers are kept
 //! with a locally made id and `shared = 0`: they are shown from this peer's own log but never served
 //! to other peers, because every p2pchat peer received them separately and has its own copy.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
@@ -88,6 +89,8 @@ pub struct Store {
     conn: Connection,
     in_memory: bool,
     inserted_since_prune: usize,
+    /// Room name to its number in the `rooms` table.
+    rooms: HashMap<String, i64>,
 }
 
 impl Store {
@@ -104,20 +107,24 @@ impl Store {
                 (conn, false)
             }
         };
+        // One B-tree, in the room's order: a message's stamp is fixed by its author, so (stamp, id)
+        // identifies it as well as its id alone does, and a busy room's inserts are appends. Rooms are
+        // numbered so that the key starts with an integer (a text first column cost a tenth of a busy
+        // peer's CPU in string comparisons).
         conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS messages (
-                 room TEXT NOT NULL,
-                 id TEXT NOT NULL,
+            "CREATE TABLE IF NOT EXISTS rooms (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+             CREATE TABLE IF NOT EXISTS messages (
+                 room INTEGER NOT NULL,
                  stamp INTEGER NOT NULL,
+                 id TEXT NOT NULL,
                  sent_at INTEGER NOT NULL,
                  sender TEXT,
                  text TEXT NOT NULL,
                  shared INTEGER NOT NULL,
-                 PRIMARY KEY (room, id)
-             ) WITHOUT ROWID;
-             CREATE INDEX IF NOT EXISTS messages_in_order ON messages (room, stamp, id);",
+                 PRIMARY KEY (room, stamp, id)
+             ) WITHOUT ROWID;",
         )?;
-        Ok(Self { conn, in_memory, inserted_since_prune: 0 })
+        Ok(Self { conn, in_memory, inserted_since_prune: 0, rooms: HashMap::new() })
     }
 
     /// Settings for a file shared by every peer of one user, and a check that it is ours.
@@ -137,9 +144,25 @@ impl Store {
         }
     }
 
-    /// Store `records` of `room` in one transaction; for each, whether it was new (ids already
+    /// The number of `room`, creating it when `create` (else `None` for a room never logged).
+    fn room_number(&mut self, room: &str, create: bool) -> Result<Option<i64>, StoreError> {
+        if let Some(number) = self.rooms.get(room) {
+            return Ok(Some(*number));
+        }
+        if create {
+            self.conn.execute("INSERT OR IGNORE INTO rooms (name) VALUES (?1)", params![room])?;
+        }
+        let number = self.conn.query_row("SELECT id FROM rooms WHERE name = ?1", params![room], |row| row.get(0)).optional()?;
+        if let Some(number) = number {
+            self.rooms.insert(room.to_owned(), number);
+        }
+        Ok(number)
+    }
+
+    /// Store `records` of `room` in one transaction; for each, whether it was new (messages already
     /// stored are left as they are).
     pub fn insert(&mut self, room: &str, records: &[Record]) -> Result<Vec<bool>, StoreError> {
+        let room = self.room_number(room, true)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
         let tx = self.conn.transaction()?;
         let mut fresh = Vec::with_capacity(records.len());
         {
@@ -167,7 +190,8 @@ impl Store {
     }
 
     /// The records `query` asks for, oldest first.
-    pub fn query(&self, room: &str, query: &Query) -> Result<Vec<Record>, StoreError> {
+    pub fn query(&mut self, room: &str, query: &Query) -> Result<Vec<Record>, StoreError> {
+        let Some(room) = self.room_number(room, false)? else { return Ok(Vec::new()) };
         let (after_stamp, after_id) = query.after.as_ref().map_or((-1, ""), |k| (k.stamp as i64, k.id.as_str()));
         let (before_stamp, before_id) = query.before.as_ref().map_or((i64::MAX, ""), |k| (k.stamp as i64, k.id.as_str()));
         let mut select = self.conn.prepare_cached(
@@ -201,7 +225,8 @@ impl Store {
     }
 
     /// The newest position of `room` in this log, if it has any message from a p2pchat peer.
-    pub fn newest_shared(&self, room: &str) -> Result<Option<Key>, StoreError> {
+    pub fn newest_shared(&mut self, room: &str) -> Result<Option<Key>, StoreError> {
+        let Some(room) = self.room_number(room, false)? else { return Ok(None) };
         let key = self
             .conn
             .query_row(
@@ -276,7 +301,7 @@ mod tests {
     fn a_log_on_disk_survives_reopening() {
         let dir = std::env::temp_dir().join(format!("p2pchat-store-test-{}", crate::wire::frames::random_id()));
         Store::open(&Location::Dir(dir.clone())).unwrap().insert("r", &[record("a", 1)]).unwrap();
-        let again = Store::open(&Location::Dir(dir.clone())).unwrap();
+        let mut again = Store::open(&Location::Dir(dir.clone())).unwrap();
         assert_eq!(ids(&again.query("r", &Query::latest(10)).unwrap()), ["a"]);
         assert_eq!(again.path(), Some(dir.join(FILE_NAME).as_path()));
         std::fs::remove_dir_all(&dir).unwrap();

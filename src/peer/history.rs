@@ -8,8 +8,8 @@
 //!   what was said since shortly before the link went quiet.
 //! * Answers come from the log, only messages written by p2pchat peers (original peers' lines reach
 //!   every p2pchat peer separately and carry no id), in frames of at most [`CHUNK_BYTES`], with at
-//!   most `answer_messages` per request, one answer at a time per link, and a per-link byte budget
-//!   ([`AnswerBudget`]).
+//!   most `answer_messages` per request, one answer being queued at a time per link, and a per-link
+//!   byte budget ([`AnswerBudget`]).
 //! * Received history is logged; only messages new to the log and not yet shown this session are
 //!   passed on, marked as history. Message ids make every path idempotent.
 
@@ -62,7 +62,8 @@ impl Default for HistoryConfig {
     }
 }
 
-/// One link's allowance for history answers: a token bucket of bytes, and one answer at a time.
+/// One link's allowance for history answers: a token bucket of bytes, and one answer being queued
+/// at a time (so two cannot both spend the same allowance).
 #[derive(Debug)]
 pub(super) struct AnswerBudget {
     tokens: f64,
