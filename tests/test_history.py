@@ -233,3 +233,28 @@ def test_a_peer_cut_off_for_a_while_catches_up_once(namespace):
         lines = proc.out.snapshot()
         for text in texts:
             assert sum(line.endswith(f":: {text}") for line in lines) == 1, (proc.name, text, lines)
+
+
+def test_original_lines_are_kept_in_the_own_log_but_never_served(tmp_path):
+    """An original peer's line reaches each p2pchat peer separately and has no id: each keeps it in
+    its own log, and none serves it to a newcomer (which would show it under a second id)."""
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        host, port = tracker.address
+        with Peer("ana", host, port, data_dir=tmp_path / "ana", history=0) as ana:
+            with socket.create_connection(("127.0.0.1", ana.address[1]), timeout=WAIT) as original:
+                original.sendall("<orig> :: said the old way".encode())
+                heard = ana.recv(timeout=WAIT)
+                assert (heard.sender, heard.text, heard.id) == ("orig", "said the old way", None)
+                ana.send("said the new way")
+                logged = ana.history()
+                assert [(m.sender, m.text) for m in logged] == [("orig", "said the old way"), ("ana", "said the new way")]
+                assert logged[0].id is None and logged[0].stamp < logged[1].stamp
+
+                with Peer("bob", host, port, data_dir=tmp_path / "bob") as bob:
+                    events = [bob.recv_event(timeout=WAIT)]
+                    while not isinstance(events[-1], HistorySynced):
+                        events.append(bob.recv_event(timeout=WAIT))
+                    texts = [e.text for e in events if isinstance(e, Message)]
+                    assert texts == ["said the new way"] and events[-1].received == 1
+                # The original peer got the line, and not one byte of history.
+                assert original.recv(4096) == b"<ana> :: said the new way"
