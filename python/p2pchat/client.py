@@ -34,6 +34,7 @@ from . import (
     __version__,
     default_data_dir,
 )
+from . import machine
 from ._cli import Leave, handle_signals, port, say, setup_logging, signals_deferred, status
 
 NAME_PROMPT = "Escreva um nome: "
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, metavar="DIR",
                         help=f"where the message log is kept (default: {default_data_dir()}; "
                              "or set P2PCHAT_DATA_DIR)")
+    parser.add_argument("--json", action="store_true",
+                        help="machine mode: JSON commands on stdin, one JSON object per event on stdout "
+                             "(needs --name; see the README for the schema)")
     parser.add_argument("--exit-on-eof", action="store_true", help="leave the room when stdin ends instead of staying to listen")
     parser.add_argument("-d", "--debug", action="store_true", help="print debug logs (connections, tracker exchange) on stderr")
     parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")
@@ -264,24 +268,37 @@ def chat_from_pipe(peer: Peer, exit_on_eof: bool, ignored: Set[str]) -> None:
         time.sleep(3600)
 
 
+def fail(args: argparse.Namespace, message: str) -> None:
+    """A fatal error: on stderr, and in machine mode also as a JSON object on stdout."""
+    print(f"client.py: {message}", file=sys.stderr)
+    if args.json:
+        machine.emit({"type": "error", "message": message, "fatal": True})
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.json and args.name is None:
+        print("client.py: --json needs --name (stdin carries commands, not the name)", file=sys.stderr)
+        return 2
     name = args.name if args.name is not None else ask_name()
     try:
         server = args.server if args.server is not None or args.peer else "127.0.0.1"
         peer = Peer(name, server, args.port, listen=args.listen, room=args.room, peers=args.peer,
                     history=args.history, data_dir=args.data_dir, save_history=not args.no_history)
     except (InvalidInput, ValueError) as err:
-        print(f"client.py: {err}", file=sys.stderr)
+        fail(args, str(err))
         return 2
     started = time.time()
     try:
         join(peer, server or "(none)", args.port)
     except AddressInUse as err:
-        print(f"client.py: {err} (use --listen to choose another, or leave it out)", file=sys.stderr)
+        fail(args, f"{err} (use --listen to choose another, or leave it out)")
         return 1
     except P2PChatError as err:
-        print(f"client.py: {err}", file=sys.stderr)
+        fail(args, str(err))
         return 1
+    if args.json:
+        machine.run(peer)
+        return 0
     ignored: Set[str] = set()
     try:
         from_log = show_own_log(peer, args.history, started, ignored)
