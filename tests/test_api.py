@@ -10,7 +10,7 @@ import time
 import pytest
 
 import p2pchat
-from harness import WAIT, assert_clean_stderr, python
+from harness import WAIT, assert_clean_stderr, python, wait_until
 from p2pchat import (AddressInUse, InvalidInput, Message, P2PChatError, Peer, PeerClosed, PeerJoined, PeerLeft,
                      Tracker, TrackerUnreachable)
 
@@ -295,3 +295,38 @@ def test_exit_without_close_is_clean_and_delivers_the_last_line(room, tracker):
         assert proc.wait() == 0
         assert next_message(stays).text == "last words"
         assert_clean_stderr(proc)
+
+
+def test_events_iterate_every_event_and_end_when_the_peer_closes(tracker):
+    host, port = tracker.address
+    with Peer("ana", host, port, history=0) as ana, Peer("bob", host, port, history=0) as bob:
+        events = ana.events()
+        assert isinstance(next(events), PeerJoined)
+        bob.send("one")
+        message = next(events)
+        assert isinstance(message, Message) and message.text == "one"
+        bob.close()
+        assert isinstance(next(events), PeerLeft)
+    assert list(events) == [], "closed: the iteration ends"
+
+
+def test_callbacks_get_every_message_and_survive_one_that_raises(tracker, caplog):
+    from p2pchat.callbacks import listen
+
+    host, port = tracker.address
+    with Peer("ana", host, port, history=0) as ana, Peer("bob", host, port, history=0) as bob:
+        texts, others = [], []
+
+        def on_message(message):
+            texts.append(message.text)
+            if message.text == "boom":
+                raise ValueError("a bug in the bot")
+
+        thread = listen(ana, on_message=on_message, on_event=others.append)
+        bob.send("boom")
+        bob.send("after")
+        wait_until(lambda: texts == ["boom", "after"], "both messages reached the callback")
+        assert any(isinstance(e, PeerJoined) for e in others)
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the callbacks end with the peer"
+    assert "a bug in the bot" in caplog.text

@@ -138,6 +138,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<peer::PyPeerRenamed>()?;
     m.add_class::<peer::PyNotice>()?;
     m.add_class::<peer::PyHistorySynced>()?;
+    m.add_class::<peer::PyEventStream>()?;
     m.add_class::<peer::PyPeerInfo>()?;
     m.add_function(wrap_pyfunction!(_shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(peer::default_data_dir, m)?)?;

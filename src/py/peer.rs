@@ -341,6 +341,42 @@ pub struct PyPeer {
     name: Mutex<String>,
 }
 
+/// Every event of a peer (`Peer.events()`), blocking or async; it ends when the peer closes.
+#[pyclass(frozen, name = "EventStream", module = "p2pchat._core")]
+pub struct PyEventStream {
+    events: SharedEvents,
+}
+
+#[pymethods]
+impl PyEventStream {
+    fn __iter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
+        match next_event_blocking(py, self.events.clone(), None, false) {
+            Ok(Some(event)) => Ok(Some(PyEvent::from(event).into_pyobject(py)?.unbind())),
+            Ok(None) => Ok(None),
+            Err(err) if err.is_instance_of::<PeerClosed>(py) => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    fn __aiter__(slf: Py<Self>) -> Py<Self> {
+        slf
+    }
+
+    fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let events = self.events.clone();
+        future_into_py(py, async move {
+            match next_event(events, None, false).await {
+                Ok(Some(event)) => Ok(PyEvent::from(event)),
+                Ok(None) | Err(_) => Err(PyStopAsyncIteration::new_err(())),
+            }
+        })
+    }
+}
+
 /// Where the message log is kept unless `data_dir` says otherwise: `$P2PCHAT_DATA_DIR`, else the
 /// platform's per-user data directory (`~/.local/share/p2pchat` on Linux).
 #[pyfunction]
@@ -531,6 +567,13 @@ impl PyPeer {
             let event = next_event(events, None, false).await?.ok_or(PeerError::Closed)?;
             Ok(PyEvent::from(event))
         })
+    }
+
+    /// Every event, as an iterator (`for event in peer.events()`) and an async iterator
+    /// (`async for event in peer.events()`); it ends when the peer closes.
+    fn events(&self) -> PyResult<PyEventStream> {
+        let (_, events) = self.core.joined()?;
+        Ok(PyEventStream { events })
     }
 
     fn __iter__(slf: Py<Self>) -> Py<Self> {
