@@ -22,10 +22,13 @@ COLS, ROWS = 100, 24
 class Terminal:
     """A process on a pty whose output is rendered on an emulated screen."""
 
-    def __init__(self, argv):
+    def __init__(self, argv, colour: bool = False):
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
-        env = dict(os.environ, TERM="xterm", NO_COLOR="1", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, TERM="xterm", PYTHONUNBUFFERED="1")
+        env.pop("NO_COLOR", None)
+        if not colour:
+            env["NO_COLOR"] = "1"
         self.proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, cwd=ROOT, env=env,
                                      start_new_session=True)
         os.close(slave)
@@ -86,21 +89,29 @@ class Terminal:
         os.close(self.master)
 
 
+def start_client(tracker, colour: bool = False) -> Terminal:
+    term = Terminal([sys.executable, "client.py", "--port", str(tracker.port), "--name", "ana"], colour=colour)
+    term.wait_for(r"joined as 'ana'")
+    return term
+
+
 @pytest.fixture
 def terminal_client(room):
     tracker = room.p2pchat_tracker()
-    term = Terminal([sys.executable, "client.py", "--port", str(tracker.port), "--name", "ana"])
+    term = start_client(tracker)
     try:
-        term.wait_for(r"joined as 'ana'")
         yield tracker, term
     finally:
         term.close()
 
 
+TIME = r"\d\d:\d\d"  # every line at a terminal starts with the time
+
+
 def test_typing_is_not_garbled_by_incoming_messages(room, terminal_client):
     tracker, term = terminal_client
     bob = room.p2pchat_peer("bob", tracker.port)
-    term.wait_for(r"^\* bob \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$")
+    term.wait_for(rf"^{TIME} \* bob \(127\.0\.0\.1:\d+\) joined \(p2pchat\)$")
     term.wait_for(r"^>$")
     term.type("hello wor")
     term.wait_for(r"^> hello wor$")
@@ -108,12 +119,62 @@ def test_typing_is_not_garbled_by_incoming_messages(room, terminal_client):
 
     def message_above_intact_prompt(screen: str) -> bool:
         lines = [line for line in screen.splitlines() if line]
-        return "<bob> :: incoming while you type" in lines[:-1] and lines[-1] == "> hello wor"
+        above = [re.sub(rf"^{TIME} ", "", line) for line in lines[:-2]]
+        return "<bob> :: incoming while you type" in above and lines[-2] == "> hello wor"
 
     term.wait_until(message_above_intact_prompt, "the message above the intact half-typed line")
     term.type("ld\r")
     bob.saw_line(r"^<ana> :: hello world$")
-    term.wait_for(r"^<Eu> :: hello world$")
+    term.wait_for(rf"^{TIME} <Eu> :: hello world$")
+
+
+def test_the_status_bar_and_the_commands(room, terminal_client):
+    tracker, term = terminal_client
+    term.wait_for(r"default room · ana on port \d+ · 0 other member\(s\) · tracker: registered")
+    bob = room.p2pchat_peer("bob", tracker.port)
+    term.wait_for(r"default room · ana on port \d+ · 1 other member\(s\) · tracker: registered")
+    term.type("/help\r")
+    for command in ("/who", "/nick NEW", "/ignore NAME", "/unignore NAME", "/help", "/quit"):
+        term.wait_for(rf"^{TIME} \* {re.escape(command)} ")
+    term.type("/who\r")
+    term.wait_for(rf"^{TIME} \*   bob \(127\.0\.0\.1:\d+\) p2pchat$")
+    term.type("/nick anabel\r")
+    term.wait_for(rf"^{TIME} \* you are now known as anabel$")
+    bob.proc.err.saw(r"is now known as anabel$")
+
+
+def test_a_paste_of_several_lines_sends_several_messages(room, terminal_client):
+    tracker, term = terminal_client
+    bob = room.p2pchat_peer("bob", tracker.port)
+    term.wait_for(rf"^{TIME} \* bob .* joined \(p2pchat\)$")
+    term.type("\x1b[200~first pasted line\nsecond pasted line\x1b[201~")
+    term.type("\r")
+    bob.saw_line(r"^<ana> :: first pasted line$")
+    bob.saw_line(r"^<ana> :: second pasted line$")
+
+
+def test_names_have_stable_distinct_colours_unless_no_color(room):
+    tracker = room.p2pchat_tracker()
+    term = start_client(tracker, colour=True)
+    try:
+        bob = room.p2pchat_peer("bob", tracker.port)
+        term.wait_for(r"bob .* joined \(p2pchat\)$")
+        bob.say("in colour")
+        term.wait_for(r"<bob> :: in colour$")
+        term.type("mine\r")
+        term.wait_for(r"<Eu> :: mine$")
+
+        def colour_at(text: str) -> str:
+            for y, line in enumerate(term.lines()):
+                x = line.find(text)
+                if x >= 0:
+                    return term.screen.buffer[y][x + 1].fg
+            raise AssertionError(text)
+
+        assert colour_at("<bob>") not in ("default", colour_at("in colour"))
+        assert colour_at("<Eu>") not in ("default", colour_at("<bob>")), "two names, two colours"
+    finally:
+        term.close()
 
 
 @pytest.mark.parametrize("key", ["\x04", "\x03"], ids=["ctrl-d", "ctrl-c"])

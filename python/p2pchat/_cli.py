@@ -2,11 +2,15 @@
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
+import time
+import zlib
 from contextlib import contextmanager
-from typing import Any, Iterator, Optional
+from io import StringIO
+from typing import Any, Iterator, List, Optional, Tuple
 
 from . import _logbridge
 
@@ -89,14 +93,77 @@ def setup_logging(debug: bool) -> None:
 
 
 def say(line: str) -> None:
-    """A chat line on stdout, written whole: the receiver thread and the input loop both print."""
+    """A line on stdout, written whole: the receiver thread and the input loop both print."""
+    _write(sys.stdout, line)
+
+
+def _write(stream, line: str) -> None:
     with _output:
-        sys.stdout.write(line + "\n")
-        sys.stdout.flush()
+        stream.write(line + "\n")
+        stream.flush()
+
+
+class _Terminal:
+    """How lines look: plain (pipes, scripts; the original's format) or for a person at a terminal."""
+
+    on = False
+    colour = False
+
+
+def use_terminal(colour: bool) -> None:
+    """From now on, lines carry the time, and (with `colour`) names in colours and dim system lines."""
+    _Terminal.on, _Terminal.colour = True, colour
+
+
+def colours_wanted() -> bool:
+    """Colours unless NO_COLOR is set (https://no-color.org) or stdout is not a terminal."""
+    return not os.environ.get("NO_COLOR") and sys.stdout.isatty()
+
+
+# Distinct, readable on dark and light backgrounds; a name always gets the same one.
+NAME_COLOURS = ("ansired", "ansigreen", "ansiyellow", "ansiblue", "ansimagenta", "ansicyan",
+                "ansibrightred", "ansibrightgreen", "ansibrightblue", "ansibrightmagenta", "ansibrightcyan")
+DIM = "ansibrightblack"
+
+
+def name_colour(name: str) -> str:
+    return NAME_COLOURS[zlib.crc32(name.encode("utf-8")) % len(NAME_COLOURS)]
+
+
+def _rendered(fragments: List[Tuple[str, str]]) -> str:
+    """The fragments as one line, with prompt_toolkit's escape sequences when colours are on."""
+    if not _Terminal.colour:
+        return "".join(text for _, text in fragments)
+    from prompt_toolkit.data_structures import Size
+    from prompt_toolkit.formatted_text import FormattedText
+    from prompt_toolkit.output.color_depth import ColorDepth
+    from prompt_toolkit.output.vt100 import Vt100_Output
+    from prompt_toolkit.renderer import print_formatted_text
+    from prompt_toolkit.styles import Style
+
+    buffer = StringIO()
+    output = Vt100_Output(buffer, lambda: Size(rows=24, columns=80), term="xterm")
+    print_formatted_text(output, FormattedText(fragments), Style([]), color_depth=ColorDepth.DEPTH_4_BIT)
+    output.flush()
+    return buffer.getvalue()
+
+
+def chat(sender: Optional[str], text: str, *, history_at: Optional[float] = None) -> None:
+    """A chat line on stdout: `<sender> :: text`, as the original prints it; earlier messages marked
+    `[history DATE TIME]`; at a terminal, with the time and the sender's colour."""
+    label = f"[history {time.strftime('%Y-%m-%d %H:%M', time.localtime(history_at))}] " if history_at is not None else ""
+    if not _Terminal.on:
+        say(label + (f"<{sender}> :: " if sender is not None else "") + text)
+        return
+    fragments = [(DIM, label or time.strftime("%H:%M ", time.localtime()))]
+    if sender is not None:
+        fragments += [(name_colour(sender), f"<{sender}>"), ("", " :: ")]
+    say(_rendered(fragments + [("", text)]))
 
 
 def status(text: str) -> None:
     """A system line: on stderr (written whole), so stdout carries only chat lines."""
-    with _output:
-        sys.stderr.write(f"* {text}\n")
-        sys.stderr.flush()
+    if _Terminal.on:
+        _write(sys.stderr, _rendered([(DIM, time.strftime("%H:%M * ", time.localtime()) + text)]))
+    else:
+        _write(sys.stderr, f"* {text}")

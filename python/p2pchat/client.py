@@ -35,7 +35,7 @@ from . import (
     default_data_dir,
 )
 from . import machine
-from ._cli import Leave, handle_signals, port, say, setup_logging, signals_deferred, status
+from ._cli import Leave, chat, colours_wanted, handle_signals, port, setup_logging, signals_deferred, status, use_terminal
 
 NAME_PROMPT = "Escreva um nome: "
 DEFAULT_NAME = "Unknow"
@@ -130,11 +130,9 @@ def show(event: object, ignored: Set[str]) -> None:
     if isinstance(event, Message):
         if event.sender in ignored:
             return
-        prefix = f"<{printable(event.sender)}> :: " if event.sender is not None else ""
-        if event.history:
-            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(event.sent_at or event.received_at))
-            prefix = f"[history {when}] {prefix}"
-        say(prefix + printable(event.text))
+        history_at = (event.sent_at or event.received_at) if event.history else None
+        sender = printable(event.sender) if event.sender is not None else None
+        chat(sender, printable(event.text), history_at=history_at)
     elif isinstance(event, HistorySynced):
         if event.received:
             status(f"{event.received} earlier message(s) received from the room")
@@ -233,25 +231,38 @@ def handle_line(peer: Peer, line: str, ignored: Set[str]) -> bool:
     except InvalidInput as err:
         status(f"not sent: {err}")
         return True
-    say(f"<Eu> :: {text}")
+    chat("Eu", text)
     if reached == 0:
         status("nobody else is connected; that line reached no one")
     return True
+
+
+def status_bar(peer: Peer) -> str:
+    """The bottom line: room, who we are, how many members, the tracker."""
+    try:
+        members, tracker = peer.status()
+    except P2PChatError:
+        return " left the room "
+    room = f"room {peer.room!r}" if peer.room else "default room"
+    host, listen_port = peer.address or ("", 0)
+    return f" {room} · {peer.name} on port {listen_port} · {members} other member(s) · tracker: {tracker} "
 
 
 def chat_in_terminal(peer: Peer, ignored: Set[str]) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
-    session: PromptSession = PromptSession()
-    with patch_stdout():
+    session: PromptSession = PromptSession(bottom_toolbar=lambda: status_bar(peer), refresh_interval=1.0)
+    with patch_stdout(raw=True):  # raw: keep the colours of the lines printed above the prompt
         while True:
             try:
-                line = session.prompt("> ")
+                typed = session.prompt("> ")
             except (EOFError, KeyboardInterrupt):
                 return
-            if not handle_line(peer, line, ignored):
-                return
+            # A paste of several lines is several messages.
+            for line in typed.splitlines() or [""]:
+                if not handle_line(peer, line, ignored):
+                    return
 
 
 def chat_from_pipe(peer: Peer, exit_on_eof: bool, ignored: Set[str]) -> None:
@@ -300,6 +311,9 @@ def run(args: argparse.Namespace) -> int:
         machine.run(peer)
         return 0
     ignored: Set[str] = set()
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive:
+        use_terminal(colour=colours_wanted())
     try:
         from_log = show_own_log(peer, args.history, started, ignored)
         with signals_deferred():
@@ -308,7 +322,7 @@ def run(args: argparse.Namespace) -> int:
             _, listen_port = peer.address or ("", 0)
             room = f" in room {args.room!r}" if args.room else ""
             status(f"joined as {name!r}{room}, listening on port {listen_port}; connected to {reached} of {listed} peer(s)")
-        if sys.stdin.isatty() and sys.stdout.isatty():
+        if interactive:
             chat_in_terminal(peer, ignored)
         else:
             chat_from_pipe(peer, args.exit_on_eof, ignored)

@@ -20,7 +20,7 @@ use super::bootstrap::{self, Contact};
 use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role};
 use super::history::{self, AnswerBudget, HistoryConfig, Purpose, Sink};
 use super::seen::SeenIds;
-use super::{Event, Limits, PeerInfo, Protocol};
+use super::{Event, Limits, PeerInfo, Protocol, Status, TrackerState};
 use crate::history::clock::{self, Clock};
 use crate::history::log::LogHandle;
 use crate::history::store::{Key, Query, Record};
@@ -33,6 +33,7 @@ pub(crate) enum Command {
     Nick { name: String, reply: oneshot::Sender<()> },
     Name { reply: oneshot::Sender<String> },
     Peers { reply: oneshot::Sender<Vec<PeerInfo>> },
+    Status { reply: oneshot::Sender<Status> },
     Close { reply: oneshot::Sender<()> },
 }
 
@@ -147,6 +148,8 @@ struct Actor {
     tracker: Option<SocketAddr>,
     /// Frames for our tracker registration (pings, vouches), while we are registered.
     registration: Option<mpsc::Sender<Line>>,
+    /// The tracker speaks p2pchat (it holds registrations); an original tracker forgets us at once.
+    tracker_registers: bool,
     background: JoinSet<()>,
     clock: Arc<Clock>,
     log: LogHandle,
@@ -197,6 +200,7 @@ pub(super) async fn run(setup: Setup) {
         joined_via_tracker,
         tracker,
         registration: None,
+        tracker_registers: tracker_link.is_some(),
         background: JoinSet::new(),
         clock: Arc::new(Clock::new()),
         log,
@@ -250,6 +254,7 @@ pub(super) async fn run(setup: Setup) {
                 Some(Command::Nick { name, reply }) => { actor.nick(name); let _ = reply.send(()); }
                 Some(Command::Name { reply }) => { let _ = reply.send(actor.name.clone()); }
                 Some(Command::Peers { reply }) => { let _ = reply.send(actor.peers()); }
+                Some(Command::Status { reply }) => { let _ = reply.send(actor.status()); }
                 Some(Command::Close { reply }) => closing = Some((tokio::time::Instant::now() + actor.limits.close_grace, Some(reply))),
                 None => closing = Some((tokio::time::Instant::now() + actor.limits.close_grace, None)),
             },
@@ -778,6 +783,16 @@ impl Actor {
         for link in self.links.values().filter(|l| l.state == State::P2pchat) {
             let _ = link.conn.queue.try_send(frame.clone());
         }
+    }
+
+    fn status(&self) -> Status {
+        let tracker = match (self.tracker, &self.registration) {
+            (None, _) => TrackerState::None,
+            (Some(_), Some(_)) => TrackerState::Registered,
+            (Some(_), None) if self.tracker_registers => TrackerState::Reconnecting,
+            (Some(_), None) => TrackerState::Original,
+        };
+        Status { members: self.links.values().filter(|l| l.state != State::Opening).count(), tracker }
     }
 
     fn peers(&self) -> Vec<PeerInfo> {

@@ -200,6 +200,27 @@ pub struct PeerInfo {
     pub protocol: Option<Protocol>,
 }
 
+/// How the tracker sees us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TrackerState {
+    /// Joined through members only (`peers`), no tracker.
+    None,
+    /// An original tracker: it lists us to newcomers and keeps no connection.
+    Original,
+    /// Registered with a p2pchat tracker.
+    Registered,
+    /// The p2pchat tracker was lost; registering again in the background.
+    Reconnecting,
+}
+
+/// A peer at a glance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Status {
+    /// Members we hold a link to whose protocol is known.
+    pub members: usize,
+    pub tracker: TrackerState,
+}
+
 /// What joining found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JoinReport {
@@ -418,6 +439,10 @@ impl PeerHandle {
         chat::validate_name(name)?;
         let name = name.to_owned();
         self.ask(|reply| actor::Command::Nick { name, reply }).await
+    }
+
+    pub async fn status(&self) -> Result<Status, PeerError> {
+        self.ask(|reply| actor::Command::Status { reply }).await
     }
 
     /// The members we currently hold a connection to.

@@ -633,6 +633,21 @@ impl PyPeer {
             .collect())
     }
 
+    /// `(members, tracker)`: how many members this peer is linked to, and the tracker's state:
+    /// "registered", "reconnecting" (a p2pchat tracker was lost), "original" (an original tracker, which
+    /// keeps no connection) or "none" (joined through peers only).
+    fn status(&self, py: Python<'_>) -> PyResult<(usize, &'static str)> {
+        let (handle, _) = self.core.joined()?;
+        let status = wait(py, async move { handle.status().await })??;
+        let tracker = match status.tracker {
+            peer::TrackerState::None => "none",
+            peer::TrackerState::Original => "original",
+            peer::TrackerState::Registered => "registered",
+            peer::TrackerState::Reconnecting => "reconnecting",
+        };
+        Ok((status.members, tracker))
+    }
+
     /// This peer's current name.
     #[getter]
     fn name(&self) -> String {
