@@ -3,6 +3,8 @@
 import re
 import signal
 import socket
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -170,11 +172,21 @@ def test_debug_logs_come_from_the_rust_core_through_python_logging(room):
 
 
 @pytest.mark.parametrize("argv", [["-m", "p2pchat.server", "--help"], ["-m", "p2pchat.client", "--help"],
-                                  ["server.py", "--version"], ["client.py", "--version"]])
+                                  ["server.py", "--version"], ["client.py", "--version"], ["-m", "p2pchat", "--version"],
+                                  ["-m", "p2pchat", "--help"], ["-m", "p2pchat", "client", "--help"]])
 def test_entry_points(room, argv):
     proc = room.start(python(*argv), "entry")
     assert proc.wait() == 0
     assert re.search(r"examples:|p2pchat \d", "\n".join(proc.out.snapshot()))
+
+
+def test_installed_console_scripts(room):
+    """`pip install .` puts p2pchat, p2pchat-server and p2pchat-client beside this Python."""
+    scripts = Path(sysconfig.get_path("scripts"))
+    for name in ("p2pchat", "p2pchat-server", "p2pchat-client"):
+        proc = room.start([str(scripts / name), "--version"], name)
+        assert proc.wait() == 0
+        proc.out.saw(r"^p2pchat \d+\.\d+\.\d+$")
 
 
 def test_ignore_hides_a_member_for_this_user_only(room):
