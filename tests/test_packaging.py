@@ -1,0 +1,67 @@
+"""The release wheel: one abi3 build that installs and chats on every CPython the project supports."""
+
+import glob
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from harness import ROOT
+
+# The oldest supported CPython and the newest; the one running the tests is covered by the rest.
+OTHER_PYTHONS = ("python3.9", "python3.13")
+
+SMOKE = """
+import sys, p2pchat
+with p2pchat.Tracker(host="127.0.0.1", port=0) as tracker, \\
+        p2pchat.Peer("a", *tracker.address, save_history=False) as a, \\
+        p2pchat.Peer("b", *tracker.address, save_history=False) as b:
+    b.send("hello from " + sys.version.split()[0])
+    print(a.recv(timeout=10).text)
+"""
+
+
+def find_python(name: str):
+    """An interpreter that runs: on the PATH, or installed by pyenv without being selected."""
+    candidates = [shutil.which(name)] + sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{name[6:]}*/bin/{name}")))
+    for candidate in filter(None, candidates):
+        if subprocess.run([candidate, "--version"], capture_output=True, timeout=30).returncode == 0:
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory):
+    out = tmp_path_factory.mktemp("wheels")
+    build = subprocess.run([sys.executable, "-m", "maturin", "build", "--release", "--out", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert build.returncode == 0, build.stderr[-3000:]
+    wheels = list(out.glob("*.whl"))
+    assert len(wheels) == 1, wheels
+    return wheels[0]
+
+
+def test_the_wheel_is_abi3_for_python_3_9_and_later(wheel):
+    assert "-cp39-abi3-" in wheel.name, wheel.name
+
+
+@pytest.mark.parametrize("python", OTHER_PYTHONS)
+def test_the_wheel_installs_and_chats_on_another_cpython(wheel, python, tmp_path):
+    interpreter = find_python(python)
+    if interpreter is None:
+        pytest.skip(f"{python} is not installed here")
+    env_dir = tmp_path / "venv"
+    created = subprocess.run([interpreter, "-m", "venv", str(env_dir)], capture_output=True, text=True, timeout=120)
+    if created.returncode != 0:
+        pytest.skip(f"{python} cannot create a virtual environment: {created.stderr.strip()[-200:]}")
+    bin_dir = env_dir / ("Scripts" if sys.platform == "win32" else "bin")
+    pip = subprocess.run([str(bin_dir / "python"), "-m", "pip", "install", "-q", str(wheel)],
+                         capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0, pip.stderr[-2000:]
+    chat = subprocess.run([str(bin_dir / "python"), "-c", SMOKE], capture_output=True, text=True, timeout=60)
+    assert chat.returncode == 0, chat.stderr[-2000:]
+    assert chat.stdout.startswith("hello from 3."), chat.stdout
+    version = subprocess.run([str(bin_dir / "p2pchat"), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.stdout.strip().startswith("p2pchat "), version
