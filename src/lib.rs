@@ -9,6 +9,7 @@
 
 pub mod bench;
 pub mod history;
+pub mod identity;
 pub mod net;
 pub mod peer;
 mod reading;

@@ -42,10 +42,10 @@ def test_name_comes_from_the_first_input_line_like_the_original(room):
     long_name = "x" * 50
     proc = room.start(python("client.py", "--port", str(tracker.port)), "asks-name")
     proc.line(long_name)
-    proc.err.expect(rf"joined as '{'x' * 40}',")
+    proc.err.expect(rf"joined as '{'x' * 40}' \(key ")
     unnamed = room.start(python("client.py", "--port", str(tracker.port)), "empty-name")
     unnamed.line("")
-    unnamed.err.expect(r"joined as 'Unknow',")
+    unnamed.err.expect(r"joined as 'Unknow' \(key ")
     unnamed.line("who am i")
     proc.out.saw(r"^<Unknow> :: who am i$")
 

@@ -31,6 +31,9 @@ class PeerClosed(P2PChatError):
 class HistoryError(P2PChatError):
     """The message log on disk cannot be opened or used."""
 
+class IdentityError(P2PChatError):
+    """The identity file cannot be read or created."""
+
 def default_data_dir() -> Path: ...
 
 @final
@@ -144,6 +147,7 @@ class Peer:
         history: int = 100,
         data_dir: Union[str, "PathLike[str]", None] = None,
         save_history: bool = True,
+        identity: Union[str, "PathLike[str]", None] = None,
     ) -> None: ...
     @property
     def name(self) -> str: ...
@@ -154,6 +158,8 @@ class Peer:
     def address(self) -> Optional[Address]: ...
     @property
     def join_result(self) -> Optional[Tuple[int, int]]: ...
+    @property
+    def fingerprint(self) -> Optional[str]: ...
     @property
     def closed(self) -> bool: ...
     def join(self) -> "Peer": ...

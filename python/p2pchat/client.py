@@ -84,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", type=Path, metavar="DIR",
                         help=f"where the message log is kept (default: {default_data_dir()}; "
                              "or set P2PCHAT_DATA_DIR)")
+    parser.add_argument("--identity", type=Path, metavar="FILE",
+                        help="your key pair (created on first use, readable by you only; default: identity.json "
+                             "in the data directory)")
     parser.add_argument("--json", action="store_true",
                         help="machine mode: JSON commands on stdin, one JSON object per event on stdout "
                              "(needs --name; see the README for the schema)")
@@ -187,7 +190,7 @@ def list_members(peer: Peer) -> None:
     room = f"room {peer.room!r}" if peer.room else "the default room"
     status(f"{len(members) + 1} member(s) in {room}:")
     _, my_port = peer.address or ("", 0)
-    status(f"  {peer.name} (you, port {my_port})")
+    status(f"  {peer.name} (you, port {my_port}, key {peer.fingerprint})")
     for member in members:
         status(f"  {who(member.name, member.address)} {member.protocol or 'connecting'}")
 
@@ -294,7 +297,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         server = args.server if args.server is not None or args.peer else "127.0.0.1"
         peer = Peer(name, server, args.port, listen=args.listen, room=args.room, peers=args.peer,
-                    history=args.history, data_dir=args.data_dir, save_history=not args.no_history)
+                    history=args.history, data_dir=args.data_dir, save_history=not args.no_history,
+                    identity=args.identity)
     except (InvalidInput, ValueError) as err:
         fail(args, str(err))
         return 2
@@ -321,7 +325,8 @@ def run(args: argparse.Namespace) -> int:
             reached, listed = peer.join_result or (0, 0)
             _, listen_port = peer.address or ("", 0)
             room = f" in room {args.room!r}" if args.room else ""
-            status(f"joined as {name!r}{room}, listening on port {listen_port}; connected to {reached} of {listed} peer(s)")
+            status(f"joined as {name!r}{room} (key {peer.fingerprint}), listening on port {listen_port}; "
+                   f"connected to {reached} of {listed} peer(s)")
         if interactive:
             chat_in_terminal(peer, ignored)
         else:

@@ -128,7 +128,7 @@ def run(peer: Peer) -> None:
     host, listen_port = peer.address or ("", 0)
     reached, listed = peer.join_result or (0, 0)
     emit({"type": "ready", "name": peer.name, "room": peer.room, "address": [host, listen_port],
-          "reached": reached, "listed": listed})
+          "reached": reached, "listed": listed, "fingerprint": peer.fingerprint})
     events = threading.Thread(target=pump, args=(peer,), name="p2pchat-json-events", daemon=True)
     events.start()
     try:

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::history::log::{self as message_log, LogError, LogHandle};
 use crate::history::store::{Key, Query, Record, StoreError};
+use crate::identity::{Identity, IdentityError};
 use crate::wire::chat::{self, InvalidInput};
 
 pub use self::history::HistoryConfig;
@@ -123,6 +124,8 @@ pub struct PeerConfig {
     pub listen_port: Option<u16>,
     pub limits: Limits,
     pub history: HistoryConfig,
+    /// The user's identity file (created on first use); `None`: a new identity for this session only.
+    pub identity: Option<std::path::PathBuf>,
 }
 
 impl PeerConfig {
@@ -135,6 +138,7 @@ impl PeerConfig {
             listen_port: None,
             limits: Limits::default(),
             history: HistoryConfig::default(),
+            identity: None,
         }
     }
 }
@@ -252,6 +256,8 @@ pub enum PeerError {
     Listen { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     History(#[from] StoreError),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
     #[error("the peer is closed")]
     Closed,
 }
@@ -271,6 +277,8 @@ impl From<LogError> for PeerError {
 pub struct PeerHandle {
     commands: mpsc::Sender<actor::Command>,
     log: LogHandle,
+    /// The user's key's fingerprint (see `identity`).
+    fingerprint: String,
     room: String,
     listen_addr: SocketAddr,
 }
@@ -366,6 +374,13 @@ pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport)
     if config.tracker.is_none() && config.peers.is_empty() {
         return Err(PeerError::NothingToJoin);
     }
+    let identity_file = config.identity.clone();
+    let identity = tokio::task::spawn_blocking(move || match identity_file {
+        Some(path) => Identity::load_or_create(&path),
+        None => Identity::generate().map_err(|source| IdentityError::Create { path: "(this session)".into(), source }),
+    })
+    .await
+    .map_err(|_| PeerError::Closed)??;
     let (location, room) = (config.history.location.clone(), config.room.clone());
     let log = tokio::task::spawn_blocking(move || message_log::open(&location, room)).await.map_err(|_| PeerError::Closed)??;
     let history_after = match config.history.ask_on_join {
@@ -402,7 +417,7 @@ pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport)
         ready: ready_tx,
     }));
     let connected = ready_rx.await.map_err(|_| PeerError::Closed)?;
-    let handle = PeerHandle { commands, log, room: config.room, listen_addr };
+    let handle = PeerHandle { commands, log, fingerprint: identity.fingerprint(), room: config.room, listen_addr };
     let events = Events { rx: events_rx, holding, held: Default::default() };
     Ok((handle, events, JoinReport { listen_addr, listed, connected }))
 }
@@ -414,6 +429,11 @@ impl PeerHandle {
 
     pub fn listen_addr(&self) -> SocketAddr {
         self.listen_addr
+    }
+
+    /// The fingerprint of this user's key, for people to compare.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// Send one line to every connected peer; returns how many peers it was queued for.

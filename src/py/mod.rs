@@ -33,6 +33,7 @@ create_exception!(_core, TrackerUnreachable, P2PChatError, "The tracker could no
 create_exception!(_core, AddressInUse, P2PChatError, "The port to listen on is taken by another program.");
 create_exception!(_core, PeerClosed, P2PChatError, "The peer was closed (or never joined).");
 create_exception!(_core, HistoryError, P2PChatError, "The message log on disk cannot be opened or used.");
+create_exception!(_core, IdentityError, P2PChatError, "The identity file cannot be read or created.");
 
 /// How often a blocking wait wakes up to let Python handle signals (Ctrl-C).
 const SIGNAL_SLICE: Duration = Duration::from_millis(100);
@@ -76,6 +77,7 @@ impl From<PeerError> for PyErr {
             PeerError::AddressInUse { .. } => AddressInUse::new_err(message),
             PeerError::Listen { .. } => P2PChatError::new_err(message),
             PeerError::History(_) => HistoryError::new_err(message),
+            PeerError::Identity(_) => IdentityError::new_err(message),
             PeerError::Closed => PeerClosed::new_err(message),
         }
     }
@@ -130,6 +132,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("AddressInUse", py.get_type::<AddressInUse>())?;
     m.add("PeerClosed", py.get_type::<PeerClosed>())?;
     m.add("HistoryError", py.get_type::<HistoryError>())?;
+    m.add("IdentityError", py.get_type::<IdentityError>())?;
     m.add_class::<tracker::PyTracker>()?;
     m.add_class::<peer::PyPeer>()?;
     m.add_class::<peer::PyMessage>()?;

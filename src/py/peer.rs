@@ -437,7 +437,7 @@ fn peer_address(value: &Bound<'_, PyAny>) -> PyResult<SocketAddr> {
 impl PyPeer {
     #[new]
     #[pyo3(signature = (name, server = Some("127.0.0.1"), port = crate::tracker::DEFAULT_PORT, *, listen = None, room = "", peers = Vec::new(),
-                        max_message_rate = None, history = 100, data_dir = None, save_history = true))]
+                        max_message_rate = None, history = 100, data_dir = None, save_history = true, identity = None))]
     #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn new(
         name: &str,
@@ -450,6 +450,7 @@ impl PyPeer {
         history: usize,
         data_dir: Option<std::path::PathBuf>,
         save_history: bool,
+        identity: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         chat::validate_name(name).map_err(|e| InvalidInput::new_err(e.to_string()))?;
         chat::validate_room(room).map_err(|e| InvalidInput::new_err(e.to_string()))?;
@@ -473,11 +474,9 @@ impl PyPeer {
             None => {}
         }
         config.history.ask_on_join = history;
-        config.history.location = match (save_history, data_dir) {
-            (false, _) => Location::Memory,
-            (true, Some(dir)) => Location::Dir(dir),
-            (true, None) => Location::Dir(crate::history::default_dir()),
-        };
+        let data_dir = data_dir.unwrap_or_else(crate::history::default_dir);
+        config.identity = Some(identity.unwrap_or_else(|| data_dir.join(crate::identity::FILE_NAME)));
+        config.history.location = if save_history { Location::Dir(data_dir) } else { Location::Memory };
         let core = Arc::new(Core { state: Mutex::new(State::New) });
         let weak = Arc::downgrade(&core);
         register_live(weak);
@@ -677,6 +676,16 @@ impl PyPeer {
     fn address(&self) -> PyResult<Option<(String, u16)>> {
         Ok(match &*self.core.lock()? {
             State::Joined { handle, .. } => Some(py_addr(handle.listen_addr())),
+            _ => None,
+        })
+    }
+
+    /// The fingerprint of this user's key (16 hex digits in groups of four), for people to compare;
+    /// None before `join`.
+    #[getter]
+    fn fingerprint(&self) -> PyResult<Option<String>> {
+        Ok(match &*self.core.lock()? {
+            State::Joined { handle, .. } => Some(handle.fingerprint().to_owned()),
             _ => None,
         })
     }

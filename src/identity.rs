@@ -1,0 +1,173 @@
+//! A user's long-term identity: an Ed25519 key pair kept in a file of the data directory, and the short
+//! fingerprint people compare to tell two users with the same name apart.
+//!
+//! The file is JSON (`{"v": 1, "ed25519": "<64 hex digits>"}`), created once, atomically and readable by
+//! its owner only (0600 on Unix): it is the user's secret. A file that cannot be read as one is never
+//! replaced: the error names it and the ways forward.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use ed25519_dalek::{SigningKey, VerifyingKey};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+/// The identity file inside a data directory.
+pub const FILE_NAME: &str = "identity.json";
+const FORMAT: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum IdentityError {
+    #[error("cannot create the identity {path}: {source}")]
+    Create { path: PathBuf, source: std::io::Error },
+    #[error("cannot read the identity {path}: {reason}. It was left as it is; restore it from a backup, \
+             move it away (a new identity is created, and people who knew the old one will see a new \
+             fingerprint), or choose another file with --identity")]
+    Unreadable { path: PathBuf, reason: String },
+}
+
+/// A user's key pair.
+pub struct Identity {
+    signing: SigningKey,
+}
+
+#[derive(Serialize, Deserialize)]
+struct File {
+    v: u32,
+    ed25519: String,
+}
+
+impl Identity {
+    /// A new random identity.
+    pub fn generate() -> Result<Self, std::io::Error> {
+        let mut secret = [0u8; 32];
+        getrandom::fill(&mut secret).map_err(|e| std::io::Error::other(e.to_string()))?;
+        Ok(Self { signing: SigningKey::from_bytes(&secret) })
+    }
+
+    /// The identity in `path`, created there first if there is none.
+    pub fn load_or_create(path: &Path) -> Result<Self, IdentityError> {
+        match fs::read(path) {
+            Ok(bytes) => Self::parse(&bytes).map_err(|reason| IdentityError::Unreadable { path: path.to_owned(), reason }),
+            // Missing, or under a path that cannot be a directory: creating it says what is wrong.
+            Err(err) if matches!(err.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                let create = |source| IdentityError::Create { path: path.to_owned(), source };
+                let identity = Self::generate().map_err(create)?;
+                identity.save_new(path).map_err(create)?;
+                Ok(identity)
+            }
+            Err(err) => Err(IdentityError::Unreadable { path: path.to_owned(), reason: err.to_string() }),
+        }
+    }
+
+    fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let file: File = serde_json::from_slice(bytes).map_err(|e| format!("not an identity file ({e})"))?;
+        if file.v != FORMAT {
+            return Err(format!("written by another p2pchat (identity format {}, this one reads {FORMAT})", file.v));
+        }
+        let secret = decode_hex_32(&file.ed25519).ok_or("its key is not 64 hex digits")?;
+        Ok(Self { signing: SigningKey::from_bytes(&secret) })
+    }
+
+    /// Write to a new file next to `path`, owner-only, then move it into place: a crash leaves either
+    /// no identity or a whole one, and another process creating one at the same time cannot be
+    /// overwritten (the first one in place wins, and this one is then read back).
+    fn save_new(&self, path: &Path) -> std::io::Result<()> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir)?;
+        }
+        let file = File { v: FORMAT, ed25519: encode_hex(self.signing.as_bytes()) };
+        let json = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
+        let temporary = path.with_extension(format!("new-{}", crate::wire::frames::random_id()));
+        let mut options = fs::OpenOptions::new();
+        options.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let written = options.open(&temporary).and_then(|mut f| f.write_all(&json).and_then(|()| f.sync_all()));
+        let placed = written.and_then(|()| fs::hard_link(&temporary, path));
+        let _ = fs::remove_file(&temporary);
+        match placed {
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            other => other,
+        }
+    }
+
+    pub fn public(&self) -> VerifyingKey {
+        self.signing.verifying_key()
+    }
+
+    /// What people compare: 16 hex digits of the public key's SHA-256, in groups of four.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.public())
+    }
+}
+
+pub fn fingerprint(key: &VerifyingKey) -> String {
+    let digest = Sha256::digest(key.as_bytes());
+    let hex = encode_hex(&digest[..8]);
+    hex.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("-")
+}
+
+fn encode_hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn decode_hex_32(text: &str) -> Option<[u8; 32]> {
+    if text.len() != 64 || !text.is_ascii() {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in text.as_bytes().chunks(2).enumerate() {
+        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_dir() -> PathBuf {
+        std::env::temp_dir().join(format!("p2pchat-identity-test-{}", crate::wire::frames::random_id()))
+    }
+
+    #[test]
+    fn an_identity_is_created_once_owner_only_and_read_back() {
+        let dir = temp_dir();
+        let path = dir.join(FILE_NAME);
+        let first = Identity::load_or_create(&path).unwrap();
+        let again = Identity::load_or_create(&path).unwrap();
+        assert_eq!(first.public(), again.public());
+        assert_eq!(first.fingerprint(), again.fingerprint());
+        assert_eq!(first.fingerprint().len(), 19, "four groups of four hex digits");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            assert_eq!(fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+        }
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 1, "no temporary file is left behind");
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn two_identities_differ() {
+        assert_ne!(Identity::generate().unwrap().fingerprint(), Identity::generate().unwrap().fingerprint());
+    }
+
+    #[test]
+    fn a_damaged_identity_is_refused_and_left_alone() {
+        let dir = temp_dir();
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(FILE_NAME);
+        for damaged in [&b"not json"[..], br#"{"v":1,"ed25519":"zz"}"#, br#"{"v":9,"ed25519":""}"#] {
+            fs::write(&path, damaged).unwrap();
+            let err = Identity::load_or_create(&path).err().expect("refused");
+            assert!(matches!(err, IdentityError::Unreadable { .. }), "{err}");
+            assert!(err.to_string().contains("--identity"), "{err}");
+            assert_eq!(fs::read(&path).unwrap(), damaged);
+        }
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
