@@ -259,3 +259,31 @@ def test_original_lines_are_kept_in_the_own_log_but_never_served(tmp_path):
                     assert texts == ["said the new way"] and events[-1].received == 1
                 # The original peer got the line, and not one byte of history.
                 assert original.recv(4096) == b"<ana> :: said the new way"
+
+
+def test_a_member_slow_to_send_history_does_not_hold_the_room_back(tmp_path):
+    """The join waits a few seconds for the first part of the history; after that the room's live
+    events flow, and history that comes later is still shown, as history."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(WAIT)
+        with Peer("ana", server=None, peers=[server.getsockname()], data_dir=tmp_path / "ana") as ana:
+            member, _ = server.accept()
+            member.settimeout(WAIT)
+            assert member.recv(len(MAGIC), socket.MSG_WAITALL) == MAGIC
+            assert read_frame(member)["type"] == "hello"
+            member.sendall(MAGIC + frame({"type": "hello", "v": 1, "id": "slow", "name": "slow", "room": "",
+                                          "listen_port": server.getsockname()[1]}))
+            request = read_frame(member)
+            assert request["type"] == "history_request" and request["limit"] == 100
+            member.sendall(frame({"type": "msg", "id": "live1", "from": "slow", "room": "", "ts": 1, "text": "live"}))
+            events = [ana.recv_event(timeout=WAIT)]
+            while not isinstance(events[-1], HistorySynced):
+                events.append(ana.recv_event(timeout=WAIT))
+            assert events[-1].received == 0, "released before any history came"
+            live = ana.recv(timeout=WAIT)
+            assert (live.text, live.history) == ("live", False)
+            old = {"id": "old1", "from": "slow", "room": "", "ts": 1, "hlc": 1 << 16, "text": "said long ago"}
+            member.sendall(frame({"type": "history", "req": request["req"], "msgs": [old], "more": False}))
+            late = ana.recv(timeout=WAIT)
+            assert (late.text, late.history) == ("said long ago", True)
+            member.close()

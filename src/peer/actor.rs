@@ -313,10 +313,12 @@ impl Actor {
         if link.conn.queue.try_send(frames::encode(&frame).into()).is_err() {
             return false;
         }
-        log::debug!("asking {} for {limit} messages of history ({purpose:?})", link.shown_addr());
+        let link_addr = link.shown_addr();
+        log::debug!("asking {link_addr} for {limit} messages of history ({purpose:?})");
         let (parts, parts_rx) = mpsc::channel(64);
         let sink = Sink { log: self.log.clone(), seen: self.seen.clone(), clock: self.clock.clone(), events: self.events.clone() };
-        self.background.spawn(history::receive(parts_rx, link.shown_addr(), purpose, self.history.answer_wait, sink));
+        let config = self.history.clone();
+        self.background.spawn(async move { history::receive(parts_rx, link_addr, purpose, &config, sink).await });
         let peer_id = link.peer_id.clone();
         self.asked.insert(id, Asked { req, peer_id, after, remaining: limit, purpose, parts });
         true

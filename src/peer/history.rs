@@ -3,7 +3,7 @@
 //!
 //! * On join, the first p2pchat member reached is asked for the newest `ask_on_join` messages after
 //!   the newest one in our own log. [`super::Events`] holds live messages back until that answer is
-//!   in (or failed), so history shows first and in order.
+//!   in (or failed, or its first part is late), so history shows first and in order.
 //! * After a gap (a p2pchat link lost without a goodbye, then back), both ends ask each other for
 //!   what was said since shortly before the link went quiet.
 //! * Answers come from the log, only messages written by p2pchat peers (original peers' lines reach
@@ -47,6 +47,9 @@ pub struct HistoryConfig {
     pub answer_bytes_per_sec: usize,
     /// How long an asked member may take to answer completely.
     pub answer_wait: Duration,
+    /// How long the join holds the room's live events back for the first part of the answer; a
+    /// slower member's history still comes, after them.
+    pub first_part_wait: Duration,
 }
 
 impl Default for HistoryConfig {
@@ -58,6 +61,7 @@ impl Default for HistoryConfig {
             answer_burst_bytes: 16 * 1024 * 1024,
             answer_bytes_per_sec: 1024 * 1024,
             answer_wait: Duration::from_secs(10),
+            first_part_wait: Duration::from_secs(3),
         }
     }
 }
@@ -204,10 +208,28 @@ pub(super) struct Sink {
 
 /// Take the parts of one answer from `parts` (routed by the actor, which checked they answer our
 /// request and stay within its limit), log them and pass on the new ones, marked as history.
-pub(super) async fn receive(mut parts: mpsc::Receiver<Vec<Chat>>, from: SocketAddr, purpose: Purpose, wait: Duration, sink: Sink) {
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut received = 0;
-    while let Ok(Some(msgs)) = tokio::time::timeout_at(deadline, parts.recv()).await {
+pub(super) async fn receive(mut parts: mpsc::Receiver<Vec<Chat>>, from: SocketAddr, purpose: Purpose, config: &HistoryConfig, sink: Sink) {
+    let started = tokio::time::Instant::now();
+    let deadline = started + config.answer_wait;
+    // While the join holds the room back, the answer's first part must come soon.
+    let mut holding = purpose == Purpose::Join;
+    let first_deadline = (started + config.first_part_wait).min(deadline);
+    let (mut received, mut answering) = (0, false);
+    loop {
+        let msgs = match tokio::time::timeout_at(if holding && !answering { first_deadline } else { deadline }, parts.recv()).await {
+            Ok(Some(msgs)) => {
+                answering = true;
+                msgs
+            }
+            Ok(None) => break,
+            Err(_) if holding && tokio::time::Instant::now() < deadline => {
+                log::info!("{from} is slow to send history; showing the room now, its history when it comes");
+                let _ = sink.events.send(Event::HistorySynced { received: 0 }).await;
+                holding = false;
+                continue;
+            }
+            Err(_) => break,
+        };
         let records: Vec<Record> = msgs.iter().map(chat_to_record).collect();
         let fresh = match sink.log.ingest(records).await {
             Ok(fresh) => fresh,
@@ -229,15 +251,14 @@ pub(super) async fn receive(mut parts: mpsc::Receiver<Vec<Chat>>, from: SocketAd
             }
         }
     }
-    match purpose {
-        Purpose::Join => {
-            let _ = sink.events.send(Event::HistorySynced { received }).await;
-        }
-        Purpose::CatchUp if received > 0 => {
-            let text = format!("caught up: {received} message(s) said while the link to {from} was down");
-            let _ = sink.events.send(Event::Notice { text }).await;
-        }
-        Purpose::CatchUp => {}
+    if holding {
+        let _ = sink.events.send(Event::HistorySynced { received }).await;
+    } else if received > 0 {
+        let text = match purpose {
+            Purpose::Join => format!("{received} earlier message(s) arrived late from {from}"),
+            Purpose::CatchUp => format!("caught up: {received} message(s) said while the link to {from} was down"),
+        };
+        let _ = sink.events.send(Event::Notice { text }).await;
     }
 }
 
