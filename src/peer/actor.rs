@@ -18,7 +18,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::bootstrap::{self, Contact};
 use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role};
-use super::history::{self, AnswerBudget, HistoryConfig, Purpose, Sink};
+use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests, Sink};
 use super::seen::SeenIds;
 use super::{Event, Limits, PeerInfo, Protocol, Status, TrackerState};
 use crate::history::clock::{self, Clock};
@@ -154,28 +154,8 @@ struct Actor {
     clock: Arc<Clock>,
     log: LogHandle,
     history: HistoryConfig,
-    /// The join's history request, until it is sent: after which position, and what for (the join,
-    /// or, once the join stopped waiting for it, a late catch-up).
-    join_history: Option<(Option<Key>, Purpose)>,
-    next_request: u32,
-    /// Our history requests being answered, one per link at most.
-    asked: HashMap<ConnId, Asked>,
-    /// p2pchat peers (by session id) lost without a goodbye: from which stamp to catch up if they
-    /// come back, and since when.
-    lost: HashMap<String, (u64, tokio::time::Instant)>,
-}
-
-/// A history request of ours on one link.
-struct Asked {
-    req: u32,
-    /// Who is answering (a session id): a replacement link to it takes the request over.
-    peer_id: Option<String>,
-    after: Option<Key>,
-    /// Messages still accepted in the answer.
-    remaining: usize,
-    purpose: Purpose,
-    /// To the task that logs and shows the answer; dropping it ends that task.
-    parts: mpsc::Sender<Vec<Chat>>,
+    /// Our history requests (on join, after a gap) and the answers we wait for.
+    requests: Requests,
 }
 
 pub(super) async fn run(setup: Setup) {
@@ -204,11 +184,8 @@ pub(super) async fn run(setup: Setup) {
         background: JoinSet::new(),
         clock: Arc::new(Clock::new()),
         log,
+        requests: Requests::new(history_after, history.ask_on_join, history.answer_messages),
         history,
-        join_history: history_after.map(|after| (after, Purpose::Join)),
-        next_request: 0,
-        asked: HashMap::new(),
-        lost: HashMap::new(),
     };
     // The join stops waiting for its history this long after the first attempts (then it is still
     // fetched, as a catch-up, from the first member that turns out to speak p2pchat).
@@ -268,7 +245,7 @@ pub(super) async fn run(setup: Setup) {
             }
             () = grace_over => {}
             _ = keepalive.tick() => actor.ping(),
-            () = tokio::time::sleep_until(history_deadline), if actor.waits_for_join_history() && untried.is_empty() => {}
+            () = tokio::time::sleep_until(history_deadline), if actor.requests.waits_for_join() && untried.is_empty() => {}
         }
     }
     actor.close_all().await;
@@ -283,57 +260,45 @@ impl Actor {
         self.room == DEFAULT_ROOM
     }
 
-    fn waits_for_join_history(&self) -> bool {
-        matches!(self.join_history, Some((_, Purpose::Join)))
-    }
-
     /// Stop holding the join's live messages back when nobody can give us history: every link is
     /// settled and none speaks p2pchat (we are alone, or among original peers), or it took too long.
     /// A p2pchat member that turns up later is still asked, as a catch-up.
     fn settle_join_history(&mut self, deadline: tokio::time::Instant) {
-        if !self.waits_for_join_history() {
+        if !self.requests.waits_for_join() {
             return;
         }
         let settled = self.links.values().all(|l| l.state == State::Original);
         if settled || tokio::time::Instant::now() >= deadline {
             self.notify(Event::HistorySynced { received: 0 });
-            if let Some((_, purpose)) = &mut self.join_history {
-                *purpose = Purpose::CatchUp;
-            }
+            self.requests.stop_waiting_for_join();
         }
     }
 
-    /// Ask the member on link `id` for the newest `limit` messages after `after`; false when the
-    /// link cannot take the request (it is closing).
-    fn ask_history(&mut self, id: ConnId, after: Option<Key>, limit: usize, purpose: Purpose) -> bool {
+    /// Send `ask` to the member on link `id`, with a task to take its answer; false when the link
+    /// cannot take the request (it is closing).
+    fn ask_history(&mut self, id: ConnId, ask: Ask) -> bool {
         let Some(link) = self.links.get(&id) else { return false };
-        let req = self.next_request;
-        self.next_request = self.next_request.wrapping_add(1);
-        let frame = Frame::HistoryRequest { req, limit: u32::try_from(limit).unwrap_or(u32::MAX), after: after.as_ref().map(history::position) };
+        let req = self.requests.next_req();
+        let limit = u32::try_from(ask.limit).unwrap_or(u32::MAX);
+        let frame = Frame::HistoryRequest { req, limit, after: ask.after.as_ref().map(history::position) };
         if link.conn.queue.try_send(frames::encode(&frame).into()).is_err() {
             return false;
         }
-        let link_addr = link.shown_addr();
+        let (link_addr, purpose) = (link.shown_addr(), ask.purpose);
         log::debug!("asking {link_addr} for {limit} messages of history ({purpose:?})");
         let (parts, parts_rx) = mpsc::channel(64);
         let sink = Sink { log: self.log.clone(), seen: self.seen.clone(), clock: self.clock.clone(), events: self.events.clone() };
         let config = self.history.clone();
         self.background.spawn(async move { history::receive(parts_rx, link_addr, purpose, &config, sink).await });
-        let peer_id = link.peer_id.clone();
-        self.asked.insert(id, Asked { req, peer_id, after, remaining: limit, purpose, parts });
+        self.requests.sent(id, req, link.peer_id.clone(), ask, parts);
         true
     }
 
     /// A p2pchat link is up: ask it for history if we are joining, or if it is a member we lost.
     fn after_adopting(&mut self, id: ConnId, peer_id: &str) {
-        if let Some((since, _)) = self.lost.remove(peer_id) {
-            let after = Key { stamp: since, id: String::new() };
-            self.ask_history(id, Some(after), self.history.answer_messages, Purpose::CatchUp);
-            return;
-        }
-        if let Some((after, purpose)) = self.join_history.take() {
-            if !self.ask_history(id, after.clone(), self.history.ask_on_join, purpose) {
-                self.join_history = Some((after, purpose));
+        if let Some(ask) = self.requests.on_link_up(peer_id) {
+            if !self.ask_history(id, ask.clone()) {
+                self.requests.not_asked(ask);
             }
         }
     }
@@ -365,18 +330,11 @@ impl Actor {
     }
 
     /// Pass on a part of an answer to one of our requests, up to the number of messages asked for.
-    fn take_history_part(&mut self, id: ConnId, req: u32, mut msgs: Vec<Chat>, more: bool) {
-        let Some(asked) = self.asked.get_mut(&id).filter(|a| a.req == req) else {
-            return log::debug!("ignoring history nobody asked for from link {id}");
-        };
-        msgs.truncate(asked.remaining);
-        asked.remaining -= msgs.len();
-        let finished = !more || asked.remaining == 0;
-        if !msgs.is_empty() && asked.parts.try_send(msgs).is_err() {
-            log::warn!("history from link {id} comes faster than it can be logged; dropping the rest of it");
-            self.asked.remove(&id);
-        } else if finished {
-            self.asked.remove(&id);
+    fn take_history_part(&mut self, id: ConnId, req: u32, msgs: Vec<Chat>, more: bool) {
+        match self.requests.part(id, req, msgs, more) {
+            Part::Passed => {}
+            Part::Unasked => log::debug!("ignoring history nobody asked for from link {id}"),
+            Part::Overflow => log::warn!("history from link {id} comes faster than it can be logged; dropping the rest of it"),
         }
     }
 
@@ -387,20 +345,17 @@ impl Actor {
             // The link may have been dead for up to `dead_after` before that was noticed; a little
             // more covers clocks a few seconds apart. Anything fetched twice is shown once.
             let quiet_since = clock::wall_millis().saturating_sub((self.limits.dead_after.as_millis() as u64) + 5_000);
-            let now = tokio::time::Instant::now();
-            let keep_for = self.limits.redial_for * 2;
-            self.lost.retain(|_, (_, when)| now.duration_since(*when) < keep_for);
-            self.lost.insert(peer_id, (clock::stamp_at(quiet_since), now));
+            self.requests.lost(peer_id, clock::stamp_at(quiet_since), tokio::time::Instant::now(), self.limits.redial_for * 2);
         }
-        let Some(asked) = self.asked.remove(&id) else { return };
+        let Some((answering, rest)) = self.requests.link_gone(id) else { return };
         // Unanswered: ask again on the link that replaced this one (two peers that redial each other
         // keep one of the two links), or, for the join's history, any member.
-        let free = |l: &(&ConnId, &Link)| l.1.state == State::P2pchat && !self.asked.contains_key(l.0);
-        let same_peer = self.links.iter().filter(free).find(|(_, l)| l.peer_id.is_some() && l.peer_id == asked.peer_id);
-        let any = self.links.iter().filter(free).find(|_| asked.purpose == Purpose::Join);
+        let free = |l: &(&ConnId, &Link)| l.1.state == State::P2pchat && !self.requests.is_asking(*l.0);
+        let same_peer = self.links.iter().filter(free).find(|(_, l)| l.peer_id.is_some() && l.peer_id == answering);
+        let any = self.links.iter().filter(free).find(|_| rest.purpose == Purpose::Join);
         if let Some((&other, _)) = same_peer.or(any) {
             // The first ask's task still ends the join's wait; this one is a catch-up.
-            self.ask_history(other, asked.after, asked.remaining, Purpose::CatchUp);
+            self.ask_history(other, Ask { purpose: Purpose::CatchUp, ..rest });
         }
     }
 

@@ -13,13 +13,14 @@
 //! * Received history is logged; only messages new to the log and not yet shown this session are
 //!   passed on, marked as history. Message ids make every path idempotent.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
-use super::connection::Line;
+use super::connection::{ConnId, Line};
 use super::seen::SeenIds;
 use super::{Event, Message};
 use crate::history::clock::Clock;
@@ -188,6 +189,134 @@ pub(super) async fn answer(log: LogHandle, room: String, req: u32, query: Query,
     sent
 }
 
+/// A request to make: the newest `limit` messages after `after`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Ask {
+    pub after: Option<Key>,
+    pub limit: usize,
+    pub purpose: Purpose,
+}
+
+/// A request of ours being answered on one link.
+struct Asked {
+    req: u32,
+    /// Who is answering (a session id): a replacement link to it takes the request over.
+    peer_id: Option<String>,
+    ask: Ask,
+    /// Messages still accepted in the answer.
+    remaining: usize,
+    /// To the task that logs and shows the answer; dropping it ends that task.
+    parts: mpsc::Sender<Vec<Chat>>,
+}
+
+/// Our history requests, I/O-free: what to ask a member whose link comes up, which answers we wait
+/// for (one per link), and the members lost without a goodbye, to catch up with if they come back.
+/// The actor does the sending.
+pub(super) struct Requests {
+    /// The join's request until it is made; its purpose becomes `CatchUp` once the join stopped
+    /// waiting for it.
+    join: Option<Ask>,
+    next: u32,
+    asked: HashMap<ConnId, Asked>,
+    /// Session id → (the stamp to catch up from, when it was lost).
+    lost: HashMap<String, (u64, tokio::time::Instant)>,
+    catch_up_limit: usize,
+}
+
+/// What became of a part of an answer.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Part {
+    Passed,
+    /// Nobody asked (another request number, or a link we asked nothing).
+    Unasked,
+    /// The receiving task is behind: the rest of that answer is dropped.
+    Overflow,
+}
+
+impl Requests {
+    /// `join_after`: ask the first member for the newest `ask_on_join` after it (`Some(None)`: the
+    /// newest); `None`: ask nothing on join.
+    pub fn new(join_after: Option<Option<Key>>, ask_on_join: usize, catch_up_limit: usize) -> Self {
+        let join = join_after.map(|after| Ask { after, limit: ask_on_join, purpose: Purpose::Join });
+        Self { join, next: 0, asked: HashMap::new(), lost: HashMap::new(), catch_up_limit }
+    }
+
+    pub fn waits_for_join(&self) -> bool {
+        matches!(self.join, Some(Ask { purpose: Purpose::Join, .. }))
+    }
+
+    /// The join shows the room without its history; a member that turns up later is still asked.
+    pub fn stop_waiting_for_join(&mut self) {
+        if let Some(ask) = &mut self.join {
+            ask.purpose = Purpose::CatchUp;
+        }
+    }
+
+    /// A link to the member `peer_id` is up: what to ask it, if anything (taken; give it back with
+    /// [`Self::not_asked`] if it cannot be sent).
+    pub fn on_link_up(&mut self, peer_id: &str) -> Option<Ask> {
+        if let Some((since, _)) = self.lost.remove(peer_id) {
+            return Some(Ask { after: Some(Key { stamp: since, id: String::new() }), limit: self.catch_up_limit, purpose: Purpose::CatchUp });
+        }
+        self.join.take()
+    }
+
+    /// `ask` could not be sent; the join's request waits for the next member.
+    pub fn not_asked(&mut self, ask: Ask) {
+        if self.join.is_none() && ask.purpose == Purpose::Join {
+            self.join = Some(ask);
+        }
+    }
+
+    /// The number for the next request.
+    pub fn next_req(&mut self) -> u32 {
+        let req = self.next;
+        self.next = self.next.wrapping_add(1);
+        req
+    }
+
+    /// `ask` was sent on `conn` as `req`; its answer goes to `parts`.
+    pub fn sent(&mut self, conn: ConnId, req: u32, peer_id: Option<String>, ask: Ask, parts: mpsc::Sender<Vec<Chat>>) {
+        let remaining = ask.limit;
+        self.asked.insert(conn, Asked { req, peer_id, ask, remaining, parts });
+    }
+
+    pub fn is_asking(&self, conn: ConnId) -> bool {
+        self.asked.contains_key(&conn)
+    }
+
+    /// A part of an answer on `conn`: passed on, up to the number of messages asked for.
+    pub fn part(&mut self, conn: ConnId, req: u32, mut msgs: Vec<Chat>, more: bool) -> Part {
+        let Some(asked) = self.asked.get_mut(&conn).filter(|a| a.req == req) else { return Part::Unasked };
+        msgs.truncate(asked.remaining);
+        asked.remaining -= msgs.len();
+        let finished = !more || asked.remaining == 0;
+        if !msgs.is_empty() && asked.parts.try_send(msgs).is_err() {
+            self.asked.remove(&conn);
+            return Part::Overflow;
+        }
+        if finished {
+            self.asked.remove(&conn);
+        }
+        Part::Passed
+    }
+
+    /// The member `peer_id` was lost without a goodbye; if it comes back within `keep_for`, catch up
+    /// from `since`.
+    pub fn lost(&mut self, peer_id: String, since: u64, now: tokio::time::Instant, keep_for: Duration) {
+        self.lost.retain(|_, (_, when)| now.duration_since(*when) < keep_for);
+        self.lost.insert(peer_id, (since, now));
+    }
+
+    /// Link `conn` is gone: the rest of a request it had not finished answering, to ask again (on a
+    /// link to the same member, or for the join's history any member), and who was answering.
+    pub fn link_gone(&mut self, conn: ConnId) -> Option<(Option<String>, Ask)> {
+        let asked = self.asked.remove(&conn)?;
+        let rest = Ask { after: asked.ask.after, limit: asked.remaining, purpose: asked.ask.purpose };
+        Some((asked.peer_id, rest))
+    }
+}
+
 /// What a request is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Purpose {
@@ -304,6 +433,49 @@ mod tests {
         assert_eq!(budget.start(now + Duration::from_secs(3)), Some(200));
         budget.finish(0);
         assert_eq!(budget.start(now + Duration::from_secs(60)), Some(1000), "never more than the burst");
+    }
+
+    #[test]
+    fn the_join_asks_the_first_member_and_a_lost_member_is_caught_up_with() {
+        let mut requests = Requests::new(Some(None), 100, 10_000);
+        assert!(requests.waits_for_join());
+        let join = requests.on_link_up("a").expect("the join's request");
+        assert_eq!((join.limit, join.purpose), (100, Purpose::Join));
+        assert_eq!(requests.on_link_up("b"), None, "asked once");
+        requests.not_asked(join.clone());
+        assert_eq!(requests.on_link_up("b"), Some(join), "a request that could not be sent waits for the next member");
+
+        let now = tokio::time::Instant::now();
+        requests.lost("a".into(), 42, now, Duration::from_secs(60));
+        let catch_up = requests.on_link_up("a").expect("a catch-up");
+        assert_eq!((catch_up.after, catch_up.limit, catch_up.purpose), (Some(Key { stamp: 42, id: String::new() }), 10_000, Purpose::CatchUp));
+        assert_eq!(requests.on_link_up("a"), None, "once");
+        requests.lost("old".into(), 1, now, Duration::from_secs(60));
+        requests.lost("new".into(), 2, now + Duration::from_secs(61), Duration::from_secs(60));
+        assert_eq!(requests.on_link_up("old"), None, "forgotten after a while");
+    }
+
+    #[test]
+    fn answers_are_routed_by_link_and_number_and_cut_at_the_limit() {
+        let mut requests = Requests::new(None, 0, 10_000);
+        let (parts, mut received) = mpsc::channel(4);
+        let req = requests.next_req();
+        requests.sent(7, req, Some("a".into()), Ask { after: None, limit: 3, purpose: Purpose::CatchUp }, parts);
+        assert_eq!(requests.part(8, req, vec![chat(1)], true), Part::Unasked);
+        assert_eq!(requests.part(7, req + 1, vec![chat(1)], true), Part::Unasked);
+        assert_eq!(requests.part(7, req, vec![chat(1), chat(1)], true), Part::Passed);
+        assert_eq!(requests.part(7, req, vec![chat(1), chat(1)], true), Part::Passed);
+        assert_eq!(received.try_recv().map(|m| m.len()), Ok(2));
+        assert_eq!(received.try_recv().map(|m| m.len()), Ok(1), "three asked, three passed");
+        assert!(!requests.is_asking(7), "done at the limit");
+
+        let (parts, _received) = mpsc::channel(4);
+        let req = requests.next_req();
+        requests.sent(9, req, Some("b".into()), Ask { after: None, limit: 5, purpose: Purpose::Join }, parts);
+        requests.part(9, req, vec![chat(1), chat(1)], true);
+        let (peer, rest) = requests.link_gone(9).expect("unfinished");
+        assert_eq!((peer.as_deref(), rest.limit, rest.purpose), (Some("b"), 3, Purpose::Join));
+        assert_eq!(requests.link_gone(9), None);
     }
 
     #[test]
