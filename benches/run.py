@@ -627,16 +627,21 @@ def main(argv: Optional[List[str]] = None) -> int:
             except (BenchFailure, P2PChatError) as err:
                 print(f"bench: {name} could not run: {err}", file=sys.stderr)
                 return 1
-    results["seconds"] = time.monotonic() - started
+    took = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("quick.json" if args.quick else "latest.json")
-    if only != set(plan) and path.exists():
-        # A partial run updates its scenarios and keeps the others' latest figures.
+    partial = only != set(plan)
+    if partial and path.exists():
+        # A partial run updates its scenarios and keeps the others' latest figures (and the time the
+        # last whole run took).
         results = {**json.loads(path.read_text()), **{k: v for k, v in results.items() if k in only or k not in plan}}
+    else:
+        results["seconds"] = took
     path.write_text(json.dumps(results, indent=1))
     print(table(results))
     png = chart(results, args.out / ("quick.png" if args.quick else "latest.png"))
-    print(f"\n{'quick' if args.quick else 'full'} benchmark, {repeats} run(s) per figure, {results['seconds']:.0f} s; "
+    kind = f"partial ({', '.join(sorted(only))})" if partial else ("quick" if args.quick else "full")
+    print(f"\n{kind} benchmark, {repeats} run(s) per figure, {took:.0f} s; "
           f"raw results in {args.out}" + (f"; chart {png.name}" if png else " (no matplotlib: no chart)"))
     return 0
 
