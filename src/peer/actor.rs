@@ -40,7 +40,8 @@ pub(crate) enum Command {
 pub(crate) enum NetEvent {
     Dialled { stream: TcpStream, contact: Contact },
     Accepted { stream: TcpStream, addr: SocketAddr },
-    DialFailed { addr: SocketAddr, reason: String, gave_up: bool },
+    /// `silent`: no answer at all (not even a refusal), as from behind a router that drops it.
+    DialFailed { addr: SocketAddr, known: Option<Protocol>, reason: String, gave_up: bool, silent: bool },
     /// The link speaks p2pchat; this is the other end's hello.
     Hello { id: ConnId, hello: Hello },
     /// The link speaks the original protocol.
@@ -61,6 +62,8 @@ pub(crate) enum NetEvent {
     HistoryAnswered { id: ConnId, bytes: usize },
     /// Registered with the tracker again after losing it.
     Registered { link: TcpStream, contacts: Vec<Contact> },
+    /// The tracker asks us to dial this member from our listening port (it cannot reach us).
+    Punch { addr: SocketAddr },
 }
 
 pub(super) struct Setup {
@@ -138,6 +141,8 @@ struct Actor {
     originals: HashSet<SocketAddr>,
     /// Addresses being dialled (so peer exchange does not dial them twice).
     dialling: HashSet<SocketAddr>,
+    /// Members we asked the tracker to punch through to (once each).
+    punched: HashSet<SocketAddr>,
     /// Lines held for an original peer being redialled after it dropped our probe (and every line sent
     /// until the redial connects or gives up).
     carried: HashMap<SocketAddr, Vec<Arc<OutLine>>>,
@@ -175,6 +180,7 @@ pub(super) async fn run(setup: Setup) {
         seen: Arc::new(Mutex::new(SeenIds::new(super::seen::REMEMBERED_IDS))),
         originals: HashSet::new(),
         dialling: HashSet::new(),
+        punched: HashSet::new(),
         carried: HashMap::new(),
         retiring: HashMap::new(),
         joined_via_tracker,
@@ -365,8 +371,35 @@ impl Actor {
     }
 
     fn dial(&mut self, contact: Contact, retry_for: std::time::Duration) {
+        self.dial_from(contact, None, retry_for);
+    }
+
+    fn dial_from(&mut self, contact: Contact, from_port: Option<u16>, retry_for: std::time::Duration) {
         if self.dialling.insert(contact.addr) {
-            self.background.spawn(bootstrap::dial(contact, self.limits.clone(), retry_for, self.net.clone()));
+            self.background.spawn(bootstrap::dial(contact, from_port, self.limits.clone(), retry_for, self.net.clone()));
+        }
+    }
+
+    fn knows(&self, addr: SocketAddr) -> bool {
+        self.dialling.contains(&addr) || self.links.values().any(|l| l.listen_addr == Some(addr))
+    }
+
+    /// A member we could not reach, probably behind a router that drops connections nobody inside
+    /// asked for: through our p2pchat tracker, have it dial us while we dial it, both from our
+    /// listening ports. Once per member; an address that is not a registered p2pchat member of our
+    /// room is ignored by the tracker.
+    fn punch(&mut self, addr: SocketAddr) {
+        let Some(registration) = &self.registration else { return };
+        if self.originals.contains(&addr) || !self.punched.insert(addr) {
+            return;
+        }
+        let request = frames::encode(&Frame::PunchRequest { addr: addr.to_string() });
+        if registration.try_send(request.into()).is_ok() {
+            log::info!("cannot reach {addr} directly; asking the tracker to have it dial us too");
+            // Beside the dial still trying: whichever connects first makes the link.
+            let contact = Contact { addr, known: Some(Protocol::P2pchat) };
+            let task = bootstrap::dial(contact, Some(self.listen_port), self.limits.clone(), self.limits.retry_refused_for, self.net.clone());
+            self.background.spawn(task);
         }
     }
 
@@ -422,13 +455,20 @@ impl Actor {
                 }
                 self.open(stream, addr, None, false, Role::Accepted);
             }
-            NetEvent::DialFailed { addr, reason, gave_up } => {
-                if gave_up {
+            NetEvent::DialFailed { addr, known, reason, gave_up, silent } => {
+                if silent && known == Some(Protocol::P2pchat) {
+                    // No answer at all from a p2pchat member: perhaps a router that drops what nobody
+                    // inside asked for. (Original peers get nothing but the original protocol.)
+                    self.punch(addr);
+                }
+                if !gave_up {
+                    log::debug!("{addr} refused ({reason}); retrying");
+                } else if self.links.values().any(|l| l.listen_addr == Some(addr)) {
+                    log::debug!("{addr} did not answer a dial, but a link to it is up ({reason})");
+                } else {
                     self.dialling.remove(&addr);
                     self.carried.remove(&addr);
                     log::warn!("cannot reach {addr} ({reason}); skipping it");
-                } else {
-                    log::debug!("{addr} refused ({reason}); retrying");
                 }
             }
             NetEvent::Hello { id, hello } => self.on_hello(id, hello),
@@ -499,6 +539,12 @@ impl Actor {
                 self.notice(format!("lost the connection to the tracker ({reason}); the room goes on, registering again"));
                 let task = bootstrap::register_again(tracker, self.listen_port, self.room.clone(), self.limits.clone(), self.net.clone());
                 self.background.spawn(task);
+            }
+            NetEvent::Punch { addr } => {
+                if !self.knows(addr) {
+                    log::info!("the tracker says {addr} cannot reach us; dialling it from our listening port");
+                    self.dial_from(Contact { addr, known: Some(Protocol::P2pchat) }, Some(self.listen_port), self.limits.retry_refused_for);
+                }
             }
             NetEvent::Registered { link, contacts } => {
                 self.notice("registered with the tracker again".to_owned());

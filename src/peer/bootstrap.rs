@@ -202,11 +202,21 @@ fn timed_out(after: Duration) -> io::Error {
 /// Dial one member. A refusal or a timeout is retried with backoff for `retry_for` (it may be about to
 /// listen, restarting, or behind a passing outage); any other error gives up at once. Every outcome is
 /// reported to the actor.
-pub(super) async fn dial(contact: Contact, limits: Limits, retry_for: Duration, net: mpsc::Sender<NetEvent>) {
+///
+/// With `from_port`, the connection leaves from that port (our listening port, shared): the other
+/// end, told by the tracker to dial us at the same moment, does the same, and two home routers that
+/// keep ports let the crossing connections through (a TCP simultaneous open).
+pub(super) async fn dial(contact: Contact, from_port: Option<u16>, limits: Limits, retry_for: Duration, net: mpsc::Sender<NetEvent>) {
     let deadline = Instant::now() + retry_for;
     let mut backoff = Duration::from_millis(100);
     loop {
-        let error = match timeout(limits.connect_timeout, TcpStream::connect(contact.addr)).await {
+        let connect = async {
+            match from_port {
+                Some(port) => net::shared_port_socket(net::unspecified_like(&contact.addr, port))?.connect(contact.addr).await,
+                None => TcpStream::connect(contact.addr).await,
+            }
+        };
+        let error = match timeout(limits.connect_timeout, connect).await {
             Ok(Ok(stream)) => {
                 let _ = net.send(NetEvent::Dialled { stream, contact }).await;
                 return;
@@ -216,7 +226,8 @@ pub(super) async fn dial(contact: Contact, limits: Limits, retry_for: Duration, 
         };
         let transient = matches!(error.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut);
         let retry = transient && Instant::now() + backoff < deadline;
-        let report = NetEvent::DialFailed { addr: contact.addr, reason: error.to_string(), gave_up: !retry };
+        let silent = error.kind() == io::ErrorKind::TimedOut;
+        let report = NetEvent::DialFailed { addr: contact.addr, known: contact.known, reason: error.to_string(), gave_up: !retry, silent };
         if net.send(report).await.is_err() || !retry {
             return;
         }
@@ -229,11 +240,22 @@ pub(super) async fn dial(contact: Contact, limits: Limits, retry_for: Duration, 
 /// the actor when the tracker goes away.
 pub(super) async fn hold_registration(mut link: TcpStream, mut outgoing: mpsc::Receiver<Arc<[u8]>>, net: mpsc::Sender<NetEvent>) {
     let mut buf = [0u8; 1024];
+    let mut decoder = FrameDecoder::new();
     let reason = loop {
         tokio::select! {
             read = link.read(&mut buf) => match read {
                 Ok(0) => break "it closed the connection".to_owned(),
-                Ok(_) => continue,
+                Ok(n) => {
+                    decoder.feed(&buf[..n]);
+                    // The tracker asks us to dial a member that cannot reach us.
+                    while let Ok(Some(frame)) = decoder.next_frame() {
+                        if let Frame::Punch { addr } = frame {
+                            if let Ok(addr) = addr.parse() {
+                                let _ = net.send(NetEvent::Punch { addr }).await;
+                            }
+                        }
+                    }
+                }
                 Err(err) => break err.to_string(),
             },
             frame = outgoing.recv() => match frame {

@@ -356,7 +356,13 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                     }
                 }
                 Frame::Bye => said_bye = true,
-                Frame::Hello(_) | Frame::Welcome { .. } | Frame::Ping | Frame::Vouch { .. } | Frame::Unknown => {}
+                Frame::Hello(_)
+                | Frame::Welcome { .. }
+                | Frame::Ping
+                | Frame::Vouch { .. }
+                | Frame::PunchRequest { .. }
+                | Frame::Punch { .. }
+                | Frame::Unknown => {}
             }
         };
         log_then_show(context, std::mem::take(&mut to_log), std::mem::take(&mut to_show)).await;

@@ -23,6 +23,7 @@
 
 mod registry;
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
@@ -108,7 +109,15 @@ enum Query {
     Members { room: String, reply: oneshot::Sender<Vec<(SocketAddr, Kind)>> },
     /// Remember this original client and give the list to send it.
     AdmitOriginal { addr: SocketAddr, reply: oneshot::Sender<Vec<u8>> },
-    Register { room: String, addr: SocketAddr, reply: oneshot::Sender<(Vec<u8>, registry::Registration)> },
+    Register {
+        room: String,
+        addr: SocketAddr,
+        /// Frames for this registration's peer (punch requests from others).
+        to_peer: mpsc::Sender<Vec<u8>>,
+        reply: oneshot::Sender<(Vec<u8>, registry::Registration)>,
+    },
+    /// The registered peer `from` cannot reach the member at `target`: ask `target` to dial it.
+    PunchRequest { room: String, from: SocketAddr, target: SocketAddr },
     Deregister { room: String, addr: SocketAddr, registration: registry::Registration },
     /// A p2pchat member of the default room holds live links to these original peers.
     Vouch { originals: Vec<SocketAddr> },
@@ -186,6 +195,8 @@ impl Tracker {
     pub async fn run(self, shutdown: impl Future<Output = ()>) {
         let Tracker { listener, config, mut queries, handle } = self;
         let mut registry = Registry::new(config.max_entries, config.list_budget);
+        // Registered p2pchat peers: their room, their registration, and the way to send them frames.
+        let mut registered_peers: HashMap<SocketAddr, (String, registry::Registration, mpsc::Sender<Vec<u8>>)> = HashMap::new();
         let slots = Arc::new(Semaphore::new(config.max_connections));
         let registrations = Arc::new(Semaphore::new(config.max_registrations));
         let mut probes_in_flight = 0usize;
@@ -203,12 +214,26 @@ impl Tracker {
                         log::debug!("{addr} joined; {} bytes of list; {} remembered", list.len(), registry.len());
                         let _ = reply.send(list);
                     }
-                    Query::Register { room, addr, reply } => {
+                    Query::Register { room, addr, to_peer, reply } => {
                         let registered = registry.register(&room, addr);
+                        registered_peers.insert(addr, (room.clone(), registered.1, to_peer));
                         log::debug!("{addr} registered in room {room:?}; answered with a {}-byte welcome", registered.0.len());
                         let _ = reply.send(registered);
                     }
+                    Query::PunchRequest { room, from, target } => {
+                        // Only between registered p2pchat members of one room.
+                        match registered_peers.get(&target).filter(|(r, _, _)| *r == room) {
+                            Some((_, _, to_peer)) => {
+                                log::debug!("asking {target} to dial {from} (a simultaneous open)");
+                                let _ = to_peer.try_send(frames::encode(&Frame::Punch { addr: from.to_string() }));
+                            }
+                            None => log::debug!("{from} asked for a punch to {target}, which is not registered in its room"),
+                        }
+                    }
                     Query::Deregister { room, addr, registration } => {
+                        if registered_peers.get(&addr).is_some_and(|(_, r, _)| *r == registration) {
+                            registered_peers.remove(&addr);
+                        }
                         registry.deregister(&room, addr, registration);
                         log::debug!("{addr} left room {room:?}");
                     }
@@ -313,18 +338,30 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
     }
     let room = hello.room;
     let (reply, answer) = oneshot::channel();
-    if tracker.queries.send(Query::Register { room: room.clone(), addr: remote, reply }).await.is_err() {
+    let (to_peer, mut for_peer) = mpsc::channel::<Vec<u8>>(16);
+    if tracker.queries.send(Query::Register { room: room.clone(), addr: remote, to_peer, reply }).await.is_err() {
         return;
     }
     let Ok((welcome, registration)) = answer.await else { return };
     if stream.write_all(&welcome).await.is_ok() {
         // Registered while this stays open and keeps talking (the peer pings every 2 s).
         let mut buf = [0u8; 4096];
+        let mut quiet_until = Instant::now() + silence;
         'registered: loop {
-            match tokio::time::timeout(silence, stream.read(&mut buf)).await {
-                Ok(Ok(n)) if n > 0 => decoder.feed(&buf[..n]),
-                Ok(_) => break,
-                Err(_) => {
+            tokio::select! {
+                read = stream.read(&mut buf) => match read {
+                    Ok(n) if n > 0 => {
+                        decoder.feed(&buf[..n]);
+                        quiet_until = Instant::now() + silence;
+                    }
+                    _ => break,
+                },
+                Some(frame) = for_peer.recv() => {
+                    if stream.write_all(&frame).await.is_err() {
+                        break;
+                    }
+                }
+                () = tokio::time::sleep_until(quiet_until) => {
                     log::debug!("{remote} said nothing for {silence:?}; dropping its registration");
                     break;
                 }
@@ -334,6 +371,11 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
                     Ok(Some(Frame::Vouch { originals })) if room == DEFAULT_ROOM => {
                         let originals = originals.iter().filter_map(|a| a.parse().ok()).collect();
                         let _ = tracker.queries.send(Query::Vouch { originals }).await;
+                    }
+                    Ok(Some(Frame::PunchRequest { addr })) => {
+                        if let Ok(target) = addr.parse() {
+                            let _ = tracker.queries.send(Query::PunchRequest { room: room.clone(), from: remote, target }).await;
+                        }
                     }
                     Ok(Some(_)) => {}
                     Ok(None) => break,

@@ -119,6 +119,12 @@ pub enum Frame {
     /// Part of an answer, oldest first; the last part has `more: false`. An answer may hold fewer
     /// messages than asked (the answerer's log is shorter, or its size and rate limits cut it).
     History { req: u32, msgs: Vec<Chat>, more: bool },
+    /// Peer → p2pchat tracker: the member listening at `addr` cannot be reached; have it dial me
+    /// while I dial it, each from our listening port (a simultaneous open through both NATs).
+    PunchRequest { addr: String },
+    /// p2pchat tracker → registered peer: the member at `addr` cannot reach you; dial it now, from
+    /// your listening port.
+    Punch { addr: String },
     /// The sender refuses the link; it closes after this.
     Error { code: String, message: String },
     /// A frame type this version does not know; ignored.

@@ -1,0 +1,60 @@
+"""Rooms across home routers (issue 9), on the test bed of tests/natbed.py."""
+
+import re
+
+import pytest
+
+from harness import REFERENCE, REFERENCE_PROMPT, python
+from natbed import bed  # noqa: F401 - fixture
+
+
+def start_tracker(bed, host):
+    tracker = bed.start(host, python("server.py", "--host", "0.0.0.0", "--port", "7472", "-d"), "tracker")
+    tracker.err.expect("listening on")
+    return tracker
+
+
+def start_client(bed, host, name: str, tracker_ip: str):
+    proc = bed.start(host, python("client.py", "--server", tracker_ip, "--name", name, "--history", "0", "-d"), name)
+    port = int(proc.err.expect(r"listening on port (\d+)", timeout=30).group(1))
+    return proc, port
+
+
+@pytest.mark.parametrize("run", range(10))  # ten fresh beds: the punch must not be luck
+def test_two_peers_behind_port_preserving_routers_get_a_direct_link(bed, run):
+    public = bed.public_host()
+    ana_home, bob_home = bed.nat_host("preserving"), bed.nat_host("preserving")
+    tracker = start_tracker(bed, public)
+    ana, ana_port = start_client(bed, ana_home, "ana", public.ip)
+    bob, bob_port = start_client(bed, bob_home, "bob", public.ip)
+    # Bob cannot dial Ana through her router; the tracker has both dial each other at once.
+    tracker.err.saw(rf"asking {re.escape(ana_home.public_ip)}:{ana_port} to dial {re.escape(bob_home.public_ip)}:{bob_port}", timeout=30)
+    ana.err.saw(rf"^\* bob \({re.escape(bob_home.public_ip)}:{bob_port}\) joined \(p2pchat\)$", timeout=30)
+    bob.err.saw(rf"^\* ana \({re.escape(ana_home.public_ip)}:{ana_port}\) joined \(p2pchat\)$", timeout=30)
+    ana.line("hello through two routers")
+    bob.out.saw(r"^<ana> :: hello through two routers$")
+    bob.line("and back")
+    ana.out.saw(r"^<bob> :: and back$")
+    # Direct: the link's far end is the other's router, at the other's listening port.
+    ana.line("/who")
+    ana.err.saw(rf"^\*   bob \({re.escape(bob_home.public_ip)}:{bob_port}\) p2pchat$")
+
+
+def test_an_original_peer_on_the_public_side_chats_with_peers_behind_routers(bed):
+    """What the original design gives: the original client, which joined first, is dialled by the
+    p2pchat peers behind routers (outgoing connections pass), and then everyone chats."""
+    public, original_host = bed.public_host(), bed.public_host()
+    ana_home, bob_home = bed.nat_host("preserving"), bed.nat_host("preserving")
+    start_tracker(bed, public)
+    ref = bed.start(original_host, python(str(REFERENCE / "original_client.py"), "--server", public.ip, "-d"), "ref")
+    ref.line("ref")
+    ref.err.expect(r"listening on (\d+)")
+    ana, _ = start_client(bed, ana_home, "ana", public.ip)
+    bob, _ = start_client(bed, bob_home, "bob", public.ip)
+    ana.err.saw(r"^\* .* joined \(original\)$", timeout=30)
+    bob.err.saw(r"^\* .* joined \(original\)$", timeout=30)
+    ref.line("oi from the open internet")
+    for proc in (ana, bob):
+        proc.out.saw(r"^<ref> :: oi from the open internet$")
+    ana.line("hello ref")
+    ref.out.saw(rf"^(?:{re.escape(REFERENCE_PROMPT)})?<ana> :: hello ref$")
