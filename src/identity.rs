@@ -14,6 +14,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
+use crate::wire::frames::hex;
+
 /// The identity file inside a data directory.
 pub const FILE_NAME: &str = "identity.json";
 const FORMAT: u32 = 1;
@@ -78,7 +80,7 @@ impl Identity {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             fs::create_dir_all(dir)?;
         }
-        let file = File { v: FORMAT, ed25519: encode_hex(self.signing.as_bytes()) };
+        let file = File { v: FORMAT, ed25519: hex(self.signing.as_bytes()) };
         let json = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
         let temporary = path.with_extension(format!("new-{}", crate::wire::frames::random_id()));
         let mut options = fs::OpenOptions::new();
@@ -106,12 +108,8 @@ impl Identity {
 
 pub fn fingerprint(key: &VerifyingKey) -> String {
     let digest = Sha256::digest(key.as_bytes());
-    let hex = encode_hex(&digest[..8]);
-    hex.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("-")
-}
-
-fn encode_hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    let digits = hex(&digest[..8]);
+    digits.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("-")
 }
 
 fn decode_hex_32(text: &str) -> Option<[u8; 32]> {

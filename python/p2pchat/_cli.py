@@ -59,14 +59,26 @@ def signals_deferred() -> Iterator[None]:
             raise _exception_for(signum)
 
 
+def _whole_number(text: str, what: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+
 def port(text: str) -> int:
     """argparse type for a TCP port: 0..65535 (0 = let the system choose)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    value = _whole_number(text, "a port number")
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a port number (0 to 65535)")
+    return value
+
+
+def count(text: str) -> int:
+    """argparse type for a number of messages: 0 or more."""
+    value = _whole_number(text, "a whole number")
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 for none")
     return value
 
 

@@ -35,7 +35,8 @@ from . import (
     default_data_dir,
 )
 from . import machine
-from ._cli import Leave, chat, colours_wanted, handle_signals, port, setup_logging, signals_deferred, status, use_terminal
+from ._cli import (Leave, chat, colours_wanted, count, handle_signals, port, setup_logging, signals_deferred, status,
+                   use_terminal)
 
 NAME_PROMPT = "Escreva um nome: "
 DEFAULT_NAME = "Unknow"
@@ -94,17 +95,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-d", "--debug", action="store_true", help="print debug logs (connections, tracker exchange) on stderr")
     parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")
     return parser
-
-
-def count(text: str) -> int:
-    """argparse type for a number of messages: 0 or more."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} is negative; use 0 for none")
-    return value
 
 
 def ask_name() -> str:
@@ -247,7 +237,7 @@ def status_bar(peer: Peer) -> str:
     except P2PChatError:
         return " left the room "
     room = f"room {peer.room!r}" if peer.room else "default room"
-    host, listen_port = peer.address or ("", 0)
+    _, listen_port = peer.address or ("", 0)
     return f" {room} · {peer.name} on port {listen_port} · {members} other member(s) · tracker: {tracker} "
 
 

@@ -54,12 +54,16 @@ pub struct Record {
 impl Record {
     /// About how many bytes it takes in a history answer (its text, names and JSON envelope).
     pub fn wire_size(&self) -> usize {
-        self.text.len() + self.sender.as_ref().map_or(0, String::len) + self.id.len() + ENVELOPE_BYTES
+        wire_size(&self.text, self.sender.as_deref().unwrap_or(""), &self.id)
     }
 }
 
-/// The JSON around one message in a history answer: field names, room, stamps.
-const ENVELOPE_BYTES: usize = 96;
+/// About how many bytes a message takes in a history answer: its text, sender and id, and the JSON
+/// around them (field names, room, stamps).
+pub fn wire_size(text: &str, sender: &str, id: &str) -> usize {
+    const ENVELOPE_BYTES: usize = 96;
+    text.len() + sender.len() + id.len() + ENVELOPE_BYTES
+}
 
 /// A position in a room's order.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]

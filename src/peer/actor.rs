@@ -380,8 +380,9 @@ impl Actor {
         }
     }
 
-    fn knows(&self, addr: SocketAddr) -> bool {
-        self.dialling.contains(&addr) || self.links.values().any(|l| l.listen_addr == Some(addr))
+    /// Whether we hold a link to the member listening at `addr`.
+    fn linked_to(&self, addr: SocketAddr) -> bool {
+        self.links.values().any(|l| l.listen_addr == Some(addr))
     }
 
     /// A member we could not reach, probably behind a router that drops connections nobody inside
@@ -463,7 +464,7 @@ impl Actor {
                 }
                 if !gave_up {
                     log::debug!("{addr} refused ({reason}); retrying");
-                } else if self.links.values().any(|l| l.listen_addr == Some(addr)) {
+                } else if self.linked_to(addr) {
                     log::debug!("{addr} did not answer a dial, but a link to it is up ({reason})");
                 } else {
                     self.dialling.remove(&addr);
@@ -541,7 +542,7 @@ impl Actor {
                 self.background.spawn(task);
             }
             NetEvent::Punch { addr } => {
-                if !self.knows(addr) {
+                if !self.dialling.contains(&addr) && !self.linked_to(addr) {
                     log::info!("the tracker says {addr} cannot reach us; dialling it from our listening port");
                     self.dial_from(Contact { addr, known: Some(Protocol::P2pchat) }, Some(self.listen_port), self.limits.retry_refused_for);
                 }
@@ -552,8 +553,7 @@ impl Actor {
                 // Only p2pchat members: a second link to one is noticed by its id, but an original peer
                 // we already know may be on a link we accepted, whose listen address we cannot know.
                 for contact in contacts.into_iter().filter(|c| c.known == Some(Protocol::P2pchat)) {
-                    let known = self.links.values().any(|l| l.listen_addr == Some(contact.addr));
-                    if !known {
+                    if !self.linked_to(contact.addr) {
                         self.dial(contact, self.limits.retry_refused_for);
                     }
                 }

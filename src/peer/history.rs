@@ -25,7 +25,7 @@ use super::seen::SeenIds;
 use super::{Event, Message};
 use crate::history::clock::Clock;
 use crate::history::log::LogHandle;
-use crate::history::store::{Key, Query, Record};
+use crate::history::store::{self, Key, Query, Record};
 use crate::wire::chat;
 use crate::wire::frames::{self, Chat, Frame, Position};
 
@@ -109,7 +109,7 @@ pub(super) fn answer_frames(req: u32, msgs: Vec<Chat>) -> Vec<Vec<u8>> {
     let mut part = Vec::new();
     let mut size = 0;
     for msg in msgs {
-        let len = msg.text.len() + msg.from.len() + msg.id.len() + 96; // as `Record::wire_size`
+        let len = store::wire_size(&msg.text, &msg.from, &msg.id);
         if !part.is_empty() && size + len > CHUNK_BYTES {
             frames_out.push(frames::encode(&Frame::History { req, msgs: std::mem::take(&mut part), more: true }));
             size = 0;

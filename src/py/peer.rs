@@ -367,14 +367,19 @@ impl PyEventStream {
     }
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let events = self.events.clone();
-        future_into_py(py, async move {
-            match next_event(events, None, false).await {
-                Ok(Some(event)) => Ok(PyEvent::from(event)),
-                Ok(None) | Err(_) => Err(PyStopAsyncIteration::new_err(())),
-            }
-        })
+        anext_event(py, self.events.clone(), false)
     }
+}
+
+/// An awaitable of the next event (or message, when `messages_only`) that ends an `async for` with
+/// `StopAsyncIteration` once the peer is closed.
+fn anext_event(py: Python<'_>, events: SharedEvents, messages_only: bool) -> PyResult<Bound<'_, PyAny>> {
+    future_into_py(py, async move {
+        match next_event(events, None, messages_only).await {
+            Ok(Some(event)) => Ok(PyEvent::from(event)),
+            Ok(None) | Err(_) => Err(PyStopAsyncIteration::new_err(())),
+        }
+    })
 }
 
 /// Where the message log is kept unless `data_dir` says otherwise: `$P2PCHAT_DATA_DIR`, else the
@@ -592,12 +597,7 @@ impl PyPeer {
 
     fn __anext__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
         let (_, events) = self.core.joined()?;
-        future_into_py(py, async move {
-            match next_event(events, None, true).await {
-                Ok(Some(event)) => Ok(PyEvent::from(event)),
-                Ok(None) | Err(_) => Err(PyStopAsyncIteration::new_err(())),
-            }
-        })
+        anext_event(py, events, true)
     }
 
     /// The room's messages from this peer's own log, oldest first: the newest `limit` of them said
