@@ -127,9 +127,9 @@ async fn close_delivers_queued_lines_and_tells_the_others() {
     assert_eq!(next_message(&mut b_events).await.text, "bye");
     loop {
         match tokio::time::timeout(WAIT, b_events.recv()).await.unwrap().unwrap() {
-            Event::Left { name, clean, .. } => {
+            Event::Left { name, clean, reason, .. } => {
                 assert_eq!(name.as_deref(), Some("ana"));
-                assert!(clean, "ana said goodbye");
+                assert!(clean, "ana said goodbye, but the link ended with: {reason}");
                 break;
             }
             _ => continue,

@@ -52,6 +52,7 @@ pub(crate) enum NetEvent {
     Refused { id: ConnId, code: String, message: String },
     /// The other end is known by this name now.
     Renamed { id: ConnId, name: String },
+    /// The link ended (its reader saw it end): `clean` when the other end said goodbye first.
     Closed { id: ConnId, reason: String, clean: bool },
     TrackerLost { reason: String },
     /// The other end asks for history.

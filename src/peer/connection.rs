@@ -113,10 +113,9 @@ pub(super) fn spawn(id: ConnId, stream: TcpStream, from: SocketAddr, role: Role,
     crate::net::detect_dead_peer(&stream, context.limits.dead_after);
     let (read_half, write_half) = stream.into_split();
     let (queue, lines) = mpsc::channel(context.limits.send_queue);
-    let net = context.net.clone();
     let framed = Arc::new(AtomicBool::new(false));
     let reader = tokio::spawn(read_loop(id, read_half, from, role, context));
-    let writer = tokio::spawn(write_loop(id, write_half, lines, framed.clone(), net));
+    let writer = tokio::spawn(write_loop(id, write_half, lines, framed.clone()));
     Connection { queue, framed, reader: AbortOnDropHandle::new(reader), writer: AbortOnDropHandle::new(writer) }
 }
 
@@ -151,7 +150,7 @@ impl ReadSize {
 /// Most bytes one write gathers from a framed link's queue.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
-async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>, net: mpsc::Sender<NetEvent>) {
+async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>) {
     let mut batch = Vec::new();
     while let Some(line) = lines.recv().await {
         // Frames keep their boundaries however the stream is cut, so a p2pchat link writes everything
@@ -169,7 +168,11 @@ async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Recei
             half.write_all(&line).await
         };
         if let Err(err) = written {
-            let _ = net.send(NetEvent::Closed { id, reason: format!("write failed: {err}"), clean: false }).await;
+            // The reader reports the end, not us: the other side may have said goodbye and closed
+            // while our line was on its way, and its `bye` may still wait, unread, in our socket.
+            // Stopping the reads makes the reader take what arrived and then end.
+            log::debug!("write on link {id:?} failed: {err}");
+            let _ = socket2::SockRef::from(half.as_ref()).shutdown(std::net::Shutdown::Read);
             return;
         }
     }
