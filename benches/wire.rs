@@ -54,7 +54,7 @@ impl Bencher {
 }
 
 fn members(n: u32) -> Vec<Member> {
-    (0..n).map(|i| Member { addr: format!("10.{}.{}.{}:{}", i >> 16, (i >> 8) & 255, i & 255, 40_000 + i % 20_000), p2pchat: i % 3 != 0 }).collect()
+    (0..n).map(|i| Member { addr: format!("10.{}.{}.{}:{}", i >> 16, (i >> 8) & 255, i & 255, 40_000 + i % 20_000), p2pchat: i % 3 != 0, id: None }).collect()
 }
 
 fn main() {

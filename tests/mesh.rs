@@ -519,3 +519,89 @@ async fn a_flooding_member_is_muted() {
         }
     }
 }
+
+/// A hand-driven p2pchat member: the opening, then frames.
+struct RawMember {
+    stream: TcpStream,
+    decoder: p2pchat::wire::frames::FrameDecoder,
+}
+
+impl RawMember {
+    async fn join(at: std::net::SocketAddr, id: &str, name: &str) -> Self {
+        use p2pchat::wire::frames::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
+        let mut stream = TcpStream::connect(at).await.unwrap();
+        let hello = Hello { v: PROTOCOL_VERSION, id: id.into(), name: Some(name.into()), room: String::new(), listen_port: None, peers: vec![] };
+        stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
+        let mut magic = vec![0; MAGIC.len()];
+        tokio::time::timeout(WAIT, stream.read_exact(&mut magic)).await.unwrap().unwrap();
+        assert_eq!(magic, MAGIC);
+        let mut member = Self { stream, decoder: frames::FrameDecoder::new() };
+        member.next(|f| matches!(f, Frame::Hello(_))).await;
+        member
+    }
+
+    async fn send(&mut self, frame: &p2pchat::wire::frames::Frame) {
+        self.stream.write_all(&p2pchat::wire::frames::encode(frame)).await.unwrap();
+    }
+
+    /// The next frame `wanted` accepts, skipping others (pings, history requests).
+    async fn next(&mut self, wanted: impl Fn(&p2pchat::wire::frames::Frame) -> bool) -> p2pchat::wire::frames::Frame {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                while let Some(frame) = self.decoder.next_frame().unwrap() {
+                    if wanted(&frame) {
+                        return frame;
+                    }
+                }
+                let mut buf = [0; 4096];
+                let n = self.stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the link closed");
+                self.decoder.feed(&buf[..n]);
+            }
+        })
+        .await
+        .expect("the frame did not come")
+    }
+}
+
+/// A member that cannot reach another asks a common neighbour to relay: the neighbour tells both
+/// ends, passes each new message on once, and says when one end leaves.
+#[tokio::test]
+async fn a_member_relays_between_two_that_cannot_reach_each_other() {
+    use p2pchat::wire::frames::{Chat, Frame};
+    let (tracker, _stop) = start_tracker().await;
+    let (ana, mut ana_events) = join("ana", tracker).await;
+    let mut pia = RawMember::join(ana.listen_addr(), "pia-session", "pia").await;
+    let mut quin = RawMember::join(ana.listen_addr(), "quin-session", "quin").await;
+    wait_p2pchat_links(&ana, 2).await;
+
+    pia.send(&Frame::RelayAsk { peer: "nobody-session".into() }).await;
+    let Frame::RelayClose { peer, clean, .. } = pia.next(|f| matches!(f, Frame::RelayClose { .. })).await else { unreachable!() };
+    assert_eq!((peer.as_str(), clean), ("nobody-session", false), "ana is not linked to that one");
+
+    pia.send(&Frame::RelayAsk { peer: "quin-session".into() }).await;
+    let Frame::RelayOpen { peer, name, .. } = pia.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
+    assert_eq!((peer.as_str(), name.as_deref()), ("quin-session", Some("quin")));
+    let Frame::RelayOpen { peer, name, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
+    assert_eq!((peer.as_str(), name.as_deref()), ("pia-session", Some("pia")));
+
+    let chat = |id: &str, text: &str| Frame::Msg(Chat { id: id.into(), from: "pia".into(), room: String::new(), ts: 1, hlc: 0, text: text.into() });
+    pia.send(&chat("m1", "through ana")).await;
+    pia.send(&chat("m1", "through ana")).await; // a replay: passed on (and shown) once
+    pia.send(&chat("m2", "second")).await;
+    let is_msg = |f: &Frame| matches!(f, Frame::Msg(_));
+    let Frame::Msg(first) = quin.next(is_msg).await else { unreachable!() };
+    let Frame::Msg(second) = quin.next(is_msg).await else { unreachable!() };
+    assert_eq!((first.id.as_str(), first.text.as_str(), second.id.as_str()), ("m1", "through ana", "m2"));
+    assert_eq!(next_message(&mut ana_events).await.text, "through ana", "the relay sees the room's messages too");
+    assert_eq!(next_message(&mut ana_events).await.text, "second");
+    // The other way too.
+    quin.send(&Frame::Msg(Chat { id: "m3".into(), from: "quin".into(), room: String::new(), ts: 1, hlc: 0, text: "back".into() })).await;
+    let Frame::Msg(back) = pia.next(is_msg).await else { unreachable!() };
+    assert_eq!(back.text, "back");
+
+    quin.send(&Frame::Bye).await;
+    drop(quin);
+    let Frame::RelayClose { peer, clean, .. } = pia.next(|f| matches!(f, Frame::RelayClose { .. })).await else { unreachable!() };
+    assert_eq!((peer.as_str(), clean), ("quin-session", true), "quin said goodbye");
+}

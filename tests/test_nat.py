@@ -58,3 +58,67 @@ def test_an_original_peer_on_the_public_side_chats_with_peers_behind_routers(bed
         proc.out.saw(r"^<ref> :: oi from the open internet$")
     ana.line("hello ref")
     ref.out.saw(rf"^(?:{re.escape(REFERENCE_PROMPT)})?<ana> :: hello ref$")
+
+
+def relayed_join(proc, name: str, relay_ip: str, timeout: float = 45):
+    return proc.err.saw(rf"^\* {name} \(.*\) joined \(p2pchat, relayed by {re.escape(relay_ip)}:\d+\)$", timeout=timeout)
+
+
+def test_peers_behind_symmetric_routers_talk_through_a_relay(bed):
+    """A symmetric NAT picks a new port per destination, so neither dial nor punch can reach it; the
+    member on the public side that both reach relays, and every message is shown once."""
+    public, relay_host = bed.public_host(), bed.public_host()
+    ana_home, bob_home = bed.nat_host("symmetric"), bed.nat_host("symmetric")
+    start_tracker(bed, public)
+    rel, _ = start_client(bed, relay_host, "rel", public.ip)
+    ana, _ = start_client(bed, ana_home, "ana", public.ip)
+    bob, _ = start_client(bed, bob_home, "bob", public.ip)
+    relayed_join(bob, "ana", relay_host.ip)
+    relayed_join(ana, "bob", relay_host.ip)
+    rel.err.saw(r"relaying between", timeout=5)
+    for n in range(3):
+        ana.line(f"ana through the relay {n}")
+        bob.line(f"bob through the relay {n}")
+    for n in range(3):
+        bob.out.saw(rf"^<ana> :: ana through the relay {n}$")
+        ana.out.saw(rf"^<bob> :: bob through the relay {n}$")
+        rel.out.saw(rf"^<ana> :: ana through the relay {n}$")
+    # Shown once: a later line arrives after any duplicate would have.
+    ana.line("the end")
+    bob.out.saw(r"^<ana> :: the end$")
+    assert bob.out.count(r"^<ana> :: ana through the relay \d$") == 3
+    bob.line("/who")
+    bob.err.saw(rf"^\*   ana \(.*\) p2pchat, relayed by {re.escape(relay_host.ip)}:\d+$")
+
+
+def test_a_room_mixing_public_cone_and_symmetric_peers_delivers_everything(bed):
+    """Four members: on the public side, behind a port-preserving router, and two behind symmetric
+    routers. Every line reaches the three others exactly once, however each pair is linked."""
+    public, open_host = bed.public_host(), bed.public_host()
+    cone_home, sym1_home, sym2_home = bed.nat_host("preserving"), bed.nat_host("symmetric"), bed.nat_host("symmetric")
+    start_tracker(bed, public)
+    names = ["pub", "cone", "sym1", "sym2"]
+    procs = {}
+    for name, host in zip(names, [open_host, cone_home, sym1_home, sym2_home]):
+        procs[name], _ = start_client(bed, host, name, public.ip)
+    # The symmetric peers reach the cone peer, and each other, only through a relay.
+    relayed_join(procs["sym2"], "sym1", open_host.ip)
+    for name in ("sym1", "sym2"):
+        relayed_join(procs[name], "cone", open_host.ip)
+    for name in names:
+        procs[name].line("/who")
+        for other in names:
+            if other != name:
+                procs[name].err.saw(rf"^\*   {other} \(")
+    for name in names:
+        for n in range(5):
+            procs[name].line(f"{name} says {n}")
+    for name in names:
+        procs[name].line(f"{name} is done")
+    for receiver in names:
+        for sender in names:
+            if sender != receiver:
+                procs[receiver].out.saw(rf"^<{sender}> :: {sender} is done$", timeout=30)
+        for sender in names:
+            if sender != receiver:
+                assert procs[receiver].out.count(rf"^<{sender}> :: {sender} says \d$") == 5, (receiver, sender)

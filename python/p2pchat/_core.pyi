@@ -58,6 +58,7 @@ class PeerJoined:
     name: Optional[str]
     protocol: str
     outgoing: bool
+    relayed_by: Optional[Address]
 
 @final
 class PeerLeft:
@@ -96,6 +97,7 @@ class PeerInfo:
     name: Optional[str]
     outgoing: bool
     protocol: Optional[str]
+    relayed_by: Optional[Address]
 
 Event = Union[Message, PeerJoined, PeerLeft, PeerRenamed, Notice, HistorySynced]
 

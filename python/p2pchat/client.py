@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Collection, List, Optional, Set
+from typing import Collection, List, Optional, Set, Tuple
 
 from . import (
     MAX_NAME_CHARS,
@@ -130,7 +130,7 @@ def show(event: object, ignored: Set[str]) -> None:
         if event.received:
             status(f"{event.received} earlier message(s) received from the room")
     elif isinstance(event, PeerJoined):
-        status(f"{who(event.name, event.address)} joined ({event.protocol})")
+        status(f"{who(event.name, event.address)} joined ({link_kind(event.protocol, event.relayed_by)})")
     elif isinstance(event, PeerLeft):
         status(f"{who(event.name, event.address)} " + ("left the room" if event.clean else f"left ({event.reason})"))
     elif isinstance(event, PeerRenamed):
@@ -182,7 +182,15 @@ def list_members(peer: Peer) -> None:
     _, my_port = peer.address or ("", 0)
     status(f"  {peer.name} (you, port {my_port}, key {peer.fingerprint})")
     for member in members:
-        status(f"  {who(member.name, member.address)} {member.protocol or 'connecting'}")
+        status(f"  {who(member.name, member.address)} {link_kind(member.protocol, member.relayed_by)}")
+
+
+def link_kind(protocol: Optional[str], relayed_by: Optional[Tuple[str, int]]) -> str:
+    """How we reach a member: its protocol, and the member relaying it when there is no direct link."""
+    if relayed_by is not None:
+        host, port = relayed_by
+        return f"{protocol}, relayed by {host}:{port}"
+    return protocol or "connecting"
 
 
 def run_command(peer: Peer, command: str, argument: str, ignored: Set[str]) -> bool:

@@ -34,7 +34,7 @@ def event_json(event: object) -> Dict[str, Any]:
         return message_json(event)
     if isinstance(event, PeerJoined):
         return {"type": "peer_joined", "address": address(event.address), "name": event.name,
-                "protocol": event.protocol, "outgoing": event.outgoing}
+                "protocol": event.protocol, "outgoing": event.outgoing, "relayed_by": address(event.relayed_by)}
     if isinstance(event, PeerLeft):
         return {"type": "peer_left", "address": address(event.address), "name": event.name,
                 "reason": event.reason, "clean": event.clean}
@@ -68,7 +68,8 @@ def _nick(peer: Peer, cmd: dict) -> dict:
 
 def _who(peer: Peer, cmd: dict) -> dict:
     return {"type": "members", "members": [
-        {"address": address(p.address), "name": p.name, "protocol": p.protocol, "outgoing": p.outgoing}
+        {"address": address(p.address), "name": p.name, "protocol": p.protocol, "outgoing": p.outgoing,
+         "relayed_by": address(p.relayed_by)}
         for p in peer.peers()]}
 
 

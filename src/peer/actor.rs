@@ -19,6 +19,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::bootstrap::{self, Contact};
 use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role};
 use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests, Sink};
+use super::relay::{self, Relays};
 use super::seen::SeenIds;
 use super::{Event, Limits, PeerInfo, Protocol, Status, TrackerState};
 use crate::history::clock::{self, Clock};
@@ -65,6 +66,14 @@ pub(crate) enum NetEvent {
     Registered { link: TcpStream, contacts: Vec<Contact> },
     /// The tracker asks us to dial this member from our listening port (it cannot reach us).
     Punch { addr: SocketAddr },
+    /// The member on link `id` cannot reach member `peer` and asks us to relay between them.
+    RelayAsked { id: ConnId, peer: String },
+    /// The member on link `id` relays member `peer` to us.
+    RelayOpened { id: ConnId, peer: String, name: Option<String>, addr: SocketAddr },
+    /// The member on link `id` no longer relays member `peer` to us.
+    RelayClosed { id: ConnId, peer: String, reason: String, clean: bool },
+    /// A new message arrived on link `id`, which we relay: pass it on to its partners.
+    Forward { id: ConnId, line: Line },
 }
 
 pub(super) struct Setup {
@@ -162,12 +171,15 @@ struct Actor {
     history: HistoryConfig,
     /// Our history requests (on join, after a gap) and the answers we wait for.
     requests: Requests,
+    /// Members reached through a relay, and the links we relay between.
+    relays: Relays,
 }
 
 pub(super) async fn run(setup: Setup) {
     let Setup { name, room, limits, listener, tracker, tracker_link, log, history, history_after, joined_via_tracker, contacts, mut commands, events, ready } = setup;
     let (net, mut net_rx) = mpsc::channel(1024);
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
+    let relay_after = limits.relay_after;
     let mut actor = Actor {
         my_id: frames::random_id(),
         name,
@@ -182,6 +194,7 @@ pub(super) async fn run(setup: Setup) {
         originals: HashSet::new(),
         dialling: HashSet::new(),
         punched: HashSet::new(),
+        relays: Relays::new(relay_after),
         carried: HashMap::new(),
         retiring: HashMap::new(),
         joined_via_tracker,
@@ -251,7 +264,10 @@ pub(super) async fn run(setup: Setup) {
                 actor.handle(event);
             }
             () = grace_over => {}
-            _ = keepalive.tick() => actor.ping(),
+            _ = keepalive.tick() => {
+                actor.ping();
+                actor.ask_relays();
+            }
             () = tokio::time::sleep_until(history_deadline), if actor.requests.waits_for_join() && untried.is_empty() => {}
         }
     }
@@ -378,6 +394,94 @@ impl Actor {
     fn dial_from(&mut self, contact: Contact, from_port: Option<u16>, retry_for: std::time::Duration) {
         if self.dialling.insert(contact.addr) {
             self.background.spawn(bootstrap::dial(contact, from_port, self.limits.clone(), retry_for, self.net.clone()));
+        }
+    }
+
+    /// Our p2pchat link to the member with session id `peer`, if we hold one.
+    fn p2pchat_link_to(&self, peer: &str) -> Option<ConnId> {
+        self.links.iter().find(|(_, l)| l.state == State::P2pchat && l.peer_id.as_deref() == Some(peer)).map(|(id, _)| *id)
+    }
+
+    /// Ask neighbours to relay the members we heard of but still cannot reach.
+    fn ask_relays(&mut self) {
+        for (via, peer) in self.relays.due_asks(tokio::time::Instant::now()) {
+            let Some(link) = self.links.get(&via) else { continue };
+            log::info!("cannot reach member {peer} directly; asking {} to relay it", link.shown_addr());
+            let _ = link.conn.queue.try_send(frames::encode(&Frame::RelayAsk { peer }).into());
+        }
+    }
+
+    /// The `relay_open` that tells one end of a relay about the other (link `id`).
+    fn relay_open_for(&self, id: ConnId) -> Option<Line> {
+        let link = self.links.get(&id)?;
+        let frame = Frame::RelayOpen { peer: link.peer_id.clone()?, name: link.name.clone(), addr: link.shown_addr().to_string() };
+        Some(frames::encode(&frame).into())
+    }
+
+    /// The member on link `asker` cannot reach member `peer`: pass their messages between them if we
+    /// are linked to it, and tell both.
+    fn relay_between(&mut self, asker: ConnId, peer: &str) {
+        if self.links.get(&asker).is_none_or(|l| l.state != State::P2pchat) {
+            return;
+        }
+        let Some(target) = self.p2pchat_link_to(peer).filter(|t| *t != asker) else {
+            let frame = Frame::RelayClose { peer: peer.to_owned(), reason: "the relay is not linked to it".to_owned(), clean: false };
+            if let Some(link) = self.links.get(&asker) {
+                let _ = link.conn.queue.try_send(frames::encode(&frame).into());
+            }
+            return;
+        };
+        if self.relays.pair(asker, target) {
+            for (id, other) in [(asker, target), (target, asker)] {
+                if let Some(link) = self.links.get(&id) {
+                    link.conn.forwards.store(true, std::sync::atomic::Ordering::Relaxed);
+                    log::info!("relaying between {} and {}", link.shown_addr(), self.links.get(&other).map_or_else(String::new, |l| l.shown_addr().to_string()));
+                }
+            }
+        }
+        // Sent again to an end that asks again: its first answer may have crossed a lost link.
+        for (id, other) in [(asker, target), (target, asker)] {
+            if let (Some(open), Some(link)) = (self.relay_open_for(other), self.links.get(&id)) {
+                let _ = link.conn.queue.try_send(open);
+            }
+        }
+    }
+
+    /// Link `via` relays member `peer` to us.
+    fn relayed_to_us(&mut self, via: ConnId, peer: String, name: Option<String>, addr: SocketAddr) {
+        let Some(via_addr) = self.links.get(&via).filter(|l| l.state == State::P2pchat).map(Link::shown_addr) else { return };
+        if peer == self.my_id || self.p2pchat_link_to(&peer).is_some() {
+            return;
+        }
+        match self.relays.opened(via, peer, name.clone(), addr) {
+            relay::Opened::New => {
+                log::info!("{addr} is relayed to us by {via_addr}");
+                self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing: false, relayed_by: Some(via_addr) });
+            }
+            relay::Opened::Renamed { old } => {
+                if let Some(new) = name {
+                    self.notify(Event::Renamed { addr, old, new });
+                }
+            }
+            relay::Opened::Unchanged => {}
+        }
+    }
+
+    /// Link `id` (at `addr`; to member `peer` when it spoke p2pchat) is gone: members it relayed to
+    /// us are lost, and members we relayed it to hear that it is gone.
+    fn end_relays(&mut self, id: ConnId, peer: Option<&str>, addr: SocketAddr, reason: &str, clean: bool) {
+        let gone = self.relays.link_gone(id, peer);
+        for (_, member) in gone.lost {
+            let reason = format!("its relay {addr} is gone ({reason})");
+            self.notify(Event::Left { addr: member.addr, name: member.name, reason, clean: false });
+        }
+        let Some(peer) = peer else { return };
+        let close: Line = frames::encode(&Frame::RelayClose { peer: peer.to_owned(), reason: reason.to_owned(), clean }).into();
+        for partner in gone.partners {
+            if let Some(link) = self.links.get(&partner) {
+                let _ = link.conn.queue.try_send(close.clone());
+                link.conn.forwards.store(self.relays.forwards(partner), std::sync::atomic::Ordering::Relaxed);
+            }
         }
     }
 
@@ -548,6 +652,22 @@ impl Actor {
                     self.dial_from(Contact { addr, known: Some(Protocol::P2pchat) }, Some(self.listen_port), self.limits.retry_refused_for);
                 }
             }
+            NetEvent::RelayAsked { id, peer } => self.relay_between(id, &peer),
+            NetEvent::RelayOpened { id, peer, name, addr } => self.relayed_to_us(id, peer, name, addr),
+            NetEvent::RelayClosed { id, peer, reason, clean } => {
+                if let Some(member) = self.relays.closed(id, &peer, clean) {
+                    let reason: String = reason.chars().take(200).collect();
+                    self.notify(Event::Left { addr: member.addr, name: member.name, reason, clean });
+                }
+            }
+            NetEvent::Forward { id, line } => {
+                for partner in self.relays.partners_of(id) {
+                    if let Some(link) = self.links.get(&partner) {
+                        // A partner that is not reading is dropped by its own writes and pings.
+                        let _ = link.conn.queue.try_send(line.clone());
+                    }
+                }
+            }
             NetEvent::Registered { link, contacts } => {
                 self.notice("registered with the tracker again".to_owned());
                 self.hold_registration(link);
@@ -591,7 +711,7 @@ impl Actor {
             .links
             .values()
             .filter(|l| l.state != State::Opening)
-            .filter_map(|l| l.listen_addr.map(|a| Member { addr: a.to_string(), p2pchat: l.state == State::P2pchat }))
+            .filter_map(|l| l.listen_addr.map(|a| Member { addr: a.to_string(), p2pchat: l.state == State::P2pchat, id: l.peer_id.clone() }))
             .collect();
         Hello {
             v: PROTOCOL_VERSION,
@@ -637,8 +757,20 @@ impl Actor {
         }
         let name = hello.name.filter(|n| chat::validate_name(n).is_ok());
         let Some(addr) = self.adopt(id, hello.id.clone(), hello.listen_port, name.clone(), Vec::new()) else { return };
-        self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing });
+        if self.relays.direct(&hello.id).is_some() {
+            log::info!("linked directly to {addr}, which a relay passed to us until now");
+        } else {
+            self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing, relayed_by: None });
+        }
         self.after_adopting(id, &hello.id);
+        let unreached: Vec<String> = hello
+            .peers
+            .iter()
+            .filter(|m| m.p2pchat)
+            .filter_map(|m| m.id.clone())
+            .filter(|peer| *peer != self.my_id && self.p2pchat_link_to(peer).is_none())
+            .collect();
+        self.relays.heard_of(id, unreached, tokio::time::Instant::now());
         for member in hello.peers {
             self.consider(member);
         }
@@ -659,12 +791,13 @@ impl Actor {
         }
         let (addr, outgoing, held) = (link.shown_addr(), link.outgoing, std::mem::take(&mut link.held));
         self.flush_held(id, held);
-        self.notify(Event::Joined { addr, name: None, protocol: Protocol::Original, outgoing });
+        self.notify(Event::Joined { addr, name: None, protocol: Protocol::Original, outgoing, relayed_by: None });
     }
 
     /// Stop writing to a link but read it until the other end closes it, so nothing in flight is lost.
     fn retire(&mut self, id: ConnId) {
         if let Some(link) = self.links.remove(&id) {
+            self.end_relays(id, None, link.shown_addr(), "replaced by another link", false);
             let Connection { queue, reader, writer, .. } = link.conn;
             drop(queue);
             self.retiring.insert(id, (reader, writer));
@@ -778,7 +911,9 @@ impl Actor {
             }
         }
         let ids: Vec<ConnId> = self.links.keys().copied().collect();
-        ids.into_iter().filter(|id| self.write(*id, &line)).count()
+        let took: HashSet<ConnId> = ids.into_iter().filter(|id| self.write(*id, &line)).collect();
+        // Relays pass it on to the members we reach through them.
+        took.len() + self.relays.relayed().filter(|(_, m)| took.contains(&m.via)).count()
     }
 
     fn nick(&mut self, name: String) {
@@ -796,7 +931,8 @@ impl Actor {
             (Some(_), None) if self.tracker_registers => TrackerState::Reconnecting,
             (Some(_), None) => TrackerState::Original,
         };
-        Status { members: self.links.values().filter(|l| l.state != State::Opening).count(), tracker }
+        let linked = self.links.values().filter(|l| l.state != State::Opening).count();
+        Status { members: linked + self.relays.relayed().count(), tracker }
     }
 
     fn peers(&self) -> Vec<PeerInfo> {
@@ -812,8 +948,16 @@ impl Actor {
                     State::P2pchat => Some(Protocol::P2pchat),
                     State::Original => Some(Protocol::Original),
                 },
+                relayed_by: None,
             })
             .collect();
+        peers.extend(self.relays.relayed().map(|(_, m)| PeerInfo {
+            addr: m.addr,
+            name: m.name.clone(),
+            outgoing: false,
+            protocol: Some(Protocol::P2pchat),
+            relayed_by: self.links.get(&m.via).map(Link::shown_addr),
+        }));
         peers.sort_by_key(|p| p.addr);
         peers
     }
@@ -826,6 +970,7 @@ impl Actor {
             let lost = link.state == State::P2pchat && !clean;
             let peer_id = link.peer_id.clone();
             drop(link);
+            self.end_relays(id, peer_id.as_deref(), addr, &reason, clean);
             self.forget_link_history(id, peer_id, lost);
             if announced {
                 self.notify(Event::Left { addr, name, reason, clean });

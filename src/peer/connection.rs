@@ -37,7 +37,7 @@ use crate::history::log::LogHandle;
 use crate::history::store::Record;
 use crate::wire::chat::{self, ChatDecoder, Piece};
 use crate::reading::{read_opening, Opened};
-use crate::wire::frames::{Frame, FrameDecoder};
+use crate::wire::frames::{self, Frame, FrameDecoder};
 
 /// Encoded bytes for one connection's queue, shared between connections when they are the same.
 pub(super) type Line = Arc<[u8]>;
@@ -104,6 +104,9 @@ pub(super) struct Connection {
     pub queue: mpsc::Sender<Line>,
     /// Set once the link speaks p2pchat frames: its writer may then join queued lines in one write.
     pub framed: Arc<AtomicBool>,
+    /// Set while we relay this member's messages to others: its reader then hands each new message
+    /// to the actor as well.
+    pub forwards: Arc<AtomicBool>,
     pub reader: AbortOnDropHandle<()>,
     pub writer: AbortOnDropHandle<()>,
 }
@@ -113,10 +116,10 @@ pub(super) fn spawn(id: ConnId, stream: TcpStream, from: SocketAddr, role: Role,
     crate::net::detect_dead_peer(&stream, context.limits.dead_after);
     let (read_half, write_half) = stream.into_split();
     let (queue, lines) = mpsc::channel(context.limits.send_queue);
-    let framed = Arc::new(AtomicBool::new(false));
-    let reader = tokio::spawn(read_loop(id, read_half, from, role, context));
+    let (framed, forwards) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let reader = tokio::spawn(read_loop(id, read_half, from, role, context, forwards.clone()));
     let writer = tokio::spawn(write_loop(id, write_half, lines, framed.clone()));
-    Connection { queue, framed, reader: AbortOnDropHandle::new(reader), writer: AbortOnDropHandle::new(writer) }
+    Connection { queue, framed, forwards, reader: AbortOnDropHandle::new(reader), writer: AbortOnDropHandle::new(writer) }
 }
 
 /// How much one read asks for: it starts small, since every link keeps its buffer for its life (a room
@@ -180,7 +183,7 @@ async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Recei
     let _ = half.shutdown().await;
 }
 
-async fn read_loop(id: ConnId, mut half: OwnedReadHalf, from: SocketAddr, role: Role, context: ReaderContext) {
+async fn read_loop(id: ConnId, mut half: OwnedReadHalf, from: SocketAddr, role: Role, context: ReaderContext, forwards: Arc<AtomicBool>) {
     let opened = match role {
         Role::DialOriginal => Opened::Original(Vec::new()),
         Role::Probe => read_opening(&mut half, context.limits.probe_timeout).await,
@@ -193,7 +196,7 @@ async fn read_loop(id: ConnId, mut half: OwnedReadHalf, from: SocketAddr, role: 
             return;
         }
         (_, Opened::Closed(reason)) => (reason, false),
-        (_, Opened::P2pchat(rest)) => p2pchat_loop(id, &mut half, from, rest, &context).await,
+        (_, Opened::P2pchat(rest)) => p2pchat_loop(id, &mut half, from, rest, &context, &forwards).await,
         (_, Opened::Original(first)) => {
             if net.send(NetEvent::Original { id }).await.is_err() {
                 return;
@@ -297,7 +300,7 @@ async fn log_then_show(context: &ReaderContext, records: Vec<Record>, events: Ve
 }
 
 /// The extension protocol: frames. Returns why the link ended and whether the other side said goodbye.
-async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, rest: Vec<u8>, context: &ReaderContext) -> (String, bool) {
+async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, rest: Vec<u8>, context: &ReaderContext, forwards: &AtomicBool) -> (String, bool) {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&rest);
     let (mut buf, mut read_size) = (Vec::new(), ReadSize::new());
@@ -341,6 +344,10 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                         to_show.push(Event::Notice { text });
                     }
                     if shown {
+                        if forwards.load(Ordering::Relaxed) {
+                            let line = frames::encode(&Frame::Msg(chat.clone())).into();
+                            let _ = context.net.send(NetEvent::Forward { id, line }).await;
+                        }
                         context.clock.observe(chat.stamp());
                         to_log.push(history::chat_to_record(&chat));
                         to_show.push(Event::Message(history::message(chat, from, false)));
@@ -359,6 +366,18 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                     }
                 }
                 Frame::Bye => said_bye = true,
+                Frame::RelayAsk { peer } => {
+                    let _ = context.net.send(NetEvent::RelayAsked { id, peer }).await;
+                }
+                Frame::RelayOpen { peer, name, addr } => {
+                    let (name, addr) = (name.filter(|n| chat::validate_name(n).is_ok()), addr.parse().ok());
+                    if let Some(addr) = addr {
+                        let _ = context.net.send(NetEvent::RelayOpened { id, peer, name, addr }).await;
+                    }
+                }
+                Frame::RelayClose { peer, reason, clean } => {
+                    let _ = context.net.send(NetEvent::RelayClosed { id, peer, reason, clean }).await;
+                }
                 Frame::Hello(_)
                 | Frame::Welcome { .. }
                 | Frame::Ping

@@ -22,6 +22,7 @@ mod actor;
 mod bootstrap;
 mod connection;
 mod history;
+mod relay;
 mod seen;
 
 use std::io;
@@ -85,6 +86,9 @@ pub struct Limits {
     /// Messages per second one member may send before it is muted here (its further messages are
     /// dropped until it slows down); bursts of three times this are allowed (a pasted page).
     pub max_message_rate: u32,
+    /// A member a neighbour is linked to, that we still cannot reach directly this long after we
+    /// first heard of it (dials and the hole punch failed), is asked for through that neighbour.
+    pub relay_after: Duration,
 }
 
 impl Default for Limits {
@@ -106,6 +110,7 @@ impl Default for Limits {
             redial_for: Duration::from_secs(30),
             max_links: 512,
             max_message_rate: 200,
+            relay_after: Duration::from_secs(10),
         }
     }
 }
@@ -178,8 +183,9 @@ pub struct Message {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     Message(Message),
-    /// A member joined: a link opened and its protocol is known. `outgoing` when we dialled it.
-    Joined { addr: SocketAddr, name: Option<String>, protocol: Protocol, outgoing: bool },
+    /// A member joined: a link opened and its protocol is known. `outgoing` when we dialled it;
+    /// `relayed_by`: the member that relays it to us (we could not reach it directly).
+    Joined { addr: SocketAddr, name: Option<String>, protocol: Protocol, outgoing: bool, relayed_by: Option<SocketAddr> },
     /// A member is known by a new name: a p2pchat peer's `/nick`, or an original peer's first prefix.
     Renamed { addr: SocketAddr, old: Option<String>, new: String },
     /// A member left: `clean` when it said goodbye, else the link was lost (with the reason).
@@ -202,6 +208,8 @@ pub struct PeerInfo {
     pub outgoing: bool,
     /// `None` while an accepted connection has not shown what it speaks yet.
     pub protocol: Option<Protocol>,
+    /// The member that relays it to us; `None` for a direct link.
+    pub relayed_by: Option<SocketAddr>,
 }
 
 /// How the tracker sees us.

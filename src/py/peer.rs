@@ -83,6 +83,8 @@ pub struct PyPeerJoined {
     protocol: &'static str,
     /// True when we dialled it, False when it dialled us.
     outgoing: bool,
+    /// The member that passes its messages to us (we cannot reach it directly); None for a direct link.
+    relayed_by: Option<(String, u16)>,
 }
 
 #[pymethods]
@@ -160,6 +162,8 @@ pub struct PyPeerInfo {
     outgoing: bool,
     /// "p2pchat", "original", or None while an accepted connection has not shown what it speaks.
     protocol: Option<&'static str>,
+    /// The member that passes its messages to us (we cannot reach it directly); None for a direct link.
+    relayed_by: Option<(String, u16)>,
 }
 
 #[pymethods]
@@ -197,9 +201,13 @@ impl From<Event> for PyEvent {
                 stamp: m.stamp,
                 history: m.history,
             }),
-            Event::Joined { addr, name, protocol, outgoing } => {
-                PyEvent::Joined(PyPeerJoined { address: py_addr(addr), name, protocol: protocol_name(protocol), outgoing })
-            }
+            Event::Joined { addr, name, protocol, outgoing, relayed_by } => PyEvent::Joined(PyPeerJoined {
+                address: py_addr(addr),
+                name,
+                protocol: protocol_name(protocol),
+                outgoing,
+                relayed_by: relayed_by.map(py_addr),
+            }),
             Event::Left { addr, name, reason, clean } => PyEvent::Left(PyPeerLeft { address: py_addr(addr), name, reason, clean }),
             Event::Renamed { addr, old, new } => PyEvent::Renamed(PyPeerRenamed { address: py_addr(addr), old, new }),
             Event::Notice { text } => PyEvent::Notice(PyNotice { text }),
@@ -628,7 +636,13 @@ impl PyPeer {
         let peers = wait(py, async move { handle.peers().await })??;
         Ok(peers
             .into_iter()
-            .map(|p| PyPeerInfo { address: py_addr(p.addr), name: p.name, outgoing: p.outgoing, protocol: p.protocol.map(protocol_name) })
+            .map(|p| PyPeerInfo {
+                address: py_addr(p.addr),
+                name: p.name,
+                outgoing: p.outgoing,
+                protocol: p.protocol.map(protocol_name),
+                relayed_by: p.relayed_by.map(py_addr),
+            })
             .collect())
     }
 

@@ -68,7 +68,7 @@ impl Room {
         if let Some(previous) = self.seq_of.insert(addr, seq) {
             self.by_seq.remove(&previous);
         }
-        let encoded = frames::encode_member(&Member { addr: addr.to_string(), p2pchat: kind == Kind::P2pchat });
+        let encoded = frames::encode_member(&Member { addr: addr.to_string(), p2pchat: kind == Kind::P2pchat, id: None });
         self.by_seq.insert(seq, Entry { addr, kind, encoded });
         while self.by_seq.len() > max_entries {
             if let Some((_, oldest)) = self.by_seq.pop_first() {
@@ -302,13 +302,13 @@ mod tests {
         let (welcome, _) = r.register("x", a("10.0.0.1:1"));
         assert!(welcome_members(&welcome).is_empty());
         let (welcome, _) = r.register("x", a("10.0.0.2:2"));
-        assert_eq!(welcome_members(&welcome), vec![Member { addr: "10.0.0.1:1".into(), p2pchat: true }]);
+        assert_eq!(welcome_members(&welcome), vec![Member { addr: "10.0.0.1:1".into(), p2pchat: true, id: None }]);
         r.register(DEFAULT_ROOM, a("10.0.0.3:3"));
         assert_eq!(r.admit(a("10.0.0.4:4")), b"10.0.0.3:3");
         let (welcome, _) = r.register(DEFAULT_ROOM, a("10.0.0.5:5"));
         assert_eq!(
             welcome_members(&welcome),
-            vec![Member { addr: "10.0.0.4:4".into(), p2pchat: false }, Member { addr: "10.0.0.3:3".into(), p2pchat: true }]
+            vec![Member { addr: "10.0.0.4:4".into(), p2pchat: false, id: None }, Member { addr: "10.0.0.3:3".into(), p2pchat: true, id: None }]
         );
     }
 

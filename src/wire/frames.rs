@@ -50,6 +50,10 @@ pub struct Member {
     /// Whether it registered as a p2pchat peer (else it is an original client).
     #[serde(default)]
     pub p2pchat: bool,
+    /// Its session id (the `id` of its hello), in a hello's peer exchange: what a member asks a
+    /// relay for when it cannot reach this one directly.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
 }
 
 /// A chat line between p2pchat peers.
@@ -125,6 +129,21 @@ pub enum Frame {
     /// p2pchat tracker → registered peer: the member at `addr` cannot reach you; dial it now, from
     /// your listening port.
     Punch { addr: String },
+    /// Peer → member: I cannot reach the member whose session id is `peer`, and you are linked to
+    /// it; pass its messages and mine between us.
+    RelayAsk { peer: String },
+    /// Relay → member: you now reach the member `peer` (called `name`, listening at `addr`) through
+    /// me; every message it sends comes to you on this link, and yours go to it. Sent again when
+    /// its name changes.
+    RelayOpen {
+        peer: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+        addr: String,
+    },
+    /// Relay → member: I no longer pass messages between you and `peer` (it left, said goodbye when
+    /// `clean`; or I was never linked to it).
+    RelayClose { peer: String, reason: String, clean: bool },
     /// The sender refuses the link; it closes after this.
     Error { code: String, message: String },
     /// A frame type this version does not know; ignored.
@@ -319,6 +338,9 @@ mod tests {
             Frame::HistoryRequest { req: 3, limit: 100, after: Some(Position { hlc: 1 << 40, id: random_id() }) },
             Frame::HistoryRequest { req: 4, limit: 0, after: None },
             Frame::History { req: 3, msgs: vec![Chat { id: random_id(), from: "bia".into(), room: "x".into(), ts: 2, hlc: 9, text: "old".into() }], more: true },
+            Frame::RelayAsk { peer: random_id() },
+            Frame::RelayOpen { peer: random_id(), name: Some("bia".into()), addr: "10.0.0.2:5000".into() },
+            Frame::RelayClose { peer: random_id(), reason: "left".into(), clean: true },
         ];
         let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
         for cut in 0..bytes.len() {
@@ -359,7 +381,7 @@ mod tests {
     #[test]
     fn a_welcome_from_encoded_members_is_the_welcome_frame() {
         let members: Vec<Member> =
-            (0..3).map(|i| Member { addr: format!("10.0.0.{i}:5000"), p2pchat: i % 2 == 0 }).collect();
+            (0..3).map(|i| Member { addr: format!("10.0.0.{i}:5000"), p2pchat: i % 2 == 0, id: None }).collect();
         let encoded: Vec<Box<[u8]>> = members.iter().map(encode_member).collect();
         for count in [0, 1, 3] {
             let opening = encode_welcome_opening(encoded[..count].iter().map(|m| &m[..]), "10.9.8.7:\"1\"");
@@ -373,7 +395,7 @@ mod tests {
 
     #[test]
     fn a_welcome_for_a_big_room_needs_the_welcome_limit() {
-        let member = encode_member(&Member { addr: "[2001:db8::1234:5678:9abc:def0]:65535".into(), p2pchat: true });
+        let member = encode_member(&Member { addr: "[2001:db8::1234:5678:9abc:def0]:65535".into(), p2pchat: true, id: None });
         let opening = encode_welcome_opening(std::iter::repeat_n(&member[..], 16_384), "[2001:db8::1]:1");
         assert!(opening.len() > MAX_FRAME_BYTES && opening.len() < MAX_WELCOME_BYTES);
         let mut decoder = FrameDecoder::with_limit(MAX_WELCOME_BYTES);

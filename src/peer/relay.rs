@@ -1,0 +1,265 @@
+//! Relays: reaching a member we cannot dial (a symmetric NAT, a firewall) through one we can.
+//!
+//! Each p2pchat hello lists the members its sender is linked to, with their session ids. A member
+//! some neighbour is linked to, but that we still cannot reach directly `relay_after` after first
+//! hearing of it, is asked for from that neighbour (`relay_ask`). The neighbour pairs the two links:
+//! from then on, each new message arriving on one is written to the other too, and it tells both ends
+//! (`relay_open`) so their member lists show who is relayed and by whom. Messages keep their ids, so
+//! a copy that also arrives another way is shown once.
+//!
+//! This module is the bookkeeping only, without I/O: the actor feeds it what happens and does what
+//! it answers.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::connection::ConnId;
+
+/// A member we reach through a relay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct RelayedMember {
+    pub via: ConnId,
+    pub name: Option<String>,
+    pub addr: SocketAddr,
+}
+
+/// A member some neighbours are linked to and we are not.
+struct Heard {
+    vias: HashSet<ConnId>,
+    since: Instant,
+    asked: Option<Instant>,
+}
+
+/// What a `relay_open` changed.
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum Opened {
+    /// A member we could not reach is now relayed to us.
+    New,
+    /// A relayed member has a new name (it was called `old`).
+    Renamed { old: Option<String> },
+    /// Nothing: we already have it so, or we are linked to it directly.
+    Unchanged,
+}
+
+/// A link ended: what that means for relays.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(super) struct LinkGone {
+    /// Members we reached through it, by session id: no longer reached.
+    pub lost: Vec<(String, RelayedMember)>,
+    /// Links we relayed it to: each must hear that it is gone.
+    pub partners: Vec<ConnId>,
+}
+
+pub(super) struct Relays {
+    relay_after: Duration,
+    heard: HashMap<String, Heard>,
+    relayed: HashMap<String, RelayedMember>,
+    /// As a relay: which links we pass each link's messages to (always both ways).
+    partners: HashMap<ConnId, HashSet<ConnId>>,
+}
+
+impl Relays {
+    pub fn new(relay_after: Duration) -> Self {
+        Self { relay_after, heard: HashMap::new(), relayed: HashMap::new(), partners: HashMap::new() }
+    }
+
+    /// Neighbour `via` is linked to these members, none of which we are linked to.
+    pub fn heard_of(&mut self, via: ConnId, peers: impl IntoIterator<Item = String>, now: Instant) {
+        for peer in peers {
+            self.heard.entry(peer).or_insert_with(|| Heard { vias: HashSet::new(), since: now, asked: None }).vias.insert(via);
+        }
+    }
+
+    /// We are linked to `peer` directly now: it needs no relay (copies that still come through one
+    /// are shown once). Returns the relayed entry it replaces.
+    pub fn direct(&mut self, peer: &str) -> Option<RelayedMember> {
+        self.heard.remove(peer);
+        self.relayed.remove(peer)
+    }
+
+    /// Members to ask a relay for now, and which neighbour to ask: heard of `relay_after` ago, not
+    /// reached yet, and not asked within the last `relay_after`.
+    pub fn due_asks(&mut self, now: Instant) -> Vec<(ConnId, String)> {
+        let mut asks = Vec::new();
+        for (peer, heard) in &mut self.heard {
+            let waited = now.duration_since(heard.since) >= self.relay_after;
+            let not_lately = heard.asked.is_none_or(|at| now.duration_since(at) >= self.relay_after);
+            if self.relayed.contains_key(peer) || !waited || !not_lately {
+                continue;
+            }
+            // The smallest id: any neighbour that knows it will do, and it is the same one each time.
+            if let Some(&via) = heard.vias.iter().min() {
+                heard.asked = Some(now);
+                asks.push((via, peer.clone()));
+            }
+        }
+        asks
+    }
+
+    /// Relay `via` says it passes messages between us and `peer` now.
+    pub fn opened(&mut self, via: ConnId, peer: String, name: Option<String>, addr: SocketAddr) -> Opened {
+        match self.relayed.get_mut(&peer) {
+            Some(known) if known.via == via && known.name == name => Opened::Unchanged,
+            Some(known) if known.via == via => Opened::Renamed { old: std::mem::replace(&mut known.name, name) },
+            // Relayed by another already: keep the one we have.
+            Some(_) => Opened::Unchanged,
+            None => {
+                self.relayed.insert(peer, RelayedMember { via, name, addr });
+                Opened::New
+            }
+        }
+    }
+
+    /// Relay `via` stopped passing `peer`'s messages; the member is lost if it relayed it. A member
+    /// that left on purpose is forgotten; otherwise another neighbour may still be asked for it.
+    pub fn closed(&mut self, via: ConnId, peer: &str, clean: bool) -> Option<RelayedMember> {
+        if clean {
+            self.heard.remove(peer);
+        } else if let Some(heard) = self.heard.get_mut(peer) {
+            heard.vias.remove(&via);
+            if heard.vias.is_empty() {
+                self.heard.remove(peer);
+            }
+        }
+        match self.relayed.get(peer) {
+            Some(member) if member.via == via => self.relayed.remove(peer),
+            _ => None,
+        }
+    }
+
+    /// As a relay: pass messages between links `a` and `b` from now on. False when already so.
+    pub fn pair(&mut self, a: ConnId, b: ConnId) -> bool {
+        let new = self.partners.entry(a).or_default().insert(b);
+        self.partners.entry(b).or_default().insert(a);
+        new
+    }
+
+    /// Links that get a copy of what arrives on `id`.
+    pub fn partners_of(&self, id: ConnId) -> impl Iterator<Item = ConnId> + '_ {
+        self.partners.get(&id).into_iter().flatten().copied()
+    }
+
+    /// Link `id` (to the member `peer`, when it spoke p2pchat) is gone.
+    pub fn link_gone(&mut self, id: ConnId, peer: Option<&str>) -> LinkGone {
+        if let Some(peer) = peer {
+            self.heard.remove(peer);
+        }
+        self.heard.retain(|_, heard| {
+            heard.vias.remove(&id);
+            !heard.vias.is_empty()
+        });
+        let lost_ids: Vec<String> = self.relayed.iter().filter(|(_, m)| m.via == id).map(|(p, _)| p.clone()).collect();
+        let lost = lost_ids.into_iter().filter_map(|p| self.relayed.remove(&p).map(|m| (p, m))).collect();
+        let mut partners: Vec<ConnId> = self.partners.remove(&id).into_iter().flatten().collect();
+        partners.sort_unstable();
+        for partner in &partners {
+            if let Some(set) = self.partners.get_mut(partner) {
+                set.remove(&id);
+                if set.is_empty() {
+                    self.partners.remove(partner);
+                }
+            }
+        }
+        LinkGone { lost, partners }
+    }
+
+    /// Whether anything arriving on `id` is passed on.
+    pub fn forwards(&self, id: ConnId) -> bool {
+        self.partners.contains_key(&id)
+    }
+
+    pub fn relayed(&self) -> impl Iterator<Item = (&String, &RelayedMember)> {
+        self.relayed.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const AFTER: Duration = Duration::from_secs(10);
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn a_member_heard_of_is_asked_for_once_it_stayed_unreached() {
+        let mut relays = Relays::new(AFTER);
+        let t0 = Instant::now();
+        relays.heard_of(3, ["q".to_owned()], t0);
+        relays.heard_of(1, ["q".to_owned()], t0);
+        assert!(relays.due_asks(t0 + AFTER / 2).is_empty(), "direct dials get their time first");
+        assert_eq!(relays.due_asks(t0 + AFTER), vec![(1, "q".to_owned())]);
+        assert!(relays.due_asks(t0 + AFTER + AFTER / 2).is_empty(), "not asked again right away");
+        assert_eq!(relays.due_asks(t0 + AFTER * 2), vec![(1, "q".to_owned())], "asked again while unanswered");
+        assert_eq!(relays.opened(1, "q".into(), Some("quinn".into()), addr(7)), Opened::New);
+        assert!(relays.due_asks(t0 + AFTER * 10).is_empty(), "relayed: nothing to ask");
+    }
+
+    #[test]
+    fn a_direct_link_ends_the_need_for_a_relay() {
+        let mut relays = Relays::new(AFTER);
+        let t0 = Instant::now();
+        relays.heard_of(1, ["q".to_owned()], t0);
+        relays.opened(1, "q".into(), None, addr(7));
+        assert_eq!(relays.direct("q"), Some(RelayedMember { via: 1, name: None, addr: addr(7) }));
+        assert!(relays.due_asks(t0 + AFTER * 2).is_empty());
+        assert_eq!(relays.relayed().count(), 0);
+    }
+
+    #[test]
+    fn a_relay_renames_and_a_second_relay_is_ignored() {
+        let mut relays = Relays::new(AFTER);
+        assert_eq!(relays.opened(1, "q".into(), Some("a".into()), addr(7)), Opened::New);
+        assert_eq!(relays.opened(1, "q".into(), Some("a".into()), addr(7)), Opened::Unchanged);
+        assert_eq!(relays.opened(1, "q".into(), Some("b".into()), addr(7)), Opened::Renamed { old: Some("a".into()) });
+        assert_eq!(relays.opened(2, "q".into(), Some("c".into()), addr(7)), Opened::Unchanged);
+        assert_eq!(relays.closed(2, "q", false), None, "only the relay that has it can close it");
+        assert!(relays.closed(1, "q", true).is_some());
+    }
+
+    #[test]
+    fn losing_a_relay_loses_its_members_but_another_neighbour_is_asked() {
+        let mut relays = Relays::new(AFTER);
+        let t0 = Instant::now();
+        relays.heard_of(1, ["q".to_owned(), "r".to_owned()], t0);
+        relays.heard_of(2, ["q".to_owned()], t0);
+        relays.opened(1, "q".into(), None, addr(7));
+        relays.opened(1, "r".into(), None, addr(8));
+        let gone = relays.link_gone(1, Some("p"));
+        let mut lost: Vec<&str> = gone.lost.iter().map(|(p, _)| p.as_str()).collect();
+        lost.sort_unstable();
+        assert_eq!(lost, ["q", "r"]);
+        assert_eq!(relays.due_asks(t0 + AFTER), vec![(2, "q".to_owned())], "r had no other neighbour");
+    }
+
+    #[test]
+    fn a_member_that_left_on_purpose_is_not_asked_for_again() {
+        let mut relays = Relays::new(AFTER);
+        let t0 = Instant::now();
+        relays.heard_of(1, ["q".to_owned()], t0);
+        relays.heard_of(2, ["q".to_owned()], t0);
+        relays.opened(1, "q".into(), None, addr(7));
+        assert!(relays.closed(1, "q", true).is_some());
+        assert!(relays.due_asks(t0 + AFTER * 3).is_empty());
+    }
+
+    #[test]
+    fn as_a_relay_pairs_go_both_ways_and_end_with_either_link() {
+        let mut relays = Relays::new(AFTER);
+        assert!(relays.pair(1, 2));
+        assert!(!relays.pair(2, 1), "already paired");
+        assert!(relays.pair(1, 3));
+        let mut of_one: Vec<ConnId> = relays.partners_of(1).collect();
+        of_one.sort_unstable();
+        assert_eq!(of_one, [2, 3]);
+        assert_eq!(relays.partners_of(2).collect::<Vec<_>>(), [1]);
+        let gone = relays.link_gone(1, Some("p"));
+        assert_eq!(gone.partners, [2, 3]);
+        assert!(!relays.forwards(2) && !relays.forwards(3), "nothing left to pass on");
+    }
+}
