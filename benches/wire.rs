@@ -68,12 +68,12 @@ fn main() {
     bench.compare(
         "welcome, 10,000 members, pre-encoded",
         || {
-            black_box(frames::encode_welcome_opening(encoded.iter().map(|m| &m[..]), "10.0.0.1:5000"));
+            black_box(frames::encode_welcome_opening(encoded.iter().map(|m| &m[..]), "10.0.0.1:5000", false));
         },
         "serialize Vec<Member> per join",
         || {
             let members = room.clone();
-            black_box(frames::encode_opening(&Frame::Welcome { v: PROTOCOL_VERSION, members, you: "10.0.0.1:5000".into() }));
+            black_box(frames::encode_opening(&Frame::Welcome { v: PROTOCOL_VERSION, members, you: "10.0.0.1:5000".into(), relay: false }));
         },
     );
 

@@ -12,6 +12,7 @@ pub mod history;
 pub mod identity;
 pub mod net;
 pub mod peer;
+mod pairs;
 mod reading;
 pub mod tracker;
 pub mod wire;

@@ -524,6 +524,8 @@ async fn a_flooding_member_is_muted() {
 struct RawMember {
     stream: TcpStream,
     decoder: p2pchat::wire::frames::FrameDecoder,
+    /// The other end's answer to our hello.
+    their_hello: p2pchat::wire::frames::Hello,
 }
 
 impl RawMember {
@@ -535,9 +537,21 @@ impl RawMember {
         let mut magic = vec![0; MAGIC.len()];
         tokio::time::timeout(WAIT, stream.read_exact(&mut magic)).await.unwrap().unwrap();
         assert_eq!(magic, MAGIC);
-        let mut member = Self { stream, decoder: frames::FrameDecoder::new() };
-        member.next(|f| matches!(f, Frame::Hello(_))).await;
-        member
+        let mut decoder = frames::FrameDecoder::new();
+        let their_hello = tokio::time::timeout(WAIT, async {
+            loop {
+                if let Some(Frame::Hello(hello)) = decoder.next_frame().unwrap() {
+                    return hello;
+                }
+                let mut buf = [0; 4096];
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "the link closed before a hello");
+                decoder.feed(&buf[..n]);
+            }
+        })
+        .await
+        .expect("no hello came");
+        Self { stream, decoder, their_hello }
     }
 
     async fn send(&mut self, frame: &p2pchat::wire::frames::Frame) {
@@ -604,4 +618,45 @@ async fn a_member_relays_between_two_that_cannot_reach_each_other() {
     drop(quin);
     let Frame::RelayClose { peer, clean, .. } = pia.next(|f| matches!(f, Frame::RelayClose { .. })).await else { unreachable!() };
     assert_eq!((peer.as_str(), clean), ("quin-session", true), "quin said goodbye");
+}
+
+/// With `relay` on, the tracker takes links from members (a hello with a name), lists the members
+/// linked to it, and relays between two of them on request; off (the default), it refuses them.
+#[tokio::test]
+async fn the_tracker_relays_only_when_told_to() {
+    use p2pchat::wire::frames::{self, Chat, Frame, Hello, MAGIC, PROTOCOL_VERSION};
+    let (plain, _stop) = start_tracker().await;
+    let mut refused = TcpStream::connect(plain).await.unwrap();
+    let hello = Hello { v: PROTOCOL_VERSION, id: "pia-session".into(), name: Some("pia".into()), room: String::new(), listen_port: None, peers: vec![] };
+    refused.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, refused.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let mut decoder = frames::FrameDecoder::new();
+    decoder.feed(&answer[MAGIC.len()..]);
+    let Ok(Some(Frame::Error { message, .. })) = decoder.next_frame() else { panic!("no error frame: {answer:?}") };
+    assert!(message.contains("does not relay"), "{message}");
+
+    let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: true, ..TrackerConfig::default() };
+    let (tracker, _stop, _task) = start_tracker_with(config).await;
+    let mut pia = RawMember::join(tracker, "pia-session", "pia").await;
+    let mut quin = RawMember::join(tracker, "quin-session", "quin").await;
+    let listed: Vec<_> = quin.their_hello.peers.iter().map(|m| m.id.as_deref()).collect();
+    assert_eq!(listed, [Some("pia-session")], "the relay lists the members linked to it");
+
+    quin.send(&Frame::RelayAsk { peer: "pia-session".into() }).await;
+    let Frame::RelayOpen { peer, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
+    assert_eq!(peer, "pia-session");
+    let Frame::RelayOpen { peer, name, .. } = pia.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
+    assert_eq!((peer.as_str(), name.as_deref()), ("quin-session", Some("quin")));
+    quin.send(&Frame::Msg(Chat { id: "m1".into(), from: "quin".into(), room: String::new(), ts: 1, hlc: 0, text: "via the tracker".into() })).await;
+    let Frame::Msg(chat) = pia.next(|f| matches!(f, Frame::Msg(_))).await else { unreachable!() };
+    assert_eq!((chat.id.as_str(), chat.text.as_str()), ("m1", "via the tracker"));
+    pia.send(&Frame::Msg(Chat { id: "m2".into(), from: "pia".into(), room: String::new(), ts: 1, hlc: 0, text: "and back".into() })).await;
+    let Frame::Msg(chat) = quin.next(|f| matches!(f, Frame::Msg(_))).await else { unreachable!() };
+    assert_eq!(chat.text, "and back");
+
+    pia.send(&Frame::Bye).await;
+    drop(pia);
+    let Frame::RelayClose { peer, clean, .. } = quin.next(|f| matches!(f, Frame::RelayClose { .. })).await else { unreachable!() };
+    assert_eq!((peer.as_str(), clean), ("pia-session", true));
 }

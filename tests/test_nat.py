@@ -8,8 +8,8 @@ from harness import REFERENCE, REFERENCE_PROMPT, python
 from natbed import bed  # noqa: F401 - fixture
 
 
-def start_tracker(bed, host):
-    tracker = bed.start(host, python("server.py", "--host", "0.0.0.0", "--port", "7472", "-d"), "tracker")
+def start_tracker(bed, host, *extra: str):
+    tracker = bed.start(host, python("server.py", "--host", "0.0.0.0", "--port", "7472", "-d", *extra), "tracker")
     tracker.err.expect("listening on")
     return tracker
 
@@ -18,6 +18,14 @@ def start_client(bed, host, name: str, tracker_ip: str):
     proc = bed.start(host, python("client.py", "--server", tracker_ip, "--name", name, "--history", "0", "-d"), name)
     port = int(proc.err.expect(r"listening on port (\d+)", timeout=30).group(1))
     return proc, port
+
+
+def chat_both_ways(ana, bob, text: str) -> None:
+    """Ana says `text`, Bob answers: each sees the other's line."""
+    ana.line(text)
+    bob.out.saw(rf"^<ana> :: {re.escape(text)}$")
+    bob.line("and back")
+    ana.out.saw(r"^<bob> :: and back$")
 
 
 @pytest.mark.parametrize("run", range(10))  # ten fresh beds: the punch must not be luck
@@ -31,10 +39,7 @@ def test_two_peers_behind_port_preserving_routers_get_a_direct_link(bed, run):
     tracker.err.saw(rf"asking {re.escape(ana_home.public_ip)}:{ana_port} to dial {re.escape(bob_home.public_ip)}:{bob_port}", timeout=30)
     ana.err.saw(rf"^\* bob \({re.escape(bob_home.public_ip)}:{bob_port}\) joined \(p2pchat\)$", timeout=30)
     bob.err.saw(rf"^\* ana \({re.escape(ana_home.public_ip)}:{ana_port}\) joined \(p2pchat\)$", timeout=30)
-    ana.line("hello through two routers")
-    bob.out.saw(r"^<ana> :: hello through two routers$")
-    bob.line("and back")
-    ana.out.saw(r"^<bob> :: and back$")
+    chat_both_ways(ana, bob, "hello through two routers")
     # Direct: the link's far end is the other's router, at the other's listening port.
     ana.line("/who")
     ana.err.saw(rf"^\*   bob \({re.escape(bob_home.public_ip)}:{bob_port}\) p2pchat$")
@@ -122,3 +127,19 @@ def test_a_room_mixing_public_cone_and_symmetric_peers_delivers_everything(bed):
         for sender in names:
             if sender != receiver:
                 assert procs[receiver].out.count(rf"^<{sender}> :: {sender} says \d$") == 5, (receiver, sender)
+
+
+def test_two_symmetric_peers_alone_talk_through_a_tracker_that_relays(bed):
+    """Nobody in common to relay: the tracker does, because its operator said --relay."""
+    public = bed.public_host()
+    ana_home, bob_home = bed.nat_host("symmetric"), bed.nat_host("symmetric")
+    tracker = start_tracker(bed, public, "--relay")
+    ana, _ = start_client(bed, ana_home, "ana", public.ip)
+    bob, _ = start_client(bed, bob_home, "bob", public.ip)
+    relayed_join(bob, "ana", public.ip)
+    relayed_join(ana, "bob", public.ip)
+    tracker.err.saw(r"relaying between", timeout=5)
+    chat_both_ways(ana, bob, "hello via the tracker")
+    bob.line("/who")
+    bob.err.saw(rf"^\* 2 member\(s\) in the default room:$")
+    bob.err.saw(rf"^\*   ana \(.*\) p2pchat, relayed by {re.escape(public.ip)}:7472$")

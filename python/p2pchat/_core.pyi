@@ -115,7 +115,8 @@ class Tracker:
     """A tracker speaking the original protocol, serving in the background from creation."""
 
     def __init__(
-        self, host: str = "0.0.0.0", port: int = 7472, *, original_ttl: float = 45.0, registration_timeout: float = 6.0
+        self, host: str = "0.0.0.0", port: int = 7472, *, original_ttl: float = 45.0, registration_timeout: float = 6.0,
+        relay: bool = False,
     ) -> None: ...
     @property
     def address(self) -> Address: ...

@@ -33,6 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--original-ttl", type=float, default=45.0, metavar="SECONDS",
                         help="probe an original peer nobody vouched for in this long, and drop it if the probe "
                              "fails (default: %(default)s)")
+    parser.add_argument("--relay", action="store_true",
+                        help="relay messages between p2pchat members that cannot reach each other (behind symmetric "
+                             "NATs); off by default, so the tracker never carries a chat message")
     parser.add_argument("-d", "--debug", action="store_true", help="log every join")
     parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")
     return parser
@@ -44,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     handle_signals()
     try:
         tracker = Tracker(args.host, args.port, original_ttl=args.original_ttl,
-                          registration_timeout=args.registration_timeout)
+                          registration_timeout=args.registration_timeout, relay=args.relay)
     except AddressInUse as err:
         print(f"server.py: {err} (use --port to choose another)", file=sys.stderr)
         return 1
@@ -56,6 +59,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         host, bound_port = tracker.address
         status(f"p2pchat tracker listening on {host}:{bound_port} (Ctrl-C to stop)")
+        if args.relay:
+            status("relaying messages between p2pchat members that cannot reach each other (--relay)")
         tracker.serve_forever()
     except (KeyboardInterrupt, Leave):
         pass

@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::bootstrap::{self, Contact};
+use super::bootstrap::{self, Contact, TrackerLink};
 use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role};
 use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests, Sink};
 use super::relay::{self, Relays};
@@ -63,7 +63,7 @@ pub(crate) enum NetEvent {
     /// Our answer to a history request on this link was queued: `bytes` of it.
     HistoryAnswered { id: ConnId, bytes: usize },
     /// Registered with the tracker again after losing it.
-    Registered { link: TcpStream, contacts: Vec<Contact> },
+    Registered { link: TrackerLink, contacts: Vec<Contact> },
     /// The tracker asks us to dial this member from our listening port (it cannot reach us).
     Punch { addr: SocketAddr },
     /// The member on link `id` cannot reach member `peer` and asks us to relay between them.
@@ -83,7 +83,7 @@ pub(super) struct Setup {
     pub listener: TcpListener,
     /// The tracker, to register again after losing it.
     pub tracker: Option<SocketAddr>,
-    pub tracker_link: Option<TcpStream>,
+    pub tracker_link: Option<TrackerLink>,
     pub log: LogHandle,
     pub history: HistoryConfig,
     /// Ask the first p2pchat member for history after this position (`Some(None)`: the newest
@@ -109,6 +109,18 @@ enum State {
     Opening,
     P2pchat,
     Original,
+    /// Our link to the tracker's relay: it gets our messages and passes on others', but it is not
+    /// a member (not listed, not announced, never asked for history).
+    Relay,
+}
+
+/// Our use of the tracker's relay (see `tracker::hub`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hub {
+    Unused,
+    Dialling,
+    Opening(ConnId),
+    Linked(ConnId),
 }
 
 struct Link {
@@ -165,6 +177,9 @@ struct Actor {
     registration: Option<mpsc::Sender<Line>>,
     /// The tracker speaks p2pchat (it holds registrations); an original tracker forgets us at once.
     tracker_registers: bool,
+    /// The tracker relays between members that cannot reach each other, and our link to it.
+    tracker_relays: bool,
+    hub: Hub,
     background: JoinSet<()>,
     clock: Arc<Clock>,
     log: LogHandle,
@@ -201,6 +216,8 @@ pub(super) async fn run(setup: Setup) {
         tracker,
         registration: None,
         tracker_registers: tracker_link.is_some(),
+        tracker_relays: false,
+        hub: Hub::Unused,
         background: JoinSet::new(),
         clock: Arc::new(Clock::new()),
         log,
@@ -290,7 +307,7 @@ impl Actor {
         if !self.requests.waits_for_join() {
             return;
         }
-        let settled = self.links.values().all(|l| l.state == State::Original);
+        let settled = self.links.values().all(|l| matches!(l.state, State::Original | State::Relay));
         if settled || tokio::time::Instant::now() >= deadline {
             self.notify(Event::HistorySynced { received: 0 });
             self.requests.stop_waiting_for_join();
@@ -397,6 +414,24 @@ impl Actor {
         }
     }
 
+    /// A p2pchat member stays out of reach: if the tracker relays, link to its relay (once), so a
+    /// member that can reach nobody we know can still be relayed to us.
+    fn link_to_hub(&mut self) {
+        let (true, Hub::Unused, Some(tracker)) = (self.tracker_relays, self.hub, self.tracker) else { return };
+        log::info!("linking to the tracker's relay at {tracker}");
+        self.hub = Hub::Dialling;
+        self.dial(Contact { addr: tracker, known: Some(Protocol::P2pchat) }, self.limits.retry_refused_for);
+    }
+
+    /// Whether link `id` was our link to the tracker's relay; we have none after this.
+    fn hub_gone(&mut self, id: ConnId) -> bool {
+        let was = matches!(self.hub, Hub::Opening(hub) | Hub::Linked(hub) if hub == id);
+        if was {
+            self.hub = Hub::Unused;
+        }
+        was
+    }
+
     /// Our p2pchat link to the member with session id `peer`, if we hold one.
     fn p2pchat_link_to(&self, peer: &str) -> Option<ConnId> {
         self.links.iter().find(|(_, l)| l.state == State::P2pchat && l.peer_id.as_deref() == Some(peer)).map(|(id, _)| *id)
@@ -449,7 +484,7 @@ impl Actor {
 
     /// Link `via` relays member `peer` to us.
     fn relayed_to_us(&mut self, via: ConnId, peer: String, name: Option<String>, addr: SocketAddr) {
-        let Some(via_addr) = self.links.get(&via).filter(|l| l.state == State::P2pchat).map(Link::shown_addr) else { return };
+        let Some(via_addr) = self.links.get(&via).filter(|l| matches!(l.state, State::P2pchat | State::Relay)).map(Link::shown_addr) else { return };
         if peer == self.my_id || self.p2pchat_link_to(&peer).is_some() {
             return;
         }
@@ -509,10 +544,11 @@ impl Actor {
         }
     }
 
-    fn hold_registration(&mut self, link: TcpStream) {
+    fn hold_registration(&mut self, link: TrackerLink) {
         let (frames, outgoing) = mpsc::channel(8);
         self.registration = Some(frames);
-        self.background.spawn(bootstrap::hold_registration(link, outgoing, self.net.clone()));
+        self.tracker_relays = link.relays;
+        self.background.spawn(bootstrap::hold_registration(link.stream, outgoing, self.net.clone()));
     }
 
     /// Keep-alive for p2pchat links (their readers drop a link that stays silent) and for the tracker
@@ -532,7 +568,7 @@ impl Actor {
         let stuck: Vec<ConnId> = self
             .links
             .iter()
-            .filter(|(_, l)| l.state == State::P2pchat)
+            .filter(|(_, l)| matches!(l.state, State::P2pchat | State::Relay))
             .filter(|(_, l)| matches!(l.conn.queue.try_send(ping.clone()), Err(TrySendError::Full(_))))
             .map(|(id, _)| *id)
             .collect();
@@ -548,6 +584,9 @@ impl Actor {
                 let original = contact.known == Some(Protocol::Original) || self.originals.contains(&contact.addr);
                 let role = if original { Role::DialOriginal } else { Role::Probe };
                 let id = self.open(stream, contact.addr, Some(contact.addr), true, role);
+                if self.hub == Hub::Dialling && Some(contact.addr) == self.tracker {
+                    self.hub = Hub::Opening(id);
+                }
                 if let Some(carried) = self.carried.remove(&contact.addr) {
                     if let Some(link) = self.links.get_mut(&id) {
                         link.held.extend(carried);
@@ -562,6 +601,14 @@ impl Actor {
                 self.open(stream, addr, None, false, Role::Accepted);
             }
             NetEvent::DialFailed { addr, known, reason, gave_up, silent } => {
+                if self.hub == Hub::Dialling && Some(addr) == self.tracker {
+                    if gave_up {
+                        log::warn!("cannot reach the tracker's relay at {addr} ({reason})");
+                        self.dialling.remove(&addr);
+                        self.hub = Hub::Unused;
+                    }
+                    return;
+                }
                 if silent && known == Some(Protocol::P2pchat) {
                     // No answer at all from a p2pchat member: perhaps a router that drops what nobody
                     // inside asked for. (Original peers get nothing but the original protocol.)
@@ -575,6 +622,9 @@ impl Actor {
                     self.dialling.remove(&addr);
                     self.carried.remove(&addr);
                     log::warn!("cannot reach {addr} ({reason}); skipping it");
+                    if known == Some(Protocol::P2pchat) {
+                        self.link_to_hub();
+                    }
                 }
             }
             NetEvent::Hello { id, hello } => self.on_hello(id, hello),
@@ -587,6 +637,12 @@ impl Actor {
             }
             NetEvent::Original { id } => self.on_original(id),
             NetEvent::ProbeRejected { id } => {
+                if self.hub_gone(id) {
+                    log::warn!("the tracker's relay closed our link without a hello; not using it");
+                    self.links.remove(&id);
+                    self.tracker_relays = false;
+                    return;
+                }
                 if let Some(link) = self.links.remove(&id) {
                     let addr = link.shown_addr();
                     log::debug!("{addr} dropped our p2pchat hello: an original peer");
@@ -600,6 +656,11 @@ impl Actor {
             NetEvent::Refused { id, code, message } => {
                 let Some(link) = self.links.remove(&id) else { return };
                 let addr = link.shown_addr();
+                if self.hub_gone(id) {
+                    log::warn!("the tracker's relay refused us: {message}");
+                    self.tracker_relays = false;
+                    return;
+                }
                 if code == ERR_ROOM {
                     log::debug!("{addr} is in another room: {message}");
                     return;
@@ -710,7 +771,7 @@ impl Actor {
         let peers = self
             .links
             .values()
-            .filter(|l| l.state != State::Opening)
+            .filter(|l| matches!(l.state, State::P2pchat | State::Original))
             .filter_map(|l| l.listen_addr.map(|a| Member { addr: a.to_string(), p2pchat: l.state == State::P2pchat, id: l.peer_id.clone() }))
             .collect();
         Hello {
@@ -755,14 +816,6 @@ impl Actor {
             log::debug!("link {id} replaces link {existing} to the same peer");
             return self.replace(existing, id, hello);
         }
-        let name = hello.name.filter(|n| chat::validate_name(n).is_ok());
-        let Some(addr) = self.adopt(id, hello.id.clone(), hello.listen_port, name.clone(), Vec::new()) else { return };
-        if self.relays.direct(&hello.id).is_some() {
-            log::info!("linked directly to {addr}, which a relay passed to us until now");
-        } else {
-            self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing, relayed_by: None });
-        }
-        self.after_adopting(id, &hello.id);
         let unreached: Vec<String> = hello
             .peers
             .iter()
@@ -771,6 +824,24 @@ impl Actor {
             .filter(|peer| *peer != self.my_id && self.p2pchat_link_to(peer).is_none())
             .collect();
         self.relays.heard_of(id, unreached, tokio::time::Instant::now());
+        if self.hub == Hub::Opening(id) {
+            if self.adopt(id, hello.id, None, None, Vec::new()).is_some() {
+                log::info!("linked to the tracker's relay");
+                self.hub = Hub::Linked(id);
+                if let Some(link) = self.links.get_mut(&id) {
+                    link.state = State::Relay;
+                }
+            }
+            return;
+        }
+        let name = hello.name.filter(|n| chat::validate_name(n).is_ok());
+        let Some(addr) = self.adopt(id, hello.id.clone(), hello.listen_port, name.clone(), Vec::new()) else { return };
+        if self.relays.direct(&hello.id).is_some() {
+            log::info!("linked directly to {addr}, which a relay passed to us until now");
+        } else {
+            self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing, relayed_by: None });
+        }
+        self.after_adopting(id, &hello.id);
         for member in hello.peers {
             self.consider(member);
         }
@@ -865,7 +936,7 @@ impl Actor {
     fn write(&mut self, id: ConnId, line: &Arc<OutLine>) -> bool {
         let Some(link) = self.links.get_mut(&id) else { return false };
         let bytes = match link.state {
-            State::P2pchat => line.p2pchat.clone(),
+            State::P2pchat | State::Relay => line.p2pchat.clone(),
             State::Original => line.original.clone(),
             State::Opening => {
                 if link.held.len() < self.limits.send_queue {
@@ -912,14 +983,15 @@ impl Actor {
         }
         let ids: Vec<ConnId> = self.links.keys().copied().collect();
         let took: HashSet<ConnId> = ids.into_iter().filter(|id| self.write(*id, &line)).collect();
+        let members = took.iter().filter(|id| self.links.get(id).is_some_and(|l| l.state != State::Relay)).count();
         // Relays pass it on to the members we reach through them.
-        took.len() + self.relays.relayed().filter(|(_, m)| took.contains(&m.via)).count()
+        members + self.relays.relayed().filter(|(_, m)| took.contains(&m.via)).count()
     }
 
     fn nick(&mut self, name: String) {
         self.name = name.clone();
         let frame: Line = frames::encode(&Frame::Nick { name }).into();
-        for link in self.links.values().filter(|l| l.state == State::P2pchat) {
+        for link in self.links.values().filter(|l| matches!(l.state, State::P2pchat | State::Relay)) {
             let _ = link.conn.queue.try_send(frame.clone());
         }
     }
@@ -931,7 +1003,7 @@ impl Actor {
             (Some(_), None) if self.tracker_registers => TrackerState::Reconnecting,
             (Some(_), None) => TrackerState::Original,
         };
-        let linked = self.links.values().filter(|l| l.state != State::Opening).count();
+        let linked = self.links.values().filter(|l| matches!(l.state, State::P2pchat | State::Original)).count();
         Status { members: linked + self.relays.relayed().count(), tracker }
     }
 
@@ -939,12 +1011,13 @@ impl Actor {
         let mut peers: Vec<PeerInfo> = self
             .links
             .values()
+            .filter(|l| l.state != State::Relay)
             .map(|l| PeerInfo {
                 addr: l.shown_addr(),
                 name: l.name.clone(),
                 outgoing: l.outgoing,
                 protocol: match l.state {
-                    State::Opening => None,
+                    State::Opening | State::Relay => None,
                     State::P2pchat => Some(Protocol::P2pchat),
                     State::Original => Some(Protocol::Original),
                 },
@@ -963,9 +1036,12 @@ impl Actor {
     }
 
     fn remove(&mut self, id: ConnId, reason: String, clean: bool) {
+        if self.hub_gone(id) {
+            log::info!("the link to the tracker's relay closed ({reason})");
+        }
         if let Some(link) = self.links.remove(&id) {
             log::info!("link to {} closed ({reason})", link.shown_addr());
-            let announced = link.state != State::Opening;
+            let announced = matches!(link.state, State::P2pchat | State::Original);
             let (addr, name) = (link.shown_addr(), link.name.clone());
             let lost = link.state == State::P2pchat && !clean;
             let peer_id = link.peer_id.clone();
@@ -1004,7 +1080,7 @@ impl Actor {
         let deadline = tokio::time::Instant::now() + self.limits.close_grace;
         let mut writers = Vec::new();
         for (_, link) in self.links.drain() {
-            if link.state == State::P2pchat {
+            if matches!(link.state, State::P2pchat | State::Relay) {
                 let _ = link.conn.queue.try_send(bye.clone());
             }
             let Connection { queue, reader, writer, .. } = link.conn;

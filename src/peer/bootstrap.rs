@@ -37,13 +37,21 @@ pub(super) struct Boot {
     /// The members to dial, without ourselves.
     pub contacts: Vec<Contact>,
     /// Our registration with a p2pchat tracker (open for as long as we are registered).
-    pub tracker_link: Option<TcpStream>,
+    pub tracker_link: Option<TrackerLink>,
+}
+
+/// A registration with a p2pchat tracker.
+pub(super) struct TrackerLink {
+    /// Open for as long as we are registered.
+    pub stream: TcpStream,
+    /// Its welcome said it relays between members (see `tracker::hub`).
+    pub relays: bool,
 }
 
 /// What asking a tracker gave.
 pub(super) enum Asked {
     /// A p2pchat tracker registered us: keep `link` open to stay registered.
-    Registered { link: TcpStream, contacts: Vec<Contact> },
+    Registered { link: TrackerLink, contacts: Vec<Contact> },
     /// An original tracker listed the room (it knows nothing of protocols, and nothing needs keeping).
     Listed { contacts: Vec<Contact> },
 }
@@ -94,7 +102,7 @@ pub(super) async fn ask_tracker(tracker: SocketAddr, listen_port: u16, room: &st
     stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.map_err(unreachable)?;
     let not_us = |c: &Contact| net::canonical(c.addr) != net::canonical(seen_as);
     Ok(match read_answer(&mut stream, tracker, limits).await {
-        Ok(Answer::Welcome(members)) => {
+        Ok(Answer::Welcome { members, relays }) => {
             let contacts = members
                 .into_iter()
                 .filter_map(|m| match m.addr.parse() {
@@ -107,7 +115,7 @@ pub(super) async fn ask_tracker(tracker: SocketAddr, listen_port: u16, room: &st
                 .filter(not_us)
                 .collect();
             net::detect_dead_peer(&stream, limits.dead_after);
-            Asked::Registered { link: stream, contacts }
+            Asked::Registered { link: TrackerLink { stream, relays }, contacts }
         }
         Ok(Answer::List(list)) => {
             // A reset leaves no TIME_WAIT on P, so asking again from the same port works at once.
@@ -132,8 +140,8 @@ async fn resolve(host: &str, port: u16) -> Result<SocketAddr, PeerError> {
 }
 
 enum Answer {
-    /// A p2pchat tracker's members.
-    Welcome(Vec<frames::Member>),
+    /// A p2pchat tracker's members, and whether it relays.
+    Welcome { members: Vec<frames::Member>, relays: bool },
     /// An original tracker's list.
     List(Vec<u8>),
 }
@@ -184,7 +192,7 @@ async fn read_welcome(
     let refused = |message: String| PeerError::TrackerRefused { addr: tracker, message };
     loop {
         return match read_frame(stream, &mut decoder, deadline).await {
-            Ok(Frame::Welcome { members, .. }) => Ok(Answer::Welcome(members)),
+            Ok(Frame::Welcome { members, relay, .. }) => Ok(Answer::Welcome { members, relays: relay }),
             Ok(Frame::Error { message, .. }) => Err(refused(message)),
             Ok(_) => continue,
             Err(FrameReadError::Bad(err)) => Err(refused(format!("unreadable answer: {err}"))),

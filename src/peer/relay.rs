@@ -17,6 +17,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::connection::ConnId;
+use crate::pairs::Pairs;
 
 /// A member we reach through a relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,13 +58,13 @@ pub(super) struct Relays {
     relay_after: Duration,
     heard: HashMap<String, Heard>,
     relayed: HashMap<String, RelayedMember>,
-    /// As a relay: which links we pass each link's messages to (always both ways).
-    partners: HashMap<ConnId, HashSet<ConnId>>,
+    /// As a relay: which links we pass each link's messages to.
+    pairs: Pairs<ConnId>,
 }
 
 impl Relays {
     pub fn new(relay_after: Duration) -> Self {
-        Self { relay_after, heard: HashMap::new(), relayed: HashMap::new(), partners: HashMap::new() }
+        Self { relay_after, heard: HashMap::new(), relayed: HashMap::new(), pairs: Pairs::new() }
     }
 
     /// Neighbour `via` is linked to these members, none of which we are linked to.
@@ -132,14 +133,12 @@ impl Relays {
 
     /// As a relay: pass messages between links `a` and `b` from now on. False when already so.
     pub fn pair(&mut self, a: ConnId, b: ConnId) -> bool {
-        let new = self.partners.entry(a).or_default().insert(b);
-        self.partners.entry(b).or_default().insert(a);
-        new
+        self.pairs.pair(a, b)
     }
 
     /// Links that get a copy of what arrives on `id`.
     pub fn partners_of(&self, id: ConnId) -> impl Iterator<Item = ConnId> + '_ {
-        self.partners.get(&id).into_iter().flatten().copied()
+        self.pairs.partners_of(&id).copied()
     }
 
     /// Link `id` (to the member `peer`, when it spoke p2pchat) is gone.
@@ -153,22 +152,12 @@ impl Relays {
         });
         let lost_ids: Vec<String> = self.relayed.iter().filter(|(_, m)| m.via == id).map(|(p, _)| p.clone()).collect();
         let lost = lost_ids.into_iter().filter_map(|p| self.relayed.remove(&p).map(|m| (p, m))).collect();
-        let mut partners: Vec<ConnId> = self.partners.remove(&id).into_iter().flatten().collect();
-        partners.sort_unstable();
-        for partner in &partners {
-            if let Some(set) = self.partners.get_mut(partner) {
-                set.remove(&id);
-                if set.is_empty() {
-                    self.partners.remove(partner);
-                }
-            }
-        }
-        LinkGone { lost, partners }
+        LinkGone { lost, partners: self.pairs.remove(&id) }
     }
 
     /// Whether anything arriving on `id` is passed on.
     pub fn forwards(&self, id: ConnId) -> bool {
-        self.partners.contains_key(&id)
+        self.pairs.has_partners(&id)
     }
 
     pub fn relayed(&self) -> impl Iterator<Item = (&String, &RelayedMember)> {
@@ -249,17 +238,12 @@ mod tests {
     }
 
     #[test]
-    fn as_a_relay_pairs_go_both_ways_and_end_with_either_link() {
+    fn a_gone_link_ends_its_pairs() {
         let mut relays = Relays::new(AFTER);
-        assert!(relays.pair(1, 2));
-        assert!(!relays.pair(2, 1), "already paired");
-        assert!(relays.pair(1, 3));
-        let mut of_one: Vec<ConnId> = relays.partners_of(1).collect();
-        of_one.sort_unstable();
-        assert_eq!(of_one, [2, 3]);
-        assert_eq!(relays.partners_of(2).collect::<Vec<_>>(), [1]);
-        let gone = relays.link_gone(1, Some("p"));
-        assert_eq!(gone.partners, [2, 3]);
+        relays.pair(1, 2);
+        relays.pair(1, 3);
+        assert!(relays.forwards(1) && relays.forwards(2));
+        assert_eq!(relays.link_gone(1, Some("p")).partners, [2, 3]);
         assert!(!relays.forwards(2) && !relays.forwards(3), "nothing left to pass on");
     }
 }

@@ -46,6 +46,8 @@ impl Closable for Control {
 /// `registration_timeout`: a p2pchat peer that stops pinging is dropped after this many seconds.
 /// `original_ttl`: an original peer nobody vouched for in this many seconds is probed, and dropped if
 /// the probe fails.
+/// `relay`: relay messages between p2pchat members that cannot reach each other (off by default: the
+/// tracker then never carries a chat message).
 ///
 /// >>> with Tracker(host="127.0.0.1", port=0) as tracker:
 /// ...     host, port = tracker.address
@@ -65,8 +67,8 @@ fn resolve(host: &str, port: u16) -> PyResult<SocketAddr> {
 #[pymethods]
 impl PyTracker {
     #[new]
-    #[pyo3(signature = (host = "0.0.0.0", port = crate::tracker::DEFAULT_PORT, *, original_ttl = 45.0, registration_timeout = 6.0))]
-    fn new(py: Python<'_>, host: &str, port: u16, original_ttl: f64, registration_timeout: f64) -> PyResult<Self> {
+    #[pyo3(signature = (host = "0.0.0.0", port = crate::tracker::DEFAULT_PORT, *, original_ttl = 45.0, registration_timeout = 6.0, relay = false))]
+    fn new(py: Python<'_>, host: &str, port: u16, original_ttl: f64, registration_timeout: f64, relay: bool) -> PyResult<Self> {
         let positive = |name: &str, value: f64| match seconds(Some(value))? {
             Some(d) if !d.is_zero() => Ok(d),
             _ => Err(PyValueError::new_err(format!("{name} must be a positive number of seconds"))),
@@ -75,6 +77,7 @@ impl PyTracker {
             listen: resolve(host, port)?,
             original_ttl: positive("original_ttl", original_ttl)?,
             registration_timeout: positive("registration_timeout", registration_timeout)?,
+            relay,
             ..TrackerConfig::default()
         };
         let tracker = wait(py, Tracker::bind(config))??;

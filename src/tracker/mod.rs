@@ -19,8 +19,11 @@
 //! * the p2pchat [`MAGIC`] and a `hello`: a p2pchat peer registering. It gets a `welcome` frame with its
 //!   room's members (each marked p2pchat or original) and stays registered while it keeps this control
 //!   connection open;
+//! * the magic and a `hello` with a `name`: a member's link to the tracker's relay, when it relays
+//!   (see [`hub`]); refused otherwise;
 //! * anything else: junk, reset without being listed.
 
+mod hub;
 mod registry;
 
 use std::collections::HashMap;
@@ -75,6 +78,9 @@ pub struct TrackerConfig {
     pub probe_timeout: Duration,
     /// Probes in flight at once.
     pub max_probes: usize,
+    /// Relay between members that cannot reach each other (see [`hub`]). Off by default: the tracker
+    /// then never carries a chat message.
+    pub relay: bool,
 }
 
 impl Default for TrackerConfig {
@@ -91,6 +97,7 @@ impl Default for TrackerConfig {
             original_ttl: Duration::from_secs(45),
             probe_timeout: Duration::from_secs(3),
             max_probes: 32,
+            relay: false,
         }
     }
 }
@@ -202,6 +209,7 @@ impl Tracker {
         let mut probes_in_flight = 0usize;
         let mut probe_tick = tokio::time::interval((config.original_ttl / 4).clamp(Duration::from_millis(20), Duration::from_secs(5)));
         let mut serving = JoinSet::new();
+        let hub = config.relay.then(hub::HubHandle::start);
         tokio::pin!(shutdown);
         log::info!("tracker listening on {}", handle.local_addr);
         loop {
@@ -215,7 +223,7 @@ impl Tracker {
                         let _ = reply.send(list);
                     }
                     Query::Register { room, addr, to_peer, reply } => {
-                        let registered = registry.register(&room, addr);
+                        let registered = registry.register(&room, addr, config.relay);
                         registered_peers.insert(addr, (room.clone(), registered.1, to_peer));
                         log::debug!("{addr} registered in room {room:?}; answered with a {}-byte welcome", registered.0.len());
                         let _ = reply.send(registered);
@@ -260,9 +268,9 @@ impl Tracker {
                             crate::net::reset(stream);
                             continue;
                         };
-                        let (handle, config, registrations) = (handle.clone(), config.clone(), registrations.clone());
+                        let (handle, config, registrations, hub) = (handle.clone(), config.clone(), registrations.clone(), hub.clone());
                         serving.spawn(async move {
-                            serve_client(stream, remote, handle, config, slot, registrations).await;
+                            serve_client(stream, remote, handle, config, slot, registrations, hub).await;
                         });
                     }
                     Err(err) => {
@@ -286,6 +294,7 @@ async fn serve_client(
     config: TrackerConfig,
     slot: tokio::sync::OwnedSemaphorePermit,
     registrations: Arc<Semaphore>,
+    hub: Option<hub::HubHandle>,
 ) {
     let _ = stream.set_nodelay(true);
     let after_magic = match read_opening(&mut stream, config.answer_after).await {
@@ -302,7 +311,7 @@ async fn serve_client(
         log::warn!("{remote} refused: {} peers already registered", config.max_registrations);
         return crate::net::reset(stream);
     };
-    serve_registration(stream, remote, after_magic, &tracker, config.registration_timeout).await;
+    serve_registration(stream, remote, after_magic, &tracker, config.registration_timeout, hub).await;
     drop(registration_slot);
 }
 
@@ -317,8 +326,9 @@ async fn serve_original(stream: TcpStream, remote: SocketAddr, tracker: &Tracker
     }
 }
 
-/// A p2pchat peer's control connection: `hello` in, `welcome` out, registered until it closes.
-async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_magic: Vec<u8>, tracker: &TrackerHandle, silence: Duration) {
+/// A p2pchat peer's control connection: `hello` in, `welcome` out, registered until it closes. (Or a
+/// member's link to the relay: a `hello` with a name.)
+async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_magic: Vec<u8>, tracker: &TrackerHandle, silence: Duration, hub: Option<hub::HubHandle>) {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&after_magic);
     let hello = match read_frame(&mut stream, &mut decoder, Instant::now() + HELLO_WAIT).await {
@@ -335,6 +345,12 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
     }
     if let Err(err) = validate_room(&hello.room) {
         return refuse(stream, remote, frames::ERR_ROOM, err.to_string()).await;
+    }
+    if hello.name.is_some() {
+        return match hub {
+            Some(hub) => hub::serve_member(stream, remote, hello, decoder, hub, silence).await,
+            None => refuse(stream, remote, frames::ERR_MALFORMED, "this tracker does not relay (its operator can turn that on with --relay)".to_owned()).await,
+        };
     }
     let room = hello.room;
     let (reply, answer) = oneshot::channel();

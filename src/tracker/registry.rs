@@ -174,13 +174,13 @@ impl Registry {
     }
 
     /// A p2pchat peer at `addr` registers in `room`: return its whole answer (a welcome listing the
-    /// other members, newest first) and the proof of registration.
-    pub fn register(&mut self, room_name: &str, addr: SocketAddr) -> (Vec<u8>, Registration) {
+    /// other members, newest first, and whether this tracker relays) and the proof of registration.
+    pub fn register(&mut self, room_name: &str, addr: SocketAddr, relay: bool) -> (Vec<u8>, Registration) {
         let addr = canonical(addr);
         let seq = self.next_seq();
         let room = self.rooms.entry(room_name.to_owned()).or_default();
         let others = room.newest_first().filter(|entry| entry.addr != addr).map(|entry| &entry.encoded[..]);
-        let welcome = frames::encode_welcome_opening(others, &addr.to_string());
+        let welcome = frames::encode_welcome_opening(others, &addr.to_string(), relay);
         room.insert(seq, addr, Kind::P2pchat, self.max_entries);
         room.originals.remove(&addr);
         (welcome, Registration(seq))
@@ -299,13 +299,13 @@ mod tests {
     #[test]
     fn rooms_are_separate_and_originals_see_only_the_default_room() {
         let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
-        let (welcome, _) = r.register("x", a("10.0.0.1:1"));
+        let (welcome, _) = r.register("x", a("10.0.0.1:1"), false);
         assert!(welcome_members(&welcome).is_empty());
-        let (welcome, _) = r.register("x", a("10.0.0.2:2"));
+        let (welcome, _) = r.register("x", a("10.0.0.2:2"), false);
         assert_eq!(welcome_members(&welcome), vec![Member { addr: "10.0.0.1:1".into(), p2pchat: true, id: None }]);
-        r.register(DEFAULT_ROOM, a("10.0.0.3:3"));
+        r.register(DEFAULT_ROOM, a("10.0.0.3:3"), false);
         assert_eq!(r.admit(a("10.0.0.4:4")), b"10.0.0.3:3");
-        let (welcome, _) = r.register(DEFAULT_ROOM, a("10.0.0.5:5"));
+        let (welcome, _) = r.register(DEFAULT_ROOM, a("10.0.0.5:5"), false);
         assert_eq!(
             welcome_members(&welcome),
             vec![Member { addr: "10.0.0.4:4".into(), p2pchat: false, id: None }, Member { addr: "10.0.0.3:3".into(), p2pchat: true, id: None }]
@@ -315,8 +315,8 @@ mod tests {
     #[test]
     fn deregistration_removes_only_its_own_registration() {
         let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
-        let (_, first) = r.register("x", a("10.0.0.1:1"));
-        let (_, again) = r.register("x", a("10.0.0.1:1"));
+        let (_, first) = r.register("x", a("10.0.0.1:1"), false);
+        let (_, again) = r.register("x", a("10.0.0.1:1"), false);
         r.deregister("x", a("10.0.0.1:1"), first);
         assert_eq!(r.members("x").len(), 1, "the stale close left the new registration alone");
         r.deregister("x", a("10.0.0.1:1"), again);
@@ -361,7 +361,7 @@ mod tests {
     fn p2pchat_registrations_are_never_probed() {
         let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
         let t0 = Instant::now();
-        r.register(DEFAULT_ROOM, a("10.0.0.1:1"));
+        r.register(DEFAULT_ROOM, a("10.0.0.1:1"), false);
         assert!(r.due_for_probe(t0 + Duration::from_secs(3600), Duration::from_secs(1), 10).is_empty());
     }
 }

@@ -100,6 +100,10 @@ pub enum Frame {
         members: Vec<Member>,
         /// The address the tracker saw this peer at.
         you: String,
+        /// The tracker relays between members that cannot reach each other (its operator turned
+        /// that on): a member may open a link to it as to a member (a `hello` with a `name`).
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        relay: bool,
     },
     Msg(Chat),
     /// The sender now goes by `name`.
@@ -177,12 +181,13 @@ pub fn encode_member(member: &Member) -> Box<[u8]> {
 /// A tracker's whole answer, [`MAGIC`] and a `welcome` frame, from members already encoded by
 /// [`encode_member`]. The tracker keeps every member encoded, so answering a join into a room of
 /// thousands copies bytes instead of serializing the room again. Decodes as [`Frame::Welcome`].
-pub fn encode_welcome_opening<'a>(members: impl Iterator<Item = &'a [u8]>, you: &str) -> Vec<u8> {
+pub fn encode_welcome_opening<'a>(members: impl Iterator<Item = &'a [u8]>, you: &str, relay: bool) -> Vec<u8> {
     let you = serde_json::to_string(you).unwrap_or_else(|_| "\"\"".to_owned());
     let mut out = Vec::with_capacity(4096);
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&[0; 4]);
-    out.extend_from_slice(format!(r#"{{"type":"welcome","v":{PROTOCOL_VERSION},"you":{you},"members":["#).as_bytes());
+    let relay = if relay { r#""relay":true,"# } else { "" };
+    out.extend_from_slice(format!(r#"{{"type":"welcome","v":{PROTOCOL_VERSION},"you":{you},{relay}"members":["#).as_bytes());
     for (i, member) in members.enumerate() {
         if i > 0 {
             out.push(b',');
@@ -383,12 +388,12 @@ mod tests {
         let members: Vec<Member> =
             (0..3).map(|i| Member { addr: format!("10.0.0.{i}:5000"), p2pchat: i % 2 == 0, id: None }).collect();
         let encoded: Vec<Box<[u8]>> = members.iter().map(encode_member).collect();
-        for count in [0, 1, 3] {
-            let opening = encode_welcome_opening(encoded[..count].iter().map(|m| &m[..]), "10.9.8.7:\"1\"");
+        for (count, relay) in [(0, false), (1, true), (3, false), (3, true)] {
+            let opening = encode_welcome_opening(encoded[..count].iter().map(|m| &m[..]), "10.9.8.7:\"1\"", relay);
             assert_eq!(&opening[..MAGIC.len()], MAGIC);
             let mut decoder = FrameDecoder::new();
             decoder.feed(&opening[MAGIC.len()..]);
-            let expected = Frame::Welcome { v: PROTOCOL_VERSION, members: members[..count].to_vec(), you: "10.9.8.7:\"1\"".into() };
+            let expected = Frame::Welcome { v: PROTOCOL_VERSION, members: members[..count].to_vec(), you: "10.9.8.7:\"1\"".into(), relay };
             assert_eq!(decoder.next_frame(), Ok(Some(expected)));
         }
     }
@@ -396,7 +401,7 @@ mod tests {
     #[test]
     fn a_welcome_for_a_big_room_needs_the_welcome_limit() {
         let member = encode_member(&Member { addr: "[2001:db8::1234:5678:9abc:def0]:65535".into(), p2pchat: true, id: None });
-        let opening = encode_welcome_opening(std::iter::repeat_n(&member[..], 16_384), "[2001:db8::1]:1");
+        let opening = encode_welcome_opening(std::iter::repeat_n(&member[..], 16_384), "[2001:db8::1]:1", false);
         assert!(opening.len() > MAX_FRAME_BYTES && opening.len() < MAX_WELCOME_BYTES);
         let mut decoder = FrameDecoder::with_limit(MAX_WELCOME_BYTES);
         decoder.feed(&opening[MAGIC.len()..]);
