@@ -53,6 +53,8 @@ pub(crate) enum NetEvent {
     Refused { id: ConnId, code: String, message: String },
     /// The other end is known by this name now.
     Renamed { id: ConnId, name: String },
+    /// Writing to the link failed; its reader reports the end (`Closed`) next.
+    WriteFailed { id: ConnId, reason: String },
     /// The link ended (its reader saw it end): `clean` when the other end said goodbye first.
     Closed { id: ConnId, reason: String, clean: bool },
     TrackerLost { reason: String },
@@ -140,6 +142,8 @@ struct Link {
     held: Vec<Arc<OutLine>>,
     /// What it may still make us send as history.
     budget: AnswerBudget,
+    /// Why writing to it failed, if it did: the reason it ended, unless it said goodbye.
+    write_failed: Option<String>,
 }
 
 impl Link {
@@ -682,12 +686,21 @@ impl Actor {
                 let addr = link.shown_addr();
                 self.notify(Event::Renamed { addr, old, new: name });
             }
+            NetEvent::WriteFailed { id, reason } => {
+                if let Some(link) = self.links.get_mut(&id) {
+                    link.write_failed = Some(reason);
+                }
+            }
             NetEvent::Closed { id, reason, clean } => {
                 if self.retiring.remove(&id).is_some() {
                     // Its replacement is up; a request it was still answering goes to another member.
                     return self.forget_link_history(id, None, false);
                 }
-                let Some(link) = self.links.get(&id) else { return };
+                let Some(link) = self.links.get_mut(&id) else { return };
+                let reason = match (clean, link.write_failed.take()) {
+                    (false, Some(write_failed)) => write_failed,
+                    _ => reason,
+                };
                 // An original peer we probed drops that link when it reads the probe: dial it again.
                 let redial_original = link.outgoing && link.probed && link.state == State::Original;
                 // A p2pchat peer lost without a goodbye may still be in the room: try to get it back.
@@ -761,7 +774,7 @@ impl Actor {
             let _ = conn.queue.try_send(frames::encode_opening(&Frame::Hello(self.hello())).into());
         }
         log::debug!("link {id} to {remote} opened ({role:?})");
-        let link = Link { conn, remote, listen_addr, outgoing, state: State::Opening, name: None, peer_id: None, probed, held: Vec::new(), budget: AnswerBudget::new(&self.history) };
+        let link = Link { conn, remote, listen_addr, outgoing, state: State::Opening, name: None, peer_id: None, probed, held: Vec::new(), budget: AnswerBudget::new(&self.history), write_failed: None };
         self.links.insert(id, link);
         id
     }

@@ -117,8 +117,9 @@ pub(super) fn spawn(id: ConnId, stream: TcpStream, from: SocketAddr, role: Role,
     let (read_half, write_half) = stream.into_split();
     let (queue, lines) = mpsc::channel(context.limits.send_queue);
     let (framed, forwards) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+    let net = context.net.clone();
     let reader = tokio::spawn(read_loop(id, read_half, from, role, context, forwards.clone()));
-    let writer = tokio::spawn(write_loop(id, write_half, lines, framed.clone()));
+    let writer = tokio::spawn(write_loop(id, write_half, lines, framed.clone(), net));
     Connection { queue, framed, forwards, reader: AbortOnDropHandle::new(reader), writer: AbortOnDropHandle::new(writer) }
 }
 
@@ -153,7 +154,7 @@ impl ReadSize {
 /// Most bytes one write gathers from a framed link's queue.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
-async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>) {
+async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>, net: mpsc::Sender<NetEvent>) {
     let mut batch = Vec::new();
     while let Some(line) = lines.recv().await {
         // Frames keep their boundaries however the stream is cut, so a p2pchat link writes everything
@@ -173,8 +174,9 @@ async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Recei
         if let Err(err) = written {
             // The reader reports the end, not us: the other side may have said goodbye and closed
             // while our line was on its way, and its `bye` may still wait, unread, in our socket.
-            // Stopping the reads makes the reader take what arrived and then end.
-            log::debug!("write on link {id:?} failed: {err}");
+            // Stopping the reads makes the reader take what arrived and then end; the actor keeps
+            // this reason for a link that ends without a goodbye.
+            let _ = net.send(NetEvent::WriteFailed { id, reason: format!("write failed: {err}") }).await;
             let _ = socket2::SockRef::from(half.as_ref()).shutdown(std::net::Shutdown::Read);
             return;
         }
