@@ -12,6 +12,7 @@ pub mod history;
 pub mod identity;
 pub mod net;
 pub mod peer;
+pub mod private;
 mod pairs;
 mod reading;
 pub mod tracker;

@@ -214,8 +214,8 @@ class Room:
         return Tracker(proc, port)
 
     # -- peers --------------------------------------------------------------------------------------
-    def p2pchat_peer(self, name: str, tracker_port: int, *extra: str) -> "Peer":
-        proc = self.start(python("client.py", "--port", str(tracker_port), "--name", name, *extra), name)
+    def p2pchat_peer(self, name: str, tracker_port: int, *extra: str, env: Optional[dict] = None) -> "Peer":
+        proc = self.start(python("client.py", "--port", str(tracker_port), "--name", name, *extra), name, env)
         found = proc.err.expect(r"joined as .*listening on port (\d+); connected to (\d+) of (\d+)")
         return Peer(proc, name, "p2pchat", int(found.group(1)), int(found.group(2)))
 

@@ -660,3 +660,188 @@ async fn the_tracker_relays_only_when_told_to() {
     let Frame::RelayClose { peer, clean, .. } = quin.next(|f| matches!(f, Frame::RelayClose { .. })).await else { unreachable!() };
     assert_eq!((peer.as_str(), clean), ("pia-session", true));
 }
+
+mod private_rooms {
+    use super::*;
+    use p2pchat::private::RoomKey;
+    use p2pchat::wire::frames::{self, Frame, FrameDecoder, Hello, MAGIC, PROTOCOL_VERSION};
+
+    const SECRET: &str = "correct horse battery";
+
+    async fn join_private(name: &str, tracker: std::net::SocketAddr, key: &RoomKey) -> (PeerHandle, Events) {
+        let mut config = PeerConfig::new(name, "127.0.0.1", tracker.port());
+        config.private = Some(key.clone());
+        let (handle, events, _) = peer::join(config).await.unwrap();
+        (handle, events)
+    }
+
+    /// Two members with the same secret chat; the tracker knows the room only by its opaque id.
+    #[tokio::test]
+    async fn members_chat_and_the_tracker_knows_only_the_opaque_id() {
+        let key = RoomKey::from_secret("plans", SECRET).unwrap();
+        let bound = Tracker::bind(TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() }).await.unwrap();
+        let (tracker, tracker_handle) = (bound.local_addr(), bound.handle());
+        let _task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(bound.run(std::future::pending())));
+        let (ana, mut ana_events) = join_private("ana", tracker, &key).await;
+        let (bob, mut bob_events) = join_private("bob", tracker, &key).await;
+        assert_eq!(ana.room(), "plans");
+        assert_eq!(tracker_handle.members(&key.room_id()).await.unwrap().len(), 2);
+        assert!(tracker_handle.members("plans").await.unwrap().is_empty(), "the tracker never hears the name");
+        wait_p2pchat_links(&ana, 1).await;
+        bob.send("the plan").await.unwrap();
+        assert_eq!(next_message(&mut ana_events).await.text, "the plan");
+        ana.send("agreed").await.unwrap();
+        assert_eq!(next_message(&mut bob_events).await.text, "agreed");
+    }
+
+    /// The raw dialler's side of the handshake (the same steps as `peer::secure`, written out here so
+    /// the test can bring a wrong key or misbehave afterwards).
+    struct RawDialler {
+        stream: TcpStream,
+        pending: Vec<u8>,
+        transport: Option<snow::StatelessTransportState>,
+    }
+
+    fn record(message: &[u8]) -> Vec<u8> {
+        let mut out = (message.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(message);
+        out
+    }
+
+    impl RawDialler {
+        async fn read_record(&mut self) -> Option<Vec<u8>> {
+            loop {
+                if self.pending.len() >= 2 {
+                    let len = usize::from(u16::from_be_bytes([self.pending[0], self.pending[1]]));
+                    if self.pending.len() >= 2 + len {
+                        let record = self.pending[2..2 + len].to_vec();
+                        self.pending.drain(..2 + len);
+                        return Some(record);
+                    }
+                }
+                let mut buf = [0u8; 4096];
+                let n = tokio::time::timeout(WAIT, self.stream.read(&mut buf)).await.unwrap().unwrap_or(0);
+                if n == 0 {
+                    return None;
+                }
+                self.pending.extend_from_slice(&buf[..n]);
+            }
+        }
+
+        /// Dial `at` for room `room_id` holding `psk`; `transport` is set when the handshake completed.
+        async fn handshake(at: std::net::SocketAddr, room_id: &str, psk: &[u8; 32]) -> Self {
+            let builder = snow::Builder::new("Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s".parse().unwrap());
+            let keypair = builder.generate_keypair().unwrap();
+            let mut noise =
+                builder.local_private_key(&keypair.private).unwrap().psk(3, psk).unwrap().prologue(b"p2pchat private link v1").unwrap().build_initiator().unwrap();
+            let mut stream = TcpStream::connect(at).await.unwrap();
+            let mut message = vec![0u8; 65_535];
+            let mut opening = frames::encode_opening(&Frame::SecureHello { v: PROTOCOL_VERSION, room: room_id.into() });
+            let n = noise.write_message(&[], &mut message).unwrap();
+            opening.extend(record(&message[..n]));
+            stream.write_all(&opening).await.unwrap();
+            let mut head = vec![0u8; MAGIC.len()];
+            tokio::time::timeout(WAIT, stream.read_exact(&mut head)).await.unwrap().unwrap();
+            assert_eq!(head, MAGIC);
+            let mut this = Self { stream, pending: Vec::new(), transport: None };
+            let mut decoder = FrameDecoder::new();
+            let hello = loop {
+                if let Some(frame) = decoder.next_frame().unwrap() {
+                    break frame;
+                }
+                let mut buf = [0u8; 4096];
+                let n = this.stream.read(&mut buf).await.unwrap();
+                decoder.feed(&buf[..n]);
+            };
+            assert!(matches!(hello, Frame::SecureHello { ref room, .. } if room == room_id), "{hello:?}");
+            this.pending = decoder.take_rest();
+            let reply = this.read_record().await.expect("the acceptor's handshake message");
+            noise.read_message(&reply, &mut message).unwrap();
+            let n = noise.write_message(&[], &mut message).unwrap();
+            this.stream.write_all(&record(&message[..n])).await.unwrap();
+            let transport = noise.into_stateless_transport_mode().unwrap();
+            if let Some(ready) = this.read_record().await {
+                transport.read_message(0, &ready, &mut message).expect("the acceptor's empty record");
+                this.transport = Some(transport);
+            }
+            this
+        }
+
+        fn seal(&self, nonce: u64, plaintext: &[u8]) -> Vec<u8> {
+            let mut out = vec![0u8; plaintext.len() + 16];
+            let n = self.transport.as_ref().unwrap().write_message(nonce, plaintext, &mut out).unwrap();
+            record(&out[..n])
+        }
+    }
+
+    /// The hello inside the encryption names the room by its id, like everything on the wire.
+    fn raw_hello(key: &RoomKey) -> Vec<u8> {
+        let hello = Hello { v: PROTOCOL_VERSION, id: "raw-session".into(), name: Some("raw".into()), room: key.room_id(), listen_port: None, peers: vec![] };
+        frames::encode_opening(&Frame::Hello(hello))
+    }
+
+    async fn next_notice(events: &mut Events) -> String {
+        loop {
+            match tokio::time::timeout(WAIT, events.recv()).await.unwrap().unwrap() {
+                Event::Notice { text } => return text,
+                _ => continue,
+            }
+        }
+    }
+
+    /// Someone who knows the room's id (the tracker does) but not its key cannot open a link: the
+    /// handshake fails, the member says so, and nothing reaches either side.
+    #[tokio::test]
+    async fn the_room_id_without_the_key_fails_the_handshake() {
+        let key = RoomKey::from_secret("plans", SECRET).unwrap();
+        let (tracker, _stop) = start_tracker().await;
+        let (ana, mut ana_events) = join_private("ana", tracker, &key).await;
+        let mallory = RawDialler::handshake(ana.listen_addr(), &key.room_id(), &[7u8; 32]).await;
+        assert!(mallory.transport.is_none(), "the handshake must not complete without the key");
+        let notice = next_notice(&mut ana_events).await;
+        assert!(notice.contains("does not hold this room's key"), "{notice}");
+        assert!(ana.peers().await.unwrap().is_empty());
+    }
+
+    /// With the key, a record that was altered, or sent again, closes the link.
+    #[tokio::test]
+    async fn an_altered_or_replayed_record_closes_the_link() {
+        let key = RoomKey::from_secret("plans", SECRET).unwrap();
+        let (tracker, _stop) = start_tracker().await;
+        let (ana, mut ana_events) = join_private("ana", tracker, &key).await;
+        for misbehave in ["alter", "replay"] {
+            let mut raw = RawDialler::handshake(ana.listen_addr(), &key.room_id(), key.key()).await;
+            let hello = raw.seal(0, &raw_hello(&key));
+            raw.stream.write_all(&hello).await.unwrap();
+            loop {
+                match tokio::time::timeout(WAIT, ana_events.recv()).await.unwrap().unwrap() {
+                    Event::Joined { name, .. } => {
+                        assert_eq!(name.as_deref(), Some("raw"));
+                        break;
+                    }
+                    _ => continue,
+                }
+            }
+            let ping = frames::encode(&Frame::Ping);
+            let bad = match misbehave {
+                "alter" => {
+                    let mut sealed = raw.seal(1, &ping);
+                    let last = sealed.len() - 1;
+                    sealed[last] ^= 1;
+                    sealed
+                }
+                _ => hello.clone(),
+            };
+            raw.stream.write_all(&bad).await.unwrap();
+            loop {
+                match tokio::time::timeout(WAIT, ana_events.recv()).await.unwrap().unwrap() {
+                    Event::Left { name, clean, .. } => {
+                        assert_eq!((name.as_deref(), clean), (Some("raw"), false), "{misbehave}");
+                        break;
+                    }
+                    _ => continue,
+                }
+            }
+        }
+    }
+}

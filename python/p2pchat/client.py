@@ -11,6 +11,8 @@ from stdin and the client stays in the room after stdin ends (like the original)
 """
 
 import argparse
+import getpass
+import os
 import sys
 import threading
 import time
@@ -43,6 +45,7 @@ DEFAULT_NAME = "Unknow"
 TRACKER_RETRY_SECONDS = (1.0, 2.0, 4.0, 5.0)  # then every 5 s, as the original
 COMMANDS = {
     "/who": "list the members of the room",
+    "/invite": "in a private room: print a code that lets someone join without the secret",
     "/nick NEW": "change your name",
     "/ignore NAME": "hide NAME's messages (for you only); /ignore alone lists them",
     "/unignore NAME": "show NAME's messages again",
@@ -56,6 +59,8 @@ examples:
   python client.py -s 192.168.1.10 -n ana   tracker on another machine, name given
   python client.py --listen 7500            listen on a fixed port (to forward it on a router)
   python client.py --history 0 --no-history   no earlier messages shown, nothing written to disk
+  python client.py -r plans --private       a private room: asks for its secret (or an invite code)
+  P2PCHAT_SECRET=... python client.py -r plans   the same, the secret from the environment
   printf 'ana\\nhello\\n' | python client.py --exit-on-eof
 
 Type a line and press Enter to send it to everyone; /quit, Ctrl-C or Ctrl-D leaves.
@@ -88,6 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--identity", type=Path, metavar="FILE",
                         help="your key pair (created on first use, readable by you only; default: identity.json "
                              "in the data directory)")
+    parser.add_argument("--private", action="store_true",
+                        help="make --room private: ask for its secret (or an invite code) on the terminal. "
+                             "Only people with the same secret can join or read it")
+    parser.add_argument("--secret-file", type=Path, metavar="FILE",
+                        help="read the private room's secret (or invite code) from FILE; the environment "
+                             "variable P2PCHAT_SECRET works too. Never on the command line, which others can read")
     parser.add_argument("--json", action="store_true",
                         help="machine mode: JSON commands on stdin, one JSON object per event on stdout "
                              "(needs --name; see the README for the schema)")
@@ -95,6 +106,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-d", "--debug", action="store_true", help="print debug logs (connections, tracker exchange) on stderr")
     parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")
     return parser
+
+
+class SecretUnavailable(Exception):
+    """The private room's secret cannot be had; the message says how to give it."""
+
+
+def room_secret(args: argparse.Namespace) -> Optional[str]:
+    """The private room's secret or invite code: from --secret-file, P2PCHAT_SECRET, or a prompt (with
+    --private); None for an open room."""
+    if args.secret_file is not None:
+        try:
+            return args.secret_file.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SecretUnavailable(f"cannot read the secret file {str(args.secret_file)!r}: {err}") from None
+    from_env = os.environ.get("P2PCHAT_SECRET", "")
+    if from_env:
+        return from_env
+    if not args.private:
+        return None
+    if args.json or not sys.stdin.isatty():
+        raise SecretUnavailable("--private asks for the secret on a terminal; without one, use --secret-file FILE "
+                                "or the environment variable P2PCHAT_SECRET")
+    try:
+        return getpass.getpass(f"secret (or invite code) for room {args.room!r}: ")
+    except EOFError:
+        raise SecretUnavailable("no secret given") from None
 
 
 def ask_name() -> str:
@@ -207,6 +244,12 @@ def run_command(peer: Peer, command: str, argument: str, ignored: Set[str]) -> b
     elif command == "/unignore":
         ignored.discard(argument)
         status(f"showing messages from {argument}")
+    elif command == "/invite":
+        code = peer.invite_code
+        if code is None:
+            status("this room is open: anyone who knows its name can join (use --private for a room with a secret)")
+        else:
+            status(f"invite code (it carries the room's key: give it only to people you invite): {code}")
     elif command == "/nick":
         try:
             peer.nick(argument)
@@ -225,7 +268,7 @@ def handle_line(peer: Peer, line: str, ignored: Set[str]) -> bool:
     if not text:
         return True
     command, _, argument = text.strip().partition(" ")
-    if command in ("/quit", "/who", "/nick", "/ignore", "/unignore", "/help"):
+    if command in ("/quit", "/who", "/invite", "/nick", "/ignore", "/unignore", "/help"):
         return run_command(peer, command, argument.strip(), ignored)
     try:
         reached = peer.send(text)
@@ -291,12 +334,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json and args.name is None:
         print("client.py: --json needs --name (stdin carries commands, not the name)", file=sys.stderr)
         return 2
+    try:
+        secret = room_secret(args)
+    except SecretUnavailable as err:
+        fail(args, str(err))
+        return 2
     name = args.name if args.name is not None else ask_name()
     try:
         server = args.server if args.server is not None or args.peer else "127.0.0.1"
         peer = Peer(name, server, args.port, listen=args.listen, room=args.room, peers=args.peer,
                     history=args.history, data_dir=args.data_dir, save_history=not args.no_history,
-                    identity=args.identity)
+                    identity=args.identity, secret=secret)
     except (InvalidInput, ValueError) as err:
         fail(args, str(err))
         return 2
@@ -322,9 +370,12 @@ def run(args: argparse.Namespace) -> int:
             threading.Thread(target=pump_events, args=(peer, ignored, from_log), name="p2pchat-receiver", daemon=True).start()
             reached, listed = peer.join_result or (0, 0)
             _, listen_port = peer.address or ("", 0)
-            room = f" in room {args.room!r}" if args.room else ""
+            room = f" in {'private ' if peer.private else ''}room {peer.room!r}" if peer.room else ""
             status(f"joined as {name!r}{room} (key {peer.fingerprint}), listening on port {listen_port}; "
                    f"connected to {reached} of {listed} peer(s)")
+            if peer.private:
+                status("private room: every link is encrypted, only holders of its secret can join, the tracker "
+                       "sees an opaque id; original clients cannot join it (/invite makes a code for others)")
         if interactive:
             chat_in_terminal(peer, ignored)
         else:

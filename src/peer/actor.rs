@@ -17,14 +17,16 @@ use tokio::task::JoinSet;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::bootstrap::{self, Contact, TrackerLink};
-use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role};
+use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role, Transport};
 use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests, Sink};
 use super::relay::{self, Relays};
+use super::secure::{self, SecureStream};
 use super::seen::SeenIds;
 use super::{Event, Limits, PeerInfo, Protocol, Status, TrackerState};
 use crate::history::clock::{self, Clock};
 use crate::history::log::LogHandle;
 use crate::history::store::{Key, Query, Record};
+use crate::private::RoomKey;
 use crate::tracker::DEFAULT_ROOM;
 use crate::wire::chat;
 use crate::wire::frames::{self, Chat, Frame, Hello, Member, Position, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
@@ -76,6 +78,10 @@ pub(crate) enum NetEvent {
     RelayClosed { id: ConnId, peer: String, reason: String, clean: bool },
     /// A new message arrived on link `id`, which we relay: pass it on to its partners.
     Forward { id: ConnId, line: Line },
+    /// A private room's handshake succeeded on a connection we dialled (`dialled`) or accepted.
+    Secured { stream: SecureStream, remote: SocketAddr, dialled: Option<Contact> },
+    /// A private room's handshake failed; `wrong_key`: the other end reached the room without its key.
+    HandshakeFailed { remote: SocketAddr, reason: String, dialled: bool, wrong_key: bool },
 }
 
 pub(super) struct Setup {
@@ -98,6 +104,8 @@ pub(super) struct Setup {
     pub events: mpsc::Sender<Event>,
     /// Told how many contacts the first attempts reached, once every one was tried.
     pub ready: oneshot::Sender<usize>,
+    /// A private room's key: every link is then encrypted (see `secure`), and `room` is its opaque id.
+    pub private: Option<RoomKey>,
 }
 
 /// One line in both encodings; each link takes the one it speaks.
@@ -192,10 +200,12 @@ struct Actor {
     requests: Requests,
     /// Members reached through a relay, and the links we relay between.
     relays: Relays,
+    /// A private room's key (every link is encrypted).
+    private: Option<Arc<RoomKey>>,
 }
 
 pub(super) async fn run(setup: Setup) {
-    let Setup { name, room, limits, listener, tracker, tracker_link, log, history, history_after, joined_via_tracker, contacts, mut commands, events, ready } = setup;
+    let Setup { name, room, limits, listener, tracker, tracker_link, log, history, history_after, joined_via_tracker, contacts, mut commands, events, ready, private } = setup;
     let (net, mut net_rx) = mpsc::channel(1024);
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let relay_after = limits.relay_after;
@@ -214,6 +224,7 @@ pub(super) async fn run(setup: Setup) {
         dialling: HashSet::new(),
         punched: HashSet::new(),
         relays: Relays::new(relay_after),
+        private: private.map(Arc::new),
         carried: HashMap::new(),
         retiring: HashMap::new(),
         joined_via_tracker,
@@ -421,7 +432,8 @@ impl Actor {
     /// A p2pchat member stays out of reach: if the tracker relays, link to its relay (once), so a
     /// member that can reach nobody we know can still be relayed to us.
     fn link_to_hub(&mut self) {
-        let (true, Hub::Unused, Some(tracker)) = (self.tracker_relays, self.hub, self.tracker) else { return };
+        // The tracker holds no room key: it cannot relay for a private room (whose links it cannot open).
+        let (true, Hub::Unused, Some(tracker), None) = (self.tracker_relays, self.hub, self.tracker, &self.private) else { return };
         log::info!("linking to the tracker's relay at {tracker}");
         self.hub = Hub::Dialling;
         self.dial(Contact { addr: tracker, known: Some(Protocol::P2pchat) }, self.limits.retry_refused_for);
@@ -585,9 +597,21 @@ impl Actor {
         match event {
             NetEvent::Dialled { stream, contact } => {
                 self.dialling.remove(&contact.addr);
+                if let Some(key) = self.private.clone() {
+                    let (net, limits) = (self.net.clone(), self.limits.clone());
+                    self.background.spawn(async move {
+                        let remote = contact.addr;
+                        let event = match secure::dial_side(stream, &key, limits.probe_timeout, limits.dead_after).await {
+                            Ok(stream) => NetEvent::Secured { stream, remote, dialled: Some(contact) },
+                            Err(err) => NetEvent::HandshakeFailed { remote, dialled: true, wrong_key: err.is_wrong_key(), reason: err.to_string() },
+                        };
+                        let _ = net.send(event).await;
+                    });
+                    return;
+                }
                 let original = contact.known == Some(Protocol::Original) || self.originals.contains(&contact.addr);
                 let role = if original { Role::DialOriginal } else { Role::Probe };
-                let id = self.open(stream, contact.addr, Some(contact.addr), true, role);
+                let id = self.open(Transport::Plain(stream), contact.addr, Some(contact.addr), true, role);
                 if self.hub == Hub::Dialling && Some(contact.addr) == self.tracker {
                     self.hub = Hub::Opening(id);
                 }
@@ -602,7 +626,33 @@ impl Actor {
                     log::warn!("refusing {addr}: already {} links (the limit)", self.limits.max_links);
                     return crate::net::reset(stream);
                 }
-                self.open(stream, addr, None, false, Role::Accepted);
+                let Some(key) = self.private.clone() else {
+                    self.open(Transport::Plain(stream), addr, None, false, Role::Accepted);
+                    return;
+                };
+                let (net, limits) = (self.net.clone(), self.limits.clone());
+                self.background.spawn(async move {
+                    let event = match secure::accept_side(stream, &key, limits.probe_timeout, limits.dead_after).await {
+                        Ok(stream) => NetEvent::Secured { stream, remote: addr, dialled: None },
+                        Err(err) => NetEvent::HandshakeFailed { remote: addr, dialled: false, wrong_key: err.is_wrong_key(), reason: err.to_string() },
+                    };
+                    let _ = net.send(event).await;
+                });
+            }
+            NetEvent::Secured { stream, remote, dialled } => {
+                let (listen_addr, role) = match &dialled {
+                    Some(contact) => (Some(contact.addr), Role::Probe),
+                    None => (None, Role::Accepted),
+                };
+                self.open(Transport::Secure(stream), remote, listen_addr, dialled.is_some(), role);
+            }
+            NetEvent::HandshakeFailed { remote, reason, dialled, wrong_key } => {
+                // Ours to tell: a member we tried to reach, or someone at our door without the key.
+                if dialled || wrong_key {
+                    self.notice(format!("no private link with {remote}: {reason}"));
+                } else {
+                    log::info!("no private link with {remote}: {reason}");
+                }
             }
             NetEvent::DialFailed { addr, known, reason, gave_up, silent } => {
                 if self.hub == Hub::Dialling && Some(addr) == self.tracker {
@@ -756,7 +806,7 @@ impl Actor {
         }
     }
 
-    fn open(&mut self, stream: TcpStream, remote: SocketAddr, listen_addr: Option<SocketAddr>, outgoing: bool, role: Role) -> ConnId {
+    fn open(&mut self, transport: Transport, remote: SocketAddr, listen_addr: Option<SocketAddr>, outgoing: bool, role: Role) -> ConnId {
         let id = self.next_id;
         self.next_id += 1;
         let context = ReaderContext {
@@ -768,7 +818,7 @@ impl Actor {
             clock: self.clock.clone(),
             log: self.log.clone(),
         };
-        let conn = connection::spawn(id, stream, remote, role, context);
+        let conn = connection::spawn(id, transport, remote, role, context);
         let probed = role == Role::Probe;
         if probed {
             let _ = conn.queue.try_send(frames::encode_opening(&Frame::Hello(self.hello())).into());

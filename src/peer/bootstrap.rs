@@ -56,7 +56,8 @@ pub(super) enum Asked {
     Listed { contacts: Vec<Contact> },
 }
 
-pub(super) async fn contact_tracker(config: &PeerConfig) -> Result<Boot, PeerError> {
+/// Listen, and ask the tracker (if any) for the members of `room` (as the wire names it).
+pub(super) async fn contact_tracker(config: &PeerConfig, room: &str) -> Result<Boot, PeerError> {
     let tracker = match &config.tracker {
         Some(t) => Some(resolve(&t.host, t.port).await?),
         None => None,
@@ -71,7 +72,7 @@ pub(super) async fn contact_tracker(config: &PeerConfig) -> Result<Boot, PeerErr
     let Some(tracker_addr) = tracker else {
         return Ok(Boot { listener, listen_addr, tracker: None, contacts: Vec::new(), tracker_link: None });
     };
-    let (contacts, tracker_link) = match ask_tracker(tracker_addr, listen_addr.port(), &config.room, &config.limits).await? {
+    let (contacts, tracker_link) = match ask_tracker(tracker_addr, listen_addr.port(), room, &config.limits).await? {
         Asked::Registered { link, contacts } => (contacts, Some(link)),
         Asked::Listed { contacts } => (contacts, None),
     };

@@ -22,14 +22,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::actor::NetEvent;
 use super::history;
+use super::secure::SecureStream;
 use super::seen::SeenIds;
 use super::{Event, Limits, Message};
 use crate::history::clock::Clock;
@@ -111,16 +112,50 @@ pub(super) struct Connection {
     pub writer: AbortOnDropHandle<()>,
 }
 
-pub(super) fn spawn(id: ConnId, stream: TcpStream, from: SocketAddr, role: Role, context: ReaderContext) -> Connection {
-    let _ = stream.set_nodelay(true);
-    crate::net::detect_dead_peer(&stream, context.limits.dead_after);
-    let (read_half, write_half) = stream.into_split();
+/// What a link runs on: the socket itself, or (in a private room) the plaintext side of its
+/// encryption (see `secure`).
+pub(super) enum Transport {
+    Plain(TcpStream),
+    Secure(SecureStream),
+}
+
+pub(super) fn spawn(id: ConnId, transport: Transport, from: SocketAddr, role: Role, context: ReaderContext) -> Connection {
     let (queue, lines) = mpsc::channel(context.limits.send_queue);
     let (framed, forwards) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let net = context.net.clone();
-    let reader = tokio::spawn(read_loop(id, read_half, from, role, context, forwards.clone()));
-    let writer = tokio::spawn(write_loop(id, write_half, lines, framed.clone(), net));
+    let (reader, writer) = match transport {
+        Transport::Plain(stream) => {
+            let _ = stream.set_nodelay(true);
+            crate::net::detect_dead_peer(&stream, context.limits.dead_after);
+            let (read_half, write_half) = stream.into_split();
+            let reader = tokio::spawn(read_loop(id, read_half, from, role, context, forwards.clone()));
+            (reader, tokio::spawn(write_loop(id, write_half, lines, framed.clone(), net)))
+        }
+        Transport::Secure(stream) => {
+            let (read_half, write_half) = tokio::io::split(stream);
+            let reader = tokio::spawn(read_loop(id, read_half, from, role, context, forwards.clone()));
+            (reader, tokio::spawn(write_loop(id, write_half, lines, framed.clone(), net)))
+        }
+    };
     Connection { queue, framed, forwards, reader: AbortOnDropHandle::new(reader), writer: AbortOnDropHandle::new(writer) }
+}
+
+/// The writing side of a link.
+trait LinkWriter: AsyncWrite + Unpin + Send + 'static {
+    /// After a failed write: make the link's reader end once it has read what already arrived.
+    fn stop_reads(&self);
+}
+
+impl LinkWriter for OwnedWriteHalf {
+    fn stop_reads(&self) {
+        let _ = socket2::SockRef::from(self.as_ref()).shutdown(std::net::Shutdown::Read);
+    }
+}
+
+impl LinkWriter for WriteHalf<SecureStream> {
+    /// Writing here fails only once the encryption's pumps are gone, and they end the reads
+    /// themselves.
+    fn stop_reads(&self) {}
 }
 
 /// How much one read asks for: it starts small, since every link keeps its buffer for its life (a room
@@ -154,7 +189,7 @@ impl ReadSize {
 /// Most bytes one write gathers from a framed link's queue.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
-async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>, net: mpsc::Sender<NetEvent>) {
+async fn write_loop(id: ConnId, mut half: impl LinkWriter, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>, net: mpsc::Sender<NetEvent>) {
     let mut batch = Vec::new();
     while let Some(line) = lines.recv().await {
         // Frames keep their boundaries however the stream is cut, so a p2pchat link writes everything
@@ -177,7 +212,7 @@ async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Recei
             // Stopping the reads makes the reader take what arrived and then end; the actor keeps
             // this reason for a link that ends without a goodbye.
             let _ = net.send(NetEvent::WriteFailed { id, reason: format!("write failed: {err}") }).await;
-            let _ = socket2::SockRef::from(half.as_ref()).shutdown(std::net::Shutdown::Read);
+            half.stop_reads();
             return;
         }
     }
@@ -185,7 +220,7 @@ async fn write_loop(id: ConnId, mut half: OwnedWriteHalf, mut lines: mpsc::Recei
     let _ = half.shutdown().await;
 }
 
-async fn read_loop(id: ConnId, mut half: OwnedReadHalf, from: SocketAddr, role: Role, context: ReaderContext, forwards: Arc<AtomicBool>) {
+async fn read_loop(id: ConnId, mut half: impl AsyncRead + Unpin, from: SocketAddr, role: Role, context: ReaderContext, forwards: Arc<AtomicBool>) {
     let opened = match role {
         Role::DialOriginal => Opened::Original(Vec::new()),
         Role::Probe => read_opening(&mut half, context.limits.probe_timeout).await,
@@ -216,7 +251,7 @@ async fn read_loop(id: ConnId, mut half: OwnedReadHalf, from: SocketAddr, role: 
 }
 
 /// The original protocol: `<NAME> :: text` pieces, decoded incrementally.
-async fn original_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, first: Vec<u8>, context: &ReaderContext) -> String {
+async fn original_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: SocketAddr, first: Vec<u8>, context: &ReaderContext) -> String {
     let mut decoder = ChatDecoder::new();
     let mut flood = Flood::new(context.limits.max_message_rate);
     let mut pending = first;
@@ -302,7 +337,7 @@ async fn log_then_show(context: &ReaderContext, records: Vec<Record>, events: Ve
 }
 
 /// The extension protocol: frames. Returns why the link ended and whether the other side said goodbye.
-async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, rest: Vec<u8>, context: &ReaderContext, forwards: &AtomicBool) -> (String, bool) {
+async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: SocketAddr, rest: Vec<u8>, context: &ReaderContext, forwards: &AtomicBool) -> (String, bool) {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&rest);
     let (mut buf, mut read_size) = (Vec::new(), ReadSize::new());
@@ -386,6 +421,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut OwnedReadHalf, from: SocketAddr, re
                 | Frame::Vouch { .. }
                 | Frame::PunchRequest { .. }
                 | Frame::Punch { .. }
+                | Frame::SecureHello { .. }
                 | Frame::Unknown => {}
             }
         };

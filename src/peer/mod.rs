@@ -23,6 +23,7 @@ mod bootstrap;
 mod connection;
 mod history;
 mod relay;
+mod secure;
 mod seen;
 
 use std::io;
@@ -35,6 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::history::log::{self as message_log, LogError, LogHandle};
 use crate::history::store::{Key, Query, Record, StoreError};
 use crate::identity::{Identity, IdentityError};
+use crate::private::RoomKey;
 use crate::wire::chat::{self, InvalidInput};
 
 pub use self::history::HistoryConfig;
@@ -131,6 +133,9 @@ pub struct PeerConfig {
     pub history: HistoryConfig,
     /// The user's identity file (created on first use); `None`: a new identity for this session only.
     pub identity: Option<std::path::PathBuf>,
+    /// Make `room` private: only holders of this key can join or read it (see `private`). Its name
+    /// must be `room` (or `room` left empty).
+    pub private: Option<RoomKey>,
 }
 
 impl PeerConfig {
@@ -144,6 +149,7 @@ impl PeerConfig {
             limits: Limits::default(),
             history: HistoryConfig::default(),
             identity: None,
+            private: None,
         }
     }
 }
@@ -266,6 +272,10 @@ pub enum PeerError {
     History(#[from] StoreError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error("the default room cannot be private: give the private room a name")]
+    UnnamedPrivateRoom,
+    #[error("the room key is for room {key_room:?}, not {room:?}")]
+    RoomKeyMismatch { key_room: String, room: String },
     #[error("the peer is closed")]
     Closed,
 }
@@ -376,9 +386,21 @@ impl Events {
 /// Join the room: listen on P, ask the tracker from P (if any), dial every listed peer and `peers`.
 ///
 /// Returns once each of them was tried once (those refusing are retried in the background).
-pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport), PeerError> {
+pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport), PeerError> {
     chat::validate_name(&config.name)?;
     chat::validate_room(&config.room)?;
+    // On the wire (to the tracker and between peers) a private room goes by its opaque id only.
+    let wire_room = match &config.private {
+        None => config.room.clone(),
+        Some(key) if key.name().is_empty() => return Err(PeerError::UnnamedPrivateRoom),
+        Some(key) if !config.room.is_empty() && config.room != key.name() => {
+            return Err(PeerError::RoomKeyMismatch { key_room: key.name().to_owned(), room: config.room.clone() })
+        }
+        Some(key) => {
+            config.room = key.name().to_owned();
+            key.room_id()
+        }
+    };
     if config.tracker.is_none() && config.peers.is_empty() {
         return Err(PeerError::NothingToJoin);
     }
@@ -389,13 +411,13 @@ pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport)
     })
     .await
     .map_err(|_| PeerError::Closed)??;
-    let (location, room) = (config.history.location.clone(), config.room.clone());
+    let (location, room) = (config.history.location.clone(), wire_room.clone());
     let log = tokio::task::spawn_blocking(move || message_log::open(&location, room)).await.map_err(|_| PeerError::Closed)??;
     let history_after = match config.history.ask_on_join {
         0 => None,
         _ => Some(log.newest_shared().await?),
     };
-    let boot = bootstrap::contact_tracker(&config).await?;
+    let boot = bootstrap::contact_tracker(&config, &wire_room).await?;
     let (commands, commands_rx) = mpsc::channel(256);
     let (events_tx, events_rx) = mpsc::channel(config.limits.event_queue);
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -410,7 +432,7 @@ pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport)
     let holding = history_after.is_some();
     tokio::spawn(actor::run(actor::Setup {
         name: config.name.clone(),
-        room: config.room.clone(),
+        room: wire_room,
         limits: config.limits.clone(),
         listener: boot.listener,
         tracker: boot.tracker,
@@ -423,6 +445,7 @@ pub async fn join(config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport)
         commands: commands_rx,
         events: events_tx,
         ready: ready_tx,
+        private: config.private.clone(),
     }));
     let connected = ready_rx.await.map_err(|_| PeerError::Closed)?;
     let handle = PeerHandle { commands, log, fingerprint: identity.fingerprint(), room: config.room, listen_addr };

@@ -69,7 +69,9 @@ impl From<PeerError> for PyErr {
     fn from(err: PeerError) -> PyErr {
         let message = err.to_string();
         match err {
-            PeerError::InvalidInput(_) | PeerError::NothingToJoin => InvalidInput::new_err(message),
+            PeerError::InvalidInput(_) | PeerError::NothingToJoin | PeerError::UnnamedPrivateRoom | PeerError::RoomKeyMismatch { .. } => {
+                InvalidInput::new_err(message)
+            }
             PeerError::TrackerLookup { .. }
             | PeerError::TrackerUnreachable { .. }
             | PeerError::TrackerSilent { .. }

@@ -13,6 +13,7 @@ use super::{register_live, runtime, seconds, wait, Closable, InvalidInput, P2PCh
 use crate::history::clock;
 use crate::history::store::{Key, Location, Record};
 use crate::peer::{self, Event, Events, JoinReport, PeerConfig, PeerError, PeerHandle, Protocol};
+use crate::private::RoomKey;
 use crate::wire::chat;
 
 type SharedEvents = Arc<tokio::sync::Mutex<Events>>;
@@ -450,9 +451,10 @@ fn peer_address(value: &Bound<'_, PyAny>) -> PyResult<SocketAddr> {
 impl PyPeer {
     #[new]
     #[pyo3(signature = (name, server = Some("127.0.0.1"), port = crate::tracker::DEFAULT_PORT, *, listen = None, room = "", peers = Vec::new(),
-                        max_message_rate = None, history = 100, data_dir = None, save_history = true, identity = None))]
+                        max_message_rate = None, history = 100, data_dir = None, save_history = true, identity = None, secret = None))]
     #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn new(
+        py: Python<'_>,
         name: &str,
         server: Option<&str>,
         port: u16,
@@ -464,6 +466,7 @@ impl PyPeer {
         data_dir: Option<std::path::PathBuf>,
         save_history: bool,
         identity: Option<std::path::PathBuf>,
+        secret: Option<String>,
     ) -> PyResult<Self> {
         chat::validate_name(name).map_err(|e| InvalidInput::new_err(e.to_string()))?;
         chat::validate_room(room).map_err(|e| InvalidInput::new_err(e.to_string()))?;
@@ -480,6 +483,15 @@ impl PyPeer {
             return Err(InvalidInput::new_err("nothing to join: give a server or at least one peer address"));
         }
         config.room = room.to_owned();
+        if let Some(secret) = secret {
+            // Argon2id takes a moment and 64 MiB: not while holding the GIL.
+            let key = py.detach(|| RoomKey::from_secret(room, &secret)).map_err(|e| InvalidInput::new_err(e.to_string()))?;
+            if key.name().is_empty() {
+                return Err(InvalidInput::new_err("the default room cannot be private: give the private room a name (room=...)"));
+            }
+            config.room = key.name().to_owned();
+            config.private = Some(key);
+        }
         config.listen_port = listen;
         match max_message_rate {
             Some(0) => return Err(PyValueError::new_err("max_message_rate must be at least 1 message per second")),
@@ -702,6 +714,20 @@ impl PyPeer {
             State::Joined { handle, .. } => Some(handle.fingerprint().to_owned()),
             _ => None,
         })
+    }
+
+    /// Whether the room is private (a `secret` was given): its links are encrypted and only holders of
+    /// its key can join.
+    #[getter]
+    fn private(&self) -> bool {
+        self.config.private.is_some()
+    }
+
+    /// For a private room, a code that lets someone join without the secret (it carries the room's
+    /// key: share it only with people you invite); None for an open room.
+    #[getter]
+    fn invite_code(&self) -> Option<String> {
+        self.config.private.as_ref().map(RoomKey::invite_code)
     }
 
     /// `(reached, listed)` at join: how many of the peers the tracker listed were reached at once.

@@ -148,6 +148,9 @@ pub enum Frame {
     /// Relay → member: I no longer pass messages between you and `peer` (it left, said goodbye when
     /// `clean`; or I was never linked to it).
     RelayClose { peer: String, reason: String, clean: bool },
+    /// Opens a link in a private room, in place of `hello`: only the version and the room's opaque
+    /// id (see `private`). The Noise handshake follows, then everything else, encrypted.
+    SecureHello { v: u32, room: String },
     /// The sender refuses the link; it closes after this.
     Error { code: String, message: String },
     /// A frame type this version does not know; ignored.
@@ -263,6 +266,14 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// The bytes fed but not decoded yet (what follows the frames taken), leaving it empty.
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        let rest = self.buf.split_off(self.start);
+        self.buf.clear();
+        self.start = 0;
+        rest
+    }
+
     /// The next complete frame, if one is buffered. After an error the stream cannot be trusted.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         let pending = &self.buf[self.start..];
@@ -346,6 +357,7 @@ mod tests {
             Frame::RelayAsk { peer: random_id() },
             Frame::RelayOpen { peer: random_id(), name: Some("bia".into()), addr: "10.0.0.2:5000".into() },
             Frame::RelayClose { peer: random_id(), reason: "left".into(), clean: true },
+            Frame::SecureHello { v: PROTOCOL_VERSION, room: random_id() },
         ];
         let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
         for cut in 0..bytes.len() {

@@ -1,0 +1,167 @@
+//! Private rooms' keys: from a secret (or an invite code) to the room key, and from the key to the
+//! opaque room id that the tracker and the network see instead of the room's name.
+//!
+//! * key = Argon2id(secret, salt = SHA-256("p2pchat room salt v1" ‖ 0 ‖ room name)[..16]),
+//!   64 MiB, 3 passes, 1 lane, 32 bytes: memory-hard, so a captured room id cannot be matched
+//!   against guessed secrets quickly; salted per room, so one guess never tests two rooms.
+//! * room id = hex(SHA-256("p2pchat room id v1" ‖ 0 ‖ key)[..16]): names the room on the wire,
+//!   says nothing about its name or key.
+//! * invite code = `p2pc1-` ‖ hex(key) ‖ `-` ‖ hex(room name): carries the key itself, so the invited
+//!   need no passphrase (and skip the KDF). Whoever holds it can join: it is as secret as the key.
+//!
+//! No I/O: the secret is read by the caller (never from the command line; see the client).
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+use thiserror::Error;
+
+use crate::wire::frames::hex;
+
+/// Argon2id cost: 64 MiB of memory, 3 passes, 1 lane (about a quarter second on a laptop).
+const KDF_MEMORY_KIB: u32 = 64 * 1024;
+const KDF_PASSES: u32 = 3;
+const INVITE_PREFIX: &str = "p2pc1-";
+/// Shortest secret accepted: the KDF slows guessing, it cannot make "abc" safe.
+pub const MIN_SECRET_CHARS: usize = 8;
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SecretError {
+    #[error("the room secret is empty")]
+    Empty,
+    #[error("the room secret is too short: use at least {MIN_SECRET_CHARS} characters (or an invite code)")]
+    TooShort,
+    #[error("this invite code is damaged or incomplete (it starts with {INVITE_PREFIX} and is one word)")]
+    BadInvite,
+    #[error("this invite code is for room {invited:?}, not {asked:?}")]
+    OtherRoom { invited: String, asked: String },
+    #[error("cannot derive the room key: {0}")]
+    Kdf(String),
+}
+
+/// The key of a private room, and its name (shown to members only).
+#[derive(Clone, PartialEq, Eq)]
+pub struct RoomKey {
+    name: String,
+    key: [u8; 32],
+}
+
+impl fmt::Debug for RoomKey {
+    // Never print the key itself (logs, tracebacks).
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RoomKey").field("name", &self.name).field("id", &self.room_id()).finish_non_exhaustive()
+    }
+}
+
+impl RoomKey {
+    /// The key for room `room` from what the user typed: an invite code, or a secret to stretch.
+    /// An invite code names its room; `room` may then be empty ("the invite's room").
+    pub fn from_secret(room: &str, secret: &str) -> Result<Self, SecretError> {
+        let secret = secret.trim_end_matches(['\r', '\n']);
+        if secret.trim().is_empty() {
+            return Err(SecretError::Empty);
+        }
+        if let Some(code) = secret.trim().strip_prefix(INVITE_PREFIX) {
+            let invited = Self::from_invite(code)?;
+            if !room.is_empty() && invited.name != room {
+                return Err(SecretError::OtherRoom { invited: invited.name, asked: room.to_owned() });
+            }
+            return Ok(invited);
+        }
+        if secret.chars().count() < MIN_SECRET_CHARS {
+            return Err(SecretError::TooShort);
+        }
+        let params = argon2::Params::new(KDF_MEMORY_KIB, KDF_PASSES, 1, Some(32)).map_err(|e| SecretError::Kdf(e.to_string()))?;
+        let kdf = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
+        let salt = &tagged_hash(b"p2pchat room salt v1", room.as_bytes())[..16];
+        let mut key = [0u8; 32];
+        kdf.hash_password_into(secret.as_bytes(), salt, &mut key).map_err(|e| SecretError::Kdf(e.to_string()))?;
+        Ok(Self { name: room.to_owned(), key })
+    }
+
+    fn from_invite(code: &str) -> Result<Self, SecretError> {
+        let (key_hex, name_hex) = code.split_once('-').ok_or(SecretError::BadInvite)?;
+        let key: [u8; 32] = unhex(key_hex).and_then(|k| k.try_into().ok()).ok_or(SecretError::BadInvite)?;
+        let name = unhex(name_hex).and_then(|n| String::from_utf8(n).ok()).ok_or(SecretError::BadInvite)?;
+        if crate::wire::chat::validate_room(&name).is_err() || name.is_empty() {
+            return Err(SecretError::BadInvite);
+        }
+        Ok(Self { name, key })
+    }
+
+    /// The room's name, as its members call it.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The key itself (the pre-shared key of the links' handshake).
+    pub fn key(&self) -> &[u8; 32] {
+        &self.key
+    }
+
+    /// What the tracker and the network see instead of the room's name.
+    pub fn room_id(&self) -> String {
+        hex(&tagged_hash(b"p2pchat room id v1", &self.key)[..16])
+    }
+
+    /// A code that lets someone join without the secret: it carries the key.
+    pub fn invite_code(&self) -> String {
+        format!("{INVITE_PREFIX}{}-{}", hex(&self.key), hex(self.name.as_bytes()))
+    }
+}
+
+fn tagged_hash(tag: &[u8], data: &[u8]) -> [u8; 32] {
+    let mut hash = Sha256::new();
+    hash.update(tag);
+    hash.update([0]);
+    hash.update(data);
+    hash.finalize().into()
+}
+
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok())).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_same_secret_gives_the_same_key_per_room_and_different_keys_across_rooms() {
+        let a = RoomKey::from_secret("plans", "correct horse battery").unwrap();
+        assert_eq!(a, RoomKey::from_secret("plans", "correct horse battery").unwrap());
+        let other_room = RoomKey::from_secret("plans2", "correct horse battery").unwrap();
+        assert_ne!(a.key(), other_room.key(), "salted per room");
+        assert_ne!(a.key(), RoomKey::from_secret("plans", "correct horse battery!").unwrap().key());
+        let id = a.room_id();
+        assert_eq!(id.len(), 32);
+        assert!(!id.contains("plans") && id != other_room.room_id());
+        assert!(!format!("{a:?}").contains(&hex(a.key())), "Debug never shows the key");
+    }
+
+    #[test]
+    fn an_invite_code_carries_the_room_and_its_key() {
+        let room = RoomKey::from_secret("plans ☃", "correct horse battery").unwrap();
+        let code = room.invite_code();
+        assert!(code.starts_with("p2pc1-"));
+        assert_eq!(RoomKey::from_secret("", &code).unwrap(), room);
+        assert_eq!(RoomKey::from_secret("plans ☃", &format!("  {code}\n")).unwrap(), room);
+        assert_eq!(
+            RoomKey::from_secret("other", &code),
+            Err(SecretError::OtherRoom { invited: "plans ☃".into(), asked: "other".into() })
+        );
+        for damaged in [&code[..code.len() - 1], &code[..20], "p2pc1-zz-zz", "p2pc1-"] {
+            assert_eq!(RoomKey::from_secret("", damaged), Err(SecretError::BadInvite), "{damaged}");
+        }
+    }
+
+    #[test]
+    fn weak_secrets_are_refused() {
+        assert_eq!(RoomKey::from_secret("r", ""), Err(SecretError::Empty));
+        assert_eq!(RoomKey::from_secret("r", "  \n"), Err(SecretError::Empty));
+        assert_eq!(RoomKey::from_secret("r", "short"), Err(SecretError::TooShort));
+    }
+}

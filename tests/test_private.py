@@ -1,0 +1,176 @@
+"""Private rooms (issue 6): what the wire shows, and how the client takes a secret."""
+
+import os
+import re
+import socket
+import stat
+import threading
+from typing import List
+
+import pytest
+
+from harness import python
+from p2pchat import InvalidInput, Peer, Tracker
+
+SECRET = "correct horse battery staple"
+
+
+class RecordingProxy:
+    """Forwards TCP connections to `target` and keeps every byte that passes, both ways."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.captured: List[bytes] = []
+        self.lock = threading.Lock()
+        self.sockets: List[socket.socket] = [self.listener]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            self.sockets += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                try:
+                    sink.shutdown(socket.SHUT_WR)
+                except OSError:
+                    pass
+                return
+            with self.lock:
+                self.captured.append(data)
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def everything(self) -> bytes:
+        with self.lock:
+            return b"".join(self.captured)
+
+    def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+
+
+@pytest.fixture
+def proxies():
+    made: List[RecordingProxy] = []
+    yield lambda port: made.append(RecordingProxy(port)) or made[-1]
+    for proxy in made:
+        proxy.close()
+
+
+def test_a_private_conversation_shows_nothing_readable_on_the_wire(room, proxies):
+    """Every byte to the tracker and between the peers is recorded: no message, name, room name or
+    secret appears, and the tracker knows the room only by an opaque id."""
+    with Tracker("127.0.0.1", 0) as tracker:
+        to_tracker = proxies(tracker.address[1])
+        env = {"P2PCHAT_SECRET": SECRET}
+        ana = room.start(python("client.py", "--port", str(to_tracker.port), "--name", "anastasia", "--room", "plans-for-friday",
+                                "--history", "0"), "ana", env=env)
+        ana_port = int(ana.err.expect(r"joined as 'anastasia' in private room 'plans-for-friday' .*listening on port (\d+)").group(1))
+        ana.err.expect(r"^\* private room: every link is encrypted")
+        to_ana = proxies(ana_port)
+        # Bob reaches Ana through the recording proxy only (no tracker: just her address).
+        bob = room.start(python("client.py", "--peer", f"127.0.0.1:{to_ana.port}", "--name", "bartholomew",
+                                "--room", "plans-for-friday", "--history", "0"), "bob", env=env)
+        bob.err.expect(r"connected to 1 of 1 peer\(s\)")
+        ana.err.saw(r"^\* bartholomew \(.*\) joined \(p2pchat\)$")
+        bob.line("meet at the old lighthouse")
+        ana.out.saw(r"^<bartholomew> :: meet at the old lighthouse$")
+        ana.line("bring the lantern")
+        bob.out.saw(r"^<anastasia> :: bring the lantern$")
+        bob.line("/nick barty")
+        ana.err.saw(r"is now known as barty$")
+
+        registrations = to_tracker.everything()
+        room_id = re.search(rb'"room":"([0-9a-f]{32})"', registrations).group(1).decode()
+        assert len(tracker.peers(room_id)) == 1, "ana is registered under the opaque id"
+        assert tracker.peers("plans-for-friday") == []
+        wire = registrations + to_ana.everything()
+        assert len(to_ana.everything()) > 200, "the conversation did go through the proxy"
+        for secret_text in ["meet at the old lighthouse", "bring the lantern", "anastasia", "bartholomew", "barty",
+                            "plans-for-friday", SECRET, "lighthouse", "lantern"]:
+            assert secret_text.encode() not in wire, f"{secret_text!r} is readable on the wire"
+
+
+def test_a_wrong_secret_gets_a_clear_error_and_no_link(room):
+    tracker = room.p2pchat_tracker()
+    ana = room.p2pchat_peer("ana", tracker.port, "--room", "plans", "--history", "0", env={"P2PCHAT_SECRET": SECRET})
+    mallory = room.start(python("client.py", "--peer", f"127.0.0.1:{ana.listen_port}", "--name", "mallory",
+                                "--room", "plans", "--history", "0"), "mallory", env={"P2PCHAT_SECRET": "not the secret at all"})
+    mallory.err.expect(rf"^\* no private link with 127\.0\.0\.1:{ana.listen_port}: .*another secret")
+    mallory.line("/who")
+    mallory.err.expect(r"^\* 1 member\(s\) in room 'plans':$")
+    ana.proc.line("/who")
+    ana.proc.err.expect(r"^\* 1 member\(s\) in room 'plans':$")
+
+
+def test_an_invite_code_lets_someone_in_without_the_secret(room):
+    tracker = room.p2pchat_tracker()
+    ana = room.p2pchat_peer("ana", tracker.port, "--room", "plans", "--history", "0", env={"P2PCHAT_SECRET": SECRET})
+    ana.proc.line("/invite")
+    code = ana.proc.err.expect(r"invite code \(.*\): (p2pc1-[0-9a-f-]+)$").group(1)
+    carol = room.start(python("client.py", "--port", str(tracker.port), "--name", "carol", "--history", "0"), "carol",
+                       env={"P2PCHAT_SECRET": code})
+    carol.err.expect(r"joined as 'carol' in private room 'plans'")
+    ana.proc.err.saw(r"^\* carol \(.*\) joined \(p2pchat\)$")
+    carol.line("thanks for the invite")
+    ana.proc.out.saw(r"^<carol> :: thanks for the invite$")
+
+
+@pytest.mark.parametrize("argv, env, error", [
+    (["--room", "plans", "--private"], {}, r"--private asks for the secret on a terminal; without one, use --secret-file"),
+    (["--room", "plans", "--secret-file", "/nonexistent/secret"], {}, r"cannot read the secret file '/nonexistent/secret'"),
+    (["--room", "plans"], {"P2PCHAT_SECRET": "short"}, r"too short: use at least 8 characters"),
+    ([], {"P2PCHAT_SECRET": SECRET}, r"the default room cannot be private"),
+    (["--room", "other"], {"P2PCHAT_SECRET": "p2pc1-" + "ab" * 32 + "-" + b"plans".hex()}, r'invite code is for room "plans", not "other"'),
+    (["--room", "plans"], {"P2PCHAT_SECRET": "p2pc1-12"}, r"invite code is damaged"),
+])
+def test_a_secret_that_cannot_be_used_is_a_clear_error(room, argv, env, error):
+    proc = room.start(python("client.py", "--name", "ana", "--port", "9", *argv), "ana", env=env)
+    proc.close_stdin()
+    assert proc.wait() == 2
+    proc.err.expect(r"^client\.py: .*" + error)
+    assert not any("Traceback" in line for line in proc.err.snapshot())
+
+
+def test_the_secret_file_is_read_and_the_secret_never_needs_the_command_line(room, tmp_path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n", encoding="utf-8")
+    os.chmod(secret_file, stat.S_IRUSR | stat.S_IWUSR)
+    tracker = room.p2pchat_tracker()
+    ana = room.p2pchat_peer("ana", tracker.port, "--room", "plans", "--secret-file", str(secret_file), "--history", "0")
+    bob = room.start(python("client.py", "--port", str(tracker.port), "--name", "bob", "--room", "plans", "--history", "0"),
+                     "bob", env={"P2PCHAT_SECRET": SECRET})
+    bob.err.expect(r"connected to 1 of 1 peer\(s\)")
+    ana.proc.err.saw(r"^\* bob \(.*\) joined \(p2pchat\)$")
+    # There is no flag that takes the secret itself.
+    refused = room.start(python("client.py", "--secret", SECRET), "argv")
+    assert refused.wait() == 2
+
+
+def test_the_python_api_takes_a_secret_and_refuses_a_weak_one():
+    with pytest.raises(InvalidInput, match="too short"):
+        Peer("ana", room="plans", secret="short")
+    with pytest.raises(InvalidInput, match="default room cannot be private"):
+        Peer("ana", secret=SECRET)
+    peer = Peer("ana", room="plans", secret=SECRET, save_history=False)
+    assert peer.private and peer.room == "plans"
+    invited = Peer("bob", secret=peer.invite_code, save_history=False)
+    assert invited.room == "plans" and invited.invite_code == peer.invite_code
+    assert not Peer("carol", room="plans", save_history=False).private
