@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::wire::frames::hex;
+use crate::wire::frames::{hex, unhex_array};
 
 /// The identity file inside a data directory.
 pub const FILE_NAME: &str = "identity.json";
@@ -69,7 +69,7 @@ impl Identity {
         if file.v != FORMAT {
             return Err(format!("written by another p2pchat (identity format {}, this one reads {FORMAT})", file.v));
         }
-        let secret = decode_hex_32(&file.ed25519).ok_or("its key is not 64 hex digits")?;
+        let secret: [u8; 32] = unhex_array(&file.ed25519).ok_or("its key is not 64 hex digits")?;
         Ok(Self { signing: SigningKey::from_bytes(&secret) })
     }
 
@@ -110,17 +110,6 @@ pub fn fingerprint(key: &VerifyingKey) -> String {
     let digest = Sha256::digest(key.as_bytes());
     let digits = hex(&digest[..8]);
     digits.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("-")
-}
-
-fn decode_hex_32(text: &str) -> Option<[u8; 32]> {
-    if text.len() != 64 || !text.is_ascii() {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in text.as_bytes().chunks(2).enumerate() {
-        out[i] = u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()?;
-    }
-    Some(out)
 }
 
 #[cfg(test)]

@@ -16,7 +16,7 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::wire::frames::hex;
+use crate::wire::frames::{hex, unhex, unhex_array};
 
 /// Argon2id cost: 64 MiB of memory, 3 passes, 1 lane (about a quarter second on a laptop).
 const KDF_MEMORY_KIB: u32 = 64 * 1024;
@@ -81,7 +81,7 @@ impl RoomKey {
 
     fn from_invite(code: &str) -> Result<Self, SecretError> {
         let (key_hex, name_hex) = code.split_once('-').ok_or(SecretError::BadInvite)?;
-        let key: [u8; 32] = unhex(key_hex).and_then(|k| k.try_into().ok()).ok_or(SecretError::BadInvite)?;
+        let key: [u8; 32] = unhex_array(key_hex).ok_or(SecretError::BadInvite)?;
         let name = unhex(name_hex).and_then(|n| String::from_utf8(n).ok()).ok_or(SecretError::BadInvite)?;
         if crate::wire::chat::validate_room(&name).is_err() || name.is_empty() {
             return Err(SecretError::BadInvite);
@@ -116,13 +116,6 @@ fn tagged_hash(tag: &[u8], data: &[u8]) -> [u8; 32] {
     hash.update([0]);
     hash.update(data);
     hash.finalize().into()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok())).collect()
 }
 
 #[cfg(test)]

@@ -317,6 +317,19 @@ pub fn hex(bytes: &[u8]) -> String {
     out
 }
 
+/// The bytes `hex` wrote (either case); None for anything else.
+pub fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 {
+        return None;
+    }
+    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok())).collect()
+}
+
+/// `N` bytes written by `hex`; None for anything else.
+pub fn unhex_array<const N: usize>(text: &str) -> Option<[u8; N]> {
+    unhex(text)?.try_into().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
