@@ -9,12 +9,12 @@ use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use ed25519_dalek::{SigningKey, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::wire::frames::{hex, unhex_array};
+use crate::wire::frames::{hex, unhex_array, IdentityProof};
 
 /// The identity file inside a data directory.
 pub const FILE_NAME: &str = "identity.json";
@@ -82,18 +82,18 @@ impl Identity {
         }
         let file = File { v: FORMAT, ed25519: hex(self.signing.as_bytes()) };
         let json = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-        let temporary = path.with_extension(format!("new-{}", crate::wire::frames::random_id()));
-        let mut options = fs::OpenOptions::new();
-        options.write(true).create_new(true);
-        #[cfg(unix)]
-        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let written = options.open(&temporary).and_then(|mut f| f.write_all(&json).and_then(|()| f.sync_all()));
-        let placed = written.and_then(|()| fs::hard_link(&temporary, path));
+        let temporary = write_beside(path, &json)?;
+        let placed = fs::hard_link(&temporary, path);
         let _ = fs::remove_file(&temporary);
         match placed {
             Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
             other => other,
         }
+    }
+
+    /// Proof that this identity is the end of the link whose handshake hash is `binding`.
+    pub fn prove(&self, binding: &[u8]) -> IdentityProof {
+        IdentityProof { key: hex(self.public().as_bytes()), sig: hex(&self.signing.sign(&proof_message(binding)).to_bytes()) }
     }
 
     pub fn public(&self) -> VerifyingKey {
@@ -104,6 +104,47 @@ impl Identity {
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.public())
     }
+}
+
+/// A new owner-only file beside `path` holding `bytes`, synced: the caller moves it into place.
+pub(crate) fn write_beside(path: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    let temporary = path.with_extension(format!("new-{}", crate::wire::frames::random_id()));
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let written = options.open(&temporary).and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
+    match written {
+        Ok(()) => Ok(temporary),
+        Err(err) => {
+            let _ = fs::remove_file(&temporary);
+            Err(err)
+        }
+    }
+}
+
+fn proof_message(binding: &[u8]) -> Vec<u8> {
+    let mut message = b"p2pchat identity v1\0".to_vec();
+    message.extend_from_slice(binding);
+    message
+}
+
+/// The key a proof is for, if it proves it for the link whose handshake hash is `binding`.
+pub fn verify_proof(proof: &IdentityProof, binding: &[u8]) -> Result<VerifyingKey, ProofError> {
+    let key = unhex_array::<32>(&proof.key).and_then(|k| VerifyingKey::from_bytes(&k).ok()).ok_or(ProofError::BadKey)?;
+    let sig = unhex_array::<64>(&proof.sig).map(|s| Signature::from_bytes(&s)).ok_or(ProofError::BadSignature)?;
+    key.verify_strict(&proof_message(binding), &sig).map_err(|_| ProofError::BadSignature)?;
+    Ok(key)
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ProofError {
+    #[error("its identity key is not a valid Ed25519 key")]
+    BadKey,
+    #[error("its identity proof does not verify for this link")]
+    BadSignature,
+    #[error("it did not prove an identity")]
+    Missing,
 }
 
 pub fn fingerprint(key: &VerifyingKey) -> String {

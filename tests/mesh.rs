@@ -350,7 +350,7 @@ async fn the_tracker_drops_a_silent_registration() {
     let (addr, handle) = (tracker.local_addr(), tracker.handle());
     tokio::spawn(tracker.run(std::future::pending()));
     let mut silent = TcpStream::connect(addr).await.unwrap();
-    let hello = Hello { v: PROTOCOL_VERSION, id: "x".into(), name: None, room: String::new(), listen_port: Some(1), peers: vec![] };
+    let hello = Hello { v: PROTOCOL_VERSION, id: "x".into(), name: None, room: String::new(), listen_port: Some(1), peers: vec![], identity: None };
     silent.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     wait_members(&handle, 1).await;
     wait_members(&handle, 0).await;
@@ -365,7 +365,7 @@ async fn a_silent_p2pchat_link_is_dropped() {
     config.limits.dead_after = Duration::from_millis(400);
     let (ana, mut events, _) = peer::join(config).await.unwrap();
     let mut impostor = TcpStream::connect(ana.listen_addr()).await.unwrap();
-    let hello = Hello { v: PROTOCOL_VERSION, id: "ghost".into(), name: Some("ghost".into()), room: String::new(), listen_port: None, peers: vec![] };
+    let hello = Hello { v: PROTOCOL_VERSION, id: "ghost".into(), name: Some("ghost".into()), room: String::new(), listen_port: None, peers: vec![], identity: None };
     impostor.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     loop {
         match tokio::time::timeout(WAIT, events.recv()).await.unwrap().unwrap() {
@@ -532,7 +532,7 @@ impl RawMember {
     async fn join(at: std::net::SocketAddr, id: &str, name: &str) -> Self {
         use p2pchat::wire::frames::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
         let mut stream = TcpStream::connect(at).await.unwrap();
-        let hello = Hello { v: PROTOCOL_VERSION, id: id.into(), name: Some(name.into()), room: String::new(), listen_port: None, peers: vec![] };
+        let hello = Hello { v: PROTOCOL_VERSION, id: id.into(), name: Some(name.into()), room: String::new(), listen_port: None, peers: vec![], identity: None };
         stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
         let mut magic = vec![0; MAGIC.len()];
         tokio::time::timeout(WAIT, stream.read_exact(&mut magic)).await.unwrap().unwrap();
@@ -627,7 +627,7 @@ async fn the_tracker_relays_only_when_told_to() {
     use p2pchat::wire::frames::{self, Chat, Frame, Hello, MAGIC, PROTOCOL_VERSION};
     let (plain, _stop) = start_tracker().await;
     let mut refused = TcpStream::connect(plain).await.unwrap();
-    let hello = Hello { v: PROTOCOL_VERSION, id: "pia-session".into(), name: Some("pia".into()), room: String::new(), listen_port: None, peers: vec![] };
+    let hello = Hello { v: PROTOCOL_VERSION, id: "pia-session".into(), name: Some("pia".into()), room: String::new(), listen_port: None, peers: vec![], identity: None };
     refused.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(WAIT, refused.read_to_end(&mut answer)).await.unwrap().unwrap();
@@ -663,6 +663,7 @@ async fn the_tracker_relays_only_when_told_to() {
 
 mod private_rooms {
     use super::*;
+    use p2pchat::identity::Identity;
     use p2pchat::private::RoomKey;
     use p2pchat::wire::frames::{self, Frame, FrameDecoder, Hello, MAGIC, PROTOCOL_VERSION};
 
@@ -700,6 +701,8 @@ mod private_rooms {
         stream: TcpStream,
         pending: Vec<u8>,
         transport: Option<snow::StatelessTransportState>,
+        /// The handshake hash, which identity proofs are bound to.
+        binding: Vec<u8>,
     }
 
     fn record(message: &[u8]) -> Vec<u8> {
@@ -743,7 +746,7 @@ mod private_rooms {
             let mut head = vec![0u8; MAGIC.len()];
             tokio::time::timeout(WAIT, stream.read_exact(&mut head)).await.unwrap().unwrap();
             assert_eq!(head, MAGIC);
-            let mut this = Self { stream, pending: Vec::new(), transport: None };
+            let mut this = Self { stream, pending: Vec::new(), transport: None, binding: Vec::new() };
             let mut decoder = FrameDecoder::new();
             let hello = loop {
                 if let Some(frame) = decoder.next_frame().unwrap() {
@@ -759,6 +762,7 @@ mod private_rooms {
             noise.read_message(&reply, &mut message).unwrap();
             let n = noise.write_message(&[], &mut message).unwrap();
             this.stream.write_all(&record(&message[..n])).await.unwrap();
+            this.binding = noise.get_handshake_hash().to_vec();
             let transport = noise.into_stateless_transport_mode().unwrap();
             if let Some(ready) = this.read_record().await {
                 transport.read_message(0, &ready, &mut message).expect("the acceptor's empty record");
@@ -774,9 +778,18 @@ mod private_rooms {
         }
     }
 
-    /// The hello inside the encryption names the room by its id, like everything on the wire.
-    fn raw_hello(key: &RoomKey) -> Vec<u8> {
-        let hello = Hello { v: PROTOCOL_VERSION, id: "raw-session".into(), name: Some("raw".into()), room: key.room_id(), listen_port: None, peers: vec![] };
+    /// The hello inside the encryption names the room by its id, like everything on the wire, and
+    /// carries an identity proof (made for `binding`).
+    fn raw_hello(key: &RoomKey, identity: &Identity, binding: &[u8]) -> Vec<u8> {
+        let hello = Hello {
+            v: PROTOCOL_VERSION,
+            id: frames::random_id(),
+            name: Some("raw".into()),
+            room: key.room_id(),
+            listen_port: None,
+            peers: vec![],
+            identity: Some(identity.prove(binding)),
+        };
         frames::encode_opening(&Frame::Hello(hello))
     }
 
@@ -811,7 +824,7 @@ mod private_rooms {
         let (ana, mut ana_events) = join_private("ana", tracker, &key).await;
         for misbehave in ["alter", "replay"] {
             let mut raw = RawDialler::handshake(ana.listen_addr(), &key.room_id(), key.key()).await;
-            let hello = raw.seal(0, &raw_hello(&key));
+            let hello = raw.seal(0, &raw_hello(&key, &Identity::generate().unwrap(), &raw.binding));
             raw.stream.write_all(&hello).await.unwrap();
             loop {
                 match tokio::time::timeout(WAIT, ana_events.recv()).await.unwrap().unwrap() {
@@ -843,5 +856,62 @@ mod private_rooms {
                 }
             }
         }
+    }
+
+    /// A hello whose identity proof was made for another link (copied, or absent) is refused.
+    #[tokio::test]
+    async fn an_identity_proof_for_another_link_is_refused() {
+        let key = RoomKey::from_secret("plans", SECRET).unwrap();
+        let (tracker, _stop) = start_tracker().await;
+        let (ana, mut ana_events) = join_private("ana", tracker, &key).await;
+        let mut raw = RawDialler::handshake(ana.listen_addr(), &key.room_id(), key.key()).await;
+        let copied = raw_hello(&key, &Identity::generate().unwrap(), b"the hash of some other link");
+        let sealed = raw.seal(0, &copied);
+        raw.stream.write_all(&sealed).await.unwrap();
+        let notice = next_notice(&mut ana_events).await;
+        assert!(notice.contains("gave no valid identity: its identity proof does not verify"), "{notice}");
+        assert!(ana.peers().await.unwrap().is_empty());
+    }
+
+    /// A name met with one key, then claimed with another, is flagged (trust on first use); the
+    /// member list and the join event show the proven key.
+    #[tokio::test]
+    async fn a_second_key_claiming_a_known_name_is_flagged() {
+        let key = RoomKey::from_secret("plans", SECRET).unwrap();
+        let (tracker, _stop) = start_tracker().await;
+        let dir = std::env::temp_dir().join(format!("p2pchat-tofu-{}", frames::random_id()));
+        let mut ana_config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+        ana_config.private = Some(key.clone());
+        ana_config.identity = Some(dir.join("ana").join("identity.json"));
+        let (ana, mut ana_events, _) = peer::join(ana_config).await.unwrap();
+        let (mut fingerprints, mut notices) = (Vec::new(), Vec::new());
+        for attempt in ["bob", "someone else calling themselves bob"] {
+            let mut bob_config = PeerConfig::new("bob", "127.0.0.1", tracker.port());
+            bob_config.private = Some(key.clone());
+            bob_config.identity = Some(dir.join(attempt).join("identity.json"));
+            let (bob, _bob_events, _) = peer::join(bob_config).await.unwrap();
+            let (fingerprint, key_changed) = loop {
+                match tokio::time::timeout(WAIT, ana_events.recv()).await.unwrap().unwrap() {
+                    Event::Joined { name, encrypted, fingerprint, key_changed, .. } => {
+                        assert_eq!((name.as_deref(), encrypted), (Some("bob"), true));
+                        break (fingerprint.expect("a proven key"), key_changed);
+                    }
+                    Event::Notice { text } => notices.push(text),
+                    _ => continue,
+                }
+            };
+            assert_eq!(fingerprint, bob.fingerprint(), "the key bob proved is bob's");
+            let listed = ana.peers().await.unwrap();
+            assert_eq!((listed[0].fingerprint.as_deref(), listed[0].key_changed), (Some(fingerprint.as_str()), key_changed));
+            fingerprints.push((fingerprint, key_changed));
+            bob.close().await;
+        }
+        assert!(!fingerprints[0].1, "the first key of a name is trusted");
+        assert!(fingerprints[1].1, "another key for the same name is flagged");
+        assert_ne!(fingerprints[0].0, fingerprints[1].0);
+        let warnings: Vec<&String> = notices.iter().filter(|n| n.starts_with("WARNING: bob")).collect();
+        assert_eq!(warnings.len(), 1, "{notices:?}");
+        assert!(warnings[0].contains(&fingerprints[0].0) && warnings[0].contains(&fingerprints[1].0), "{warnings:?}");
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

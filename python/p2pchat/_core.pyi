@@ -59,6 +59,9 @@ class PeerJoined:
     protocol: str
     outgoing: bool
     relayed_by: Optional[Address]
+    encrypted: bool
+    fingerprint: Optional[str]
+    key_changed: bool
 
 @final
 class PeerLeft:
@@ -98,6 +101,9 @@ class PeerInfo:
     outgoing: bool
     protocol: Optional[str]
     relayed_by: Optional[Address]
+    encrypted: bool
+    fingerprint: Optional[str]
+    key_changed: bool
 
 Event = Union[Message, PeerJoined, PeerLeft, PeerRenamed, Notice, HistorySynced]
 

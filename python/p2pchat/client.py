@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Collection, List, Optional, Set, Tuple
+from typing import Collection, List, Optional, Set, Union
 
 from . import (
     MAX_NAME_CHARS,
@@ -28,6 +28,7 @@ from . import (
     Notice,
     P2PChatError,
     Peer,
+    PeerInfo,
     PeerClosed,
     PeerJoined,
     PeerLeft,
@@ -167,7 +168,7 @@ def show(event: object, ignored: Set[str]) -> None:
         if event.received:
             status(f"{event.received} earlier message(s) received from the room")
     elif isinstance(event, PeerJoined):
-        status(f"{who(event.name, event.address)} joined ({link_kind(event.protocol, event.relayed_by)})")
+        status(f"{who(event.name, event.address)} joined ({link_kind(event)})")
     elif isinstance(event, PeerLeft):
         status(f"{who(event.name, event.address)} " + ("left the room" if event.clean else f"left ({event.reason})"))
     elif isinstance(event, PeerRenamed):
@@ -219,15 +220,21 @@ def list_members(peer: Peer) -> None:
     _, my_port = peer.address or ("", 0)
     status(f"  {peer.name} (you, port {my_port}, key {peer.fingerprint})")
     for member in members:
-        status(f"  {who(member.name, member.address)} {link_kind(member.protocol, member.relayed_by)}")
+        status(f"  {who(member.name, member.address)} {link_kind(member)}")
 
 
-def link_kind(protocol: Optional[str], relayed_by: Optional[Tuple[str, int]]) -> str:
-    """How we reach a member: its protocol, and the member relaying it when there is no direct link."""
-    if relayed_by is not None:
-        host, port = relayed_by
-        return f"{protocol}, relayed by {host}:{port}"
-    return protocol or "connecting"
+def link_kind(member: Union[PeerJoined, PeerInfo]) -> str:
+    """How we reach a member: its protocol; encrypted, with the key it proved (private rooms); or the
+    member relaying it when there is no direct link."""
+    parts = [member.protocol or "connecting"]
+    if member.encrypted:
+        parts.append("encrypted")
+    if member.fingerprint:
+        parts.append(f"key {member.fingerprint}" + (" CHANGED: perhaps not who you met before" if member.key_changed else ""))
+    if member.relayed_by is not None:
+        host, port = member.relayed_by
+        parts.append(f"relayed by {host}:{port}")
+    return ", ".join(parts)
 
 
 def run_command(peer: Peer, command: str, argument: str, ignored: Set[str]) -> bool:

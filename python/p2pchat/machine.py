@@ -34,7 +34,8 @@ def event_json(event: object) -> Dict[str, Any]:
         return message_json(event)
     if isinstance(event, PeerJoined):
         return {"type": "peer_joined", "address": address(event.address), "name": event.name,
-                "protocol": event.protocol, "outgoing": event.outgoing, "relayed_by": address(event.relayed_by)}
+                "protocol": event.protocol, "outgoing": event.outgoing, "relayed_by": address(event.relayed_by),
+                "encrypted": event.encrypted, "fingerprint": event.fingerprint, "key_changed": event.key_changed}
     if isinstance(event, PeerLeft):
         return {"type": "peer_left", "address": address(event.address), "name": event.name,
                 "reason": event.reason, "clean": event.clean}
@@ -69,7 +70,8 @@ def _nick(peer: Peer, cmd: dict) -> dict:
 def _who(peer: Peer, cmd: dict) -> dict:
     return {"type": "members", "members": [
         {"address": address(p.address), "name": p.name, "protocol": p.protocol, "outgoing": p.outgoing,
-         "relayed_by": address(p.relayed_by)}
+         "relayed_by": address(p.relayed_by), "encrypted": p.encrypted, "fingerprint": p.fingerprint,
+         "key_changed": p.key_changed}
         for p in peer.peers()]}
 
 

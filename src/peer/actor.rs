@@ -20,16 +20,18 @@ use super::bootstrap::{self, Contact, TrackerLink};
 use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role, Transport};
 use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests, Sink};
 use super::relay::{self, Relays};
-use super::secure::{self, SecureStream};
+use super::secure::{self, Secured};
+use super::trust::{KnownKeys, Seen};
 use super::seen::SeenIds;
 use super::{Event, Limits, PeerInfo, Protocol, Status, TrackerState};
 use crate::history::clock::{self, Clock};
 use crate::history::log::LogHandle;
 use crate::history::store::{Key, Query, Record};
+use crate::identity::{self, Identity};
 use crate::private::RoomKey;
 use crate::tracker::DEFAULT_ROOM;
 use crate::wire::chat;
-use crate::wire::frames::{self, Chat, Frame, Hello, Member, Position, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
+use crate::wire::frames::{self, Chat, Frame, Hello, Member, Position, ERR_IDENTITY, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
 
 pub(crate) enum Command {
     Send { text: String, reply: oneshot::Sender<usize> },
@@ -79,7 +81,7 @@ pub(crate) enum NetEvent {
     /// A new message arrived on link `id`, which we relay: pass it on to its partners.
     Forward { id: ConnId, line: Line },
     /// A private room's handshake succeeded on a connection we dialled (`dialled`) or accepted.
-    Secured { stream: SecureStream, remote: SocketAddr, dialled: Option<Contact> },
+    Secured { secured: Secured, remote: SocketAddr, dialled: Option<Contact> },
     /// A private room's handshake failed; `wrong_key`: the other end reached the room without its key.
     HandshakeFailed { remote: SocketAddr, reason: String, dialled: bool, wrong_key: bool },
 }
@@ -106,6 +108,9 @@ pub(super) struct Setup {
     pub ready: oneshot::Sender<usize>,
     /// A private room's key: every link is then encrypted (see `secure`), and `room` is its opaque id.
     pub private: Option<RoomKey>,
+    /// Our identity, proven on private links, and the keys we met names with before.
+    pub identity: Arc<Identity>,
+    pub known_keys: KnownKeys,
 }
 
 /// One line in both encodings; each link takes the one it speaks.
@@ -152,6 +157,12 @@ struct Link {
     budget: AnswerBudget,
     /// Why writing to it failed, if it did: the reason it ended, unless it said goodbye.
     write_failed: Option<String>,
+    /// A private link's handshake hash, which both ends' identity proofs are bound to.
+    binding: Option<Vec<u8>>,
+    /// The identity key the other end proved (private links), and whether its name had another
+    /// key before (see `trust`).
+    key: Option<ed25519_dalek::VerifyingKey>,
+    key_changed: bool,
 }
 
 impl Link {
@@ -202,10 +213,12 @@ struct Actor {
     relays: Relays,
     /// A private room's key (every link is encrypted).
     private: Option<Arc<RoomKey>>,
+    identity: Arc<Identity>,
+    known_keys: KnownKeys,
 }
 
 pub(super) async fn run(setup: Setup) {
-    let Setup { name, room, limits, listener, tracker, tracker_link, log, history, history_after, joined_via_tracker, contacts, mut commands, events, ready, private } = setup;
+    let Setup { name, room, limits, listener, tracker, tracker_link, log, history, history_after, joined_via_tracker, contacts, mut commands, events, ready, private, identity, known_keys } = setup;
     let (net, mut net_rx) = mpsc::channel(1024);
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let relay_after = limits.relay_after;
@@ -225,6 +238,8 @@ pub(super) async fn run(setup: Setup) {
         punched: HashSet::new(),
         relays: Relays::new(relay_after),
         private: private.map(Arc::new),
+        identity,
+        known_keys,
         carried: HashMap::new(),
         retiring: HashMap::new(),
         joined_via_tracker,
@@ -448,6 +463,27 @@ impl Actor {
         was
     }
 
+    /// Link `id`'s member proved its key under `name`: check it against the key that name had when we
+    /// first met it here (trust on first use), and warn when it differs. Returns its fingerprint.
+    fn meet(&mut self, id: ConnId, name: Option<&str>) -> Option<String> {
+        let link = self.links.get(&id)?;
+        let (key, addr) = (link.key?, link.shown_addr());
+        let fingerprint = identity::fingerprint(&key);
+        let changed = match name.map(|name| (name, self.known_keys.meet(&self.room, name, &key))) {
+            Some((name, Seen::Changed { was })) => {
+                self.notice(format!(
+                    "WARNING: {name} ({addr}) proves key {fingerprint}, but {name} had key {was} when you first met it here: it may be someone else"
+                ));
+                true
+            }
+            _ => false,
+        };
+        if let Some(link) = self.links.get_mut(&id) {
+            link.key_changed |= changed;
+        }
+        Some(fingerprint)
+    }
+
     /// Our p2pchat link to the member with session id `peer`, if we hold one.
     fn p2pchat_link_to(&self, peer: &str) -> Option<ConnId> {
         self.links.iter().find(|(_, l)| l.state == State::P2pchat && l.peer_id.as_deref() == Some(peer)).map(|(id, _)| *id)
@@ -507,7 +543,8 @@ impl Actor {
         match self.relays.opened(via, peer, name.clone(), addr) {
             relay::Opened::New => {
                 log::info!("{addr} is relayed to us by {via_addr}");
-                self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing: false, relayed_by: Some(via_addr) });
+                let joined = Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing: false, relayed_by: Some(via_addr), encrypted: false, fingerprint: None, key_changed: false };
+                self.notify(joined);
             }
             relay::Opened::Renamed { old } => {
                 if let Some(new) = name {
@@ -602,7 +639,7 @@ impl Actor {
                     self.background.spawn(async move {
                         let remote = contact.addr;
                         let event = match secure::dial_side(stream, &key, limits.probe_timeout, limits.dead_after).await {
-                            Ok(stream) => NetEvent::Secured { stream, remote, dialled: Some(contact) },
+                            Ok(secured) => NetEvent::Secured { secured, remote, dialled: Some(contact) },
                             Err(err) => NetEvent::HandshakeFailed { remote, dialled: true, wrong_key: err.is_wrong_key(), reason: err.to_string() },
                         };
                         let _ = net.send(event).await;
@@ -611,7 +648,7 @@ impl Actor {
                 }
                 let original = contact.known == Some(Protocol::Original) || self.originals.contains(&contact.addr);
                 let role = if original { Role::DialOriginal } else { Role::Probe };
-                let id = self.open(Transport::Plain(stream), contact.addr, Some(contact.addr), true, role);
+                let id = self.open(Transport::Plain(stream), contact.addr, Some(contact.addr), true, role, None);
                 if self.hub == Hub::Dialling && Some(contact.addr) == self.tracker {
                     self.hub = Hub::Opening(id);
                 }
@@ -627,24 +664,24 @@ impl Actor {
                     return crate::net::reset(stream);
                 }
                 let Some(key) = self.private.clone() else {
-                    self.open(Transport::Plain(stream), addr, None, false, Role::Accepted);
+                    self.open(Transport::Plain(stream), addr, None, false, Role::Accepted, None);
                     return;
                 };
                 let (net, limits) = (self.net.clone(), self.limits.clone());
                 self.background.spawn(async move {
                     let event = match secure::accept_side(stream, &key, limits.probe_timeout, limits.dead_after).await {
-                        Ok(stream) => NetEvent::Secured { stream, remote: addr, dialled: None },
+                        Ok(secured) => NetEvent::Secured { secured, remote: addr, dialled: None },
                         Err(err) => NetEvent::HandshakeFailed { remote: addr, dialled: false, wrong_key: err.is_wrong_key(), reason: err.to_string() },
                     };
                     let _ = net.send(event).await;
                 });
             }
-            NetEvent::Secured { stream, remote, dialled } => {
+            NetEvent::Secured { secured, remote, dialled } => {
                 let (listen_addr, role) = match &dialled {
                     Some(contact) => (Some(contact.addr), Role::Probe),
                     None => (None, Role::Accepted),
                 };
-                self.open(Transport::Secure(stream), remote, listen_addr, dialled.is_some(), role);
+                self.open(Transport::Secure(secured.stream), remote, listen_addr, dialled.is_some(), role, Some(secured.binding));
             }
             NetEvent::HandshakeFailed { remote, reason, dialled, wrong_key } => {
                 // Ours to tell: a member we tried to reach, or someone at our door without the key.
@@ -734,6 +771,7 @@ impl Actor {
                 }
                 let old = link.name.replace(name.clone());
                 let addr = link.shown_addr();
+                self.meet(id, Some(&name));
                 self.notify(Event::Renamed { addr, old, new: name });
             }
             NetEvent::WriteFailed { id, reason } => {
@@ -806,7 +844,7 @@ impl Actor {
         }
     }
 
-    fn open(&mut self, transport: Transport, remote: SocketAddr, listen_addr: Option<SocketAddr>, outgoing: bool, role: Role) -> ConnId {
+    fn open(&mut self, transport: Transport, remote: SocketAddr, listen_addr: Option<SocketAddr>, outgoing: bool, role: Role, binding: Option<Vec<u8>>) -> ConnId {
         let id = self.next_id;
         self.next_id += 1;
         let context = ReaderContext {
@@ -821,16 +859,33 @@ impl Actor {
         let conn = connection::spawn(id, transport, remote, role, context);
         let probed = role == Role::Probe;
         if probed {
-            let _ = conn.queue.try_send(frames::encode_opening(&Frame::Hello(self.hello())).into());
+            let _ = conn.queue.try_send(frames::encode_opening(&Frame::Hello(self.hello(binding.as_deref()))).into());
         }
         log::debug!("link {id} to {remote} opened ({role:?})");
-        let link = Link { conn, remote, listen_addr, outgoing, state: State::Opening, name: None, peer_id: None, probed, held: Vec::new(), budget: AnswerBudget::new(&self.history), write_failed: None };
+        let budget = AnswerBudget::new(&self.history);
+        let link = Link {
+            conn,
+            remote,
+            listen_addr,
+            outgoing,
+            state: State::Opening,
+            name: None,
+            peer_id: None,
+            probed,
+            held: Vec::new(),
+            budget,
+            write_failed: None,
+            binding,
+            key: None,
+            key_changed: false,
+        };
         self.links.insert(id, link);
         id
     }
 
-    /// Our hello: who we are, and (peer exchange) the members we know where to reach.
-    fn hello(&self) -> Hello {
+    /// Our hello: who we are, and (peer exchange) the members we know where to reach; on a private
+    /// link (handshake hash `binding`), our identity proven for it.
+    fn hello(&self, binding: Option<&[u8]>) -> Hello {
         let peers = self
             .links
             .values()
@@ -844,12 +899,13 @@ impl Actor {
             room: self.room.clone(),
             listen_port: Some(self.listen_port),
             peers,
+            identity: binding.map(|b| self.identity.prove(b)),
         }
     }
 
     fn on_hello(&mut self, id: ConnId, hello: Hello) {
         let Some(link) = self.links.get(&id) else { return };
-        let (outgoing, remote) = (link.outgoing, link.remote);
+        let (outgoing, remote, binding) = (link.outgoing, link.remote, link.binding.clone());
         if hello.v != PROTOCOL_VERSION {
             let message = format!("{remote} speaks p2pchat protocol version {}, this peer version {PROTOCOL_VERSION}", hello.v);
             self.notice(message.clone());
@@ -862,6 +918,22 @@ impl Actor {
         if hello.room != self.room {
             log::debug!("{remote} is in room {:?}, we are in {:?}", hello.room, self.room);
             return if outgoing { self.close_quietly(id) } else { self.refuse(id, ERR_ROOM, format!("this peer is in room {:?}", self.room)) };
+        }
+        // On a private link the other end proves its identity key for this very link: no proof, no link.
+        if let Some(binding) = binding {
+            let proof = hello.identity.as_ref().ok_or(identity::ProofError::Missing);
+            match proof.and_then(|proof| identity::verify_proof(proof, &binding)) {
+                Ok(key) => {
+                    if let Some(link) = self.links.get_mut(&id) {
+                        link.key = Some(key);
+                    }
+                }
+                Err(err) => {
+                    let message = format!("{remote} gave no valid identity: {err}");
+                    self.notice(message.clone());
+                    return self.refuse(id, ERR_IDENTITY, message);
+                }
+            }
         }
         let duplicate = self
             .links
@@ -899,10 +971,12 @@ impl Actor {
         }
         let name = hello.name.filter(|n| chat::validate_name(n).is_ok());
         let Some(addr) = self.adopt(id, hello.id.clone(), hello.listen_port, name.clone(), Vec::new()) else { return };
+        let fingerprint = self.meet(id, name.as_deref());
         if self.relays.direct(&hello.id).is_some() {
             log::info!("linked directly to {addr}, which a relay passed to us until now");
         } else {
-            self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing, relayed_by: None });
+            let (encrypted, key_changed) = self.links.get(&id).map_or((false, false), |l| (l.binding.is_some(), l.key_changed));
+            self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing, relayed_by: None, encrypted, fingerprint, key_changed });
         }
         self.after_adopting(id, &hello.id);
         for member in hello.peers {
@@ -925,7 +999,7 @@ impl Actor {
         }
         let (addr, outgoing, held) = (link.shown_addr(), link.outgoing, std::mem::take(&mut link.held));
         self.flush_held(id, held);
-        self.notify(Event::Joined { addr, name: None, protocol: Protocol::Original, outgoing, relayed_by: None });
+        self.notify(Event::Joined { addr, name: None, protocol: Protocol::Original, outgoing, relayed_by: None, encrypted: false, fingerprint: None, key_changed: false });
     }
 
     /// Stop writing to a link but read it until the other end closes it, so nothing in flight is lost.
@@ -951,7 +1025,7 @@ impl Actor {
     /// Make `id` the p2pchat link to the peer `peer_id`: answer its hello if it dialled us, then write
     /// what was held for it (and `carried` from a link it replaces). Returns where it is shown.
     fn adopt(&mut self, id: ConnId, peer_id: String, listen_port: Option<u16>, name: Option<String>, carried: Vec<Arc<OutLine>>) -> Option<SocketAddr> {
-        let our_hello = self.links.get(&id).filter(|l| !l.outgoing).map(|_| frames::encode_opening(&Frame::Hello(self.hello())));
+        let our_hello = self.links.get(&id).filter(|l| !l.outgoing).map(|l| frames::encode_opening(&Frame::Hello(self.hello(l.binding.as_deref()))));
         let link = self.links.get_mut(&id)?;
         if let Some(port) = listen_port {
             link.listen_addr = Some(SocketAddr::new(link.remote.ip(), port));
@@ -1085,6 +1159,9 @@ impl Actor {
                     State::Original => Some(Protocol::Original),
                 },
                 relayed_by: None,
+                encrypted: l.binding.is_some(),
+                fingerprint: l.key.as_ref().map(identity::fingerprint),
+                key_changed: l.key_changed,
             })
             .collect();
         peers.extend(self.relays.relayed().map(|(_, m)| PeerInfo {
@@ -1093,6 +1170,9 @@ impl Actor {
             outgoing: false,
             protocol: Some(Protocol::P2pchat),
             relayed_by: self.links.get(&m.via).map(Link::shown_addr),
+            encrypted: false,
+            fingerprint: None,
+            key_changed: false,
         }));
         peers.sort_by_key(|p| p.addr);
         peers

@@ -25,9 +25,11 @@ mod history;
 mod relay;
 mod secure;
 mod seen;
+mod trust;
 
 use std::io;
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
@@ -37,6 +39,7 @@ use crate::history::log::{self as message_log, LogError, LogHandle};
 use crate::history::store::{Key, Query, Record, StoreError};
 use crate::identity::{Identity, IdentityError};
 use crate::private::RoomKey;
+use trust::{KnownKeys, TrustError};
 use crate::wire::chat::{self, InvalidInput};
 
 pub use self::history::HistoryConfig;
@@ -191,7 +194,18 @@ pub enum Event {
     Message(Message),
     /// A member joined: a link opened and its protocol is known. `outgoing` when we dialled it;
     /// `relayed_by`: the member that relays it to us (we could not reach it directly).
-    Joined { addr: SocketAddr, name: Option<String>, protocol: Protocol, outgoing: bool, relayed_by: Option<SocketAddr> },
+    /// `encrypted`: a private room's link; `fingerprint`: the identity key it proved there;
+    /// `key_changed`: its name had another key when first met here (see `trust`).
+    Joined {
+        addr: SocketAddr,
+        name: Option<String>,
+        protocol: Protocol,
+        outgoing: bool,
+        relayed_by: Option<SocketAddr>,
+        encrypted: bool,
+        fingerprint: Option<String>,
+        key_changed: bool,
+    },
     /// A member is known by a new name: a p2pchat peer's `/nick`, or an original peer's first prefix.
     Renamed { addr: SocketAddr, old: Option<String>, new: String },
     /// A member left: `clean` when it said goodbye, else the link was lost (with the reason).
@@ -216,6 +230,11 @@ pub struct PeerInfo {
     pub protocol: Option<Protocol>,
     /// The member that relays it to us; `None` for a direct link.
     pub relayed_by: Option<SocketAddr>,
+    /// A private room's encrypted, authenticated link.
+    pub encrypted: bool,
+    /// The identity key it proved (private rooms), and whether its name had another key before.
+    pub fingerprint: Option<String>,
+    pub key_changed: bool,
 }
 
 /// How the tracker sees us.
@@ -272,6 +291,8 @@ pub enum PeerError {
     History(#[from] StoreError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
     #[error("the default room cannot be private: give the private room a name")]
     UnnamedPrivateRoom,
     #[error("the room key is for room {key_room:?}, not {room:?}")]
@@ -405,9 +426,14 @@ pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinRep
         return Err(PeerError::NothingToJoin);
     }
     let identity_file = config.identity.clone();
-    let identity = tokio::task::spawn_blocking(move || match identity_file {
-        Some(path) => Identity::load_or_create(&path),
-        None => Identity::generate().map_err(|source| IdentityError::Create { path: "(this session)".into(), source }),
+    let (identity, known_keys) = tokio::task::spawn_blocking(move || -> Result<_, PeerError> {
+        let identity = match &identity_file {
+            Some(path) => Identity::load_or_create(path)?,
+            None => Identity::generate().map_err(|source| IdentityError::Create { path: "(this session)".into(), source })?,
+        };
+        // The keys we met names with live beside the identity (with a session-only identity, in memory).
+        let known_keys = KnownKeys::load(identity_file.map(|path| path.with_file_name(trust::FILE_NAME)))?;
+        Ok((Arc::new(identity), known_keys))
     })
     .await
     .map_err(|_| PeerError::Closed)??;
@@ -446,6 +472,8 @@ pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinRep
         events: events_tx,
         ready: ready_tx,
         private: config.private.clone(),
+        identity: identity.clone(),
+        known_keys,
     }));
     let connected = ready_rx.await.map_err(|_| PeerError::Closed)?;
     let handle = PeerHandle { commands, log, fingerprint: identity.fingerprint(), room: config.room, listen_addr };

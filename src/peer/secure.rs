@@ -74,20 +74,27 @@ impl From<FrameReadError> for HandshakeError {
     }
 }
 
-/// A finished handshake: the plaintext side of the link.
+/// The plaintext side of a link whose handshake finished.
 pub(super) type SecureStream = DuplexStream;
 
+/// A finished handshake: the link, and its handshake hash (the same at both ends, different for every
+/// link), to which each end binds its identity proof.
+pub(super) struct Secured {
+    pub stream: SecureStream,
+    pub binding: Vec<u8>,
+}
+
 /// Our side of a link we dialled: handshake as the initiator, then start the pumps.
-pub(super) async fn dial_side(stream: TcpStream, key: &RoomKey, wait: Duration, dead_after: Duration) -> Result<SecureStream, HandshakeError> {
+pub(super) async fn dial_side(stream: TcpStream, key: &RoomKey, wait: Duration, dead_after: Duration) -> Result<Secured, HandshakeError> {
     with_deadline(wait, initiate(stream, key, dead_after)).await
 }
 
 /// Our side of a link we accepted: handshake as the responder, then start the pumps.
-pub(super) async fn accept_side(stream: TcpStream, key: &RoomKey, wait: Duration, dead_after: Duration) -> Result<SecureStream, HandshakeError> {
+pub(super) async fn accept_side(stream: TcpStream, key: &RoomKey, wait: Duration, dead_after: Duration) -> Result<Secured, HandshakeError> {
     with_deadline(wait, respond(stream, key, wait, dead_after)).await
 }
 
-async fn with_deadline(wait: Duration, work: impl std::future::Future<Output = Result<SecureStream, HandshakeError>>) -> Result<SecureStream, HandshakeError> {
+async fn with_deadline(wait: Duration, work: impl std::future::Future<Output = Result<Secured, HandshakeError>>) -> Result<Secured, HandshakeError> {
     tokio::time::timeout(wait, work).await.unwrap_or(Err(HandshakeError::TimedOut(wait)))
 }
 
@@ -104,7 +111,7 @@ fn noise_state(key: &RoomKey, initiator: bool) -> Result<snow::HandshakeState, s
     }
 }
 
-async fn initiate(mut stream: TcpStream, key: &RoomKey, dead_after: Duration) -> Result<SecureStream, HandshakeError> {
+async fn initiate(mut stream: TcpStream, key: &RoomKey, dead_after: Duration) -> Result<Secured, HandshakeError> {
     let mut noise = noise_state(key, true).map_err(HandshakeError::WrongKey)?;
     let mut opening = frames::encode_opening(&Frame::SecureHello { v: PROTOCOL_VERSION, room: key.room_id() });
     let mut message = vec![0u8; MAX_RECORD];
@@ -132,14 +139,15 @@ async fn initiate(mut stream: TcpStream, key: &RoomKey, dead_after: Duration) ->
     let mut last = Vec::new();
     push_record(&mut last, &message[..n]);
     stream.write_all(&last).await?;
+    let binding = noise.get_handshake_hash().to_vec();
     let transport = noise.into_stateless_transport_mode().map_err(HandshakeError::WrongKey)?;
     // The acceptor's empty record says it took our last message (so it holds the key).
     let ready = read_record(&mut stream, &mut pending).await?;
     transport.read_message(0, &ready, &mut message).map_err(HandshakeError::WrongKey)?;
-    Ok(start_pumps(stream, transport, Nonces { send: 0, receive: 1 }, pending, dead_after))
+    Ok(Secured { stream: start_pumps(stream, transport, Nonces { send: 0, receive: 1 }, pending, dead_after), binding })
 }
 
-async fn respond(mut stream: TcpStream, key: &RoomKey, wait: Duration, dead_after: Duration) -> Result<SecureStream, HandshakeError> {
+async fn respond(mut stream: TcpStream, key: &RoomKey, wait: Duration, dead_after: Duration) -> Result<Secured, HandshakeError> {
     let rest = match read_opening(&mut stream, wait).await {
         Opened::P2pchat(rest) => rest,
         Opened::Closed(_) => return Err(HandshakeError::ClosedDuringHandshake),
@@ -169,12 +177,13 @@ async fn respond(mut stream: TcpStream, key: &RoomKey, wait: Duration, dead_afte
     let last = read_record(&mut stream, &mut pending).await?;
     // With another key, this is where it fails (the pre-shared key is mixed in last).
     noise.read_message(&last, &mut message).map_err(HandshakeError::WrongKey)?;
+    let binding = noise.get_handshake_hash().to_vec();
     let transport = noise.into_stateless_transport_mode().map_err(HandshakeError::WrongKey)?;
     let n = transport.write_message(0, &[], &mut message).map_err(HandshakeError::WrongKey)?;
     let mut ready = Vec::new();
     push_record(&mut ready, &message[..n]);
     stream.write_all(&ready).await?;
-    Ok(start_pumps(stream, transport, Nonces { send: 1, receive: 0 }, pending, dead_after))
+    Ok(Secured { stream: start_pumps(stream, transport, Nonces { send: 1, receive: 0 }, pending, dead_after), binding })
 }
 
 fn push_record(out: &mut Vec<u8>, message: &[u8]) {

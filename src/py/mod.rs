@@ -79,7 +79,7 @@ impl From<PeerError> for PyErr {
             PeerError::AddressInUse { .. } => AddressInUse::new_err(message),
             PeerError::Listen { .. } => P2PChatError::new_err(message),
             PeerError::History(_) => HistoryError::new_err(message),
-            PeerError::Identity(_) => IdentityError::new_err(message),
+            PeerError::Identity(_) | PeerError::Trust(_) => IdentityError::new_err(message),
             PeerError::Closed => PeerClosed::new_err(message),
         }
     }

@@ -86,6 +86,12 @@ pub struct PyPeerJoined {
     outgoing: bool,
     /// The member that passes its messages to us (we cannot reach it directly); None for a direct link.
     relayed_by: Option<(String, u16)>,
+    /// True on a private room's encrypted, authenticated link.
+    encrypted: bool,
+    /// The identity key it proved (private rooms): 16 hex digits in groups of four; else None.
+    fingerprint: Option<String>,
+    /// True when its name had another key when you first met it in this room: perhaps someone else.
+    key_changed: bool,
 }
 
 #[pymethods]
@@ -165,6 +171,12 @@ pub struct PyPeerInfo {
     protocol: Option<&'static str>,
     /// The member that passes its messages to us (we cannot reach it directly); None for a direct link.
     relayed_by: Option<(String, u16)>,
+    /// True on a private room's encrypted, authenticated link.
+    encrypted: bool,
+    /// The identity key it proved (private rooms); else None.
+    fingerprint: Option<String>,
+    /// True when its name had another key when you first met it in this room.
+    key_changed: bool,
 }
 
 #[pymethods]
@@ -202,12 +214,15 @@ impl From<Event> for PyEvent {
                 stamp: m.stamp,
                 history: m.history,
             }),
-            Event::Joined { addr, name, protocol, outgoing, relayed_by } => PyEvent::Joined(PyPeerJoined {
+            Event::Joined { addr, name, protocol, outgoing, relayed_by, encrypted, fingerprint, key_changed } => PyEvent::Joined(PyPeerJoined {
                 address: py_addr(addr),
                 name,
                 protocol: protocol_name(protocol),
                 outgoing,
                 relayed_by: relayed_by.map(py_addr),
+                encrypted,
+                fingerprint,
+                key_changed,
             }),
             Event::Left { addr, name, reason, clean } => PyEvent::Left(PyPeerLeft { address: py_addr(addr), name, reason, clean }),
             Event::Renamed { addr, old, new } => PyEvent::Renamed(PyPeerRenamed { address: py_addr(addr), old, new }),
@@ -654,6 +669,9 @@ impl PyPeer {
                 outgoing: p.outgoing,
                 protocol: p.protocol.map(protocol_name),
                 relayed_by: p.relayed_by.map(py_addr),
+                encrypted: p.encrypted,
+                fingerprint: p.fingerprint,
+                key_changed: p.key_changed,
             })
             .collect())
     }

@@ -79,7 +79,7 @@ async fn run(mut events: mpsc::Receiver<HubEvent>) {
                     .filter(|(_, m)| m.room == member.room)
                     .map(|(id, m)| Member { addr: m.addr.to_string(), p2pchat: true, id: Some(id.clone()) })
                     .collect();
-                let hello = Hello { v: PROTOCOL_VERSION, id: hub_id.clone(), name: None, room: member.room.clone(), listen_port: None, peers };
+                let hello = Hello { v: PROTOCOL_VERSION, id: hub_id.clone(), name: None, room: member.room.clone(), listen_port: None, peers, identity: None };
                 log::debug!("{} linked to the relay in room {:?}", member.addr, member.room);
                 members.insert(id, member);
                 let _ = reply.send(Ok(frames::encode_opening(&Frame::Hello(hello)).into()));

@@ -22,6 +22,7 @@ pub const MAX_WELCOME_BYTES: usize = 4 * 1024 * 1024;
 pub const ERR_VERSION: &str = "version";
 pub const ERR_ROOM: &str = "room";
 pub const ERR_MALFORMED: &str = "malformed";
+pub const ERR_IDENTITY: &str = "identity";
 
 /// Introduces an end: sent first by a dialler, answered by the acceptor; also registers with a tracker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +42,19 @@ pub struct Hello {
     /// Room members the sender is connected to and where they listen: peer exchange.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub peers: Vec<Member>,
+    /// In a private room: the sender's identity key, proven for this link (see `identity`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<IdentityProof>,
+}
+
+/// An identity key and its signature over the link's handshake hash: the holder of the key is the
+/// other end of this very link (a proof copied from another link does not verify here).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityProof {
+    /// The Ed25519 public key, 64 hex digits.
+    pub key: String,
+    /// Its signature (128 hex digits) over "p2pchat identity v1", a 0 byte and the handshake hash.
+    pub sig: String,
 }
 
 /// A room member as a p2pchat tracker lists it.
@@ -336,7 +350,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn hello() -> Hello {
-        Hello { v: PROTOCOL_VERSION, id: random_id(), name: Some("ana".into()), room: "".into(), listen_port: Some(5000), peers: vec![] }
+        Hello { v: PROTOCOL_VERSION, id: random_id(), name: Some("ana".into()), room: "".into(), listen_port: Some(5000), peers: vec![], identity: None }
     }
 
     #[test]

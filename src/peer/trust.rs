@@ -1,0 +1,125 @@
+//! Trust on first use: the identity key each name had when this user first met it in a room.
+//!
+//! A member of a private room proves its identity key on every link (see `identity`). The first key
+//! seen for a name in a room is remembered (in `known_keys.json` beside the identity file); a later
+//! member claiming that name with another key is flagged to the user, never silently accepted, and
+//! the remembered key stays. No sockets here; the file is small and written only when a name is new.
+
+use std::collections::HashMap;
+use std::fs;
+use std::path::PathBuf;
+
+use ed25519_dalek::VerifyingKey;
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::identity::fingerprint;
+use crate::wire::frames::{hex, unhex_array};
+
+pub const FILE_NAME: &str = "known_keys.json";
+const FORMAT: u32 = 1;
+
+#[derive(Debug, Error)]
+pub enum TrustError {
+    #[error("cannot read the known keys in {path}: {reason} (move it away to start trusting anew)")]
+    Unreadable { path: PathBuf, reason: String },
+}
+
+/// What meeting `name` with a key says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// Never met under this name here: remembered now.
+    First,
+    /// The key this name had before.
+    Same,
+    /// Another key than before: perhaps someone else. `was` is the remembered key's fingerprint.
+    Changed { was: String },
+}
+
+#[derive(Default, Serialize, Deserialize)]
+struct File {
+    v: u32,
+    /// Room id → name → key (hex).
+    rooms: HashMap<String, HashMap<String, String>>,
+}
+
+pub struct KnownKeys {
+    path: Option<PathBuf>,
+    file: File,
+}
+
+impl KnownKeys {
+    /// The keys remembered in `path` (none yet if it does not exist); `None`: this session only.
+    pub fn load(path: Option<PathBuf>) -> Result<Self, TrustError> {
+        let Some(path) = path else { return Ok(Self { path: None, file: File { v: FORMAT, ..File::default() } }) };
+        let file = match fs::read(&path) {
+            Ok(bytes) => {
+                let unreadable = |reason: String| TrustError::Unreadable { path: path.clone(), reason };
+                let file: File = serde_json::from_slice(&bytes).map_err(|e| unreadable(format!("not a known-keys file ({e})")))?;
+                if file.v != FORMAT {
+                    return Err(unreadable(format!("format {} (this p2pchat reads {FORMAT})", file.v)));
+                }
+                file
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => File { v: FORMAT, ..File::default() },
+            Err(err) => return Err(TrustError::Unreadable { path, reason: err.to_string() }),
+        };
+        Ok(Self { path: Some(path), file })
+    }
+
+    /// Meet `name` with `key` in `room`.
+    pub fn meet(&mut self, room: &str, name: &str, key: &VerifyingKey) -> Seen {
+        let names = self.file.rooms.entry(room.to_owned()).or_default();
+        match names.get(name) {
+            Some(known) if *known == hex(key.as_bytes()) => Seen::Same,
+            Some(known) => {
+                let was = unhex_array::<32>(known).and_then(|k| VerifyingKey::from_bytes(&k).ok()).map_or_else(|| known.clone(), |k| fingerprint(&k));
+                Seen::Changed { was }
+            }
+            None => {
+                names.insert(name.to_owned(), hex(key.as_bytes()));
+                if let Err(err) = self.save() {
+                    log::warn!("cannot save the known keys: {err}");
+                }
+                Seen::First
+            }
+        }
+    }
+
+    /// Write the file anew beside itself, then move it into place (a crash leaves the old or the new).
+    fn save(&self) -> std::io::Result<()> {
+        let Some(path) = &self.path else { return Ok(()) };
+        let json = serde_json::to_vec_pretty(&self.file).map_err(std::io::Error::other)?;
+        let temporary = crate::identity::write_beside(path, &json)?;
+        let placed = fs::rename(&temporary, path);
+        if placed.is_err() {
+            let _ = fs::remove_file(&temporary);
+        }
+        placed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::Identity;
+
+    #[test]
+    fn the_first_key_of_a_name_is_kept_and_another_is_flagged() {
+        let dir = std::env::temp_dir().join(format!("p2pchat-trust-{}", crate::wire::frames::random_id()));
+        fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(FILE_NAME);
+        let (bob, impostor) = (Identity::generate().unwrap().public(), Identity::generate().unwrap().public());
+        let mut keys = KnownKeys::load(Some(path.clone())).unwrap();
+        assert_eq!(keys.meet("room", "bob", &bob), Seen::First);
+        assert_eq!(keys.meet("room", "bob", &bob), Seen::Same);
+        assert_eq!(keys.meet("other room", "bob", &impostor), Seen::First, "per room");
+        let mut again = KnownKeys::load(Some(path.clone())).unwrap();
+        assert_eq!(again.meet("room", "bob", &impostor), Seen::Changed { was: fingerprint(&bob) }, "remembered on disk");
+        assert_eq!(again.meet("room", "bob", &bob), Seen::Same, "the first key stays");
+        fs::write(&path, b"{oops").unwrap();
+        let err = KnownKeys::load(Some(path)).err().unwrap().to_string();
+        assert!(err.contains("not a known-keys file"), "{err}");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
