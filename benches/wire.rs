@@ -77,7 +77,7 @@ fn main() {
         },
     );
 
-    let chat = |i: usize| Frame::Msg(Chat { id: frames::random_id(), from: "n7".into(), room: String::new(), ts: 1, hlc: 1 << 16, text: format!("7:{i}:123456789.") });
+    let chat = |i: usize| Frame::Msg(Chat { id: frames::random_id(), from: "n7".into(), room: String::new(), ts: 1, hlc: 1 << 16, text: format!("7:{i}:123456789."), ..Chat::default() });
     let mut framed = Vec::new();
     for i in 0.. {
         if framed.len() > 64 * 1024 {

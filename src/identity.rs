@@ -14,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::wire::frames::{hex, unhex_array, IdentityProof};
+use crate::wire::frames::{hex, unhex_array, Chat, IdentityProof};
 
 /// The identity file inside a data directory.
 pub const FILE_NAME: &str = "identity.json";
@@ -96,6 +96,12 @@ impl Identity {
         IdentityProof { key: hex(self.public().as_bytes()), sig: hex(&self.signing.sign(&proof_message(binding)).to_bytes()) }
     }
 
+    /// Sign `chat` as its author (private rooms): sets its `key` and `sig`.
+    pub fn sign_chat(&self, chat: &mut Chat) {
+        chat.key = Some(hex(self.public().as_bytes()));
+        chat.sig = Some(hex(&self.signing.sign(&chat_message(chat)).to_bytes()));
+    }
+
     pub fn public(&self) -> VerifyingKey {
         self.signing.verifying_key()
     }
@@ -129,21 +135,39 @@ fn proof_message(binding: &[u8]) -> Vec<u8> {
     message
 }
 
+/// What an author signs: every field of the message but the signature itself, in a fixed order.
+fn chat_message(chat: &Chat) -> Vec<u8> {
+    let fields = (&chat.id, &chat.from, &chat.room, chat.ts, chat.hlc, &chat.text);
+    let mut message = b"p2pchat msg v1\0".to_vec();
+    message.extend(serde_json::to_vec(&fields).unwrap_or_default());
+    message
+}
+
+/// The key that signed `chat`, if its signature verifies.
+pub fn verify_chat(chat: &Chat) -> Result<VerifyingKey, ProofError> {
+    let (Some(key), Some(sig)) = (&chat.key, &chat.sig) else { return Err(ProofError::Missing) };
+    verify(key, sig, &chat_message(chat))
+}
+
+fn verify(key: &str, sig: &str, message: &[u8]) -> Result<VerifyingKey, ProofError> {
+    let key = unhex_array::<32>(key).and_then(|k| VerifyingKey::from_bytes(&k).ok()).ok_or(ProofError::BadKey)?;
+    let sig = unhex_array::<64>(sig).map(|s| Signature::from_bytes(&s)).ok_or(ProofError::BadSignature)?;
+    key.verify_strict(message, &sig).map_err(|_| ProofError::BadSignature)?;
+    Ok(key)
+}
+
 /// The key a proof is for, if it proves it for the link whose handshake hash is `binding`.
 pub fn verify_proof(proof: &IdentityProof, binding: &[u8]) -> Result<VerifyingKey, ProofError> {
-    let key = unhex_array::<32>(&proof.key).and_then(|k| VerifyingKey::from_bytes(&k).ok()).ok_or(ProofError::BadKey)?;
-    let sig = unhex_array::<64>(&proof.sig).map(|s| Signature::from_bytes(&s)).ok_or(ProofError::BadSignature)?;
-    key.verify_strict(&proof_message(binding), &sig).map_err(|_| ProofError::BadSignature)?;
-    Ok(key)
+    verify(&proof.key, &proof.sig, &proof_message(binding))
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ProofError {
     #[error("its identity key is not a valid Ed25519 key")]
     BadKey,
-    #[error("its identity proof does not verify for this link")]
+    #[error("its signature does not verify")]
     BadSignature,
-    #[error("it did not prove an identity")]
+    #[error("it carries no signature")]
     Missing,
 }
 

@@ -599,7 +599,7 @@ async fn a_member_relays_between_two_that_cannot_reach_each_other() {
     let Frame::RelayOpen { peer, name, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
     assert_eq!((peer.as_str(), name.as_deref()), ("pia-session", Some("pia")));
 
-    let chat = |id: &str, text: &str| Frame::Msg(Chat { id: id.into(), from: "pia".into(), room: String::new(), ts: 1, hlc: 0, text: text.into() });
+    let chat = |id: &str, text: &str| Frame::Msg(Chat { id: id.into(), from: "pia".into(), room: String::new(), ts: 1, hlc: 0, text: text.into(), ..Chat::default() });
     pia.send(&chat("m1", "through ana")).await;
     pia.send(&chat("m1", "through ana")).await; // a replay: passed on (and shown) once
     pia.send(&chat("m2", "second")).await;
@@ -610,7 +610,7 @@ async fn a_member_relays_between_two_that_cannot_reach_each_other() {
     assert_eq!(next_message(&mut ana_events).await.text, "through ana", "the relay sees the room's messages too");
     assert_eq!(next_message(&mut ana_events).await.text, "second");
     // The other way too.
-    quin.send(&Frame::Msg(Chat { id: "m3".into(), from: "quin".into(), room: String::new(), ts: 1, hlc: 0, text: "back".into() })).await;
+    quin.send(&Frame::Msg(Chat { id: "m3".into(), from: "quin".into(), room: String::new(), ts: 1, hlc: 0, text: "back".into(), ..Chat::default() })).await;
     let Frame::Msg(back) = pia.next(is_msg).await else { unreachable!() };
     assert_eq!(back.text, "back");
 
@@ -648,10 +648,10 @@ async fn the_tracker_relays_only_when_told_to() {
     assert_eq!(peer, "pia-session");
     let Frame::RelayOpen { peer, name, .. } = pia.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
     assert_eq!((peer.as_str(), name.as_deref()), ("quin-session", Some("quin")));
-    quin.send(&Frame::Msg(Chat { id: "m1".into(), from: "quin".into(), room: String::new(), ts: 1, hlc: 0, text: "via the tracker".into() })).await;
+    quin.send(&Frame::Msg(Chat { id: "m1".into(), from: "quin".into(), room: String::new(), ts: 1, hlc: 0, text: "via the tracker".into(), ..Chat::default() })).await;
     let Frame::Msg(chat) = pia.next(|f| matches!(f, Frame::Msg(_))).await else { unreachable!() };
     assert_eq!((chat.id.as_str(), chat.text.as_str()), ("m1", "via the tracker"));
-    pia.send(&Frame::Msg(Chat { id: "m2".into(), from: "pia".into(), room: String::new(), ts: 1, hlc: 0, text: "and back".into() })).await;
+    pia.send(&Frame::Msg(Chat { id: "m2".into(), from: "pia".into(), room: String::new(), ts: 1, hlc: 0, text: "and back".into(), ..Chat::default() })).await;
     let Frame::Msg(chat) = quin.next(|f| matches!(f, Frame::Msg(_))).await else { unreachable!() };
     assert_eq!(chat.text, "and back");
 
@@ -693,6 +693,15 @@ mod private_rooms {
         assert_eq!(next_message(&mut ana_events).await.text, "the plan");
         ana.send("agreed").await.unwrap();
         assert_eq!(next_message(&mut bob_events).await.text, "agreed");
+        // A newcomer gets the conversation from a member, each message with its author's signature.
+        let (_carol, mut carol_events) = join_private("carol", tracker, &key).await;
+        let mut earlier = Vec::new();
+        while earlier.len() < 2 {
+            let m = next_message(&mut carol_events).await;
+            assert!(m.history, "{m:?}");
+            earlier.push((m.sender.unwrap_or_default(), m.text));
+        }
+        assert_eq!(earlier, [("bob".to_owned(), "the plan".to_owned()), ("ana".to_owned(), "agreed".to_owned())]);
     }
 
     /// The raw dialler's side of the handshake (the same steps as `peer::secure`, written out here so
@@ -869,7 +878,7 @@ mod private_rooms {
         let sealed = raw.seal(0, &copied);
         raw.stream.write_all(&sealed).await.unwrap();
         let notice = next_notice(&mut ana_events).await;
-        assert!(notice.contains("gave no valid identity: its identity proof does not verify"), "{notice}");
+        assert!(notice.contains("gave no valid identity: its signature does not verify"), "{notice}");
         assert!(ana.peers().await.unwrap().is_empty());
     }
 
@@ -913,5 +922,58 @@ mod private_rooms {
         assert_eq!(warnings.len(), 1, "{notices:?}");
         assert!(warnings[0].contains(&fingerprints[0].0) && warnings[0].contains(&fingerprints[1].0), "{warnings:?}");
         let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Every message must be its author's: unsigned, altered, re-signed and stale ones are dropped,
+    /// and the user told; a second copy under the same id is shown once.
+    #[tokio::test]
+    async fn only_messages_signed_by_their_author_are_shown() {
+        use p2pchat::wire::frames::Chat;
+        let key = RoomKey::from_secret("plans", SECRET).unwrap();
+        let (tracker, _stop) = start_tracker().await;
+        let (ana, mut ana_events) = join_private("ana", tracker, &key).await;
+        let (_bob, _bob_events) = join_private("bob", tracker, &key).await;
+        wait_p2pchat_links(&ana, 1).await;
+        let raw_identity = Identity::generate().unwrap();
+        let mut raw = RawDialler::handshake(ana.listen_addr(), &key.room_id(), key.key()).await;
+        let hello = raw.seal(0, &raw_hello(&key, &raw_identity, &raw.binding));
+        raw.stream.write_all(&hello).await.unwrap();
+        wait_p2pchat_links(&ana, 2).await;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let signed = |text: &str, from: &str, ts: u64| {
+            let mut chat = Chat { id: frames::random_id(), from: from.into(), room: key.room_id(), ts, hlc: 0, text: text.into(), ..Chat::default() };
+            raw_identity.sign_chat(&mut chat);
+            chat
+        };
+        let genuine = signed("genuine", "raw", now);
+        let unsigned = Chat { key: None, sig: None, ..signed("unsigned", "raw", now) };
+        let altered = Chat { text: "altered".into(), ..signed("as written", "raw", now) };
+        let sent = [
+            genuine.clone(),
+            unsigned,
+            altered,
+            signed("i am bob", "bob", now),
+            signed("old news", "raw", now - 3_600_000),
+            genuine,
+            signed("the end", "raw", now),
+        ];
+        for (nonce, chat) in (1..).zip(sent) {
+            let record = raw.seal(nonce, &frames::encode(&Frame::Msg(chat)));
+            raw.stream.write_all(&record).await.unwrap();
+        }
+        let (mut shown, mut notices) = (Vec::new(), Vec::new());
+        while shown.last().map(String::as_str) != Some("the end") {
+            match tokio::time::timeout(WAIT, ana_events.recv()).await.unwrap().unwrap() {
+                Event::Message(m) => shown.push(m.text),
+                Event::Notice { text } => notices.push(text),
+                _ => {}
+            }
+        }
+        assert_eq!(shown, ["genuine", "the end"]);
+        let reasons = ["carries no signature", "signature does not verify", "signed again by someone else", "(a replay?)"];
+        assert_eq!(notices.len(), reasons.len(), "{notices:?}");
+        for (notice, reason) in notices.iter().zip(reasons) {
+            assert!(notice.starts_with("dropped a message") && notice.contains(reason), "{notice} / {reason}");
+        }
     }
 }

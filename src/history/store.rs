@@ -15,7 +15,8 @@ use thiserror::Error;
 pub const FILE_NAME: &str = "history.sqlite3";
 /// Messages an in-memory log keeps per room (a peer run without a log on disk).
 pub const MEMORY_KEEPS: usize = 20_000;
-const SCHEMA_VERSION: i64 = 1;
+/// 2: messages carry their author's key and signature (private rooms).
+const SCHEMA_VERSION: i64 = 2;
 
 /// Where a peer keeps its log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +50,9 @@ pub struct Record {
     pub text: String,
     /// Written by a p2pchat peer (served to others); false for lines from original peers.
     pub shared: bool,
+    /// In a private room, the author's key and signature (see `Chat`), passed on with the message.
+    pub author_key: Option<String>,
+    pub sig: Option<String>,
 }
 
 impl Record {
@@ -99,16 +103,16 @@ pub struct Store {
 
 impl Store {
     pub fn open(location: &Location) -> Result<Self, StoreError> {
-        let (conn, in_memory) = match location {
-            Location::Memory => (Connection::open_in_memory()?, true),
+        let (conn, in_memory, found_version) = match location {
+            Location::Memory => (Connection::open_in_memory()?, true, 0),
             Location::Dir(dir) => {
                 std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { path: dir.clone(), source })?;
                 let path = dir.join(FILE_NAME);
                 let unusable = |reason: String| StoreError::Unusable { path: path.clone(), reason };
                 let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
                 let conn = Connection::open_with_flags(&path, flags).map_err(|e| unusable(e.to_string()))?;
-                Self::prepare_file(&conn).map_err(unusable)?;
-                (conn, false)
+                let found_version = Self::prepare_file(&conn).map_err(unusable)?;
+                (conn, false, found_version)
             }
         };
         // One B-tree, in the room's order: a message's stamp is fixed by its author, so (stamp, id)
@@ -125,14 +129,24 @@ impl Store {
                  sender TEXT,
                  text TEXT NOT NULL,
                  shared INTEGER NOT NULL,
+                 author_key TEXT,
+                 sig TEXT,
                  PRIMARY KEY (room, stamp, id)
              ) WITHOUT ROWID;",
         )?;
+        if found_version == 1 {
+            conn.execute_batch(&format!(
+                "ALTER TABLE messages ADD COLUMN author_key TEXT;
+                 ALTER TABLE messages ADD COLUMN sig TEXT;
+                 PRAGMA user_version = {SCHEMA_VERSION};"
+            ))?;
+        }
         Ok(Self { conn, in_memory, inserted_since_prune: 0, rooms: HashMap::new() })
     }
 
-    /// Settings for a file shared by every peer of one user, and a check that it is ours.
-    fn prepare_file(conn: &Connection) -> Result<(), String> {
+    /// Settings for a file shared by every peer of one user, and a check that it is ours; returns the
+    /// format it was in (0: new), so an older one is brought up to date once its tables are there.
+    fn prepare_file(conn: &Connection) -> Result<i64, String> {
         let settings = || -> rusqlite::Result<i64> {
             // Several clients of one user may run at once: WAL lets them read while one writes, and a
             // writer waits for another instead of failing.
@@ -142,8 +156,8 @@ impl Store {
             conn.pragma_query_value(None, "user_version", |row| row.get(0))
         };
         match settings().map_err(|e| e.to_string())? {
-            0 => conn.pragma_update(None, "user_version", SCHEMA_VERSION).map_err(|e| e.to_string()),
-            SCHEMA_VERSION => Ok(()),
+            0 => conn.pragma_update(None, "user_version", SCHEMA_VERSION).map(|()| 0).map_err(|e| e.to_string()),
+            version @ (1 | SCHEMA_VERSION) => Ok(version),
             other => Err(format!("it was written by a newer p2pchat (log format {other}, this one reads {SCHEMA_VERSION})")),
         }
     }
@@ -171,10 +185,11 @@ impl Store {
         let mut fresh = Vec::with_capacity(records.len());
         {
             let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO messages (room, id, stamp, sent_at, sender, text, shared) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT OR IGNORE INTO messages (room, id, stamp, sent_at, sender, text, shared, author_key, sig)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for r in records {
-                let changed = insert.execute(params![room, r.id, r.stamp as i64, r.sent_at as i64, r.sender, r.text, r.shared])?;
+                let changed = insert.execute(params![room, r.id, r.stamp as i64, r.sent_at as i64, r.sender, r.text, r.shared, r.author_key, r.sig])?;
                 fresh.push(changed == 1);
             }
         }
@@ -199,7 +214,7 @@ impl Store {
         let (after_stamp, after_id) = query.after.as_ref().map_or((-1, ""), |k| (k.stamp as i64, k.id.as_str()));
         let (before_stamp, before_id) = query.before.as_ref().map_or((i64::MAX, ""), |k| (k.stamp as i64, k.id.as_str()));
         let mut select = self.conn.prepare_cached(
-            "SELECT id, stamp, sent_at, sender, text, shared FROM messages
+            "SELECT id, stamp, sent_at, sender, text, shared, author_key, sig FROM messages
              WHERE room = ?1 AND (stamp, id) > (?2, ?3) AND (stamp, id) < (?4, ?5) AND (shared OR NOT ?6)
              ORDER BY stamp DESC, id DESC LIMIT ?7",
         )?;
@@ -212,6 +227,8 @@ impl Store {
                 sender: row.get(3)?,
                 text: row.get(4)?,
                 shared: row.get(5)?,
+                author_key: row.get(6)?,
+                sig: row.get(7)?,
             })
         })?;
         let mut newest_first = Vec::new();
@@ -248,7 +265,7 @@ mod tests {
     use super::*;
 
     fn record(id: &str, stamp: u64) -> Record {
-        Record { id: id.into(), stamp, sent_at: stamp, sender: Some("ana".into()), text: format!("text {id}"), shared: true }
+        Record { id: id.into(), stamp, sent_at: stamp, sender: Some("ana".into()), text: format!("text {id}"), shared: true, author_key: None, sig: None }
     }
 
     fn ids(records: &[Record]) -> Vec<&str> {
@@ -303,6 +320,33 @@ mod tests {
         let mut again = Store::open(&Location::Dir(dir.clone())).unwrap();
         assert_eq!(ids(&again.query("r", &Query::latest(10)).unwrap()), ["a"]);
         assert!(dir.join(FILE_NAME).is_file());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_of_the_first_format_is_brought_up_to_date_and_keeps_its_messages() {
+        let dir = std::env::temp_dir().join(format!("p2pchat-store-test-{}", crate::wire::frames::random_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let old = Connection::open(dir.join(FILE_NAME)).unwrap();
+        old.execute_batch(
+            "CREATE TABLE rooms (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+             CREATE TABLE messages (room INTEGER NOT NULL, stamp INTEGER NOT NULL, id TEXT NOT NULL,
+                 sent_at INTEGER NOT NULL, sender TEXT, text TEXT NOT NULL, shared INTEGER NOT NULL,
+                 PRIMARY KEY (room, stamp, id)) WITHOUT ROWID;
+             INSERT INTO rooms (id, name) VALUES (1, 'r');
+             INSERT INTO messages VALUES (1, 1, 'old', 1, 'ana', 'from before', 1);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+        drop(old);
+        let mut store = Store::open(&Location::Dir(dir.clone())).unwrap();
+        let signed = Record { author_key: Some("k".into()), sig: Some("s".into()), ..record("new", 2) };
+        store.insert("r", std::slice::from_ref(&signed)).unwrap();
+        let back = store.query("r", &Query::latest(10)).unwrap();
+        assert_eq!(ids(&back), ["old", "new"]);
+        assert_eq!((back[0].author_key.as_deref(), back[1].sig.as_deref()), (None, Some("s")));
+        drop(store);
+        assert!(Store::open(&Location::Dir(dir.clone())).is_ok(), "opens again at the new format");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -26,7 +26,7 @@ use super::seen::SeenIds;
 use super::{Event, Limits, PeerInfo, Protocol, Status, TrackerState};
 use crate::history::clock::{self, Clock};
 use crate::history::log::LogHandle;
-use crate::history::store::{Key, Query, Record};
+use crate::history::store::{Key, Query};
 use crate::identity::{self, Identity};
 use crate::private::RoomKey;
 use crate::tracker::DEFAULT_ROOM;
@@ -110,7 +110,7 @@ pub(super) struct Setup {
     pub private: Option<RoomKey>,
     /// Our identity, proven on private links, and the keys we met names with before.
     pub identity: Arc<Identity>,
-    pub known_keys: KnownKeys,
+    pub known_keys: Arc<Mutex<KnownKeys>>,
 }
 
 /// One line in both encodings; each link takes the one it speaks.
@@ -214,7 +214,7 @@ struct Actor {
     /// A private room's key (every link is encrypted).
     private: Option<Arc<RoomKey>>,
     identity: Arc<Identity>,
-    known_keys: KnownKeys,
+    known_keys: Arc<Mutex<KnownKeys>>,
 }
 
 pub(super) async fn run(setup: Setup) {
@@ -469,7 +469,8 @@ impl Actor {
         let link = self.links.get(&id)?;
         let (key, addr) = (link.key?, link.shown_addr());
         let fingerprint = identity::fingerprint(&key);
-        let changed = match name.map(|name| (name, self.known_keys.meet(&self.room, name, &key))) {
+        let seen = name.and_then(|name| Some((name, self.known_keys.lock().ok()?.meet(&self.room, name, &key))));
+        let changed = match seen {
             Some((name, Seen::Changed { was })) => {
                 self.notice(format!(
                     "WARNING: {name} ({addr}) proves key {fingerprint}, but {name} had key {was} when you first met it here: it may be someone else"
@@ -855,6 +856,7 @@ impl Actor {
             seen: self.seen.clone(),
             clock: self.clock.clone(),
             log: self.log.clone(),
+            authors: self.private.as_ref().map(|_| self.known_keys.clone()),
         };
         let conn = connection::spawn(id, transport, remote, role, context);
         let probed = role == Role::Probe;
@@ -1102,11 +1104,15 @@ impl Actor {
     fn send(&mut self, text: &str) -> usize {
         let stamp = self.clock.tick();
         let ts = clock::wall_millis();
-        let message = Chat { id: frames::random_id(), from: self.name.clone(), room: self.room.clone(), ts, hlc: stamp, text: text.to_owned() };
+        let mut message = Chat { id: frames::random_id(), from: self.name.clone(), room: self.room.clone(), ts, hlc: stamp, text: text.to_owned(), key: None, sig: None };
+        if self.private.is_some() {
+            // Signed by its author, so no member passing it on (relays, history) can alter or forge it.
+            self.identity.sign_chat(&mut message);
+        }
         if let Ok(mut seen) = self.seen.lock() {
             seen.first_time(&message.id);
         }
-        self.log.record_now(Record { id: message.id.clone(), stamp, sent_at: ts, sender: Some(self.name.clone()), text: text.to_owned(), shared: true });
+        self.log.record_now(history::chat_to_record(&message));
         let line = Arc::new(OutLine {
             original: chat::encode_line(&self.name, text).into(),
             p2pchat: frames::encode(&Frame::Msg(message)).into(),

@@ -32,13 +32,14 @@ use super::actor::NetEvent;
 use super::history;
 use super::secure::SecureStream;
 use super::seen::SeenIds;
+use super::trust::{self, KnownKeys};
 use super::{Event, Limits, Message};
 use crate::history::clock::Clock;
 use crate::history::log::LogHandle;
 use crate::history::store::Record;
 use crate::wire::chat::{self, ChatDecoder, Piece};
 use crate::reading::{read_opening, Opened};
-use crate::wire::frames::{self, Frame, FrameDecoder};
+use crate::wire::frames::{self, Chat, Frame, FrameDecoder};
 
 /// Encoded bytes for one connection's queue, shared between connections when they are the same.
 pub(super) type Line = Arc<[u8]>;
@@ -98,6 +99,8 @@ pub(super) struct ReaderContext {
     pub seen: Arc<Mutex<SeenIds>>,
     pub clock: Arc<Clock>,
     pub log: LogHandle,
+    /// In a private room: the keys names have here; every message must be signed by its author's.
+    pub authors: Option<Arc<Mutex<KnownKeys>>>,
 }
 
 /// The live parts of a connection; dropping it aborts both tasks and closes the socket.
@@ -317,6 +320,8 @@ async fn deliver(pieces: Vec<Piece>, from: SocketAddr, context: &ReaderContext, 
             sender: sender.clone(),
             text: text.clone(),
             shared: false,
+            author_key: None,
+            sig: None,
         });
         let message = Message { sender, text, from, received_at, starts_message, id: None, sent_at: None, stamp: Some(stamp), history: false };
         shown.push(Event::Message(message));
@@ -334,6 +339,20 @@ async fn log_then_show(context: &ReaderContext, records: Vec<Record>, events: Ve
         // An error means the application dropped its event stream: nobody is listening any more.
         let _ = context.events.send(event).await;
     }
+}
+
+/// How far a live message's own time may be from ours in a private room: older ones are replays
+/// (copies within it are caught by their ids), newer ones come from a clock that is far off.
+const FRESH_FOR_MS: u64 = 10 * 60 * 1000;
+
+/// In a private room, whether a live message is its author's (see `trust::check_author`) and recent.
+fn authentic_and_fresh(chat: &Chat, context: &ReaderContext) -> Result<(), String> {
+    let Some(authors) = &context.authors else { return Ok(()) };
+    trust::check_author(chat, &context.room, authors)?;
+    if crate::history::clock::wall_millis().abs_diff(chat.ts) > FRESH_FOR_MS {
+        return Err(format!("a message from {:?} sent at a time more than 10 minutes from ours (a replay?)", chat.from));
+    }
+    Ok(())
 }
 
 /// The extension protocol: frames. Returns why the link ended and whether the other side said goodbye.
@@ -375,6 +394,12 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                         log::debug!("ignoring a message from {from} for room {:?} or with an invalid text", chat.room);
                         continue;
                     }
+                    if let Err(why) = authentic_and_fresh(&chat, context) {
+                        let text = format!("dropped {why}, passed on by {from}");
+                        log::warn!("{text}");
+                        to_show.push(Event::Notice { text });
+                        continue;
+                    }
                     let first_time = context.seen.lock().map(|mut seen| seen.first_time(&chat.id)).unwrap_or(true);
                     let (shown, notice) = if first_time { flood.admit(from, Some(&chat.from)) } else { (false, None) };
                     if let Some(text) = notice {
@@ -394,7 +419,11 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                     let _ = context.net.send(NetEvent::HistoryRequested { id, req, limit, after }).await;
                 }
                 Frame::History { req, msgs, more } => {
-                    let msgs = msgs.into_iter().filter(|m| history::acceptable(m, &context.room)).collect();
+                    let authentic = |m: &Chat| match &context.authors {
+                        None => true,
+                        Some(authors) => trust::check_author(m, &context.room, authors).map_err(|why| log::warn!("dropped history from {from}: {why}")).is_ok(),
+                    };
+                    let msgs = msgs.into_iter().filter(|m| history::acceptable(m, &context.room) && authentic(m)).collect();
                     let _ = context.net.send(NetEvent::HistoryPart { id, req, msgs, more }).await;
                 }
                 Frame::Nick { name } => {

@@ -129,11 +129,22 @@ pub(super) fn record_to_chat(record: Record, room: &str) -> Chat {
         ts: record.sent_at,
         hlc: record.stamp,
         text: record.text,
+        key: record.author_key,
+        sig: record.sig,
     }
 }
 
 pub(super) fn chat_to_record(chat: &Chat) -> Record {
-    Record { id: chat.id.clone(), stamp: chat.stamp(), sent_at: chat.ts, sender: Some(chat.from.clone()), text: chat.text.clone(), shared: true }
+    Record {
+        id: chat.id.clone(),
+        stamp: chat.stamp(),
+        sent_at: chat.ts,
+        sender: Some(chat.from.clone()),
+        text: chat.text.clone(),
+        shared: true,
+        author_key: chat.key.clone(),
+        sig: chat.sig.clone(),
+    }
 }
 
 /// Whether a message received as history is one we could have received live.
@@ -396,7 +407,7 @@ mod tests {
     use super::*;
 
     fn chat(text_len: usize) -> Chat {
-        Chat { id: frames::random_id(), from: "ana".into(), room: "r".into(), ts: 1, hlc: 2, text: "x".repeat(text_len) }
+        Chat { id: frames::random_id(), from: "ana".into(), room: "r".into(), ts: 1, hlc: 2, text: "x".repeat(text_len), ..Chat::default() }
     }
 
     #[test]

@@ -433,7 +433,7 @@ pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinRep
         };
         // The keys we met names with live beside the identity (with a session-only identity, in memory).
         let known_keys = KnownKeys::load(identity_file.map(|path| path.with_file_name(trust::FILE_NAME)))?;
-        Ok((Arc::new(identity), known_keys))
+        Ok((Arc::new(identity), Arc::new(std::sync::Mutex::new(known_keys))))
     })
     .await
     .map_err(|_| PeerError::Closed)??;

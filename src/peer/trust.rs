@@ -13,8 +13,8 @@ use ed25519_dalek::VerifyingKey;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-use crate::identity::fingerprint;
-use crate::wire::frames::{hex, unhex_array};
+use crate::identity::{fingerprint, verify_chat};
+use crate::wire::frames::{hex, unhex_array, Chat};
 
 pub const FILE_NAME: &str = "known_keys.json";
 const FORMAT: u32 = 1;
@@ -99,6 +99,22 @@ impl KnownKeys {
     }
 }
 
+/// Whether `chat`, in a private room, is its author's: signed, and by the key its author's name has
+/// here (met now for the first time, or the same as before). Else why not.
+pub fn check_author(chat: &Chat, room: &str, known: &std::sync::Mutex<KnownKeys>) -> Result<(), String> {
+    let key = verify_chat(chat).map_err(|err| format!("a message from {:?} whose {err}", chat.from))?;
+    let seen = known.lock().map_err(|_| "the known keys are unavailable".to_owned())?.meet(room, &chat.from, &key);
+    match seen {
+        Seen::Changed { was } => Err(format!(
+            "a message signed as {:?} by key {}, but {:?} has key {was} here (forged, or signed again by someone else)",
+            chat.from,
+            fingerprint(&key),
+            chat.from
+        )),
+        Seen::First | Seen::Same => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +133,17 @@ mod tests {
         let mut again = KnownKeys::load(Some(path.clone())).unwrap();
         assert_eq!(again.meet("room", "bob", &impostor), Seen::Changed { was: fingerprint(&bob) }, "remembered on disk");
         assert_eq!(again.meet("room", "bob", &bob), Seen::Same, "the first key stays");
+        let mut chat = Chat { id: "m".into(), from: "bob".into(), room: "room".into(), ts: 1, hlc: 2, text: "hi".into(), ..Chat::default() };
+        let (bob_identity, mallory) = (Identity::generate().unwrap(), Identity::generate().unwrap());
+        let known = std::sync::Mutex::new(KnownKeys::load(None).unwrap());
+        assert!(check_author(&chat, "room", &known).unwrap_err().contains("carries no signature"));
+        bob_identity.sign_chat(&mut chat);
+        assert_eq!(check_author(&chat, "room", &known), Ok(()), "first met: trusted from now on");
+        let altered = Chat { text: "hi!".into(), ..chat.clone() };
+        assert!(check_author(&altered, "room", &known).unwrap_err().contains("does not verify"));
+        let mut resigned = chat.clone();
+        mallory.sign_chat(&mut resigned);
+        assert!(check_author(&resigned, "room", &known).unwrap_err().contains("signed again by someone else"));
         fs::write(&path, b"{oops").unwrap();
         let err = KnownKeys::load(Some(path)).err().unwrap().to_string();
         assert!(err.contains("not a known-keys file"), "{err}");

@@ -71,7 +71,7 @@ pub struct Member {
 }
 
 /// A chat line between p2pchat peers.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chat {
     /// Random, unique per message: the receiver shows each id once.
     pub id: String,
@@ -84,6 +84,12 @@ pub struct Chat {
     #[serde(default)]
     pub hlc: u64,
     pub text: String,
+    /// In a private room: the author's identity key (64 hex digits) and its signature (128) over the
+    /// fields above (see `identity::sign_chat`), so no member passing it on can alter or forge it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sig: Option<String>,
 }
 
 impl Chat {
@@ -373,14 +379,15 @@ mod tests {
     fn frames_round_trip_through_any_split() {
         let frames = vec![
             Frame::Hello(hello()),
-            Frame::Msg(Chat { id: random_id(), from: "ana".into(), room: "x".into(), ts: 1, hlc: 7, text: "olá ☃".into() }),
+            Frame::Msg(Chat { id: random_id(), from: "ana".into(), room: "x".into(), ts: 1, hlc: 7, text: "olá ☃".into(), ..Chat::default() }),
+            Frame::Msg(Chat { id: random_id(), text: "signed".into(), key: Some("ab".repeat(32)), sig: Some("cd".repeat(64)), ..Chat::default() }),
             Frame::Nick { name: "bia".into() },
             Frame::Bye,
             Frame::Ping,
             Frame::Vouch { originals: vec!["10.0.0.1:5000".into()] },
             Frame::HistoryRequest { req: 3, limit: 100, after: Some(Position { hlc: 1 << 40, id: random_id() }) },
             Frame::HistoryRequest { req: 4, limit: 0, after: None },
-            Frame::History { req: 3, msgs: vec![Chat { id: random_id(), from: "bia".into(), room: "x".into(), ts: 2, hlc: 9, text: "old".into() }], more: true },
+            Frame::History { req: 3, msgs: vec![Chat { id: random_id(), from: "bia".into(), room: "x".into(), ts: 2, hlc: 9, text: "old".into(), ..Chat::default() }], more: true },
             Frame::RelayAsk { peer: random_id() },
             Frame::RelayOpen { peer: random_id(), name: Some("bia".into()), addr: "10.0.0.2:5000".into() },
             Frame::RelayClose { peer: random_id(), reason: "left".into(), clean: true },
