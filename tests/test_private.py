@@ -193,3 +193,19 @@ def test_the_client_shows_each_members_proven_key_and_flags_a_changed_one(room):
     assert other_key != bob_key
     ana.proc.err.saw(rf"^\* WARNING: bob \(.*\) proves key {other_key}, but bob had key {bob_key} when you first met it here")
     ana.proc.err.saw(rf"^\* bob \(.*\) joined \(p2pchat, encrypted, key {other_key} CHANGED: perhaps not who you met before\)$")
+
+
+def test_messages_say_whether_their_author_signed_them(tmp_path):
+    """Through the Python API: in a private room each message is signed and checked; in an open room,
+    where a name proves nothing, none is."""
+    with Tracker("127.0.0.1", 0) as tracker:
+        host, port = tracker.address
+        for secret, room_name, signed in ((SECRET, "plans", True), (None, "open", False)):
+            made = [Peer(name, host, port, room=room_name, secret=secret, data_dir=tmp_path / name, history=0)
+                    for name in ("ana", "bob")]
+            with made[0] as ana, made[1] as bob:
+                assert ana.private is signed
+                bob.send(f"hello {room_name}")
+                message = ana.recv(timeout=10)
+                assert (message.text, message.signed) == (f"hello {room_name}", signed)
+                assert ana.history(limit=1)[0].signed is signed, "the log keeps the signature"

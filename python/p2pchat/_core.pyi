@@ -49,6 +49,7 @@ class Message:
     sent_at: Optional[float]
     stamp: Optional[int]
     history: bool
+    signed: bool
 
 @final
 class PeerJoined:

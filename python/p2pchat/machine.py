@@ -24,7 +24,7 @@ def address(value: Optional[tuple]) -> Optional[list]:
 
 def message_json(m: Message) -> Dict[str, Any]:
     return {"type": "message", "sender": m.sender, "text": m.text, "address": address(m.address), "id": m.id,
-            "sent_at": m.sent_at, "received_at": m.received_at, "stamp": m.stamp, "history": m.history,
+            "sent_at": m.sent_at, "received_at": m.received_at, "stamp": m.stamp, "history": m.history, "signed": m.signed,
             "continued": m.continued}
 
 

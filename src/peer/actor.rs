@@ -303,9 +303,12 @@ pub(super) async fn run(setup: Setup) {
                 None => closing = Some((tokio::time::Instant::now() + actor.limits.close_grace, None)),
             },
             Some(event) = net_rx.recv() => {
+                // A member counts as reached once its link can take lines: connected, and in a private
+                // room also through the handshake.
                 match &event {
-                    NetEvent::Dialled { contact, .. } if untried.remove(&contact.addr) => reached_first_time += 1,
-                    NetEvent::DialFailed { addr, .. } => { untried.remove(addr); }
+                    NetEvent::Dialled { contact, .. } if actor.private.is_none() && untried.remove(&contact.addr) => reached_first_time += 1,
+                    NetEvent::Secured { dialled: Some(contact), .. } if untried.remove(&contact.addr) => reached_first_time += 1,
+                    NetEvent::DialFailed { addr, .. } | NetEvent::HandshakeFailed { remote: addr, dialled: true, .. } => { untried.remove(addr); }
                     _ => {}
                 }
                 actor.handle(event);

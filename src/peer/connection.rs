@@ -323,7 +323,7 @@ async fn deliver(pieces: Vec<Piece>, from: SocketAddr, context: &ReaderContext, 
             author_key: None,
             sig: None,
         });
-        let message = Message { sender, text, from, received_at, starts_message, id: None, sent_at: None, stamp: Some(stamp), history: false };
+        let message = Message { sender, text, from, received_at, starts_message, id: None, sent_at: None, stamp: Some(stamp), history: false, signed: false };
         shown.push(Event::Message(message));
     }
     log_then_show(context, records, shown).await;
@@ -344,6 +344,15 @@ async fn log_then_show(context: &ReaderContext, records: Vec<Record>, events: Ve
 /// How far a live message's own time may be from ours in a private room: older ones are replays
 /// (copies within it are caught by their ids), newer ones come from a clock that is far off.
 const FRESH_FOR_MS: u64 = 10 * 60 * 1000;
+
+/// Outside private rooms nobody checks signatures: drop any a message carries, so that it is never
+/// logged or shown as signed.
+fn unverified(chat: &mut Chat, context: &ReaderContext) {
+    if context.authors.is_none() {
+        chat.key = None;
+        chat.sig = None;
+    }
+}
 
 /// In a private room, whether a live message is its author's (see `trust::check_author`) and recent.
 fn authentic_and_fresh(chat: &Chat, context: &ReaderContext) -> Result<(), String> {
@@ -389,7 +398,8 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                     break Some(("refused".to_owned(), false));
                 }
                 _ if !greeted => break Some(("spoke before its hello".to_owned(), false)),
-                Frame::Msg(chat) => {
+                Frame::Msg(mut chat) => {
+                    unverified(&mut chat, context);
                     if chat.room != context.room || chat::validate_text(&chat.text).is_err() {
                         log::debug!("ignoring a message from {from} for room {:?} or with an invalid text", chat.room);
                         continue;
@@ -423,7 +433,14 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                         None => true,
                         Some(authors) => trust::check_author(m, &context.room, authors).map_err(|why| log::warn!("dropped history from {from}: {why}")).is_ok(),
                     };
-                    let msgs = msgs.into_iter().filter(|m| history::acceptable(m, &context.room) && authentic(m)).collect();
+                    let msgs = msgs
+                        .into_iter()
+                        .filter(|m| history::acceptable(m, &context.room) && authentic(m))
+                        .map(|mut m| {
+                            unverified(&mut m, context);
+                            m
+                        })
+                        .collect();
                     let _ = context.net.send(NetEvent::HistoryPart { id, req, msgs, more }).await;
                 }
                 Frame::Nick { name } => {

@@ -169,6 +169,8 @@ pub(super) fn message(chat: Chat, from: SocketAddr, history: bool) -> Message {
         sent_at: Some(UNIX_EPOCH + Duration::from_millis(chat.ts)),
         stamp: Some(stamp),
         history,
+        // Signatures are kept only where they were checked (see `connection::unverified`).
+        signed: chat.sig.is_some(),
     }
 }
 

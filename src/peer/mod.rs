@@ -186,6 +186,8 @@ pub struct Message {
     pub stamp: Option<u64>,
     /// Said before it reached us: history on join, or missed during a gap and fetched since.
     pub history: bool,
+    /// Signed by its author, checked here (private rooms only; it also came encrypted on every link).
+    pub signed: bool,
 }
 
 /// Something that happened in the room, in the order the peer saw it.

@@ -49,6 +49,9 @@ pub struct PyMessage {
     /// True when it was said before it reached us: history on join, a catch-up after a gap, or a
     /// message read from the local log.
     history: bool,
+    /// True when its author signed it and the signature was checked (private rooms, whose messages
+    /// also travel encrypted); False in open rooms, where a name proves nothing.
+    signed: bool,
 }
 
 #[pymethods]
@@ -213,6 +216,7 @@ impl From<Event> for PyEvent {
                 sent_at: m.sent_at.map(epoch_seconds),
                 stamp: m.stamp,
                 history: m.history,
+                signed: m.signed,
             }),
             Event::Joined { addr, name, protocol, outgoing, relayed_by, encrypted, fingerprint, key_changed } => PyEvent::Joined(PyPeerJoined {
                 address: py_addr(addr),
@@ -440,6 +444,7 @@ fn logged_message(record: Record) -> PyMessage {
         sent_at: record.shared.then_some(sent_at),
         stamp: Some(record.stamp),
         history: true,
+        signed: record.sig.is_some(),
     }
 }
 
