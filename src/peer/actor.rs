@@ -457,6 +457,24 @@ impl Actor {
         self.dial(Contact { addr: tracker, known: Some(Protocol::P2pchat) }, self.limits.retry_refused_for);
     }
 
+    /// A private room's connection (to `remote`; `dialled`: the member we dialled, else accepted): run
+    /// the handshake in a task, which reports `Secured` or `HandshakeFailed`.
+    fn handshake(&mut self, stream: TcpStream, remote: SocketAddr, dialled: Option<Contact>) {
+        let Some(key) = self.private.clone() else { return };
+        let (net, limits) = (self.net.clone(), self.limits.clone());
+        self.background.spawn(async move {
+            let shaken = match &dialled {
+                Some(_) => secure::dial_side(stream, &key, limits.probe_timeout, limits.dead_after).await,
+                None => secure::accept_side(stream, &key, limits.probe_timeout, limits.dead_after).await,
+            };
+            let event = match shaken {
+                Ok(secured) => NetEvent::Secured { secured, remote, dialled },
+                Err(err) => NetEvent::HandshakeFailed { remote, dialled: dialled.is_some(), wrong_key: err.is_wrong_key(), reason: err.to_string() },
+            };
+            let _ = net.send(event).await;
+        });
+    }
+
     /// Whether link `id` was our link to the tracker's relay; we have none after this.
     fn hub_gone(&mut self, id: ConnId) -> bool {
         let was = matches!(self.hub, Hub::Opening(hub) | Hub::Linked(hub) if hub == id);
@@ -638,17 +656,8 @@ impl Actor {
         match event {
             NetEvent::Dialled { stream, contact } => {
                 self.dialling.remove(&contact.addr);
-                if let Some(key) = self.private.clone() {
-                    let (net, limits) = (self.net.clone(), self.limits.clone());
-                    self.background.spawn(async move {
-                        let remote = contact.addr;
-                        let event = match secure::dial_side(stream, &key, limits.probe_timeout, limits.dead_after).await {
-                            Ok(secured) => NetEvent::Secured { secured, remote, dialled: Some(contact) },
-                            Err(err) => NetEvent::HandshakeFailed { remote, dialled: true, wrong_key: err.is_wrong_key(), reason: err.to_string() },
-                        };
-                        let _ = net.send(event).await;
-                    });
-                    return;
+                if self.private.is_some() {
+                    return self.handshake(stream, contact.addr, Some(contact));
                 }
                 let original = contact.known == Some(Protocol::Original) || self.originals.contains(&contact.addr);
                 let role = if original { Role::DialOriginal } else { Role::Probe };
@@ -667,18 +676,10 @@ impl Actor {
                     log::warn!("refusing {addr}: already {} links (the limit)", self.limits.max_links);
                     return crate::net::reset(stream);
                 }
-                let Some(key) = self.private.clone() else {
-                    self.open(Transport::Plain(stream), addr, None, false, Role::Accepted, None);
-                    return;
-                };
-                let (net, limits) = (self.net.clone(), self.limits.clone());
-                self.background.spawn(async move {
-                    let event = match secure::accept_side(stream, &key, limits.probe_timeout, limits.dead_after).await {
-                        Ok(secured) => NetEvent::Secured { secured, remote: addr, dialled: None },
-                        Err(err) => NetEvent::HandshakeFailed { remote: addr, dialled: false, wrong_key: err.is_wrong_key(), reason: err.to_string() },
-                    };
-                    let _ = net.send(event).await;
-                });
+                if self.private.is_some() {
+                    return self.handshake(stream, addr, None);
+                }
+                self.open(Transport::Plain(stream), addr, None, false, Role::Accepted, None);
             }
             NetEvent::Secured { secured, remote, dialled } => {
                 let (listen_addr, role) = match &dialled {

@@ -43,15 +43,18 @@ struct File {
     rooms: HashMap<String, HashMap<String, String>>,
 }
 
+/// Room id → name → key. Kept as bytes: every message of a private room is checked against it.
+type Rooms = HashMap<String, HashMap<String, [u8; 32]>>;
+
 pub struct KnownKeys {
     path: Option<PathBuf>,
-    file: File,
+    rooms: Rooms,
 }
 
 impl KnownKeys {
     /// The keys remembered in `path` (none yet if it does not exist); `None`: this session only.
     pub fn load(path: Option<PathBuf>) -> Result<Self, TrustError> {
-        let Some(path) = path else { return Ok(Self { path: None, file: File { v: FORMAT, ..File::default() } }) };
+        let Some(path) = path else { return Ok(Self { path: None, rooms: Rooms::new() }) };
         let file = match fs::read(&path) {
             Ok(bytes) => {
                 let unreadable = |reason: String| TrustError::Unreadable { path: path.clone(), reason };
@@ -64,20 +67,25 @@ impl KnownKeys {
             Err(err) if err.kind() == std::io::ErrorKind::NotFound => File { v: FORMAT, ..File::default() },
             Err(err) => return Err(TrustError::Unreadable { path, reason: err.to_string() }),
         };
-        Ok(Self { path: Some(path), file })
+        let mut rooms = Rooms::new();
+        for (room, names) in file.rooms {
+            for (name, key) in names {
+                let key = unhex_array(&key).ok_or_else(|| TrustError::Unreadable { path: path.clone(), reason: format!("the key of {name:?} is not 64 hex digits") })?;
+                rooms.entry(room.clone()).or_default().insert(name, key);
+            }
+        }
+        Ok(Self { path: Some(path), rooms })
     }
 
     /// Meet `name` with `key` in `room`.
     pub fn meet(&mut self, room: &str, name: &str, key: &VerifyingKey) -> Seen {
-        let names = self.file.rooms.entry(room.to_owned()).or_default();
-        match names.get(name) {
-            Some(known) if *known == hex(key.as_bytes()) => Seen::Same,
-            Some(known) => {
-                let was = unhex_array::<32>(known).and_then(|k| VerifyingKey::from_bytes(&k).ok()).map_or_else(|| known.clone(), |k| fingerprint(&k));
-                Seen::Changed { was }
-            }
+        match self.rooms.get(room).and_then(|names| names.get(name)) {
+            Some(known) if known == key.as_bytes() => Seen::Same,
+            Some(known) => Seen::Changed {
+                was: VerifyingKey::from_bytes(known).map_or_else(|_| hex(known), |k| fingerprint(&k)),
+            },
             None => {
-                names.insert(name.to_owned(), hex(key.as_bytes()));
+                self.rooms.entry(room.to_owned()).or_default().insert(name.to_owned(), *key.as_bytes());
                 if let Err(err) = self.save() {
                     log::warn!("cannot save the known keys: {err}");
                 }
@@ -89,7 +97,8 @@ impl KnownKeys {
     /// Write the file anew beside itself, then move it into place (a crash leaves the old or the new).
     fn save(&self) -> std::io::Result<()> {
         let Some(path) = &self.path else { return Ok(()) };
-        let json = serde_json::to_vec_pretty(&self.file).map_err(std::io::Error::other)?;
+        let rooms = self.rooms.iter().map(|(room, names)| (room.clone(), names.iter().map(|(n, k)| (n.clone(), hex(k))).collect())).collect();
+        let json = serde_json::to_vec_pretty(&File { v: FORMAT, rooms }).map_err(std::io::Error::other)?;
         let temporary = crate::identity::write_beside(path, &json)?;
         let placed = fs::rename(&temporary, path);
         if placed.is_err() {
