@@ -16,7 +16,10 @@ use std::fmt;
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::wire::frames::{hex, unhex, unhex_array};
+use chacha20poly1305::aead::{Aead, KeyInit, Payload};
+use chacha20poly1305::{XChaCha20Poly1305, XNonce};
+
+use crate::wire::frames::{hex, unhex, unhex_array, Chat, Frame};
 
 /// Argon2id cost: 64 MiB of memory, 3 passes, 1 lane (about a quarter second on a laptop).
 const KDF_MEMORY_KIB: u32 = 64 * 1024;
@@ -37,6 +40,14 @@ pub enum SecretError {
     OtherRoom { invited: String, asked: String },
     #[error("cannot derive the room key: {0}")]
     Kdf(String),
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum SealError {
+    #[error("it does not open with this room's key (altered, or sealed for another room)")]
+    DoesNotOpen,
+    #[error("what it holds is not a message")]
+    NotAMessage,
 }
 
 /// The key of a private room, and its name (shown to members only).
@@ -104,6 +115,38 @@ impl RoomKey {
         hex(&tagged_hash(b"p2pchat room id v1", &self.key)[..16])
     }
 
+    /// `chat` sealed for the room's members (see `Frame::Sealed`): its id stays readable, the rest not.
+    pub fn seal(&self, chat: &Chat) -> Frame {
+        let mut nonce = [0u8; 24];
+        // Without OS randomness no message is sent at all rather than one under a guessable nonce.
+        if getrandom::fill(&mut nonce).is_err() {
+            log::error!("no randomness from the system: a message could not be sealed and is not sent");
+            return Frame::Unknown;
+        }
+        let plaintext = serde_json::to_vec(chat).unwrap_or_default();
+        let sealed = self.cipher().encrypt(XNonce::from_slice(&nonce), Payload { msg: &plaintext, aad: chat.id.as_bytes() });
+        let mut data = nonce.to_vec();
+        data.extend(sealed.unwrap_or_default());
+        Frame::Sealed { id: chat.id.clone(), data: hex(&data) }
+    }
+
+    /// The message a `sealed` frame holds, if it was sealed with this room's key under this id.
+    pub fn open_sealed(&self, id: &str, data: &str) -> Result<Chat, SealError> {
+        let data = unhex(data).filter(|d| d.len() > 24).ok_or(SealError::DoesNotOpen)?;
+        let (nonce, ciphertext) = data.split_at(24);
+        let plaintext = self.cipher().decrypt(XNonce::from_slice(nonce), Payload { msg: ciphertext, aad: id.as_bytes() }).map_err(|_| SealError::DoesNotOpen)?;
+        let chat: Chat = serde_json::from_slice(&plaintext).map_err(|_| SealError::NotAMessage)?;
+        if chat.id != id {
+            return Err(SealError::NotAMessage);
+        }
+        Ok(chat)
+    }
+
+    /// The message key: derived from the room key, so the links' and the messages' keys differ.
+    fn cipher(&self) -> XChaCha20Poly1305 {
+        XChaCha20Poly1305::new(&tagged_hash(b"p2pchat message key v1", &self.key).into())
+    }
+
     /// A code that lets someone join without the secret: it carries the key.
     pub fn invite_code(&self) -> String {
         format!("{INVITE_PREFIX}{}-{}", hex(&self.key), hex(self.name.as_bytes()))
@@ -149,6 +192,22 @@ mod tests {
         for damaged in [&code[..code.len() - 1], &code[..20], "p2pc1-zz-zz", "p2pc1-"] {
             assert_eq!(RoomKey::from_secret("", damaged), Err(SecretError::BadInvite), "{damaged}");
         }
+    }
+
+    #[test]
+    fn a_sealed_message_opens_only_with_the_room_key_and_its_id() {
+        let room = RoomKey::from_secret("plans", "correct horse battery").unwrap();
+        let chat = Chat { id: "m1".into(), from: "ana".into(), text: "the secret plan".into(), ..Chat::default() };
+        let Frame::Sealed { id, data } = room.seal(&chat) else { panic!("not sealed") };
+        assert!(!data.contains(&hex(b"secret plan")) && !data.contains("secret"));
+        assert_eq!(room.open_sealed(&id, &data), Ok(chat));
+        let other = RoomKey::from_secret("plans", "another secret entirely").unwrap();
+        assert_eq!(other.open_sealed(&id, &data), Err(SealError::DoesNotOpen));
+        assert_eq!(room.open_sealed("m2", &data), Err(SealError::DoesNotOpen), "the id is bound to it");
+        let mut altered = unhex(&data).unwrap();
+        altered[30] ^= 1;
+        assert_eq!(room.open_sealed(&id, &hex(&altered)), Err(SealError::DoesNotOpen));
+        assert_eq!(room.open_sealed(&id, "zz"), Err(SealError::DoesNotOpen));
     }
 
     #[test]

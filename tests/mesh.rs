@@ -350,7 +350,7 @@ async fn the_tracker_drops_a_silent_registration() {
     let (addr, handle) = (tracker.local_addr(), tracker.handle());
     tokio::spawn(tracker.run(std::future::pending()));
     let mut silent = TcpStream::connect(addr).await.unwrap();
-    let hello = Hello { v: PROTOCOL_VERSION, id: "x".into(), name: None, room: String::new(), listen_port: Some(1), peers: vec![], identity: None };
+    let hello = Hello { v: PROTOCOL_VERSION, id: "x".into(), name: None, room: String::new(), listen_port: Some(1), peers: vec![], identity: None, relay: false };
     silent.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     wait_members(&handle, 1).await;
     wait_members(&handle, 0).await;
@@ -365,7 +365,7 @@ async fn a_silent_p2pchat_link_is_dropped() {
     config.limits.dead_after = Duration::from_millis(400);
     let (ana, mut events, _) = peer::join(config).await.unwrap();
     let mut impostor = TcpStream::connect(ana.listen_addr()).await.unwrap();
-    let hello = Hello { v: PROTOCOL_VERSION, id: "ghost".into(), name: Some("ghost".into()), room: String::new(), listen_port: None, peers: vec![], identity: None };
+    let hello = Hello { v: PROTOCOL_VERSION, id: "ghost".into(), name: Some("ghost".into()), room: String::new(), listen_port: None, peers: vec![], identity: None, relay: false };
     impostor.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     loop {
         match tokio::time::timeout(WAIT, events.recv()).await.unwrap().unwrap() {
@@ -530,9 +530,13 @@ struct RawMember {
 
 impl RawMember {
     async fn join(at: std::net::SocketAddr, id: &str, name: &str) -> Self {
+        Self::join_room(at, id, name, "").await
+    }
+
+    async fn join_room(at: std::net::SocketAddr, id: &str, name: &str, room: &str) -> Self {
         use p2pchat::wire::frames::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
         let mut stream = TcpStream::connect(at).await.unwrap();
-        let hello = Hello { v: PROTOCOL_VERSION, id: id.into(), name: Some(name.into()), room: String::new(), listen_port: None, peers: vec![], identity: None };
+        let hello = Hello { v: PROTOCOL_VERSION, id: id.into(), name: Some(name.into()), room: room.into(), listen_port: None, peers: vec![], identity: None, relay: false };
         stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
         let mut magic = vec![0; MAGIC.len()];
         tokio::time::timeout(WAIT, stream.read_exact(&mut magic)).await.unwrap().unwrap();
@@ -633,7 +637,7 @@ async fn the_tracker_relays_only_when_told_to() {
     use p2pchat::wire::frames::{self, Chat, Frame, Hello, MAGIC, PROTOCOL_VERSION};
     let (plain, _stop) = start_tracker().await;
     let mut refused = TcpStream::connect(plain).await.unwrap();
-    let hello = Hello { v: PROTOCOL_VERSION, id: "pia-session".into(), name: Some("pia".into()), room: String::new(), listen_port: None, peers: vec![], identity: None };
+    let hello = Hello { v: PROTOCOL_VERSION, id: "pia-session".into(), name: Some("pia".into()), room: String::new(), listen_port: None, peers: vec![], identity: None, relay: false };
     refused.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(WAIT, refused.read_to_end(&mut answer)).await.unwrap().unwrap();
@@ -805,6 +809,7 @@ mod private_rooms {
             listen_port: None,
             peers: vec![],
             identity: Some(identity.prove(binding)),
+            relay: false,
         };
         frames::encode_opening(&Frame::Hello(hello))
     }
@@ -982,5 +987,55 @@ mod private_rooms {
         for (notice, reason) in notices.iter().zip(reasons) {
             assert!(notice.starts_with("dropped a message") && notice.contains(reason), "{notice} / {reason}");
         }
+    }
+
+    /// A member that can reach nobody goes through the tracker's relay (`--relay`); in a private room
+    /// the tracker passes on only sealed messages and never learns a name.
+    #[tokio::test]
+    async fn the_trackers_relay_carries_a_private_room_sealed() {
+        use p2pchat::wire::frames::Chat;
+        let key = RoomKey::from_secret("plans", SECRET).unwrap();
+        let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: true, ..TrackerConfig::default() };
+        let (tracker, _stop, _task) = start_tracker_with(config).await;
+        // A member of the room nobody can reach (it registered, but listens nowhere)...
+        let ghost = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ghost_addr = ghost.local_addr().unwrap();
+        drop(ghost);
+        let mut registration = p2pchat::net::connect_from(ghost_addr, tracker).await.unwrap();
+        let hello = Hello { v: PROTOCOL_VERSION, id: "ghost".into(), name: None, room: key.room_id(), listen_port: Some(ghost_addr.port()), peers: vec![], identity: None, relay: false };
+        registration.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
+        let mut welcome = [0u8; 512];
+        let _ = tokio::time::timeout(WAIT, registration.read(&mut welcome)).await.unwrap().unwrap();
+        // ... and one on the relay already (a raw member holding the key).
+        let mut quin = RawMember::join_room(tracker, "quin-session", "quin", &key.room_id()).await;
+        let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+        config.private = Some(key.clone());
+        config.limits.retry_refused_for = Duration::from_millis(300);
+        config.limits.relay_after = Duration::from_millis(100);
+        config.limits.keepalive_interval = Duration::from_millis(200);
+        let (ana, mut ana_events, _) = peer::join(config).await.unwrap();
+        // Ana fails to reach the ghost, links to the relay, hears of quin there and asks for it.
+        let Frame::RelayOpen { peer: ana_session, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
+        ana.send("the secret plan").await.unwrap();
+        let Frame::Sealed { id, data } = quin.next(|f| matches!(f, Frame::Sealed { .. } | Frame::Msg(_) | Frame::Nick { .. })).await else {
+            panic!("the tracker passed on something unsealed")
+        };
+        assert!(!data.contains(&p2pchat::wire::frames::hex(b"secret")), "sealed");
+        let opened = key.open_sealed(&id, &data).unwrap();
+        assert_eq!((opened.from.as_str(), opened.text.as_str()), ("ana", "the secret plan"), "a member opens it");
+        assert!(p2pchat::identity::verify_chat(&opened).is_ok(), "and it is signed by ana");
+        // Quin answers, sealed and signed.
+        let quin_identity = Identity::generate().unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let mut reply = Chat { id: frames::random_id(), from: "quin".into(), room: key.room_id(), ts: now, text: "count me in".into(), ..Chat::default() };
+        quin_identity.sign_chat(&mut reply);
+        quin.send(&key.seal(&reply)).await;
+        let m = next_message(&mut ana_events).await;
+        assert_eq!((m.sender.as_deref(), m.text.as_str(), m.signed), (Some("quin"), "count me in", true));
+        let relayed: Vec<_> = ana.peers().await.unwrap().into_iter().filter(|p| p.relayed_by == Some(tracker)).collect();
+        assert_eq!(relayed.len(), 1, "quin, through the tracker ({ana_session})");
+        ana.nick("anastasia").await.unwrap();
+        ana.send("after the rename").await.unwrap();
+        assert!(matches!(quin.next(|f| matches!(f, Frame::Sealed { .. } | Frame::Nick { .. })).await, Frame::Sealed { .. }), "no name to the tracker");
     }
 }

@@ -117,8 +117,8 @@ table inet home {{
         return Host(host, f"{lan_net}.2", wan_ip, nat)
 
     # -- processes ------------------------------------------------------------------------------
-    def start(self, host: Host, argv: Sequence[str], name: str) -> Proc:
-        return self.room.start(["ip", "netns", "exec", host.ns, *argv], name)
+    def start(self, host: Host, argv: Sequence[str], name: str, env: Optional[dict] = None) -> Proc:
+        return self.room.start(["ip", "netns", "exec", host.ns, *argv], name, env)
 
     def delete(self) -> None:
         self.room.stop_all()

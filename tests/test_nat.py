@@ -14,8 +14,8 @@ def start_tracker(bed, host, *extra: str):
     return tracker
 
 
-def start_client(bed, host, name: str, tracker_ip: str):
-    proc = bed.start(host, python("client.py", "--server", tracker_ip, "--name", name, "--history", "0", "-d"), name)
+def start_client(bed, host, name: str, tracker_ip: str, *extra: str, env=None):
+    proc = bed.start(host, python("client.py", "--server", tracker_ip, "--name", name, "--history", "0", "-d", *extra), name, env)
     port = int(proc.err.expect(r"listening on port (\d+)", timeout=30).group(1))
     return proc, port
 
@@ -143,3 +143,19 @@ def test_two_symmetric_peers_alone_talk_through_a_tracker_that_relays(bed):
     bob.line("/who")
     bob.err.saw(rf"^\* 2 member\(s\) in the default room:$")
     bob.err.saw(rf"^\*   ana \(.*\) p2pchat, relayed by {re.escape(public.ip)}:7472$")
+
+
+def test_a_private_room_goes_through_the_trackers_relay_sealed(bed):
+    """The same for a private room: the tracker passes on sealed messages it cannot read, and learns
+    no name (a relayed member is shown by address until it speaks)."""
+    public = bed.public_host()
+    ana_home, bob_home = bed.nat_host("symmetric"), bed.nat_host("symmetric")
+    tracker = start_tracker(bed, public, "--relay")
+    env = {"P2PCHAT_SECRET": "correct horse battery staple"}
+    ana, _ = start_client(bed, ana_home, "ana", public.ip, "--room", "plans", env=env)
+    bob, _ = start_client(bed, bob_home, "bob", public.ip, "--room", "plans", env=env)
+    for proc in (ana, bob):
+        proc.err.saw(rf"^\* .* joined \(p2pchat, relayed by {re.escape(public.ip)}:7472\)$", timeout=45)
+    tracker.err.saw(r"relaying between", timeout=5)
+    chat_both_ways(ana, bob, "sealed for the tracker")
+    assert not any("ana" in line or "bob" in line or "plans" in line for line in tracker.err.snapshot())

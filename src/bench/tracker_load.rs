@@ -176,7 +176,7 @@ async fn keep_alive(mut stream: TcpStream) {
 /// Send our hello and read the whole welcome; returns (list bytes, entries).
 async fn read_welcome(stream: &mut TcpStream, tracker: SocketAddr) -> Result<(u64, u64), BenchError> {
     let port = stream.local_addr()?.port();
-    let hello = Hello { v: PROTOCOL_VERSION, id: frames::random_id(), name: None, room: String::new(), listen_port: Some(port), peers: vec![], identity: None };
+    let hello = Hello { v: PROTOCOL_VERSION, id: frames::random_id(), name: None, room: String::new(), listen_port: Some(port), peers: vec![], identity: None, relay: false };
     stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await?;
     let mut head = [0u8; MAGIC.len() + 4];
     stream.read_exact(&mut head).await?;

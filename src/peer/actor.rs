@@ -450,8 +450,9 @@ impl Actor {
     /// A p2pchat member stays out of reach: if the tracker relays, link to its relay (once), so a
     /// member that can reach nobody we know can still be relayed to us.
     fn link_to_hub(&mut self) {
-        // The tracker holds no room key: it cannot relay for a private room (whose links it cannot open).
-        let (true, Hub::Unused, Some(tracker), None) = (self.tracker_relays, self.hub, self.tracker, &self.private) else { return };
+        // (In a private room, too: the link to the tracker is not encrypted, but every message on it
+        // is sealed, and our hello there carries no name.)
+        let (true, Hub::Unused, Some(tracker)) = (self.tracker_relays, self.hub, self.tracker) else { return };
         log::info!("linking to the tracker's relay at {tracker}");
         self.hub = Hub::Dialling;
         self.dial(Contact { addr: tracker, known: Some(Protocol::P2pchat) }, self.limits.retry_refused_for);
@@ -473,6 +474,18 @@ impl Actor {
             };
             let _ = net.send(event).await;
         });
+    }
+
+    /// Whether the connection to `addr` we are opening is our link to the tracker's relay.
+    fn dials_hub(&self, addr: SocketAddr) -> bool {
+        self.hub == Hub::Dialling && Some(addr) == self.tracker
+    }
+
+    /// Our hello to the tracker's relay: who we are to it, and nothing it need not know (in a private
+    /// room not even our name).
+    fn hub_hello(&self) -> Hello {
+        let name = if self.private.is_some() { None } else { Some(self.name.clone()) };
+        Hello { v: PROTOCOL_VERSION, id: self.my_id.clone(), name, room: self.room.clone(), listen_port: Some(self.listen_port), peers: Vec::new(), identity: None, relay: true }
     }
 
     /// Whether link `id` was our link to the tracker's relay; we have none after this.
@@ -656,13 +669,13 @@ impl Actor {
         match event {
             NetEvent::Dialled { stream, contact } => {
                 self.dialling.remove(&contact.addr);
-                if self.private.is_some() {
+                if self.private.is_some() && !self.dials_hub(contact.addr) {
                     return self.handshake(stream, contact.addr, Some(contact));
                 }
                 let original = contact.known == Some(Protocol::Original) || self.originals.contains(&contact.addr);
                 let role = if original { Role::DialOriginal } else { Role::Probe };
                 let id = self.open(Transport::Plain(stream), contact.addr, Some(contact.addr), true, role, None);
-                if self.hub == Hub::Dialling && Some(contact.addr) == self.tracker {
+                if self.dials_hub(contact.addr) {
                     self.hub = Hub::Opening(id);
                 }
                 if let Some(carried) = self.carried.remove(&contact.addr) {
@@ -697,7 +710,7 @@ impl Actor {
                 }
             }
             NetEvent::DialFailed { addr, known, reason, gave_up, silent } => {
-                if self.hub == Hub::Dialling && Some(addr) == self.tracker {
+                if self.dials_hub(addr) {
                     if gave_up {
                         log::warn!("cannot reach the tracker's relay at {addr} ({reason})");
                         self.dialling.remove(&addr);
@@ -861,11 +874,13 @@ impl Actor {
             clock: self.clock.clone(),
             log: self.log.clone(),
             authors: self.private.as_ref().map(|_| self.known_keys.clone()),
+            room_key: self.private.clone(),
         };
         let conn = connection::spawn(id, transport, remote, role, context);
         let probed = role == Role::Probe;
         if probed {
-            let _ = conn.queue.try_send(frames::encode_opening(&Frame::Hello(self.hello(binding.as_deref()))).into());
+            let hello = if outgoing && self.dials_hub(remote) { self.hub_hello() } else { self.hello(binding.as_deref()) };
+            let _ = conn.queue.try_send(frames::encode_opening(&Frame::Hello(hello)).into());
         }
         log::debug!("link {id} to {remote} opened ({role:?})");
         let budget = AnswerBudget::new(&self.history);
@@ -906,6 +921,7 @@ impl Actor {
             listen_port: Some(self.listen_port),
             peers,
             identity: binding.map(|b| self.identity.prove(b)),
+            relay: false,
         }
     }
 
@@ -1117,9 +1133,14 @@ impl Actor {
             seen.first_time(&message.id);
         }
         self.log.record_now(history::chat_to_record(&message));
+        // In a private room the message travels sealed end to end: relays see only ciphertext.
+        let frame = match &self.private {
+            Some(key) => key.seal(&message),
+            None => Frame::Msg(message),
+        };
         let line = Arc::new(OutLine {
             original: chat::encode_line(&self.name, text).into(),
-            p2pchat: frames::encode(&Frame::Msg(message)).into(),
+            p2pchat: frames::encode(&frame).into(),
         });
         // An original peer being redialled (it dropped our hello) has no link yet: keep the line with
         // the ones carried for it, so what is typed meanwhile is not lost.
@@ -1138,7 +1159,9 @@ impl Actor {
     fn nick(&mut self, name: String) {
         self.name = name.clone();
         let frame: Line = frames::encode(&Frame::Nick { name }).into();
-        for link in self.links.values().filter(|l| matches!(l.state, State::P2pchat | State::Relay)) {
+        // The tracker's relay passes a new name on; in a private room it must never learn one.
+        let told = |l: &&Link| l.state == State::P2pchat || (l.state == State::Relay && self.private.is_none());
+        for link in self.links.values().filter(told) {
             let _ = link.conn.queue.try_send(frame.clone());
         }
     }

@@ -99,6 +99,7 @@ pub(super) async fn ask_tracker(tracker: SocketAddr, listen_port: u16, room: &st
         listen_port: Some(listen_port),
         peers: Vec::new(),
         identity: None,
+        relay: false,
     };
     // The original tracker never reads, so these bytes are harmless there.
     stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.map_err(unreachable)?;

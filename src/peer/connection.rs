@@ -37,6 +37,7 @@ use super::{Event, Limits, Message};
 use crate::history::clock::Clock;
 use crate::history::log::LogHandle;
 use crate::history::store::Record;
+use crate::private::RoomKey;
 use crate::wire::chat::{self, ChatDecoder, Piece};
 use crate::reading::{read_opening, Opened};
 use crate::wire::frames::{self, Chat, Frame, FrameDecoder};
@@ -101,6 +102,8 @@ pub(super) struct ReaderContext {
     pub log: LogHandle,
     /// In a private room: the keys names have here; every message must be signed by its author's.
     pub authors: Option<Arc<Mutex<KnownKeys>>>,
+    /// In a private room: its key, which opens sealed messages.
+    pub room_key: Option<Arc<RoomKey>>,
 }
 
 /// The live parts of a connection; dropping it aborts both tasks and closes the socket.
@@ -386,6 +389,22 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                     break Some((format!("protocol error: {err}"), false));
                 }
             };
+            // A sealed message is opened here and then taken as any message; what is passed on to
+            // relay partners stays sealed.
+            let (frame, passed_on) = match frame {
+                Frame::Sealed { id: msg_id, data } => match context.room_key.as_deref().map(|key| key.open_sealed(&msg_id, &data)) {
+                    Some(Ok(chat)) => (Frame::Msg(chat), Some(Frame::Sealed { id: msg_id, data })),
+                    Some(Err(err)) => {
+                        let text = format!("dropped a sealed message passed on by {from}: {err}");
+                        log::warn!("{text}");
+                        to_show.push(Event::Notice { text });
+                        continue;
+                    }
+                    // Not a private room: nothing here opens it.
+                    None => continue,
+                },
+                other => (other, None),
+            };
             match frame {
                 Frame::Hello(hello) if !greeted => {
                     greeted = true;
@@ -417,7 +436,11 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                     }
                     if shown {
                         if forwards.load(Ordering::Relaxed) {
-                            let line = frames::encode(&Frame::Msg(chat.clone())).into();
+                            let line = match &passed_on {
+                                Some(sealed) => frames::encode(sealed),
+                                None => frames::encode(&Frame::Msg(chat.clone())),
+                            }
+                            .into();
                             let _ = context.net.send(NetEvent::Forward { id, line }).await;
                         }
                         context.clock.observe(chat.stamp());
@@ -468,6 +491,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                 | Frame::PunchRequest { .. }
                 | Frame::Punch { .. }
                 | Frame::SecureHello { .. }
+                | Frame::Sealed { .. }
                 | Frame::Unknown => {}
             }
         };

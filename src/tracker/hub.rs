@@ -79,7 +79,7 @@ async fn run(mut events: mpsc::Receiver<HubEvent>) {
                     .filter(|(_, m)| m.room == member.room)
                     .map(|(id, m)| Member { addr: m.addr.to_string(), p2pchat: true, id: Some(id.clone()) })
                     .collect();
-                let hello = Hello { v: PROTOCOL_VERSION, id: hub_id.clone(), name: None, room: member.room.clone(), listen_port: None, peers, identity: None };
+                let hello = Hello { v: PROTOCOL_VERSION, id: hub_id.clone(), name: None, room: member.room.clone(), listen_port: None, peers, identity: None, relay: false };
                 log::debug!("{} linked to the relay in room {:?}", member.addr, member.room);
                 members.insert(id, member);
                 let _ = reply.send(Ok(frames::encode_opening(&Frame::Hello(hello)).into()));
@@ -205,6 +205,8 @@ async fn relay_loop(
         loop {
             let event = match decoder.next_frame() {
                 Ok(Some(Frame::Msg(chat))) if chat.room == room => HubEvent::Forward { id: id.to_owned(), line: frames::encode(&Frame::Msg(chat)).into() },
+                // A private room's message: passed on as it came, which is all the tracker can do.
+                Ok(Some(sealed @ Frame::Sealed { .. })) => HubEvent::Forward { id: id.to_owned(), line: frames::encode(&sealed).into() },
                 Ok(Some(Frame::RelayAsk { peer })) => HubEvent::Asked { id: id.to_owned(), peer },
                 Ok(Some(Frame::Nick { name })) if chat::validate_name(&name).is_ok() => HubEvent::Renamed { id: id.to_owned(), name },
                 Ok(Some(Frame::Bye)) => {

@@ -346,7 +346,7 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
     if let Err(err) = validate_room(&hello.room) {
         return refuse(stream, remote, frames::ERR_ROOM, err.to_string()).await;
     }
-    if hello.name.is_some() {
+    if hello.name.is_some() || hello.relay {
         return match hub {
             Some(hub) => hub::serve_member(stream, remote, hello, decoder, hub, silence).await,
             None => refuse(stream, remote, frames::ERR_MALFORMED, "this tracker does not relay (its operator can turn that on with --relay)".to_owned()).await,

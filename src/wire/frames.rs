@@ -45,6 +45,9 @@ pub struct Hello {
     /// In a private room: the sender's identity key, proven for this link (see `identity`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentityProof>,
+    /// To a tracker: this is a link to its relay, not a registration (see `tracker::hub`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub relay: bool,
 }
 
 /// An identity key and its signature over the link's handshake hash: the holder of the key is the
@@ -168,6 +171,11 @@ pub enum Frame {
     /// Relay → member: I no longer pass messages between you and `peer` (it left, said goodbye when
     /// `clean`; or I was never linked to it).
     RelayClose { peer: String, reason: String, clean: bool },
+    /// A private room's message, sealed end to end under the room key (see `private`): `data` is hex of
+    /// a 24-byte nonce and the XChaCha20-Poly1305 ciphertext of the signed `msg` object, `id` (its id,
+    /// for telling copies apart unopened) its associated data. Whoever passes it on without the key
+    /// sees only this.
+    Sealed { id: String, data: String },
     /// Opens a link in a private room, in place of `hello`: only the version and the room's opaque
     /// id (see `private`). The Noise handshake follows, then everything else, encrypted.
     SecureHello { v: u32, room: String },
@@ -356,7 +364,7 @@ mod tests {
     use proptest::prelude::*;
 
     fn hello() -> Hello {
-        Hello { v: PROTOCOL_VERSION, id: random_id(), name: Some("ana".into()), room: "".into(), listen_port: Some(5000), peers: vec![], identity: None }
+        Hello { v: PROTOCOL_VERSION, id: random_id(), name: Some("ana".into()), room: "".into(), listen_port: Some(5000), peers: vec![], identity: None, relay: false }
     }
 
     #[test]
@@ -392,6 +400,7 @@ mod tests {
             Frame::RelayOpen { peer: random_id(), name: Some("bia".into()), addr: "10.0.0.2:5000".into() },
             Frame::RelayClose { peer: random_id(), reason: "left".into(), clean: true },
             Frame::SecureHello { v: PROTOCOL_VERSION, room: random_id() },
+            Frame::Sealed { id: random_id(), data: "00ff".into() },
         ];
         let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
         for cut in 0..bytes.len() {
