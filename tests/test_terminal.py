@@ -10,6 +10,7 @@ import subprocess
 import sys
 import termios
 import time
+from typing import Optional
 
 import pyte
 import pytest
@@ -22,10 +23,10 @@ COLS, ROWS = 100, 24
 class Terminal:
     """A process on a pty whose output is rendered on an emulated screen."""
 
-    def __init__(self, argv, colour: bool = False):
+    def __init__(self, argv, colour: bool = False, env: Optional[dict] = None):
         master, slave = pty.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLS, 0, 0))
-        env = dict(os.environ, TERM="xterm", PYTHONUNBUFFERED="1")
+        env = dict(os.environ, TERM="xterm", PYTHONUNBUFFERED="1", **(env or {}))
         env.pop("NO_COLOR", None)
         if not colour:
             env["NO_COLOR"] = "1"
@@ -192,3 +193,19 @@ def test_quit_command_leaves(terminal_client):
     term.wait_for(r"^>$")
     term.type("/quit\r")
     assert term.wait_exit() == 0
+
+
+def test_a_private_room_marks_each_signed_message_and_says_so_in_the_status_bar(room):
+    tracker = room.p2pchat_tracker()
+    secret = {"P2PCHAT_SECRET": "correct horse battery staple"}
+    term = Terminal([sys.executable, "client.py", "--port", str(tracker.port), "--name", "ana", "--room", "plans"], env=secret)
+    try:
+        term.wait_for(r"joined as 'ana' in private room 'plans'")
+        term.wait_for(r"private room 'plans' \(encrypted\) · ana on port \d+ · 0 other member\(s\)")
+        bob = room.p2pchat_peer("bob", tracker.port, "--room", "plans", env=secret)
+        bob.say("sealed and signed")
+        term.wait_for(rf"^{TIME} <bob> ✓ :: sealed and signed$")
+        term.type("in the clear? no\r")
+        bob.saw_line(r"^<ana> :: in the clear\? no$")
+    finally:
+        term.close()

@@ -160,16 +160,17 @@ def _rendered(fragments: List[Tuple[str, str]]) -> str:
     return buffer.getvalue()
 
 
-def chat(sender: Optional[str], text: str, *, history_at: Optional[float] = None) -> None:
+def chat(sender: Optional[str], text: str, *, history_at: Optional[float] = None, signed: bool = False) -> None:
     """A chat line on stdout: `<sender> :: text`, as the original prints it; earlier messages marked
-    `[history DATE TIME]`; at a terminal, with the time and the sender's colour."""
+    `[history DATE TIME]`; at a terminal, with the time, the sender's colour, and `✓` after the name of
+    a message its author signed (private rooms: it came encrypted and its signature was checked)."""
     label = f"[history {time.strftime('%Y-%m-%d %H:%M', time.localtime(history_at))}] " if history_at is not None else ""
     if not _Terminal.on:
         say(label + (f"<{sender}> :: " if sender is not None else "") + text)
         return
     fragments = [(DIM, label or time.strftime("%H:%M ", time.localtime()))]
     if sender is not None:
-        fragments += [(name_colour(sender), f"<{sender}>"), ("", " :: ")]
+        fragments += [(name_colour(sender), f"<{sender}>"), ("", " ✓ :: " if signed else " :: ")]
     say(_rendered(fragments + [("", text)]))
 
 

@@ -163,7 +163,7 @@ def show(event: object, ignored: Set[str]) -> None:
             return
         history_at = (event.sent_at or event.received_at) if event.history else None
         sender = printable(event.sender) if event.sender is not None else None
-        chat(sender, printable(event.text), history_at=history_at)
+        chat(sender, printable(event.text), history_at=history_at, signed=event.signed)
     elif isinstance(event, HistorySynced):
         if event.received:
             status(f"{event.received} earlier message(s) received from the room")
@@ -295,6 +295,8 @@ def status_bar(peer: Peer) -> str:
     except P2PChatError:
         return " left the room "
     room = f"room {peer.room!r}" if peer.room else "default room"
+    if peer.private:
+        room = f"private {room} (encrypted)"
     _, listen_port = peer.address or ("", 0)
     return f" {room} · {peer.name} on port {listen_port} · {members} other member(s) · tracker: {tracker} "
 
