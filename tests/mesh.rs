@@ -987,6 +987,22 @@ mod private_rooms {
         for (notice, reason) in notices.iter().zip(reasons) {
             assert!(notice.starts_with("dropped a message") && notice.contains(reason), "{notice} / {reason}");
         }
+        // A link that keeps bringing forgeries cannot fill the screen: five are told, the rest logged.
+        for nonce in 8..15 {
+            let record = raw.seal(nonce, &frames::encode(&Frame::Msg(Chat { key: None, sig: None, ..signed("forged", "raw", now) })));
+            raw.stream.write_all(&record).await.unwrap();
+        }
+        raw.stream.write_all(&raw.seal(15, &frames::encode(&Frame::Msg(signed("after them", "raw", now))))).await.unwrap();
+        let mut more = Vec::new();
+        loop {
+            match tokio::time::timeout(WAIT, ana_events.recv()).await.unwrap().unwrap() {
+                Event::Message(m) if m.text == "after them" => break,
+                Event::Notice { text } => more.push(text),
+                _ => {}
+            }
+        }
+        assert_eq!(more.len(), 2, "{more:?}");
+        assert!(more[1].starts_with("more messages dropped from") && more[1].ends_with("are only logged"), "{more:?}");
     }
 
     /// A member that can reach nobody goes through the tracker's relay (`--relay`); in a private room

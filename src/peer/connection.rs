@@ -367,12 +367,33 @@ fn authentic_and_fresh(chat: &Chat, context: &ReaderContext) -> Result<(), Strin
     Ok(())
 }
 
+/// Messages a link brought that were dropped (private rooms: forged, altered, replayed): the user is
+/// told about the first few; a link that keeps sending them cannot fill the screen.
+#[derive(Default)]
+struct Drops(u32);
+
+impl Drops {
+    const TOLD: u32 = 5;
+
+    fn tell(&mut self, text: String, from: SocketAddr, shown: &mut Vec<Event>) {
+        log::warn!("{text}");
+        self.0 = self.0.saturating_add(1);
+        if self.0 <= Self::TOLD {
+            shown.push(Event::Notice { text });
+        }
+        if self.0 == Self::TOLD {
+            shown.push(Event::Notice { text: format!("more messages dropped from {from} are only logged") });
+        }
+    }
+}
+
 /// The extension protocol: frames. Returns why the link ended and whether the other side said goodbye.
 async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: SocketAddr, rest: Vec<u8>, context: &ReaderContext, forwards: &AtomicBool) -> (String, bool) {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&rest);
     let (mut buf, mut read_size) = (Vec::new(), ReadSize::new());
     let mut flood = Flood::new(context.limits.max_message_rate);
+    let mut drops = Drops::default();
     let mut greeted = false;
     let mut said_bye = false;
     // Messages of one read are logged in one job, then shown.
@@ -395,9 +416,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                 Frame::Sealed { id: msg_id, data } => match context.room_key.as_deref().map(|key| key.open_sealed(&msg_id, &data)) {
                     Some(Ok(chat)) => (Frame::Msg(chat), Some(Frame::Sealed { id: msg_id, data })),
                     Some(Err(err)) => {
-                        let text = format!("dropped a sealed message passed on by {from}: {err}");
-                        log::warn!("{text}");
-                        to_show.push(Event::Notice { text });
+                        drops.tell(format!("dropped a sealed message passed on by {from}: {err}"), from, &mut to_show);
                         continue;
                     }
                     // Not a private room: nothing here opens it.
@@ -424,9 +443,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                         continue;
                     }
                     if let Err(why) = authentic_and_fresh(&chat, context) {
-                        let text = format!("dropped {why}, passed on by {from}");
-                        log::warn!("{text}");
-                        to_show.push(Event::Notice { text });
+                        drops.tell(format!("dropped {why}, passed on by {from}"), from, &mut to_show);
                         continue;
                     }
                     let first_time = context.seen.lock().map(|mut seen| seen.first_time(&chat.id)).unwrap_or(true);
