@@ -21,7 +21,7 @@ use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role, Tra
 use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests, Sink};
 use super::relay::{self, Relays};
 use super::secure::{self, Secured};
-use super::trust::{KnownKeys, Seen};
+use super::trust::{self, KnownKeys, Seen};
 use super::seen::SeenIds;
 use super::{Event, Limits, PeerInfo, Protocol, Status, TrackerState};
 use crate::history::clock::{self, Clock};
@@ -215,6 +215,8 @@ struct Actor {
     private: Option<Arc<RoomKey>>,
     identity: Arc<Identity>,
     known_keys: Arc<Mutex<KnownKeys>>,
+    /// The write of the known keys in progress (one at a time, so an older one never lands last).
+    saving_keys: Option<tokio::task::JoinHandle<()>>,
 }
 
 pub(super) async fn run(setup: Setup) {
@@ -240,6 +242,7 @@ pub(super) async fn run(setup: Setup) {
         private: private.map(Arc::new),
         identity,
         known_keys,
+        saving_keys: None,
         carried: HashMap::new(),
         retiring: HashMap::new(),
         joined_via_tracker,
@@ -317,11 +320,19 @@ pub(super) async fn run(setup: Setup) {
             _ = keepalive.tick() => {
                 actor.ping();
                 actor.ask_relays();
+                actor.save_known_keys();
             }
             () = tokio::time::sleep_until(history_deadline), if actor.requests.waits_for_join() && untried.is_empty() => {}
         }
     }
     actor.close_all().await;
+    if let Some(saving) = actor.saving_keys.take() {
+        let _ = saving.await;
+    }
+    actor.save_known_keys();
+    if let Some(saving) = actor.saving_keys.take() {
+        let _ = saving.await;
+    }
     if let Some((_, Some(reply))) = closing {
         let _ = reply.send(());
     }
@@ -474,6 +485,20 @@ impl Actor {
             };
             let _ = net.send(event).await;
         });
+    }
+
+    /// Write the keys met since the last write, off the runtime (keys are met in readers, which must
+    /// not wait on the disk).
+    fn save_known_keys(&mut self) {
+        if self.saving_keys.as_ref().is_some_and(|saving| !saving.is_finished()) {
+            return;
+        }
+        let Some((path, json)) = self.known_keys.lock().ok().and_then(|mut keys| keys.unsaved()) else { return };
+        self.saving_keys = Some(tokio::task::spawn_blocking(move || {
+            if let Err(err) = trust::save(&path, &json) {
+                log::warn!("cannot save the known keys in {}: {err}", path.display());
+            }
+        }));
     }
 
     /// Whether the connection to `addr` we are opening is our link to the tracker's relay.
@@ -973,12 +998,13 @@ impl Actor {
             log::debug!("link {id} replaces link {existing} to the same peer");
             return self.replace(existing, id, hello);
         }
+        let linked: HashSet<&str> = self.links.values().filter(|l| l.state == State::P2pchat).filter_map(|l| l.peer_id.as_deref()).collect();
         let unreached: Vec<String> = hello
             .peers
             .iter()
             .filter(|m| m.p2pchat)
             .filter_map(|m| m.id.clone())
-            .filter(|peer| *peer != self.my_id && self.p2pchat_link_to(peer).is_none())
+            .filter(|peer| *peer != self.my_id && !linked.contains(peer.as_str()))
             .collect();
         self.relays.heard_of(id, unreached, tokio::time::Instant::now());
         if self.hub == Hub::Opening(id) {
@@ -1150,10 +1176,15 @@ impl Actor {
             }
         }
         let ids: Vec<ConnId> = self.links.keys().copied().collect();
-        let took: HashSet<ConnId> = ids.into_iter().filter(|id| self.write(*id, &line)).collect();
-        let members = took.iter().filter(|id| self.links.get(id).is_some_and(|l| l.state != State::Relay)).count();
-        // Relays pass it on to the members we reach through them.
-        members + self.relays.relayed().filter(|(_, m)| took.contains(&m.via)).count()
+        let mut reached = 0;
+        for id in ids {
+            let member = self.links.get(&id).is_some_and(|l| l.state != State::Relay);
+            if self.write(id, &line) && member {
+                reached += 1;
+            }
+        }
+        // Relays pass it on to the members we reach through them (those still linked took it).
+        reached + self.relays.relayed().filter(|(_, m)| self.links.contains_key(&m.via)).count()
     }
 
     fn nick(&mut self, name: String) {

@@ -3,7 +3,8 @@
 //! A member of a private room proves its identity key on every link (see `identity`). The first key
 //! seen for a name in a room is remembered (in `known_keys.json` beside the identity file); a later
 //! member claiming that name with another key is flagged to the user, never silently accepted, and
-//! the remembered key stays. No sockets here; the file is small and written only when a name is new.
+//! the remembered key stays. No I/O on the way: `meet` runs in readers for every message of a private
+//! room, so new keys are only marked, and the owner writes the file off the runtime (`unsaved`).
 
 use std::collections::HashMap;
 use std::fs;
@@ -49,12 +50,14 @@ type Rooms = HashMap<String, HashMap<String, [u8; 32]>>;
 pub struct KnownKeys {
     path: Option<PathBuf>,
     rooms: Rooms,
+    /// A key was met for the first time since the file was last written.
+    dirty: bool,
 }
 
 impl KnownKeys {
     /// The keys remembered in `path` (none yet if it does not exist); `None`: this session only.
     pub fn load(path: Option<PathBuf>) -> Result<Self, TrustError> {
-        let Some(path) = path else { return Ok(Self { path: None, rooms: Rooms::new() }) };
+        let Some(path) = path else { return Ok(Self { path: None, rooms: Rooms::new(), dirty: false }) };
         let file = match fs::read(&path) {
             Ok(bytes) => {
                 let unreadable = |reason: String| TrustError::Unreadable { path: path.clone(), reason };
@@ -74,7 +77,7 @@ impl KnownKeys {
                 rooms.entry(room.clone()).or_default().insert(name, key);
             }
         }
-        Ok(Self { path: Some(path), rooms })
+        Ok(Self { path: Some(path), rooms, dirty: false })
     }
 
     /// Meet `name` with `key` in `room`.
@@ -86,26 +89,29 @@ impl KnownKeys {
             },
             None => {
                 self.rooms.entry(room.to_owned()).or_default().insert(name.to_owned(), *key.as_bytes());
-                if let Err(err) = self.save() {
-                    log::warn!("cannot save the known keys: {err}");
-                }
+                self.dirty = self.path.is_some();
                 Seen::First
             }
         }
     }
 
-    /// Write the file anew beside itself, then move it into place (a crash leaves the old or the new).
-    fn save(&self) -> std::io::Result<()> {
-        let Some(path) = &self.path else { return Ok(()) };
+    /// What to write, if keys were met since the last time: the file and its new contents.
+    pub fn unsaved(&mut self) -> Option<(PathBuf, Vec<u8>)> {
+        let path = self.path.clone().filter(|_| std::mem::take(&mut self.dirty))?;
         let rooms = self.rooms.iter().map(|(room, names)| (room.clone(), names.iter().map(|(n, k)| (n.clone(), hex(k))).collect())).collect();
-        let json = serde_json::to_vec_pretty(&File { v: FORMAT, rooms }).map_err(std::io::Error::other)?;
-        let temporary = crate::identity::write_beside(path, &json)?;
-        let placed = fs::rename(&temporary, path);
-        if placed.is_err() {
-            let _ = fs::remove_file(&temporary);
-        }
-        placed
+        Some((path, serde_json::to_vec_pretty(&File { v: FORMAT, rooms }).unwrap_or_default()))
     }
+}
+
+/// Write `json` as the known-keys file at `path`: beside it first, then moved into place (a crash
+/// leaves the old or the new). Blocking.
+pub fn save(path: &std::path::Path, json: &[u8]) -> std::io::Result<()> {
+    let temporary = crate::identity::write_beside(path, json)?;
+    let placed = fs::rename(&temporary, path);
+    if placed.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    placed
 }
 
 /// Whether `chat`, in a private room, is its author's: signed, and by the key its author's name has
@@ -139,6 +145,9 @@ mod tests {
         assert_eq!(keys.meet("room", "bob", &bob), Seen::First);
         assert_eq!(keys.meet("room", "bob", &bob), Seen::Same);
         assert_eq!(keys.meet("other room", "bob", &impostor), Seen::First, "per room");
+        let (file, json) = keys.unsaved().expect("new keys to write");
+        save(&file, &json).unwrap();
+        assert!(keys.unsaved().is_none(), "written once");
         let mut again = KnownKeys::load(Some(path.clone())).unwrap();
         assert_eq!(again.meet("room", "bob", &impostor), Seen::Changed { was: fingerprint(&bob) }, "remembered on disk");
         assert_eq!(again.meet("room", "bob", &bob), Seen::Same, "the first key stays");
