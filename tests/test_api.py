@@ -272,8 +272,9 @@ def test_ctrl_c_interrupts_a_blocking_wait(room, tracker):
     proc = run_script(room, f"""
         import p2pchat
         peer = p2pchat.Peer("waiter", "127.0.0.1", {tracker.address[1]}).join()
-        print("waiting", flush=True)
         try:
+            # Said inside the try: a Ctrl-C sent as soon as it is read must land where it is caught.
+            print("waiting", flush=True)
             peer.recv()
         except KeyboardInterrupt:
             print("interrupted", flush=True)
