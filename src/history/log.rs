@@ -1,15 +1,20 @@
 //! The log thread: owns one peer's [`Store`] and runs its queries and writes off the async runtime.
 //!
-//! Callers hold a cheap [`LogHandle`] (one room) and send jobs over a bounded channel; queries answer
-//! on oneshot channels. Live messages are written in batches: whatever is queued when the thread
-//! wakes, and what comes in the next few milliseconds, goes into one transaction.
+//! Callers hold a cheap [`LogHandle`] (one room). Queries go over a bounded channel and answer on
+//! oneshot channels. Live messages are not sent one by one: they wait in a shared batch for
+//! [`GROUP_COMMIT`], then go to the thread as one transaction. So a message wakes nobody but the
+//! receiving task; the log thread wakes once per batch, after the message has reached the application
+//! (on two cores, another thread made runnable with every message of a busy room costs latency).
+
+use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, oneshot};
 
 use super::store::{Key, Location, Query, Record, Store, StoreError};
 
-/// Jobs queued before writers wait (backpressure onto the readers, never a lost message).
-const QUEUE: usize = 4096;
+/// Jobs queued before senders wait (backpressure onto the readers, never a lost message). A live job
+/// is a whole batch, so this is up to `QUEUE * FULL_BATCH` messages.
+const QUEUE: usize = 64;
 /// Live messages wait this long for more to share their transaction: a commit rewrites the pages it
 /// touched, so a busy room's log costs a third of the CPU in batches of hundreds than in tens.
 const GROUP_COMMIT: std::time::Duration = std::time::Duration::from_millis(10);
@@ -17,16 +22,43 @@ const GROUP_COMMIT: std::time::Duration = std::time::Duration::from_millis(10);
 const FULL_BATCH: usize = 1024;
 
 enum Job {
-    Record(Vec<Record>),
+    /// Live messages, written in one transaction.
+    Commit(Vec<Record>),
+    /// Anything else; it sees every live message recorded before it was asked.
+    Ask(Ask),
+}
+
+enum Ask {
     Ingest { records: Vec<Record>, reply: oneshot::Sender<Result<Vec<bool>, StoreError>> },
     Query { query: Query, reply: oneshot::Sender<Result<Vec<Record>, StoreError>> },
     NewestShared { reply: oneshot::Sender<Result<Option<Key>, StoreError>> },
+}
+
+/// Live messages not yet handed to the log thread. Shared with the thread, which takes them before
+/// any other job, so a query asked after a message arrived still finds it.
+#[derive(Clone, Debug, Default)]
+struct Batch(Arc<Mutex<Vec<Record>>>);
+
+impl Batch {
+    /// Add `records`; returns whether the batch was empty before, and the whole batch once it is full.
+    fn add(&self, records: Vec<Record>) -> (bool, Option<Vec<Record>>) {
+        let mut batch = self.0.lock().unwrap_or_else(PoisonError::into_inner);
+        let was_empty = batch.is_empty();
+        batch.extend(records);
+        let full = (batch.len() >= FULL_BATCH).then(|| std::mem::take(&mut *batch));
+        (was_empty, full)
+    }
+
+    fn take(&self) -> Vec<Record> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(PoisonError::into_inner))
+    }
 }
 
 /// One room's log; the thread ends when the last handle is dropped.
 #[derive(Clone, Debug)]
 pub struct LogHandle {
     jobs: mpsc::Sender<Job>,
+    batch: Batch,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -41,11 +73,13 @@ pub enum LogError {
 pub fn open(location: &Location, room: String) -> Result<LogHandle, StoreError> {
     let store = Store::open(location)?;
     let (jobs, rx) = mpsc::channel(QUEUE);
+    let batch = Batch::default();
+    let thread_batch = batch.clone();
     std::thread::Builder::new()
         .name("p2pchat-log".into())
-        .spawn(move || serve(store, room, rx))
+        .spawn(move || serve(store, room, rx, thread_batch))
         .map_err(|e| StoreError::Unusable { path: location_name(location).into(), reason: format!("cannot start its thread: {e}") })?;
-    Ok(LogHandle { jobs })
+    Ok(LogHandle { jobs, batch })
 }
 
 fn location_name(location: &Location) -> String {
@@ -55,88 +89,138 @@ fn location_name(location: &Location) -> String {
     }
 }
 
-fn serve(mut store: Store, room: String, mut rx: mpsc::Receiver<Job>) {
-    let mut failed_before = false;
-    let mut next = rx.blocking_recv();
-    while let Some(job) = next.take() {
+fn serve(mut store: Store, room: String, mut rx: mpsc::Receiver<Job>, batch: Batch) {
+    let mut live = LiveWriter { failed_before: false };
+    while let Some(job) = rx.blocking_recv() {
         match job {
-            Job::Record(mut batch) => {
-                // Gather the live messages queued now, and for a moment more, into one transaction
-                // (until a job of another kind, which must see them logged).
-                next = gather(&mut rx, &mut batch);
-                if next.is_none() && batch.len() < FULL_BATCH {
-                    std::thread::sleep(GROUP_COMMIT);
-                    next = gather(&mut rx, &mut batch);
-                }
-                if let Err(err) = store.insert(&room, &batch) {
-                    // Keep chatting without the log; say it once rather than once per message.
-                    if !failed_before {
-                        log::warn!("messages are not being logged: {err}");
-                        failed_before = true;
-                    }
-                }
+            Job::Commit(records) => live.write(&mut store, &room, &records),
+            Job::Ask(ask) => {
+                live.write(&mut store, &room, &batch.take());
+                answer(&mut store, &room, ask);
             }
-            Job::Ingest { records, reply } => {
-                let _ = reply.send(store.insert(&room, &records));
-            }
-            Job::Query { query, reply } => {
-                let _ = reply.send(store.query(&room, &query));
-            }
-            Job::NewestShared { reply } => {
-                let _ = reply.send(store.newest_shared(&room));
-            }
-        }
-        if next.is_none() {
-            next = rx.blocking_recv();
         }
     }
+    // The last handle is gone: what was still waiting is written before the thread ends.
+    live.write(&mut store, &room, &batch.take());
 }
 
-/// Move queued `Record` jobs into `batch`; returns the first job of another kind, if one came.
-fn gather(rx: &mut mpsc::Receiver<Job>, batch: &mut Vec<Record>) -> Option<Job> {
-    loop {
-        match rx.try_recv() {
-            Ok(Job::Record(more)) => batch.extend(more),
-            Ok(other) => return Some(other),
-            Err(_) => return None,
+fn answer(store: &mut Store, room: &str, ask: Ask) {
+    // A send error means the asker stopped waiting: nothing to do.
+    let _ = match ask {
+        Ask::Ingest { records, reply } => reply.send(store.insert(room, &records)).map_err(drop),
+        Ask::Query { query, reply } => reply.send(store.query(room, &query)).map_err(drop),
+        Ask::NewestShared { reply } => reply.send(store.newest_shared(room)).map_err(drop),
+    };
+}
+
+struct LiveWriter {
+    failed_before: bool,
+}
+
+impl LiveWriter {
+    fn write(&mut self, store: &mut Store, room: &str, records: &[Record]) {
+        if records.is_empty() {
+            return;
+        }
+        if let Err(err) = store.insert(room, records) {
+            // Keep chatting without the log; say it once rather than once per message.
+            if !self.failed_before {
+                log::warn!("messages are not being logged: {err}");
+                self.failed_before = true;
+            }
         }
     }
 }
 
 impl LogHandle {
-    /// Log live messages (waits only while the log thread is 4,096 jobs behind).
+    /// Log live messages; waits only while the log thread is [`QUEUE`] batches behind.
     pub async fn record(&self, records: Vec<Record>) {
-        let _ = self.jobs.send(Job::Record(records)).await;
+        if let Some(full) = self.add(records) {
+            let _ = self.jobs.send(Job::Commit(full)).await;
+        }
     }
 
-    /// Log one message without waiting, for callers that must not wait (the peer's actor); when the
-    /// queue is full it is handed to a task that waits.
+    /// Log one message without waiting, for callers that must not wait (the peer's actor); a full
+    /// batch that finds the queue full is handed to a task that waits.
     pub fn record_now(&self, record: Record) {
-        if let Err(mpsc::error::TrySendError::Full(job)) = self.jobs.try_send(Job::Record(vec![record])) {
-            let jobs = self.jobs.clone();
+        if let Some(full) = self.add(vec![record]) {
+            if let Err(mpsc::error::TrySendError::Full(job)) = self.jobs.try_send(Job::Commit(full)) {
+                let jobs = self.jobs.clone();
+                tokio::spawn(async move {
+                    let _ = jobs.send(job).await;
+                });
+            }
+        }
+    }
+
+    /// Add to the batch; the first message of a batch sets its timer. Returns a batch to send now.
+    fn add(&self, records: Vec<Record>) -> Option<Vec<Record>> {
+        let (was_empty, full) = self.batch.add(records);
+        if was_empty && full.is_none() {
+            let (jobs, batch) = (self.jobs.clone(), self.batch.clone());
             tokio::spawn(async move {
-                let _ = jobs.send(job).await;
+                tokio::time::sleep(GROUP_COMMIT).await;
+                let records = batch.take();
+                if !records.is_empty() {
+                    let _ = jobs.send(Job::Commit(records)).await;
+                }
             });
         }
+        full
     }
 
     /// Log messages received as history; for each, whether it was new to this log.
     pub async fn ingest(&self, records: Vec<Record>) -> Result<Vec<bool>, LogError> {
-        self.ask(|reply| Job::Ingest { records, reply }).await
+        self.ask(|reply| Ask::Ingest { records, reply }).await
     }
 
     pub async fn query(&self, query: Query) -> Result<Vec<Record>, LogError> {
-        self.ask(|reply| Job::Query { query, reply }).await
+        self.ask(|reply| Ask::Query { query, reply }).await
     }
 
     /// The newest position of a message from a p2pchat peer in this log.
     pub async fn newest_shared(&self) -> Result<Option<Key>, LogError> {
-        self.ask(|reply| Job::NewestShared { reply }).await
+        self.ask(|reply| Ask::NewestShared { reply }).await
     }
 
-    async fn ask<T>(&self, job: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job) -> Result<T, LogError> {
+    async fn ask<T>(&self, ask: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Ask) -> Result<T, LogError> {
         let (reply, answer) = oneshot::channel();
-        self.jobs.send(job(reply)).await.map_err(|_| LogError::Closed)?;
+        self.jobs.send(Job::Ask(ask(reply))).await.map_err(|_| LogError::Closed)?;
         Ok(answer.await.map_err(|_| LogError::Closed)??)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, stamp: u64) -> Record {
+        Record { id: id.into(), stamp, sent_at: stamp, sender: Some("ana".into()), text: id.into(), shared: true, author_key: None, sig: None }
+    }
+
+    fn ids(records: &[Record]) -> Vec<&str> {
+        records.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    #[tokio::test]
+    async fn a_query_sees_live_messages_still_waiting_for_their_batch() {
+        let log = open(&Location::Memory, "r".into()).unwrap();
+        log.record_now(record("a", 1));
+        log.record(vec![record("b", 2)]).await;
+        // Asked at once, long before the batch's timer: the thread writes the batch first.
+        assert_eq!(ids(&log.query(Query::latest(10)).await.unwrap()), ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_goes_at_once_and_nothing_is_lost_or_doubled() {
+        let log = open(&Location::Memory, "r".into()).unwrap();
+        let count = FULL_BATCH * 2 + 7;
+        for stamp in 0..count as u64 {
+            log.record_now(record(&format!("m{stamp:05}"), stamp));
+        }
+        assert!(log.batch.0.lock().unwrap().len() < FULL_BATCH, "full batches were handed to the thread");
+        let logged = log.query(Query::latest(count + 10)).await.unwrap();
+        assert_eq!(logged.len(), count);
+        assert_eq!(logged.last().map(|r| r.id.as_str()), Some(format!("m{:05}", count - 1).as_str()));
     }
 }
