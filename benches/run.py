@@ -14,7 +14,8 @@ installed). Scenarios:
    rate at which every message reaches every peer, its deliveries per second and CPU seconds per 1,000
    deliveries; the raw TCP fan-out floor (Rust, no protocol) at the same steps.
 3. tracker: joins per second with 10, 1,000 and 10,000 registrations, each join reading the full list,
-   from a load generator written in Rust.
+   from a load generator written in Rust; and the floor for each list: the same joins against a Rust
+   server that only sends that many bytes.
 4. scale: the largest room (one process per peer, in steps up to 200) where every message reaches every
    peer, and memory per peer process as PSS; and how many peers fit in one process through the API.
 5. history (p2pchat only: the original keeps none): the time from a newcomer's join until it has received
@@ -367,6 +368,11 @@ def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
                          "entries_per_join": median([r["entries"] / max(r["joins"], 1) for r in runs]),
                          "min_entries": min(r["min_entries"] for r in runs),
                          "failures": sum(r["failures"] for r in runs)})
+        # The floor for each list: the same joins against a server that only sends that many bytes.
+        for row in rows[-len(IMPLS):]:
+            log(f"tracker: raw list floor, {row['bytes_per_join']:.0f} bytes ({row['impl']}'s list)")
+            floors = [p2pchat._core._bench_list_floor(int(row["bytes_per_join"]), concurrency=4, duration=seconds) for _ in range(repeats)]
+            row["floor_joins_per_s"] = median([f["joins_per_second"] for f in floors])
     return rows
 
 
@@ -534,6 +540,11 @@ def table(results: dict) -> str:
             row("tracker", f"joins/s, {size} registered", p["joins_per_s"], b["joins_per_s"])
             row("tracker", f"entries per list (mean), {size} registered", p["entries_per_join"], b["entries_per_join"])
             row("tracker", f"bytes of list per join, {size} registered", p["bytes_per_join"], b["bytes_per_join"])
+            if "floor_joins_per_s" in p and "floor_joins_per_s" in b:
+                row("tracker", f"floor: joins/s of a raw server sending a list that long, {size} registered",
+                    p["floor_joins_per_s"], b["floor_joins_per_s"])
+                row("tracker", f"joins/s as a share of that floor, {size} registered",
+                    p["joins_per_s"] / p["floor_joins_per_s"], b["joins_per_s"] / b["floor_joins_per_s"], "{:.2f}")
     if "scale" in results:
         rows = results["scale"]["rooms"]
         for impl in IMPLS:

@@ -9,15 +9,20 @@
 //! never ends its answer) every entry that must be in it, i.e. at least the registrations plus the joins
 //! finished before this one connected. Every join ends with a reset, so no port lingers in TIME_WAIT and
 //! tens of thousands of joins fit in the ephemeral port range.
+//!
+//! [`list_floor`] is the scenario's floor: the same joins against a server with no protocol at all
+//! that answers every connection with a list of the same size, so the report shows how much of a
+//! join's cost is just moving the list's bytes through loopback.
 
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 use super::BenchError;
 use crate::wire::frames::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
@@ -30,6 +35,8 @@ const SETTLE_LIMIT: Duration = Duration::from_secs(300);
 pub enum TrackerProtocol {
     P2pchat,
     Original,
+    /// The floor's: a list of exactly this many bytes, then nothing.
+    Raw { list_bytes: usize },
 }
 
 #[derive(Debug, Clone)]
@@ -96,6 +103,7 @@ pub async fn run(load: JoinLoad) -> Result<JoinReport, BenchError> {
         match load.protocol {
             TrackerProtocol::P2pchat => read_welcome(&mut settle, load.tracker).await,
             TrackerProtocol::Original => read_original_list(&mut settle, load.registrations as u64).await,
+            TrackerProtocol::Raw { list_bytes } => read_raw_list(&mut settle, list_bytes).await,
         }
     };
     let (_, entries) = tokio::time::timeout(SETTLE_LIMIT, settled)
@@ -153,6 +161,7 @@ async fn register(tracker: SocketAddr, protocol: TrackerProtocol) -> Result<Opti
             read_welcome(&mut stream, tracker).await?;
             Ok(Some(stream))
         }
+        TrackerProtocol::Raw { .. } => Err(BenchError::Setting("the floor's server holds no registrations".into())),
         TrackerProtocol::Original => {
             // Wait for the first bytes of its answer: a connection reset while it is still in the
             // accept backlog would never be remembered.
@@ -213,6 +222,36 @@ async fn read_original_list(stream: &mut TcpStream, expected: u64) -> Result<(u6
     Ok((bytes, separators + 1))
 }
 
+async fn read_raw_list(stream: &mut TcpStream, list_bytes: usize) -> Result<(u64, u64), BenchError> {
+    let mut list = vec![0u8; list_bytes];
+    stream.read_exact(&mut list).await?;
+    Ok((list_bytes as u64, 0))
+}
+
+/// Joins per second against a server that sends `list_bytes` bytes on every connection and does
+/// nothing else (no registry, no encoding, no protocol), measured as [`run`] measures a tracker.
+pub async fn list_floor(list_bytes: usize, concurrency: usize, duration: Duration) -> Result<JoinReport, BenchError> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+    let addr = listener.local_addr()?;
+    let _server = AbortOnDropHandle::new(tokio::spawn(serve_raw_list(listener, vec![b'-'; list_bytes].into())));
+    run(JoinLoad { tracker: addr, protocol: TrackerProtocol::Raw { list_bytes }, registrations: 0, concurrency, duration }).await
+}
+
+async fn serve_raw_list(listener: TcpListener, list: Arc<[u8]>) {
+    let mut answers = JoinSet::new(); // aborted with this task
+    while let Ok((mut stream, _)) = listener.accept().await {
+        let list = list.clone();
+        answers.spawn(async move {
+            let _ = stream.set_nodelay(true);
+            if stream.write_all(&list).await.is_ok() {
+                // Keep the connection until the joiner resets it, as a tracker does.
+                let _ = stream.read(&mut [0u8; 1]).await;
+            }
+        });
+        while answers.try_join_next().is_some() {}
+    }
+}
+
 #[derive(Default)]
 struct WorkerReport {
     joins: u64,
@@ -231,6 +270,7 @@ async fn worker(load: JoinLoad, deadline: Instant, completed: Arc<AtomicU64>) ->
             match load.protocol {
                 TrackerProtocol::P2pchat => read_welcome(&mut stream, load.tracker).await,
                 TrackerProtocol::Original => read_original_list(&mut stream, load.registrations as u64 + done_before).await,
+                TrackerProtocol::Raw { list_bytes } => read_raw_list(&mut stream, list_bytes).await,
             }
         };
         match tokio::time::timeout(Duration::from_secs(10), outcome).await {

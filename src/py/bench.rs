@@ -48,7 +48,19 @@ fn _bench_tracker_joins<'py>(
         other => return Err(PyValueError::new_err(format!("protocol must be 'p2pchat' or 'original', not {other:?}"))),
     };
     let load = tracker_load::JoinLoad { tracker, protocol, registrations, concurrency, duration: positive_seconds(duration, "duration")? };
-    let report = wait(py, tracker_load::run(load))??;
+    join_report(py, wait(py, tracker_load::run(load))??)
+}
+
+/// The tracker scenario's floor: joins per second, read as `_bench_tracker_joins` reads them, against
+/// an in-process server that answers every connection with `list_bytes` bytes and does nothing else.
+#[pyfunction]
+#[pyo3(signature = (list_bytes, *, concurrency = 4, duration = 2.0))]
+fn _bench_list_floor(py: Python<'_>, list_bytes: usize, concurrency: usize, duration: f64) -> PyResult<Bound<'_, PyDict>> {
+    let duration = positive_seconds(duration, "duration")?;
+    join_report(py, wait(py, tracker_load::list_floor(list_bytes, concurrency, duration))??)
+}
+
+fn join_report(py: Python<'_>, report: tracker_load::JoinReport) -> PyResult<Bound<'_, PyDict>> {
     let out = PyDict::new(py);
     out.set_item("joins", report.joins)?;
     out.set_item("failures", report.failures)?;
@@ -94,5 +106,6 @@ fn _bench_fanout<'py>(py: Python<'py>, nodes: usize, rate: u32, message: Vec<u8>
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_bench_tracker_joins, m)?)?;
     m.add_function(wrap_pyfunction!(_bench_fanout, m)?)?;
+    m.add_function(wrap_pyfunction!(_bench_list_floor, m)?)?;
     Ok(())
 }
