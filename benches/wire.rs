@@ -1,7 +1,8 @@
 //! `cargo bench`: the Rust hot paths of p2pchat, each beside a baseline measured in the same process.
 //!
-//! * a tracker's answer to a join into a room of 10,000: the welcome built from members the registry
-//!   keeps encoded, against serializing the room's member list per join (what the tracker did first);
+//! * a join into a room of 10,000 and its leave at the tracker's registry (the welcome shares the
+//!   registry's encoded blocks), against serializing the room's member list per join (what the tracker
+//!   did first);
 //! * decoding a busy link's reads: 64 KiB of small chat frames, and 64 KiB of original `<NAME> :: text`
 //!   lines (against a plain copy of the same bytes, the least any reader does);
 //! * the original tracker list: encoding the 1,400-byte answer and parsing a long one.
@@ -15,6 +16,7 @@ use std::time::Instant;
 
 use p2pchat::wire::chat::{encode_line, ChatDecoder};
 use p2pchat::wire::frames::{self, Chat, Frame, FrameDecoder, Member, PROTOCOL_VERSION};
+use p2pchat::tracker::Registry;
 use p2pchat::wire::peer_list;
 
 struct Bencher {
@@ -64,11 +66,17 @@ fn main() {
     }
 
     let room = members(10_000);
-    let encoded: Vec<Box<[u8]>> = room.iter().map(frames::encode_member).collect();
+    let mut registry = Registry::new(16_384, peer_list::LEGACY_LIST_BUDGET);
+    for member in &room {
+        registry.register("", member.addr.parse().expect("a valid address"), false);
+    }
+    let newcomer: SocketAddr = "10.200.0.1:5000".parse().expect("a valid address");
     bench.compare(
-        "welcome, 10,000 members, pre-encoded",
+        "join + leave, room of 10,000 (shared blocks)",
         || {
-            black_box(frames::encode_welcome_opening(encoded.iter().map(|m| &m[..]), "10.0.0.1:5000", false));
+            let (welcome, token) = registry.register("", newcomer, false);
+            black_box(welcome);
+            registry.deregister("", newcomer, token);
         },
         "serialize Vec<Member> per join",
         || {

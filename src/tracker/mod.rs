@@ -44,7 +44,7 @@ pub use registry::{Kind, Registry, DEFAULT_ROOM};
 
 use crate::wire::chat::validate_room;
 use crate::reading::{read_frame, read_opening, FrameReadError, Opened};
-use crate::wire::frames::{self, Frame, FrameDecoder, PROTOCOL_VERSION};
+use crate::wire::frames::{self, Frame, FrameDecoder, Welcome, PROTOCOL_VERSION};
 use crate::wire::peer_list::LEGACY_LIST_BUDGET;
 
 /// The original tracker's fixed port.
@@ -121,7 +121,7 @@ enum Query {
         addr: SocketAddr,
         /// Frames for this registration's peer (punch requests from others).
         to_peer: mpsc::Sender<Vec<u8>>,
-        reply: oneshot::Sender<(Vec<u8>, registry::Registration)>,
+        reply: oneshot::Sender<(Welcome, registry::Registration)>,
     },
     /// The registered peer `from` cannot reach the member at `target`: ask `target` to dial it.
     PunchRequest { room: String, from: SocketAddr, target: SocketAddr },
@@ -225,7 +225,7 @@ impl Tracker {
                     Query::Register { room, addr, to_peer, reply } => {
                         let registered = registry.register(&room, addr, config.relay);
                         registered_peers.insert(addr, (room.clone(), registered.1, to_peer));
-                        log::debug!("{addr} registered in room {room:?}; answered with a {}-byte welcome", registered.0.len());
+                        log::debug!("{addr} registered in room {room:?}; answered with a {}-byte welcome", registered.0.byte_len());
                         let _ = reply.send(registered);
                     }
                     Query::PunchRequest { room, from, target } => {
@@ -359,7 +359,7 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
         return;
     }
     let Ok((welcome, registration)) = answer.await else { return };
-    if stream.write_all(&welcome).await.is_ok() {
+    if write_welcome(&mut stream, &welcome).await.is_ok() {
         // Registered while this stays open and keeps talking (the peer pings every 2 s).
         let mut buf = [0u8; 4096];
         let mut quiet_until = Instant::now() + silence;
@@ -405,6 +405,20 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
     }
     let _ = tracker.queries.send(Query::Deregister { room, addr: remote, registration }).await;
     crate::net::reset(stream);
+}
+
+/// Send the welcome's shared blocks as they are, in vectored writes.
+async fn write_welcome(stream: &mut TcpStream, welcome: &Welcome) -> io::Result<()> {
+    let mut slices = welcome.slices();
+    let mut unsent = &mut slices[..];
+    while !unsent.is_empty() {
+        let written = stream.write_vectored(unsent).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        io::IoSlice::advance_slices(&mut unsent, written);
+    }
+    Ok(())
 }
 
 /// Is an original peer still listening? A bare connect, reset at once (it costs the original one dead

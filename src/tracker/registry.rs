@@ -17,10 +17,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::net::canonical;
-use crate::wire::frames::{self, Member};
+use crate::wire::frames::{self, Member, Welcome};
 use crate::wire::peer_list;
 
 /// The room original clients are in.
@@ -36,20 +37,38 @@ pub enum Kind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Registration(u64);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Room {
     seq_of: HashMap<SocketAddr, u64>,
     /// Members by join sequence number, oldest first.
     by_seq: BTreeMap<u64, Entry>,
     /// Original members: when each was last known alive, and whether a probe is out for it.
     originals: HashMap<SocketAddr, Liveness>,
+    /// The members as a welcome lists them, in blocks by join order (oldest block first), each block
+    /// newest member first. A welcome shares these blocks instead of copying 10,000 members; a change
+    /// re-encodes one block.
+    blocks: Vec<Block>,
+    /// Members per block ([`BLOCK`]; smaller in tests).
+    block_size: usize,
+}
+
+/// Members per block: a change re-encodes up to this many (~20 KB), a welcome is a few dozen blocks.
+const BLOCK: usize = 512;
+
+/// The members whose join numbers are in `first..=last`, encoded.
+#[derive(Debug)]
+struct Block {
+    first: u64,
+    last: u64,
+    count: usize,
+    encoded: Arc<[u8]>,
 }
 
 #[derive(Debug)]
 struct Entry {
     addr: SocketAddr,
     kind: Kind,
-    /// The member as a welcome lists it, encoded once (see [`frames::encode_welcome_opening`]).
+    /// The member as a welcome lists it, encoded once (see [`Welcome`]).
     encoded: Box<[u8]>,
 }
 
@@ -60,6 +79,10 @@ struct Liveness {
 }
 
 impl Room {
+    fn new(block_size: usize) -> Self {
+        Self { seq_of: HashMap::new(), by_seq: BTreeMap::new(), originals: HashMap::new(), blocks: Vec::new(), block_size }
+    }
+
     fn newest_first(&self) -> impl Iterator<Item = &Entry> {
         self.by_seq.values().rev()
     }
@@ -67,13 +90,16 @@ impl Room {
     fn insert(&mut self, seq: u64, addr: SocketAddr, kind: Kind, max_entries: usize) {
         if let Some(previous) = self.seq_of.insert(addr, seq) {
             self.by_seq.remove(&previous);
+            self.unlist(previous);
         }
         let encoded = frames::encode_member(&Member { addr: addr.to_string(), p2pchat: kind == Kind::P2pchat, id: None });
         self.by_seq.insert(seq, Entry { addr, kind, encoded });
+        self.list(seq);
         while self.by_seq.len() > max_entries {
-            if let Some((_, oldest)) = self.by_seq.pop_first() {
+            if let Some((oldest_seq, oldest)) = self.by_seq.pop_first() {
                 self.seq_of.remove(&oldest.addr);
                 self.originals.remove(&oldest.addr);
+                self.unlist(oldest_seq);
             }
         }
     }
@@ -81,8 +107,66 @@ impl Room {
     fn remove(&mut self, addr: &SocketAddr) {
         if let Some(seq) = self.seq_of.remove(addr) {
             self.by_seq.remove(&seq);
+            self.unlist(seq);
         }
         self.originals.remove(addr);
+    }
+
+    /// Add the member that just joined as `seq` (the newest) to the newest block.
+    fn list(&mut self, seq: u64) {
+        match self.blocks.last_mut() {
+            Some(newest) if newest.count < self.block_size => {
+                newest.last = seq;
+                newest.count += 1;
+            }
+            _ => self.blocks.push(Block { first: seq, last: seq, count: 1, encoded: Arc::from(&b""[..]) }),
+        }
+        self.encode_block(self.blocks.len() - 1);
+    }
+
+    /// Take the member that joined as `seq` (already out of `by_seq`) out of its block.
+    fn unlist(&mut self, seq: u64) {
+        let mut at = self.blocks.partition_point(|b| b.last < seq);
+        let Some(block) = self.blocks.get_mut(at).filter(|b| b.first <= seq) else { return };
+        block.count -= 1;
+        if block.count == 0 {
+            self.blocks.remove(at);
+            return;
+        }
+        // A block that has shrunk joins a neighbour, so that a room after much churn is still a few
+        // blocks (one slice each in a welcome's write).
+        let block_size = self.block_size;
+        if block.count < block_size / 4 {
+            let fits = |a: &Block, b: &Block| a.count + b.count <= block_size;
+            if at + 1 < self.blocks.len() && fits(&self.blocks[at], &self.blocks[at + 1]) {
+                let newer = self.blocks.remove(at + 1);
+                let merged = &mut self.blocks[at];
+                (merged.last, merged.count) = (newer.last, merged.count + newer.count);
+            } else if at > 0 && fits(&self.blocks[at - 1], &self.blocks[at]) {
+                let newer = self.blocks.remove(at);
+                at -= 1;
+                let merged = &mut self.blocks[at];
+                (merged.last, merged.count) = (newer.last, merged.count + newer.count);
+            }
+        }
+        self.encode_block(at);
+    }
+
+    fn encode_block(&mut self, at: usize) {
+        let (first, last) = (self.blocks[at].first, self.blocks[at].last);
+        let mut encoded = Vec::with_capacity(self.blocks[at].count * 48);
+        for (i, entry) in self.by_seq.range(first..=last).rev().map(|(_, entry)| entry).enumerate() {
+            if i > 0 {
+                encoded.push(b',');
+            }
+            encoded.extend_from_slice(&entry.encoded);
+        }
+        self.blocks[at].encoded = encoded.into();
+    }
+
+    /// The answer to a newcomer at `addr`, which is not in the room (see [`Registry::register`]).
+    fn welcome(&self, addr: SocketAddr, relay: bool) -> Welcome {
+        Welcome::new(self.blocks.iter().rev().map(|b| b.encoded.clone()), &addr.to_string(), relay)
     }
 }
 
@@ -92,12 +176,19 @@ pub struct Registry {
     next_seq: u64,
     max_entries: usize,
     list_budget: usize,
+    block_size: usize,
 }
 
 impl Registry {
     /// `max_entries` bounds each room; `list_budget` bounds the list sent to an original client.
     pub fn new(max_entries: usize, list_budget: usize) -> Self {
-        Self { rooms: HashMap::new(), next_seq: 0, max_entries, list_budget }
+        Self { rooms: HashMap::new(), next_seq: 0, max_entries, list_budget, block_size: BLOCK }
+    }
+
+    /// Blocks of `block_size` members, so that tests reach many blocks with few members.
+    #[cfg(test)]
+    fn with_block_size(self, block_size: usize) -> Self {
+        Self { block_size, ..self }
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -110,7 +201,8 @@ impl Registry {
     pub fn admit_original(&mut self, addr: SocketAddr, now: Instant) -> Vec<u8> {
         let addr = canonical(addr);
         let seq = self.next_seq();
-        let room = self.rooms.entry(DEFAULT_ROOM.to_owned()).or_default();
+        let block_size = self.block_size;
+        let room = self.rooms.entry(DEFAULT_ROOM.to_owned()).or_insert_with(|| Room::new(block_size));
         // When more are alive than fit, the most recently confirmed alive go first: registered p2pchat
         // peers (alive now), then original ones by when they were last confirmed.
         let mut candidates: Vec<(Instant, &SocketAddr)> = room
@@ -175,14 +267,15 @@ impl Registry {
 
     /// A p2pchat peer at `addr` registers in `room`: return its whole answer (a welcome listing the
     /// other members, newest first, and whether this tracker relays) and the proof of registration.
-    pub fn register(&mut self, room_name: &str, addr: SocketAddr, relay: bool) -> (Vec<u8>, Registration) {
+    pub fn register(&mut self, room_name: &str, addr: SocketAddr, relay: bool) -> (Welcome, Registration) {
         let addr = canonical(addr);
         let seq = self.next_seq();
-        let room = self.rooms.entry(room_name.to_owned()).or_default();
-        let others = room.newest_first().filter(|entry| entry.addr != addr).map(|entry| &entry.encoded[..]);
-        let welcome = frames::encode_welcome_opening(others, &addr.to_string(), relay);
+        let block_size = self.block_size;
+        let room = self.rooms.entry(room_name.to_owned()).or_insert_with(|| Room::new(block_size));
+        // Nobody is listed to itself: an earlier registration from this address goes first.
+        room.remove(&addr);
+        let welcome = room.welcome(addr, relay);
         room.insert(seq, addr, Kind::P2pchat, self.max_entries);
-        room.originals.remove(&addr);
         (welcome, Registration(seq))
     }
 
@@ -218,8 +311,9 @@ mod tests {
     use super::*;
     use crate::wire::peer_list::LEGACY_LIST_BUDGET;
 
-    fn welcome_members(opening: &[u8]) -> Vec<Member> {
-        let mut decoder = frames::FrameDecoder::new();
+    fn welcome_members(welcome: &Welcome) -> Vec<Member> {
+        let opening = welcome.to_vec();
+        let mut decoder = frames::FrameDecoder::with_limit(frames::MAX_WELCOME_BYTES);
         decoder.feed(&opening[frames::MAGIC.len()..]);
         match decoder.next_frame() {
             Ok(Some(frames::Frame::Welcome { members, .. })) => members,
@@ -363,5 +457,40 @@ mod tests {
         let t0 = Instant::now();
         r.register(DEFAULT_ROOM, a("10.0.0.1:1"), false);
         assert!(r.due_for_probe(t0 + Duration::from_secs(3600), Duration::from_secs(1), 10).is_empty());
+    }
+
+    proptest::proptest! {
+        /// Whatever joins, leaves and evictions happened, a welcome lists exactly the room's members
+        /// as they were, newest first, and never the newcomer (the blocks stay in step with them).
+        #[test]
+        fn a_welcome_lists_the_room_newest_first_after_any_churn(
+            steps in proptest::collection::vec((0u8..4, 0u16..60), 1..300),
+            max_entries in 5usize..40,
+            block_size in 1usize..9,
+        ) {
+            let mut r = Registry::new(max_entries, LEGACY_LIST_BUDGET).with_block_size(block_size);
+            let mut registrations = HashMap::new();
+            for (kind, who) in steps {
+                let addr = a(&format!("10.0.0.{who}:7000"));
+                match kind {
+                    0 | 1 => {
+                        let mut expected: Vec<SocketAddr> = addrs(&r.members(DEFAULT_ROOM)).into_iter().filter(|m| *m != addr).collect();
+                        expected.reverse();
+                        let (welcome, token) = r.register(DEFAULT_ROOM, addr, false);
+                        registrations.insert(addr, token);
+                        let listed: Vec<SocketAddr> = welcome_members(&welcome).iter().map(|m| m.addr.parse().unwrap()).collect();
+                        proptest::prop_assert_eq!(listed, expected);
+                    }
+                    2 => {
+                        if let Some(token) = registrations.remove(&addr) {
+                            r.deregister(DEFAULT_ROOM, addr, token);
+                        }
+                    }
+                    _ => {
+                        r.admit(addr);
+                    }
+                }
+            }
+        }
     }
 }

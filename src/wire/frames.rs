@@ -204,31 +204,62 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
     out
 }
 
-/// One member as it appears in a welcome's `members` array (see [`encode_welcome_opening`]).
+/// One member as it appears in a welcome's `members` array (see [`Welcome`]).
 pub fn encode_member(member: &Member) -> Box<[u8]> {
     serde_json::to_vec(member).unwrap_or_default().into_boxed_slice()
 }
 
-/// A tracker's whole answer, [`MAGIC`] and a `welcome` frame, from members already encoded by
-/// [`encode_member`]. The tracker keeps every member encoded, so answering a join into a room of
-/// thousands copies bytes instead of serializing the room again. Decodes as [`Frame::Welcome`].
-pub fn encode_welcome_opening<'a>(members: impl Iterator<Item = &'a [u8]>, you: &str, relay: bool) -> Vec<u8> {
-    let you = serde_json::to_string(you).unwrap_or_else(|_| "\"\"".to_owned());
-    let mut out = Vec::with_capacity(4096);
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&[0; 4]);
-    let relay = if relay { r#""relay":true,"# } else { "" };
-    out.extend_from_slice(format!(r#"{{"type":"welcome","v":{PROTOCOL_VERSION},"you":{you},{relay}"members":["#).as_bytes());
-    for (i, member) in members.enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        out.extend_from_slice(member);
+/// A tracker's whole answer to a registering peer: [`MAGIC`] and a `welcome` frame (decodes as
+/// [`Frame::Welcome`]). Its members come in blocks, each already encoded by [`encode_member`] and
+/// joined by commas; the tracker's registry keeps them so and shares them with every answer, so a join
+/// into a room of thousands copies no member: the answer goes out as [`slices`](Self::slices) in one
+/// vectored write.
+#[derive(Debug, Clone)]
+pub struct Welcome {
+    head: Vec<u8>,
+    blocks: Vec<std::sync::Arc<[u8]>>,
+}
+
+impl Welcome {
+    const TAIL: &'static [u8] = b"]}";
+
+    /// The answer listing `blocks` in order (empty blocks are skipped), to a peer seen at `you`.
+    pub fn new(blocks: impl IntoIterator<Item = std::sync::Arc<[u8]>>, you: &str, relay: bool) -> Self {
+        let blocks: Vec<_> = blocks.into_iter().filter(|b| !b.is_empty()).collect();
+        let you = serde_json::to_string(you).unwrap_or_else(|_| "\"\"".to_owned());
+        let relay = if relay { r#""relay":true,"# } else { "" };
+        let json_head = format!(r#"{{"type":"welcome","v":{PROTOCOL_VERSION},"you":{you},{relay}"members":["#);
+        let commas = blocks.len().saturating_sub(1);
+        let body_len = json_head.len() + blocks.iter().map(|b| b.len()).sum::<usize>() + commas + Self::TAIL.len();
+        let mut head = Vec::with_capacity(MAGIC.len() + 4 + json_head.len());
+        head.extend_from_slice(MAGIC);
+        head.extend_from_slice(&(body_len as u32).to_be_bytes());
+        head.extend_from_slice(json_head.as_bytes());
+        Self { head, blocks }
     }
-    out.extend_from_slice(b"]}");
-    let body_len = (out.len() - MAGIC.len() - 4) as u32;
-    out[MAGIC.len()..MAGIC.len() + 4].copy_from_slice(&body_len.to_be_bytes());
-    out
+
+    /// The answer's bytes in order, for a vectored write.
+    pub fn slices(&self) -> Vec<std::io::IoSlice<'_>> {
+        let mut out = Vec::with_capacity(2 * self.blocks.len() + 2);
+        out.push(std::io::IoSlice::new(&self.head));
+        for (i, block) in self.blocks.iter().enumerate() {
+            if i > 0 {
+                out.push(std::io::IoSlice::new(b","));
+            }
+            out.push(std::io::IoSlice::new(block));
+        }
+        out.push(std::io::IoSlice::new(Self::TAIL));
+        out
+    }
+
+    /// The whole answer in one buffer.
+    pub fn to_vec(&self) -> Vec<u8> {
+        self.slices().iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    pub fn byte_len(&self) -> usize {
+        self.slices().iter().map(|s| s.len()).sum()
+    }
 }
 
 /// [`MAGIC`] followed by one frame: how every p2pchat connection starts.
@@ -438,25 +469,34 @@ mod tests {
         assert!(matches!(decoder.next_frame(), Err(FrameError::Malformed(_))));
     }
 
+    /// Members encoded and joined into blocks of `per_block`, as the tracker's registry keeps them.
+    fn blocks(members: &[Member], per_block: usize) -> Vec<std::sync::Arc<[u8]>> {
+        members.chunks(per_block.max(1)).map(|chunk| chunk.iter().map(|m| encode_member(m).into_vec()).collect::<Vec<_>>().join(&b","[..]).into()).collect()
+    }
+
     #[test]
-    fn a_welcome_from_encoded_members_is_the_welcome_frame() {
+    fn a_welcome_from_encoded_blocks_is_the_welcome_frame() {
         let members: Vec<Member> =
-            (0..3).map(|i| Member { addr: format!("10.0.0.{i}:5000"), p2pchat: i % 2 == 0, id: None }).collect();
-        let encoded: Vec<Box<[u8]>> = members.iter().map(encode_member).collect();
-        for (count, relay) in [(0, false), (1, true), (3, false), (3, true)] {
-            let opening = encode_welcome_opening(encoded[..count].iter().map(|m| &m[..]), "10.9.8.7:\"1\"", relay);
+            (0..5).map(|i| Member { addr: format!("10.0.0.{i}:5000"), p2pchat: i % 2 == 0, id: None }).collect();
+        for (count, per_block, relay) in [(0, 1, false), (1, 1, true), (3, 1, false), (5, 2, true), (5, 5, false)] {
+            let mut parts = blocks(&members[..count], per_block);
+            parts.insert(0, std::sync::Arc::from(&b""[..])); // an empty block is skipped
+            let welcome = Welcome::new(parts, "10.9.8.7:\"1\"", relay);
+            let opening = welcome.to_vec();
+            assert_eq!(opening.len(), welcome.byte_len());
             assert_eq!(&opening[..MAGIC.len()], MAGIC);
             let mut decoder = FrameDecoder::new();
             decoder.feed(&opening[MAGIC.len()..]);
             let expected = Frame::Welcome { v: PROTOCOL_VERSION, members: members[..count].to_vec(), you: "10.9.8.7:\"1\"".into(), relay };
             assert_eq!(decoder.next_frame(), Ok(Some(expected)));
+            assert_eq!(decoder.next_frame(), Ok(None), "the length prefix covers exactly the frame");
         }
     }
 
     #[test]
     fn a_welcome_for_a_big_room_needs_the_welcome_limit() {
-        let member = encode_member(&Member { addr: "[2001:db8::1234:5678:9abc:def0]:65535".into(), p2pchat: true, id: None });
-        let opening = encode_welcome_opening(std::iter::repeat_n(&member[..], 16_384), "[2001:db8::1]:1", false);
+        let member = Member { addr: "[2001:db8::1234:5678:9abc:def0]:65535".into(), p2pchat: true, id: None };
+        let opening = Welcome::new(blocks(&vec![member; 16_384], 512), "[2001:db8::1]:1", false).to_vec();
         assert!(opening.len() > MAX_FRAME_BYTES && opening.len() < MAX_WELCOME_BYTES);
         let mut decoder = FrameDecoder::with_limit(MAX_WELCOME_BYTES);
         decoder.feed(&opening[MAGIC.len()..]);
