@@ -165,9 +165,10 @@ impl LinkWriter for WriteHalf<SecureStream> {
 }
 
 /// How much one read asks for: it starts small, since every link keeps its buffer for its life (a room
-/// of 200 holds 199) and chat lines are short, and doubles while reads fill it, up to 64 KiB for a busy
-/// link. Buffers are filled with `read_buf`, which never zeroes them: only pages data lands in are
-/// touched.
+/// of 200 holds 199) and chat lines are short, doubles while reads fill it, up to 64 KiB for a busy
+/// link, and halves again while reads use a quarter of it or less, so a link that once carried a big
+/// frame (a hello listing a room of hundreds, a history answer) goes back to holding ~1 KiB. Buffers are
+/// filled with `read_buf`, which never zeroes them: only pages data lands in are touched.
 #[derive(Debug, Clone, Copy)]
 struct ReadSize(usize);
 
@@ -179,16 +180,26 @@ impl ReadSize {
         Self(Self::FIRST)
     }
 
-    /// Room for the next read in `buf`.
+    /// Room for the next read in `buf`, giving back what a past burst left beyond twice that.
     fn prepare(self, buf: &mut Vec<u8>) {
+        if buf.capacity() > buf.len() + 2 * self.0 {
+            buf.shrink_to(buf.len() + self.0);
+        }
         buf.reserve(self.0);
     }
 
-    /// A read of `n` bytes happened: grow when it took everything asked for.
+    /// A read of `n` bytes happened: grow when it took everything asked for, shrink when it took little.
     fn after_read(&mut self, n: usize) {
         if n >= self.0 {
             self.0 = (self.0 * 2).min(Self::MOST);
+        } else if n <= self.0 / 4 {
+            self.0 = (self.0 / 2).max(Self::FIRST);
         }
+    }
+
+    /// What a frame decoder may keep between reads: a few reads' worth.
+    fn decoder_keeps(self) -> usize {
+        4 * self.0
     }
 }
 
@@ -196,21 +207,23 @@ impl ReadSize {
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 async fn write_loop(id: ConnId, mut half: impl LinkWriter, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>, net: mpsc::Sender<NetEvent>) {
-    let mut batch = Vec::new();
     while let Some(line) = lines.recv().await {
-        // Frames keep their boundaries however the stream is cut, so a p2pchat link writes everything
-        // already queued at once (one syscall instead of one per line when the room is busy). An
-        // original peer prints each read as it comes, so its lines keep one write each.
-        let written = if framed.load(Ordering::Acquire) {
-            batch.clear();
-            batch.extend_from_slice(&line);
-            while batch.len() < MAX_BATCH_BYTES {
-                let Ok(more) = lines.try_recv() else { break };
-                batch.extend_from_slice(&more);
+        let written = match framed.load(Ordering::Acquire).then(|| lines.try_recv().ok()).flatten() {
+            // Frames keep their boundaries however the stream is cut, so a p2pchat link writes
+            // everything already queued at once (one syscall instead of one per line when the room is
+            // busy), in a buffer made for the occasion: a link keeps no batch memory between bursts.
+            // An original peer prints each read as it comes, so its lines keep one write each.
+            Some(next) => {
+                let mut batch = Vec::with_capacity(line.len() + next.len());
+                batch.extend_from_slice(&line);
+                batch.extend_from_slice(&next);
+                while batch.len() < MAX_BATCH_BYTES {
+                    let Ok(more) = lines.try_recv() else { break };
+                    batch.extend_from_slice(&more);
+                }
+                half.write_all(&batch).await
             }
-            half.write_all(&batch).await
-        } else {
-            half.write_all(&line).await
+            None => half.write_all(&line).await,
         };
         if let Err(err) = written {
             // The reader reports the end, not us: the other side may have said goodbye and closed
@@ -523,6 +536,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
             Ok(Ok(0)) => return (if said_bye { "left" } else { "closed by the other side" }.to_owned(), said_bye),
             Ok(Ok(n)) => {
                 read_size.after_read(n);
+                decoder.release_spare(read_size.decoder_keeps());
                 decoder.feed(&buf);
             }
             Ok(Err(err)) => return (format!("read failed: {err}"), said_bye),
@@ -536,16 +550,25 @@ mod tests {
     use super::ReadSize;
 
     #[test]
-    fn reads_start_small_and_grow_only_while_they_fill_the_buffer() {
+    fn reads_start_small_grow_while_they_fill_the_buffer_and_shrink_back() {
         let mut size = ReadSize::new();
         let mut buf = Vec::new();
         size.prepare(&mut buf);
         assert!(buf.capacity() >= ReadSize::FIRST && buf.capacity() < ReadSize::MOST);
-        size.after_read(10);
-        assert_eq!(size.0, ReadSize::FIRST, "a short read does not grow it");
+        size.after_read(ReadSize::FIRST / 2);
+        assert_eq!(size.0, ReadSize::FIRST, "a read of half the buffer neither grows nor shrinks it");
         for _ in 0..20 {
             size.after_read(size.0);
         }
         assert_eq!(size.0, ReadSize::MOST, "full reads double it, up to the cap");
+        size.prepare(&mut buf);
+        assert!(buf.capacity() >= ReadSize::MOST);
+        for _ in 0..20 {
+            size.after_read(40);
+        }
+        assert_eq!(size.0, ReadSize::FIRST, "small reads halve it, down to the start");
+        buf.clear();
+        size.prepare(&mut buf);
+        assert!(buf.capacity() < 4 * ReadSize::FIRST, "the buffer gives back what the burst took: {}", buf.capacity());
     }
 }

@@ -325,6 +325,16 @@ impl FrameDecoder {
         self.buf.extend_from_slice(bytes);
     }
 
+    /// Once every byte fed was decoded, give back what a big frame left beyond `keep` bytes (a link
+    /// keeps its decoder for its life).
+    pub fn release_spare(&mut self, keep: usize) {
+        if self.start == self.buf.len() && self.buf.capacity() > keep {
+            self.buf.clear();
+            self.start = 0;
+            self.buf.shrink_to(keep);
+        }
+    }
+
     /// The bytes fed but not decoded yet (what follows the frames taken), leaving it empty.
     pub fn take_rest(&mut self) -> Vec<u8> {
         let rest = self.buf.split_off(self.start);
@@ -501,6 +511,24 @@ mod tests {
         let mut decoder = FrameDecoder::with_limit(MAX_WELCOME_BYTES);
         decoder.feed(&opening[MAGIC.len()..]);
         assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Welcome { members, .. })) if members.len() == 16_384));
+    }
+
+    #[test]
+    fn a_decoder_gives_back_a_big_frames_memory_but_never_a_pending_byte() {
+        let big = encode(&Frame::Msg(Chat { text: "x".repeat(50_000), ..Chat::default() }));
+        let small = encode(&Frame::Ping);
+        let mut decoder = FrameDecoder::new();
+        decoder.feed(&big);
+        decoder.feed(&small[..2]); // a frame cut by the read
+        assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Msg(_)))));
+        decoder.release_spare(1024);
+        assert!(decoder.buf.capacity() > 50_000, "the cut frame's bytes are still pending: nothing is given back");
+        decoder.feed(&small[2..]);
+        assert_eq!(decoder.next_frame(), Ok(Some(Frame::Ping)));
+        decoder.release_spare(1024);
+        assert!(decoder.buf.capacity() <= 1024, "all decoded: the big frame's memory is given back");
+        decoder.feed(&small);
+        assert_eq!(decoder.next_frame(), Ok(Some(Frame::Ping)));
     }
 
     #[test]
