@@ -93,6 +93,17 @@ class Stream:
         with self.cond:
             return sum(1 for line in self.lines if regex.search(line))
 
+    def wait_closed(self, timeout: float = WAIT) -> List[str]:
+        """Wait (bounded) until the process closed this stream; returns every line it printed."""
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not self.closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"{self.name}: still open after {timeout}s; lines:\n" + "\n".join(self.lines))
+                self.cond.wait(remaining)
+            return list(self.lines)
+
     def snapshot(self) -> List[str]:
         with self.cond:
             return list(self.lines)

@@ -208,3 +208,16 @@ def test_ignore_hides_a_member_for_this_user_only(room):
     ana.proc.err.expect(r"ignoring: bob$")
     ana.say("/unignore bob")
     ana.proc.err.expect(r"showing messages from bob")
+
+
+def test_a_notice_is_said_once_not_again_as_a_log_warning(room):
+    """The client shows the peer's notices as `* ...` lines; the same words are not printed again by
+    the log (they go to the `p2pchat.notice` logger, which the client keeps quiet)."""
+    tracker = room.p2pchat_tracker()
+    ana = room.p2pchat_peer("ana", tracker.port)
+    tracker.proc.stop()
+    ana.proc.err.expect(r"^\* lost the connection to the tracker")
+    ana.proc.signal(signal.SIGTERM)
+    assert ana.proc.wait() == 0
+    lines = ana.proc.err.wait_closed()
+    assert sum("lost the connection to the tracker" in line for line in lines) == 1, "\n".join(lines)

@@ -12,6 +12,7 @@ from stdin and the client stays in the room after stdin ends (like the original)
 
 import argparse
 import getpass
+import logging
 import os
 import sys
 import threading
@@ -399,6 +400,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
+    # Both modes show the peer's notices themselves (`* ...` lines, or notice events in --json): the
+    # log would say each one a second time.
+    logging.getLogger("p2pchat.notice").setLevel(logging.ERROR)
     handle_signals()
     try:
         return run(args)

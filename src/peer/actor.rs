@@ -1300,7 +1300,9 @@ impl Actor {
     }
 
     fn notice(&self, text: String) {
-        log::warn!("{text}");
+        // Logged under its own name: an application that shows notices (the client) can keep the
+        // log from saying them a second time; one that reads only messages still sees them there.
+        log::warn!(target: "p2pchat::notice", "{text}");
         self.notify(Event::Notice { text });
     }
 
