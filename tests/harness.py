@@ -95,13 +95,9 @@ class Stream:
 
     def wait_closed(self, timeout: float = WAIT) -> List[str]:
         """Wait (bounded) until the process closed this stream; returns every line it printed."""
-        deadline = time.monotonic() + timeout
         with self.cond:
-            while not self.closed:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"{self.name}: still open after {timeout}s; lines:\n" + "\n".join(self.lines))
-                self.cond.wait(remaining)
+            if not self.cond.wait_for(lambda: self.closed, timeout):
+                raise AssertionError(f"{self.name}: still open after {timeout}s; lines:\n" + "\n".join(self.lines))
             return list(self.lines)
 
     def snapshot(self) -> List[str]:

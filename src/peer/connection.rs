@@ -208,7 +208,8 @@ const MAX_BATCH_BYTES: usize = 64 * 1024;
 
 async fn write_loop(id: ConnId, mut half: impl LinkWriter, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>, net: mpsc::Sender<NetEvent>) {
     while let Some(line) = lines.recv().await {
-        let written = match framed.load(Ordering::Acquire).then(|| lines.try_recv().ok()).flatten() {
+        let next = if framed.load(Ordering::Acquire) { lines.try_recv().ok() } else { None };
+        let written = match next {
             // Frames keep their boundaries however the stream is cut, so a p2pchat link writes
             // everything already queued at once (one syscall instead of one per line when the room is
             // busy), in a buffer made for the occasion: a link keeps no batch memory between bursts.

@@ -218,6 +218,8 @@ pub fn encode_member(member: &Member) -> Box<[u8]> {
 pub struct Welcome {
     head: Vec<u8>,
     blocks: Vec<std::sync::Arc<[u8]>>,
+    /// Every byte of the answer, [`MAGIC`] included.
+    byte_len: usize,
 }
 
 impl Welcome {
@@ -235,7 +237,7 @@ impl Welcome {
         head.extend_from_slice(MAGIC);
         head.extend_from_slice(&(body_len as u32).to_be_bytes());
         head.extend_from_slice(json_head.as_bytes());
-        Self { head, blocks }
+        Self { head, blocks, byte_len: MAGIC.len() + 4 + body_len }
     }
 
     /// The answer's bytes in order, for a vectored write.
@@ -252,13 +254,14 @@ impl Welcome {
         out
     }
 
-    /// The whole answer in one buffer.
-    pub fn to_vec(&self) -> Vec<u8> {
+    /// The whole answer in one buffer (the tracker never needs it: it writes the slices).
+    #[cfg(test)]
+    pub(crate) fn to_vec(&self) -> Vec<u8> {
         self.slices().iter().flat_map(|s| s.iter().copied()).collect()
     }
 
     pub fn byte_len(&self) -> usize {
-        self.slices().iter().map(|s| s.len()).sum()
+        self.byte_len
     }
 }
 
