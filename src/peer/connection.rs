@@ -18,14 +18,16 @@
 //! slow application slows its senders through TCP, it does not lose messages.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::actor::NetEvent;
@@ -76,16 +78,17 @@ impl Flood {
         let now = tokio::time::Instant::now();
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(BURST * self.rate);
         self.last = now;
-        let who = sender.map_or_else(|| from.to_string(), |name| format!("{name} ({from})"));
+        // Named only for a notice: this runs for every message.
+        let who = || sender.map_or_else(|| from.to_string(), |name| format!("{name} ({from})"));
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
-            let change = std::mem::take(&mut self.muted).then(|| format!("{who} is no longer muted"));
+            let change = std::mem::take(&mut self.muted).then(|| format!("{} is no longer muted", who()));
             (true, change)
         } else if self.muted {
             (false, None)
         } else {
             self.muted = true;
-            (false, Some(format!("muting {who}: more than {} messages per second", self.rate)))
+            (false, Some(format!("muting {}: more than {} messages per second", who(), self.rate)))
         }
     }
 }
@@ -196,10 +199,36 @@ impl ReadSize {
             self.0 = (self.0 / 2).max(Self::FIRST);
         }
     }
+}
 
-    /// What a frame decoder may keep between reads: a few reads' worth.
-    fn decoder_keeps(self) -> usize {
-        4 * self.0
+/// How long a link may stay silent: a read only notes the time, and the one timer behind it is moved
+/// when it goes off early, so a busy link does not arm a new timer for every read.
+struct Silence {
+    bound: Duration,
+    heard: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Silence {
+    fn new(bound: Duration) -> Self {
+        Self { bound, heard: Instant::now(), timer: Box::pin(tokio::time::sleep(bound)) }
+    }
+
+    /// Something arrived.
+    fn heard(&mut self) {
+        self.heard = Instant::now();
+    }
+
+    /// Done once nothing arrived for `bound`.
+    async fn passed(&mut self) {
+        loop {
+            (&mut self.timer).await;
+            let deadline = self.heard + self.bound;
+            if deadline <= Instant::now() {
+                return;
+            }
+            self.timer.as_mut().reset(deadline);
+        }
     }
 }
 
@@ -405,7 +434,8 @@ impl Drops {
 async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: SocketAddr, rest: Vec<u8>, context: &ReaderContext, forwards: &AtomicBool) -> (String, bool) {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&rest);
-    let (mut buf, mut read_size) = (Vec::new(), ReadSize::new());
+    let mut read_size = ReadSize::new();
+    let mut silence = Silence::new(context.limits.dead_after);
     let mut flood = Flood::new(context.limits.max_message_rate);
     let mut drops = Drops::default();
     let mut greeted = false;
@@ -531,17 +561,20 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
             return end;
         }
         // p2pchat ends ping every `keepalive_interval`: silence means the other end is gone.
-        buf.clear();
-        read_size.prepare(&mut buf);
-        match tokio::time::timeout(context.limits.dead_after, half.read_buf(&mut buf)).await {
-            Ok(Ok(0)) => return (if said_bye { "left" } else { "closed by the other side" }.to_owned(), said_bye),
-            Ok(Ok(n)) => {
+        let buf = decoder.read_buffer();
+        read_size.prepare(buf);
+        let read = tokio::select! {
+            biased;
+            read = half.read_buf(buf) => read,
+            () = silence.passed() => return (format!("silent for {:?}", context.limits.dead_after), false),
+        };
+        match read {
+            Ok(0) => return (if said_bye { "left" } else { "closed by the other side" }.to_owned(), said_bye),
+            Ok(n) => {
                 read_size.after_read(n);
-                decoder.release_spare(read_size.decoder_keeps());
-                decoder.feed(&buf);
+                silence.heard();
             }
-            Ok(Err(err)) => return (format!("read failed: {err}"), said_bye),
-            Err(_) => return (format!("silent for {:?}", context.limits.dead_after), false),
+            Err(err) => return (format!("read failed: {err}"), said_bye),
         }
     }
 }

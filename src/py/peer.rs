@@ -28,37 +28,52 @@ fn repr_opt(value: &Option<String>) -> String {
 }
 
 /// A chat message received from another member.
-#[pyclass(frozen, get_all, name = "Message", module = "p2pchat._core")]
+#[pyclass(frozen, name = "Message", module = "p2pchat._core")]
 pub struct PyMessage {
     /// The sender's name from its `<NAME> :: ` prefix (None for bytes that came before any prefix).
+    #[pyo3(get)]
     sender: Option<String>,
+    #[pyo3(get)]
     text: String,
-    /// The `(ip, port)` of the connection it arrived on (None for a message read from the local log).
-    address: Option<(String, u16)>,
+    /// Kept as it came and written out only when asked for: most applications never read it.
+    arrived_on: Option<SocketAddr>,
     /// When it was received, in seconds since the epoch (as `time.time()`).
+    #[pyo3(get)]
     received_at: f64,
     /// True for the later part of a message whose bytes arrived after a pause (the original protocol has
     /// no message boundaries; see the README).
+    #[pyo3(get)]
     continued: bool,
     /// The message's unique id (messages from p2pchat peers; None from original peers).
+    #[pyo3(get)]
     id: Option<String>,
     /// When the sender says it sent it, in seconds since the epoch (p2pchat peers; the sender's clock).
+    #[pyo3(get)]
     sent_at: Option<f64>,
     /// Its place in the room's order, which every p2pchat peer agrees on: sort by `(stamp, id)`.
+    #[pyo3(get)]
     stamp: Option<u64>,
     /// True when it was said before it reached us: history on join, a catch-up after a gap, or a
     /// message read from the local log.
+    #[pyo3(get)]
     history: bool,
     /// True when its author signed it and the signature was checked (private rooms, whose messages
     /// also travel encrypted); False in open rooms, where a name proves nothing.
+    #[pyo3(get)]
     signed: bool,
 }
 
 #[pymethods]
 impl PyMessage {
+    /// The `(ip, port)` of the connection it arrived on (None for a message read from the local log).
+    #[getter]
+    fn address(&self) -> Option<(String, u16)> {
+        self.arrived_on.map(py_addr)
+    }
+
     fn __repr__(&self) -> String {
         let history = if self.history { ", history=True" } else { "" };
-        format!("Message(sender={}, text={:?}, address={:?}{history})", repr_opt(&self.sender), self.text, self.address)
+        format!("Message(sender={}, text={:?}, address={:?}{history})", repr_opt(&self.sender), self.text, self.address())
     }
 
     fn __str__(&self) -> String {
@@ -209,7 +224,7 @@ impl From<Event> for PyEvent {
             Event::Message(m) => PyEvent::Message(PyMessage {
                 sender: m.sender,
                 text: m.text,
-                address: Some(py_addr(m.from)),
+                arrived_on: Some(m.from),
                 received_at: epoch_seconds(m.received_at),
                 continued: !m.starts_message,
                 id: m.id,
@@ -437,7 +452,7 @@ fn logged_message(record: Record) -> PyMessage {
     PyMessage {
         sender: record.sender,
         text: record.text,
-        address: None,
+        arrived_on: None,
         received_at: sent_at,
         continued: false,
         id: record.shared.then_some(record.id),
