@@ -38,26 +38,62 @@ pub async fn connect_from(local: SocketAddr, remote: SocketAddr) -> io::Result<T
 /// Write `bytes` as the last thing said on `stream`, and close it so that nothing of the connection
 /// survives on the other side, whichever side's kernel runs first.
 ///
-/// 1. The bytes and our FIN leave in one segment (the socket is corked while they are queued), so the
-///    reader sees the data and the end of the stream at the same moment. If it closes then, it is the
-///    passive closer (`LAST_ACK`), and our kernel's ACK of its FIN frees its socket; on one host that
-///    happens inside its own `close()`.
-/// 2. Then we reset (`SO_LINGER` 0): across a network, where that ACK would take a round trip (or be
-///    lost), the reset arrives right behind the data and frees the socket at once. Linux keeps data
-///    already received readable after a reset. A reset discards unsent bytes, so it waits until the
-///    send queue is empty (bounded by `max_wait`).
-pub async fn write_and_end(mut stream: TcpStream, bytes: &[u8], max_wait: Duration) -> io::Result<()> {
+/// The bytes and our FIN leave in one segment (the socket is corked while they are queued), so the
+/// reader sees the data and the end of the stream at the same moment. Then what frees its socket
+/// depends on where it is:
+/// - **On this host**, the other side's next segment (the ACK of our FIN, or its own FIN when it
+///   closes) is answered by a reset from our kernel, inside that side's own syscall: the socket is
+///   closed as it is (the close sends the FIN) and told not to wait in `FIN_WAIT2` (`TCP_LINGER2` < 0).
+///   Nothing of ours runs between the FIN and that reset, so it cannot lose a race to a reader that
+///   wakes up at the FIN and closes and binds before we are scheduled again.
+/// - **Across a network**, that reset would come a round trip after the other side's close, so we
+///   reset (`SO_LINGER` 0) right behind the FIN, which arrives before the reader has acted on it. Linux
+///   keeps data already received readable after a reset. A reset discards unsent bytes, so it waits
+///   until the send queue is empty (bounded by `max_wait`).
+pub async fn write_and_end(stream: TcpStream, bytes: &[u8], max_wait: Duration) -> io::Result<()> {
+    let same_host = match (stream.local_addr(), stream.peer_addr()) {
+        (Ok(local), Ok(peer)) => {
+            let (local, peer) = (canonical(local).ip(), canonical(peer).ip());
+            peer.is_loopback() || peer == local
+        }
+        _ => false,
+    };
+    end_with(stream, bytes, if same_host { Ending::KernelResets } else { Ending::ResetBehind(max_wait) }).await
+}
+
+/// How [`write_and_end`] frees the other side's socket.
+#[derive(Debug, Clone, Copy)]
+enum Ending {
+    /// Close now; the kernel answers the other side's next segment with a reset.
+    KernelResets,
+    /// Reset right behind the FIN, once the send queue is empty or this long has passed.
+    ResetBehind(Duration),
+}
+
+async fn end_with(mut stream: TcpStream, bytes: &[u8], ending: Ending) -> io::Result<()> {
     use tokio::io::AsyncWriteExt;
     let socket = socket2::SockRef::from(&stream);
     #[cfg(any(target_os = "linux", target_os = "android"))]
     if let Err(err) = socket.set_tcp_cork(true) {
         log::debug!("could not cork the socket, data and FIN may leave apart: {err}");
     }
-    reset_on_close(&stream);
+    let ending = match ending {
+        Ending::KernelResets if reset_after_fin(&stream) => Ending::KernelResets,
+        // Without that option, a reset right behind the FIN is the next best thing.
+        Ending::KernelResets => Ending::ResetBehind(Duration::from_secs(1)),
+        behind => behind,
+    };
+    if let Ending::ResetBehind(_) = ending {
+        reset_on_close(&stream);
+    }
     stream.write_all(bytes).await?;
     // Leave tokio's reactor first, so that between the FIN leaving and the reset there is nothing but
     // a counter read: the reader wakes up at the FIN and may run before we do anything else.
     let stream = stream.into_std()?;
+    let Ending::ResetBehind(max_wait) = ending else {
+        drop(stream); // sends the corked bytes and the FIN
+        return Ok(());
+    };
     stream.shutdown(std::net::Shutdown::Write)?;
     if unsent_bytes(&stream) > 0 {
         // Rare (the kernel held the segment back): a reset would discard it, so let it leave first.
@@ -68,6 +104,34 @@ pub async fn write_and_end(mut stream: TcpStream, bytes: &[u8], max_wait: Durati
     }
     drop(stream);
     Ok(())
+}
+
+/// Have the kernel reset the connection once our FIN is acknowledged after we closed (instead of
+/// waiting in `FIN_WAIT2`), and answer any later segment with a reset. False where that cannot be set.
+#[cfg(target_os = "linux")]
+fn reset_after_fin(stream: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    let negative: libc::c_int = -1;
+    // TCP_LINGER2 < 0: a closed socket goes from FIN_WAIT1 straight to CLOSED, with a reset, when its FIN
+    // is acknowledged. Sets an option on our own socket; cannot harm anything else.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_LINGER2,
+            std::ptr::addr_of!(negative).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        log::debug!("could not set TCP_LINGER2: {}", io::Error::last_os_error());
+    }
+    rc == 0
+}
+
+#[cfg(not(target_os = "linux"))]
+fn reset_after_fin(_stream: &TcpStream) -> bool {
+    false
 }
 
 /// Make the next close of `stream` a reset.
@@ -157,21 +221,45 @@ mod tests {
         listener.accept().await.unwrap();
     }
 
+    /// The socket state of every connection on `port` (netstat's view), from /proc.
+    #[cfg(target_os = "linux")]
+    fn states_on_port(port: u16) -> Vec<String> {
+        let table = std::fs::read_to_string("/proc/net/tcp").unwrap();
+        table
+            .lines()
+            .skip(1)
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                let local_port = u16::from_str_radix(fields[1].rsplit(':').next()?, 16).ok()?;
+                (local_port == port).then(|| fields[3].to_owned())
+            })
+            .collect()
+    }
+
+    #[cfg(target_os = "linux")]
     #[tokio::test]
-    async fn write_and_end_delivers_the_bytes_and_leaves_nothing() {
+    async fn either_ending_delivers_the_bytes_and_frees_the_readers_port_once_it_closes() {
         use tokio::io::AsyncReadExt;
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
-        let (server_side, _) = listener.accept().await.unwrap();
-        write_and_end(server_side, b"10.0.0.1:5-10.0.0.2:6", Duration::from_secs(1)).await.unwrap();
-        let mut buf = [0u8; 2048];
-        let n = client.read(&mut buf).await.unwrap();
-        assert_eq!(&buf[..n], b"10.0.0.1:5-10.0.0.2:6");
-        // Then the end: EOF (our FIN) or the reset behind it, depending on which was processed first.
-        match client.read(&mut buf).await {
-            Ok(0) => {}
-            Err(err) => assert_eq!(err.kind(), io::ErrorKind::ConnectionReset),
-            Ok(n) => panic!("{n} more bytes"),
+        for ending in [Ending::KernelResets, Ending::ResetBehind(Duration::from_secs(1))] {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+            let client_port = client.local_addr().unwrap().port();
+            let (server_side, _) = listener.accept().await.unwrap();
+            end_with(server_side, b"10.0.0.1:5-10.0.0.2:6", ending).await.unwrap();
+            let mut buf = [0u8; 2048];
+            let n = client.read(&mut buf).await.unwrap();
+            assert_eq!(&buf[..n], b"10.0.0.1:5-10.0.0.2:6", "{ending:?}");
+            // Then the end: EOF (our FIN) or a reset behind it, depending on which was processed first.
+            match client.read(&mut buf).await {
+                Ok(0) => {}
+                Err(err) => assert!(matches!(err.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe), "{ending:?}: {err}"),
+                Ok(n) => panic!("{ending:?}: {n} more bytes"),
+            }
+            drop(client);
+            // As the original client does right after: its port must be free, with no SO_REUSEADDR.
+            let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+            let rebind = listener.bind(&SocketAddr::from(([127, 0, 0, 1], client_port)).into());
+            assert!(rebind.is_ok(), "{ending:?}: port {client_port} still held: {:?} (states {:?})", rebind.err(), states_on_port(client_port));
         }
     }
 

@@ -10,9 +10,9 @@
 //! * the list is written after a short grace period (`answer_after`) instead of at once: a reset that
 //!   lands before the client's own `connect()` has returned makes that `connect()` fail with
 //!   `ECONNRESET`, and on loopback our answer can be that fast;
-//! * the exchange ends with data and FIN in one segment, then a reset (see
-//!   [`crate::net::write_and_end`]), so the client's socket is gone when it binds its listener to the
-//!   same port, which the original tracker's lingering connection made impossible.
+//! * the exchange ends with data and FIN in one segment, and a reset that frees the client's socket
+//!   (see [`crate::net::write_and_end`]), so it is gone when the client binds its listener to the same
+//!   port, which the original tracker's lingering connection made impossible.
 //!
 //! The first bytes decide what a connection is (an original client never writes to the tracker):
 //! * nothing within the grace period: an original client, served as above, listed in the default room;
