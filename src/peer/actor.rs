@@ -206,6 +206,8 @@ struct Actor {
     background: JoinSet<()>,
     clock: Arc<Clock>,
     log: LogHandle,
+    /// Shared by every link's reader.
+    readers: Arc<ReaderContext>,
     history: HistoryConfig,
     /// Our history requests (on join, after a gap) and the answers we wait for.
     requests: Requests,
@@ -224,6 +226,21 @@ pub(super) async fn run(setup: Setup) {
     let (net, mut net_rx) = mpsc::channel(1024);
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let relay_after = limits.relay_after;
+    let seen = Arc::new(Mutex::new(SeenIds::new(super::seen::REMEMBERED_IDS)));
+    let clock = Arc::new(Clock::new());
+    let private = private.map(Arc::new);
+    // What every link's reader needs, made once: a link holds a pointer to it, not a copy.
+    let readers = Arc::new(ReaderContext {
+        limits: limits.clone(),
+        room: room.clone(),
+        net: net.clone(),
+        events: events.clone(),
+        seen: seen.clone(),
+        clock: clock.clone(),
+        log: log.clone(),
+        authors: private.as_ref().map(|_| known_keys.clone()),
+        room_key: private.clone(),
+    });
     let mut actor = Actor {
         my_id: frames::random_id(),
         name,
@@ -234,12 +251,12 @@ pub(super) async fn run(setup: Setup) {
         next_id: 0,
         net,
         events,
-        seen: Arc::new(Mutex::new(SeenIds::new(super::seen::REMEMBERED_IDS))),
+        seen,
         originals: HashSet::new(),
         dialling: HashSet::new(),
         punched: HashSet::new(),
         relays: Relays::new(relay_after),
-        private: private.map(Arc::new),
+        private,
         identity,
         known_keys,
         saving_keys: None,
@@ -252,8 +269,9 @@ pub(super) async fn run(setup: Setup) {
         tracker_relays: false,
         hub: Hub::Unused,
         background: JoinSet::new(),
-        clock: Arc::new(Clock::new()),
+        clock,
         log,
+        readers,
         requests: Requests::new(history_after, history.ask_on_join, history.answer_messages),
         history,
     };
@@ -890,18 +908,7 @@ impl Actor {
     fn open(&mut self, transport: Transport, remote: SocketAddr, listen_addr: Option<SocketAddr>, outgoing: bool, role: Role, binding: Option<Vec<u8>>) -> ConnId {
         let id = self.next_id;
         self.next_id += 1;
-        let context = ReaderContext {
-            limits: self.limits.clone(),
-            room: self.room.clone(),
-            net: self.net.clone(),
-            events: self.events.clone(),
-            seen: self.seen.clone(),
-            clock: self.clock.clone(),
-            log: self.log.clone(),
-            authors: self.private.as_ref().map(|_| self.known_keys.clone()),
-            room_key: self.private.clone(),
-        };
-        let conn = connection::spawn(id, transport, remote, role, context);
+        let conn = connection::spawn(id, transport, remote, role, self.readers.clone());
         let probed = role == Role::Probe;
         if probed {
             let hello = if outgoing && self.dials_hub(remote) { self.hub_hello() } else { self.hello(binding.as_deref()) };

@@ -93,8 +93,7 @@ impl Flood {
     }
 }
 
-/// What a reader needs besides its socket.
-#[derive(Clone)]
+/// What a reader needs besides its socket (one per peer, shared by its links).
 pub(super) struct ReaderContext {
     pub limits: Limits,
     pub room: String,
@@ -128,7 +127,7 @@ pub(super) enum Transport {
     Secure(SecureStream),
 }
 
-pub(super) fn spawn(id: ConnId, transport: Transport, from: SocketAddr, role: Role, context: ReaderContext) -> Connection {
+pub(super) fn spawn(id: ConnId, transport: Transport, from: SocketAddr, role: Role, context: Arc<ReaderContext>) -> Connection {
     let (queue, lines) = mpsc::channel(context.limits.send_queue);
     let (framed, forwards) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
     let net = context.net.clone();
@@ -260,7 +259,9 @@ async fn write_loop(id: ConnId, mut half: impl LinkWriter, mut lines: mpsc::Rece
             // while our line was on its way, and its `bye` may still wait, unread, in our socket.
             // Stopping the reads makes the reader take what arrived and then end; the actor keeps
             // this reason for a link that ends without a goodbye.
-            let _ = net.send(NetEvent::WriteFailed { id, reason: format!("write failed: {err}") }).await;
+            // Boxed: a send future holds the event, and the writer of every link would otherwise carry
+            // room for this one-time report all its life.
+            let _ = Box::pin(net.send(NetEvent::WriteFailed { id, reason: format!("write failed: {err}") })).await;
             half.stop_reads();
             return;
         }
@@ -269,7 +270,7 @@ async fn write_loop(id: ConnId, mut half: impl LinkWriter, mut lines: mpsc::Rece
     let _ = half.shutdown().await;
 }
 
-async fn read_loop(id: ConnId, mut half: impl AsyncRead + Unpin, from: SocketAddr, role: Role, context: ReaderContext, forwards: Arc<AtomicBool>) {
+async fn read_loop(id: ConnId, mut half: impl AsyncRead + Unpin, from: SocketAddr, role: Role, context: Arc<ReaderContext>, forwards: Arc<AtomicBool>) {
     let opened = match role {
         Role::DialOriginal => Opened::Original(Vec::new()),
         Role::Probe => read_opening(&mut half, context.limits.probe_timeout).await,
