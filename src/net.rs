@@ -58,13 +58,16 @@ pub async fn write_and_end(stream: TcpStream, bytes: &[u8], max_wait: Duration) 
         }
         _ => false,
     };
-    end_with(stream, bytes, if same_host { Ending::KernelResets } else { Ending::ResetBehind(max_wait) }).await
+    // Without TCP_LINGER2, a reset right behind the FIN is the next best thing on this host too.
+    let ending = if same_host && reset_after_fin(&stream) { Ending::KernelResets } else { Ending::ResetBehind(max_wait) };
+    end_with(stream, bytes, ending).await
 }
 
 /// How [`write_and_end`] frees the other side's socket.
 #[derive(Debug, Clone, Copy)]
 enum Ending {
-    /// Close now; the kernel answers the other side's next segment with a reset.
+    /// Close now; the kernel answers the other side's next segment with a reset ([`reset_after_fin`]
+    /// was set).
     KernelResets,
     /// Reset right behind the FIN, once the send queue is empty or this long has passed.
     ResetBehind(Duration),
@@ -77,18 +80,12 @@ async fn end_with(mut stream: TcpStream, bytes: &[u8], ending: Ending) -> io::Re
     if let Err(err) = socket.set_tcp_cork(true) {
         log::debug!("could not cork the socket, data and FIN may leave apart: {err}");
     }
-    let ending = match ending {
-        Ending::KernelResets if reset_after_fin(&stream) => Ending::KernelResets,
-        // Without that option, a reset right behind the FIN is the next best thing.
-        Ending::KernelResets => Ending::ResetBehind(Duration::from_secs(1)),
-        behind => behind,
-    };
     if let Ending::ResetBehind(_) = ending {
         reset_on_close(&stream);
     }
     stream.write_all(bytes).await?;
-    // Leave tokio's reactor first, so that between the FIN leaving and the reset there is nothing but
-    // a counter read: the reader wakes up at the FIN and may run before we do anything else.
+    // Leave tokio's reactor first, so that between the FIN leaving and a reset of ours there is nothing
+    // but a counter read: the reader wakes up at the FIN and may run before we do anything else.
     let stream = stream.into_std()?;
     let Ending::ResetBehind(max_wait) = ending else {
         drop(stream); // sends the corked bytes and the FIN
@@ -245,6 +242,9 @@ mod tests {
             let mut client = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
             let client_port = client.local_addr().unwrap().port();
             let (server_side, _) = listener.accept().await.unwrap();
+            if let Ending::KernelResets = ending {
+                assert!(reset_after_fin(&server_side));
+            }
             end_with(server_side, b"10.0.0.1:5-10.0.0.2:6", ending).await.unwrap();
             let mut buf = [0u8; 2048];
             let n = client.read(&mut buf).await.unwrap();
