@@ -120,6 +120,21 @@ def test_signals_leave_cleanly(room, signum):
     assert_clean_stderr(tracker.proc)
 
 
+def test_a_second_signal_while_leaving_is_ignored_not_a_traceback(monkeypatch):
+    """Seen in a README run: a second Ctrl-C while the tracker was stopping raised KeyboardInterrupt
+    inside the exit handlers, which Python printed as a traceback. (In-process: which signal comes
+    when cannot be arranged reliably from outside.)"""
+    from p2pchat import _cli
+
+    monkeypatch.setattr(_cli._SignalState, "leaving", False)
+    with pytest.raises(KeyboardInterrupt):
+        _cli._on_signal(signal.SIGINT, None)
+    _cli._on_signal(signal.SIGINT, None)  # leaving already: no exception
+    _cli._on_signal(signal.SIGTERM, None)
+    with _cli.signals_deferred():
+        _cli._on_signal(signal.SIGINT, None)  # nor one deferred and raised at the end of a section
+
+
 def test_unreachable_tracker_is_retried_until_it_appears(room):
     probe = socket.socket()
     probe.bind(("127.0.0.1", 0))

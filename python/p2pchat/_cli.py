@@ -26,21 +26,28 @@ class Leave(Exception):
 class _SignalState:
     deferring = False
     pending: Optional[int] = None
+    # Set once a signal has made the command leave: the way out is bounded, and a second Ctrl-C (a
+    # common double tap) must not cut it, or the exit handlers after it, with a traceback.
+    leaving = False
 
 
-def _exception_for(signum: int) -> BaseException:
+def _leave(signum: int) -> BaseException:
+    _SignalState.leaving = True
     return KeyboardInterrupt() if signum == signal.SIGINT else Leave()
 
 
 def _on_signal(signum: int, frame: Any) -> None:
+    if _SignalState.leaving:
+        return
     if _SignalState.deferring:
         _SignalState.pending = signum
         return
-    raise _exception_for(signum)
+    raise _leave(signum)
 
 
 def handle_signals() -> None:
-    """Ctrl-C raises KeyboardInterrupt and SIGTERM raises Leave, except inside `signals_deferred`."""
+    """Ctrl-C raises KeyboardInterrupt and SIGTERM raises Leave, except inside `signals_deferred`; once
+    one did, later ones are ignored."""
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
 
@@ -56,7 +63,7 @@ def signals_deferred() -> Iterator[None]:
         _SignalState.deferring = False
         if _SignalState.pending is not None:
             signum, _SignalState.pending = _SignalState.pending, None
-            raise _exception_for(signum)
+            raise _leave(signum)
 
 
 def _whole_number(text: str, what: str) -> int:
