@@ -57,8 +57,6 @@ pub(crate) enum NetEvent {
     Refused { id: ConnId, code: String, message: String },
     /// The other end is known by this name now.
     Renamed { id: ConnId, name: String },
-    /// Writing to the link failed; its reader reports the end (`Closed`) next.
-    WriteFailed { id: ConnId, reason: String },
     /// The link ended (its reader saw it end): `clean` when the other end said goodbye first.
     Closed { id: ConnId, reason: String, clean: bool },
     TrackerLost { reason: String },
@@ -155,8 +153,6 @@ struct Link {
     held: Vec<Arc<OutLine>>,
     /// What it may still make us send as history.
     budget: AnswerBudget,
-    /// Why writing to it failed, if it did: the reason it ended, unless it said goodbye.
-    write_failed: Option<String>,
     /// A private link's handshake hash, which both ends' identity proofs are bound to.
     binding: Option<Vec<u8>>,
     /// The identity key the other end proved (private links), and whether its name had another
@@ -835,21 +831,12 @@ impl Actor {
                 self.meet(id, Some(&name));
                 self.notify(Event::Renamed { addr, old, new: name });
             }
-            NetEvent::WriteFailed { id, reason } => {
-                if let Some(link) = self.links.get_mut(&id) {
-                    link.write_failed = Some(reason);
-                }
-            }
             NetEvent::Closed { id, reason, clean } => {
                 if self.retiring.remove(&id).is_some() {
                     // Its replacement is up; a request it was still answering goes to another member.
                     return self.forget_link_history(id, None, false);
                 }
-                let Some(link) = self.links.get_mut(&id) else { return };
-                let reason = match (clean, link.write_failed.take()) {
-                    (false, Some(write_failed)) => write_failed,
-                    _ => reason,
-                };
+                let Some(link) = self.links.get(&id) else { return };
                 // An original peer we probed drops that link when it reads the probe: dial it again.
                 let redial_original = link.outgoing && link.probed && link.state == State::Original;
                 // A p2pchat peer lost without a goodbye may still be in the room: try to get it back.
@@ -927,7 +914,6 @@ impl Actor {
             probed,
             held: Vec::new(),
             budget,
-            write_failed: None,
             binding,
             key: None,
             key_changed: false,

@@ -20,13 +20,13 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, WriteHalf};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Notify};
 use tokio::time::{Instant, Sleep};
 use tokio_util::task::AbortOnDropHandle;
 
@@ -130,19 +130,19 @@ pub(super) enum Transport {
 pub(super) fn spawn(id: ConnId, transport: Transport, from: SocketAddr, role: Role, context: Arc<ReaderContext>) -> Connection {
     let (queue, lines) = mpsc::channel(context.limits.send_queue);
     let (framed, forwards) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let net = context.net.clone();
+    let failure = Arc::new(WriteFailure::default());
     let (reader, writer) = match transport {
         Transport::Plain(stream) => {
             let _ = stream.set_nodelay(true);
             crate::net::detect_dead_peer(&stream, context.limits.dead_after);
             let (read_half, write_half) = stream.into_split();
-            let reader = tokio::spawn(read_loop(id, read_half, from, role, context, forwards.clone()));
-            (reader, tokio::spawn(write_loop(id, write_half, lines, framed.clone(), net)))
+            let reader = tokio::spawn(read_loop(id, read_half, from, role, context, forwards.clone(), failure.clone()));
+            (reader, tokio::spawn(write_loop(write_half, lines, framed.clone(), failure)))
         }
         Transport::Secure(stream) => {
             let (read_half, write_half) = tokio::io::split(stream);
-            let reader = tokio::spawn(read_loop(id, read_half, from, role, context, forwards.clone()));
-            (reader, tokio::spawn(write_loop(id, write_half, lines, framed.clone(), net)))
+            let reader = tokio::spawn(read_loop(id, read_half, from, role, context, forwards.clone(), failure.clone()));
+            (reader, tokio::spawn(write_loop(write_half, lines, framed.clone(), failure)))
         }
     };
     Connection { queue, framed, forwards, reader: AbortOnDropHandle::new(reader), writer: AbortOnDropHandle::new(writer) }
@@ -165,6 +165,40 @@ impl LinkWriter for WriteHalf<SecureStream> {
     /// themselves.
     fn stop_reads(&self) {}
 }
+
+/// The reading side of a link.
+trait LinkReader: AsyncRead + Unpin + Send + 'static {
+    /// After the end of the stream: whether the connection was torn down here (see
+    /// [`crate::net::torn_down`]) rather than closed by the other side.
+    fn torn_down(&self) -> bool;
+}
+
+impl LinkReader for OwnedReadHalf {
+    fn torn_down(&self) -> bool {
+        crate::net::torn_down(self.as_ref())
+    }
+}
+
+impl LinkReader for ReadHalf<SecureStream> {
+    /// The encryption's pumps report a failed connection as a read error.
+    fn torn_down(&self) -> bool {
+        false
+    }
+}
+
+/// Why a link's writer failed, for its reader to report with the end of the link.
+#[derive(Default)]
+struct WriteFailure {
+    reason: OnceLock<String>,
+    stored: Notify,
+}
+
+/// Why a link ended when its reader saw the end of the stream and nothing else.
+const CLOSED_BY_OTHER_SIDE: &str = "closed by the other side";
+
+/// How long a reader that found its connection torn down waits for its writer's reason: the writer
+/// took the socket's error and is storing it.
+const WRITER_EXPLAINS_WITHIN: Duration = Duration::from_millis(200);
 
 /// How much one read asks for: it starts small, since every link keeps its buffer for its life (a room
 /// of 200 holds 199) and chat lines are short, doubles while reads fill it, up to 64 KiB for a busy
@@ -234,7 +268,7 @@ impl Silence {
 /// Most bytes one write gathers from a framed link's queue.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
-async fn write_loop(id: ConnId, mut half: impl LinkWriter, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>, net: mpsc::Sender<NetEvent>) {
+async fn write_loop(mut half: impl LinkWriter, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>, failure: Arc<WriteFailure>) {
     while let Some(line) = lines.recv().await {
         let next = if framed.load(Ordering::Acquire) { lines.try_recv().ok() } else { None };
         let written = match next {
@@ -257,11 +291,11 @@ async fn write_loop(id: ConnId, mut half: impl LinkWriter, mut lines: mpsc::Rece
         if let Err(err) = written {
             // The reader reports the end, not us: the other side may have said goodbye and closed
             // while our line was on its way, and its `bye` may still wait, unread, in our socket.
-            // Stopping the reads makes the reader take what arrived and then end; the actor keeps
-            // this reason for a link that ends without a goodbye.
-            // Boxed: a send future holds the event, and the writer of every link would otherwise carry
-            // room for this one-time report all its life.
-            let _ = Box::pin(net.send(NetEvent::WriteFailed { id, reason: format!("write failed: {err}") })).await;
+            // Stopping the reads makes the reader take what arrived and then end, with this reason
+            // unless it read a goodbye. When the connection itself failed, the reader may see the end
+            // before we get here: it then waits for this reason (see `read_loop`).
+            let _ = failure.reason.set(format!("write failed: {err}"));
+            failure.stored.notify_one();
             half.stop_reads();
             return;
         }
@@ -270,7 +304,7 @@ async fn write_loop(id: ConnId, mut half: impl LinkWriter, mut lines: mpsc::Rece
     let _ = half.shutdown().await;
 }
 
-async fn read_loop(id: ConnId, mut half: impl AsyncRead + Unpin, from: SocketAddr, role: Role, context: Arc<ReaderContext>, forwards: Arc<AtomicBool>) {
+async fn read_loop(id: ConnId, mut half: impl LinkReader, from: SocketAddr, role: Role, context: Arc<ReaderContext>, forwards: Arc<AtomicBool>, failure: Arc<WriteFailure>) {
     let opened = match role {
         Role::DialOriginal => Opened::Original(Vec::new()),
         Role::Probe => read_opening(&mut half, context.limits.probe_timeout).await,
@@ -296,6 +330,17 @@ async fn read_loop(id: ConnId, mut half: impl AsyncRead + Unpin, from: SocketAdd
             }
             (original_loop(id, &mut half, from, Vec::new(), &context).await, false)
         }
+    };
+    // An end of stream without a goodbye after our writer failed is explained by that failure (the
+    // writer stopped our reads, or took the socket's error before our read could): if the connection
+    // was torn down here, the writer's reason may still be on its way.
+    let reason = if !clean && reason == CLOSED_BY_OTHER_SIDE {
+        if failure.reason.get().is_none() && half.torn_down() {
+            let _ = tokio::time::timeout(WRITER_EXPLAINS_WITHIN, failure.stored.notified()).await;
+        }
+        failure.reason.get().cloned().unwrap_or(reason)
+    } else {
+        reason
     };
     let _ = net.send(NetEvent::Closed { id, reason, clean }).await;
 }
@@ -338,7 +383,7 @@ async fn original_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: So
         }
     }
     deliver(decoder.flush(), from, context, &mut flood).await;
-    "closed by the other side".to_owned()
+    CLOSED_BY_OTHER_SIDE.to_owned()
 }
 
 /// Log and show what an original peer said. Its lines carry no id: each is logged under one made
@@ -570,7 +615,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
             () = silence.passed() => return (format!("silent for {:?}", context.limits.dead_after), false),
         };
         match read {
-            Ok(0) => return (if said_bye { "left" } else { "closed by the other side" }.to_owned(), said_bye),
+            Ok(0) => return (if said_bye { "left" } else { CLOSED_BY_OTHER_SIDE }.to_owned(), said_bye),
             Ok(n) => {
                 read_size.after_read(n);
                 silence.heard();
