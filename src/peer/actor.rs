@@ -331,6 +331,14 @@ pub(super) async fn run(setup: Setup) {
                 actor.handle(event);
             }
             () = grace_over => {}
+            // A finished task keeps its memory (sized for its whole future) until it is reaped here.
+            Some(finished) = actor.background.join_next() => {
+                if let Err(err) = finished {
+                    if err.is_panic() {
+                        log::error!("a background task of this peer panicked: {err}");
+                    }
+                }
+            }
             _ = keepalive.tick() => {
                 actor.ping();
                 actor.ask_relays();

@@ -1,14 +1,14 @@
 //! Rust `log` records to Python's `logging`, without ever calling Python from a Rust thread.
 //!
-//! The `log` facade writes records into a bounded channel (dropping them, and counting, if Python falls
-//! behind); `p2pchat._logbridge` runs a Python thread that drains it with `_next_log_records` and feeds
+//! The `log` facade writes records into a channel bounded at `QUEUE` records (dropping them, and
+//! counting, if Python falls behind); `p2pchat._logbridge` runs a Python thread that drains it with `_next_log_records` and feeds
 //! each record to `logging.getLogger("p2pchat.<module>")`. That thread also pushes the effective level
 //! of the `p2pchat` logger down with `_set_log_level`, so disabled levels cost one comparison in Rust.
 //! (pyo3-log does the same job by taking the GIL on whatever thread logs, which would stall tokio
 //! workers: the pitfall the bindings are built to avoid.)
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::mpsc::{channel as unbounded, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -17,17 +17,37 @@ use pyo3::prelude::*;
 
 const QUEUE: usize = 4096;
 
+type LogLine = (String, i32, String);
+
+/// The bound is a count beside an unbounded channel, not `sync_channel(QUEUE)`: that one allocates and
+/// writes its whole ring up front, 256 KiB resident in every process that imports p2pchat, for a
+/// queue that is nearly always empty. This one holds memory only for records waiting.
 struct Channel {
-    tx: SyncSender<(String, i32, String)>,
-    rx: Mutex<Receiver<(String, i32, String)>>,
+    tx: Sender<LogLine>,
+    rx: Mutex<Receiver<LogLine>>,
+    queued: AtomicUsize,
     dropped: AtomicU64,
+}
+
+impl Channel {
+    fn push(&self, line: LogLine) {
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= QUEUE || self.tx.send(line).is_err() {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn taken(&self, line: LogLine) -> LogLine {
+        self.queued.fetch_sub(1, Ordering::Relaxed);
+        line
+    }
 }
 
 fn channel() -> &'static Channel {
     static CHANNEL: OnceLock<Channel> = OnceLock::new();
     CHANNEL.get_or_init(|| {
-        let (tx, rx) = sync_channel(QUEUE);
-        Channel { tx, rx: Mutex::new(rx), dropped: AtomicU64::new(0) }
+        let (tx, rx) = unbounded();
+        Channel { tx, rx: Mutex::new(rx), queued: AtomicUsize::new(0), dropped: AtomicU64::new(0) }
     })
 }
 
@@ -50,9 +70,7 @@ impl Log for Bridge {
             Level::Trace => 5,
         };
         let logger = record.target().replace("::", ".");
-        if channel().tx.try_send((logger, level, record.args().to_string())).is_err() {
-            channel().dropped.fetch_add(1, Ordering::Relaxed);
-        }
+        channel().push((logger, level, record.args().to_string()));
     }
 
     fn flush(&self) {}
@@ -76,22 +94,23 @@ fn _set_log_level(level: i32) {
 /// Wait up to `timeout` seconds for log records; returns `(logger, level, message)` tuples (at most
 /// 256), plus a notice if records were dropped because nobody drained them in time.
 #[pyfunction]
-fn _next_log_records(py: Python<'_>, timeout: f64) -> Vec<(String, i32, String)> {
+fn _next_log_records(py: Python<'_>, timeout: f64) -> Vec<LogLine> {
     let timeout = Duration::from_secs_f64(timeout.clamp(0.0, 60.0));
     py.detach(|| {
-        let Ok(rx) = channel().rx.lock() else { return Vec::new() };
+        let channel = channel();
+        let Ok(rx) = channel.rx.lock() else { return Vec::new() };
         let mut out = Vec::new();
         match rx.recv_timeout(timeout) {
-            Ok(record) => out.push(record),
+            Ok(record) => out.push(channel.taken(record)),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
         }
         while out.len() < 256 {
             match rx.try_recv() {
-                Ok(record) => out.push(record),
+                Ok(record) => out.push(channel.taken(record)),
                 Err(_) => break,
             }
         }
-        let dropped = channel().dropped.swap(0, Ordering::Relaxed);
+        let dropped = channel.dropped.swap(0, Ordering::Relaxed);
         if dropped > 0 {
             out.push(("p2pchat".to_owned(), 30, format!("{dropped} log records were dropped (logging fell behind)")));
         }
