@@ -15,6 +15,7 @@ pub mod peer;
 pub mod private;
 mod pairs;
 mod reading;
+mod sending;
 pub mod tracker;
 pub mod wire;
 

@@ -138,7 +138,7 @@ impl LogHandle {
     /// Log live messages; waits only while the log thread is [`QUEUE`] batches behind.
     pub async fn record(&self, records: Vec<Record>) {
         if let Some(full) = self.add(records) {
-            let _ = self.jobs.send(Job::Commit(full)).await;
+            let _ = crate::sending::send(&self.jobs, Job::Commit(full)).await;
         }
     }
 

@@ -156,8 +156,9 @@ struct Link {
     /// A private link's handshake hash, which both ends' identity proofs are bound to.
     binding: Option<Vec<u8>>,
     /// The identity key the other end proved (private links), and whether its name had another
-    /// key before (see `trust`).
-    key: Option<ed25519_dalek::VerifyingKey>,
+    /// key before (see `trust`). Boxed: it is 200 bytes, and most links (outside private rooms) have
+    /// none, while the links map holds room for every link inline.
+    key: Option<Box<ed25519_dalek::VerifyingKey>>,
     key_changed: bool,
 }
 
@@ -548,7 +549,7 @@ impl Actor {
     /// first met it here (trust on first use), and warn when it differs. Returns its fingerprint.
     fn meet(&mut self, id: ConnId, name: Option<&str>) -> Option<String> {
         let link = self.links.get(&id)?;
-        let (key, addr) = (link.key?, link.shown_addr());
+        let (key, addr) = (*link.key.as_deref()?, link.shown_addr());
         let fingerprint = identity::fingerprint(&key);
         let seen = name.and_then(|name| Some((name, self.known_keys.lock().ok()?.meet(&self.room, name, &key))));
         let changed = match seen {
@@ -973,7 +974,7 @@ impl Actor {
             match proof.and_then(|proof| identity::verify_proof(proof, &binding)) {
                 Ok(key) => {
                     if let Some(link) = self.links.get_mut(&id) {
-                        link.key = Some(key);
+                        link.key = Some(Box::new(key));
                     }
                 }
                 Err(err) => {
@@ -1225,7 +1226,7 @@ impl Actor {
                 },
                 relayed_by: None,
                 encrypted: l.binding.is_some(),
-                fingerprint: l.key.as_ref().map(identity::fingerprint),
+                fingerprint: l.key.as_deref().map(identity::fingerprint),
                 key_changed: l.key_changed,
             })
             .collect();

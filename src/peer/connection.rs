@@ -17,6 +17,7 @@
 //! Messages go straight from the reader to the application's event channel, waiting when it is full: a
 //! slow application slows its senders through TCP, it does not lose messages.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +43,7 @@ use crate::history::store::Record;
 use crate::private::RoomKey;
 use crate::wire::chat::{self, ChatDecoder, Piece};
 use crate::reading::{read_opening, Opened};
+use crate::sending;
 use crate::wire::frames::{self, Chat, Frame, FrameDecoder};
 
 /// Encoded bytes for one connection's queue, shared between connections when they are the same.
@@ -168,18 +170,30 @@ impl LinkWriter for WriteHalf<SecureStream> {
 
 /// The reading side of a link.
 trait LinkReader: AsyncRead + Unpin + Send + 'static {
+    /// Wait until a read would not: the link takes a read buffer only then, so an idle link holds
+    /// none. (An error is left for that read to report.)
+    fn readable(&self) -> impl Future<Output = ()> + Send;
+
     /// After the end of the stream: whether the connection was torn down here (see
     /// [`crate::net::torn_down`]) rather than closed by the other side.
     fn torn_down(&self) -> bool;
 }
 
 impl LinkReader for OwnedReadHalf {
+    async fn readable(&self) {
+        let _ = OwnedReadHalf::readable(self).await;
+    }
+
     fn torn_down(&self) -> bool {
         crate::net::torn_down(self.as_ref())
     }
 }
 
 impl LinkReader for ReadHalf<SecureStream> {
+    /// The encryption's pumps hand plaintext over through an in-memory pipe that tells no readiness:
+    /// a private link's read waits with its buffer.
+    async fn readable(&self) {}
+
     /// The encryption's pumps report a failed connection as a read error.
     fn torn_down(&self) -> bool {
         false
@@ -200,11 +214,12 @@ const CLOSED_BY_OTHER_SIDE: &str = "closed by the other side";
 /// took the socket's error and is storing it.
 const WRITER_EXPLAINS_WITHIN: Duration = Duration::from_millis(200);
 
-/// How much one read asks for: it starts small, since every link keeps its buffer for its life (a room
-/// of 200 holds 199) and chat lines are short, doubles while reads fill it, up to 64 KiB for a busy
-/// link, and halves again while reads use a quarter of it or less, so a link that once carried a big
-/// frame (a hello listing a room of hundreds, a history answer) goes back to holding ~1 KiB. Buffers are
-/// filled with `read_buf`, which never zeroes them: only pages data lands in are touched.
+/// How much one read asks for: it starts small, since chat lines are short, doubles while reads fill it,
+/// up to 64 KiB for a busy link, and halves again while reads use a quarter of it or less, so a link
+/// that once carried a big frame (a hello listing a room of hundreds, a history answer) goes back to
+/// ~1 KiB reads. A link takes its buffer when bytes are there to read and gives it back once they are
+/// decoded (a room of 200 holds 199 links, nearly all idle at any moment). Buffers are filled with
+/// `read_buf`, which never zeroes them: only pages data lands in are touched.
 #[derive(Debug, Clone, Copy)]
 struct ReadSize(usize);
 
@@ -313,22 +328,19 @@ async fn read_loop(id: ConnId, mut half: impl LinkReader, from: SocketAddr, role
     let net = context.net.clone();
     let (reason, clean) = match (role, opened) {
         (Role::Probe, Opened::Silent | Opened::Closed(_)) => {
-            let _ = net.send(NetEvent::ProbeRejected { id }).await;
+            let _ = sending::send(&net, NetEvent::ProbeRejected { id }).await;
             return;
         }
         (_, Opened::Closed(reason)) => (reason, false),
         (_, Opened::P2pchat(rest)) => p2pchat_loop(id, &mut half, from, rest, &context, &forwards).await,
-        (_, Opened::Original(first)) => {
-            if net.send(NetEvent::Original { id }).await.is_err() {
+        (_, opened @ (Opened::Original(_) | Opened::Silent)) => {
+            let first = if let Opened::Original(first) = opened { first } else { Vec::new() };
+            if sending::send(&net, NetEvent::Original { id }).await.is_err() {
                 return;
             }
-            (original_loop(id, &mut half, from, first, &context).await, false)
-        }
-        (_, Opened::Silent) => {
-            if net.send(NetEvent::Original { id }).await.is_err() {
-                return;
-            }
-            (original_loop(id, &mut half, from, Vec::new(), &context).await, false)
+            // Boxed: links to original peers are few, and inline this loop would size every link's
+            // task (a p2pchat link's loop is smaller).
+            (Box::pin(original_loop(id, &mut half, from, first, &context)).await, false)
         }
     };
     // An end of stream without a goodbye after our writer failed is explained by that failure (the
@@ -342,11 +354,11 @@ async fn read_loop(id: ConnId, mut half: impl LinkReader, from: SocketAddr, role
     } else {
         reason
     };
-    let _ = net.send(NetEvent::Closed { id, reason, clean }).await;
+    let _ = sending::send(&net, NetEvent::Closed { id, reason, clean }).await;
 }
 
 /// The original protocol: `<NAME> :: text` pieces, decoded incrementally.
-async fn original_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: SocketAddr, first: Vec<u8>, context: &ReaderContext) -> String {
+async fn original_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, first: Vec<u8>, context: &ReaderContext) -> String {
     let mut decoder = ChatDecoder::new();
     let mut flood = Flood::new(context.limits.max_message_rate);
     let mut pending = first;
@@ -355,15 +367,19 @@ async fn original_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: So
         if !pending.is_empty() {
             let had_name = decoder.name().is_some();
             let pieces = decoder.feed(&pending);
-            pending.clear();
+            pending = Vec::new();
             if let (false, Some(name)) = (had_name, decoder.name()) {
-                let _ = context.net.send(NetEvent::Renamed { id, name: name.to_owned() }).await;
+                let _ = sending::send(&context.net, NetEvent::Renamed { id, name: name.to_owned() }).await;
             }
             deliver(pieces, from, context, &mut flood).await;
         }
-        read_size.prepare(&mut pending);
+        let read = async {
+            half.readable().await;
+            read_size.prepare(&mut pending);
+            half.read_buf(&mut pending).await
+        };
         let read = if decoder.has_held_back() {
-            match tokio::time::timeout(context.limits.hold_back, half.read_buf(&mut pending)).await {
+            match tokio::time::timeout(context.limits.hold_back, read).await {
                 Ok(read) => read,
                 Err(_idle) => {
                     deliver(decoder.flush(), from, context, &mut flood).await;
@@ -371,7 +387,7 @@ async fn original_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: So
                 }
             }
         } else {
-            half.read_buf(&mut pending).await
+            read.await
         };
         match read {
             Ok(0) => break,
@@ -429,7 +445,7 @@ async fn log_then_show(context: &ReaderContext, records: Vec<Record>, events: Ve
     }
     for event in events {
         // An error means the application dropped its event stream: nobody is listening any more.
-        let _ = context.events.send(event).await;
+        let _ = sending::send(&context.events, event).await;
     }
 }
 
@@ -477,7 +493,7 @@ impl Drops {
 }
 
 /// The extension protocol: frames. Returns why the link ended and whether the other side said goodbye.
-async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: SocketAddr, rest: Vec<u8>, context: &ReaderContext, forwards: &AtomicBool) -> (String, bool) {
+async fn p2pchat_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, rest: Vec<u8>, context: &ReaderContext, forwards: &AtomicBool) -> (String, bool) {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&rest);
     let mut read_size = ReadSize::new();
@@ -486,8 +502,10 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
     let mut drops = Drops::default();
     let mut greeted = false;
     let mut said_bye = false;
-    // Messages of one read are logged in one job, then shown.
-    let (mut to_log, mut to_show) = (Vec::new(), Vec::new());
+    // What one read brought goes on after its frames are taken, in their order: the actor's events,
+    // then the messages, logged in one job before they are shown. Taking the frames never waits, so
+    // the link's task is not sized to hold a frame across a wait.
+    let (mut to_actor, mut to_log, mut to_show) = (Vec::new(), Vec::new(), Vec::new());
     loop {
         let ended = loop {
             let frame = match decoder.next_frame() {
@@ -517,12 +535,10 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
             match frame {
                 Frame::Hello(hello) if !greeted => {
                     greeted = true;
-                    if context.net.send(NetEvent::Hello { id, hello }).await.is_err() {
-                        break Some(("closing".to_owned(), false));
-                    }
+                    to_actor.push(NetEvent::Hello { id, hello });
                 }
                 Frame::Error { code, message } => {
-                    let _ = context.net.send(NetEvent::Refused { id, code, message }).await;
+                    to_actor.push(NetEvent::Refused { id, code, message });
                     break Some(("refused".to_owned(), false));
                 }
                 _ if !greeted => break Some(("spoke before its hello".to_owned(), false)),
@@ -548,7 +564,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                                 None => frames::encode(&Frame::Msg(chat.clone())),
                             }
                             .into();
-                            let _ = context.net.send(NetEvent::Forward { id, line }).await;
+                            to_actor.push(NetEvent::Forward { id, line });
                         }
                         context.clock.observe(chat.stamp());
                         to_log.push(history::chat_to_record(&chat));
@@ -556,7 +572,7 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                     }
                 }
                 Frame::HistoryRequest { req, limit, after } => {
-                    let _ = context.net.send(NetEvent::HistoryRequested { id, req, limit, after }).await;
+                    to_actor.push(NetEvent::HistoryRequested { id, req, limit, after });
                 }
                 Frame::History { req, msgs, more } => {
                     let authentic = |m: &Chat| match &context.authors {
@@ -571,25 +587,25 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                             m
                         })
                         .collect();
-                    let _ = context.net.send(NetEvent::HistoryPart { id, req, msgs, more }).await;
+                    to_actor.push(NetEvent::HistoryPart { id, req, msgs, more });
                 }
                 Frame::Nick { name } => {
                     if chat::validate_name(&name).is_ok() {
-                        let _ = context.net.send(NetEvent::Renamed { id, name }).await;
+                        to_actor.push(NetEvent::Renamed { id, name });
                     }
                 }
                 Frame::Bye => said_bye = true,
                 Frame::RelayAsk { peer } => {
-                    let _ = context.net.send(NetEvent::RelayAsked { id, peer }).await;
+                    to_actor.push(NetEvent::RelayAsked { id, peer });
                 }
                 Frame::RelayOpen { peer, name, addr } => {
                     let (name, addr) = (name.filter(|n| chat::validate_name(n).is_ok()), addr.parse().ok());
                     if let Some(addr) = addr {
-                        let _ = context.net.send(NetEvent::RelayOpened { id, peer, name, addr }).await;
+                        to_actor.push(NetEvent::RelayOpened { id, peer, name, addr });
                     }
                 }
                 Frame::RelayClose { peer, reason, clean } => {
-                    let _ = context.net.send(NetEvent::RelayClosed { id, peer, reason, clean }).await;
+                    to_actor.push(NetEvent::RelayClosed { id, peer, reason, clean });
                 }
                 Frame::Hello(_)
                 | Frame::Welcome { .. }
@@ -602,16 +618,24 @@ async fn p2pchat_loop(id: ConnId, half: &mut (impl AsyncRead + Unpin), from: Soc
                 | Frame::Unknown => {}
             }
         };
+        let mut actor_gone = false;
+        for event in to_actor.drain(..) {
+            actor_gone |= sending::send(&context.net, event).await.is_err();
+        }
         log_then_show(context, std::mem::take(&mut to_log), std::mem::take(&mut to_show)).await;
-        if let Some(end) = ended {
+        if let Some(end) = ended.or_else(|| actor_gone.then(|| ("closing".to_owned(), false))) {
             return end;
         }
         // p2pchat ends ping every `keepalive_interval`: silence means the other end is gone.
-        let buf = decoder.read_buffer();
-        read_size.prepare(buf);
+        decoder.release_if_drained();
         let read = tokio::select! {
             biased;
-            read = half.read_buf(buf) => read,
+            read = async {
+                half.readable().await;
+                let buf = decoder.read_buffer();
+                read_size.prepare(buf);
+                half.read_buf(buf).await
+            } => read,
             () = silence.passed() => return (format!("silent for {:?}", context.limits.dead_after), false),
         };
         match read {

@@ -334,6 +334,15 @@ impl FrameDecoder {
         &mut self.buf
     }
 
+    /// Give the buffer's memory back once every byte fed was decoded: a link then holds a buffer only
+    /// while bytes wait in it, not through the silences between its messages.
+    pub fn release_if_drained(&mut self) {
+        if self.start == self.buf.len() {
+            self.buf = Vec::new();
+            self.start = 0;
+        }
+    }
+
     /// The bytes fed but not decoded yet (what follows the frames taken), leaving it empty.
     pub fn take_rest(&mut self) -> Vec<u8> {
         let rest = self.buf.split_off(self.start);
@@ -459,10 +468,18 @@ mod tests {
         for cut in 0..bytes.len() {
             let mut decoder = FrameDecoder::new();
             let mut out = Vec::new();
-            for part in [&bytes[..cut], &bytes[cut..]] {
+            for (part, fed) in [(&bytes[..cut], cut), (&bytes[cut..], bytes.len())] {
                 decoder.feed(part);
                 while let Some(frame) = decoder.next_frame().unwrap() {
                     out.push(frame);
+                }
+                let decoded: usize = out.iter().map(|f| encode(f).len()).sum();
+                decoder.release_if_drained();
+                // What is left is exactly the start of the next frame; nothing is held when that is nothing.
+                let held = decoder.read_buffer();
+                assert_eq!(held.as_slice(), &bytes[decoded..fed]);
+                if held.is_empty() {
+                    assert_eq!(held.capacity(), 0);
                 }
             }
             assert_eq!(out, frames);
