@@ -631,13 +631,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.monotonic()
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
                      "quick": args.quick, "repeats": repeats}
+    timings: Dict[str, float] = {}
     for name, run in plan.items():
         if name in only:
+            scenario_started = time.monotonic()
             try:
                 results[name] = run()
             except (BenchFailure, P2PChatError) as err:
                 print(f"bench: {name} could not run: {err}", file=sys.stderr)
                 return 1
+            timings[name] = time.monotonic() - scenario_started
     took = time.monotonic() - started
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / ("quick.json" if args.quick else "latest.json")
@@ -652,7 +655,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(table(results))
     png = chart(results, args.out / ("quick.png" if args.quick else "latest.png"))
     kind = f"partial ({', '.join(sorted(only))})" if partial else ("quick" if args.quick else "full")
-    print(f"\n{kind} benchmark, {repeats} run(s) per figure, {took:.0f} s; "
+    print(f"\n{kind} benchmark, {repeats} run(s) per figure, {took:.0f} s "
+          f"({', '.join(f'{name} {seconds:.0f} s' for name, seconds in timings.items())}); "
           f"raw results in {args.out}" + (f"; chart {png.name}" if png else " (no matplotlib: no chart)"))
     return 0
 
