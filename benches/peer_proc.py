@@ -10,10 +10,10 @@ CLOCK_MONOTONIC is one clock for every process on the machine, so the receiver's
 `monotonic_ns() - T` at the moment the application gets the message. The final `.` lets the baseline,
 whose wire has no message boundaries, tell a whole message from a cut one.
 
-Commands (one JSON object per line): `links` (how many peers this one is connected to), `send`
-(`count` messages at `rate` per second; the answer says how long that took, to tell whether the peer
-kept up), `report` (what was received since the last report), `quit`.
-Each gets one JSON line back.
+It says `started` once up and joins when told `join` (answering `ready`). Then commands (one JSON
+object per line): `links` (how many peers this one is connected to), `send` (`count` messages at
+`rate` per second; the answer says how long that took, to tell whether the peer kept up), `report`
+(what was received since the last report), `quit`. Each gets one JSON line back.
 """
 
 import argparse
@@ -77,13 +77,15 @@ def paced(count: int, rate: float):
 def run_p2pchat(args, inbox: Inbox) -> None:
     import p2pchat
 
-    # Each peer keeps its log on disk, as users run it, in the benchmark's own directory (run.py).
-    data_dir = os.path.join(os.environ["P2PCHAT_BENCH_DATA"], f"n{args.index}")
+    # Each peer keeps its log on disk, as users run it, in its room's directory (run.py).
+    data_dir = os.path.join(args.data_dir, f"n{args.index}")
     peer = p2pchat.Peer(f"n{args.index}", "127.0.0.1", args.tracker_port, max_message_rate=args.max_rate, data_dir=data_dir).join()
 
     def receive() -> None:
         try:
             for message in peer:
+                if message.history:
+                    continue  # what the room said before this peer came; only live deliveries count
                 now = time.monotonic_ns()
                 sender, _, sent = message.text.rstrip(".").split(":")
                 inbox.record(int(sender), int(sent), now)
@@ -181,7 +183,14 @@ if __name__ == "__main__":
     parser.add_argument("--tracker-port", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--max-rate", type=int, default=100_000)
+    parser.add_argument("--data-dir", help="where p2pchat peers keep their logs (one directory per peer inside)")
     parser.add_argument("--latencies", action="store_true", help="keep every latency for the report")
     options = parser.parse_args()
     inbox = Inbox(options.latencies)
-    (run_p2pchat if options.impl == "p2pchat" else run_baseline)(options, inbox)
+    # Start up (the interpreter, the imports) before joining, so a room's processes can all start at
+    # once while they join one at a time.
+    if options.impl == "p2pchat":
+        import p2pchat  # noqa: F401
+    reply({"started": True})
+    if json.loads(sys.stdin.readline() or "{}").get("cmd") == "join":
+        (run_p2pchat if options.impl == "p2pchat" else run_baseline)(options, inbox)

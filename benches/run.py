@@ -28,6 +28,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -119,15 +120,6 @@ class Child:
         found = re.search(r"^Pss:\s+(\d+) kB", text, re.M)
         return int(found.group(1)) if found else 0
 
-    def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=5)
-
 
 def start_tracker(impl: str) -> subprocess.Popen:
     """A tracker on a free loopback port; returns the process with `.port` set."""
@@ -153,13 +145,22 @@ def start_tracker(impl: str) -> subprocess.Popen:
     return proc
 
 
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
+def stop(procs: List[subprocess.Popen]) -> None:
+    """Ask every process to end at once (a room of 200 ends in one step, not 200), then wait for each,
+    killing any that does not end within 5 s."""
+    running = [proc for proc in procs if proc.poll() is None]
+    for proc in running:
         proc.terminate()
+    for proc in running:
         try:
             proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait(timeout=5)
+
+
+# How long a forming room may go without any peer gaining a link before it counts as stuck.
+STALLED = 15.0
 
 
 class Room:
@@ -169,13 +170,20 @@ class Room:
         self.impl, self.size = impl, size
         self.tracker = start_tracker(impl)
         self.peers: List[Child] = []
+        # The room's own logs: a room starts with no history, as the baseline's has none.
+        self.data_dir = tempfile.mkdtemp(prefix=f"{impl}-{size}-", dir=os.environ["P2PCHAT_BENCH_DATA"])
         try:
+            # Every process starts (and imports) at once; then they join one at a time, as people
+            # arrive in a room: each asks the tracker and dials everyone listed before the next comes.
             for i in range(size):
-                argv = [sys.executable, str(PEER), "--impl", impl, "--tracker-port", str(self.tracker.port), "--index", str(i)]
+                argv = [sys.executable, str(PEER), "--impl", impl, "--tracker-port", str(self.tracker.port), "--index", str(i),
+                        "--data-dir", self.data_dir]
                 argv += ["--latencies"] if latencies else []
-                child = Child(argv, f"{impl} peer {i}")
-                child.next_line(timeout=30)  # ready: it asked the tracker and dialled everyone listed
-                self.peers.append(child)
+                self.peers.append(Child(argv, f"{impl} peer {i}"))
+            for child in self.peers:
+                child.next_line(timeout=60)  # started
+                child.tell({"cmd": "join"})
+                child.next_line(timeout=30)  # ready
             self.meshed = self.wait_mesh(mesh_timeout)
         except BaseException:
             self.close()
@@ -187,14 +195,21 @@ class Room:
         return [json.loads(peer.next_line(30))["links"] for peer in self.peers]
 
     def wait_mesh(self, timeout: float) -> bool:
-        """Wait (bounded) until every peer holds a link to every other one."""
+        """Wait until every peer holds a link to every other one: at most `timeout`, and at most
+        `STALLED` while no peer gains a link (the original client never retries a failed dial, and a
+        p2pchat peer retries for 5 s)."""
         deadline = time.monotonic() + timeout
+        last, progressed = None, time.monotonic()
         while True:
             links = self.links()
             if min(links) >= self.size - 1:
                 return True
-            if time.monotonic() > deadline:
-                log(f"{self.impl} room of {self.size}: mesh incomplete after {timeout:.0f} s (links per peer {min(links)}..{max(links)})")
+            now = time.monotonic()
+            if links != last:
+                last, progressed = links, now
+            if now > deadline or now - progressed > STALLED:
+                log(f"{self.impl} room of {self.size}: mesh incomplete after {now - progressed:.0f} s without a new link "
+                    f"(links per peer {min(links)}..{max(links)})")
                 return False
             time.sleep(0.2)  # polling the peers' own counts; there is no event to wait on across processes
 
@@ -207,9 +222,8 @@ class Room:
         return sum(p.cpu_seconds() for p in self.peers)
 
     def close(self) -> None:
-        for peer in self.peers:
-            peer.stop()
-        stop(self.tracker)
+        stop([peer.popen for peer in self.peers] + [self.tracker])
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
 def percentile(values: List[float], q: float) -> float:
@@ -360,7 +374,7 @@ def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
                     protocol = "p2pchat" if impl == "p2pchat" else "original"
                     r = p2pchat._core._bench_tracker_joins("127.0.0.1", tracker.port, protocol, size, concurrency=4, duration=seconds)
                 finally:
-                    stop(tracker)
+                    stop([tracker])
                 runs.append(r)
             rows.append({"impl": impl, "registrations": size, "runs": runs,
                          "joins_per_s": median([r["joins_per_second"] for r in runs]),
@@ -438,7 +452,7 @@ print(json.dumps({{"peers": len(peers), "meshed": meshed, "delivered": got, "why
         out = subprocess.run([sys.executable, "-c", code, str(tracker.port), os.environ["P2PCHAT_BENCH_DATA"]],
                              cwd=ROOT, capture_output=True, text=True, timeout=600)
     finally:
-        stop(tracker)
+        stop([tracker])
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1:] or ["exited"], "nofile": resource.getrlimit(resource.RLIMIT_NOFILE)}
     return json.loads(out.stdout.strip().splitlines()[-1])
