@@ -1055,3 +1055,28 @@ mod private_rooms {
         assert!(matches!(quin.next(|f| matches!(f, Frame::Sealed { .. } | Frame::Nick { .. })).await, Frame::Sealed { .. }), "no name to the tracker");
     }
 }
+
+#[tokio::test]
+async fn posted_lines_wait_for_no_reply_and_keep_their_order_with_sent_ones() {
+    let (tracker, _stop) = start_tracker().await;
+    let (a, mut a_events) = join("ana", tracker).await;
+    let (b, _b_events) = join("bob", tracker).await;
+    wait_connections(&a, 1).await;
+    wait_connections(&b, 1).await;
+    // Nothing else runs on this test's one thread until it waits: posts fill the command queue.
+    let mut queued = 0;
+    while b.try_post(&format!("line {queued}")).unwrap() {
+        queued += 1;
+    }
+    assert_eq!(queued, peer::COMMAND_QUEUE);
+    b.post(&format!("line {queued}")).await.unwrap(); // waits for room
+    assert_eq!(b.send("last").await.unwrap(), 1);
+    for i in 0..=queued {
+        assert_eq!(next_message(&mut a_events).await.text, format!("line {i}"));
+    }
+    assert_eq!(next_message(&mut a_events).await.text, "last");
+    assert!(matches!(b.post("two\nlines").await, Err(peer::PeerError::InvalidInput(_))));
+    b.close().await;
+    assert!(matches!(b.post("after close").await, Err(peer::PeerError::Closed)));
+    assert!(matches!(b.try_post("after close"), Err(peer::PeerError::Closed)));
+}

@@ -82,6 +82,26 @@ def test_blocking_send_and_receive(tracker):
     assert ana.closed and bob.closed
 
 
+def test_post_sends_without_a_reply_in_order_with_send(tracker):
+    host, port = tracker.address
+    with Peer("ana", host, port, max_message_rate=100_000) as ana, Peer("bob", host, port) as bob:
+        wait_connected(bob, 1)
+        # Posted as fast as Python can, with a send now and then: nothing is lost or reordered. (That a
+        # post waits for room in a full command queue is pinned in tests/mesh.rs.) Fewer lines than
+        # ana queues unread (4,096 events).
+        texts = [f"line {i}" for i in range(2000)]
+        for i, text in enumerate(texts):
+            if i % 50 == 0:
+                assert bob.send(text) == 1
+            else:
+                assert bob.post(text) is None
+        assert [next_message(ana).text for _ in texts] == texts
+        with pytest.raises(InvalidInput):
+            bob.post("two\nlines")
+    with pytest.raises(PeerClosed):
+        bob.post("after close")
+
+
 def test_recv_timeout_returns_none(tracker):
     with Peer("ana", *tracker.address) as ana:
         assert ana.recv(timeout=0.05) is None

@@ -34,7 +34,8 @@ use crate::wire::chat;
 use crate::wire::frames::{self, Chat, Frame, Hello, Member, Position, ERR_IDENTITY, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
 
 pub(crate) enum Command {
-    Send { text: String, reply: oneshot::Sender<usize> },
+    /// A line for everyone; the reply (when asked for) says how many it reached.
+    Send { text: String, reply: Option<oneshot::Sender<usize>> },
     Nick { name: String, reply: oneshot::Sender<()> },
     Name { reply: oneshot::Sender<String> },
     Peers { reply: oneshot::Sender<Vec<PeerInfo>> },
@@ -312,7 +313,12 @@ pub(super) async fn run(setup: Setup) {
         };
         tokio::select! {
             command = commands.recv(), if closing.is_none() => match command {
-                Some(Command::Send { text, reply }) => { let _ = reply.send(actor.send(&text)); }
+                Some(Command::Send { text, reply }) => {
+                    let reached = actor.send(&text);
+                    if let Some(reply) = reply {
+                        let _ = reply.send(reached);
+                    }
+                }
                 Some(Command::Nick { name, reply }) => { actor.nick(name); let _ = reply.send(()); }
                 Some(Command::Name { reply }) => { let _ = reply.send(actor.name.clone()); }
                 Some(Command::Peers { reply }) => { let _ = reply.send(actor.peers()); }

@@ -327,6 +327,9 @@ pub struct PeerHandle {
 /// Events held back at most while the join's history is fetched.
 const MAX_HELD: usize = 10_000;
 
+/// Commands (sends, questions) waiting for the peer's task; past that, senders wait.
+pub const COMMAND_QUEUE: usize = 256;
+
 /// The stream of [`Event`]s of one peer. It ends after the peer closes.
 ///
 /// While the history asked for on join is on its way, everything else (live messages, presence) is
@@ -446,7 +449,7 @@ pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinRep
         _ => Some(log.newest_shared().await?),
     };
     let boot = bootstrap::contact_tracker(&config, &wire_room).await?;
-    let (commands, commands_rx) = mpsc::channel(256);
+    let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
     let (events_tx, events_rx) = mpsc::channel(config.limits.event_queue);
     let (ready_tx, ready_rx) = oneshot::channel();
     let listen_addr = boot.listen_addr;
@@ -501,7 +504,30 @@ impl PeerHandle {
     pub async fn send(&self, text: &str) -> Result<usize, PeerError> {
         chat::validate_text(text)?;
         let text = text.to_owned();
-        self.ask(|reply| actor::Command::Send { text, reply }).await
+        self.ask(|reply| actor::Command::Send { text, reply: Some(reply) }).await
+    }
+
+    /// Send one line to every connected peer without waiting for the peer's task to take it: for a
+    /// program that sends many lines (a bot, a bridge), each `send` would wait for that task to be
+    /// scheduled. Lines go out in the order they were sent or posted. Waits only while
+    /// [`COMMAND_QUEUE`] commands are queued; see [`PeerHandle::try_post`] to never wait.
+    pub async fn post(&self, text: &str) -> Result<(), PeerError> {
+        let command = Self::post_command(text)?;
+        self.commands.send(command).await.map_err(|_| PeerError::Closed)
+    }
+
+    /// [`PeerHandle::post`] if the command queue has room; `Ok(false)` (nothing sent) if it is full.
+    pub fn try_post(&self, text: &str) -> Result<bool, PeerError> {
+        match self.commands.try_send(Self::post_command(text)?) {
+            Ok(()) => Ok(true),
+            Err(mpsc::error::TrySendError::Full(_)) => Ok(false),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(PeerError::Closed),
+        }
+    }
+
+    fn post_command(text: &str) -> Result<actor::Command, PeerError> {
+        chat::validate_text(text)?;
+        Ok(actor::Command::Send { text: text.to_owned(), reply: None })
     }
 
     /// The room's messages from our own log, oldest first: the newest `limit` of them said before

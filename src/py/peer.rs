@@ -577,6 +577,19 @@ impl PyPeer {
         Ok(wait(py, async move { handle.send(&text).await })??)
     }
 
+    /// Send one line to every connected peer without waiting for the peer's network task: `send` waits
+    /// for that task to take the line and say how many peers it reached, which is one thread hand-off
+    /// per line. For programs that send many lines (bots, bridges). Lines go out in the order they were
+    /// sent or posted. Returns at once unless 256 lines or requests are already waiting (then it waits
+    /// for room). Raises `InvalidInput` like `send`, and `PeerClosed` once the peer is closed.
+    fn post(&self, py: Python<'_>, text: String) -> PyResult<()> {
+        let (handle, _) = self.core.joined()?;
+        if handle.try_post(&text)? {
+            return Ok(());
+        }
+        Ok(wait(py, async move { handle.post(&text).await })??)
+    }
+
     /// `await peer.send_async(text)`: like `send`.
     fn send_async<'py>(&self, py: Python<'py>, text: String) -> PyResult<Bound<'py, PyAny>> {
         let (handle, _) = self.core.joined()?;
