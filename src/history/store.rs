@@ -110,7 +110,8 @@ pub struct Store {
 fn small_lookaside(conn: Connection) -> Connection {
     const SLOT_BYTES: c_int = 512;
     const SLOTS: c_int = 16;
-    // SAFETY: the handle is a live connection no other thread sees; a null buffer makes SQLite allocate the pool itself.
+    // SAFETY: the handle is a live connection no other thread sees; with a null buffer SQLite
+    // allocates the pool itself.
     let rc = unsafe { rusqlite::ffi::sqlite3_db_config(conn.handle(), rusqlite::ffi::SQLITE_DBCONFIG_LOOKASIDE, std::ptr::null_mut::<c_void>(), SLOT_BYTES, SLOTS) };
     if rc != rusqlite::ffi::SQLITE_OK {
         log::debug!("SQLite kept its default lookaside (code {rc})");
