@@ -172,14 +172,9 @@ impl Link {
 struct Actor {
     my_id: String,
     name: String,
-    room: String,
     listen_port: u16,
-    limits: Limits,
     links: HashMap<ConnId, Link>,
     next_id: ConnId,
-    net: mpsc::Sender<NetEvent>,
-    events: mpsc::Sender<Event>,
-    seen: Arc<Mutex<SeenIds>>,
     /// Listen addresses known to speak only the original protocol: never probed again.
     originals: HashSet<SocketAddr>,
     /// Addresses being dialled (so peer exchange does not dial them twice).
@@ -202,9 +197,8 @@ struct Actor {
     tracker_relays: bool,
     hub: Hub,
     background: JoinSet<()>,
-    clock: Arc<Clock>,
-    log: LogHandle,
-    /// Shared by every link's reader.
+    /// What every link's reader shares; also the actor's own limits and room, and its handles to
+    /// the seen ids, the clock, the log and the two channels.
     readers: Arc<ReaderContext>,
     history: HistoryConfig,
     /// Our history requests (on join, after a gap) and the answers we wait for.
@@ -224,32 +218,25 @@ pub(super) async fn run(setup: Setup) {
     let (net, mut net_rx) = mpsc::channel(1024);
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let relay_after = limits.relay_after;
-    let seen = Arc::new(Mutex::new(SeenIds::new(super::seen::REMEMBERED_IDS)));
-    let clock = Arc::new(Clock::new());
     let private = private.map(Arc::new);
     // What every link's reader needs, made once: a link holds a pointer to it, not a copy.
     let readers = Arc::new(ReaderContext {
-        limits: limits.clone(),
-        room: room.clone(),
-        net: net.clone(),
-        events: events.clone(),
-        seen: seen.clone(),
-        clock: clock.clone(),
-        log: log.clone(),
+        limits,
+        room,
+        net,
+        events,
+        seen: Arc::new(Mutex::new(SeenIds::new(super::seen::REMEMBERED_IDS))),
+        clock: Arc::new(Clock::new()),
+        log,
         authors: private.as_ref().map(|_| known_keys.clone()),
         room_key: private.clone(),
     });
     let mut actor = Actor {
         my_id: frames::random_id(),
         name,
-        room,
         listen_port,
-        limits,
         links: HashMap::new(),
         next_id: 0,
-        net,
-        events,
-        seen,
         originals: HashSet::new(),
         dialling: HashSet::new(),
         punched: HashSet::new(),
@@ -267,31 +254,29 @@ pub(super) async fn run(setup: Setup) {
         tracker_relays: false,
         hub: Hub::Unused,
         background: JoinSet::new(),
-        clock,
-        log,
         readers,
         requests: Requests::new(history_after, history.ask_on_join, history.answer_messages),
         history,
     };
     // The join stops waiting for its history this long after the first attempts (then it is still
     // fetched, as a catch-up, from the first member that turns out to speak p2pchat).
-    let history_deadline = tokio::time::Instant::now() + actor.limits.connect_timeout + actor.limits.probe_timeout;
+    let history_deadline = tokio::time::Instant::now() + actor.readers.limits.connect_timeout + actor.readers.limits.probe_timeout;
     // Dropping `background` (when the actor ends) aborts the accept loop, the dialers and the registration.
-    actor.background.spawn(accept_loop(listener, actor.net.clone()));
+    actor.background.spawn(accept_loop(listener, actor.readers.net.clone()));
     if let Some(link) = tracker_link {
         actor.hold_registration(link);
     }
     let mut untried: HashSet<SocketAddr> = contacts.iter().map(|c| c.addr).collect();
     for contact in contacts {
-        actor.dial(contact, actor.limits.retry_refused_for);
+        actor.dial(contact, actor.readers.limits.retry_refused_for);
     }
-    let mut keepalive = tokio::time::interval(actor.limits.keepalive_interval);
+    let mut keepalive = tokio::time::interval(actor.readers.limits.keepalive_interval);
     let mut ready = Some(ready);
     let mut reached_first_time = 0;
     // Set by `close` (or when every handle is gone): lines held for links still opening get until the
     // grace deadline to be written, then everything closes.
     let mut closing: Option<(tokio::time::Instant, Option<oneshot::Sender<()>>)> = None;
-    log::debug!("peer {:?} running in room {:?}", actor.name, actor.room);
+    log::debug!("peer {:?} running in room {:?}", actor.name, actor.readers.room);
 
     loop {
         if untried.is_empty() {
@@ -323,8 +308,8 @@ pub(super) async fn run(setup: Setup) {
                 Some(Command::Name { reply }) => { let _ = reply.send(actor.name.clone()); }
                 Some(Command::Peers { reply }) => { let _ = reply.send(actor.peers()); }
                 Some(Command::Status { reply }) => { let _ = reply.send(actor.status()); }
-                Some(Command::Close { reply }) => closing = Some((tokio::time::Instant::now() + actor.limits.close_grace, Some(reply))),
-                None => closing = Some((tokio::time::Instant::now() + actor.limits.close_grace, None)),
+                Some(Command::Close { reply }) => closing = Some((tokio::time::Instant::now() + actor.readers.limits.close_grace, Some(reply))),
+                None => closing = Some((tokio::time::Instant::now() + actor.readers.limits.close_grace, None)),
             },
             Some(event) = net_rx.recv() => {
                 // A member counts as reached once its link can take lines: connected, and in a private
@@ -370,7 +355,7 @@ pub(super) async fn run(setup: Setup) {
 
 impl Actor {
     fn in_default_room(&self) -> bool {
-        self.room == DEFAULT_ROOM
+        self.readers.room == DEFAULT_ROOM
     }
 
     /// Stop holding the join's live messages back when nobody can give us history: every link is
@@ -400,7 +385,7 @@ impl Actor {
         let (link_addr, purpose) = (link.shown_addr(), ask.purpose);
         log::debug!("asking {link_addr} for {limit} messages of history ({purpose:?})");
         let (parts, parts_rx) = mpsc::channel(64);
-        let sink = Sink { log: self.log.clone(), seen: self.seen.clone(), clock: self.clock.clone(), events: self.events.clone() };
+        let sink = Sink { log: self.readers.log.clone(), seen: self.readers.seen.clone(), clock: self.readers.clock.clone(), events: self.readers.events.clone() };
         let config = self.history.clone();
         self.background.spawn(async move { history::receive(parts_rx, link_addr, purpose, &config, sink).await });
         self.requests.sent(id, req, link.peer_id.clone(), ask, parts);
@@ -435,7 +420,7 @@ impl Actor {
             max_bytes,
             shared_only: true,
         };
-        let (log, room, queue, net) = (self.log.clone(), self.room.clone(), link.conn.queue.clone(), self.net.clone());
+        let (log, room, queue, net) = (self.readers.log.clone(), self.readers.room.clone(), link.conn.queue.clone(), self.readers.net.clone());
         self.background.spawn(async move {
             let bytes = history::answer(log, room, req, query, queue).await;
             let _ = net.send(NetEvent::HistoryAnswered { id, bytes }).await;
@@ -457,8 +442,8 @@ impl Actor {
         if let (Some(peer_id), true) = (peer_id, lost) {
             // The link may have been dead for up to `dead_after` before that was noticed; a little
             // more covers clocks a few seconds apart. Anything fetched twice is shown once.
-            let quiet_since = clock::wall_millis().saturating_sub((self.limits.dead_after.as_millis() as u64) + 5_000);
-            self.requests.lost(peer_id, clock::stamp_at(quiet_since), tokio::time::Instant::now(), self.limits.redial_for * 2);
+            let quiet_since = clock::wall_millis().saturating_sub((self.readers.limits.dead_after.as_millis() as u64) + 5_000);
+            self.requests.lost(peer_id, clock::stamp_at(quiet_since), tokio::time::Instant::now(), self.readers.limits.redial_for * 2);
         }
         let Some((answering, rest)) = self.requests.link_gone(id) else { return };
         // Unanswered: ask again on the link that replaced this one (two peers that redial each other
@@ -483,7 +468,7 @@ impl Actor {
 
     fn dial_from(&mut self, contact: Contact, from_port: Option<u16>, retry_for: std::time::Duration) {
         if self.dialling.insert(contact.addr) {
-            self.background.spawn(bootstrap::dial(contact, from_port, self.limits.clone(), retry_for, self.net.clone()));
+            self.background.spawn(bootstrap::dial(contact, from_port, self.readers.limits.clone(), retry_for, self.readers.net.clone()));
         }
     }
 
@@ -495,14 +480,14 @@ impl Actor {
         let (true, Hub::Unused, Some(tracker)) = (self.tracker_relays, self.hub, self.tracker) else { return };
         log::info!("linking to the tracker's relay at {tracker}");
         self.hub = Hub::Dialling;
-        self.dial(Contact { addr: tracker, known: Some(Protocol::P2pchat) }, self.limits.retry_refused_for);
+        self.dial(Contact { addr: tracker, known: Some(Protocol::P2pchat) }, self.readers.limits.retry_refused_for);
     }
 
     /// A private room's connection (to `remote`; `dialled`: the member we dialled, else accepted): run
     /// the handshake in a task, which reports `Secured` or `HandshakeFailed`.
     fn handshake(&mut self, stream: TcpStream, remote: SocketAddr, dialled: Option<Contact>) {
         let Some(key) = self.private.clone() else { return };
-        let (net, limits) = (self.net.clone(), self.limits.clone());
+        let (net, limits) = (self.readers.net.clone(), self.readers.limits.clone());
         self.background.spawn(async move {
             let shaken = match &dialled {
                 Some(_) => secure::dial_side(stream, &key, limits.probe_timeout, limits.dead_after).await,
@@ -539,7 +524,7 @@ impl Actor {
     /// room not even our name).
     fn hub_hello(&self) -> Hello {
         let name = if self.private.is_some() { None } else { Some(self.name.clone()) };
-        Hello { v: PROTOCOL_VERSION, id: self.my_id.clone(), name, room: self.room.clone(), listen_port: Some(self.listen_port), peers: Vec::new(), identity: None, relay: true }
+        Hello { v: PROTOCOL_VERSION, id: self.my_id.clone(), name, room: self.readers.room.clone(), listen_port: Some(self.listen_port), peers: Vec::new(), identity: None, relay: true }
     }
 
     /// Whether link `id` was our link to the tracker's relay; we have none after this.
@@ -557,7 +542,7 @@ impl Actor {
         let link = self.links.get(&id)?;
         let (key, addr) = (*link.key.as_deref()?, link.shown_addr());
         let fingerprint = identity::fingerprint(&key);
-        let seen = name.and_then(|name| Some((name, self.known_keys.lock().ok()?.meet(&self.room, name, &key))));
+        let seen = name.and_then(|name| Some((name, self.known_keys.lock().ok()?.meet(&self.readers.room, name, &key))));
         let changed = match seen {
             Some((name, Seen::Changed { was })) => {
                 self.notice(format!(
@@ -681,7 +666,7 @@ impl Actor {
             log::info!("cannot reach {addr} directly; asking the tracker to have it dial us too");
             // Beside the dial still trying: whichever connects first makes the link.
             let contact = Contact { addr, known: Some(Protocol::P2pchat) };
-            let task = bootstrap::dial(contact, Some(self.listen_port), self.limits.clone(), self.limits.retry_refused_for, self.net.clone());
+            let task = bootstrap::dial(contact, Some(self.listen_port), self.readers.limits.clone(), self.readers.limits.retry_refused_for, self.readers.net.clone());
             self.background.spawn(task);
         }
     }
@@ -690,7 +675,7 @@ impl Actor {
         let (frames, outgoing) = mpsc::channel(8);
         self.registration = Some(frames);
         self.tracker_relays = link.relays;
-        self.background.spawn(bootstrap::hold_registration(link.stream, outgoing, self.net.clone()));
+        self.background.spawn(bootstrap::hold_registration(link.stream, outgoing, self.readers.net.clone()));
     }
 
     /// Keep-alive for p2pchat links (their readers drop a link that stays silent) and for the tracker
@@ -715,7 +700,7 @@ impl Actor {
             .map(|(id, _)| *id)
             .collect();
         for id in stuck {
-            self.remove(id, format!("not reading: {} lines queued", self.limits.send_queue), false);
+            self.remove(id, format!("not reading: {} lines queued", self.readers.limits.send_queue), false);
         }
     }
 
@@ -739,8 +724,8 @@ impl Actor {
                 }
             }
             NetEvent::Accepted { stream, addr } => {
-                if self.links.len() >= self.limits.max_links {
-                    log::warn!("refusing {addr}: already {} links (the limit)", self.limits.max_links);
+                if self.links.len() >= self.readers.limits.max_links {
+                    log::warn!("refusing {addr}: already {} links (the limit)", self.readers.limits.max_links);
                     return crate::net::reset(stream);
                 }
                 if self.private.is_some() {
@@ -812,7 +797,7 @@ impl Actor {
                     self.originals.insert(addr);
                     if self.in_default_room() {
                         self.carried.insert(addr, link.held);
-                        self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
+                        self.dial(Contact { addr, known: Some(Protocol::Original) }, self.readers.limits.retry_refused_for);
                     }
                 }
             }
@@ -833,7 +818,7 @@ impl Actor {
                     self.notice(format!("using the original protocol with {addr}"));
                     self.originals.insert(addr);
                     self.carried.insert(addr, link.held);
-                    self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
+                    self.dial(Contact { addr, known: Some(Protocol::Original) }, self.readers.limits.retry_refused_for);
                 }
             }
             NetEvent::Renamed { id, name } => {
@@ -859,22 +844,22 @@ impl Actor {
                 let (addr, listen_addr) = (link.shown_addr(), link.listen_addr);
                 self.remove(id, reason, clean);
                 if redial_original {
-                    self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
+                    self.dial(Contact { addr, known: Some(Protocol::Original) }, self.readers.limits.retry_refused_for);
                 } else if let (true, Some(addr)) = (redial_p2pchat, listen_addr) {
-                    self.dial(Contact { addr, known: Some(Protocol::P2pchat) }, self.limits.redial_for);
+                    self.dial(Contact { addr, known: Some(Protocol::P2pchat) }, self.readers.limits.redial_for);
                 }
             }
             NetEvent::TrackerLost { reason } => {
                 self.registration = None;
                 let Some(tracker) = self.tracker else { return };
                 self.notice(format!("lost the connection to the tracker ({reason}); the room goes on, registering again"));
-                let task = bootstrap::register_again(tracker, self.listen_port, self.room.clone(), self.limits.clone(), self.net.clone());
+                let task = bootstrap::register_again(tracker, self.listen_port, self.readers.room.clone(), self.readers.limits.clone(), self.readers.net.clone());
                 self.background.spawn(task);
             }
             NetEvent::Punch { addr } => {
                 if !self.dialling.contains(&addr) && !self.linked_to(addr) {
                     log::info!("the tracker says {addr} cannot reach us; dialling it from our listening port");
-                    self.dial_from(Contact { addr, known: Some(Protocol::P2pchat) }, Some(self.listen_port), self.limits.retry_refused_for);
+                    self.dial_from(Contact { addr, known: Some(Protocol::P2pchat) }, Some(self.listen_port), self.readers.limits.retry_refused_for);
                 }
             }
             NetEvent::RelayAsked { id, peer } => self.relay_between(id, &peer),
@@ -900,7 +885,7 @@ impl Actor {
                 // we already know may be on a link we accepted, whose listen address we cannot know.
                 for contact in contacts.into_iter().filter(|c| c.known == Some(Protocol::P2pchat)) {
                     if !self.linked_to(contact.addr) {
-                        self.dial(contact, self.limits.retry_refused_for);
+                        self.dial(contact, self.readers.limits.retry_refused_for);
                     }
                 }
             }
@@ -950,7 +935,7 @@ impl Actor {
             v: PROTOCOL_VERSION,
             id: self.my_id.clone(),
             name: Some(self.name.clone()),
-            room: self.room.clone(),
+            room: self.readers.room.clone(),
             listen_port: Some(self.listen_port),
             peers,
             identity: binding.map(|b| self.identity.prove(b)),
@@ -970,9 +955,9 @@ impl Actor {
             log::debug!("link {id} reached ourselves; closing it");
             return self.close_quietly(id);
         }
-        if hello.room != self.room {
-            log::debug!("{remote} is in room {:?}, we are in {:?}", hello.room, self.room);
-            return if outgoing { self.close_quietly(id) } else { self.refuse(id, ERR_ROOM, format!("this peer is in room {:?}", self.room)) };
+        if hello.room != self.readers.room {
+            log::debug!("{remote} is in room {:?}, we are in {:?}", hello.room, self.readers.room);
+            return if outgoing { self.close_quietly(id) } else { self.refuse(id, ERR_ROOM, format!("this peer is in room {:?}", self.readers.room)) };
         }
         // On a private link the other end proves its identity key for this very link: no proof, no link.
         if let Some(binding) = binding {
@@ -1115,7 +1100,7 @@ impl Actor {
         if !ours && !known {
             log::debug!("dialling {addr}, which a member told us about");
             let known = if member.p2pchat { None } else { Some(Protocol::Original) };
-            self.dial(Contact { addr, known }, self.limits.retry_refused_for);
+            self.dial(Contact { addr, known }, self.readers.limits.retry_refused_for);
         }
     }
 
@@ -1132,11 +1117,11 @@ impl Actor {
             State::P2pchat | State::Relay => line.p2pchat.clone(),
             State::Original => line.original.clone(),
             State::Opening => {
-                if link.held.len() < self.limits.send_queue {
+                if link.held.len() < self.readers.limits.send_queue {
                     link.held.push(line.clone());
                     return true;
                 }
-                let reason = format!("not answering: {} lines held", self.limits.send_queue);
+                let reason = format!("not answering: {} lines held", self.readers.limits.send_queue);
                 self.remove(id, reason, false);
                 return false;
             }
@@ -1144,7 +1129,7 @@ impl Actor {
         match link.conn.queue.try_send(bytes) {
             Ok(()) => true,
             Err(TrySendError::Full(_)) => {
-                self.remove(id, format!("not reading: {} lines queued", self.limits.send_queue), false);
+                self.remove(id, format!("not reading: {} lines queued", self.readers.limits.send_queue), false);
                 false
             }
             Err(TrySendError::Closed(_)) => {
@@ -1156,17 +1141,17 @@ impl Actor {
 
     /// Send a line to every member; returns how many took it.
     fn send(&mut self, text: &str) -> usize {
-        let stamp = self.clock.tick();
+        let stamp = self.readers.clock.tick();
         let ts = clock::wall_millis();
-        let mut message = Chat { id: frames::random_id(), from: self.name.clone(), room: self.room.clone(), ts, hlc: stamp, text: text.to_owned(), key: None, sig: None };
+        let mut message = Chat { id: frames::random_id(), from: self.name.clone(), room: self.readers.room.clone(), ts, hlc: stamp, text: text.to_owned(), key: None, sig: None };
         if self.private.is_some() {
             // Signed by its author, so no member passing it on (relays, history) can alter or forge it.
             self.identity.sign_chat(&mut message);
         }
-        if let Ok(mut seen) = self.seen.lock() {
+        if let Ok(mut seen) = self.readers.seen.lock() {
             seen.first_time(&message.id);
         }
-        self.log.record_now(history::chat_to_record(&message));
+        self.readers.log.record_now(history::chat_to_record(&message));
         // In a private room the message travels sealed end to end: relays see only ciphertext.
         let frame = match &self.private {
             Some(key) => key.seal(&message),
@@ -1179,7 +1164,7 @@ impl Actor {
         // An original peer being redialled (it dropped our hello) has no link yet: keep the line with
         // the ones carried for it, so what is typed meanwhile is not lost.
         for carried in self.carried.values_mut() {
-            if carried.len() < self.limits.send_queue {
+            if carried.len() < self.readers.limits.send_queue {
                 carried.push(line.clone());
             }
         }
@@ -1282,7 +1267,7 @@ impl Actor {
         let _ = link.conn.queue.try_send(bytes.into());
         let Connection { queue, reader, writer, .. } = link.conn;
         drop((queue, reader));
-        let grace = self.limits.close_grace;
+        let grace = self.readers.limits.close_grace;
         tokio::spawn(async move {
             let _ = tokio::time::timeout(grace, writer).await;
         });
@@ -1292,7 +1277,7 @@ impl Actor {
     /// period), then close everything.
     async fn close_all(&mut self) {
         let bye: Line = frames::encode(&Frame::Bye).into();
-        let deadline = tokio::time::Instant::now() + self.limits.close_grace;
+        let deadline = tokio::time::Instant::now() + self.readers.limits.close_grace;
         let mut writers = Vec::new();
         for (_, link) in self.links.drain() {
             if matches!(link.state, State::P2pchat | State::Relay) {
@@ -1316,8 +1301,8 @@ impl Actor {
 
     /// Presence events are rare; if the application is behind, deliver them later rather than block.
     fn notify(&self, event: Event) {
-        if let Err(TrySendError::Full(event)) = self.events.try_send(event) {
-            let events = self.events.clone();
+        if let Err(TrySendError::Full(event)) = self.readers.events.try_send(event) {
+            let events = self.readers.events.clone();
             tokio::spawn(async move {
                 let _ = events.send(event).await;
             });
