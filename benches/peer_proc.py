@@ -17,7 +17,6 @@ object per line): `links` (how many peers this one is connected to), `send` (`co
 """
 
 import argparse
-import asyncio
 import importlib.util
 import json
 import os
@@ -123,6 +122,8 @@ def load_reference_client():
 
 
 def run_baseline(args, inbox: Inbox) -> None:
+    import asyncio  # only the baseline's process loads it: a p2pchat application on the blocking API does not
+
     original = load_reference_client()
     buffers = defaultdict(bytes)
 
