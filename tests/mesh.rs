@@ -317,6 +317,34 @@ async fn peers_dialling_each_other_at_once_keep_one_link() {
     }
 }
 
+/// A second link from a member already linked is refused with `duplicate`, never just closed: a
+/// probe closed before any hello would make its dialler take this peer for an original one (and
+/// dial it again speaking the original protocol, so every message would arrive twice).
+#[tokio::test]
+async fn a_second_link_from_a_linked_member_is_refused_as_a_duplicate() {
+    use p2pchat::wire::frames::{self, Frame, Hello, ERR_DUPLICATE, MAGIC, PROTOCOL_VERSION};
+    let (tracker, _stop) = start_tracker().await;
+    let (ana, _ana_events) = join("ana", tracker).await;
+    let mut first = RawMember::join(ana.listen_addr(), "zed-session", "zed").await;
+
+    let mut second = TcpStream::connect(ana.listen_addr()).await.unwrap();
+    let hello = Hello { v: PROTOCOL_VERSION, id: "zed-session".into(), name: Some("zed".into()), room: String::new(), listen_port: None, peers: vec![], identity: None, relay: false };
+    second.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, second.read_to_end(&mut answer)).await.expect("the second link was not closed").unwrap();
+    assert!(answer.starts_with(MAGIC), "closed without a word: {answer:?}");
+    let mut decoder = frames::FrameDecoder::new();
+    decoder.feed(&answer[MAGIC.len()..]);
+    let Ok(Some(Frame::Error { code, .. })) = decoder.next_frame() else { panic!("no error frame: {answer:?}") };
+    assert_eq!(code, ERR_DUPLICATE);
+
+    // The first link is the one kept.
+    ana.send("still here").await.unwrap();
+    let Frame::Msg(chat) = first.next(|f| matches!(f, Frame::Msg(_))).await else { unreachable!() };
+    assert_eq!(chat.text, "still here");
+    assert_eq!(ana.peers().await.unwrap().len(), 1);
+}
+
 async fn start_tracker_with(config: TrackerConfig) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let tracker = Tracker::bind(config).await.unwrap();
     let addr = tracker.local_addr();

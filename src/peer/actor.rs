@@ -31,7 +31,7 @@ use crate::identity::{self, Identity};
 use crate::private::RoomKey;
 use crate::tracker::DEFAULT_ROOM;
 use crate::wire::chat;
-use crate::wire::frames::{self, Chat, Frame, Hello, Member, Position, ERR_IDENTITY, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
+use crate::wire::frames::{self, Chat, Frame, Hello, Member, Position, ERR_DUPLICATE, ERR_IDENTITY, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
 
 pub(crate) enum Command {
     /// A line for everyone; the reply (when asked for) says how many it reached.
@@ -793,6 +793,12 @@ impl Actor {
                 }
                 if let Some(link) = self.links.remove(&id) {
                     let addr = link.shown_addr();
+                    if self.links.values().any(|l| l.state == State::P2pchat && l.listen_addr == Some(addr)) {
+                        // A p2pchat member we are linked to closed a second link (a version that does
+                        // not say `duplicate`): not an original peer.
+                        log::debug!("{addr} closed a second link to it");
+                        return;
+                    }
                     log::debug!("{addr} dropped our p2pchat hello: an original peer");
                     self.originals.insert(addr);
                     if self.in_default_room() {
@@ -811,6 +817,11 @@ impl Actor {
                 }
                 if code == ERR_ROOM {
                     log::debug!("{addr} is in another room: {message}");
+                    return;
+                }
+                if code == ERR_DUPLICATE {
+                    // Linked through another connection, or about to be (its hello is on the way).
+                    log::debug!("{addr} keeps another link to us: {message}");
                     return;
                 }
                 self.notice(format!("{addr} refused the p2pchat link: {message}"));
@@ -986,7 +997,13 @@ impl Actor {
             let dialler = |outgoing: bool| if outgoing { self.my_id.clone() } else { hello.id.clone() };
             if dialler(outgoing) >= dialler(existing_outgoing) {
                 log::debug!("link {id} duplicates link {existing} to the same peer; closing it");
-                return self.retire(id);
+                if outgoing {
+                    // It answered our hello and may already be writing to it: read it out.
+                    return self.retire(id);
+                }
+                // We have not answered it: a link closed without a word looks to its dialler like an
+                // original peer that dropped a probe, so say why.
+                return self.refuse(id, ERR_DUPLICATE, "already linked to you through another connection".to_owned());
             }
             log::debug!("link {id} replaces link {existing} to the same peer");
             return self.replace(existing, id, hello);

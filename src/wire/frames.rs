@@ -23,6 +23,8 @@ pub const ERR_VERSION: &str = "version";
 pub const ERR_ROOM: &str = "room";
 pub const ERR_MALFORMED: &str = "malformed";
 pub const ERR_IDENTITY: &str = "identity";
+/// The acceptor already has a link to this peer and keeps that one.
+pub const ERR_DUPLICATE: &str = "duplicate";
 
 /// Introduces an end: sent first by a dialler, answered by the acceptor; also registers with a tracker.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
