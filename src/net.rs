@@ -131,26 +131,6 @@ fn reset_after_fin(_stream: &TcpStream) -> bool {
     false
 }
 
-/// True once the connection was torn down here (its state is CLOSED: timed out, or reset) rather than
-/// ended by the other side's FIN, which leaves it in CLOSE_WAIT. Reading tells these apart only when the
-/// read is the call that takes the socket's error; a write may take it first.
-#[cfg(target_os = "linux")]
-pub fn torn_down(stream: &TcpStream) -> bool {
-    use std::os::fd::AsRawFd;
-    const TCP_CLOSE: u8 = 7;
-    let mut info = std::mem::MaybeUninit::<libc::tcp_info>::zeroed();
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // Reads the connection's state into our own buffer; cannot harm the socket.
-    let rc = unsafe { libc::getsockopt(stream.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len) };
-    // The state is the first byte, filled by every kernel that answers at all.
-    rc == 0 && len > 0 && unsafe { info.assume_init() }.tcpi_state == TCP_CLOSE
-}
-
-#[cfg(not(target_os = "linux"))]
-pub fn torn_down(_stream: &TcpStream) -> bool {
-    false
-}
-
 /// Make the next close of `stream` a reset.
 fn reset_on_close(stream: &TcpStream) {
     if let Err(err) = socket2::SockRef::from(stream).set_linger(Some(Duration::ZERO)) {

@@ -18,6 +18,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::bootstrap::{self, Contact, TrackerLink};
 use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role, Transport};
+use super::outbox::Refused;
 use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests, Sink};
 use super::relay::{self, Relays};
 use super::secure::{self, Secured};
@@ -158,7 +159,7 @@ struct Link {
     binding: Option<Vec<u8>>,
     /// The identity key the other end proved (private links), and whether its name had another
     /// key before (see `trust`). Boxed: it is 200 bytes, and most links (outside private rooms) have
-    /// none, while the links map holds room for every link inline.
+    /// none.
     key: Option<Box<ed25519_dalek::VerifyingKey>>,
     key_changed: bool,
 }
@@ -173,7 +174,9 @@ struct Actor {
     my_id: String,
     name: String,
     listen_port: u16,
-    links: HashMap<ConnId, Link>,
+    /// Boxed: a hash map keeps room for more entries than it holds (up to twice as many), and an
+    /// empty slot then costs a pointer rather than a whole link.
+    links: HashMap<ConnId, Box<Link>>,
     next_id: ConnId,
     /// Listen addresses known to speak only the original protocol: never probed again.
     originals: HashSet<SocketAddr>,
@@ -185,8 +188,8 @@ struct Actor {
     /// until the redial connects or gives up).
     carried: HashMap<SocketAddr, Vec<Arc<OutLine>>>,
     /// Links given up for a duplicate to the same peer: no longer written to (the writer finishes its
-    /// queue and shuts down), read until they end. Their reader and writer tasks.
-    retiring: HashMap<ConnId, (AbortOnDropHandle<()>, AbortOnDropHandle<()>)>,
+    /// queue and shuts down), read until they end. Their tasks.
+    retiring: HashMap<ConnId, AbortOnDropHandle<()>>,
     joined_via_tracker: bool,
     tracker: Option<SocketAddr>,
     /// Frames for our tracker registration (pings, vouches), while we are registered.
@@ -448,9 +451,9 @@ impl Actor {
         let Some((answering, rest)) = self.requests.link_gone(id) else { return };
         // Unanswered: ask again on the link that replaced this one (two peers that redial each other
         // keep one of the two links), or, for the join's history, any member.
-        let free = |l: &(&ConnId, &Link)| l.1.state == State::P2pchat && !self.requests.is_asking(*l.0);
-        let same_peer = self.links.iter().filter(free).find(|(_, l)| l.peer_id.is_some() && l.peer_id == answering);
-        let any = self.links.iter().filter(free).find(|_| rest.purpose == Purpose::Join);
+        let free = |id: ConnId, l: &Link| l.state == State::P2pchat && !self.requests.is_asking(id);
+        let same_peer = self.links.iter().filter(|(id, l)| free(**id, l)).find(|(_, l)| l.peer_id.is_some() && l.peer_id == answering);
+        let any = self.links.iter().filter(|(id, l)| free(**id, l)).find(|_| rest.purpose == Purpose::Join);
         if let Some((&other, _)) = same_peer.or(any) {
             // The first ask's task still ends the join's wait; this one is a catch-up.
             self.ask_history(other, Ask { purpose: Purpose::CatchUp, ..rest });
@@ -595,7 +598,7 @@ impl Actor {
         if self.relays.pair(asker, target) {
             for (id, other) in [(asker, target), (target, asker)] {
                 if let Some(link) = self.links.get(&id) {
-                    link.conn.forwards.store(true, std::sync::atomic::Ordering::Relaxed);
+                    link.conn.flags.forwards.store(true, std::sync::atomic::Ordering::Relaxed);
                     log::info!("relaying between {} and {}", link.shown_addr(), self.links.get(&other).map_or_else(String::new, |l| l.shown_addr().to_string()));
                 }
             }
@@ -610,7 +613,7 @@ impl Actor {
 
     /// Link `via` relays member `peer` to us.
     fn relayed_to_us(&mut self, via: ConnId, peer: String, name: Option<String>, addr: SocketAddr) {
-        let Some(via_addr) = self.links.get(&via).filter(|l| matches!(l.state, State::P2pchat | State::Relay)).map(Link::shown_addr) else { return };
+        let Some(via_addr) = self.links.get(&via).filter(|l| matches!(l.state, State::P2pchat | State::Relay)).map(|l| l.shown_addr()) else { return };
         if peer == self.my_id || self.p2pchat_link_to(&peer).is_some() {
             return;
         }
@@ -642,7 +645,7 @@ impl Actor {
         for partner in gone.partners {
             if let Some(link) = self.links.get(&partner) {
                 let _ = link.conn.queue.try_send(close.clone());
-                link.conn.forwards.store(self.relays.forwards(partner), std::sync::atomic::Ordering::Relaxed);
+                link.conn.flags.forwards.store(self.relays.forwards(partner), std::sync::atomic::Ordering::Relaxed);
             }
         }
     }
@@ -696,7 +699,7 @@ impl Actor {
             .links
             .iter()
             .filter(|(_, l)| matches!(l.state, State::P2pchat | State::Relay))
-            .filter(|(_, l)| matches!(l.conn.queue.try_send(ping.clone()), Err(TrySendError::Full(_))))
+            .filter(|(_, l)| matches!(l.conn.queue.try_send(ping.clone()), Err(Refused::Full(_))))
             .map(|(id, _)| *id)
             .collect();
         for id in stuck {
@@ -914,7 +917,7 @@ impl Actor {
         }
         log::debug!("link {id} to {remote} opened ({role:?})");
         let budget = AnswerBudget::new(&self.history);
-        let link = Link {
+        let link = Box::new(Link {
             conn,
             remote,
             listen_addr,
@@ -928,7 +931,7 @@ impl Actor {
             binding,
             key: None,
             key_changed: false,
-        };
+        });
         self.links.insert(id, link);
         id
     }
@@ -1064,9 +1067,9 @@ impl Actor {
     fn retire(&mut self, id: ConnId) {
         if let Some(link) = self.links.remove(&id) {
             self.end_relays(id, None, link.shown_addr(), "replaced by another link", false);
-            let Connection { queue, reader, writer, .. } = link.conn;
+            let Connection { queue, task, .. } = link.conn;
             drop(queue);
-            self.retiring.insert(id, (reader, writer));
+            self.retiring.insert(id, task);
         }
     }
 
@@ -1089,7 +1092,7 @@ impl Actor {
             link.listen_addr = Some(SocketAddr::new(link.remote.ip(), port));
         }
         link.state = State::P2pchat;
-        link.conn.framed.store(true, std::sync::atomic::Ordering::Release);
+        link.conn.flags.framed.store(true, std::sync::atomic::Ordering::Release);
         link.name = name;
         link.peer_id = Some(peer_id);
         if let Some(bytes) = our_hello {
@@ -1145,11 +1148,11 @@ impl Actor {
         };
         match link.conn.queue.try_send(bytes) {
             Ok(()) => true,
-            Err(TrySendError::Full(_)) => {
+            Err(Refused::Full(_)) => {
                 self.remove(id, format!("not reading: {} lines queued", self.readers.limits.send_queue), false);
                 false
             }
-            Err(TrySendError::Closed(_)) => {
+            Err(Refused::Closed(_)) => {
                 self.remove(id, "connection closed".to_owned(), false);
                 false
             }
@@ -1201,8 +1204,8 @@ impl Actor {
         self.name = name.clone();
         let frame: Line = frames::encode(&Frame::Nick { name }).into();
         // The tracker's relay passes a new name on; in a private room it must never learn one.
-        let told = |l: &&Link| l.state == State::P2pchat || (l.state == State::Relay && self.private.is_none());
-        for link in self.links.values().filter(told) {
+        let told = |l: &Link| l.state == State::P2pchat || (l.state == State::Relay && self.private.is_none());
+        for link in self.links.values().filter(|l| told(l)) {
             let _ = link.conn.queue.try_send(frame.clone());
         }
     }
@@ -1243,7 +1246,7 @@ impl Actor {
             name: m.name.clone(),
             outgoing: false,
             protocol: Some(Protocol::P2pchat),
-            relayed_by: self.links.get(&m.via).map(Link::shown_addr),
+            relayed_by: self.links.get(&m.via).map(|l| l.shown_addr()),
             encrypted: false,
             fingerprint: None,
             key_changed: false,
@@ -1282,11 +1285,10 @@ impl Actor {
         let frame = Frame::Error { code: code.to_owned(), message };
         let bytes = if link.outgoing { frames::encode(&frame) } else { frames::encode_opening(&frame) };
         let _ = link.conn.queue.try_send(bytes.into());
-        let Connection { queue, reader, writer, .. } = link.conn;
-        drop((queue, reader));
+        let task = end_when_written(link.conn);
         let grace = self.readers.limits.close_grace;
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(grace, writer).await;
+            let _ = tokio::time::timeout(grace, task).await;
         });
     }
 
@@ -1295,17 +1297,15 @@ impl Actor {
     async fn close_all(&mut self) {
         let bye: Line = frames::encode(&Frame::Bye).into();
         let deadline = tokio::time::Instant::now() + self.readers.limits.close_grace;
-        let mut writers = Vec::new();
+        let mut links = Vec::new();
         for (_, link) in self.links.drain() {
             if matches!(link.state, State::P2pchat | State::Relay) {
                 let _ = link.conn.queue.try_send(bye.clone());
             }
-            let Connection { queue, reader, writer, .. } = link.conn;
-            drop((queue, reader));
-            writers.push(writer);
+            links.push(end_when_written(link.conn));
         }
-        for writer in &mut writers {
-            let _ = tokio::time::timeout_at(deadline, writer).await;
+        for link in &mut links {
+            let _ = tokio::time::timeout_at(deadline, link).await;
         }
     }
 
@@ -1325,6 +1325,16 @@ impl Actor {
             });
         }
     }
+}
+
+/// Stop reading `conn` and close it once what is queued is written; its task ends then (or is
+/// aborted when the returned handle is dropped).
+fn end_when_written(conn: Connection) -> AbortOnDropHandle<()> {
+    let Connection { queue, flags, task } = conn;
+    flags.closing.store(true, std::sync::atomic::Ordering::Release);
+    // Dropping the queue wakes the task, which then sees the flag.
+    drop(queue);
+    task
 }
 
 async fn accept_loop(listener: TcpListener, net: mpsc::Sender<NetEvent>) {

@@ -1,7 +1,10 @@
-//! One TCP connection to another member: a reader task and a writer task.
+//! One TCP connection to another member, run by one task that reads and writes it.
 //!
-//! The writer owns the write half and a bounded queue of encoded bytes; the actor only ever `try_send`s
+//! Its writer drains a bounded queue of encoded bytes (see `outbox`); the actor only ever `try_send`s
 //! into it, so a peer that stops reading fills its own queue and gets dropped, never stalling the others.
+//! Reading and writing share the task (one task and one borrowed socket per link, not two of each), and
+//! the task polls its writer first, so a write that took the socket's error is known before the reader
+//! sees the connection end, and the link ends with that reason.
 //!
 //! The reader first finds out which protocol the link speaks (the *opening*), reports it to the actor,
 //! then decodes that protocol for the rest of the link's life:
@@ -21,18 +24,20 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::{Duration, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::tcp;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::actor::NetEvent;
 use super::history;
+use super::outbox::{self, Drain, Outbox};
 use super::secure::SecureStream;
 use super::seen::SeenIds;
 use super::trust::{self, KnownKeys};
@@ -110,16 +115,24 @@ pub(super) struct ReaderContext {
     pub room_key: Option<Arc<RoomKey>>,
 }
 
-/// The live parts of a connection; dropping it aborts both tasks and closes the socket.
-pub(super) struct Connection {
-    pub queue: mpsc::Sender<Line>,
+/// What the actor tells a running link; its task reads each when it matters.
+#[derive(Default)]
+pub(super) struct LinkFlags {
     /// Set once the link speaks p2pchat frames: its writer may then join queued lines in one write.
-    pub framed: Arc<AtomicBool>,
+    pub framed: AtomicBool,
     /// Set while we relay this member's messages to others: its reader then hands each new message
     /// to the actor as well.
-    pub forwards: Arc<AtomicBool>,
-    pub reader: AbortOnDropHandle<()>,
-    pub writer: AbortOnDropHandle<()>,
+    pub forwards: AtomicBool,
+    /// Set when the actor closes the link: it stops reading, writes what is queued, and ends. Without
+    /// it, a link whose queue is closed (a retired one) reads on until the other side closes.
+    pub closing: AtomicBool,
+}
+
+/// The live parts of a connection; dropping it aborts its task and closes the socket.
+pub(super) struct Connection {
+    pub queue: Outbox<Line>,
+    pub flags: Arc<LinkFlags>,
+    pub task: AbortOnDropHandle<()>,
 }
 
 /// What a link runs on: the socket itself, or (in a private room) the plaintext side of its
@@ -130,33 +143,34 @@ pub(super) enum Transport {
 }
 
 pub(super) fn spawn(id: ConnId, transport: Transport, from: SocketAddr, role: Role, context: Arc<ReaderContext>) -> Connection {
-    let (queue, lines) = mpsc::channel(context.limits.send_queue);
-    let (framed, forwards) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
-    let failure = Arc::new(WriteFailure::default());
-    let (reader, writer) = match transport {
-        Transport::Plain(stream) => {
+    let (queue, lines) = outbox::outbox(context.limits.send_queue);
+    let flags = Arc::new(LinkFlags::default());
+    let link = LinkTask { id, from, role, context, flags: flags.clone() };
+    let task = match transport {
+        Transport::Plain(mut stream) => {
             let _ = stream.set_nodelay(true);
-            crate::net::detect_dead_peer(&stream, context.limits.dead_after);
-            let (read_half, write_half) = stream.into_split();
-            let reader = tokio::spawn(read_loop(id, read_half, from, role, context, forwards.clone(), failure.clone()));
-            (reader, tokio::spawn(write_loop(write_half, lines, framed.clone(), failure)))
+            crate::net::detect_dead_peer(&stream, link.context.limits.dead_after);
+            tokio::spawn(async move {
+                // Borrowed halves: one task reads and writes, so the socket needs no shared owner.
+                let (read_half, write_half) = stream.split();
+                link.run(read_half, write_half, lines).await;
+            })
         }
         Transport::Secure(stream) => {
             let (read_half, write_half) = tokio::io::split(stream);
-            let reader = tokio::spawn(read_loop(id, read_half, from, role, context, forwards.clone(), failure.clone()));
-            (reader, tokio::spawn(write_loop(write_half, lines, framed.clone(), failure)))
+            tokio::spawn(link.run(read_half, write_half, lines))
         }
     };
-    Connection { queue, framed, forwards, reader: AbortOnDropHandle::new(reader), writer: AbortOnDropHandle::new(writer) }
+    Connection { queue, flags, task: AbortOnDropHandle::new(task) }
 }
 
 /// The writing side of a link.
-trait LinkWriter: AsyncWrite + Unpin + Send + 'static {
+trait LinkWriter: AsyncWrite + Unpin + Send {
     /// After a failed write: make the link's reader end once it has read what already arrived.
     fn stop_reads(&self);
 }
 
-impl LinkWriter for OwnedWriteHalf {
+impl LinkWriter for tcp::WriteHalf<'_> {
     fn stop_reads(&self) {
         let _ = socket2::SockRef::from(self.as_ref()).shutdown(std::net::Shutdown::Read);
     }
@@ -169,23 +183,15 @@ impl LinkWriter for WriteHalf<SecureStream> {
 }
 
 /// The reading side of a link.
-trait LinkReader: AsyncRead + Unpin + Send + 'static {
+trait LinkReader: AsyncRead + Unpin + Send {
     /// Wait until a read would not: the link takes a read buffer only then, so an idle link holds
     /// none. (An error is left for that read to report.)
     fn readable(&self) -> impl Future<Output = ()> + Send;
-
-    /// After the end of the stream: whether the connection was torn down here (see
-    /// [`crate::net::torn_down`]) rather than closed by the other side.
-    fn torn_down(&self) -> bool;
 }
 
-impl LinkReader for OwnedReadHalf {
+impl LinkReader for tcp::ReadHalf<'_> {
     async fn readable(&self) {
-        let _ = OwnedReadHalf::readable(self).await;
-    }
-
-    fn torn_down(&self) -> bool {
-        crate::net::torn_down(self.as_ref())
+        let _ = self.as_ref().readable().await;
     }
 }
 
@@ -193,26 +199,89 @@ impl LinkReader for ReadHalf<SecureStream> {
     /// The encryption's pumps hand plaintext over through an in-memory pipe that tells no readiness:
     /// a private link's read waits with its buffer.
     async fn readable(&self) {}
+}
 
-    /// The encryption's pumps report a failed connection as a read error.
-    fn torn_down(&self) -> bool {
-        false
+/// How a link's reading ended.
+enum ReadEnd {
+    /// The stream ended without a goodbye: the other side closed it, unless our writer failed first
+    /// (it then stopped our reads, or its write took the socket's error).
+    EndOfStream,
+    /// Why it ended, and whether the other side said goodbye.
+    Because(String, bool),
+}
+
+/// How a link's writing ended.
+enum Written {
+    /// The queue was closed and everything in it written; the write side is shut down.
+    All,
+    Failed(String),
+}
+
+/// One link's task: it reads and writes the connection, and tells the actor how it ended.
+struct LinkTask {
+    id: ConnId,
+    from: SocketAddr,
+    role: Role,
+    context: Arc<ReaderContext>,
+    flags: Arc<LinkFlags>,
+}
+
+impl LinkTask {
+    async fn run(self, mut read_half: impl LinkReader, write_half: impl LinkWriter, lines: Drain<Line>) {
+        let mut reading = std::pin::pin!(self.read(&mut read_half));
+        let mut writing = std::pin::pin!(write_loop(write_half, lines, &self.flags));
+        let mut written = None;
+        // The writer is polled first: a write that took the socket's error is known before the
+        // reader's end of stream (one task, so there is no race to settle).
+        let ended = std::future::poll_fn(|cx| {
+            if written.is_none() {
+                if let Poll::Ready(outcome) = writing.as_mut().poll(cx) {
+                    written = Some(outcome);
+                }
+            }
+            if self.flags.closing.load(Ordering::Acquire) {
+                // Nothing more is read or reported: the link ends once its queue is written.
+                return if written.is_some() { Poll::Ready(None) } else { Poll::Pending };
+            }
+            reading.as_mut().poll(cx).map(Some)
+        })
+        .await;
+        let (reason, clean) = match ended.flatten() {
+            None => return,
+            Some(ReadEnd::Because(reason, clean)) => (reason, clean),
+            Some(ReadEnd::EndOfStream) => match written {
+                Some(Written::Failed(reason)) => (reason, false),
+                _ => ("closed by the other side".to_owned(), false),
+            },
+        };
+        let _ = sending::send(&self.context.net, NetEvent::Closed { id: self.id, reason, clean }).await;
+    }
+
+    /// Read the link until it ends; `None` when there is nothing to report as a closed link.
+    async fn read(&self, half: &mut impl LinkReader) -> Option<ReadEnd> {
+        let (id, context) = (self.id, &*self.context);
+        let opened = match self.role {
+            Role::DialOriginal => Opened::Original(Vec::new()),
+            Role::Probe => read_opening(half, context.limits.probe_timeout).await,
+            Role::Accepted => read_opening(half, context.limits.decide_timeout).await,
+        };
+        match (self.role, opened) {
+            (Role::Probe, Opened::Silent | Opened::Closed(_)) => {
+                let _ = sending::send(&context.net, NetEvent::ProbeRejected { id }).await;
+                None
+            }
+            (_, Opened::Closed(reason)) => Some(ReadEnd::Because(reason, false)),
+            (_, Opened::P2pchat(rest)) => Some(p2pchat_loop(id, half, self.from, rest, context, &self.flags.forwards).await),
+            (_, opened @ (Opened::Original(_) | Opened::Silent)) => {
+                let first = if let Opened::Original(first) = opened { first } else { Vec::new() };
+                sending::send(&context.net, NetEvent::Original { id }).await.ok()?;
+                // Boxed: links to original peers are few, and inline this loop would size every link's
+                // task (a p2pchat link's loop is smaller).
+                Some(Box::pin(original_loop(id, half, self.from, first, context)).await)
+            }
+        }
     }
 }
-
-/// Why a link's writer failed, for its reader to report with the end of the link.
-#[derive(Default)]
-struct WriteFailure {
-    reason: OnceLock<String>,
-    stored: Notify,
-}
-
-/// Why a link ended when its reader saw the end of the stream and nothing else.
-const CLOSED_BY_OTHER_SIDE: &str = "closed by the other side";
-
-/// How long a reader that found its connection torn down waits for its writer's reason: the writer
-/// took the socket's error and is storing it.
-const WRITER_EXPLAINS_WITHIN: Duration = Duration::from_millis(200);
 
 /// How much one read asks for: it starts small, since chat lines are short, doubles while reads fill it,
 /// up to 64 KiB for a busy link, and halves again while reads use a quarter of it or less, so a link
@@ -283,9 +352,9 @@ impl Silence {
 /// Most bytes one write gathers from a framed link's queue.
 const MAX_BATCH_BYTES: usize = 64 * 1024;
 
-async fn write_loop(mut half: impl LinkWriter, mut lines: mpsc::Receiver<Line>, framed: Arc<AtomicBool>, failure: Arc<WriteFailure>) {
-    while let Some(line) = lines.recv().await {
-        let next = if framed.load(Ordering::Acquire) { lines.try_recv().ok() } else { None };
+async fn write_loop(mut half: impl LinkWriter, mut lines: Drain<Line>, flags: &LinkFlags) -> Written {
+    while let Some(line) = lines.next().await {
+        let next = if flags.framed.load(Ordering::Acquire) { lines.try_next() } else { None };
         let written = match next {
             // Frames keep their boundaries however the stream is cut, so a p2pchat link writes
             // everything already queued at once (one syscall instead of one per line when the room is
@@ -296,7 +365,7 @@ async fn write_loop(mut half: impl LinkWriter, mut lines: mpsc::Receiver<Line>, 
                 batch.extend_from_slice(&line);
                 batch.extend_from_slice(&next);
                 while batch.len() < MAX_BATCH_BYTES {
-                    let Ok(more) = lines.try_recv() else { break };
+                    let Some(more) = lines.try_next() else { break };
                     batch.extend_from_slice(&more);
                 }
                 half.write_all(&batch).await
@@ -307,58 +376,18 @@ async fn write_loop(mut half: impl LinkWriter, mut lines: mpsc::Receiver<Line>, 
             // The reader reports the end, not us: the other side may have said goodbye and closed
             // while our line was on its way, and its `bye` may still wait, unread, in our socket.
             // Stopping the reads makes the reader take what arrived and then end, with this reason
-            // unless it read a goodbye. When the connection itself failed, the reader may see the end
-            // before we get here: it then waits for this reason (see `read_loop`).
-            let _ = failure.reason.set(format!("write failed: {err}"));
-            failure.stored.notify_one();
+            // unless it read a goodbye.
             half.stop_reads();
-            return;
+            return Written::Failed(format!("write failed: {err}"));
         }
     }
-    // The actor dropped the queue: we are leaving, or the reader saw the other side go.
+    // The actor closed the queue: we are leaving, or the link was retired or refused.
     let _ = half.shutdown().await;
-}
-
-async fn read_loop(id: ConnId, mut half: impl LinkReader, from: SocketAddr, role: Role, context: Arc<ReaderContext>, forwards: Arc<AtomicBool>, failure: Arc<WriteFailure>) {
-    let opened = match role {
-        Role::DialOriginal => Opened::Original(Vec::new()),
-        Role::Probe => read_opening(&mut half, context.limits.probe_timeout).await,
-        Role::Accepted => read_opening(&mut half, context.limits.decide_timeout).await,
-    };
-    let net = context.net.clone();
-    let (reason, clean) = match (role, opened) {
-        (Role::Probe, Opened::Silent | Opened::Closed(_)) => {
-            let _ = sending::send(&net, NetEvent::ProbeRejected { id }).await;
-            return;
-        }
-        (_, Opened::Closed(reason)) => (reason, false),
-        (_, Opened::P2pchat(rest)) => p2pchat_loop(id, &mut half, from, rest, &context, &forwards).await,
-        (_, opened @ (Opened::Original(_) | Opened::Silent)) => {
-            let first = if let Opened::Original(first) = opened { first } else { Vec::new() };
-            if sending::send(&net, NetEvent::Original { id }).await.is_err() {
-                return;
-            }
-            // Boxed: links to original peers are few, and inline this loop would size every link's
-            // task (a p2pchat link's loop is smaller).
-            (Box::pin(original_loop(id, &mut half, from, first, &context)).await, false)
-        }
-    };
-    // An end of stream without a goodbye after our writer failed is explained by that failure (the
-    // writer stopped our reads, or took the socket's error before our read could): if the connection
-    // was torn down here, the writer's reason may still be on its way.
-    let reason = if !clean && reason == CLOSED_BY_OTHER_SIDE {
-        if failure.reason.get().is_none() && half.torn_down() {
-            let _ = tokio::time::timeout(WRITER_EXPLAINS_WITHIN, failure.stored.notified()).await;
-        }
-        failure.reason.get().cloned().unwrap_or(reason)
-    } else {
-        reason
-    };
-    let _ = sending::send(&net, NetEvent::Closed { id, reason, clean }).await;
+    Written::All
 }
 
 /// The original protocol: `<NAME> :: text` pieces, decoded incrementally.
-async fn original_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, first: Vec<u8>, context: &ReaderContext) -> String {
+async fn original_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, first: Vec<u8>, context: &ReaderContext) -> ReadEnd {
     let mut decoder = ChatDecoder::new();
     let mut flood = Flood::new(context.limits.max_message_rate);
     let mut pending = first;
@@ -394,12 +423,12 @@ async fn original_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr,
             Ok(n) => read_size.after_read(n),
             Err(err) => {
                 deliver(decoder.flush(), from, context, &mut flood).await;
-                return format!("read failed: {err}");
+                return ReadEnd::Because(format!("read failed: {err}"), false);
             }
         }
     }
     deliver(decoder.flush(), from, context, &mut flood).await;
-    CLOSED_BY_OTHER_SIDE.to_owned()
+    ReadEnd::EndOfStream
 }
 
 /// Log and show what an original peer said. Its lines carry no id: each is logged under one made
@@ -492,8 +521,8 @@ impl Drops {
     }
 }
 
-/// The extension protocol: frames. Returns why the link ended and whether the other side said goodbye.
-async fn p2pchat_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, rest: Vec<u8>, context: &ReaderContext, forwards: &AtomicBool) -> (String, bool) {
+/// The extension protocol: frames.
+async fn p2pchat_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, rest: Vec<u8>, context: &ReaderContext, forwards: &AtomicBool) -> ReadEnd {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&rest);
     let mut read_size = ReadSize::new();
@@ -623,8 +652,8 @@ async fn p2pchat_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, 
             actor_gone |= sending::send(&context.net, event).await.is_err();
         }
         log_then_show(context, std::mem::take(&mut to_log), std::mem::take(&mut to_show)).await;
-        if let Some(end) = ended.or_else(|| actor_gone.then(|| ("closing".to_owned(), false))) {
-            return end;
+        if let Some((reason, clean)) = ended.or_else(|| actor_gone.then(|| ("closing".to_owned(), false))) {
+            return ReadEnd::Because(reason, clean);
         }
         // p2pchat ends ping every `keepalive_interval`: silence means the other end is gone.
         decoder.release_if_drained();
@@ -636,15 +665,16 @@ async fn p2pchat_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, 
                 read_size.prepare(buf);
                 half.read_buf(buf).await
             } => read,
-            () = silence.passed() => return (format!("silent for {:?}", context.limits.dead_after), false),
+            () = silence.passed() => return ReadEnd::Because(format!("silent for {:?}", context.limits.dead_after), false),
         };
         match read {
-            Ok(0) => return (if said_bye { "left" } else { CLOSED_BY_OTHER_SIDE }.to_owned(), said_bye),
+            Ok(0) if said_bye => return ReadEnd::Because("left".to_owned(), true),
+            Ok(0) => return ReadEnd::EndOfStream,
             Ok(n) => {
                 read_size.after_read(n);
                 silence.heard();
             }
-            Err(err) => return (format!("read failed: {err}"), said_bye),
+            Err(err) => return ReadEnd::Because(format!("read failed: {err}"), said_bye),
         }
     }
 }

@@ -21,6 +21,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 use super::connection::{ConnId, Line};
+use super::outbox::Outbox;
 use super::seen::SeenIds;
 use super::{Event, Message};
 use crate::history::clock::Clock;
@@ -184,7 +185,7 @@ pub(super) fn key(position: Position) -> Key {
 
 /// Answer one request on `queue`: read the log, send the frames (waiting for room in the queue: an
 /// answer is many frames, and live lines must still fit), and return how many bytes were sent.
-pub(super) async fn answer(log: LogHandle, room: String, req: u32, query: Query, queue: mpsc::Sender<Line>) -> usize {
+pub(super) async fn answer(log: LogHandle, room: String, req: u32, query: Query, queue: Outbox<Line>) -> usize {
     let msgs = match log.query(query).await {
         Ok(records) => records.into_iter().map(|r| record_to_chat(r, &room)).collect(),
         Err(err) => {

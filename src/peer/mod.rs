@@ -22,6 +22,7 @@ mod actor;
 mod bootstrap;
 mod connection;
 mod history;
+mod outbox;
 mod relay;
 mod secure;
 mod seen;
