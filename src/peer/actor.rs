@@ -19,7 +19,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::bootstrap::{self, Contact, TrackerLink};
 use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role, Transport};
 use super::outbox::Refused;
-use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests, Sink};
+use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests};
 use super::relay::{self, Relays};
 use super::secure::{self, Secured};
 use super::trust::{self, KnownKeys, Seen};
@@ -388,7 +388,7 @@ impl Actor {
         let (link_addr, purpose) = (link.shown_addr(), ask.purpose);
         log::debug!("asking {link_addr} for {limit} messages of history ({purpose:?})");
         let (parts, parts_rx) = mpsc::channel(64);
-        let sink = Sink { log: self.readers.log.clone(), seen: self.readers.seen.clone(), clock: self.readers.clock.clone(), events: self.readers.events.clone() };
+        let sink = self.readers.clone();
         let config = self.history.clone();
         self.background.spawn(async move { history::receive(parts_rx, link_addr, purpose, &config, sink).await });
         self.requests.sent(id, req, link.peer_id.clone(), ask, parts);

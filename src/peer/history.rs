@@ -15,16 +15,14 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
-use super::connection::{ConnId, Line};
+use super::connection::{ConnId, Line, ReaderContext};
 use super::outbox::Outbox;
-use super::seen::SeenIds;
 use super::{Event, Message};
-use crate::history::clock::Clock;
 use crate::history::log::LogHandle;
 use crate::history::store::{self, Key, Query, Record};
 use crate::wire::chat;
@@ -340,18 +338,11 @@ pub(super) enum Purpose {
     CatchUp,
 }
 
-/// Where received history goes.
-#[derive(Clone)]
-pub(super) struct Sink {
-    pub log: LogHandle,
-    pub seen: Arc<Mutex<SeenIds>>,
-    pub clock: Arc<Clock>,
-    pub events: mpsc::Sender<Event>,
-}
-
 /// Take the parts of one answer from `parts` (routed by the actor, which checked they answer our
 /// request and stay within its limit), log them and pass on the new ones, marked as history.
-pub(super) async fn receive(mut parts: mpsc::Receiver<Vec<Chat>>, from: SocketAddr, purpose: Purpose, config: &HistoryConfig, sink: Sink) {
+/// What it needs of the peer (the log, the ids shown, the clock, the application's events) is
+/// what the peer's links share.
+pub(super) async fn receive(mut parts: mpsc::Receiver<Vec<Chat>>, from: SocketAddr, purpose: Purpose, config: &HistoryConfig, sink: Arc<ReaderContext>) {
     let started = tokio::time::Instant::now();
     let deadline = started + config.answer_wait;
     // While the join holds the room back, the answer's first part must come soon.
