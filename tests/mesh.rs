@@ -156,9 +156,20 @@ async fn a_listed_address_that_refuses_is_skipped() {
 /// A member that stops reading fills its own queue and is dropped; the others get every line.
 #[tokio::test]
 async fn a_peer_that_never_reads_is_dropped_without_holding_back_the_others() {
+    // Its queue reaches the byte bound (64 KiB lines), long before it could count as stalled.
+    dropped_for_not_reading(Duration::from_secs(3600), 1 << 20, "not reading fast enough").await;
+}
+
+/// ... or, below the byte bound, its queue stays past its line bound with nothing taken.
+#[tokio::test]
+async fn a_peer_that_never_reads_is_dropped_once_its_queue_stalls() {
+    dropped_for_not_reading(Duration::from_millis(300), 1 << 30, "none taken for 300ms").await;
+}
+
+async fn dropped_for_not_reading(stalled_after: Duration, send_queue_bytes: usize, why: &str) {
     let (tracker, _stop) = start_tracker().await;
     let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
-    config.limits.send_queue = 4;
+    config.limits = peer::Limits { send_queue: 4, stalled_after, send_queue_bytes, ..config.limits };
     let (ana, mut ana_events, _) = peer::join(config).await.unwrap();
     let mut bob_config = PeerConfig::new("bob", "127.0.0.1", tracker.port());
     bob_config.limits.max_message_rate = u32::MAX / 4; // bob takes the whole flood on purpose
@@ -184,7 +195,7 @@ async fn a_peer_that_never_reads_is_dropped_without_holding_back_the_others() {
             _ => continue,
         }
     };
-    assert!(dropped_reason.contains("not reading"), "{dropped_reason}");
+    assert!(dropped_reason.contains(why), "{dropped_reason}");
     assert_eq!(ana.peers().await.unwrap().len(), 1);
     let mut received = 0;
     let mut bytes = 0;

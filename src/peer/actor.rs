@@ -695,15 +695,15 @@ impl Actor {
             let _ = registration.try_send(frames::encode(&frame).into());
         }
         let ping: Line = frames::encode(&Frame::Ping).into();
-        let stuck: Vec<ConnId> = self
+        let limits = &self.readers.limits;
+        let stuck: Vec<(ConnId, String)> = self
             .links
             .iter()
             .filter(|(_, l)| matches!(l.state, State::P2pchat | State::Relay))
-            .filter(|(_, l)| matches!(l.conn.queue.try_send(ping.clone()), Err(Refused::Full(_))))
-            .map(|(id, _)| *id)
+            .filter_map(|(id, l)| l.conn.queue.try_send(ping.clone()).err().and_then(|refused| not_reading(&refused, limits)).map(|why| (*id, why)))
             .collect();
-        for id in stuck {
-            self.remove(id, format!("not reading: {} lines queued", self.readers.limits.send_queue), false);
+        for (id, why) in stuck {
+            self.remove(id, why, false);
         }
     }
 
@@ -1146,17 +1146,10 @@ impl Actor {
                 return false;
             }
         };
-        match link.conn.queue.try_send(bytes) {
-            Ok(()) => true,
-            Err(Refused::Full(_)) => {
-                self.remove(id, format!("not reading: {} lines queued", self.readers.limits.send_queue), false);
-                false
-            }
-            Err(Refused::Closed(_)) => {
-                self.remove(id, "connection closed".to_owned(), false);
-                false
-            }
-        }
+        let Err(refused) = link.conn.queue.try_send(bytes) else { return true };
+        let why = not_reading(&refused, &self.readers.limits).unwrap_or_else(|| "connection closed".to_owned());
+        self.remove(id, why, false);
+        false
     }
 
     /// Send a line to every member; returns how many took it.
@@ -1324,6 +1317,15 @@ impl Actor {
                 let _ = events.send(event).await;
             });
         }
+    }
+}
+
+/// Why a link whose queue refused a line is dropped as not reading (`None`: its connection is gone).
+fn not_reading(refused: &Refused<Line>, limits: &Limits) -> Option<String> {
+    match refused {
+        Refused::Stalled(_) => Some(format!("not reading: {} lines queued, none taken for {:?}", limits.send_queue, limits.stalled_after)),
+        Refused::Overflow(_) => Some(format!("not reading fast enough: {} KiB queued", limits.send_queue_bytes / 1024)),
+        Refused::Closed(_) => None,
     }
 }
 

@@ -143,7 +143,8 @@ pub(super) enum Transport {
 }
 
 pub(super) fn spawn(id: ConnId, transport: Transport, from: SocketAddr, role: Role, context: Arc<ReaderContext>) -> Connection {
-    let (queue, lines) = outbox::outbox(context.limits.send_queue);
+    let limits = &context.limits;
+    let (queue, lines) = outbox::outbox(outbox::Bounds { lines: limits.send_queue, stalled_after: limits.stalled_after, bytes: limits.send_queue_bytes });
     let flags = Arc::new(LinkFlags::default());
     let link = LinkTask { id, from, role, context, flags: flags.clone() };
     let task = match transport {

@@ -67,8 +67,14 @@ pub struct Limits {
     pub tracker_idle: Duration,
     /// Largest tracker answer read; the rest is ignored.
     pub tracker_answer_cap: usize,
-    /// Lines queued for one peer before it counts as not reading and is disconnected.
+    /// Lines queued for one peer past which it must keep taking them: if its queue stays this long
+    /// for `stalled_after` without a line taken, it is not reading and is disconnected. (History
+    /// answers wait for room below it.)
     pub send_queue: usize,
+    /// See `send_queue`.
+    pub stalled_after: Duration,
+    /// Bytes queued for one peer at most, however it keeps up: past that it is disconnected.
+    pub send_queue_bytes: usize,
     /// Events buffered for the application before readers wait (backpressure onto the senders).
     pub event_queue: usize,
     /// A possible header prefix or split character at the end of a read is held back at most this long.
@@ -106,6 +112,9 @@ impl Default for Limits {
             tracker_idle: Duration::from_millis(200),
             tracker_answer_cap: 64 * 1024,
             send_queue: 256,
+            stalled_after: Duration::from_secs(3),
+            // At least the line bound's worth of the longest lines (256 of 64 KiB), as when it was the only bound.
+            send_queue_bytes: 32 * 1024 * 1024,
             event_queue: 4096,
             hold_back: Duration::from_millis(50),
             close_grace: Duration::from_secs(1),
