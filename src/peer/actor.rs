@@ -18,8 +18,8 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::bootstrap::{self, Contact, TrackerLink};
 use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role, Transport};
-use super::outbox::Refused;
 use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests};
+use super::outbox::Refused;
 use super::relay::{self, Relays};
 use super::secure::{self, Secured};
 use super::trust::{self, KnownKeys, Seen};
