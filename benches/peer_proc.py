@@ -1,7 +1,8 @@
 """One chat peer for the benchmark, as its own process, driven by `run.py` over stdin/stdout (JSON lines).
 
-`--impl p2pchat` is an application on the `p2pchat.Peer` API; `--impl baseline` is the asyncio reference
-peer of the interop tests (tests/reference/original_client.py): its own functions run the tracker
+`--impl p2pchat` is an application on the `p2pchat.Peer` API (`p2pchat-asyncio`: the same on its
+asyncio API); `--impl baseline` is the asyncio reference peer of the interop tests
+(tests/reference/original_client.py): its own functions run the tracker
 exchange, the listener and every connection; this file only replaces its `print` (so nothing is
 written to a terminal) and hooks its `capture` to see each received chunk as it arrives.
 
@@ -73,6 +74,28 @@ def paced(count: int, rate: float):
         yield seq
 
 
+async def paced_async(count: int, rate: float):
+    """`paced` for an asyncio program."""
+    import asyncio
+
+    start = time.monotonic()
+    for seq in range(count):
+        delay = start + seq / rate - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        yield seq
+
+
+def reply_common(cmd: dict, inbox: Inbox, links) -> bool:
+    """Answer `links` and `report` alike for every implementation; False for `quit`. (`send` differs,
+    and is the caller's.)"""
+    if cmd["cmd"] == "links":
+        reply({"links": links()})
+    elif cmd["cmd"] == "report":
+        reply(inbox.take())
+    return cmd["cmd"] != "quit"
+
+
 def run_p2pchat(args, inbox: Inbox) -> None:
     import p2pchat
 
@@ -96,9 +119,7 @@ def run_p2pchat(args, inbox: Inbox) -> None:
     seq = 0
     for line in sys.stdin:
         cmd = json.loads(line)
-        if cmd["cmd"] == "links":
-            reply({"links": len(peer.peers())})
-        elif cmd["cmd"] == "send":
+        if cmd["cmd"] == "send":
             started = time.monotonic()
             for _ in paced(cmd["count"], cmd["rate"]):
                 # As a program that sends many lines does (README, the Python API): it needs no count
@@ -106,12 +127,51 @@ def run_p2pchat(args, inbox: Inbox) -> None:
                 peer.post(text(args.index, seq))
                 seq += 1
             reply({"sent": cmd["count"], "seconds": time.monotonic() - started})
-        elif cmd["cmd"] == "report":
-            reply(inbox.take())
-        elif cmd["cmd"] == "quit":
+        elif not reply_common(cmd, inbox, lambda: len(peer.peers())):
             break
     peer.close()
     reply({"bye": True})
+
+
+def run_p2pchat_asyncio(args, inbox: Inbox) -> None:
+    """The same application on p2pchat's asyncio API (the scale scenario's memory row for programs
+    that run p2pchat under asyncio, which then load asyncio as the baseline does)."""
+    import asyncio
+
+    import p2pchat
+
+    async def main() -> None:
+        data_dir = os.path.join(args.data_dir, f"n{args.index}")
+        async with p2pchat.Peer(f"n{args.index}", "127.0.0.1", args.tracker_port, max_message_rate=args.max_rate, data_dir=data_dir) as peer:
+
+            async def receive() -> None:
+                async for message in peer:
+                    if message.history:
+                        continue
+                    now = time.monotonic_ns()
+                    sender, _, sent = message.text.rstrip(".").split(":")
+                    inbox.record(int(sender), int(sent), now)
+
+            receiving = asyncio.ensure_future(receive())
+            reply({"ready": True, "pid": os.getpid()})
+            loop, seq = asyncio.get_running_loop(), 0
+            while True:
+                line = await loop.run_in_executor(None, sys.stdin.readline)
+                if not line:
+                    break
+                cmd = json.loads(line)
+                if cmd["cmd"] == "send":
+                    started = time.monotonic()
+                    async for _ in paced_async(cmd["count"], cmd["rate"]):
+                        peer.post(text(args.index, seq))
+                        seq += 1
+                    reply({"sent": cmd["count"], "seconds": time.monotonic() - started})
+                elif not reply_common(cmd, inbox, lambda: len(peer.peers())):
+                    break
+            receiving.cancel()
+        reply({"bye": True})
+
+    asyncio.run(main())
 
 
 def load_reference_client():
@@ -157,23 +217,16 @@ def run_baseline(args, inbox: Inbox) -> None:
             if not line:
                 return
             cmd = json.loads(line)
-            if cmd["cmd"] == "links":
-                reply({"links": len(original.CONNECTIONS)})
-            elif cmd["cmd"] == "send":
+            if cmd["cmd"] == "send":
                 start = time.monotonic()
-                for i in range(cmd["count"]):
-                    delay = start + i / cmd["rate"] - time.monotonic()
-                    if delay > 0:
-                        await asyncio.sleep(delay)
+                async for _ in paced_async(cmd["count"], cmd["rate"]):
                     line_text = text(args.index, seq)
                     seq += 1
                     # Exactly what the reference client does for each typed line.
                     for writer in list(original.CONNECTIONS):
                         writer.write(f"<{name}> :: {line_text}".encode("utf-8"))
                 reply({"sent": cmd["count"], "seconds": time.monotonic() - start})
-            elif cmd["cmd"] == "report":
-                reply(inbox.take())
-            elif cmd["cmd"] == "quit":
+            elif not reply_common(cmd, inbox, lambda: len(original.CONNECTIONS)):
                 reply({"bye": True})
                 return
 
@@ -182,7 +235,7 @@ def run_baseline(args, inbox: Inbox) -> None:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=("p2pchat", "baseline"), required=True)
+    parser.add_argument("--impl", choices=("p2pchat", "p2pchat-asyncio", "baseline"), required=True)
     parser.add_argument("--tracker-port", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--max-rate", type=int, default=100_000)
@@ -192,8 +245,8 @@ if __name__ == "__main__":
     inbox = Inbox(options.latencies)
     # Start up (the interpreter, the imports) before joining, so a room's processes can all start at
     # once while they join one at a time.
-    if options.impl == "p2pchat":
+    if options.impl.startswith("p2pchat"):
         import p2pchat  # noqa: F401
     reply({"started": True})
     if json.loads(sys.stdin.readline() or "{}").get("cmd") == "join":
-        (run_p2pchat if options.impl == "p2pchat" else run_baseline)(options, inbox)
+        {"p2pchat": run_p2pchat, "p2pchat-asyncio": run_p2pchat_asyncio, "baseline": run_baseline}[options.impl](options, inbox)

@@ -168,7 +168,7 @@ class Room:
 
     def __init__(self, impl: str, size: int, mesh_timeout: float = 60.0, latencies: bool = False) -> None:
         self.impl, self.size = impl, size
-        self.tracker = start_tracker(impl)
+        self.tracker = start_tracker("baseline" if impl == "baseline" else "p2pchat")
         self.peers: List[Child] = []
         # The room's own logs: a room starts with no history, as the baseline's has none.
         self.data_dir = tempfile.mkdtemp(prefix=f"{impl}-{size}-", dir=os.environ["P2PCHAT_BENCH_DATA"])
@@ -390,10 +390,12 @@ def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
     return rows
 
 
-def scale(sizes: List[int]) -> List[dict]:
+def scale(sizes: List[int], asyncio_sizes: List[int]) -> List[dict]:
+    """Rooms of each size until one falls short; then p2pchat again, run by an asyncio program, at
+    `asyncio_sizes` (its memory then includes asyncio, as the baseline's does)."""
     rows = []
-    for impl in IMPLS:
-        for size in sizes:
+    for impl, impl_sizes in [(impl, sizes) for impl in IMPLS] + [("p2pchat-asyncio", asyncio_sizes)]:
+        for size in impl_sizes:
             log(f"scale: {impl}, {size} peers")
             room = Room(impl, size, mesh_timeout=60 + size / 2)
             try:
@@ -567,9 +569,13 @@ def table(results: dict) -> str:
         largest = lambda impl: results["scale"][f"{impl}_largest"]  # noqa: E731
         row("scale", "largest room with 100% delivery (peers)", largest("p2pchat"), largest("baseline"))
         for size in sorted({r["peers"] for r in rows}):
-            pair = {r["impl"]: r for r in rows if r["peers"] == size}
-            if len(pair) == 2:
-                row("scale", f"PSS per peer process, {size} peers (KiB)", pair["p2pchat"]["pss_kib_median"], pair["baseline"]["pss_kib_median"])
+            pss = {r["impl"]: r["pss_kib_median"] for r in rows if r["peers"] == size}
+            if "p2pchat" in pss and "baseline" in pss:
+                row("scale", f"PSS per peer process, {size} peers (KiB)", pss["p2pchat"], pss["baseline"])
+        for size in sorted({r["peers"] for r in rows}):
+            pss = {r["impl"]: r["pss_kib_median"] for r in rows if r["peers"] == size}
+            if "p2pchat-asyncio" in pss and "baseline" in pss:
+                row("scale", f"PSS per peer process, {size} peers, p2pchat in an asyncio program (KiB)", pss["p2pchat-asyncio"], pss["baseline"])
         one = results["scale"].get("in_process", {})
         if "peers" in one:
             out.append(f"| scale | peers in one process (API), fully meshed | {one['peers']} ({one['fds']} descriptors; "
@@ -625,7 +631,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "latency": lambda: latency([3], messages=10, repeats=repeats),
             "throughput": lambda: {"peers": 3, "rows": throughput(3, [50, 200], seconds=0.5, repeats=repeats)},
             "tracker": lambda: tracker_joins([10, 100], seconds=0.5, repeats=repeats),
-            "scale": lambda: {"rooms": scale([4]), "in_process": in_process(limit=6)},
+            "scale": lambda: {"rooms": scale([4], [4]), "in_process": in_process(limit=6)},
             "history": lambda: history_sync(500, repeats=repeats),
         }
     else:
@@ -633,7 +639,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             "latency": lambda: latency([5, 20, 50], messages=100, repeats=repeats),
             "throughput": lambda: {"peers": 20, "rows": throughput(20, [200, 400, 600, 800, 1000, 1200, 1400, 1600, 2000, 2400, 3200], seconds=2.0, repeats=repeats)},
             "tracker": lambda: tracker_joins([10, 1000, 10000], seconds=2.0, repeats=repeats),
-            "scale": lambda: {"rooms": scale([50, 100, 150, 200]), "in_process": in_process(limit=400)},
+            "scale": lambda: {"rooms": scale([50, 100, 150, 200], [50, 150]), "in_process": in_process(limit=400)},
             "history": lambda: history_sync(10_000, repeats=repeats),
         }
     unknown = only - set(plan)
