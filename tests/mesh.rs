@@ -166,6 +166,36 @@ async fn a_peer_that_never_reads_is_dropped_once_its_queue_stalls() {
     dropped_for_not_reading(Duration::from_millis(300), 1 << 30, "none taken for 300ms").await;
 }
 
+/// A member whose application stops reading for a while falls far behind (its kernel buffers full,
+/// its queue here past its line bound) but keeps taking lines once it reads again: it keeps its link
+/// and gets every line live, in order.
+#[tokio::test]
+async fn a_member_behind_keeps_its_link_and_gets_every_line() {
+    let (tracker, _stop) = start_tracker().await;
+    let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+    config.limits.send_queue = 4;
+    config.limits.stalled_after = Duration::from_secs(30);
+    let (ana, mut ana_events, _) = peer::join(config).await.unwrap();
+    let mut bob_config = PeerConfig::new("bob", "127.0.0.1", tracker.port());
+    bob_config.limits.event_queue = 1; // bob's links stop reading while its application does
+    bob_config.limits.max_message_rate = u32::MAX / 4;
+    let (_bob, mut bob_events, _) = peer::join(bob_config).await.unwrap();
+    wait_p2pchat_links(&ana, 1).await;
+    // 300 lines of ~64 KiB: more than the sockets between them hold, so most wait in ana's queue.
+    let big = "x".repeat(p2pchat::wire::chat::MAX_TEXT_BYTES - 8);
+    for i in 0..300 {
+        assert_eq!(ana.send(&format!("{i:05}{big}")).await.unwrap(), 1, "bob was dropped at line {i}");
+    }
+    for i in 0..300 {
+        let m = next_message(&mut bob_events).await;
+        assert_eq!((&m.text[..5], m.history), (format!("{i:05}").as_str(), false));
+    }
+    while let Ok(Some(event)) = ana_events.try_recv() {
+        assert!(!matches!(event, Event::Left { .. }), "ana dropped bob: {event:?}");
+    }
+    assert_eq!(ana.peers().await.unwrap().len(), 1);
+}
+
 async fn dropped_for_not_reading(stalled_after: Duration, send_queue_bytes: usize, why: &str) {
     let (tracker, _stop) = start_tracker().await;
     let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
