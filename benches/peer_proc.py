@@ -86,6 +86,18 @@ async def paced_async(count: int, rate: float):
         yield seq
 
 
+async def commands_async():
+    """The commands on stdin, for an asyncio program (stdin is read on the loop's executor)."""
+    import asyncio
+
+    loop = asyncio.get_running_loop()
+    while True:
+        line = await loop.run_in_executor(None, sys.stdin.readline)
+        if not line:
+            return
+        yield json.loads(line)
+
+
 def reply_common(cmd: dict, inbox: Inbox, links) -> bool:
     """Answer `links` and `report` alike for every implementation; False for `quit`. (`send` differs,
     and is the caller's.)"""
@@ -154,12 +166,8 @@ def run_p2pchat_asyncio(args, inbox: Inbox) -> None:
 
             receiving = asyncio.ensure_future(receive())
             reply({"ready": True, "pid": os.getpid()})
-            loop, seq = asyncio.get_running_loop(), 0
-            while True:
-                line = await loop.run_in_executor(None, sys.stdin.readline)
-                if not line:
-                    break
-                cmd = json.loads(line)
+            seq = 0
+            async for cmd in commands_async():
                 if cmd["cmd"] == "send":
                     started = time.monotonic()
                     async for _ in paced_async(cmd["count"], cmd["rate"]):
@@ -200,7 +208,6 @@ def run_baseline(args, inbox: Inbox) -> None:
     original.print = lambda *a, **k: None  # the reference prints each chunk; a benchmark has no terminal
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
         local_port, answer = await original.ask_tracker("127.0.0.1", args.tracker_port, 0, True)
         addresses = [part.split(":") for part in answer.split("-") if part]
         await asyncio.start_server(lambda r, w: original.serve_connection(r, w, "bench"), "0.0.0.0", local_port)
@@ -212,11 +219,7 @@ def run_baseline(args, inbox: Inbox) -> None:
             asyncio.ensure_future(original.serve_connection(reader, writer, "bench"))
         reply({"ready": True, "pid": os.getpid()})
         name, seq = f"n{args.index}", 0
-        while True:
-            line = await loop.run_in_executor(None, sys.stdin.readline)
-            if not line:
-                return
-            cmd = json.loads(line)
+        async for cmd in commands_async():
             if cmd["cmd"] == "send":
                 start = time.monotonic()
                 async for _ in paced_async(cmd["count"], cmd["rate"]):

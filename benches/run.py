@@ -568,14 +568,11 @@ def table(results: dict) -> str:
             results["scale"][f"{impl}_largest"] = max([r["peers"] for r in mine if r["full"]], default=0)
         largest = lambda impl: results["scale"][f"{impl}_largest"]  # noqa: E731
         row("scale", "largest room with 100% delivery (peers)", largest("p2pchat"), largest("baseline"))
-        for size in sorted({r["peers"] for r in rows}):
-            pss = {r["impl"]: r["pss_kib_median"] for r in rows if r["peers"] == size}
-            if "p2pchat" in pss and "baseline" in pss:
-                row("scale", f"PSS per peer process, {size} peers (KiB)", pss["p2pchat"], pss["baseline"])
-        for size in sorted({r["peers"] for r in rows}):
-            pss = {r["impl"]: r["pss_kib_median"] for r in rows if r["peers"] == size}
-            if "p2pchat-asyncio" in pss and "baseline" in pss:
-                row("scale", f"PSS per peer process, {size} peers, p2pchat in an asyncio program (KiB)", pss["p2pchat-asyncio"], pss["baseline"])
+        pss = {size: {r["impl"]: r["pss_kib_median"] for r in rows if r["peers"] == size} for size in sorted({r["peers"] for r in rows})}
+        for impl, label in (("p2pchat", ""), ("p2pchat-asyncio", ", p2pchat in an asyncio program")):
+            for size, by_impl in pss.items():
+                if impl in by_impl and "baseline" in by_impl:
+                    row("scale", f"PSS per peer process, {size} peers{label} (KiB)", by_impl[impl], by_impl["baseline"])
         one = results["scale"].get("in_process", {})
         if "peers" in one:
             out.append(f"| scale | peers in one process (API), fully meshed | {one['peers']} ({one['fds']} descriptors; "
