@@ -12,8 +12,6 @@ from contextlib import contextmanager
 from io import StringIO
 from typing import Any, Iterator, List, Optional, Tuple
 
-from . import _logbridge
-
 
 # Whole lines only: the receiver thread, the input loop and log records all write to the terminal.
 _output = threading.Lock()
@@ -107,8 +105,7 @@ def setup_logging(debug: bool) -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s" if debug else "%(levelname)s: %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
-    root.setLevel(logging.DEBUG if debug else logging.WARNING)
-    _logbridge.sync_level()
+    root.setLevel(logging.DEBUG if debug else logging.WARNING)  # reaches Rust too (_logbridge)
 
 
 def say(line: str) -> None:

@@ -1,9 +1,10 @@
 """Forward the Rust core's log records to Python's :mod:`logging`.
 
 Rust never calls Python from its own threads; it queues records, and this thread drains them into
-``logging.getLogger("p2pchat.<module>")``. It also tells Rust the effective level of the ``p2pchat``
-logger, so ``logging.getLogger("p2pchat").setLevel(logging.DEBUG)`` (or ``basicConfig``) is all it takes
-to see debug logs, even after import.
+``logging.getLogger("p2pchat.<module>")``, sleeping until one comes. Rust is told the effective level of
+the ``p2pchat`` logger whenever a level changes anywhere in :mod:`logging` (``setLevel``,
+``basicConfig``, ``dictConfig``, ``disable``), so ``logging.getLogger("p2pchat").setLevel(logging.DEBUG)``
+is all it takes to see debug logs, even after import, and disabled levels cost Rust one comparison.
 """
 
 import logging
@@ -12,7 +13,7 @@ from typing import Optional
 
 from . import _core
 
-_POLL_SECONDS = 0.2
+_LOGGER = logging.getLogger("p2pchat")
 
 
 class _Bridge(threading.Thread):
@@ -21,15 +22,9 @@ class _Bridge(threading.Thread):
         self.stop_requested = threading.Event()
 
     def run(self) -> None:
-        root = logging.getLogger("p2pchat")
-        level: Optional[int] = None
         while True:
-            current = root.getEffectiveLevel()
-            if current != level:
-                _core._set_log_level(current)
-                level = current
             stopping = self.stop_requested.is_set()
-            for name, record_level, message in _core._next_log_records(0.0 if stopping else _POLL_SECONDS):
+            for name, record_level, message in _core._next_log_records(0.0 if stopping else None):
                 logging.getLogger(name).log(record_level, message)
             if stopping:
                 return
@@ -39,13 +34,28 @@ _bridge: Optional[_Bridge] = None
 
 
 def sync_level() -> None:
-    """Apply the ``p2pchat`` logger's level to Rust now, rather than within the next poll."""
-    _core._set_log_level(logging.getLogger("p2pchat").getEffectiveLevel())
+    """Apply the ``p2pchat`` logger's effective level to Rust."""
+    _core._set_log_level(_LOGGER.getEffectiveLevel())
+
+
+def _follow_level_changes() -> None:
+    # Every level change in `logging` empties its managers' cache of enabled levels through this
+    # method; following it costs nothing between changes (a polling thread woke every process).
+    manager = logging.Logger.manager
+    clear_cache = manager._clear_cache
+
+    def clear_cache_and_sync() -> None:
+        clear_cache()
+        sync_level()
+
+    manager._clear_cache = clear_cache_and_sync
 
 
 def start() -> None:
     global _bridge
     if _bridge is None:
+        _follow_level_changes()
+        sync_level()
         _bridge = _Bridge()
         _bridge.start()
 
@@ -54,4 +64,5 @@ def stop() -> None:
     """Forward what is queued, then end the thread (called at exit)."""
     if _bridge is not None:
         _bridge.stop_requested.set()
+        _core._wake_log_bridge()
         _bridge.join(timeout=2)

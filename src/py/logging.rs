@@ -1,14 +1,16 @@
 //! Rust `log` records to Python's `logging`, without ever calling Python from a Rust thread.
 //!
 //! The `log` facade writes records into a channel bounded at `QUEUE` records (dropping them, and
-//! counting, if Python falls behind); `p2pchat._logbridge` runs a Python thread that drains it with `_next_log_records` and feeds
-//! each record to `logging.getLogger("p2pchat.<module>")`. That thread also pushes the effective level
-//! of the `p2pchat` logger down with `_set_log_level`, so disabled levels cost one comparison in Rust.
+//! counting, if Python falls behind); `p2pchat._logbridge` runs a Python thread that drains it with
+//! `_next_log_records` and feeds each record to `logging.getLogger("p2pchat.<module>")`. That thread
+//! sleeps until a record comes (or `_wake_log_bridge`), so an idle process is not woken for logging.
+//! The effective level of the `p2pchat` logger is pushed down with `_set_log_level` whenever Python's
+//! levels change, so disabled levels cost one comparison in Rust.
 //! (pyo3-log does the same job by taking the GIL on whatever thread logs, which would stall tokio
 //! workers: the pitfall the bindings are built to avoid.)
 
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::mpsc::{channel as unbounded, Receiver, RecvTimeoutError, Sender};
+use std::sync::mpsc::{channel as unbounded, Receiver, Sender};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
@@ -19,27 +21,36 @@ const QUEUE: usize = 4096;
 
 type LogLine = (String, i32, String);
 
+enum Item {
+    Line(LogLine),
+    /// Makes the waiting `_next_log_records` return (the bridge is stopping).
+    Wake,
+}
+
 /// The bound is a count beside an unbounded channel, not `sync_channel(QUEUE)`: that one allocates and
 /// writes its whole ring up front, 256 KiB resident in every process that imports p2pchat, for a
 /// queue that is nearly always empty. This one holds memory only for records waiting.
 struct Channel {
-    tx: Sender<LogLine>,
-    rx: Mutex<Receiver<LogLine>>,
+    tx: Sender<Item>,
+    rx: Mutex<Receiver<Item>>,
     queued: AtomicUsize,
     dropped: AtomicU64,
 }
 
 impl Channel {
     fn push(&self, line: LogLine) {
-        if self.queued.fetch_add(1, Ordering::Relaxed) >= QUEUE || self.tx.send(line).is_err() {
+        if self.queued.fetch_add(1, Ordering::Relaxed) >= QUEUE || self.tx.send(Item::Line(line)).is_err() {
             self.queued.fetch_sub(1, Ordering::Relaxed);
             self.dropped.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    fn taken(&self, line: LogLine) -> LogLine {
-        self.queued.fetch_sub(1, Ordering::Relaxed);
-        line
+    /// Add what was taken to `out` (a wake-up adds nothing).
+    fn take_into(&self, item: Item, out: &mut Vec<LogLine>) {
+        if let Item::Line(line) = item {
+            self.queued.fetch_sub(1, Ordering::Relaxed);
+            out.push(line);
+        }
     }
 }
 
@@ -91,22 +102,26 @@ fn _set_log_level(level: i32) {
     });
 }
 
-/// Wait up to `timeout` seconds for log records; returns `(logger, level, message)` tuples (at most
-/// 256), plus a notice if records were dropped because nobody drained them in time.
+/// Wait for log records, up to `timeout` seconds (until one comes or `_wake_log_bridge` when None);
+/// returns `(logger, level, message)` tuples (at most 256), plus a notice if records were dropped
+/// because nobody drained them in time.
 #[pyfunction]
-fn _next_log_records(py: Python<'_>, timeout: f64) -> Vec<LogLine> {
-    let timeout = Duration::from_secs_f64(timeout.clamp(0.0, 60.0));
+#[pyo3(signature = (timeout = None))]
+fn _next_log_records(py: Python<'_>, timeout: Option<f64>) -> Vec<LogLine> {
     py.detach(|| {
         let channel = channel();
         let Ok(rx) = channel.rx.lock() else { return Vec::new() };
         let mut out = Vec::new();
-        match rx.recv_timeout(timeout) {
-            Ok(record) => out.push(channel.taken(record)),
-            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+        let first = match timeout {
+            Some(seconds) => rx.recv_timeout(Duration::from_secs_f64(seconds.clamp(0.0, 60.0))).map_err(drop),
+            None => rx.recv().map_err(drop),
+        };
+        if let Ok(item) = first {
+            channel.take_into(item, &mut out);
         }
         while out.len() < 256 {
             match rx.try_recv() {
-                Ok(record) => out.push(channel.taken(record)),
+                Ok(item) => channel.take_into(item, &mut out),
                 Err(_) => break,
             }
         }
@@ -118,6 +133,13 @@ fn _next_log_records(py: Python<'_>, timeout: f64) -> Vec<LogLine> {
     })
 }
 
+/// Make a waiting `_next_log_records` return now.
+#[pyfunction]
+fn _wake_log_bridge() {
+    // Cannot fail: the channel's receiver lives as long as the process.
+    let _ = channel().tx.send(Item::Wake);
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     // Another extension may have installed a `log` logger in this process already; then ours stays off.
     if log::set_logger(&BRIDGE).is_ok() {
@@ -125,5 +147,6 @@ pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     }
     m.add_function(wrap_pyfunction!(_set_log_level, m)?)?;
     m.add_function(wrap_pyfunction!(_next_log_records, m)?)?;
+    m.add_function(wrap_pyfunction!(_wake_log_bridge, m)?)?;
     Ok(())
 }

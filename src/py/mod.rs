@@ -17,8 +17,10 @@ mod peer;
 mod tracker;
 
 use std::future::Future;
-use std::sync::{Mutex, Weak};
-use std::time::Duration;
+use std::cell::Cell;
+use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::{Duration, Instant};
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -42,18 +44,69 @@ fn runtime() -> &'static tokio::runtime::Runtime {
     pyo3_async_runtimes::tokio::get_runtime()
 }
 
-/// Drive `fut` to completion on this thread, inside the shared runtime, with the GIL released; woken
-/// every [`SIGNAL_SLICE`] so that Ctrl-C drops the future and raises `KeyboardInterrupt`. Driving it
+/// Drive `fut` to completion on this thread, inside the shared runtime, with the GIL released. Driving it
 /// here rather than spawning it saves a task and a hop between threads on every call (`send` is one).
+///
+/// Only the main thread runs Python's signal handlers, so only there is the wait cut into
+/// [`SIGNAL_SLICE`]s, after each of which Ctrl-C drops the future and raises `KeyboardInterrupt`. A
+/// thread that waits for messages sleeps until one comes: an idle peer wakes nobody. The thread parks
+/// itself between polls rather than run `Runtime::block_on` under a tokio timeout, whose timer the
+/// runtime's worker had to wake up for at every slice.
 fn wait<T: Send>(py: Python<'_>, fut: impl Future<Output = T> + Send) -> PyResult<T> {
-    let rt = runtime();
+    let slice = on_main_thread(py).then_some(SIGNAL_SLICE);
     let mut fut = std::pin::pin!(fut);
+    let waker = Waker::from(Arc::new(Unparker(std::thread::current())));
     loop {
-        let outcome = py.detach(|| rt.block_on(async { tokio::time::timeout(SIGNAL_SLICE, fut.as_mut()).await }));
+        let outcome = py.detach(|| {
+            let _inside = runtime().enter(); // what the future creates (a timer, a task) finds the runtime
+            let mut cx = Context::from_waker(&waker);
+            let slice_ends = slice.map(|slice| Instant::now() + slice);
+            loop {
+                if let Poll::Ready(value) = fut.as_mut().poll(&mut cx) {
+                    return Some(value);
+                }
+                match slice_ends.map(|end| end.saturating_duration_since(Instant::now())) {
+                    None => std::thread::park(),
+                    Some(left) if left.is_zero() => return None,
+                    Some(left) => std::thread::park_timeout(left),
+                }
+            }
+        });
         match outcome {
-            Ok(value) => return Ok(value),
-            Err(_slice_elapsed) => py.check_signals()?,
+            Some(value) => return Ok(value),
+            None => py.check_signals()?,
         }
+    }
+}
+
+/// Whether this is the interpreter's main thread (the one signal handlers run on); asked once per thread.
+fn on_main_thread(py: Python<'_>) -> bool {
+    thread_local!(static MAIN: Cell<Option<bool>> = const { Cell::new(None) });
+    MAIN.with(|main| {
+        if let Some(known) = main.get() {
+            return known;
+        }
+        let ask = || -> PyResult<bool> {
+            let threading = py.import("threading")?;
+            Ok(threading.call_method0("current_thread")?.is(&threading.call_method0("main_thread")?))
+        };
+        // If Python cannot tell, slice the wait as on the main thread: Ctrl-C must work.
+        let main_or_unsure = ask().unwrap_or(true);
+        main.set(Some(main_or_unsure));
+        main_or_unsure
+    })
+}
+
+/// Wakes the thread that [`wait`]s (a spurious wake-up costs one more poll).
+struct Unparker(std::thread::Thread);
+
+impl Wake for Unparker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
     }
 }
 
