@@ -195,12 +195,31 @@ async fn read_welcome(stream: &mut TcpStream, tracker: SocketAddr) -> Result<(u6
     let len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as usize;
     let mut body = vec![0u8; len];
     stream.read_exact(&mut body).await?;
-    if !body.starts_with(br#"{"type":"welcome""#) {
-        return Err(BenchError::Protocol { addr: tracker, what: String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned() });
-    }
-    // Every member is one JSON object inside the welcome object.
-    let entries = body.iter().filter(|&&b| b == b'{').count().saturating_sub(1) as u64;
+    let entries = welcome_entries(&body).ok_or_else(|| BenchError::Protocol { addr: tracker, what: String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned() })?;
     Ok((len as u64, entries))
+}
+
+/// How many members a welcome frame's body lists (None if it is not a welcome). Counted without
+/// parsing, so that reading 10,000 members costs the load generator no more than receiving them:
+/// `members` is the last field, and its entries are addresses (which hold no comma) unless an
+/// object is among them, in which case the frame is parsed.
+fn welcome_entries(body: &[u8]) -> Option<u64> {
+    const FIELD: &[u8] = br#""members":["#;
+    if !body.starts_with(br#"{"type":"welcome""#) || !body.ends_with(b"]}") {
+        return None;
+    }
+    let start = body.windows(FIELD.len()).position(|w| w == FIELD)? + FIELD.len();
+    let members = body.get(start..body.len() - 2)?;
+    if members.is_empty() {
+        return Some(0);
+    }
+    if !members.contains(&b'{') {
+        return Some(members.iter().filter(|&&b| b == b',').count() as u64 + 1);
+    }
+    match serde_json::from_slice(body) {
+        Ok(Frame::Welcome { members, .. }) => Some(members.len() as u64),
+        _ => None,
+    }
 }
 
 /// Read an original tracker's list until it holds at least `expected` entries (or it ends).
@@ -289,4 +308,28 @@ async fn worker(load: JoinLoad, deadline: Instant, completed: Arc<AtomicU64>) ->
         }
     }
     report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::frames::{encode_member, Member, Welcome};
+
+    /// The body (after magic and length) of a tracker's welcome listing `members`.
+    fn welcome_body(members: &[Member]) -> Vec<u8> {
+        let block: Vec<u8> = members.iter().map(|m| encode_member(m).into_vec()).collect::<Vec<_>>().join(&b","[..]);
+        let opening: Vec<u8> = Welcome::new([Arc::from(block)], "127.0.0.1:9", false).slices().iter().flat_map(|s| s.iter().copied()).collect();
+        opening[MAGIC.len() + 4..].to_vec()
+    }
+
+    #[test]
+    fn counts_every_member_of_a_welcome() {
+        let p2pchat = |i: u16| Member { addr: format!("127.0.0.1:{i}"), p2pchat: true, id: None };
+        let original = |i: u16| Member { addr: format!("[::1]:{i}"), p2pchat: false, id: None };
+        assert_eq!(welcome_entries(&welcome_body(&[])), Some(0));
+        assert_eq!(welcome_entries(&welcome_body(&[p2pchat(1)])), Some(1));
+        assert_eq!(welcome_entries(&welcome_body(&(1..=500).map(p2pchat).collect::<Vec<_>>())), Some(500));
+        assert_eq!(welcome_entries(&welcome_body(&[p2pchat(1), original(2), p2pchat(3), original(4)])), Some(4));
+        assert_eq!(welcome_entries(br#"{"type":"error","code":"x","message":"y"}"#), None);
+    }
 }

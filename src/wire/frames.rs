@@ -62,8 +62,11 @@ pub struct IdentityProof {
     pub sig: String,
 }
 
-/// A room member as a p2pchat tracker lists it.
+/// A room member as a p2pchat tracker lists it: in a welcome, a p2pchat member is just its address as a
+/// string (the tracker's whole list is 18 bytes a member rather than 42); any other member, and every
+/// member of a hello's peer exchange, is an object.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "MemberForm")]
 pub struct Member {
     pub addr: String,
     /// Whether it registered as a p2pchat peer (else it is an original client).
@@ -73,6 +76,30 @@ pub struct Member {
     /// relay for when it cannot reach this one directly.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub id: Option<String>,
+}
+
+/// The two ways a [`Member`] is written.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum MemberForm {
+    /// A p2pchat member with no id, as a welcome lists it.
+    Address(String),
+    Object {
+        addr: String,
+        #[serde(default)]
+        p2pchat: bool,
+        #[serde(default)]
+        id: Option<String>,
+    },
+}
+
+impl From<MemberForm> for Member {
+    fn from(form: MemberForm) -> Self {
+        match form {
+            MemberForm::Address(addr) => Member { addr, p2pchat: true, id: None },
+            MemberForm::Object { addr, p2pchat, id } => Member { addr, p2pchat, id },
+        }
+    }
 }
 
 /// A chat line between p2pchat peers.
@@ -206,9 +233,14 @@ pub fn encode(frame: &Frame) -> Vec<u8> {
     out
 }
 
-/// One member as it appears in a welcome's `members` array (see [`Welcome`]).
+/// One member as it appears in a welcome's `members` array (see [`Welcome`]): the address alone for a
+/// p2pchat member without an id.
 pub fn encode_member(member: &Member) -> Box<[u8]> {
-    serde_json::to_vec(member).unwrap_or_default().into_boxed_slice()
+    let json = match member {
+        Member { addr, p2pchat: true, id: None } => serde_json::to_vec(addr),
+        other => serde_json::to_vec(other),
+    };
+    json.unwrap_or_default().into_boxed_slice()
 }
 
 /// A tracker's whole answer to a registering peer: [`MAGIC`] and a `welcome` frame (decodes as
@@ -532,6 +564,21 @@ mod tests {
             assert_eq!(decoder.next_frame(), Ok(Some(expected)));
             assert_eq!(decoder.next_frame(), Ok(None), "the length prefix covers exactly the frame");
         }
+    }
+
+    #[test]
+    fn a_welcome_lists_a_p2pchat_member_by_its_address_alone() {
+        let member = |p2pchat: bool, id: Option<&str>| Member { addr: "10.0.0.1:5000".into(), p2pchat, id: id.map(Into::into) };
+        let cases: [(Member, &[u8]); 3] = [
+            (member(true, None), br#""10.0.0.1:5000""#),
+            (member(false, None), br#"{"addr":"10.0.0.1:5000","p2pchat":false}"#),
+            (member(true, Some("abc")), br#"{"addr":"10.0.0.1:5000","p2pchat":true,"id":"abc"}"#),
+        ];
+        for (member, wire) in cases {
+            assert_eq!(&*encode_member(&member), wire);
+            assert_eq!(serde_json::from_slice::<Member>(wire).ok(), Some(member));
+        }
+        assert!(serde_json::from_slice::<Member>(b"5000").is_err(), "neither an address nor an object");
     }
 
     #[test]
