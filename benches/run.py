@@ -588,6 +588,8 @@ def table(results: dict) -> str:
 
 
 def chart(results: dict, path: Path) -> Optional[Path]:
+    """One panel per scenario that ran (latency, throughput, tracker, memory), both implementations in
+    each; None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -595,22 +597,45 @@ def chart(results: dict, path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
+    color = {"p2pchat": "tab:blue", "baseline": "tab:orange", "floor": "tab:green", "p2pchat-asyncio": "tab:purple"}
+    latency_ax, throughput_ax, tracker_ax, memory_ax = axes.flat
     if "latency" in results:
         for impl in IMPLS:
             rows = sorted((r for r in results["latency"] if r["impl"] == impl), key=lambda r: r["peers"])
-            axes[0].plot([r["peers"] for r in rows], [r["p99_us"] for r in rows], marker="o", label=f"{impl} p99")
-            axes[0].plot([r["peers"] for r in rows], [r["p50_us"] for r in rows], marker=".", linestyle="--", label=f"{impl} p50")
-        axes[0].set(xlabel="peers in the room", ylabel="one-way latency (µs)", title="latency", yscale="log")
-        axes[0].legend()
+            latency_ax.plot([r["peers"] for r in rows], [r["p99_us"] for r in rows], marker="o", color=color[impl], label=f"{impl} p99")
+            latency_ax.plot([r["peers"] for r in rows], [r["p50_us"] for r in rows], marker=".", linestyle="--", color=color[impl],
+                            label=f"{impl} p50")
+        latency_ax.set(xlabel="peers in the room", ylabel="one-way latency (µs)", title="latency", yscale="log")
+        latency_ax.legend()
+    if "throughput" in results:
+        for row in results["throughput"]["rows"]:
+            # The first run's steps: offered rate against what was delivered, up to the last full step.
+            steps = row["runs"][0]
+            throughput_ax.plot([s["rate"] for s in steps], [s["deliveries_per_s"] for s in steps], marker="o", color=color[row["impl"]],
+                               label=f"{row['impl']} (highest at 100%: {row['max_rate']}/s)")
+        throughput_ax.set(xlabel="offered lines/s per peer", ylabel="deliveries per second",
+                          title=f"throughput, {results['throughput']['peers']} peers")
+        throughput_ax.legend()
     if "tracker" in results:
         for impl in IMPLS:
             rows = sorted((r for r in results["tracker"] if r["impl"] == impl), key=lambda r: r["registrations"])
-            axes[1].plot([r["registrations"] for r in rows], [r["joins_per_s"] for r in rows], marker="o", label=impl)
-        axes[1].set(xlabel="registrations", ylabel="joins per second", title="tracker", xscale="log", yscale="log")
-        axes[1].legend()
+            tracker_ax.plot([r["registrations"] for r in rows], [r["joins_per_s"] for r in rows], marker="o", color=color[impl], label=impl)
+            tracker_ax.plot([r["registrations"] for r in rows], [r["floor_joins_per_s"] for r in rows], marker=".",
+                            linestyle=":", color=color[impl], label=f"floor for {impl}'s list")
+        tracker_ax.set(xlabel="registrations", ylabel="joins per second", title="tracker", xscale="log", yscale="log")
+        tracker_ax.legend()
+    if "scale" in results:
+        for impl in IMPLS + ("p2pchat-asyncio",):
+            rows = sorted((r for r in results["scale"]["rooms"] if r["impl"] == impl), key=lambda r: r["peers"])
+            if rows:
+                memory_ax.plot([r["peers"] for r in rows], [r["pss_kib_median"] / 1024 for r in rows], marker="o", color=color[impl], label=impl)
+        memory_ax.set(xlabel="peers in the room (one process each)", ylabel="PSS per peer process (MiB)", title="memory")
+        memory_ax.set_ylim(bottom=0)
+        memory_ax.legend()
     fig.tight_layout()
     fig.savefig(path)
+    plt.close(fig)
     return path
 
 

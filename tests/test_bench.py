@@ -37,3 +37,5 @@ def test_the_quick_benchmark_runs_every_scenario_for_both_implementations(tmp_pa
     assert all(r["received"] == history["messages"] for r in history["runs"]), history
     assert all(r["received"] == history["messages"] for r in history["live"]), history
     assert history["disk_bytes_per_message"] > history["text_bytes"], "the log holds at least the text"
+    # The chart, drawn when matplotlib is installed (the test extra installs it).
+    assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), "no PNG chart was written (is matplotlib installed? pip install .[test])"
