@@ -24,7 +24,7 @@ class _Bridge(threading.Thread):
     def run(self) -> None:
         while True:
             stopping = self.stop_requested.is_set()
-            for name, record_level, message in _core._next_log_records(0.0 if stopping else None):
+            for name, record_level, message in _core._next_log_records(wait=not stopping):
                 logging.getLogger(name).log(record_level, message)
             if stopping:
                 return

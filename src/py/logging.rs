@@ -12,7 +12,6 @@
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{channel as unbounded, Receiver, Sender};
 use std::sync::{Mutex, OnceLock};
-use std::time::Duration;
 
 use log::{Level, LevelFilter, Log, Metadata, Record};
 use pyo3::prelude::*;
@@ -102,22 +101,19 @@ fn _set_log_level(level: i32) {
     });
 }
 
-/// Wait for log records, up to `timeout` seconds (until one comes or `_wake_log_bridge` when None);
-/// returns `(logger, level, message)` tuples (at most 256), plus a notice if records were dropped
-/// because nobody drained them in time.
+/// The log records waiting, as `(logger, level, message)` tuples (at most 256), plus a notice if
+/// records were dropped because nobody drained them in time. With `wait`, first sleep until one comes
+/// (or `_wake_log_bridge`).
 #[pyfunction]
-#[pyo3(signature = (timeout = None))]
-fn _next_log_records(py: Python<'_>, timeout: Option<f64>) -> Vec<LogLine> {
+fn _next_log_records(py: Python<'_>, wait: bool) -> Vec<LogLine> {
     py.detach(|| {
         let channel = channel();
         let Ok(rx) = channel.rx.lock() else { return Vec::new() };
         let mut out = Vec::new();
-        let first = match timeout {
-            Some(seconds) => rx.recv_timeout(Duration::from_secs_f64(seconds.clamp(0.0, 60.0))).map_err(drop),
-            None => rx.recv().map_err(drop),
-        };
-        if let Ok(item) = first {
-            channel.take_into(item, &mut out);
+        if wait {
+            if let Ok(item) = rx.recv() {
+                channel.take_into(item, &mut out);
+            }
         }
         while out.len() < 256 {
             match rx.try_recv() {
