@@ -1,12 +1,14 @@
 //! Reading what the other end says first, against a deadline: the opening bytes that tell an original
-//! end from a p2pchat one, then whole frames. The tracker and the peer's links both start this way.
+//! end from a p2pchat one, then whole frames. The tracker and the peer's links both start this way, and
+//! both then bound how long a connection may stay silent ([`Silence`]).
 
 use std::io;
+use std::pin::Pin;
 use std::time::Duration;
 
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
-use tokio::time::{timeout_at, Instant};
+use tokio::time::{timeout_at, Instant, Sleep};
 
 use crate::wire::frames::{classify_opening, Frame, FrameDecoder, FrameError, Opening, MAGIC};
 
@@ -68,6 +70,38 @@ pub(crate) async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, decoder: &m
             Ok(Ok(_)) => decoder.feed(&buf),
             Ok(Err(err)) => return Err(err.into()),
             Err(_) => return Err(FrameReadError::TimedOut),
+        }
+    }
+}
+
+/// How long a connection may stay silent (a peer's link, a tracker registration): a read only notes the
+/// time, and the one timer behind it is moved when it goes off early, so a busy connection does not arm
+/// a new timer for every read.
+pub(crate) struct Silence {
+    bound: Duration,
+    heard: Instant,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Silence {
+    pub(crate) fn new(bound: Duration) -> Self {
+        Self { bound, heard: Instant::now(), timer: Box::pin(tokio::time::sleep(bound)) }
+    }
+
+    /// Something arrived.
+    pub(crate) fn heard(&mut self) {
+        self.heard = Instant::now();
+    }
+
+    /// Done once nothing arrived for `bound`.
+    pub(crate) async fn passed(&mut self) {
+        loop {
+            (&mut self.timer).await;
+            let deadline = self.heard + self.bound;
+            if deadline <= Instant::now() {
+                return;
+            }
+            self.timer.as_mut().reset(deadline);
         }
     }
 }

@@ -425,6 +425,28 @@ async fn the_tracker_drops_a_silent_registration() {
     wait_members(&handle, 0).await;
 }
 
+/// A registration that keeps pinging stays well past its silence bound; once it stops, it is dropped.
+#[tokio::test]
+async fn the_tracker_keeps_a_registration_that_pings() {
+    use p2pchat::wire::frames::{self, Frame, Hello, PROTOCOL_VERSION};
+    let bound = Duration::from_millis(300);
+    let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), registration_timeout: bound, ..TrackerConfig::default() };
+    let tracker = Tracker::bind(config).await.unwrap();
+    let (addr, handle) = (tracker.local_addr(), tracker.handle());
+    tokio::spawn(tracker.run(std::future::pending()));
+    let mut member = TcpStream::connect(addr).await.unwrap();
+    let hello = Hello { v: PROTOCOL_VERSION, id: "x".into(), name: None, room: String::new(), listen_port: Some(1), peers: vec![], identity: None, relay: false };
+    member.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
+    wait_members(&handle, 1).await;
+    // Pinging at a third of the bound, for four bounds: the pace a peer keeps, not a wait for an event.
+    for _ in 0..12 {
+        tokio::time::sleep(bound / 3).await;
+        member.write_all(&frames::encode(&Frame::Ping)).await.expect("the tracker dropped a member that pings");
+    }
+    assert_eq!(handle.members("").await.unwrap().len(), 1, "a member that pings was dropped");
+    wait_members(&handle, 0).await;
+}
+
 /// A p2pchat link that stops carrying anything (not even pings) is dropped as lost.
 #[tokio::test]
 async fn a_silent_p2pchat_link_is_dropped() {

@@ -22,17 +22,15 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
-use tokio::time::{Instant, Sleep};
 use tokio_util::task::AbortOnDropHandle;
 
 use super::actor::NetEvent;
@@ -47,7 +45,7 @@ use crate::history::log::LogHandle;
 use crate::history::store::Record;
 use crate::private::RoomKey;
 use crate::wire::chat::{self, ChatDecoder, Piece};
-use crate::reading::{read_opening, Opened};
+use crate::reading::{read_opening, Opened, Silence};
 use crate::sending;
 use crate::wire::frames::{self, Chat, Frame, FrameDecoder};
 
@@ -315,37 +313,6 @@ impl ReadSize {
             self.0 = (self.0 * 2).min(Self::MOST);
         } else if n <= self.0 / 4 {
             self.0 = (self.0 / 2).max(Self::FIRST);
-        }
-    }
-}
-
-/// How long a link may stay silent: a read only notes the time, and the one timer behind it is moved
-/// when it goes off early, so a busy link does not arm a new timer for every read.
-struct Silence {
-    bound: Duration,
-    heard: Instant,
-    timer: Pin<Box<Sleep>>,
-}
-
-impl Silence {
-    fn new(bound: Duration) -> Self {
-        Self { bound, heard: Instant::now(), timer: Box::pin(tokio::time::sleep(bound)) }
-    }
-
-    /// Something arrived.
-    fn heard(&mut self) {
-        self.heard = Instant::now();
-    }
-
-    /// Done once nothing arrived for `bound`.
-    async fn passed(&mut self) {
-        loop {
-            (&mut self.timer).await;
-            let deadline = self.heard + self.bound;
-            if deadline <= Instant::now() {
-                return;
-            }
-            self.timer.as_mut().reset(deadline);
         }
     }
 }

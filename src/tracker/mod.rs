@@ -43,7 +43,7 @@ use tokio::time::Instant;
 pub use registry::{Kind, Registry, DEFAULT_ROOM};
 
 use crate::wire::chat::validate_room;
-use crate::reading::{read_frame, read_opening, FrameReadError, Opened};
+use crate::reading::{read_frame, read_opening, FrameReadError, Opened, Silence};
 use crate::wire::frames::{self, Frame, FrameDecoder, Welcome, PROTOCOL_VERSION};
 use crate::wire::peer_list::LEGACY_LIST_BUDGET;
 
@@ -52,6 +52,8 @@ pub const DEFAULT_PORT: u16 = 7472;
 
 /// How long a registering peer has to finish its hello once the magic arrived.
 const HELLO_WAIT: Duration = Duration::from_secs(5);
+/// Room for one read of a registered peer: its pings are 19 bytes; a longer frame takes more reads.
+const REGISTRATION_READ: usize = 512;
 
 #[derive(Debug, Clone)]
 pub struct TrackerConfig {
@@ -348,7 +350,8 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
     }
     if hello.name.is_some() || hello.relay {
         return match hub {
-            Some(hub) => hub::serve_member(stream, remote, hello, decoder, hub, silence).await,
+            // Boxed: a relay link is rare, and its state inline would size every registration's task.
+            Some(hub) => Box::pin(hub::serve_member(stream, remote, hello, decoder, hub, silence)).await,
             None => refuse(stream, remote, frames::ERR_MALFORMED, "this tracker does not relay (its operator can turn that on with --relay)".to_owned()).await,
         };
     }
@@ -360,16 +363,19 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
     }
     let Ok((welcome, registration)) = answer.await else { return };
     if write_welcome(&mut stream, &welcome).await.is_ok() {
-        // Registered while this stays open and keeps talking (the peer pings every 2 s).
-        let mut buf = [0u8; 4096];
-        let mut quiet_until = Instant::now() + silence;
+        // Registered while this stays open and keeps talking (the peer pings every 2 s). Reads go
+        // straight into the decoder, whose buffer is let go between them: a registration that waits
+        // holds no buffer, and one timer bounds its silence (10,000 of them wait here at once).
+        let mut quiet = Silence::new(silence);
         'registered: loop {
+            decoder.release_if_drained();
             tokio::select! {
-                read = stream.read(&mut buf) => match read {
-                    Ok(n) if n > 0 => {
-                        decoder.feed(&buf[..n]);
-                        quiet_until = Instant::now() + silence;
-                    }
+                read = async {
+                    let buf = decoder.read_buffer();
+                    buf.reserve(REGISTRATION_READ);
+                    stream.read_buf(buf).await
+                } => match read {
+                    Ok(n) if n > 0 => quiet.heard(),
                     _ => break,
                 },
                 Some(frame) = for_peer.recv() => {
@@ -377,7 +383,7 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
                         break;
                     }
                 }
-                () = tokio::time::sleep_until(quiet_until) => {
+                () = quiet.passed() => {
                     log::debug!("{remote} said nothing for {silence:?}; dropping its registration");
                     break;
                 }
