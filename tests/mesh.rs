@@ -406,30 +406,10 @@ async fn wait_members(handle: &p2pchat::tracker::TrackerHandle, n: usize) {
     .unwrap_or_else(|_| panic!("the tracker never listed {n} member(s)"));
 }
 
-/// A registration that goes silent (no pings, no FIN: the peer vanished) is dropped.
-#[tokio::test]
-async fn the_tracker_drops_a_silent_registration() {
+/// A tracker whose registrations may stay silent for `bound`, and a bare registration with it (a hello,
+/// then whatever the test sends).
+async fn registered_under(bound: Duration) -> (TcpStream, p2pchat::tracker::TrackerHandle) {
     use p2pchat::wire::frames::{self, Frame, Hello, PROTOCOL_VERSION};
-    let config = TrackerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        registration_timeout: Duration::from_millis(300),
-        ..TrackerConfig::default()
-    };
-    let tracker = Tracker::bind(config).await.unwrap();
-    let (addr, handle) = (tracker.local_addr(), tracker.handle());
-    tokio::spawn(tracker.run(std::future::pending()));
-    let mut silent = TcpStream::connect(addr).await.unwrap();
-    let hello = Hello { v: PROTOCOL_VERSION, id: "x".into(), name: None, room: String::new(), listen_port: Some(1), peers: vec![], identity: None, relay: false };
-    silent.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
-    wait_members(&handle, 1).await;
-    wait_members(&handle, 0).await;
-}
-
-/// A registration that keeps pinging stays well past its silence bound; once it stops, it is dropped.
-#[tokio::test]
-async fn the_tracker_keeps_a_registration_that_pings() {
-    use p2pchat::wire::frames::{self, Frame, Hello, PROTOCOL_VERSION};
-    let bound = Duration::from_millis(300);
     let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), registration_timeout: bound, ..TrackerConfig::default() };
     let tracker = Tracker::bind(config).await.unwrap();
     let (addr, handle) = (tracker.local_addr(), tracker.handle());
@@ -438,6 +418,22 @@ async fn the_tracker_keeps_a_registration_that_pings() {
     let hello = Hello { v: PROTOCOL_VERSION, id: "x".into(), name: None, room: String::new(), listen_port: Some(1), peers: vec![], identity: None, relay: false };
     member.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     wait_members(&handle, 1).await;
+    (member, handle)
+}
+
+/// A registration that goes silent (no pings, no FIN: the peer vanished) is dropped.
+#[tokio::test]
+async fn the_tracker_drops_a_silent_registration() {
+    let (_silent, handle) = registered_under(Duration::from_millis(300)).await;
+    wait_members(&handle, 0).await;
+}
+
+/// A registration that keeps pinging stays well past its silence bound; once it stops, it is dropped.
+#[tokio::test]
+async fn the_tracker_keeps_a_registration_that_pings() {
+    use p2pchat::wire::frames::{self, Frame};
+    let bound = Duration::from_millis(300);
+    let (mut member, handle) = registered_under(bound).await;
     // Pinging at a third of the bound, for four bounds: the pace a peer keeps, not a wait for an event.
     for _ in 0..12 {
         tokio::time::sleep(bound / 3).await;
