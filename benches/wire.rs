@@ -3,6 +3,7 @@
 //! * a join into a room of 10,000 and its leave at the tracker's registry (the welcome shares the
 //!   registry's encoded blocks), against serializing the room's member list per join (what the tracker
 //!   did first);
+//! * decoding that welcome as a newcomer does, against the same room written as JSON objects;
 //! * decoding a busy link's reads: 64 KiB of small chat frames, and 64 KiB of original `<NAME> :: text`
 //!   lines (against a plain copy of the same bytes, the least any reader does);
 //! * the original tracker list: encoding the 1,400-byte answer and parsing a long one.
@@ -82,6 +83,31 @@ fn main() {
         || {
             let members = room.clone();
             black_box(frames::encode_opening(&Frame::Welcome { v: PROTOCOL_VERSION, members, you: "10.0.0.1:5000".into(), relay: false }));
+        },
+    );
+
+    // What a newcomer reads: the welcome as the tracker writes it (a p2pchat member is its address
+    // string) against the same room written as objects (as every member was before).
+    let (welcome, token) = registry.register("", newcomer, false);
+    let compact: Vec<u8> = welcome.slices().iter().flat_map(|s| s.iter().copied()).skip(frames::MAGIC.len()).collect();
+    registry.deregister("", newcomer, token);
+    let as_objects = frames::encode(&Frame::Welcome { v: PROTOCOL_VERSION, members: room.clone(), you: "10.0.0.1:5000".into(), relay: false });
+    let decode_welcome = |bytes: &[u8]| {
+        let mut d = FrameDecoder::with_limit(frames::MAX_WELCOME_BYTES);
+        d.feed(bytes);
+        match d.next_frame() {
+            Ok(Some(Frame::Welcome { members, .. })) => black_box(members.len()),
+            other => panic!("not a welcome: {other:?}"),
+        }
+    };
+    bench.compare(
+        &format!("decode a welcome of 10,000 ({} KB)", compact.len() / 1000),
+        || {
+            decode_welcome(&compact);
+        },
+        &format!("the same as objects ({} KB)", as_objects.len() / 1000),
+        || {
+            decode_welcome(&as_objects);
         },
     );
 
