@@ -18,9 +18,8 @@ mod tracker;
 
 use std::future::Future;
 use std::cell::Cell;
-use std::sync::{Arc, Mutex, Weak};
-use std::task::{Context, Poll, Wake, Waker};
-use std::time::{Duration, Instant};
+use std::sync::{Mutex, Weak};
+use std::time::Duration;
 
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -49,32 +48,19 @@ fn runtime() -> &'static tokio::runtime::Runtime {
 ///
 /// Only the main thread runs Python's signal handlers, so only there is the wait cut into
 /// [`SIGNAL_SLICE`]s, after each of which Ctrl-C drops the future and raises `KeyboardInterrupt`. A
-/// thread that waits for messages sleeps until one comes: an idle peer wakes nobody. The thread parks
-/// itself between polls rather than run `Runtime::block_on` under a tokio timeout, whose timer the
-/// runtime's worker had to wake up for at every slice.
+/// thread that waits for messages sleeps until one comes: an idle peer wakes nobody (a slice's timer
+/// also woke the runtime's worker).
 fn wait<T: Send>(py: Python<'_>, fut: impl Future<Output = T> + Send) -> PyResult<T> {
-    let slice = on_main_thread(py).then_some(SIGNAL_SLICE);
+    let rt = runtime();
     let mut fut = std::pin::pin!(fut);
-    let waker = Waker::from(Arc::new(Unparker(std::thread::current())));
+    if !on_main_thread(py) {
+        return Ok(py.detach(|| rt.block_on(fut)));
+    }
     loop {
-        let outcome = py.detach(|| {
-            let _inside = runtime().enter(); // what the future creates (a timer, a task) finds the runtime
-            let mut cx = Context::from_waker(&waker);
-            let slice_ends = slice.map(|slice| Instant::now() + slice);
-            loop {
-                if let Poll::Ready(value) = fut.as_mut().poll(&mut cx) {
-                    return Some(value);
-                }
-                match slice_ends.map(|end| end.saturating_duration_since(Instant::now())) {
-                    None => std::thread::park(),
-                    Some(left) if left.is_zero() => return None,
-                    Some(left) => std::thread::park_timeout(left),
-                }
-            }
-        });
+        let outcome = py.detach(|| rt.block_on(async { tokio::time::timeout(SIGNAL_SLICE, fut.as_mut()).await }));
         match outcome {
-            Some(value) => return Ok(value),
-            None => py.check_signals()?,
+            Ok(value) => return Ok(value),
+            Err(_slice_elapsed) => py.check_signals()?,
         }
     }
 }
@@ -95,19 +81,6 @@ fn on_main_thread(py: Python<'_>) -> bool {
         main.set(Some(main_or_unsure));
         main_or_unsure
     })
-}
-
-/// Wakes the thread that [`wait`]s (a spurious wake-up costs one more poll).
-struct Unparker(std::thread::Thread);
-
-impl Wake for Unparker {
-    fn wake(self: Arc<Self>) {
-        self.0.unpark();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.0.unpark();
-    }
 }
 
 fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
