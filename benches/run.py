@@ -612,10 +612,12 @@ def chart(results: dict, path: Path) -> Optional[Path]:
         latency_ax.legend()
     if "throughput" in results:
         for row in results["throughput"]["rows"]:
-            # The first run's steps: offered rate against what was delivered, up to the last full step.
-            steps = row["runs"][0]
-            throughput_ax.plot([s["rate"] for s in steps], [s["deliveries_per_s"] for s in steps], marker="o", color=color[row["impl"]],
-                               label=f"{row['impl']} (highest at 100%: {row['max_rate']}/s)")
+            # Each offered rate against the median of what its runs delivered (a run stops at its first
+            # step short of 100%).
+            steps = [step for run in row["runs"] for step in run]
+            rates = sorted({step["rate"] for step in steps})
+            delivered = [median([step["deliveries_per_s"] for step in steps if step["rate"] == rate]) for rate in rates]
+            throughput_ax.plot(rates, delivered, marker="o", color=color[row["impl"]], label=f"{row['impl']} (highest at 100%: {row['max_rate']}/s)")
         throughput_ax.set(xlabel="offered lines/s per peer", ylabel="deliveries per second",
                           title=f"throughput, {results['throughput']['peers']} peers")
         throughput_ax.legend()
