@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
@@ -371,11 +371,14 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
             decoder.release_if_drained();
             tokio::select! {
                 read = async {
+                    // The buffer is made once there is something to read, not while waiting for it.
+                    stream.readable().await?;
                     let buf = decoder.read_buffer();
                     buf.reserve(REGISTRATION_READ);
-                    stream.read_buf(buf).await
+                    stream.try_read_buf(buf)
                 } => match read {
                     Ok(n) if n > 0 => quiet.heard(),
+                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     _ => break,
                 },
                 Some(frame) = for_peer.recv() => {
