@@ -318,8 +318,7 @@ mod tests {
     /// The body (after magic and length) of a tracker's welcome listing `members`.
     fn welcome_body(members: &[Member]) -> Vec<u8> {
         let block: Vec<u8> = members.iter().map(|m| encode_member(m).into_vec()).collect::<Vec<_>>().join(&b","[..]);
-        let opening: Vec<u8> = Welcome::new([Arc::from(block)], "127.0.0.1:9", false).slices().iter().flat_map(|s| s.iter().copied()).collect();
-        opening[MAGIC.len() + 4..].to_vec()
+        Welcome::new([Arc::from(block)], "127.0.0.1:9", false).to_vec().split_off(MAGIC.len() + 4)
     }
 
     #[test]
