@@ -450,13 +450,16 @@ impl Actor {
         }
         let Some((answering, rest)) = self.requests.link_gone(id) else { return };
         // Unanswered: ask again on the link that replaced this one (two peers that redial each other
-        // keep one of the two links), or, for the join's history, any member.
+        // keep one of the two links), or, for the join's history, any member; with neither up yet,
+        // when one comes.
         let free = |id: ConnId, l: &Link| l.state == State::P2pchat && !self.requests.is_asking(id);
         let same_peer = self.links.iter().filter(|(id, l)| free(**id, l)).find(|(_, l)| l.peer_id.is_some() && l.peer_id == answering);
         let any = self.links.iter().filter(|(id, l)| free(**id, l)).find(|_| rest.purpose == Purpose::Join);
-        if let Some((&other, _)) = same_peer.or(any) {
-            // The first ask's task still ends the join's wait; this one is a catch-up.
-            self.ask_history(other, Ask { purpose: Purpose::CatchUp, ..rest });
+        // The first ask's task still ends the join's wait; this one is a catch-up.
+        let again = Ask { purpose: Purpose::CatchUp, ..rest.clone() };
+        let asked = same_peer.or(any).map(|(&other, _)| other).is_some_and(|other| self.ask_history(other, again));
+        if !asked {
+            self.requests.ask_when_back(answering, rest, tokio::time::Instant::now());
         }
     }
 

@@ -320,6 +320,22 @@ impl Requests {
         self.lost.insert(peer_id, (since, now));
     }
 
+    /// A request cut off with its link that no other link can take over yet (two members that redial
+    /// each other keep one of two links, and the kept one may come up after the other closed): a
+    /// catch-up waits for its member's next link, from the earliest point asked; the join's request
+    /// waits for the next member, as a catch-up (the join stopped waiting when its link closed).
+    pub fn ask_when_back(&mut self, peer_id: Option<String>, ask: Ask, now: tokio::time::Instant) {
+        match (ask.purpose, peer_id) {
+            (Purpose::CatchUp, Some(peer_id)) => {
+                let since = ask.after.map_or(0, |key| key.stamp);
+                let entry = self.lost.entry(peer_id).or_insert((since, now));
+                *entry = (entry.0.min(since), now);
+            }
+            (Purpose::Join, _) if self.join.is_none() => self.join = Some(Ask { purpose: Purpose::CatchUp, ..ask }),
+            _ => {}
+        }
+    }
+
     /// Link `conn` is gone: the rest of a request it had not finished answering, to ask again (on a
     /// link to the same member, or for the join's history any member), and who was answering.
     pub fn link_gone(&mut self, conn: ConnId) -> Option<(Option<String>, Ask)> {
@@ -458,6 +474,34 @@ mod tests {
         requests.lost("old".into(), 1, now, Duration::from_secs(60));
         requests.lost("new".into(), 2, now + Duration::from_secs(61), Duration::from_secs(60));
         assert_eq!(requests.on_link_up("old"), None, "forgotten after a while");
+    }
+
+    #[test]
+    fn a_request_cut_off_with_its_link_waits_for_the_next_one() {
+        let now = tokio::time::Instant::now();
+        let mut requests = Requests::new(None, 0, 10_000);
+        requests.lost("a".into(), 42, now, Duration::from_secs(60));
+        let catch_up = requests.on_link_up("a").expect("a catch-up");
+        let (parts, _received) = mpsc::channel(4);
+        let req = requests.next_req();
+        requests.sent(7, req, Some("a".into()), catch_up, parts);
+        let (answering, rest) = requests.link_gone(7).expect("unanswered");
+        // Lost again meanwhile (from a later point): the catch-up still starts at the earlier one.
+        requests.lost("a".into(), 50, now, Duration::from_secs(60));
+        requests.ask_when_back(answering, rest, now);
+        let again = requests.on_link_up("a").expect("asked again on the next link");
+        assert_eq!((again.after, again.purpose), (Some(Key { stamp: 42, id: String::new() }), Purpose::CatchUp));
+        assert_eq!(requests.on_link_up("a"), None, "once");
+
+        let mut requests = Requests::new(Some(None), 100, 10_000);
+        let join = requests.on_link_up("b").expect("the join's request");
+        let (parts, _received) = mpsc::channel(4);
+        let req = requests.next_req();
+        requests.sent(8, req, Some("b".into()), join, parts);
+        let (answering, rest) = requests.link_gone(8).expect("unanswered");
+        requests.ask_when_back(answering, rest, now);
+        let next = requests.on_link_up("c").expect("the next member is asked");
+        assert_eq!((next.limit, next.purpose), (100, Purpose::CatchUp));
     }
 
     #[test]
