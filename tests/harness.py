@@ -51,6 +51,8 @@ class Stream:
         self.closed = False
         self.cond = threading.Condition()
         self.cursor = 0
+        # The same process's other stream, shown beside this one when an expectation fails.
+        self.other: Optional["Stream"] = None
 
     def pump(self, pipe) -> None:
         for raw in iter(pipe.readline, b""):
@@ -85,8 +87,16 @@ class Stream:
                 remaining = deadline - time.monotonic()
                 if self.closed or remaining <= 0:
                     why = "stream closed" if self.closed else f"no match within {timeout}s"
-                    raise AssertionError(f"{self.name}: {why} for {regex.pattern!r}; lines:\n" + "\n".join(self.lines))
+                    lines = list(self.lines)
+                    break
                 self.cond.wait(remaining)
+        # Raised outside this stream's lock: the other stream's is taken to show its lines.
+        raise AssertionError(f"{self.name}: {why} for {regex.pattern!r}; lines:\n" + "\n".join(lines) + self._other_lines())
+
+    def _other_lines(self) -> str:
+        if self.other is None:
+            return ""
+        return f"\n{self.other.name}:\n" + "\n".join(self.other.snapshot())
 
     def count(self, pattern: Regex) -> int:
         regex = re.compile(pattern)
@@ -121,6 +131,7 @@ class Proc:
         )
         self.out = Stream(f"{name} stdout")
         self.err = Stream(f"{name} stderr")
+        self.out.other, self.err.other = self.err, self.out
         for stream, pipe in ((self.out, self.popen.stdout), (self.err, self.popen.stderr)):
             threading.Thread(target=stream.pump, args=(pipe,), daemon=True).start()
 
