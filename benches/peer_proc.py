@@ -47,6 +47,15 @@ class Inbox:
             if self.keep_latencies:
                 self.latencies.append(now_ns - sent_ns)
 
+    def record_message(self, message) -> None:
+        """A `p2pchat.Message` the application got: live ones count; history (what the room said
+        before this peer came) does not."""
+        if message.history:
+            return
+        now = time.monotonic_ns()
+        sender, _, sent = message.text.rstrip(".").split(":")
+        self.record(int(sender), int(sent), now)
+
     def take(self) -> dict:
         with self.lock:
             out = {"counts": dict(self.counts), "latencies_ns": self.latencies}
@@ -54,8 +63,15 @@ class Inbox:
         return out
 
 
-def text(index: int, seq: int) -> str:
-    return f"{index}:{seq}:{time.monotonic_ns()}."
+class Texts:
+    """This peer's benchmark messages, numbered in the order sent."""
+
+    def __init__(self, index: int) -> None:
+        self.index, self.seq = index, 0
+
+    def next(self) -> str:
+        seq, self.seq = self.seq, self.seq + 1
+        return f"{self.index}:{seq}:{time.monotonic_ns()}."
 
 
 def reply(obj: dict) -> None:
@@ -108,27 +124,30 @@ def reply_common(cmd: dict, inbox: Inbox, links) -> bool:
     return cmd["cmd"] != "quit"
 
 
+def new_peer(args):
+    """The p2pchat peer of this process, not joined yet. Each keeps its log on disk, as users run it,
+    in its room's directory (run.py)."""
+    import p2pchat
+
+    data_dir = os.path.join(args.data_dir, f"n{args.index}")
+    return p2pchat.Peer(f"n{args.index}", "127.0.0.1", args.tracker_port, max_message_rate=args.max_rate, data_dir=data_dir)
+
+
 def run_p2pchat(args, inbox: Inbox) -> None:
     import p2pchat
 
-    # Each peer keeps its log on disk, as users run it, in its room's directory (run.py).
-    data_dir = os.path.join(args.data_dir, f"n{args.index}")
-    peer = p2pchat.Peer(f"n{args.index}", "127.0.0.1", args.tracker_port, max_message_rate=args.max_rate, data_dir=data_dir).join()
+    peer = new_peer(args).join()
 
     def receive() -> None:
         try:
             for message in peer:
-                if message.history:
-                    continue  # what the room said before this peer came; only live deliveries count
-                now = time.monotonic_ns()
-                sender, _, sent = message.text.rstrip(".").split(":")
-                inbox.record(int(sender), int(sent), now)
+                inbox.record_message(message)
         except p2pchat.PeerClosed:
             pass
 
     threading.Thread(target=receive, daemon=True).start()
     reply({"ready": True, "pid": os.getpid()})
-    seq = 0
+    texts = Texts(args.index)
     for line in sys.stdin:
         cmd = json.loads(line)
         if cmd["cmd"] == "send":
@@ -136,8 +155,7 @@ def run_p2pchat(args, inbox: Inbox) -> None:
             for _ in paced(cmd["count"], cmd["rate"]):
                 # As a program that sends many lines does (README, the Python API): it needs no count
                 # of peers reached, so it does not wait for one per line.
-                peer.post(text(args.index, seq))
-                seq += 1
+                peer.post(texts.next())
             reply({"sent": cmd["count"], "seconds": time.monotonic() - started})
         elif not reply_common(cmd, inbox, lambda: len(peer.peers())):
             break
@@ -150,29 +168,21 @@ def run_p2pchat_asyncio(args, inbox: Inbox) -> None:
     that run p2pchat under asyncio, which then load asyncio as the baseline does)."""
     import asyncio
 
-    import p2pchat
-
     async def main() -> None:
-        data_dir = os.path.join(args.data_dir, f"n{args.index}")
-        async with p2pchat.Peer(f"n{args.index}", "127.0.0.1", args.tracker_port, max_message_rate=args.max_rate, data_dir=data_dir) as peer:
+        async with new_peer(args) as peer:
 
             async def receive() -> None:
                 async for message in peer:
-                    if message.history:
-                        continue
-                    now = time.monotonic_ns()
-                    sender, _, sent = message.text.rstrip(".").split(":")
-                    inbox.record(int(sender), int(sent), now)
+                    inbox.record_message(message)
 
             receiving = asyncio.ensure_future(receive())
             reply({"ready": True, "pid": os.getpid()})
-            seq = 0
+            texts = Texts(args.index)
             async for cmd in commands_async():
                 if cmd["cmd"] == "send":
                     started = time.monotonic()
                     async for _ in paced_async(cmd["count"], cmd["rate"]):
-                        peer.post(text(args.index, seq))
-                        seq += 1
+                        peer.post(texts.next())
                     reply({"sent": cmd["count"], "seconds": time.monotonic() - started})
                 elif not reply_common(cmd, inbox, lambda: len(peer.peers())):
                     break
@@ -218,13 +228,12 @@ def run_baseline(args, inbox: Inbox) -> None:
                 continue
             asyncio.ensure_future(original.serve_connection(reader, writer, "bench"))
         reply({"ready": True, "pid": os.getpid()})
-        name, seq = f"n{args.index}", 0
+        name, texts = f"n{args.index}", Texts(args.index)
         async for cmd in commands_async():
             if cmd["cmd"] == "send":
                 start = time.monotonic()
                 async for _ in paced_async(cmd["count"], cmd["rate"]):
-                    line_text = text(args.index, seq)
-                    seq += 1
+                    line_text = texts.next()
                     # Exactly what the reference client does for each typed line.
                     for writer in list(original.CONNECTIONS):
                         writer.write(f"<{name}> :: {line_text}".encode("utf-8"))
