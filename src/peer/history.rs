@@ -314,10 +314,16 @@ impl Requests {
     }
 
     /// The member `peer_id` was lost without a goodbye; if it comes back within `keep_for`, catch up
-    /// from `since`.
+    /// from `since`, or from an earlier point it was lost at and has not come back since (nothing
+    /// between the two losses is missed).
     pub fn lost(&mut self, peer_id: String, since: u64, now: tokio::time::Instant, keep_for: Duration) {
         self.lost.retain(|_, (_, when)| now.duration_since(*when) < keep_for);
-        self.lost.insert(peer_id, (since, now));
+        self.catch_up_when_back(peer_id, since, now);
+    }
+
+    fn catch_up_when_back(&mut self, peer_id: String, since: u64, now: tokio::time::Instant) {
+        let entry = self.lost.entry(peer_id).or_insert((since, now));
+        *entry = (entry.0.min(since), now);
     }
 
     /// A request cut off with its link that no other link can take over yet (two members that redial
@@ -326,11 +332,7 @@ impl Requests {
     /// waits for the next member, as a catch-up (the join stopped waiting when its link closed).
     pub fn ask_when_back(&mut self, peer_id: Option<String>, ask: Ask, now: tokio::time::Instant) {
         match (ask.purpose, peer_id) {
-            (Purpose::CatchUp, Some(peer_id)) => {
-                let since = ask.after.map_or(0, |key| key.stamp);
-                let entry = self.lost.entry(peer_id).or_insert((since, now));
-                *entry = (entry.0.min(since), now);
-            }
+            (Purpose::CatchUp, Some(peer_id)) => self.catch_up_when_back(peer_id, ask.after.map_or(0, |key| key.stamp), now),
             (Purpose::Join, _) if self.join.is_none() => self.join = Some(Ask { purpose: Purpose::CatchUp, ..ask }),
             _ => {}
         }
@@ -471,6 +473,10 @@ mod tests {
         let catch_up = requests.on_link_up("a").expect("a catch-up");
         assert_eq!((catch_up.after, catch_up.limit, catch_up.purpose), (Some(Key { stamp: 42, id: String::new() }), 10_000, Purpose::CatchUp));
         assert_eq!(requests.on_link_up("a"), None, "once");
+        requests.lost("a".into(), 42, now, Duration::from_secs(60));
+        requests.lost("a".into(), 50, now + Duration::from_secs(1), Duration::from_secs(60));
+        let twice = requests.on_link_up("a").expect("a catch-up");
+        assert_eq!(twice.after, Some(Key { stamp: 42, id: String::new() }), "lost twice before it came back: from the first loss");
         requests.lost("old".into(), 1, now, Duration::from_secs(60));
         requests.lost("new".into(), 2, now + Duration::from_secs(61), Duration::from_secs(60));
         assert_eq!(requests.on_link_up("old"), None, "forgotten after a while");
