@@ -21,6 +21,7 @@ def test_the_quick_benchmark_runs_every_scenario_for_both_implementations(tmp_pa
     results = json.loads((tmp_path / "quick.json").read_text())
     for row in results["latency"]:
         assert all(r["delivered"] == r["expected"] for r in row["runs"]), row
+        assert row["cpu_us_per_delivery"] > 0, f"the peers' CPU was not measured: {row}"
     throughput = {row["impl"]: row for row in results["throughput"]["rows"]}
     assert set(throughput) == {"p2pchat", "baseline", "floor"}
     assert all(row["max_rate"] > 0 for row in throughput.values()), throughput
