@@ -703,7 +703,7 @@ impl Actor {
             .links
             .iter()
             .filter(|(_, l)| matches!(l.state, State::P2pchat | State::Relay))
-            .filter_map(|(id, l)| l.conn.queue.try_send(ping.clone()).err().and_then(|refused| not_reading(&refused, limits)).map(|why| (*id, why)))
+            .filter_map(|(id, l)| l.conn.queue.keep_alive(ping.clone()).err().and_then(|refused| not_reading(&refused, limits)).map(|why| (*id, why)))
             .collect();
         for (id, why) in stuck {
             self.remove(id, why, false);

@@ -623,7 +623,8 @@ async fn p2pchat_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, 
         if let Some((reason, clean)) = ended.or_else(|| actor_gone.then(|| ("closing".to_owned(), false))) {
             return ReadEnd::Because(reason, clean);
         }
-        // p2pchat ends ping every `keepalive_interval`: silence means the other end is gone.
+        // p2pchat ends send something (a ping if nothing else) every `keepalive_interval`: silence
+        // means the other end is gone.
         decoder.release_if_drained();
         let read = tokio::select! {
             biased;

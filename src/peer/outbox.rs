@@ -56,6 +56,8 @@ struct State<T> {
     full_since: Option<Instant>,
     /// A `send` waits for room: the next line taken wakes it.
     room_wanted: bool,
+    /// A line other than a keep-alive was queued since the last [`Outbox::keep_alive`].
+    queued_since_keep_alive: bool,
     senders: usize,
     drain_alive: bool,
 }
@@ -95,7 +97,15 @@ pub(super) struct Drain<T> {
 pub(super) fn outbox<T: AsRef<[u8]>>(bounds: Bounds) -> (Outbox<T>, Drain<T>) {
     let bounds = Bounds { lines: bounds.lines.max(1), ..bounds };
     let shared = Arc::new(Shared {
-        state: Mutex::new(State { lines: VecDeque::new(), bytes: 0, full_since: None, room_wanted: false, senders: 1, drain_alive: true }),
+        state: Mutex::new(State {
+            lines: VecDeque::new(),
+            bytes: 0,
+            full_since: None,
+            room_wanted: false,
+            queued_since_keep_alive: false,
+            senders: 1,
+            drain_alive: true,
+        }),
         bounds,
         queued: Notify::new(),
         room: Notify::new(),
@@ -124,10 +134,33 @@ impl<T: AsRef<[u8]>> Outbox<T> {
         }
     }
 
-    /// Queue `line` unless a bound says no; `strict`: refuse at `lines` rather than go past it.
-    fn push(&self, line: T, strict: bool) -> Result<(), Refused<T>> {
-        let bounds = &self.shared.bounds;
+    /// Queue `ping` for a link that would otherwise be silent: unless another line was queued since
+    /// the last call, as any line shows the member we are alive. A link busy with chat carries no
+    /// pings, so a member of a busy room is not woken for them.
+    pub fn keep_alive(&self, ping: T) -> Result<(), Refused<T>> {
         let mut state = self.shared.lock();
+        if std::mem::take(&mut state.queued_since_keep_alive) {
+            return Ok(());
+        }
+        self.admit(&mut state, ping, false)?;
+        drop(state);
+        self.shared.queued.notify_one();
+        Ok(())
+    }
+
+    fn push(&self, line: T, strict: bool) -> Result<(), Refused<T>> {
+        let mut state = self.shared.lock();
+        self.admit(&mut state, line, strict)?;
+        state.queued_since_keep_alive = true;
+        drop(state);
+        self.shared.queued.notify_one();
+        Ok(())
+    }
+
+    /// Queue `line` unless a bound says no (the caller wakes the drain); `strict`: refuse at `lines`
+    /// rather than go past it.
+    fn admit(&self, state: &mut State<T>, line: T, strict: bool) -> Result<(), Refused<T>> {
+        let bounds = &self.shared.bounds;
         if !state.drain_alive {
             return Err(Refused::Closed(line));
         }
@@ -149,8 +182,6 @@ impl<T: AsRef<[u8]>> Outbox<T> {
         }
         state.lines.push_back(line);
         state.bytes += size;
-        drop(state);
-        self.shared.queued.notify_one();
         Ok(())
     }
 }
@@ -328,6 +359,20 @@ mod tests {
         assert_eq!(rx.next().await, Some(vec![0u8; 8]));
         let sent = tokio::time::timeout(Duration::from_secs(5), sender).await.expect("room woke the sender").unwrap();
         assert_eq!(sent, Ok(()));
+    }
+
+    #[test]
+    fn a_keep_alive_is_queued_only_when_nothing_else_was_since_the_last_one() {
+        let (tx, mut rx) = outbox(bounds(8));
+        tx.keep_alive("ping").unwrap();
+        tx.keep_alive("ping").unwrap();
+        tx.try_send("chat").unwrap();
+        tx.keep_alive("ping").unwrap();
+        tx.keep_alive("ping").unwrap();
+        let order: Vec<_> = std::iter::from_fn(|| rx.try_next()).collect();
+        assert_eq!(order, ["ping", "ping", "chat", "ping"], "a ping never stands in for a line, and the link is never silent for two calls");
+        drop(rx);
+        assert_eq!(tx.keep_alive("ping"), Err(Refused::Closed("ping")));
     }
 
     #[test]
