@@ -14,7 +14,8 @@ whose wire has no message boundaries, tell a whole message from a cut one.
 It says `started` once up and joins when told `join` (answering `ready`). Then commands (one JSON
 object per line): `links` (how many peers this one is connected to), `send` (`count` messages at
 `rate` per second; the answer says how long that took, to tell whether the peer kept up), `report`
-(what was received since the last report), `cpu` (the process's CPU seconds so far), `quit`. Each gets one JSON line back.
+(what was received since the last report), `cpu` (the process's CPU seconds so far), `quit`. Each
+gets one JSON line back.
 """
 
 import argparse
@@ -115,8 +116,8 @@ async def commands_async():
 
 
 def reply_common(cmd: dict, inbox: Inbox, links) -> bool:
-    """Answer `links`, `report` and `cpu` alike for every implementation; False for `quit`. (`send` differs,
-    and is the caller's.)"""
+    """Answer `links`, `report` and `cpu` alike for every implementation; False for `quit`. (`send`
+    differs, and is the caller's.)"""
     if cmd["cmd"] == "links":
         reply({"links": links()})
     elif cmd["cmd"] == "report":
