@@ -113,11 +113,21 @@ class Child:
         return int(found.group(1)) if found else 0
 
 
-def start_tracker(impl: str) -> subprocess.Popen:
-    """A tracker on a free loopback port; returns the process with `.port` set."""
+# The tracker scenario's floor: a process that only answers every connection with a list of ARGV[1]
+# bytes (Rust, `_bench_raw_list_server`), on its own as a tracker is.
+RAW_LIST_SERVER = ("import sys, p2pchat; "
+                   "p2pchat._core._bench_raw_list_server(int(sys.argv[1]), lambda port: print(f'listening on {port}', flush=True))")
+
+
+def start_tracker(impl: str, list_bytes: int = 0) -> subprocess.Popen:
+    """A tracker on a free loopback port (`impl` "floor": the raw list server sending `list_bytes`);
+    returns the process with `.port` set."""
     if impl == "p2pchat":
         argv = [sys.executable, "server.py", "--host", "127.0.0.1", "--port", "0"]
         pattern, stream = r"listening on [\d.]+:(\d+)", "stderr"
+    elif impl == "floor":
+        argv = [sys.executable, "-c", RAW_LIST_SERVER, str(list_bytes)]
+        pattern, stream = r"listening on (\d+)", "stdout"
     else:
         argv = [sys.executable, str(REFERENCE / "original_server.py"), "--host", "127.0.0.1", "--port", "0"]
         pattern, stream = r"listening on (\d+)", "stdout"
@@ -390,7 +400,14 @@ def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
         # The floor for each list: the same joins against a server that only sends that many bytes.
         for row in rows[-len(IMPLS):]:
             log(f"tracker: raw list floor, {row['bytes_per_join']:.0f} bytes ({row['impl']}'s list)")
-            floors = [p2pchat._core._bench_list_floor(int(row["bytes_per_join"]), concurrency=4, duration=seconds) for _ in range(repeats)]
+            floors = []
+            for _ in range(repeats):
+                server = start_tracker("floor", int(row["bytes_per_join"]))
+                try:
+                    floors.append(p2pchat._core._bench_tracker_joins("127.0.0.1", server.port, "raw", 0, list_bytes=int(row["bytes_per_join"]),
+                                                                     concurrency=4, duration=seconds))
+                finally:
+                    stop([server])
             row["floor_joins_per_s"] = median([f["joins_per_second"] for f in floors])
     return rows
 

@@ -3,7 +3,7 @@
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import AsyncIterator, Awaitable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union, final
+from typing import AsyncIterator, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union, final
 
 __version__: str
 DEFAULT_PORT: int
@@ -219,9 +219,18 @@ def _wake_log_bridge() -> None: ...
 
 # Benchmark instruments (benches/run.py): Rust load generators, not part of the chat API.
 def _bench_tracker_joins(
-    host: str, port: int, protocol: str, registrations: int, *, concurrency: int = 4, duration: float = 2.0
+    host: str,
+    port: int,
+    protocol: str,
+    registrations: int,
+    *,
+    list_bytes: Optional[int] = None,
+    concurrency: int = 4,
+    duration: float = 2.0,
 ) -> Dict[str, float]: ...
-def _bench_list_floor(list_bytes: int, *, concurrency: int = 4, duration: float = 2.0) -> Dict[str, float]: ...
+def _bench_raw_list_server(
+    list_bytes: int, on_listening: Callable[[int], object], *, host: str = "127.0.0.1", port: int = 0
+) -> None: ...
 def _bench_fanout(
     nodes: int, rate: int, message: bytes, *, duration: float = 2.0, drain: float = 2.0
 ) -> Dict[str, float]: ...

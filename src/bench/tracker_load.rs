@@ -10,11 +10,12 @@
 //! finished before this one connected. Every join ends with a reset, so no port lingers in TIME_WAIT and
 //! tens of thousands of joins fit in the ephemeral port range.
 //!
-//! [`list_floor`] is the scenario's floor: the same joins against a server with no protocol at all
-//! that answers every connection with a list of the same size, so the report shows how much of a
-//! join's cost is just moving the list's bytes through loopback.
+//! [`serve_raw_list`] is the scenario's floor: a server with no protocol at all that answers every
+//! connection with a list of the same size ([`TrackerProtocol::Raw`]). Run in a process of its own,
+//! as a tracker is, it shows how much of a join's cost is just the connection and moving the list's
+//! bytes through loopback.
 
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +23,6 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-use tokio_util::task::AbortOnDropHandle;
 
 use super::BenchError;
 use crate::wire::frames::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
@@ -269,17 +269,11 @@ async fn read_raw_list(stream: &mut TcpStream, list_bytes: usize, buf: &mut Vec<
     Ok((list_bytes as u64, 0))
 }
 
-/// Joins per second against a server that sends `list_bytes` bytes on every connection and does
-/// nothing else (no registry, no encoding, no protocol), measured as [`run`] measures a tracker.
-pub async fn list_floor(list_bytes: usize, concurrency: usize, duration: Duration) -> Result<JoinReport, BenchError> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
-    let addr = listener.local_addr()?;
-    let _server = AbortOnDropHandle::new(tokio::spawn(serve_raw_list(listener, vec![b'-'; list_bytes].into())));
-    run(JoinLoad { tracker: addr, protocol: TrackerProtocol::Raw { list_bytes }, registrations: 0, concurrency, duration }).await
-}
-
-async fn serve_raw_list(listener: TcpListener, list: Arc<[u8]>) {
-    let mut answers = JoinSet::new(); // aborted with this task
+/// Answer every connection on `listener` with `list_bytes` bytes and nothing else (no registry, no
+/// encoding, no protocol), keeping it until the joiner closes; runs until dropped.
+pub async fn serve_raw_list(listener: TcpListener, list_bytes: usize) {
+    let list: Arc<[u8]> = vec![b'-'; list_bytes].into();
+    let mut answers = JoinSet::new(); // aborted with this future
     while let Ok((mut stream, _)) = listener.accept().await {
         let list = list.clone();
         answers.spawn(async move {

@@ -25,15 +25,18 @@ fn positive_seconds(value: f64, what: &str) -> PyResult<Duration> {
 }
 
 /// Hold `registrations` at the tracker at `host:port`, then join for `duration` seconds with
-/// `concurrency` workers, each join reading the full list. `protocol` is "p2pchat" or "original".
+/// `concurrency` workers, each join reading the full list. `protocol` is "p2pchat", "original", or
+/// "raw" for `_bench_raw_list_server` (the floor; each join reads its `list_bytes`).
 #[pyfunction]
-#[pyo3(signature = (host, port, protocol, registrations, *, concurrency = 4, duration = 2.0))]
+#[pyo3(signature = (host, port, protocol, registrations, *, list_bytes = None, concurrency = 4, duration = 2.0))]
+#[allow(clippy::too_many_arguments)] // a Python signature: keyword arguments, not a struct
 fn _bench_tracker_joins<'py>(
     py: Python<'py>,
     host: &str,
     port: u16,
     protocol: &str,
     registrations: usize,
+    list_bytes: Option<usize>,
     concurrency: usize,
     duration: f64,
 ) -> PyResult<Bound<'py, PyDict>> {
@@ -42,22 +45,29 @@ fn _bench_tracker_joins<'py>(
         .ok()
         .and_then(|mut addrs| addrs.next())
         .ok_or_else(|| PyValueError::new_err(format!("cannot resolve {host}:{port}")))?;
-    let protocol = match protocol {
-        "p2pchat" => tracker_load::TrackerProtocol::P2pchat,
-        "original" => tracker_load::TrackerProtocol::Original,
-        other => return Err(PyValueError::new_err(format!("protocol must be 'p2pchat' or 'original', not {other:?}"))),
+    let protocol = match (protocol, list_bytes) {
+        ("p2pchat", None) => tracker_load::TrackerProtocol::P2pchat,
+        ("original", None) => tracker_load::TrackerProtocol::Original,
+        ("raw", Some(list_bytes)) => tracker_load::TrackerProtocol::Raw { list_bytes },
+        ("raw", None) => return Err(PyValueError::new_err("protocol 'raw' needs list_bytes")),
+        ("p2pchat" | "original", Some(_)) => return Err(PyValueError::new_err("list_bytes is for protocol 'raw' only")),
+        (other, _) => return Err(PyValueError::new_err(format!("protocol must be 'p2pchat', 'original' or 'raw', not {other:?}"))),
     };
     let load = tracker_load::JoinLoad { tracker, protocol, registrations, concurrency, duration: positive_seconds(duration, "duration")? };
     join_report(py, wait(py, tracker_load::run(load))??)
 }
 
-/// The tracker scenario's floor: joins per second, read as `_bench_tracker_joins` reads them, against
-/// an in-process server that answers every connection with `list_bytes` bytes and does nothing else.
+/// The tracker scenario's floor, for a process of its own (as a tracker is): listen on `host:port`
+/// (0: any free port), call `on_listening(port)`, then answer every connection with `list_bytes`
+/// bytes and nothing else, until Ctrl-C (`KeyboardInterrupt`) or the process is ended.
 #[pyfunction]
-#[pyo3(signature = (list_bytes, *, concurrency = 4, duration = 2.0))]
-fn _bench_list_floor(py: Python<'_>, list_bytes: usize, concurrency: usize, duration: f64) -> PyResult<Bound<'_, PyDict>> {
-    let duration = positive_seconds(duration, "duration")?;
-    join_report(py, wait(py, tracker_load::list_floor(list_bytes, concurrency, duration))??)
+#[pyo3(signature = (list_bytes, on_listening, *, host = "127.0.0.1", port = 0))]
+fn _bench_raw_list_server(py: Python<'_>, list_bytes: usize, on_listening: Bound<'_, PyAny>, host: &str, port: u16) -> PyResult<()> {
+    let listener = wait(py, tokio::net::TcpListener::bind((host.to_owned(), port)))?
+        .map_err(|e| P2PChatError::new_err(format!("cannot listen on {host}:{port}: {e}")))?;
+    let port = listener.local_addr().map_err(|e| P2PChatError::new_err(e.to_string()))?.port();
+    on_listening.call1((port,))?;
+    wait(py, tracker_load::serve_raw_list(listener, list_bytes))
 }
 
 fn join_report(py: Python<'_>, report: tracker_load::JoinReport) -> PyResult<Bound<'_, PyDict>> {
@@ -106,6 +116,6 @@ fn _bench_fanout<'py>(py: Python<'py>, nodes: usize, rate: u32, message: Vec<u8>
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_bench_tracker_joins, m)?)?;
     m.add_function(wrap_pyfunction!(_bench_fanout, m)?)?;
-    m.add_function(wrap_pyfunction!(_bench_list_floor, m)?)?;
+    m.add_function(wrap_pyfunction!(_bench_raw_list_server, m)?)?;
     Ok(())
 }
