@@ -328,24 +328,21 @@ def wait_deliveries(room: Room, expected: int, timeout: float) -> List[dict]:
 
 
 def throughput(size: int, rates: List[int], seconds: float, repeats: int) -> List[dict]:
-    rows = []
-    for impl in IMPLS:
-        runs = []
-        for _ in range(repeats):
+    """The implementations and the floor take turns, run by run (a fresh room each), so that a drift
+    of the machine's speed over minutes hits them alike."""
+    runs: Dict[str, List[List[dict]]] = {impl: [] for impl in IMPLS + ("floor",)}
+    for _ in range(repeats):
+        for impl in IMPLS:
             log(f"throughput: {impl}, {size} peers")
             room = Room(impl, size)
             try:
-                runs.append(step_rates(room, rates, seconds))
+                runs[impl].append(step_rates(room, rates, seconds))
             finally:
                 room.close()
-        rows.append(summarise_steps(impl, runs))
-    runs = []
-    for _ in range(repeats):
         log(f"throughput: raw TCP fan-out floor, {size} nodes")
         # The floor goes on past the chat's steps: it is expected to sustain far more.
-        runs.append(step_floor(size, rates + [rates[-1] * k for k in (2, 3, 4, 6, 8)], seconds))
-    rows.append(summarise_steps("floor", runs))
-    return rows
+        runs["floor"].append(step_floor(size, rates + [rates[-1] * k for k in (2, 3, 4, 6, 8)], seconds))
+    return [summarise_steps(impl, impl_runs) for impl, impl_runs in runs.items()]
 
 
 # A rate is sustained when every message arrives, the senders kept the pace, and the last delivery came
