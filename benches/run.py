@@ -404,39 +404,38 @@ def summarise_steps(impl: str, runs: List[List[dict]]) -> dict:
 
 
 def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
+    """Each run joins one tracker of each implementation, then the floor for each one's list (the same
+    joins against a server that only sends that many bytes); runs take turns, as in the other
+    scenarios."""
     import p2pchat
+
+    def joins(server: subprocess.Popen, protocol: str, registrations: int, list_bytes: Optional[int] = None) -> dict:
+        try:
+            return p2pchat._core._bench_tracker_joins("127.0.0.1", server.port, protocol, registrations, list_bytes=list_bytes,
+                                                      concurrency=4, duration=seconds)
+        finally:
+            stop([server])
 
     rows = []
     for size in sizes:
-        for impl in IMPLS:
-            runs = []
-            for _ in range(repeats):
+        runs: Dict[str, List[dict]] = {impl: [] for impl in IMPLS}
+        floors: Dict[str, List[dict]] = {impl: [] for impl in IMPLS}
+        for _ in range(repeats):
+            for impl in IMPLS:
                 log(f"tracker: {impl}, {size} registrations")
-                tracker = start_tracker(impl)
-                try:
-                    protocol = "p2pchat" if impl == "p2pchat" else "original"
-                    r = p2pchat._core._bench_tracker_joins("127.0.0.1", tracker.port, protocol, size, concurrency=4, duration=seconds)
-                finally:
-                    stop([tracker])
-                runs.append(r)
-            rows.append({"impl": impl, "registrations": size, "runs": runs,
-                         "joins_per_s": median([r["joins_per_second"] for r in runs]),
-                         "bytes_per_join": median([r["list_bytes"] / max(r["joins"], 1) for r in runs]),
-                         "entries_per_join": median([r["entries"] / max(r["joins"], 1) for r in runs]),
-                         "min_entries": min(r["min_entries"] for r in runs),
-                         "failures": sum(r["failures"] for r in runs)})
-        # The floor for each list: the same joins against a server that only sends that many bytes.
-        for row in rows[-len(IMPLS):]:
-            log(f"tracker: raw list floor, {row['bytes_per_join']:.0f} bytes ({row['impl']}'s list)")
-            floors = []
-            for _ in range(repeats):
-                server = start_tracker("floor", int(row["bytes_per_join"]))
-                try:
-                    floors.append(p2pchat._core._bench_tracker_joins("127.0.0.1", server.port, "raw", 0, list_bytes=int(row["bytes_per_join"]),
-                                                                     concurrency=4, duration=seconds))
-                finally:
-                    stop([server])
-            row["floor_joins_per_s"] = median([f["joins_per_second"] for f in floors])
+                runs[impl].append(joins(start_tracker(impl), "p2pchat" if impl == "p2pchat" else "original", size))
+            for impl in IMPLS:
+                list_bytes = int(runs[impl][-1]["list_bytes"] / max(runs[impl][-1]["joins"], 1))
+                log(f"tracker: raw list floor, {list_bytes} bytes ({impl}'s list)")
+                floors[impl].append(joins(start_tracker("floor", list_bytes), "raw", 0, list_bytes))
+        for impl in IMPLS:
+            rows.append({"impl": impl, "registrations": size, "runs": runs[impl],
+                         "joins_per_s": median([r["joins_per_second"] for r in runs[impl]]),
+                         "bytes_per_join": median([r["list_bytes"] / max(r["joins"], 1) for r in runs[impl]]),
+                         "entries_per_join": median([r["entries"] / max(r["joins"], 1) for r in runs[impl]]),
+                         "min_entries": min(r["min_entries"] for r in runs[impl]),
+                         "failures": sum(r["failures"] for r in runs[impl]),
+                         "floor_joins_per_s": median([f["joins_per_second"] for f in floors[impl]])})
     return rows
 
 
