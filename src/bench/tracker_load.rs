@@ -179,8 +179,8 @@ async fn keep_alive(mut stream: TcpStream) {
 
 /// Read one join's whole list into `buf`; returns (list bytes, entries). `original_entries`: how many
 /// an original tracker's list must hold. A worker reuses `buf` from join to join: a fresh buffer for
-/// a list of 10,000 is a fresh mapping of memory, zeroed and faulted in page by page, which cost the
-/// load generator a fifth of its time (`perf record` on the floor's process).
+/// a list of 10,000 was at times a fresh mapping of memory, zeroed and faulted in page by page: ~30%
+/// of the samples of `perf record` on the in-process floor of the time.
 async fn read_list(stream: &mut TcpStream, load: &JoinLoad, original_entries: u64, buf: &mut Vec<u8>) -> Result<(u64, u64), BenchError> {
     match load.protocol {
         TrackerProtocol::P2pchat => read_welcome(stream, load.tracker, buf).await,

@@ -15,12 +15,13 @@ use super::store::{Key, Location, Query, Record, Store, StoreError};
 /// Jobs queued before senders wait (backpressure onto the readers, never a lost message). A live job
 /// is a whole batch, so this is up to `QUEUE * FULL_BATCH` messages.
 const QUEUE: usize = 64;
-/// Live messages wait up to this long for more to share their transaction: a commit rewrites the pages it
-/// touched, so a busy room's log costs a third of the CPU in batches of hundreds than in tens, and each
-/// batch wakes the runtime (its timer) and the log thread once (at 100 ms, a receiver in the
-/// benchmark's latency room of 50 spent ~14 µs of its ~150 a delivery in the log thread and was woken
-/// 0.17 times more per delivery; at 500 ms, ~5 µs and 0.03). A crash loses at most this much of the
-/// log, and a peer that joins again fetches what its log lacks from the room; queries never wait it.
+/// Live messages wait up to this long for more to share their transaction: a commit rewrites the
+/// pages it touched, so a busy room's log costs a third of the CPU in batches of hundreds than in
+/// tens, and each batch wakes the runtime (its timer) and the log thread once (at 100 ms, a receiver
+/// in the benchmark's latency room of 50 spent ~14 µs of its ~150 a delivery in the log thread and
+/// was woken 0.17 times more per delivery; at 500 ms, ~5 µs and 0.03). A crash loses at most this
+/// much of the log, and a peer that joins again fetches what its log lacks from the room; queries
+/// never wait it.
 const GROUP_COMMIT: std::time::Duration = std::time::Duration::from_millis(500);
 /// A batch this large is written at once.
 const FULL_BATCH: usize = 1024;
@@ -88,13 +89,13 @@ pub fn open(location: &Location, room: String) -> Result<LogHandle, StoreError> 
     Ok(LogHandle { jobs, batch, commit_after: commit_delay() })
 }
 
-/// How long this process's batches wait: between half of [`GROUP_COMMIT`] and all of it, at random.
+/// How long this log's batches wait: between half of [`GROUP_COMMIT`] and all of it, at random.
 /// Every member of a room receives a message at about the same moment, so with one fixed delay they
 /// all committed at once, a burst of 50 commits on 2 cores in a room of 50 that held up whichever
 /// message came during it (p99 latency there: 4,639 to 6,604 µs fixed, 4,068 to 5,060 spread).
 fn commit_delay() -> std::time::Duration {
     let mut seed = [0u8; 2];
-    // Without randomness every process takes the same delay, as before: no worse than that.
+    // Without randomness every log takes the same delay, as before: no worse than that.
     let _ = getrandom::fill(&mut seed);
     GROUP_COMMIT / 2 + GROUP_COMMIT / 2 * u32::from(u16::from_le_bytes(seed)) / 65_536
 }
