@@ -1167,7 +1167,10 @@ impl Actor {
         if let Ok(mut seen) = self.readers.seen.lock() {
             seen.first_time(&message.id);
         }
-        self.readers.log.record_now(history::chat_to_record(&message));
+        // Logged only once it is queued on every link (below): a history answer being made for a
+        // member meanwhile (on another worker) then either misses it or is queued after it, so the
+        // member never gets it as history first (seen in CI: a fresh line shown as caught up).
+        let record = history::chat_to_record(&message);
         // In a private room the message travels sealed end to end: relays see only ciphertext.
         let frame = match &self.private {
             Some(key) => key.seal(&message),
@@ -1192,6 +1195,7 @@ impl Actor {
                 reached += 1;
             }
         }
+        self.readers.log.record_now(record);
         // Relays pass it on to the members we reach through them (those still linked took it).
         reached + self.relays.relayed().filter(|(_, m)| self.links.contains_key(&m.via)).count()
     }
