@@ -260,7 +260,7 @@ impl Requests {
     /// The join shows the room without its history; a member that turns up later is still asked.
     pub fn stop_waiting_for_join(&mut self) {
         if let Some(ask) = &mut self.join {
-            ask.purpose = Purpose::CatchUp;
+            ask.purpose = Purpose::Late;
         }
     }
 
@@ -275,7 +275,7 @@ impl Requests {
 
     /// `ask` could not be sent; the join's request waits for the next member.
     pub fn not_asked(&mut self, ask: Ask) {
-        if self.join.is_none() && ask.purpose == Purpose::Join {
+        if self.join.is_none() && matches!(ask.purpose, Purpose::Join | Purpose::Late) {
             self.join = Some(ask);
         }
     }
@@ -329,11 +329,11 @@ impl Requests {
     /// A request cut off with its link that no other link can take over yet (two members that redial
     /// each other keep one of two links, and the kept one may come up after the other closed): a
     /// catch-up waits for its member's next link, from the earliest point asked; the join's request
-    /// waits for the next member, as a catch-up (the join stopped waiting when its link closed).
+    /// waits for the next member, as [`Purpose::Late`] (the join stopped waiting when its link closed).
     pub fn ask_when_back(&mut self, peer_id: Option<String>, ask: Ask, now: tokio::time::Instant) {
         match (ask.purpose, peer_id) {
             (Purpose::CatchUp, Some(peer_id)) => self.catch_up_when_back(peer_id, ask.after.map_or(0, |key| key.stamp), now),
-            (Purpose::Join, _) if self.join.is_none() => self.join = Some(Ask { purpose: Purpose::CatchUp, ..ask }),
+            (Purpose::Join | Purpose::Late, _) if self.join.is_none() => self.join = Some(Ask { purpose: Purpose::Late, ..ask }),
             _ => {}
         }
     }
@@ -352,6 +352,9 @@ impl Requests {
 pub(super) enum Purpose {
     /// The history shown on join; ends with [`Event::HistorySynced`].
     Join,
+    /// The join's history once the join stopped waiting for it (the room was empty, or the member
+    /// asked left first): the room's earlier messages, from the next member, shown as they come.
+    Late,
     /// What we missed while a link was down.
     CatchUp,
 }
@@ -407,7 +410,7 @@ pub(super) async fn receive(mut parts: mpsc::Receiver<Vec<Chat>>, from: SocketAd
         let _ = sink.events.send(Event::HistorySynced { received }).await;
     } else if received > 0 {
         let text = match purpose {
-            Purpose::Join => format!("{received} earlier message(s) arrived late from {from}"),
+            Purpose::Join | Purpose::Late => format!("{received} earlier message(s) arrived late from {from}"),
             Purpose::CatchUp => format!("caught up: {received} message(s) said while the link to {from} was down"),
         };
         let _ = sink.events.send(Event::Notice { text }).await;
@@ -483,6 +486,17 @@ mod tests {
     }
 
     #[test]
+    fn a_join_that_stopped_waiting_asks_the_next_member_for_earlier_messages_not_a_catch_up() {
+        let mut requests = Requests::new(Some(None), 100, 10_000);
+        requests.stop_waiting_for_join();
+        assert!(!requests.waits_for_join());
+        let late = requests.on_link_up("first to come").expect("still asked");
+        assert_eq!((late.limit, late.purpose), (100, Purpose::Late));
+        requests.not_asked(late.clone());
+        assert_eq!(requests.on_link_up("next"), Some(late), "one that could not be sent waits for the next member");
+    }
+
+    #[test]
     fn a_request_cut_off_with_its_link_waits_for_the_next_one() {
         let now = tokio::time::Instant::now();
         let mut requests = Requests::new(None, 0, 10_000);
@@ -507,7 +521,7 @@ mod tests {
         let (answering, rest) = requests.link_gone(8).expect("unanswered");
         requests.ask_when_back(answering, rest, now);
         let next = requests.on_link_up("c").expect("the next member is asked");
-        assert_eq!((next.limit, next.purpose), (100, Purpose::CatchUp));
+        assert_eq!((next.limit, next.purpose), (100, Purpose::Late), "the rest of the join's history, not a catch-up");
     }
 
     #[test]
