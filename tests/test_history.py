@@ -4,11 +4,13 @@ import json
 import re
 import signal
 import socket
+import sqlite3
+import subprocess
 import time
 
 import pytest
 
-from harness import MAGIC, WAIT, frame, python, read_frame, wait_until
+from harness import MAGIC, ROOT, WAIT, frame, python, read_frame, wait_until
 from netns import namespace  # noqa: F401 - fixture
 from p2pchat import HistoryError, HistorySynced, Message, Peer, Tracker
 from p2pchat._core import MAX_TEXT_BYTES
@@ -123,6 +125,19 @@ def test_no_history_writes_no_message_log_to_disk(room, tmp_path):
             assert [m.text for m in bob.history()] == ["not for the disk", "nor this"]
         kept = sorted(p.name for p in data.rglob("*")) if data.exists() else []
         assert kept in ([], ["identity.json"]), kept  # the user's key pair, not a message log
+
+
+def test_a_line_sent_just_before_the_client_exits_is_in_its_log(tmp_path):
+    """The log writes in batches on a timer; leaving writes the last batch, so a client that sends a
+    line and exits at once (a script's `--exit-on-eof`) still has it on disk."""
+    data = tmp_path / "ana"
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        sent = subprocess.run(python("client.py", "--port", str(tracker.address[1]), "--name", "ana", "--data-dir", str(data), "--exit-on-eof"),
+                              cwd=ROOT, input="last words\n", capture_output=True, text=True, timeout=WAIT * 2)
+    assert sent.returncode == 0, sent.stderr
+    with sqlite3.connect(data / "history.sqlite3") as db:
+        texts = [text for (text,) in db.execute("SELECT text FROM messages")]
+    assert texts == ["last words"], texts
 
 
 def test_a_corrupt_log_gives_a_clear_error_and_a_way_forward(room, tmp_path):

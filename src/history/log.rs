@@ -37,6 +37,8 @@ enum Ask {
     Ingest { records: Vec<Record>, reply: oneshot::Sender<Result<Vec<bool>, StoreError>> },
     Query { query: Query, reply: oneshot::Sender<Result<Vec<Record>, StoreError>> },
     NewestShared { reply: oneshot::Sender<Result<Option<Key>, StoreError>> },
+    /// Nothing but what every ask does first: write the waiting batch.
+    Flush { reply: oneshot::Sender<Result<(), StoreError>> },
 }
 
 /// Live messages not yet handed to the log thread. Shared with the thread, which takes them before
@@ -128,6 +130,7 @@ fn answer(store: &mut Store, room: &str, ask: Ask) {
         Ask::Ingest { records, reply } => reply.send(store.insert(room, &records)).map_err(drop),
         Ask::Query { query, reply } => reply.send(store.query(room, &query)).map_err(drop),
         Ask::NewestShared { reply } => reply.send(store.newest_shared(room)).map_err(drop),
+        Ask::Flush { reply } => reply.send(Ok(())).map_err(drop),
     };
 }
 
@@ -201,6 +204,12 @@ impl LogHandle {
         self.ask(|reply| Ask::NewestShared { reply }).await
     }
 
+    /// Write the live messages still waiting for their batch's timer, and wait until they are: the
+    /// timer may fire only after the peer is gone, and never if the process exits first.
+    pub async fn flush(&self) -> Result<(), LogError> {
+        self.ask(|reply| Ask::Flush { reply }).await
+    }
+
     async fn ask<T>(&self, ask: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Ask) -> Result<T, LogError> {
         let (reply, answer) = oneshot::channel();
         self.jobs.send(Job::Ask(ask(reply))).await.map_err(|_| LogError::Closed)?;
@@ -227,6 +236,21 @@ mod tests {
         log.record(vec![record("b", 2)]).await;
         // Asked at once, long before the batch's timer: the thread writes the batch first.
         assert_eq!(ids(&log.query(Query::latest(10)).await.unwrap()), ["a", "b"]);
+    }
+
+    #[tokio::test]
+    async fn a_flush_writes_the_waiting_batch_to_disk_before_it_returns() {
+        let dir = std::env::temp_dir().join(format!("p2pchat-flush-{}", crate::wire::frames::random_id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = open(&Location::Dir(dir.clone()), "r".into()).unwrap();
+        log.record_now(record("a", 1));
+        // Another connection to the same file sees only what the log thread has written.
+        let mut other = Store::open(&Location::Dir(dir.clone())).unwrap();
+        assert!(other.query("r", &Query::latest(10)).unwrap().is_empty(), "still waiting for its batch's timer");
+        log.flush().await.unwrap();
+        assert_eq!(ids(&other.query("r", &Query::latest(10)).unwrap()), ["a"]);
+        drop((log, other));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -343,6 +343,10 @@ pub(super) async fn run(setup: Setup) {
         }
     }
     actor.close_all().await;
+    // What arrived last is still in the log's batch (bounded: closing must never hang).
+    if tokio::time::timeout(std::time::Duration::from_secs(2), actor.readers.log.flush()).await.is_err() {
+        log::warn!("the message log did not finish writing within 2 s of closing");
+    }
     if let Some(saving) = actor.saving_keys.take() {
         let _ = saving.await;
     }
