@@ -18,7 +18,7 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::bootstrap::{self, Contact, TrackerLink};
 use super::connection::{self, ConnId, Connection, Line, ReaderContext, Role, Transport};
-use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests};
+use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Requests};
 use super::outbox::Refused;
 use super::relay::{self, Relays};
 use super::secure::{self, Secured};
@@ -458,9 +458,8 @@ impl Actor {
         // when one comes.
         let free = |id: ConnId, l: &Link| l.state == State::P2pchat && !self.requests.is_asking(id);
         let same_peer = self.links.iter().filter(|(id, l)| free(**id, l)).find(|(_, l)| l.peer_id.is_some() && l.peer_id == answering);
-        let any = self.links.iter().filter(|(id, l)| free(**id, l)).find(|_| matches!(rest.purpose, Purpose::Join | Purpose::Late));
-        // The first ask's task still ends the join's wait; this one shows the rest as it comes.
-        let again = Ask { purpose: if rest.purpose == Purpose::CatchUp { Purpose::CatchUp } else { Purpose::Late }, ..rest.clone() };
+        let any = self.links.iter().filter(|(id, l)| free(**id, l)).find(|_| rest.purpose.is_join_history());
+        let again = Ask { purpose: rest.purpose.asked_again(), ..rest.clone() };
         let asked = same_peer.or(any).map(|(&other, _)| other).is_some_and(|other| self.ask_history(other, again));
         if !asked {
             self.requests.ask_when_back(answering, rest, tokio::time::Instant::now());

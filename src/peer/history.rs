@@ -275,7 +275,7 @@ impl Requests {
 
     /// `ask` could not be sent; the join's request waits for the next member.
     pub fn not_asked(&mut self, ask: Ask) {
-        if self.join.is_none() && matches!(ask.purpose, Purpose::Join | Purpose::Late) {
+        if self.join.is_none() && ask.purpose.is_join_history() {
             self.join = Some(ask);
         }
     }
@@ -333,7 +333,7 @@ impl Requests {
     pub fn ask_when_back(&mut self, peer_id: Option<String>, ask: Ask, now: tokio::time::Instant) {
         match (ask.purpose, peer_id) {
             (Purpose::CatchUp, Some(peer_id)) => self.catch_up_when_back(peer_id, ask.after.map_or(0, |key| key.stamp), now),
-            (Purpose::Join | Purpose::Late, _) if self.join.is_none() => self.join = Some(Ask { purpose: Purpose::Late, ..ask }),
+            (purpose, _) if purpose.is_join_history() && self.join.is_none() => self.join = Some(Ask { purpose: purpose.asked_again(), ..ask }),
             _ => {}
         }
     }
@@ -357,6 +357,23 @@ pub(super) enum Purpose {
     Late,
     /// What we missed while a link was down.
     CatchUp,
+}
+
+impl Purpose {
+    /// The join's history (waited for or not): any member can answer it.
+    pub(super) fn is_join_history(self) -> bool {
+        matches!(self, Purpose::Join | Purpose::Late)
+    }
+
+    /// What the rest of a request cut off with its link is, asked again: the first ask's task still
+    /// ends the join's wait, so the rest of the join's history is shown as it comes.
+    pub(super) fn asked_again(self) -> Purpose {
+        if self.is_join_history() {
+            Purpose::Late
+        } else {
+            Purpose::CatchUp
+        }
+    }
 }
 
 /// Take the parts of one answer from `parts` (routed by the actor, which checked they answer our

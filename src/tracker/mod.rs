@@ -34,7 +34,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
@@ -371,14 +371,15 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
             decoder.release_if_drained();
             tokio::select! {
                 read = async {
-                    // The buffer is made once there is something to read, not while waiting for it.
+                    // The buffer is made once there is something to read, not while waiting for it;
+                    // a short read then tells the runtime the socket is drained (no second read for
+                    // the WouldBlock that `try_read_buf` needed), as the peers' links read.
                     stream.readable().await?;
                     let buf = decoder.read_buffer();
                     buf.reserve(REGISTRATION_READ);
-                    stream.try_read_buf(buf)
+                    stream.read_buf(buf).await
                 } => match read {
                     Ok(n) if n > 0 => quiet.heard(),
-                    Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
                     _ => break,
                 },
                 Some(frame) = for_peer.recv() => {
