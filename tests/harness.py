@@ -120,7 +120,9 @@ class Proc:
 
     def __init__(self, argv: Sequence[str], name: str, env: Optional[dict] = None) -> None:
         self.name = name
-        full_env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1")
+        # PYTHONFAULTHANDLER: a process that outstays a bounded wait is sent SIGABRT, on which Python
+        # prints every thread's stack (see `wait`).
+        full_env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1", PYTHONFAULTHANDLER="1")
         if "P2PCHAT_DATA_DIR" in os.environ:
             # Every process keeps its own message log, as on separate machines; one started again
             # under the same name finds its log again.
@@ -152,7 +154,24 @@ class Proc:
             self.popen.send_signal(signum)
 
     def wait(self, timeout: float = WAIT) -> int:
-        return self.popen.wait(timeout=timeout)
+        """Its exit code, once it exits within `timeout`. If it does not, it is aborted so that the
+        failure shows where each of its Python threads was stuck, with all it printed."""
+        try:
+            return self.popen.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.send_signal(signal.SIGABRT)
+            try:
+                self.popen.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+            try:
+                self.err.wait_closed(timeout=5)
+            except AssertionError:
+                pass  # a child of its own holds the pipe: show what came so far
+            raise AssertionError(
+                f"{self.name} did not exit within {timeout}s; stdout:\n" + "\n".join(self.out.snapshot())
+                + "\nstderr (with its threads' stacks when it was aborted):\n" + "\n".join(self.err.snapshot())
+            ) from None
 
     def stop(self) -> Optional[int]:
         """SIGTERM, then SIGKILL if it does not go within the bound."""
