@@ -4,14 +4,15 @@
 //! * One tokio runtime per process (pyo3-async-runtimes' shared one: a worker per core, or
 //!   `TOKIO_WORKER_THREADS`). Tokio tasks never call into Python: results reach Python as return
 //!   values of blocking calls (GIL released; on the main thread woken every 100 ms so Ctrl-C works, see
-//!   [`wait`]) or through pyo3-async-runtimes awaitables; Rust logs go through a channel that a Python
+//!   [`wait`]) or through pyo3-async-runtimes awaitables (see [`awaitables`]); Rust logs go through a channel that a Python
 //!   thread drains (see [`logging`]).
 //! * Errors map to a small hierarchy under `P2PChatError`.
 //! * `_shutdown()`, registered with `atexit` by the Python package, closes every live peer and tracker
-//!   before the interpreter finalizes, so nothing is left half-written and nothing touches a dying
-//!   interpreter.
+//!   before the interpreter finalizes, then waits for the awaitables to be finished, so nothing is
+//!   left half-written and nothing touches a dying interpreter.
 
 mod bench;
+mod awaitables;
 mod logging;
 mod peer;
 mod tracker;
@@ -144,6 +145,8 @@ fn _shutdown(py: Python<'_>) {
             item.close_blocking();
         }
     });
+    // Closing ended every future still awaited; pyo3-async-runtimes finishes each on a runtime thread.
+    awaitables::wait_for_all(py);
 }
 
 #[pymodule(name = "_core")]

@@ -7,8 +7,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use pyo3::exceptions::{PyStopAsyncIteration, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
-use pyo3_async_runtimes::tokio::future_into_py;
 
+use super::awaitables::future_into_py;
 use super::{register_live, runtime, seconds, wait, Closable, InvalidInput, P2PChatError, PeerClosed};
 use crate::history::clock;
 use crate::history::store::{Key, Location, Record};
