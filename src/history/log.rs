@@ -2,7 +2,7 @@
 //!
 //! Callers hold a cheap [`LogHandle`] (one room). Queries go over a bounded channel and answer on
 //! oneshot channels. Live messages are not sent one by one: they wait in a shared batch for
-//! [`GROUP_COMMIT`], then go to the thread as one transaction. So a message wakes nobody but the
+//! `GROUP_COMMIT`, then go to the thread as one transaction. So a message wakes nobody but the
 //! receiving task; the log thread wakes once per batch, after the message has reached the application
 //! (on two cores, another thread made runnable with every message of a busy room costs latency).
 
@@ -154,7 +154,7 @@ impl LiveWriter {
 }
 
 impl LogHandle {
-    /// Log live messages; waits only while the log thread is [`QUEUE`] batches behind.
+    /// Log live messages; waits only while the log thread is `QUEUE` batches behind.
     pub async fn record(&self, records: Vec<Record>) {
         if let Some(full) = self.add(records) {
             let _ = crate::sending::send(&self.jobs, Job::Commit(full)).await;

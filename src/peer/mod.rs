@@ -343,7 +343,7 @@ pub const COMMAND_QUEUE: usize = 256;
 /// The stream of [`Event`]s of one peer. It ends after the peer closes.
 ///
 /// While the history asked for on join is on its way, everything else (live messages, presence) is
-/// held back here (at most [`MAX_HELD`] events) and comes after it, in the order it happened, so a
+/// held back here (at most `MAX_HELD` events) and comes after it, in the order it happened, so a
 /// newcomer reads the conversation in order.
 #[derive(Debug)]
 pub struct Events {

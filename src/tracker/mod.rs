@@ -16,11 +16,11 @@
 //!
 //! The first bytes decide what a connection is (an original client never writes to the tracker):
 //! * nothing within the grace period: an original client, served as above, listed in the default room;
-//! * the p2pchat [`MAGIC`] and a `hello`: a p2pchat peer registering. It gets a `welcome` frame with its
+//! * the p2pchat [`MAGIC`](crate::wire::frames::MAGIC) and a `hello`: a p2pchat peer registering. It gets a `welcome` frame with its
 //!   room's members (each marked p2pchat or original) and stays registered while it keeps this control
 //!   connection open;
 //! * the magic and a `hello` with a `name`: a member's link to the tracker's relay, when it relays
-//!   (see [`hub`]); refused otherwise;
+//!   (see `hub`); refused otherwise;
 //! * anything else: junk, reset without being listed.
 
 mod hub;
@@ -80,7 +80,7 @@ pub struct TrackerConfig {
     pub probe_timeout: Duration,
     /// Probes in flight at once.
     pub max_probes: usize,
-    /// Relay between members that cannot reach each other (see [`hub`]). Off by default: the tracker
+    /// Relay between members that cannot reach each other (see `hub`). Off by default: the tracker
     /// then never carries a chat message.
     pub relay: bool,
 }
