@@ -5,8 +5,8 @@
 //! result, or, for a future asyncio cancelled, to see that it was. That thread can come late, when the
 //! machine is busy; if it attaches once the interpreter has begun to finalize, CPython aborts the
 //! process ("PyGILState_Release: thread state ... must be current when releasing", pyo3-async-runtimes
-//! issues #40 and #90). An asyncio program that ended on Ctrl-C while awaiting a message did, about
-//! one exit in seven with two busy processes beside it.
+//! issues #40 and #90). An asyncio program that ended on Ctrl-C while awaiting a message did, in
+//! one exit of three to seven with two busy processes beside it.
 //!
 //! The bridge's task locals are the last Python objects it lets go of: released inside that attached
 //! call, or, when its other task drops them unattached, when a thread next attaches. So each future

@@ -16,9 +16,9 @@
 //!
 //! The first bytes decide what a connection is (an original client never writes to the tracker):
 //! * nothing within the grace period: an original client, served as above, listed in the default room;
-//! * the p2pchat [`MAGIC`](crate::wire::frames::MAGIC) and a `hello`: a p2pchat peer registering. It gets a `welcome` frame with its
-//!   room's members (each marked p2pchat or original) and stays registered while it keeps this control
-//!   connection open;
+//! * the p2pchat [`MAGIC`](crate::wire::frames::MAGIC) and a `hello`: a p2pchat peer registering. It
+//!   gets a `welcome` frame with its room's members (each marked p2pchat or original) and stays
+//!   registered while it keeps this control connection open;
 //! * the magic and a `hello` with a `name`: a member's link to the tracker's relay, when it relays
 //!   (see `hub`); refused otherwise;
 //! * anything else: junk, reset without being listed.
