@@ -1,3 +1,4 @@
+import signal
 import sys
 from pathlib import Path
 
@@ -6,6 +7,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from harness import Room  # noqa: E402
+
+# The tests press Ctrl-C (SIGINT) on the programs they start, as a user at a terminal does. A test run
+# started in the background (`cmd &` in a script, some CI agents) has SIGINT ignored, and its children
+# would inherit that: Python then installs no KeyboardInterrupt handler and Ctrl-C does nothing. With a
+# handler here instead, they start with SIGINT at its default, as a terminal's programs do.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(autouse=True)
