@@ -138,6 +138,34 @@ async fn close_delivers_queued_lines_and_tells_the_others() {
 }
 
 #[tokio::test]
+async fn a_peer_that_leaves_before_its_links_have_answered_says_goodbye_on_each() {
+    // Its join returns once every member is connected; each has its hello, and may have adopted it,
+    // before the newcomer reads the answer. Leaving then must still be a goodbye to each, or the
+    // members take it for lost and dial it again.
+    let (tracker, _stop) = start_tracker().await;
+    let mut members = Vec::new();
+    for i in 0..12 {
+        members.push(join(&format!("m{i}"), tracker).await);
+    }
+    for (handle, _) in &members {
+        wait_p2pchat_links(handle, 11).await;
+    }
+    let (newcomer, _events) = join("new", tracker).await;
+    newcomer.close().await;
+    for (i, (_, events)) in members.iter_mut().enumerate() {
+        loop {
+            match tokio::time::timeout(WAIT, events.recv()).await.expect("no leave within the bound").expect("member closed") {
+                Event::Left { name, clean, reason, .. } if name.as_deref() == Some("new") => {
+                    assert!(clean, "member m{i} saw the newcomer lost, not leaving: {reason}");
+                    break;
+                }
+                _ => continue,
+            }
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_listed_address_that_refuses_is_skipped() {
     let (tracker, _stop) = start_tracker().await;
     // Register an address nobody listens on.

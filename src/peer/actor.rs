@@ -1302,7 +1302,11 @@ impl Actor {
         let deadline = tokio::time::Instant::now() + self.readers.limits.close_grace;
         let mut links = Vec::new();
         for (_, link) in self.links.drain() {
-            if matches!(link.state, State::P2pchat | State::Relay) {
+            // A link still opening that carried our hello is a member's already, if it speaks
+            // p2pchat: without a goodbye it would take us for lost and dial us again. (An original
+            // peer has dropped the link at the hello's first byte.)
+            let member_knows_us = matches!(link.state, State::P2pchat | State::Relay) || (link.state == State::Opening && link.probed);
+            if member_knows_us {
                 let _ = link.conn.queue.try_send(bye.clone());
             }
             links.push(end_when_written(link.conn));
