@@ -120,18 +120,23 @@ RAW_LIST_SERVER = ("import sys, p2pchat; "
                    "p2pchat._core._bench_raw_list_server(int(sys.argv[1]), lambda port: print(f'listening on {port}', flush=True))")
 
 
-def start_tracker(impl: str, list_bytes: int = 0) -> subprocess.Popen:
-    """A tracker on a free loopback port (`impl` "floor": the raw list server sending `list_bytes`);
-    returns the process with `.port` set."""
+def start_tracker(impl: str) -> subprocess.Popen:
+    """A tracker on a free loopback port; returns the process with `.port` set."""
     if impl == "p2pchat":
-        argv = [sys.executable, "server.py", "--host", "127.0.0.1", "--port", "0"]
-        pattern, stream = r"listening on [\d.]+:(\d+)", "stderr"
-    elif impl == "floor":
-        argv = [sys.executable, "-c", RAW_LIST_SERVER, str(list_bytes)]
-        pattern, stream = r"listening on (\d+)", "stdout"
-    else:
-        argv = [sys.executable, str(REFERENCE / "original_server.py"), "--host", "127.0.0.1", "--port", "0"]
-        pattern, stream = r"listening on (\d+)", "stdout"
+        return start_server("p2pchat tracker", [sys.executable, "server.py", "--host", "127.0.0.1", "--port", "0"],
+                            r"listening on [\d.]+:(\d+)", "stderr")
+    return start_server("baseline tracker", [sys.executable, str(REFERENCE / "original_server.py"), "--host", "127.0.0.1", "--port", "0"],
+                        r"listening on (\d+)", "stdout")
+
+
+def start_list_server(list_bytes: int) -> subprocess.Popen:
+    """The tracker scenario's floor server, sending `list_bytes` to every connection; as `start_tracker`."""
+    return start_server("raw list server", [sys.executable, "-c", RAW_LIST_SERVER, str(list_bytes)], r"listening on (\d+)", "stdout")
+
+
+def start_server(what: str, argv: List[str], pattern: str, stream: str) -> subprocess.Popen:
+    """Start `argv`, read its port from its first line on `stream` ("stdout" or "stderr") with
+    `pattern`; returns the process with `.port` set."""
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     source = proc.stderr if stream == "stderr" else proc.stdout
     assert source is not None
@@ -139,9 +144,9 @@ def start_tracker(impl: str, list_bytes: int = 0) -> subprocess.Popen:
     found = re.search(pattern, first)
     if not found:
         proc.kill()
-        raise BenchFailure(f"{impl} tracker did not start: {first!r}")
+        raise BenchFailure(f"the {what} did not start: {first!r}")
     proc.port = int(found.group(1))  # type: ignore[attr-defined]
-    # Keep draining the other pipe so the tracker never blocks on a full one.
+    # Keep draining the other pipe so the server never blocks on a full one.
     other = proc.stdout if stream == "stderr" else proc.stderr
     threading.Thread(target=lambda: [None for _ in other], daemon=True).start()
     threading.Thread(target=lambda: [None for _ in source], daemon=True).start()
@@ -224,12 +229,14 @@ class Room:
     def pause(self) -> None:
         """Stop every process of the room (SIGSTOP): a stopped room takes no CPU from another one being
         measured. Keep it short: a p2pchat link silent for 8 s, or a registration for 6 s, is dropped."""
-        for proc in [peer.popen for peer in self.peers] + [self.tracker]:
-            proc.send_signal(signal.SIGSTOP)
+        self.signal_all(signal.SIGSTOP)
 
     def resume(self) -> None:
+        self.signal_all(signal.SIGCONT)
+
+    def signal_all(self, signum: int) -> None:
         for proc in [peer.popen for peer in self.peers] + [self.tracker]:
-            proc.send_signal(signal.SIGCONT)
+            proc.send_signal(signum)
 
     def cpu_seconds(self) -> float:
         """The peers' CPU time so far, all threads, to the nanosecond (`/proc`'s counts are in 10 ms
@@ -403,6 +410,11 @@ def summarise_steps(impl: str, runs: List[List[dict]]) -> dict:
             "capped": all(len([s for s in steps if s["full"]]) == len(steps) for steps in runs)}
 
 
+def per_join(report: dict, total: str) -> float:
+    """A join run's `total` (list bytes, entries) per join."""
+    return report[total] / max(report["joins"], 1)
+
+
 def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
     """Each run joins one tracker of each implementation, then the floor for each one's list (the same
     joins against a server that only sends that many bytes); runs take turns, as in the other
@@ -425,14 +437,14 @@ def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
                 log(f"tracker: {impl}, {size} registrations")
                 runs[impl].append(joins(start_tracker(impl), "p2pchat" if impl == "p2pchat" else "original", size))
             for impl in IMPLS:
-                list_bytes = int(runs[impl][-1]["list_bytes"] / max(runs[impl][-1]["joins"], 1))
+                list_bytes = int(per_join(runs[impl][-1], "list_bytes"))
                 log(f"tracker: raw list floor, {list_bytes} bytes ({impl}'s list)")
-                floors[impl].append(joins(start_tracker("floor", list_bytes), "raw", 0, list_bytes))
+                floors[impl].append(joins(start_list_server(list_bytes), "raw", 0, list_bytes))
         for impl in IMPLS:
             rows.append({"impl": impl, "registrations": size, "runs": runs[impl],
                          "joins_per_s": median([r["joins_per_second"] for r in runs[impl]]),
-                         "bytes_per_join": median([r["list_bytes"] / max(r["joins"], 1) for r in runs[impl]]),
-                         "entries_per_join": median([r["entries"] / max(r["joins"], 1) for r in runs[impl]]),
+                         "bytes_per_join": median([per_join(r, "list_bytes") for r in runs[impl]]),
+                         "entries_per_join": median([per_join(r, "entries") for r in runs[impl]]),
                          "min_entries": min(r["min_entries"] for r in runs[impl]),
                          "failures": sum(r["failures"] for r in runs[impl]),
                          "floor_joins_per_s": median([f["joins_per_second"] for f in floors[impl]])})

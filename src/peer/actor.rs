@@ -34,6 +34,9 @@ use crate::tracker::DEFAULT_ROOM;
 use crate::wire::chat;
 use crate::wire::frames::{self, Chat, Frame, Hello, Member, Position, ERR_DUPLICATE, ERR_IDENTITY, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
 
+/// The longest a closing peer waits for its log to write the last batch.
+const LOG_FLUSH_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
+
 pub(crate) enum Command {
     /// A line for everyone; the reply (when asked for) says how many it reached.
     Send { text: String, reply: Option<oneshot::Sender<usize>> },
@@ -344,8 +347,8 @@ pub(super) async fn run(setup: Setup) {
     }
     actor.close_all().await;
     // What arrived last is still in the log's batch (bounded: closing must never hang).
-    if tokio::time::timeout(std::time::Duration::from_secs(2), actor.readers.log.flush()).await.is_err() {
-        log::warn!("the message log did not finish writing within 2 s of closing");
+    if tokio::time::timeout(LOG_FLUSH_BOUND, actor.readers.log.flush()).await.is_err() {
+        log::warn!("the message log did not finish writing within {LOG_FLUSH_BOUND:?} of closing");
     }
     if let Some(saving) = actor.saving_keys.take() {
         let _ = saving.await;
