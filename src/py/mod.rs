@@ -2,10 +2,10 @@
 //! Python-free core.
 //!
 //! * One tokio runtime per process (pyo3-async-runtimes' shared one: a worker per core, or
-//!   `TOKIO_WORKER_THREADS`). Tokio tasks never call into Python: results reach Python as return
-//!   values of blocking calls (GIL released; on the main thread woken every 100 ms so Ctrl-C works, see
-//!   [`wait`]) or through pyo3-async-runtimes awaitables (see [`awaitables`]); Rust logs go through a
-//!   channel that a Python thread drains (see [`logging`]).
+//!   `TOKIO_WORKER_THREADS`). p2pchat's tokio tasks never call into Python: results reach Python as
+//!   return values of blocking calls (GIL released; on the main thread woken every 100 ms so Ctrl-C
+//!   works, see [`wait`]) or through pyo3-async-runtimes awaitables (see [`awaitables`]); Rust logs go
+//!   through a channel that a Python thread drains (see [`logging`]).
 //! * Errors map to a small hierarchy under `P2PChatError`.
 //! * `_shutdown()`, registered with `atexit` by the Python package, closes every live peer and tracker
 //!   before the interpreter finalizes, then waits for the awaitables to be finished, so nothing is
