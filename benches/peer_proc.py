@@ -4,7 +4,8 @@
 asyncio API); `--impl baseline` is the asyncio reference peer of the interop tests
 (tests/reference/original_client.py): its own functions run the tracker
 exchange, the listener and every connection; this file only replaces its `print` (so nothing is
-written to a terminal) and hooks its `capture` to see each received chunk as it arrives.
+written to a terminal) and hooks its `capture` to see each received chunk as it arrives. `--impl floor`
+is the latency scenario's floor: the baseline's bytes over plain sockets, no protocol, no event loop.
 
 Every benchmark message is the text `SENDER:SEQ:T.` where T is `time.monotonic_ns()` at the send call;
 CLOCK_MONOTONIC is one clock for every process on the machine, so the receiver's latency is
@@ -41,6 +42,7 @@ class Inbox:
         self.counts = defaultdict(int)
         self.latencies = []
         self.keep_latencies = keep_latencies
+        self.partial = {}  # link -> the start of a message cut by a read (`record_chunk`)
 
     def record(self, sender: int, sent_ns: int, now_ns: int) -> None:
         with self.lock:
@@ -56,6 +58,18 @@ class Inbox:
         now = time.monotonic_ns()
         sender, _, sent = message.text.rstrip(".").split(":")
         self.record(int(sender), int(sent), now)
+
+    def record_chunk(self, link, data: bytes) -> None:
+        """A chunk read from `link` on a wire with no message boundaries (the original's): each whole
+        message in it counts, a cut one waits for the rest."""
+        now = time.monotonic_ns()
+        pending = self.partial.pop(link, b"") + data
+        end = 0
+        for found in MESSAGE.finditer(pending):
+            self.record(int(found.group(1)), int(found.group(3)), now)
+            end = found.end()
+        if end < len(pending):
+            self.partial[link] = pending[end:]
 
     def take(self) -> dict:
         with self.lock:
@@ -206,18 +220,7 @@ def run_baseline(args, inbox: Inbox) -> None:
     import asyncio  # only the baseline's process loads it: a p2pchat application on the blocking API does not
 
     original = load_reference_client()
-    buffers = defaultdict(bytes)
-
-    def on_chunk(_path, peer, data: bytes) -> None:
-        now = time.monotonic_ns()
-        pending = buffers[peer] + data
-        end = 0
-        for found in MESSAGE.finditer(pending):
-            inbox.record(int(found.group(1)), int(found.group(3)), now)
-            end = found.end()
-        buffers[peer] = pending[end:]
-
-    original.capture = on_chunk  # sees every chunk the reference reads, with its connection
+    original.capture = lambda _path, peer, data: inbox.record_chunk(peer, data)  # every chunk it reads
     original.print = lambda *a, **k: None  # the reference prints each chunk; a benchmark has no terminal
 
     async def main() -> None:
@@ -248,9 +251,65 @@ def run_baseline(args, inbox: Inbox) -> None:
     asyncio.run(main())
 
 
+def run_floor(args, inbox: Inbox) -> None:
+    """The latency floor for a Python application: the baseline's bytes over plain sockets, with no
+    protocol and no event loop. One thread blocked in `select` reads every link; the main thread writes
+    each message to every link. It meshes as the baseline does (the reference's tracker exchange)."""
+    import asyncio
+    import selectors
+    import socket
+
+    original = load_reference_client()
+    local_port, answer = asyncio.run(original.ask_tracker("127.0.0.1", args.tracker_port, 0, True))
+    listener = socket.create_server(("0.0.0.0", local_port))
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    links = []
+
+    def add(link: socket.socket) -> None:
+        link.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio does for every TCP link
+        links.append(link)
+        selector.register(link, selectors.EVENT_READ)
+
+    for part in answer.split("-"):
+        if part:
+            host, port = part.split(":")
+            add(socket.create_connection((host, int(port))))
+
+    def receive() -> None:
+        while True:
+            for key, _ in selector.select():
+                if key.fileobj is listener:
+                    add(listener.accept()[0])
+                    continue
+                data = key.fileobj.recv(65536)
+                if data:
+                    inbox.record_chunk(key.fileobj, data)
+                else:
+                    selector.unregister(key.fileobj)
+                    links.remove(key.fileobj)
+                    key.fileobj.close()
+
+    threading.Thread(target=receive, daemon=True).start()
+    reply({"ready": True, "pid": os.getpid()})
+    name, texts = f"n{args.index}", Texts(args.index)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        if cmd["cmd"] == "send":
+            started = time.monotonic()
+            for _ in paced(cmd["count"], cmd["rate"]):
+                data = f"<{name}> :: {texts.next()}".encode("utf-8")
+                for link in list(links):
+                    link.sendall(data)
+            reply({"sent": cmd["count"], "seconds": time.monotonic() - started})
+        elif not reply_common(cmd, inbox, lambda: len(links)):
+            break
+    reply({"bye": True})
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=("p2pchat", "p2pchat-asyncio", "baseline"), required=True)
+    parser.add_argument("--impl", choices=("p2pchat", "p2pchat-asyncio", "baseline", "floor"), required=True)
     parser.add_argument("--tracker-port", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--max-rate", type=int, default=100_000)
@@ -264,4 +323,5 @@ if __name__ == "__main__":
         import p2pchat  # noqa: F401
     reply({"started": True})
     if json.loads(sys.stdin.readline() or "{}").get("cmd") == "join":
-        {"p2pchat": run_p2pchat, "p2pchat-asyncio": run_p2pchat_asyncio, "baseline": run_baseline}[options.impl](options, inbox)
+        {"p2pchat": run_p2pchat, "p2pchat-asyncio": run_p2pchat_asyncio, "baseline": run_baseline,
+         "floor": run_floor}[options.impl](options, inbox)

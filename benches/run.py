@@ -9,7 +9,8 @@ p2pchat/baseline ratio. Raw results go to benches/results/latest.json (and a PNG
 installed). Scenarios:
 
 1. latency: rooms of 5, 20, 50 peers, one process each, one message at a time; one-way latency from the
-   send call to the receiving application (CLOCK_MONOTONIC, shared by every process), p50 and p99.
+   send call to the receiving application (CLOCK_MONOTONIC, shared by every process), p50 and p99; and
+   the floor for a Python application: raw peers reading plain sockets, no protocol.
 2. throughput: a 20-peer room, every peer sending at an offered rate raised step by step; the highest
    rate at which every message reaches every peer, its deliveries per second and CPU seconds per 1,000
    deliveries; the raw TCP fan-out floor (Rust, no protocol) at the same steps.
@@ -45,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).resolve().parent / "peer_proc.py"
 REFERENCE = ROOT / "tests" / "reference"
 IMPLS = ("p2pchat", "baseline")
+LATENCY_ROOMS = IMPLS + ("floor",)
 
 
 class BenchFailure(Exception):
@@ -176,7 +178,8 @@ class Room:
 
     def __init__(self, impl: str, size: int, mesh_timeout: float = 60.0, latencies: bool = False) -> None:
         self.impl, self.size = impl, size
-        self.tracker = start_tracker("baseline" if impl == "baseline" else "p2pchat")
+        # The latency floor's raw peers mesh as the baseline's do, through its tracker.
+        self.tracker = start_tracker("p2pchat" if impl.startswith("p2pchat") else "baseline")
         self.peers: List[Child] = []
         # The room's own logs: a room starts with no history, as the baseline's has none.
         self.data_dir = tempfile.mkdtemp(prefix=f"{impl}-{size}-", dir=os.environ["P2PCHAT_BENCH_DATA"])
@@ -269,19 +272,23 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
     """For each room size, `messages` sent one at a time per run (a small room gets more of them, so
     that its p99 rests on as many deliveries as a big room's).
 
-    Both implementations' rooms are up at once and take turns, run by run, the other room stopped
-    meanwhile: this VM's speed drifts over minutes, and when one room ran all its runs before the
-    other's, the ratio at 50 peers moved between 0.46 and 0.79 from one full run to the next."""
+    The **floor** is a room of raw Python peers (`peer_proc.py --impl floor`): the baseline's bytes over
+    plain sockets, read by one thread blocked in `select`, no protocol and no event loop: the least a
+    Python application that gets each message pays here.
+
+    The rooms of a size are up at once and take turns, run by run, the others stopped meanwhile: this
+    VM's speed drifts over minutes, and when one room ran all its runs before the other's, the ratio at
+    50 peers moved between 0.46 and 0.79 from one full run to the next."""
     rows = []
     for size, messages in messages_by_size.items():
         rooms: Dict[str, Room] = {}
-        runs: Dict[str, List[dict]] = {impl: [] for impl in IMPLS}
+        runs: Dict[str, List[dict]] = {impl: [] for impl in LATENCY_ROOMS}
         try:
-            for impl in IMPLS:
+            for impl in LATENCY_ROOMS:
                 log(f"latency: {impl}, {size} peers")
                 rooms[impl] = Room(impl, size, latencies=True)
             for _ in range(repeats):
-                for impl in IMPLS:
+                for impl in LATENCY_ROOMS:
                     others = [room for other, room in rooms.items() if other != impl]
                     for room in others:
                         room.pause()
@@ -295,7 +302,7 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
         finally:
             for room in rooms.values():
                 room.close()
-        for impl in IMPLS:
+        for impl in LATENCY_ROOMS:
             rows.append({"impl": impl, "peers": size, "meshed": rooms[impl].meshed, "runs": runs[impl],
                          "p50_us": median([r["p50_us"] for r in runs[impl]]), "p99_us": median([r["p99_us"] for r in runs[impl]]),
                          "cpu_us_per_delivery": median([r["cpu_us_per_delivery"] for r in runs[impl]])})
@@ -602,6 +609,12 @@ def table(results: dict) -> str:
             row("latency", f"{size} peers, p50 (µs)", p["p50_us"], b["p50_us"])
             row("latency", f"{size} peers, p99 (µs)", p["p99_us"], b["p99_us"])
             row("latency", f"{size} peers, CPU of all peers per delivery (µs)", p["cpu_us_per_delivery"], b["cpu_us_per_delivery"])
+        for f in sorted((r for r in results["latency"] if r["impl"] == "floor"), key=lambda r: r["peers"]):
+            b = next(r for r in results["latency"] if r["impl"] == "baseline" and r["peers"] == f["peers"])
+            out.append(f"| latency | floor (raw Python sockets, no protocol), {f['peers']} peers: p50, p99, CPU per delivery (µs) | "
+                       f"{f['p50_us']:.0f}, {f['p99_us']:.0f}, {f['cpu_us_per_delivery']:.0f} | | floor / baseline "
+                       f"{ratio(f['p50_us'], b['p50_us'])}, {ratio(f['p99_us'], b['p99_us'])}, "
+                       f"{ratio(f['cpu_us_per_delivery'], b['cpu_us_per_delivery'])} |")
     if "throughput" in results:
         t = {r["impl"]: r for r in results["throughput"]["rows"]}
         size = results["throughput"]["peers"]
@@ -663,8 +676,10 @@ def chart(results: dict, path: Path) -> Optional[Path]:
     color = {"p2pchat": "tab:blue", "baseline": "tab:orange", "floor": "tab:green", "p2pchat-asyncio": "tab:purple"}
     latency_ax, throughput_ax, tracker_ax, memory_ax = axes.flat
     if "latency" in results:
-        for impl in IMPLS:
+        for impl in LATENCY_ROOMS:
             rows = sorted((r for r in results["latency"] if r["impl"] == impl), key=lambda r: r["peers"])
+            if not rows:
+                continue  # a partial run merged with results from before the floor existed
             latency_ax.plot([r["peers"] for r in rows], [r["p99_us"] for r in rows], marker="o", color=color[impl], label=f"{impl} p99")
             latency_ax.plot([r["peers"] for r in rows], [r["p50_us"] for r in rows], marker=".", linestyle="--", color=color[impl],
                             label=f"{impl} p50")
