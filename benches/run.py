@@ -276,29 +276,42 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
     plain sockets, read by one thread blocked in `select`, no protocol and no event loop: the least a
     Python application that gets each message pays here.
 
-    The rooms of a size are up at once and take turns, run by run, the others stopped meanwhile: this
-    VM's speed drifts over minutes, and when one room ran all its runs before the other's, the ratio at
-    50 peers moved between 0.46 and 0.79 from one full run to the next."""
+    The rooms of a size are up at once and take turns, the others stopped meanwhile: this VM's speed
+    drifts over minutes, and when one room ran all its runs before the other's, the ratio at 50 peers
+    moved between 0.46 and 0.79 from one full run to the next. A run's messages are sent in turns of
+    about `TURN_SECONDS` and its percentiles taken over all of them."""
     rows = []
     for size, messages in messages_by_size.items():
         rooms: Dict[str, Room] = {}
         runs: Dict[str, List[dict]] = {impl: [] for impl in LATENCY_ROOMS}
+        per_turn = max(1, int(TURN_SECONDS / message_gap(size)))
         try:
             for impl in LATENCY_ROOMS:
                 log(f"latency: {impl}, {size} peers")
                 rooms[impl] = Room(impl, size, latencies=True)
             for _ in range(repeats):
-                for impl in LATENCY_ROOMS:
-                    others = [room for other, room in rooms.items() if other != impl]
-                    for room in others:
-                        room.pause()
-                    try:
-                        # A room resumed a moment ago first does what its timers missed (keep-alives).
-                        time.sleep(0.5)
-                        runs[impl].append(latency_run(rooms[impl], messages))
-                    finally:
+                turns: Dict[str, List[dict]] = {impl: [] for impl in LATENCY_ROOMS}
+                for first in range(0, messages, per_turn):
+                    for impl in LATENCY_ROOMS:
+                        others = [room for other, room in rooms.items() if other != impl]
                         for room in others:
-                            room.resume()
+                            room.pause()
+                        try:
+                            # A room resumed a moment ago first does what its timers missed (keep-alives).
+                            time.sleep(0.5)
+                            turns[impl].append(latency_turn(rooms[impl], first, min(per_turn, messages - first)))
+                        finally:
+                            for room in others:
+                                room.resume()
+                for impl in LATENCY_ROOMS:
+                    samples = [us for turn in turns[impl] for us in turn["samples_us"]]
+                    cpu_s = sum(turn["cpu_s"] for turn in turns[impl])
+                    # With one message at a time, the peers' CPU is what their deliveries cost (plus
+                    # keep-alives and the benchmark's own commands): on 2 cores, 49 receivers queue for
+                    # it, so a big room's latency follows it.
+                    runs[impl].append({"p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99), "delivered": len(samples),
+                                       "expected": sum(turn["expected"] for turn in turns[impl]), "turns": len(turns[impl]),
+                                       "cpu_us_per_delivery": 1e6 * cpu_s / max(len(samples), 1)})
         finally:
             for room in rooms.values():
                 room.close()
@@ -309,21 +322,28 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
     return rows
 
 
-def latency_run(room: Room, messages: int) -> dict:
+# How long one room sends before the next takes its turn. A stopped p2pchat room must be resumed
+# within 6 s of its last ping to the tracker (which comes every 2 s), or its registrations are
+# dropped: a turn of 1 s keeps the pause of one room, while two others take their turns, under 4 s.
+TURN_SECONDS = 1.0
+
+
+def message_gap(size: int) -> float:
+    """The pause between two messages in a room of `size`: "one at a time", well above the delivery time."""
+    return 0.002 + size * 0.0003
+
+
+def latency_turn(room: Room, first: int, count: int) -> dict:
+    """Messages `first` to `first + count - 1` of a run, one at a time, each from the next peer in turn:
+    their latencies (µs) and the CPU seconds the room's processes used meanwhile."""
     room.reports()  # start clean
     cpu_before = room.cpu_seconds()
-    gap = 0.002 + room.size * 0.0003  # "one at a time": well above the delivery time
-    for m in range(messages):
+    for m in range(first, first + count):
         room.peers[m % room.size].ask({"cmd": "send", "count": 1, "rate": 1.0})
-        time.sleep(gap)
-    reports = wait_deliveries(room, messages * (room.size - 1), timeout=10)
-    cpu = room.cpu_seconds() - cpu_before
-    samples = [ns / 1e3 for r in reports for ns in r["latencies_ns"]]
-    # With one message at a time, the peers' CPU is what their deliveries cost (plus keep-alives and
-    # the benchmark's own commands): on 2 cores, 49 receivers queue for it, so a big room's latency
-    # follows it.
-    return {"p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99),
-            "delivered": len(samples), "expected": messages * (room.size - 1), "cpu_us_per_delivery": 1e6 * cpu / max(len(samples), 1)}
+        time.sleep(message_gap(room.size))
+    reports = wait_deliveries(room, count * (room.size - 1), timeout=10)
+    cpu_s = room.cpu_seconds() - cpu_before
+    return {"samples_us": [ns / 1e3 for r in reports for ns in r["latencies_ns"]], "expected": count * (room.size - 1), "cpu_s": cpu_s}
 
 
 def wait_deliveries(room: Room, expected: int, timeout: float) -> List[dict]:
@@ -737,7 +757,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         }
     else:
         plan = {
-            "latency": lambda: latency({5: 500, 20: 100, 50: 100}, repeats=repeats),
+            "latency": lambda: latency({5: 500, 20: 200, 50: 300}, repeats=repeats),
             "throughput": lambda: {"peers": 20, "rows": throughput(20, [200, 400, 600, 800, 1000, 1200, 1400, 1600, 2000, 2400, 3200], seconds=2.0, repeats=repeats)},
             "tracker": lambda: tracker_joins([10, 1000, 10000], seconds=2.0, repeats=repeats),
             "scale": lambda: {"rooms": scale([50, 100, 150, 200], [50, 150]), "in_process": in_process(limit=400)},
