@@ -282,7 +282,10 @@ def run_floor(args, inbox: Inbox) -> None:
                 if key.fileobj is listener:
                     add(listener.accept()[0])
                     continue
-                data = key.fileobj.recv(65536)
+                try:
+                    data = key.fileobj.recv(65536)
+                except OSError:  # reset by a peer that was stopped: the link is gone, as on a clean close
+                    data = b""
                 if data:
                     inbox.record_chunk(key.fileobj, data)
                 else:
