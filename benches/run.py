@@ -270,7 +270,7 @@ def median(values: List[float]) -> float:
 
 def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
     """For each room size, `messages` sent one at a time per run (a small room gets more of them, so
-    that its p99 rests on as many deliveries as a big room's).
+    that its p99 too rests on a few thousand deliveries).
 
     The **floor** is a room of raw Python peers (`peer_proc.py --impl floor`): the baseline's bytes over
     plain sockets, read by one thread blocked in `select`, no protocol and no event loop: the least a
@@ -304,14 +304,7 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
                             for room in others:
                                 room.resume()
                 for impl in LATENCY_ROOMS:
-                    samples = [us for turn in turns[impl] for us in turn["samples_us"]]
-                    cpu_s = sum(turn["cpu_s"] for turn in turns[impl])
-                    # With one message at a time, the peers' CPU is what their deliveries cost (plus
-                    # keep-alives and the benchmark's own commands): on 2 cores, 49 receivers queue for
-                    # it, so a big room's latency follows it.
-                    runs[impl].append({"p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99), "delivered": len(samples),
-                                       "expected": sum(turn["expected"] for turn in turns[impl]), "turns": len(turns[impl]),
-                                       "cpu_us_per_delivery": 1e6 * cpu_s / max(len(samples), 1)})
+                    runs[impl].append(latency_run(turns[impl]))
         finally:
             for room in rooms.values():
                 room.close()
@@ -344,6 +337,17 @@ def latency_turn(room: Room, first: int, count: int) -> dict:
     reports = wait_deliveries(room, count * (room.size - 1), timeout=10)
     cpu_s = room.cpu_seconds() - cpu_before
     return {"samples_us": [ns / 1e3 for r in reports for ns in r["latencies_ns"]], "expected": count * (room.size - 1), "cpu_s": cpu_s}
+
+
+def latency_run(turns: List[dict]) -> dict:
+    """One run's figures from its turns (`latency_turn`)."""
+    samples = [us for turn in turns for us in turn["samples_us"]]
+    cpu_s = sum(turn["cpu_s"] for turn in turns)
+    # With one message at a time, the peers' CPU is what their deliveries cost (plus keep-alives and
+    # the benchmark's own commands): on 2 cores, 49 receivers queue for it, so a big room's latency
+    # follows it.
+    return {"p50_us": percentile(samples, 50), "p99_us": percentile(samples, 99), "delivered": len(samples),
+            "expected": sum(turn["expected"] for turn in turns), "turns": len(turns), "cpu_us_per_delivery": 1e6 * cpu_s / max(len(samples), 1)}
 
 
 def wait_deliveries(room: Room, expected: int, timeout: float) -> List[dict]:
