@@ -5,7 +5,8 @@ asyncio API); `--impl baseline` is the asyncio reference peer of the interop tes
 (tests/reference/original_client.py): its own functions run the tracker
 exchange, the listener and every connection; this file only replaces its `print` (so nothing is
 written to a terminal) and hooks its `capture` to see each received chunk as it arrives. `--impl floor`
-is the latency scenario's floor: the baseline's bytes over plain sockets, no protocol, no event loop.
+and `--impl floor-rust` are the latency scenario's floors: the baseline's bytes over plain sockets, no
+protocol, no event loop, read by Python and by Rust.
 
 Every benchmark message is the text `SENDER:SEQ:T.` where T is `time.monotonic_ns()` at the send call;
 CLOCK_MONOTONIC is one clock for every process on the machine, so the receiver's latency is
@@ -129,9 +130,9 @@ async def commands_async():
         yield json.loads(line)
 
 
-def reply_common(cmd: dict, inbox: Inbox, links) -> bool:
-    """Answer `links`, `report` and `cpu` alike for every implementation; False for `quit`. (`send`
-    differs, and is the caller's.)"""
+def reply_common(cmd: dict, inbox, links) -> bool:
+    """Answer `links`, `report` (what `inbox.take()` gives: an `Inbox`, or a floor's links) and `cpu`
+    alike for every implementation; False for `quit`. (`send` differs, and is the caller's.)"""
     if cmd["cmd"] == "links":
         reply({"links": links()})
     elif cmd["cmd"] == "report":
@@ -251,49 +252,77 @@ def run_baseline(args, inbox: Inbox) -> None:
     asyncio.run(main())
 
 
-def run_floor(args, inbox: Inbox) -> None:
-    """The latency floor for a Python application: the baseline's bytes over plain sockets, with no
-    protocol and no event loop. One thread blocked in `select` reads every link; the main thread writes
-    each message to every link. It meshes as the baseline does (the reference's tracker exchange)."""
-    import asyncio
-    import selectors
-    import socket
+class SelectLinks:
+    """The Python floor's links: one thread blocked in `select` reads them all into `inbox`; `send`
+    writes a message to each with `sendall`."""
 
-    original = load_reference_client()
-    local_port, answer = asyncio.run(original.ask_tracker("127.0.0.1", args.tracker_port, 0, True))
-    listener = socket.create_server(("0.0.0.0", local_port))
-    selector = selectors.DefaultSelector()
-    selector.register(listener, selectors.EVENT_READ)
-    links = []
+    def __init__(self, inbox: Inbox) -> None:
+        import selectors
 
-    def add(link: socket.socket) -> None:
+        self.inbox, self.links, self.selector = inbox, [], selectors.DefaultSelector()
+        threading.Thread(target=self._receive, daemon=True).start()
+
+    def add(self, link) -> None:
+        import selectors
+        import socket
+
         link.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as asyncio does for every TCP link
-        links.append(link)
-        selector.register(link, selectors.EVENT_READ)
+        self.links.append(link)
+        self.selector.register(link, selectors.EVENT_READ)
 
-    for part in answer.split("-"):
-        if part:
-            host, port = part.split(":")
-            add(socket.create_connection((host, int(port))))
+    def send(self, data: bytes) -> None:
+        for link in list(self.links):
+            link.sendall(data)
 
-    def receive() -> None:
+    def take(self) -> dict:
+        return self.inbox.take()
+
+    def __len__(self) -> int:
+        return len(self.links)
+
+    def _receive(self) -> None:
         while True:
-            for key, _ in selector.select():
-                if key.fileobj is listener:
-                    add(listener.accept()[0])
-                    continue
+            for key, _ in self.selector.select():
                 try:
                     data = key.fileobj.recv(65536)
                 except OSError:  # reset by a peer that was stopped: the link is gone, as on a clean close
                     data = b""
                 if data:
-                    inbox.record_chunk(key.fileobj, data)
+                    self.inbox.record_chunk(key.fileobj, data)
                 else:
-                    selector.unregister(key.fileobj)
-                    links.remove(key.fileobj)
+                    self.selector.unregister(key.fileobj)
+                    self.links.remove(key.fileobj)
                     key.fileobj.close()
 
-    threading.Thread(target=receive, daemon=True).start()
+
+def run_floor(args, inbox: Inbox) -> None:
+    """The latency floors: the baseline's bytes over plain sockets, with no protocol and no event loop,
+    meshed as the baseline is (the reference's tracker exchange). `floor`: a Python application, whose
+    links one thread blocked in `select` reads (`SelectLinks`); `floor-rust`: the sockets' own, whose
+    links a Rust thread reads, timing each message as it reads it (`p2pchat._core._BenchRawLinks`).
+    The main thread sends, writing each message to every link."""
+    import asyncio
+    import socket
+
+    original = load_reference_client()
+    local_port, answer = asyncio.run(original.ask_tracker("127.0.0.1", args.tracker_port, 0, True))
+    listener = socket.create_server(("0.0.0.0", local_port))
+    if args.impl == "floor-rust":
+        import p2pchat
+
+        links = p2pchat._core._BenchRawLinks()
+    else:
+        links = SelectLinks(inbox)
+    for part in answer.split("-"):
+        if part:
+            host, port = part.split(":")
+            links.add(socket.create_connection((host, int(port))))
+
+    def accept() -> None:
+        while True:
+            links.add(listener.accept()[0])
+
+    threading.Thread(target=accept, daemon=True).start()
     reply({"ready": True, "pid": os.getpid()})
     name, texts = f"n{args.index}", Texts(args.index)
     for line in sys.stdin:
@@ -301,18 +330,16 @@ def run_floor(args, inbox: Inbox) -> None:
         if cmd["cmd"] == "send":
             started = time.monotonic()
             for _ in paced(cmd["count"], cmd["rate"]):
-                data = f"<{name}> :: {texts.next()}".encode("utf-8")
-                for link in list(links):
-                    link.sendall(data)
+                links.send(f"<{name}> :: {texts.next()}".encode("utf-8"))
             reply({"sent": cmd["count"], "seconds": time.monotonic() - started})
-        elif not reply_common(cmd, inbox, lambda: len(links)):
+        elif not reply_common(cmd, links, lambda: len(links)):
             break
     reply({"bye": True})
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser()
-    parser.add_argument("--impl", choices=("p2pchat", "p2pchat-asyncio", "baseline", "floor"), required=True)
+    parser.add_argument("--impl", choices=("p2pchat", "p2pchat-asyncio", "baseline", "floor", "floor-rust"), required=True)
     parser.add_argument("--tracker-port", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--max-rate", type=int, default=100_000)
@@ -327,4 +354,4 @@ if __name__ == "__main__":
     reply({"started": True})
     if json.loads(sys.stdin.readline() or "{}").get("cmd") == "join":
         {"p2pchat": run_p2pchat, "p2pchat-asyncio": run_p2pchat_asyncio, "baseline": run_baseline,
-         "floor": run_floor}[options.impl](options, inbox)
+         "floor": run_floor, "floor-rust": run_floor}[options.impl](options, inbox)

@@ -10,7 +10,7 @@ installed). Scenarios:
 
 1. latency: rooms of 5, 20, 50 peers, one process each, one message at a time; one-way latency from the
    send call to the receiving application (CLOCK_MONOTONIC, shared by every process), p50 and p99; and
-   the floor for a Python application: raw peers reading plain sockets, no protocol.
+   two floors: raw peers on plain sockets with no protocol, read by Python and by Rust.
 2. throughput: a 20-peer room, every peer sending at an offered rate raised step by step; the highest
    rate at which every message reaches every peer, its deliveries per second and CPU seconds per 1,000
    deliveries; the raw TCP fan-out floor (Rust, no protocol) at the same steps.
@@ -46,7 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).resolve().parent / "peer_proc.py"
 REFERENCE = ROOT / "tests" / "reference"
 IMPLS = ("p2pchat", "baseline")
-LATENCY_ROOMS = IMPLS + ("floor",)
+LATENCY_ROOMS = IMPLS + ("floor", "floor-rust")
+FLOORS = {"floor": "raw Python sockets", "floor-rust": "raw Rust sockets"}
 
 
 class BenchFailure(Exception):
@@ -272,9 +273,10 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
     """For each room size, `messages` sent one at a time per run (a small room gets more of them, so
     that its p99 too rests on a few thousand deliveries).
 
-    The **floor** is a room of raw Python peers (`peer_proc.py --impl floor`): the baseline's bytes over
-    plain sockets, read by one thread blocked in `select`, no protocol and no event loop: the least a
-    Python application that gets each message pays here.
+    The **floors** are rooms of raw peers (`peer_proc.py --impl floor` and `floor-rust`): the baseline's
+    bytes over plain sockets, no protocol and no event loop, read by one thread blocked in `select` (the
+    least a Python application that gets each message pays here), or by a Rust thread that times each
+    message as it reads it (what the sockets allow).
 
     The rooms of a size are up at once and take turns, the others stopped meanwhile: this VM's speed
     drifts over minutes, and when one room ran all its runs before the other's, the ratio at 50 peers
@@ -297,8 +299,10 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
                         for room in others:
                             room.pause()
                         try:
-                            # A room resumed a moment ago first does what its timers missed (keep-alives).
-                            time.sleep(0.5)
+                            if impl == "p2pchat":
+                                # Resumed a moment ago, it first does what its timers missed (keep-alives);
+                                # the others have no timers.
+                                time.sleep(0.5)
                             turns[impl].append(latency_turn(rooms[impl], first, min(per_turn, messages - first)))
                         finally:
                             for room in others:
@@ -317,8 +321,9 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
 
 # How long one room sends before the next takes its turn. A stopped p2pchat room must be resumed
 # within 6 s of its last ping to the tracker (which comes every 2 s), or its registrations are
-# dropped: a turn of 1 s keeps the pause of one room, while two others take their turns, under 4 s.
-TURN_SECONDS = 1.0
+# dropped: turns of 0.8 s (and ~0.3 s to collect each) keep its pause, while the three other rooms
+# take theirs, under 4 s.
+TURN_SECONDS = 0.8
 
 
 def message_gap(size: int) -> float:
@@ -633,9 +638,9 @@ def table(results: dict) -> str:
             row("latency", f"{size} peers, p50 (µs)", p["p50_us"], b["p50_us"])
             row("latency", f"{size} peers, p99 (µs)", p["p99_us"], b["p99_us"])
             row("latency", f"{size} peers, CPU of all peers per delivery (µs)", p["cpu_us_per_delivery"], b["cpu_us_per_delivery"])
-        for f in sorted((r for r in results["latency"] if r["impl"] == "floor"), key=lambda r: r["peers"]):
+        for f in sorted((r for r in results["latency"] if r["impl"] in FLOORS), key=lambda r: (r["impl"], r["peers"])):
             b = next(r for r in results["latency"] if r["impl"] == "baseline" and r["peers"] == f["peers"])
-            out.append(f"| latency | floor (raw Python sockets, no protocol), {f['peers']} peers: p50, p99, CPU per delivery (µs) | "
+            out.append(f"| latency | floor ({FLOORS[f['impl']]}, no protocol), {f['peers']} peers: p50, p99, CPU per delivery (µs) | "
                        f"{f['p50_us']:.0f}, {f['p99_us']:.0f}, {f['cpu_us_per_delivery']:.0f} | | floor / baseline "
                        f"{ratio(f['p50_us'], b['p50_us'])}, {ratio(f['p99_us'], b['p99_us'])}, "
                        f"{ratio(f['cpu_us_per_delivery'], b['cpu_us_per_delivery'])} |")
@@ -697,7 +702,7 @@ def chart(results: dict, path: Path) -> Optional[Path]:
     except ImportError:
         return None
     fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    color = {"p2pchat": "tab:blue", "baseline": "tab:orange", "floor": "tab:green", "p2pchat-asyncio": "tab:purple"}
+    color = {"p2pchat": "tab:blue", "baseline": "tab:orange", "floor": "tab:green", "floor-rust": "tab:olive", "p2pchat-asyncio": "tab:purple"}
     latency_ax, throughput_ax, tracker_ax, memory_ax = axes.flat
     if "latency" in results:
         for impl in LATENCY_ROOMS:

@@ -19,7 +19,7 @@ def test_the_quick_benchmark_runs_every_scenario_for_both_implementations(tmp_pa
     assert run.returncode == 0, run.stderr[-3000:]
     print(run.stdout)  # the table, for whoever reads the CI log
     results = json.loads((tmp_path / "quick.json").read_text())
-    assert {row["impl"] for row in results["latency"]} == {"p2pchat", "baseline", "floor"}
+    assert {row["impl"] for row in results["latency"]} == {"p2pchat", "baseline", "floor", "floor-rust"}
     for row in results["latency"]:
         assert all(r["delivered"] == r["expected"] for r in row["runs"]), row
         assert row["cpu_us_per_delivery"] > 0, f"the peers' CPU was not measured: {row}"
@@ -36,6 +36,7 @@ def test_the_quick_benchmark_runs_every_scenario_for_both_implementations(tmp_pa
     assert results["scale"]["in_process"]["delivered"] == results["scale"]["in_process"]["peers"] - 1
     assert "| latency | 3 peers, p99 (µs) |" in run.stdout
     assert "| latency | floor (raw Python sockets, no protocol), 3 peers:" in run.stdout
+    assert "| latency | floor (raw Rust sockets, no protocol), 3 peers:" in run.stdout
     history = results["history"]
     assert all(r["received"] == history["messages"] for r in history["runs"]), history
     assert all(r["received"] == history["messages"] for r in history["live"]), history

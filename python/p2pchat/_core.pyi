@@ -3,7 +3,7 @@
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import AsyncIterator, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union, final
+from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union, final
 
 __version__: str
 DEFAULT_PORT: int
@@ -234,3 +234,10 @@ def _bench_raw_list_server(
 def _bench_fanout(
     nodes: int, rate: int, message: bytes, *, duration: float = 2.0, drain: float = 2.0
 ) -> Dict[str, float]: ...
+@final
+class _BenchRawLinks:
+    def __init__(self) -> None: ...
+    def add(self, link: Any) -> None: ...
+    def send(self, message: bytes) -> int: ...
+    def take(self) -> Dict[str, Any]: ...
+    def __len__(self) -> int: ...

@@ -4,10 +4,13 @@
 //!   each join reading the full list, against a p2pchat tracker or an original one.
 //! * [`fanout`] is the floor for the throughput scenario: the same chat bytes sent over a full TCP mesh
 //!   on loopback with no protocol work at all, to show how close p2pchat gets to what sockets allow.
+//! * [`latency_floor`] is the latency scenario's sockets floor: a peer process's links read by Rust,
+//!   timing each message as it is read.
 //!
 //! Neither is used by the chat itself; the Python module exposes them as `p2pchat._core.bench`.
 
 pub mod fanout;
+pub mod latency_floor;
 pub mod tracker_load;
 
 use thiserror::Error;

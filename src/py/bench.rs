@@ -1,14 +1,16 @@
 //! `p2pchat._core._bench_*`: the Rust load generators of the benchmark (`benches/run.py`), run on the
 //! shared runtime with the GIL released. Results come back as plain dicts.
 
-use std::net::ToSocketAddrs;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
 use super::{seconds, wait, P2PChatError};
+use crate::bench::latency_floor::RawLinks;
 use crate::bench::{fanout, tracker_load, BenchError};
 
 impl From<BenchError> for PyErr {
@@ -113,7 +115,52 @@ fn _bench_fanout<'py>(py: Python<'py>, nodes: usize, rate: u32, message: Vec<u8>
     Ok(out)
 }
 
+/// The latency scenario's sockets floor: a process's links, read by a Rust thread that takes the time
+/// of every message as it reads it (see `bench::latency_floor`).
+#[pyclass(frozen, name = "_BenchRawLinks", module = "p2pchat._core")]
+struct PyRawLinks(RawLinks);
+
+#[pymethods]
+impl PyRawLinks {
+    #[new]
+    fn new() -> PyResult<Self> {
+        Ok(Self(RawLinks::start()?))
+    }
+
+    /// Read and send on a copy of the connected socket `link` (any object with `fileno()`); the
+    /// caller's socket may be closed afterwards.
+    fn add(&self, link: &Bound<'_, PyAny>) -> PyResult<()> {
+        let fd: i32 = link.call_method0("fileno")?.extract()?;
+        if fd < 0 {
+            return Err(PyValueError::new_err("the socket is closed"));
+        }
+        // SAFETY: `fd` is the descriptor of `link`, which holds it open for the length of this call;
+        // it is only duplicated here (an invalid one fails to duplicate with EBADF).
+        let copy = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().map_err(|e| P2PChatError::new_err(e.to_string()))?;
+        Ok(self.0.add(TcpStream::from(copy))?)
+    }
+
+    /// Write `message` to every link; returns how many took it.
+    fn send(&self, py: Python<'_>, message: Vec<u8>) -> usize {
+        py.detach(|| self.0.send(&message))
+    }
+
+    /// What arrived since the last call: `{"counts": {sender: n}, "latencies_ns": [...]}`.
+    fn take<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let received = self.0.take();
+        let out = PyDict::new(py);
+        out.set_item("counts", received.counts)?;
+        out.set_item("latencies_ns", PyList::new(py, received.latencies_ns)?)?;
+        Ok(out)
+    }
+
+    fn __len__(&self) -> usize {
+        self.0.len()
+    }
+}
+
 pub(super) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PyRawLinks>()?;
     m.add_function(wrap_pyfunction!(_bench_tracker_joins, m)?)?;
     m.add_function(wrap_pyfunction!(_bench_fanout, m)?)?;
     m.add_function(wrap_pyfunction!(_bench_raw_list_server, m)?)?;
