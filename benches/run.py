@@ -713,7 +713,7 @@ def chart(results: dict, path: Path) -> Optional[Path]:
             latency_ax.plot([r["peers"] for r in rows], [r["p50_us"] for r in rows], marker=".", linestyle="--", color=color[impl],
                             label=f"{impl} p50")
         latency_ax.set(xlabel="peers in the room", ylabel="one-way latency (µs)", title="latency", yscale="log")
-        latency_ax.legend()
+        latency_ax.legend(fontsize="small", ncol=2)
     if "throughput" in results:
         for row in results["throughput"]["rows"]:
             # Each offered rate against the median of what its runs delivered (a run stops at its first
