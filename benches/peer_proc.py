@@ -217,6 +217,13 @@ def load_reference_client():
     return module
 
 
+async def ask_original_tracker(original, args):
+    """The reference's tracker exchange: the port this peer is to listen on, and every listed peer's
+    (host, port)."""
+    local_port, answer = await original.ask_tracker("127.0.0.1", args.tracker_port, 0, True)
+    return local_port, [(host, int(port)) for host, port in (part.split(":") for part in answer.split("-") if part)]
+
+
 def run_baseline(args, inbox: Inbox) -> None:
     import asyncio  # only the baseline's process loads it: a p2pchat application on the blocking API does not
 
@@ -225,12 +232,11 @@ def run_baseline(args, inbox: Inbox) -> None:
     original.print = lambda *a, **k: None  # the reference prints each chunk; a benchmark has no terminal
 
     async def main() -> None:
-        local_port, answer = await original.ask_tracker("127.0.0.1", args.tracker_port, 0, True)
-        addresses = [part.split(":") for part in answer.split("-") if part]
+        local_port, addresses = await ask_original_tracker(original, args)
         await asyncio.start_server(lambda r, w: original.serve_connection(r, w, "bench"), "0.0.0.0", local_port)
         for host, port in addresses:
             try:
-                reader, writer = await asyncio.open_connection(host, int(port))
+                reader, writer = await asyncio.open_connection(host, port)
             except OSError:
                 continue
             asyncio.ensure_future(original.serve_connection(reader, writer, "bench"))
@@ -305,7 +311,7 @@ def run_floor(args, inbox: Inbox) -> None:
     import socket
 
     original = load_reference_client()
-    local_port, answer = asyncio.run(original.ask_tracker("127.0.0.1", args.tracker_port, 0, True))
+    local_port, addresses = asyncio.run(ask_original_tracker(original, args))
     listener = socket.create_server(("0.0.0.0", local_port))
     if args.impl == "floor-rust":
         import p2pchat
@@ -313,10 +319,8 @@ def run_floor(args, inbox: Inbox) -> None:
         links = p2pchat._core._BenchRawLinks()
     else:
         links = SelectLinks(inbox)
-    for part in answer.split("-"):
-        if part:
-            host, port = part.split(":")
-            links.add(socket.create_connection((host, int(port))))
+    for address in addresses:
+        links.add(socket.create_connection(address))
 
     def accept() -> None:
         while True:

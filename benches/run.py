@@ -46,8 +46,8 @@ ROOT = Path(__file__).resolve().parent.parent
 PEER = Path(__file__).resolve().parent / "peer_proc.py"
 REFERENCE = ROOT / "tests" / "reference"
 IMPLS = ("p2pchat", "baseline")
-LATENCY_ROOMS = IMPLS + ("floor", "floor-rust")
-FLOORS = {"floor": "raw Python sockets", "floor-rust": "raw Rust sockets"}
+FLOORS = {"floor": "raw Python sockets", "floor-rust": "raw Rust sockets"}  # the latency scenario's
+LATENCY_ROOMS = IMPLS + tuple(FLOORS)
 
 
 class BenchFailure(Exception):
@@ -179,7 +179,7 @@ class Room:
 
     def __init__(self, impl: str, size: int, mesh_timeout: float = 60.0, latencies: bool = False) -> None:
         self.impl, self.size = impl, size
-        # The latency floor's raw peers mesh as the baseline's do, through its tracker.
+        # The latency floors' raw peers mesh as the baseline's do, through its tracker.
         self.tracker = start_tracker("p2pchat" if impl.startswith("p2pchat") else "baseline")
         self.peers: List[Child] = []
         # The room's own logs: a room starts with no history, as the baseline's has none.

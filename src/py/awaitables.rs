@@ -14,7 +14,7 @@
 //! context), and a weak reference to that copy says when the bridge is done. [`wait_for_all`], run
 //! by `_shutdown` at exit, waits for every one.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -26,7 +26,7 @@ use pyo3_async_runtimes::TaskLocals;
 
 /// The bridges not done yet, by number: their weak references (which must live for their callbacks
 /// to run). Never held while calling into Python: a collection there can run a callback, which takes it.
-static OPEN: Mutex<Option<HashMap<u64, Py<PyWeakrefReference>>>> = Mutex::new(None);
+static OPEN: Mutex<BTreeMap<u64, Py<PyWeakrefReference>>> = Mutex::new(BTreeMap::new());
 static DONE: Condvar = Condvar::new();
 static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
@@ -44,14 +44,14 @@ struct BridgeDone {
 #[pymethods]
 impl BridgeDone {
     fn __call__(&self, _gone: &Bound<'_, PyAny>) {
-        let weakref = open().as_mut().and_then(|open| open.remove(&self.id));
+        let weakref = open().remove(&self.id);
         DONE.notify_all();
         // Dropped outside the lock (this very weak reference is calling; CPython allows that).
         drop(weakref);
     }
 }
 
-fn open() -> MutexGuard<'static, Option<HashMap<u64, Py<PyWeakrefReference>>>> {
+fn open() -> MutexGuard<'static, BTreeMap<u64, Py<PyWeakrefReference>>> {
     OPEN.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
@@ -65,7 +65,7 @@ where
     let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     // Its callback cannot come before the insert: `locals` holds the context until the bridge has it.
     let weakref = PyWeakrefReference::new_with(&locals.context(py), BridgeDone { id })?;
-    open().get_or_insert_with(HashMap::new).insert(id, weakref.unbind());
+    open().insert(id, weakref.unbind());
     pyo3_async_runtimes::tokio::future_into_py_with_locals(py, locals, fut)
 }
 
@@ -75,9 +75,8 @@ pub(super) fn wait_for_all(py: Python<'_>) {
     loop {
         let all_done = py.detach(|| {
             let slice = SLICE.min(deadline.saturating_duration_since(Instant::now()));
-            let none_open = |open: &mut Option<HashMap<_, _>>| open.as_ref().is_none_or(HashMap::is_empty);
-            let (mut open, _) = DONE.wait_timeout_while(open(), slice, |open| !none_open(open)).unwrap_or_else(PoisonError::into_inner);
-            none_open(&mut open)
+            let (open, _) = DONE.wait_timeout_while(open(), slice, |open| !open.is_empty()).unwrap_or_else(PoisonError::into_inner);
+            open.is_empty()
         });
         if all_done || Instant::now() >= deadline {
             return;
