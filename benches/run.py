@@ -388,6 +388,33 @@ def throughput(size: int, rates: List[int], seconds: float, repeats: int) -> Lis
     return [summarise_steps(impl, impl_runs) for impl, impl_runs in runs.items()]
 
 
+def application_cost(messages: int, repeats: int) -> float:
+    """Microseconds of Python that p2pchat's benchmark application (`peer_proc.Inbox`) spends on each
+    message it receives, before any chat library's own work: timed on real `p2pchat.Message`s, which
+    two peers in this process exchange first."""
+    from peer_proc import Inbox, Texts
+
+    with tempfile.TemporaryDirectory() as data, Tracker(host="127.0.0.1", port=0) as tracker:
+        host, port = tracker.address
+        with Peer("ana", host, port, data_dir=Path(data) / "ana", history=0) as ana, \
+                Peer("bob", host, port, data_dir=Path(data) / "bob", history=0, max_message_rate=1_000_000) as bob:
+            wait_linked(ana, bob.name)
+            texts = Texts(1)
+            for _ in range(messages):
+                ana.post(texts.next())
+            received = [bob.recv(timeout=30) for _ in range(messages)]
+    if None in received:
+        raise BenchFailure(f"only {received.index(None)} of {messages} messages arrived")
+    per_pass = []
+    for _ in range(repeats):
+        inbox = Inbox(keep_latencies=False)
+        started = time.perf_counter()
+        for message in received:
+            inbox.record_message(message)
+        per_pass.append(time.perf_counter() - started)
+    return median(per_pass) * 1e6 / messages
+
+
 # A rate is sustained when every message arrives, the senders kept the pace, and the last delivery came
 # within this long after the last send was due (no backlog growing with the length of the run).
 SLACK = 1.0
@@ -599,11 +626,7 @@ def history_sync(count: int, repeats: int) -> dict:
                 log(f"history: the same {count} messages live")
                 with Peer(f"live{run}", host, port, data_dir=data_dir / f"live{run}", history=0,
                           max_message_rate=1_000_000) as listener:
-                    deadline = time.monotonic() + 30
-                    while not any(p.name == listener.name for p in ana.peers()):
-                        if time.monotonic() > deadline:
-                            raise BenchFailure("the live listener never linked to the member")
-                        time.sleep(0.01)
+                    wait_linked(ana, listener.name)
                     started = time.perf_counter()
                     for i in range(count):
                         ana.send(f"{i:06d} {text}")
@@ -612,6 +635,15 @@ def history_sync(count: int, repeats: int) -> dict:
     return {"messages": count, "text_bytes": len(text) + 7, "runs": runs, "live": live,
             "seconds": median([r["seconds"] for r in runs]), "live_seconds": median([r["seconds"] for r in live]),
             "disk_bytes_per_message": median([r["disk_bytes"] / max(r["received"], 1) for r in runs])}
+
+
+def wait_linked(member: Peer, name: str, timeout: float = 30.0) -> None:
+    """Until `member` (in this process) has a link to the member called `name`."""
+    deadline = time.monotonic() + timeout
+    while not any(p.name == name for p in member.peers()):
+        if time.monotonic() > deadline:
+            raise BenchFailure(f"{name} never linked to {member.name}")
+        time.sleep(0.01)
 
 
 # ---------------------------------------------------------------- report
@@ -655,6 +687,14 @@ def table(results: dict) -> str:
         row("throughput", "CPU seconds per 1,000 deliveries", p["cpu_per_1000"], b["cpu_per_1000"], "{:.3f}")
         out.append(f"| throughput | raw TCP fan-out floor: highest rate, deliveries/s | {f['max_rate']:.0f}, "
                    f"{f['deliveries_per_s']:.0f} | | p2pchat / floor {ratio(p['deliveries_per_s'], f['deliveries_per_s'])} |")
+        if "application_us" in results["throughput"]:
+            # What 5x the baseline's rate leaves per delivery: the room's whole CPU (every process, the
+            # kernel's TCP included) over the deliveries offered each second at that rate.
+            offered = 5 * b["max_rate"] * size * (size - 1)
+            out.append(f"| throughput | CPU per delivery the machine has at 5× the baseline's rate ({results['machine']['cpus']} "
+                       f"cores, {offered:,.0f} deliveries/s offered; µs) | {results['machine']['cpus'] * 1e6 / offered:.2f} | | |")
+            out.append(f"| throughput | the benchmark application's own Python per message received, before the library's "
+                       f"(µs) | {results['throughput']['application_us']:.2f} | | |")
     if "tracker" in results:
         for size, p, b in pairs(results["tracker"], "registrations"):
             row("tracker", f"joins/s, {size} registered", p["joins_per_s"], b["joins_per_s"])
@@ -759,7 +799,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.quick:
         plan: Dict[str, Callable[[], object]] = {
             "latency": lambda: latency({3: 10}, repeats=repeats),
-            "throughput": lambda: {"peers": 3, "rows": throughput(3, [50, 200], seconds=0.5, repeats=repeats)},
+            "throughput": lambda: {"peers": 3, "rows": throughput(3, [50, 200], seconds=0.5, repeats=repeats),
+                                   "application_us": application_cost(1000, repeats=3)},
             "tracker": lambda: tracker_joins([10, 100], seconds=0.5, repeats=repeats),
             "scale": lambda: {"rooms": scale([4], [4]), "in_process": in_process(limit=6)},
             "history": lambda: history_sync(500, repeats=repeats),
@@ -767,7 +808,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     else:
         plan = {
             "latency": lambda: latency({5: 500, 20: 200, 50: 300}, repeats=repeats),
-            "throughput": lambda: {"peers": 20, "rows": throughput(20, [200, 400, 600, 800, 1000, 1200, 1400, 1600, 2000, 2400, 3200], seconds=2.0, repeats=repeats)},
+            "throughput": lambda: {"peers": 20, "rows": throughput(20, [200, 400, 600, 800, 1000, 1200, 1400, 1600, 2000, 2400, 3200], seconds=2.0, repeats=repeats),
+                                   "application_us": application_cost(20_000, repeats=5)},
             "tracker": lambda: tracker_joins([10, 1000, 10000], seconds=2.0, repeats=repeats),
             "scale": lambda: {"rooms": scale([50, 100, 150, 200], [50, 150]), "in_process": in_process(limit=400)},
             "history": lambda: history_sync(10_000, repeats=repeats),
