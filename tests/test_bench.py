@@ -27,6 +27,7 @@ def test_the_quick_benchmark_runs_every_scenario_for_both_implementations(tmp_pa
     assert set(throughput) == {"p2pchat", "baseline", "floor"}
     assert all(row["max_rate"] > 0 for row in throughput.values()), throughput
     assert results["throughput"]["application_us"] > 0, "the application's own cost per message was not measured"
+    assert results["throughput"]["library_us"] > 0, "the CPU of p2pchat's recv per message was not measured"
     assert "| throughput | the benchmark application's own Python per message received" in run.stdout
     tracker = results["tracker"]
     assert {(r["impl"], r["registrations"]) for r in tracker} == {(i, n) for i in ("p2pchat", "baseline") for n in (10, 100)}
