@@ -13,7 +13,9 @@ installed). Scenarios:
    two floors: raw peers on plain sockets with no protocol, read by Python and by Rust.
 2. throughput: a 20-peer room, every peer sending at an offered rate raised step by step; the highest
    rate at which every message reaches every peer, its deliveries per second and CPU seconds per 1,000
-   deliveries; the raw TCP fan-out floor (Rust, no protocol) at the same steps.
+   deliveries; the raw TCP fan-out floor (Rust, no protocol) at the same steps; and what the application's
+   thread spends per message received (its own Python, p2pchat's `recv`), against the CPU per delivery
+   that 5x the baseline's rate leaves.
 3. tracker: joins per second with 10, 1,000 and 10,000 registrations, each join reading the full list,
    from a load generator written in Rust; and the floor for each list: the same joins against a Rust
    server that only sends that many bytes.
