@@ -39,8 +39,9 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 from p2pchat import HistorySynced, Message, P2PChatError, Peer, Tracker
 
@@ -232,14 +233,6 @@ class Room:
             peer.tell({"cmd": "report"})
         return [json.loads(peer.next_line(60)) for peer in self.peers]
 
-    def pause(self) -> None:
-        """Stop every process of the room (SIGSTOP): a stopped room takes no CPU from another one being
-        measured. Keep it short: a p2pchat link silent for 8 s, or a registration for 6 s, is dropped."""
-        self.signal_all(signal.SIGSTOP)
-
-    def resume(self) -> None:
-        self.signal_all(signal.SIGCONT)
-
     def signal_all(self, signum: int) -> None:
         for proc in [peer.popen for peer in self.peers] + [self.tracker]:
             proc.send_signal(signum)
@@ -297,18 +290,12 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
                 turns: Dict[str, List[dict]] = {impl: [] for impl in LATENCY_ROOMS}
                 for first in range(0, messages, per_turn):
                     for impl in LATENCY_ROOMS:
-                        others = [room for other, room in rooms.items() if other != impl]
-                        for room in others:
-                            room.pause()
-                        try:
+                        with others_stopped(rooms, impl) as room:
                             if impl == "p2pchat":
                                 # Resumed a moment ago, it first does what its timers missed (keep-alives);
                                 # the others have no timers.
                                 time.sleep(0.5)
-                            turns[impl].append(latency_turn(rooms[impl], first, min(per_turn, messages - first)))
-                        finally:
-                            for room in others:
-                                room.resume()
+                            turns[impl].append(latency_turn(room, first, min(per_turn, messages - first)))
                 for impl in LATENCY_ROOMS:
                     runs[impl].append(latency_run(turns[impl]))
         finally:
@@ -319,6 +306,20 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
                          "p50_us": median([r["p50_us"] for r in runs[impl]]), "p99_us": median([r["p99_us"] for r in runs[impl]]),
                          "cpu_us_per_delivery": median([r["cpu_us_per_delivery"] for r in runs[impl]])})
     return rows
+
+
+@contextmanager
+def others_stopped(rooms: Dict[str, Room], impl: str) -> Iterator[Room]:
+    """`impl`'s room, with every other room's processes stopped (SIGSTOP) meanwhile, so that they take
+    no CPU from it. Keep it short: a p2pchat link silent for 8 s, or a registration for 6 s, is dropped."""
+    others = [room for other, room in rooms.items() if other != impl]
+    for room in others:
+        room.signal_all(signal.SIGSTOP)
+    try:
+        yield rooms[impl]
+    finally:
+        for room in others:
+            room.signal_all(signal.SIGCONT)
 
 
 # How long one room sends before the next takes its turn. A stopped p2pchat room must be resumed

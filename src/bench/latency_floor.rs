@@ -57,12 +57,9 @@ impl RawLinks {
         self.to_reader.send(link).map_err(|_| BenchError::Setting("the reading thread has ended".into()))
     }
 
-    pub fn len(&self) -> usize {
+    /// The links still taking what is sent.
+    pub fn link_count(&self) -> usize {
         self.writers.lock().unwrap_or_else(PoisonError::into_inner).len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Write `message` to every link; returns how many took it (a link that failed is left out).

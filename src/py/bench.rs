@@ -155,7 +155,7 @@ impl PyRawLinks {
     }
 
     fn __len__(&self) -> usize {
-        self.0.len()
+        self.0.link_count()
     }
 }
 
