@@ -15,9 +15,9 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use p2pchat::tracker::Registry;
 use p2pchat::wire::chat::{encode_line, ChatDecoder};
 use p2pchat::wire::frames::{self, Chat, Frame, FrameDecoder, Member, PROTOCOL_VERSION};
-use p2pchat::tracker::Registry;
 use p2pchat::wire::peer_list;
 
 struct Bencher {
@@ -57,7 +57,13 @@ impl Bencher {
 }
 
 fn members(n: u32) -> Vec<Member> {
-    (0..n).map(|i| Member { addr: format!("10.{}.{}.{}:{}", i >> 16, (i >> 8) & 255, i & 255, 40_000 + i % 20_000), p2pchat: i % 3 != 0, id: None }).collect()
+    (0..n)
+        .map(|i| Member {
+            addr: format!("10.{}.{}.{}:{}", i >> 16, (i >> 8) & 255, i & 255, 40_000 + i % 20_000),
+            p2pchat: i % 3 != 0,
+            id: None,
+        })
+        .collect()
 }
 
 fn main() {
@@ -82,7 +88,12 @@ fn main() {
         "serialize Vec<Member> per join",
         || {
             let members = room.clone();
-            black_box(frames::encode_opening(&Frame::Welcome { v: PROTOCOL_VERSION, members, you: "10.0.0.1:5000".into(), relay: false }));
+            black_box(frames::encode_opening(&Frame::Welcome {
+                v: PROTOCOL_VERSION,
+                members,
+                you: "10.0.0.1:5000".into(),
+                relay: false,
+            }));
         },
     );
 
@@ -91,7 +102,12 @@ fn main() {
     let (welcome, token) = registry.register("", newcomer, false);
     let compact: Vec<u8> = welcome.slices().iter().flat_map(|s| s.iter().copied()).skip(frames::MAGIC.len()).collect();
     registry.deregister("", newcomer, token);
-    let as_objects = frames::encode(&Frame::Welcome { v: PROTOCOL_VERSION, members: room.clone(), you: "10.0.0.1:5000".into(), relay: false });
+    let as_objects = frames::encode(&Frame::Welcome {
+        v: PROTOCOL_VERSION,
+        members: room.clone(),
+        you: "10.0.0.1:5000".into(),
+        relay: false,
+    });
     let decode_welcome = |bytes: &[u8]| {
         let mut d = FrameDecoder::with_limit(frames::MAX_WELCOME_BYTES);
         d.feed(bytes);
@@ -111,7 +127,17 @@ fn main() {
         },
     );
 
-    let chat = |i: usize| Frame::Msg(Chat { id: frames::random_id(), from: "n7".into(), room: String::new(), ts: 1, hlc: 1 << 16, text: format!("7:{i}:123456789."), ..Chat::default() });
+    let chat = |i: usize| {
+        Frame::Msg(Chat {
+            id: frames::random_id(),
+            from: "n7".into(),
+            room: String::new(),
+            ts: 1,
+            hlc: 1 << 16,
+            text: format!("7:{i}:123456789."),
+            ..Chat::default()
+        })
+    };
     let mut framed = Vec::new();
     for i in 0.. {
         if framed.len() > 64 * 1024 {

@@ -24,9 +24,11 @@ const FORMAT: u32 = 1;
 pub enum IdentityError {
     #[error("cannot create the identity {path}: {source}")]
     Create { path: PathBuf, source: std::io::Error },
-    #[error("cannot read the identity {path}: {reason}. It was left as it is; restore it from a backup, \
+    #[error(
+        "cannot read the identity {path}: {reason}. It was left as it is; restore it from a backup, \
              move it away (a new identity is created, and people who knew the old one will see a new \
-             fingerprint), or choose another file with --identity")]
+             fingerprint), or choose another file with --identity"
+    )]
     Unreadable { path: PathBuf, reason: String },
 }
 
@@ -52,7 +54,9 @@ impl Identity {
     /// The identity in `path`, created there first if there is none.
     pub fn load_or_create(path: &Path) -> Result<Self, IdentityError> {
         match fs::read(path) {
-            Ok(bytes) => Self::parse(&bytes).map_err(|reason| IdentityError::Unreadable { path: path.to_owned(), reason }),
+            Ok(bytes) => {
+                Self::parse(&bytes).map_err(|reason| IdentityError::Unreadable { path: path.to_owned(), reason })
+            }
             // Missing, or under a path that cannot be a directory: creating it says what is wrong.
             Err(err) if matches!(err.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
                 let create = |source| IdentityError::Create { path: path.to_owned(), source };
@@ -93,7 +97,10 @@ impl Identity {
 
     /// Proof that this identity is the end of the link whose handshake hash is `binding`.
     pub fn prove(&self, binding: &[u8]) -> IdentityProof {
-        IdentityProof { key: hex(self.public().as_bytes()), sig: hex(&self.signing.sign(&proof_message(binding)).to_bytes()) }
+        IdentityProof {
+            key: hex(self.public().as_bytes()),
+            sig: hex(&self.signing.sign(&proof_message(binding)).to_bytes()),
+        }
     }
 
     /// Sign `chat` as its author (private rooms): sets its `key` and `sig`.

@@ -59,7 +59,8 @@ pub async fn write_and_end(stream: TcpStream, bytes: &[u8], max_wait: Duration) 
         _ => false,
     };
     // Without TCP_LINGER2, a reset right behind the FIN is the next best thing on this host too.
-    let ending = if same_host && reset_after_fin(&stream) { Ending::KernelResets } else { Ending::ResetBehind(max_wait) };
+    let ending =
+        if same_host && reset_after_fin(&stream) { Ending::KernelResets } else { Ending::ResetBehind(max_wait) };
     end_with(stream, bytes, ending).await
 }
 
@@ -252,14 +253,22 @@ mod tests {
             // Then the end: EOF (our FIN) or a reset behind it, depending on which was processed first.
             match client.read(&mut buf).await {
                 Ok(0) => {}
-                Err(err) => assert!(matches!(err.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe), "{ending:?}: {err}"),
+                Err(err) => assert!(
+                    matches!(err.kind(), io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe),
+                    "{ending:?}: {err}"
+                ),
                 Ok(n) => panic!("{ending:?}: {n} more bytes"),
             }
             drop(client);
             // As the original client does right after: its port must be free, with no SO_REUSEADDR.
             let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
             let rebind = listener.bind(&SocketAddr::from(([127, 0, 0, 1], client_port)).into());
-            assert!(rebind.is_ok(), "{ending:?}: port {client_port} still held: {:?} (states {:?})", rebind.err(), states_on_port(client_port));
+            assert!(
+                rebind.is_ok(),
+                "{ending:?}: port {client_port} still held: {:?} (states {:?})",
+                rebind.err(),
+                states_on_port(client_port)
+            );
         }
     }
 

@@ -82,7 +82,8 @@ impl RoomKey {
         if secret.chars().count() < MIN_SECRET_CHARS {
             return Err(SecretError::TooShort);
         }
-        let params = argon2::Params::new(KDF_MEMORY_KIB, KDF_PASSES, 1, Some(32)).map_err(|e| SecretError::Kdf(e.to_string()))?;
+        let params = argon2::Params::new(KDF_MEMORY_KIB, KDF_PASSES, 1, Some(32))
+            .map_err(|e| SecretError::Kdf(e.to_string()))?;
         let kdf = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let salt = &tagged_hash(b"p2pchat room salt v1", room.as_bytes())[..16];
         let mut key = [0u8; 32];
@@ -124,7 +125,8 @@ impl RoomKey {
             return Frame::Unknown;
         }
         let plaintext = serde_json::to_vec(chat).unwrap_or_default();
-        let sealed = self.cipher().encrypt(XNonce::from_slice(&nonce), Payload { msg: &plaintext, aad: chat.id.as_bytes() });
+        let sealed =
+            self.cipher().encrypt(XNonce::from_slice(&nonce), Payload { msg: &plaintext, aad: chat.id.as_bytes() });
         let mut data = nonce.to_vec();
         data.extend(sealed.unwrap_or_default());
         Frame::Sealed { id: chat.id.clone(), data: hex(&data) }
@@ -134,7 +136,10 @@ impl RoomKey {
     pub fn open_sealed(&self, id: &str, data: &str) -> Result<Chat, SealError> {
         let data = unhex(data).filter(|d| d.len() > 24).ok_or(SealError::DoesNotOpen)?;
         let (nonce, ciphertext) = data.split_at(24);
-        let plaintext = self.cipher().decrypt(XNonce::from_slice(nonce), Payload { msg: ciphertext, aad: id.as_bytes() }).map_err(|_| SealError::DoesNotOpen)?;
+        let plaintext = self
+            .cipher()
+            .decrypt(XNonce::from_slice(nonce), Payload { msg: ciphertext, aad: id.as_bytes() })
+            .map_err(|_| SealError::DoesNotOpen)?;
         let chat: Chat = serde_json::from_slice(&plaintext).map_err(|_| SealError::NotAMessage)?;
         if chat.id != id {
             return Err(SealError::NotAMessage);

@@ -58,7 +58,11 @@ pub(crate) enum FrameReadError {
 }
 
 /// The next whole frame from `reader` (through `decoder`, which may already hold bytes) by `deadline`.
-pub(crate) async fn read_frame<R: AsyncRead + Unpin>(reader: &mut R, decoder: &mut FrameDecoder, deadline: Instant) -> Result<Frame, FrameReadError> {
+pub(crate) async fn read_frame<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    decoder: &mut FrameDecoder,
+    deadline: Instant,
+) -> Result<Frame, FrameReadError> {
     let mut buf = Vec::with_capacity(4096);
     loop {
         if let Some(frame) = decoder.next_frame()? {

@@ -15,7 +15,10 @@ pub(crate) struct Closed;
 
 /// `sender.send(value)`, in the same order as other sends from this task. The value is offered when
 /// this is called; the returned future waits for room if there was none.
-pub(crate) fn send<'a, T: Send + 'a>(sender: &'a Sender<T>, value: T) -> impl Future<Output = Result<(), Closed>> + Send + 'a {
+pub(crate) fn send<'a, T: Send + 'a>(
+    sender: &'a Sender<T>,
+    value: T,
+) -> impl Future<Output = Result<(), Closed>> + Send + 'a {
     let wait = match sender.try_send(value) {
         Ok(()) => None,
         Err(TrySendError::Full(value)) => Some(Ok(Box::pin(sender.send(value)))),

@@ -154,7 +154,11 @@ async fn a_peer_that_leaves_before_its_links_have_answered_says_goodbye_on_each(
     newcomer.close().await;
     for (i, (_, events)) in members.iter_mut().enumerate() {
         loop {
-            match tokio::time::timeout(WAIT, events.recv()).await.expect("no leave within the bound").expect("member closed") {
+            match tokio::time::timeout(WAIT, events.recv())
+                .await
+                .expect("no leave within the bound")
+                .expect("member closed")
+            {
                 Event::Left { name, clean, reason, .. } if name.as_deref() == Some("new") => {
                     assert!(clean, "member m{i} saw the newcomer lost, not leaving: {reason}");
                     break;
@@ -397,7 +401,16 @@ async fn a_second_link_from_a_linked_member_is_refused_as_a_duplicate() {
     let mut first = RawMember::join(ana.listen_addr(), "zed-session", "zed").await;
 
     let mut second = TcpStream::connect(ana.listen_addr()).await.unwrap();
-    let hello = Hello { v: PROTOCOL_VERSION, id: "zed-session".into(), name: Some("zed".into()), room: String::new(), listen_port: None, peers: vec![], identity: None, relay: false };
+    let hello = Hello {
+        v: PROTOCOL_VERSION,
+        id: "zed-session".into(),
+        name: Some("zed".into()),
+        room: String::new(),
+        listen_port: None,
+        peers: vec![],
+        identity: None,
+        relay: false,
+    };
     second.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(WAIT, second.read_to_end(&mut answer)).await.expect("the second link was not closed").unwrap();
@@ -414,7 +427,9 @@ async fn a_second_link_from_a_linked_member_is_refused_as_a_duplicate() {
     assert_eq!(ana.peers().await.unwrap().len(), 1);
 }
 
-async fn start_tracker_with(config: TrackerConfig) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
+async fn start_tracker_with(
+    config: TrackerConfig,
+) -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<()>) {
     let tracker = Tracker::bind(config).await.unwrap();
     let addr = tracker.local_addr();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -438,12 +453,25 @@ async fn wait_members(handle: &p2pchat::tracker::TrackerHandle, n: usize) {
 /// then whatever the test sends).
 async fn registered_under(bound: Duration) -> (TcpStream, p2pchat::tracker::TrackerHandle) {
     use p2pchat::wire::frames::{self, Frame, Hello, PROTOCOL_VERSION};
-    let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), registration_timeout: bound, ..TrackerConfig::default() };
+    let config = TrackerConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        registration_timeout: bound,
+        ..TrackerConfig::default()
+    };
     let tracker = Tracker::bind(config).await.unwrap();
     let (addr, handle) = (tracker.local_addr(), tracker.handle());
     tokio::spawn(tracker.run(std::future::pending()));
     let mut member = TcpStream::connect(addr).await.unwrap();
-    let hello = Hello { v: PROTOCOL_VERSION, id: "x".into(), name: None, room: String::new(), listen_port: Some(1), peers: vec![], identity: None, relay: false };
+    let hello = Hello {
+        v: PROTOCOL_VERSION,
+        id: "x".into(),
+        name: None,
+        room: String::new(),
+        listen_port: Some(1),
+        peers: vec![],
+        identity: None,
+        relay: false,
+    };
     member.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     wait_members(&handle, 1).await;
     (member, handle)
@@ -480,7 +508,16 @@ async fn a_silent_p2pchat_link_is_dropped() {
     config.limits.dead_after = Duration::from_millis(400);
     let (ana, mut events, _) = peer::join(config).await.unwrap();
     let mut impostor = TcpStream::connect(ana.listen_addr()).await.unwrap();
-    let hello = Hello { v: PROTOCOL_VERSION, id: "ghost".into(), name: Some("ghost".into()), room: String::new(), listen_port: None, peers: vec![], identity: None, relay: false };
+    let hello = Hello {
+        v: PROTOCOL_VERSION,
+        id: "ghost".into(),
+        name: Some("ghost".into()),
+        room: String::new(),
+        listen_port: None,
+        peers: vec![],
+        identity: None,
+        relay: false,
+    };
     impostor.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     loop {
         match tokio::time::timeout(WAIT, events.recv()).await.unwrap().unwrap() {
@@ -651,7 +688,16 @@ impl RawMember {
     async fn join_room(at: std::net::SocketAddr, id: &str, name: &str, room: &str) -> Self {
         use p2pchat::wire::frames::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
         let mut stream = TcpStream::connect(at).await.unwrap();
-        let hello = Hello { v: PROTOCOL_VERSION, id: id.into(), name: Some(name.into()), room: room.into(), listen_port: None, peers: vec![], identity: None, relay: false };
+        let hello = Hello {
+            v: PROTOCOL_VERSION,
+            id: id.into(),
+            name: Some(name.into()),
+            room: room.into(),
+            listen_port: None,
+            peers: vec![],
+            identity: None,
+            relay: false,
+        };
         stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
         let mut magic = vec![0; MAGIC.len()];
         tokio::time::timeout(WAIT, stream.read_exact(&mut magic)).await.unwrap().unwrap();
@@ -709,19 +755,34 @@ async fn a_member_relays_between_two_that_cannot_reach_each_other() {
     wait_p2pchat_links(&ana, 2).await;
 
     pia.send(&Frame::RelayAsk { peer: "nobody-session".into() }).await;
-    let Frame::RelayClose { peer, clean, .. } = pia.next(|f| matches!(f, Frame::RelayClose { .. })).await else { unreachable!() };
+    let Frame::RelayClose { peer, clean, .. } = pia.next(|f| matches!(f, Frame::RelayClose { .. })).await else {
+        unreachable!()
+    };
     assert_eq!((peer.as_str(), clean), ("nobody-session", false), "ana is not linked to that one");
 
     pia.send(&Frame::RelayAsk { peer: "quin-session".into() }).await;
-    let Frame::RelayOpen { peer, name, .. } = pia.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
+    let Frame::RelayOpen { peer, name, .. } = pia.next(|f| matches!(f, Frame::RelayOpen { .. })).await else {
+        unreachable!()
+    };
     assert_eq!((peer.as_str(), name.as_deref()), ("quin-session", Some("quin")));
-    let Frame::RelayOpen { peer, name, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
+    let Frame::RelayOpen { peer, name, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await else {
+        unreachable!()
+    };
     assert_eq!((peer.as_str(), name.as_deref()), ("pia-session", Some("pia")));
 
     // In an open room nobody checks signatures: one a message carries is dropped, never passed on.
     let (key, sig) = (Some("ab".repeat(32)), Some("cd".repeat(64)));
     let chat = |id: &str, text: &str| {
-        Frame::Msg(Chat { id: id.into(), from: "pia".into(), room: String::new(), ts: 1, hlc: 0, text: text.into(), key: key.clone(), sig: sig.clone() })
+        Frame::Msg(Chat {
+            id: id.into(),
+            from: "pia".into(),
+            room: String::new(),
+            ts: 1,
+            hlc: 0,
+            text: text.into(),
+            key: key.clone(),
+            sig: sig.clone(),
+        })
     };
     pia.send(&chat("m1", "through ana")).await;
     pia.send(&chat("m1", "through ana")).await; // a replay: passed on (and shown) once
@@ -732,16 +793,31 @@ async fn a_member_relays_between_two_that_cannot_reach_each_other() {
     assert_eq!((first.id.as_str(), first.text.as_str(), second.id.as_str()), ("m1", "through ana", "m2"));
     assert_eq!((first.key.as_ref(), first.sig.as_ref()), (None, None));
     let seen_by_ana = next_message(&mut ana_events).await;
-    assert_eq!((seen_by_ana.text.as_str(), seen_by_ana.signed), ("through ana", false), "the relay sees the room's messages too");
+    assert_eq!(
+        (seen_by_ana.text.as_str(), seen_by_ana.signed),
+        ("through ana", false),
+        "the relay sees the room's messages too"
+    );
     assert_eq!(next_message(&mut ana_events).await.text, "second");
     // The other way too.
-    quin.send(&Frame::Msg(Chat { id: "m3".into(), from: "quin".into(), room: String::new(), ts: 1, hlc: 0, text: "back".into(), ..Chat::default() })).await;
+    quin.send(&Frame::Msg(Chat {
+        id: "m3".into(),
+        from: "quin".into(),
+        room: String::new(),
+        ts: 1,
+        hlc: 0,
+        text: "back".into(),
+        ..Chat::default()
+    }))
+    .await;
     let Frame::Msg(back) = pia.next(is_msg).await else { unreachable!() };
     assert_eq!(back.text, "back");
 
     quin.send(&Frame::Bye).await;
     drop(quin);
-    let Frame::RelayClose { peer, clean, .. } = pia.next(|f| matches!(f, Frame::RelayClose { .. })).await else { unreachable!() };
+    let Frame::RelayClose { peer, clean, .. } = pia.next(|f| matches!(f, Frame::RelayClose { .. })).await else {
+        unreachable!()
+    };
     assert_eq!((peer.as_str(), clean), ("quin-session", true), "quin said goodbye");
 }
 
@@ -752,7 +828,16 @@ async fn the_tracker_relays_only_when_told_to() {
     use p2pchat::wire::frames::{self, Chat, Frame, Hello, MAGIC, PROTOCOL_VERSION};
     let (plain, _stop) = start_tracker().await;
     let mut refused = TcpStream::connect(plain).await.unwrap();
-    let hello = Hello { v: PROTOCOL_VERSION, id: "pia-session".into(), name: Some("pia".into()), room: String::new(), listen_port: None, peers: vec![], identity: None, relay: false };
+    let hello = Hello {
+        v: PROTOCOL_VERSION,
+        id: "pia-session".into(),
+        name: Some("pia".into()),
+        room: String::new(),
+        listen_port: None,
+        peers: vec![],
+        identity: None,
+        relay: false,
+    };
     refused.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     let mut answer = Vec::new();
     tokio::time::timeout(WAIT, refused.read_to_end(&mut answer)).await.unwrap().unwrap();
@@ -769,20 +854,44 @@ async fn the_tracker_relays_only_when_told_to() {
     assert_eq!(listed, [Some("pia-session")], "the relay lists the members linked to it");
 
     quin.send(&Frame::RelayAsk { peer: "pia-session".into() }).await;
-    let Frame::RelayOpen { peer, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
+    let Frame::RelayOpen { peer, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await else {
+        unreachable!()
+    };
     assert_eq!(peer, "pia-session");
-    let Frame::RelayOpen { peer, name, .. } = pia.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
+    let Frame::RelayOpen { peer, name, .. } = pia.next(|f| matches!(f, Frame::RelayOpen { .. })).await else {
+        unreachable!()
+    };
     assert_eq!((peer.as_str(), name.as_deref()), ("quin-session", Some("quin")));
-    quin.send(&Frame::Msg(Chat { id: "m1".into(), from: "quin".into(), room: String::new(), ts: 1, hlc: 0, text: "via the tracker".into(), ..Chat::default() })).await;
+    quin.send(&Frame::Msg(Chat {
+        id: "m1".into(),
+        from: "quin".into(),
+        room: String::new(),
+        ts: 1,
+        hlc: 0,
+        text: "via the tracker".into(),
+        ..Chat::default()
+    }))
+    .await;
     let Frame::Msg(chat) = pia.next(|f| matches!(f, Frame::Msg(_))).await else { unreachable!() };
     assert_eq!((chat.id.as_str(), chat.text.as_str()), ("m1", "via the tracker"));
-    pia.send(&Frame::Msg(Chat { id: "m2".into(), from: "pia".into(), room: String::new(), ts: 1, hlc: 0, text: "and back".into(), ..Chat::default() })).await;
+    pia.send(&Frame::Msg(Chat {
+        id: "m2".into(),
+        from: "pia".into(),
+        room: String::new(),
+        ts: 1,
+        hlc: 0,
+        text: "and back".into(),
+        ..Chat::default()
+    }))
+    .await;
     let Frame::Msg(chat) = quin.next(|f| matches!(f, Frame::Msg(_))).await else { unreachable!() };
     assert_eq!(chat.text, "and back");
 
     pia.send(&Frame::Bye).await;
     drop(pia);
-    let Frame::RelayClose { peer, clean, .. } = quin.next(|f| matches!(f, Frame::RelayClose { .. })).await else { unreachable!() };
+    let Frame::RelayClose { peer, clean, .. } = quin.next(|f| matches!(f, Frame::RelayClose { .. })).await else {
+        unreachable!()
+    };
     assert_eq!((peer.as_str(), clean), ("pia-session", true));
 }
 
@@ -805,7 +914,9 @@ mod private_rooms {
     #[tokio::test]
     async fn members_chat_and_the_tracker_knows_only_the_opaque_id() {
         let key = RoomKey::from_secret("plans", SECRET).unwrap();
-        let bound = Tracker::bind(TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() }).await.unwrap();
+        let bound = Tracker::bind(TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() })
+            .await
+            .unwrap();
         let (tracker, tracker_handle) = (bound.local_addr(), bound.handle());
         let _task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(bound.run(std::future::pending())));
         let (ana, mut ana_events) = join_private("ana", tracker, &key).await;
@@ -870,8 +981,15 @@ mod private_rooms {
         async fn handshake(at: std::net::SocketAddr, room_id: &str, psk: &[u8; 32]) -> Self {
             let builder = snow::Builder::new("Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s".parse().unwrap());
             let keypair = builder.generate_keypair().unwrap();
-            let mut noise =
-                builder.local_private_key(&keypair.private).unwrap().psk(3, psk).unwrap().prologue(b"p2pchat private link v1").unwrap().build_initiator().unwrap();
+            let mut noise = builder
+                .local_private_key(&keypair.private)
+                .unwrap()
+                .psk(3, psk)
+                .unwrap()
+                .prologue(b"p2pchat private link v1")
+                .unwrap()
+                .build_initiator()
+                .unwrap();
             let mut stream = TcpStream::connect(at).await.unwrap();
             let mut message = vec![0u8; 65_535];
             let mut opening = frames::encode_opening(&Frame::SecureHello { v: PROTOCOL_VERSION, room: room_id.into() });
@@ -1038,7 +1156,10 @@ mod private_rooms {
             };
             assert_eq!(fingerprint, bob.fingerprint(), "the key bob proved is bob's");
             let listed = ana.peers().await.unwrap();
-            assert_eq!((listed[0].fingerprint.as_deref(), listed[0].key_changed), (Some(fingerprint.as_str()), key_changed));
+            assert_eq!(
+                (listed[0].fingerprint.as_deref(), listed[0].key_changed),
+                (Some(fingerprint.as_str()), key_changed)
+            );
             fingerprints.push((fingerprint, key_changed));
             bob.close().await;
         }
@@ -1068,7 +1189,15 @@ mod private_rooms {
         wait_p2pchat_links(&ana, 2).await;
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
         let signed = |text: &str, from: &str, ts: u64| {
-            let mut chat = Chat { id: frames::random_id(), from: from.into(), room: key.room_id(), ts, hlc: 0, text: text.into(), ..Chat::default() };
+            let mut chat = Chat {
+                id: frames::random_id(),
+                from: from.into(),
+                room: key.room_id(),
+                ts,
+                hlc: 0,
+                text: text.into(),
+                ..Chat::default()
+            };
             raw_identity.sign_chat(&mut chat);
             chat
         };
@@ -1097,17 +1226,24 @@ mod private_rooms {
             }
         }
         assert_eq!(shown, ["genuine", "the end"]);
-        let reasons = ["carries no signature", "signature does not verify", "signed again by someone else", "(a replay?)"];
+        let reasons =
+            ["carries no signature", "signature does not verify", "signed again by someone else", "(a replay?)"];
         assert_eq!(notices.len(), reasons.len(), "{notices:?}");
         for (notice, reason) in notices.iter().zip(reasons) {
             assert!(notice.starts_with("dropped a message") && notice.contains(reason), "{notice} / {reason}");
         }
         // A link that keeps bringing forgeries cannot fill the screen: five are told, the rest logged.
         for nonce in 8..15 {
-            let record = raw.seal(nonce, &frames::encode(&Frame::Msg(Chat { key: None, sig: None, ..signed("forged", "raw", now) })));
+            let record = raw.seal(
+                nonce,
+                &frames::encode(&Frame::Msg(Chat { key: None, sig: None, ..signed("forged", "raw", now) })),
+            );
             raw.stream.write_all(&record).await.unwrap();
         }
-        raw.stream.write_all(&raw.seal(15, &frames::encode(&Frame::Msg(signed("after them", "raw", now))))).await.unwrap();
+        raw.stream
+            .write_all(&raw.seal(15, &frames::encode(&Frame::Msg(signed("after them", "raw", now)))))
+            .await
+            .unwrap();
         let mut more = Vec::new();
         loop {
             match tokio::time::timeout(WAIT, ana_events.recv()).await.unwrap().unwrap() {
@@ -1133,7 +1269,16 @@ mod private_rooms {
         let ghost_addr = ghost.local_addr().unwrap();
         drop(ghost);
         let mut registration = p2pchat::net::connect_from(ghost_addr, tracker).await.unwrap();
-        let hello = Hello { v: PROTOCOL_VERSION, id: "ghost".into(), name: None, room: key.room_id(), listen_port: Some(ghost_addr.port()), peers: vec![], identity: None, relay: false };
+        let hello = Hello {
+            v: PROTOCOL_VERSION,
+            id: "ghost".into(),
+            name: None,
+            room: key.room_id(),
+            listen_port: Some(ghost_addr.port()),
+            peers: vec![],
+            identity: None,
+            relay: false,
+        };
         registration.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
         let mut welcome = [0u8; 512];
         let _ = tokio::time::timeout(WAIT, registration.read(&mut welcome)).await.unwrap().unwrap();
@@ -1146,9 +1291,14 @@ mod private_rooms {
         config.limits.keepalive_interval = Duration::from_millis(200);
         let (ana, mut ana_events, _) = peer::join(config).await.unwrap();
         // Ana fails to reach the ghost, links to the relay, hears of quin there and asks for it.
-        let Frame::RelayOpen { peer: ana_session, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await else { unreachable!() };
+        let Frame::RelayOpen { peer: ana_session, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await
+        else {
+            unreachable!()
+        };
         ana.send("the secret plan").await.unwrap();
-        let Frame::Sealed { id, data } = quin.next(|f| matches!(f, Frame::Sealed { .. } | Frame::Msg(_) | Frame::Nick { .. })).await else {
+        let Frame::Sealed { id, data } =
+            quin.next(|f| matches!(f, Frame::Sealed { .. } | Frame::Msg(_) | Frame::Nick { .. })).await
+        else {
             panic!("the tracker passed on something unsealed")
         };
         assert!(!data.contains(&p2pchat::wire::frames::hex(b"secret")), "sealed");
@@ -1158,16 +1308,27 @@ mod private_rooms {
         // Quin answers, sealed and signed.
         let quin_identity = Identity::generate().unwrap();
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-        let mut reply = Chat { id: frames::random_id(), from: "quin".into(), room: key.room_id(), ts: now, text: "count me in".into(), ..Chat::default() };
+        let mut reply = Chat {
+            id: frames::random_id(),
+            from: "quin".into(),
+            room: key.room_id(),
+            ts: now,
+            text: "count me in".into(),
+            ..Chat::default()
+        };
         quin_identity.sign_chat(&mut reply);
         quin.send(&key.seal(&reply)).await;
         let m = next_message(&mut ana_events).await;
         assert_eq!((m.sender.as_deref(), m.text.as_str(), m.signed), (Some("quin"), "count me in", true));
-        let relayed: Vec<_> = ana.peers().await.unwrap().into_iter().filter(|p| p.relayed_by == Some(tracker)).collect();
+        let relayed: Vec<_> =
+            ana.peers().await.unwrap().into_iter().filter(|p| p.relayed_by == Some(tracker)).collect();
         assert_eq!(relayed.len(), 1, "quin, through the tracker ({ana_session})");
         ana.nick("anastasia").await.unwrap();
         ana.send("after the rename").await.unwrap();
-        assert!(matches!(quin.next(|f| matches!(f, Frame::Sealed { .. } | Frame::Nick { .. })).await, Frame::Sealed { .. }), "no name to the tracker");
+        assert!(
+            matches!(quin.next(|f| matches!(f, Frame::Sealed { .. } | Frame::Nick { .. })).await, Frame::Sealed { .. }),
+            "no name to the tracker"
+        );
     }
 }
 

@@ -98,7 +98,13 @@ pub async fn run(load: FanoutLoad) -> Result<FanoutReport, BenchError> {
 }
 
 /// Send `total` messages at `rate` per second to every link, one write per message per link.
-async fn send_paced(mut links: Vec<OwnedWriteHalf>, message: Vec<u8>, rate: u32, total: u64, started: Instant) -> Result<u64, BenchError> {
+async fn send_paced(
+    mut links: Vec<OwnedWriteHalf>,
+    message: Vec<u8>,
+    rate: u32,
+    total: u64,
+    started: Instant,
+) -> Result<u64, BenchError> {
     let mut sent = 0u64;
     let mut tick = tokio::time::interval(Duration::from_millis(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);

@@ -168,7 +168,8 @@ mod tests {
     #[test]
     fn links_carry_messages_to_the_reader_and_from_send() {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let (ours, theirs) = (TcpStream::connect(listener.local_addr().unwrap()).unwrap(), listener.accept().unwrap().0);
+        let (ours, theirs) =
+            (TcpStream::connect(listener.local_addr().unwrap()).unwrap(), listener.accept().unwrap().0);
         let (near, far) = (RawLinks::start().unwrap(), RawLinks::start().unwrap());
         near.add(ours).unwrap();
         far.add(theirs).unwrap();

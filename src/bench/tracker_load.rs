@@ -36,7 +36,9 @@ pub enum TrackerProtocol {
     P2pchat,
     Original,
     /// The floor's: a list of exactly this many bytes, then nothing.
-    Raw { list_bytes: usize },
+    Raw {
+        list_bytes: usize,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -101,11 +103,14 @@ pub async fn run(load: JoinLoad) -> Result<JoinReport, BenchError> {
     let mut settle = connect(load.tracker).await?;
     let mut buf = Vec::new();
     let settled = read_list(&mut settle, &load, load.registrations as u64, &mut buf);
-    let (_, entries) = tokio::time::timeout(SETTLE_LIMIT, settled)
-        .await
-        .map_err(|_| BenchError::Setting(format!("the tracker did not answer a join within {SETTLE_LIMIT:?} after the setup")))??;
+    let (_, entries) = tokio::time::timeout(SETTLE_LIMIT, settled).await.map_err(|_| {
+        BenchError::Setting(format!("the tracker did not answer a join within {SETTLE_LIMIT:?} after the setup"))
+    })??;
     if entries < load.registrations as u64 {
-        return Err(BenchError::Protocol { addr: load.tracker, what: format!("it lists {entries} of {} registrations", load.registrations) });
+        return Err(BenchError::Protocol {
+            addr: load.tracker,
+            what: format!("it lists {entries} of {} registrations", load.registrations),
+        });
     }
     drop(settle);
     let setup_seconds = setup_started.elapsed().as_secs_f64();
@@ -181,7 +186,12 @@ async fn keep_alive(mut stream: TcpStream) {
 /// an original tracker's list must hold. A worker reuses `buf` from join to join: a fresh buffer for
 /// a list of 10,000 was at times a fresh mapping of memory, zeroed and faulted in page by page: ~30%
 /// of the samples of `perf record` on the in-process floor of the time.
-async fn read_list(stream: &mut TcpStream, load: &JoinLoad, original_entries: u64, buf: &mut Vec<u8>) -> Result<(u64, u64), BenchError> {
+async fn read_list(
+    stream: &mut TcpStream,
+    load: &JoinLoad,
+    original_entries: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(u64, u64), BenchError> {
     match load.protocol {
         TrackerProtocol::P2pchat => read_welcome(stream, load.tracker, buf).await,
         TrackerProtocol::Original => read_original_list(stream, original_entries, buf).await,
@@ -204,9 +214,22 @@ async fn read_exactly(stream: &mut (impl AsyncRead + Unpin), len: usize, buf: &m
 }
 
 /// Send our hello and read the whole welcome; returns (list bytes, entries).
-async fn read_welcome(stream: &mut TcpStream, tracker: SocketAddr, body: &mut Vec<u8>) -> Result<(u64, u64), BenchError> {
+async fn read_welcome(
+    stream: &mut TcpStream,
+    tracker: SocketAddr,
+    body: &mut Vec<u8>,
+) -> Result<(u64, u64), BenchError> {
     let port = stream.local_addr()?.port();
-    let hello = Hello { v: PROTOCOL_VERSION, id: frames::random_id(), name: None, room: String::new(), listen_port: Some(port), peers: vec![], identity: None, relay: false };
+    let hello = Hello {
+        v: PROTOCOL_VERSION,
+        id: frames::random_id(),
+        name: None,
+        room: String::new(),
+        listen_port: Some(port),
+        peers: vec![],
+        identity: None,
+        relay: false,
+    };
     stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await?;
     let mut head = [0u8; MAGIC.len() + 4];
     stream.read_exact(&mut head).await?;
@@ -215,7 +238,10 @@ async fn read_welcome(stream: &mut TcpStream, tracker: SocketAddr, body: &mut Ve
     }
     let len = u32::from_be_bytes([head[8], head[9], head[10], head[11]]) as usize;
     read_exactly(stream, len, body).await?;
-    let entries = welcome_entries(body).ok_or_else(|| BenchError::Protocol { addr: tracker, what: String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned() })?;
+    let entries = welcome_entries(body).ok_or_else(|| BenchError::Protocol {
+        addr: tracker,
+        what: String::from_utf8_lossy(&body[..body.len().min(80)]).into_owned(),
+    })?;
     Ok((len as u64, entries))
 }
 
@@ -251,7 +277,11 @@ fn count_byte(haystack: &[u8], byte: u8) -> u64 {
 }
 
 /// Read an original tracker's list until it holds at least `expected` entries (or it ends).
-async fn read_original_list(stream: &mut TcpStream, expected: u64, buf: &mut Vec<u8>) -> Result<(u64, u64), BenchError> {
+async fn read_original_list(
+    stream: &mut TcpStream,
+    expected: u64,
+    buf: &mut Vec<u8>,
+) -> Result<(u64, u64), BenchError> {
     const CHUNK: usize = 256 * 1024;
     if buf.len() < CHUNK {
         buf.resize(CHUNK, 0);

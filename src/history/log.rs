@@ -34,11 +34,21 @@ enum Job {
 }
 
 enum Ask {
-    Ingest { records: Vec<Record>, reply: oneshot::Sender<Result<Vec<bool>, StoreError>> },
-    Query { query: Query, reply: oneshot::Sender<Result<Vec<Record>, StoreError>> },
-    NewestShared { reply: oneshot::Sender<Result<Option<Key>, StoreError>> },
+    Ingest {
+        records: Vec<Record>,
+        reply: oneshot::Sender<Result<Vec<bool>, StoreError>>,
+    },
+    Query {
+        query: Query,
+        reply: oneshot::Sender<Result<Vec<Record>, StoreError>>,
+    },
+    NewestShared {
+        reply: oneshot::Sender<Result<Option<Key>, StoreError>>,
+    },
     /// Nothing but what every ask does first: write the waiting batch.
-    Flush { reply: oneshot::Sender<Result<(), StoreError>> },
+    Flush {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 /// Live messages not yet handed to the log thread. Shared with the thread, which takes them before
@@ -87,7 +97,10 @@ pub fn open(location: &Location, room: String) -> Result<LogHandle, StoreError> 
     std::thread::Builder::new()
         .name("p2pchat-log".into())
         .spawn(move || serve(store, room, rx, thread_batch))
-        .map_err(|e| StoreError::Unusable { path: location_name(location).into(), reason: format!("cannot start its thread: {e}") })?;
+        .map_err(|e| StoreError::Unusable {
+            path: location_name(location).into(),
+            reason: format!("cannot start its thread: {e}"),
+        })?;
     Ok(LogHandle { jobs, batch, commit_after: commit_delay() })
 }
 
@@ -222,7 +235,16 @@ mod tests {
     use super::*;
 
     fn record(id: &str, stamp: u64) -> Record {
-        Record { id: id.into(), stamp, sent_at: stamp, sender: Some("ana".into()), text: id.into(), shared: true, author_key: None, sig: None }
+        Record {
+            id: id.into(),
+            stamp,
+            sent_at: stamp,
+            sender: Some("ana".into()),
+            text: id.into(),
+            shared: true,
+            author_key: None,
+            sig: None,
+        }
     }
 
     fn ids(records: &[Record]) -> Vec<&str> {

@@ -32,8 +32,10 @@ pub enum Location {
 pub enum StoreError {
     #[error("cannot create the history directory {path}: {source}")]
     CreateDir { path: PathBuf, source: std::io::Error },
-    #[error("cannot open the history file {path}: {reason}. It was left as it is; move it away (a new one \
-             is started), choose another directory with --data-dir, or run with --no-history")]
+    #[error(
+        "cannot open the history file {path}: {reason}. It was left as it is; move it away (a new one \
+             is started), choose another directory with --data-dir, or run with --no-history"
+    )]
     Unusable { path: PathBuf, reason: String },
     #[error("the history log failed: {0}")]
     Sql(#[from] rusqlite::Error),
@@ -112,7 +114,15 @@ fn small_lookaside(conn: Connection) -> Connection {
     const SLOTS: c_int = 16;
     // SAFETY: the handle is a live connection no other thread sees; with a null buffer SQLite
     // allocates the pool itself.
-    let rc = unsafe { rusqlite::ffi::sqlite3_db_config(conn.handle(), rusqlite::ffi::SQLITE_DBCONFIG_LOOKASIDE, std::ptr::null_mut::<c_void>(), SLOT_BYTES, SLOTS) };
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_db_config(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBCONFIG_LOOKASIDE,
+            std::ptr::null_mut::<c_void>(),
+            SLOT_BYTES,
+            SLOTS,
+        )
+    };
     if rc != rusqlite::ffi::SQLITE_OK {
         log::debug!("SQLite kept its default lookaside (code {rc})");
     }
@@ -127,8 +137,10 @@ impl Store {
                 std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { path: dir.clone(), source })?;
                 let path = dir.join(FILE_NAME);
                 let unusable = |reason: String| StoreError::Unusable { path: path.clone(), reason };
-                let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-                let conn = small_lookaside(Connection::open_with_flags(&path, flags).map_err(|e| unusable(e.to_string()))?);
+                let flags =
+                    OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+                let conn =
+                    small_lookaside(Connection::open_with_flags(&path, flags).map_err(|e| unusable(e.to_string()))?);
                 let found_version = Self::prepare_file(&conn).map_err(unusable)?;
                 (conn, false, found_version)
             }
@@ -176,7 +188,9 @@ impl Store {
         match settings().map_err(|e| e.to_string())? {
             0 => conn.pragma_update(None, "user_version", SCHEMA_VERSION).map(|()| 0).map_err(|e| e.to_string()),
             version @ (1 | SCHEMA_VERSION) => Ok(version),
-            other => Err(format!("it was written by a newer p2pchat (log format {other}, this one reads {SCHEMA_VERSION})")),
+            other => {
+                Err(format!("it was written by a newer p2pchat (log format {other}, this one reads {SCHEMA_VERSION})"))
+            }
         }
     }
 
@@ -188,7 +202,8 @@ impl Store {
         if create {
             self.conn.execute("INSERT OR IGNORE INTO rooms (name) VALUES (?1)", params![room])?;
         }
-        let number = self.conn.query_row("SELECT id FROM rooms WHERE name = ?1", params![room], |row| row.get(0)).optional()?;
+        let number =
+            self.conn.query_row("SELECT id FROM rooms WHERE name = ?1", params![room], |row| row.get(0)).optional()?;
         if let Some(number) = number {
             self.rooms.insert(room.to_owned(), number);
         }
@@ -207,7 +222,17 @@ impl Store {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
             )?;
             for r in records {
-                let changed = insert.execute(params![room, r.id, r.stamp as i64, r.sent_at as i64, r.sender, r.text, r.shared, r.author_key, r.sig])?;
+                let changed = insert.execute(params![
+                    room,
+                    r.id,
+                    r.stamp as i64,
+                    r.sent_at as i64,
+                    r.sender,
+                    r.text,
+                    r.shared,
+                    r.author_key,
+                    r.sig
+                ])?;
                 fresh.push(changed == 1);
             }
         }
@@ -230,25 +255,29 @@ impl Store {
     pub fn query(&mut self, room: &str, query: &Query) -> Result<Vec<Record>, StoreError> {
         let Some(room) = self.room_number(room, false)? else { return Ok(Vec::new()) };
         let (after_stamp, after_id) = query.after.as_ref().map_or((-1, ""), |k| (k.stamp as i64, k.id.as_str()));
-        let (before_stamp, before_id) = query.before.as_ref().map_or((i64::MAX, ""), |k| (k.stamp as i64, k.id.as_str()));
+        let (before_stamp, before_id) =
+            query.before.as_ref().map_or((i64::MAX, ""), |k| (k.stamp as i64, k.id.as_str()));
         let mut select = self.conn.prepare_cached(
             "SELECT id, stamp, sent_at, sender, text, shared, author_key, sig FROM messages
              WHERE room = ?1 AND (stamp, id) > (?2, ?3) AND (stamp, id) < (?4, ?5) AND (shared OR NOT ?6)
              ORDER BY stamp DESC, id DESC LIMIT ?7",
         )?;
         let limit = i64::try_from(query.limit).unwrap_or(i64::MAX);
-        let rows = select.query_map(params![room, after_stamp, after_id, before_stamp, before_id, query.shared_only, limit], |row| {
-            Ok(Record {
-                id: row.get(0)?,
-                stamp: row.get::<_, i64>(1)? as u64,
-                sent_at: row.get::<_, i64>(2)? as u64,
-                sender: row.get(3)?,
-                text: row.get(4)?,
-                shared: row.get(5)?,
-                author_key: row.get(6)?,
-                sig: row.get(7)?,
-            })
-        })?;
+        let rows = select.query_map(
+            params![room, after_stamp, after_id, before_stamp, before_id, query.shared_only, limit],
+            |row| {
+                Ok(Record {
+                    id: row.get(0)?,
+                    stamp: row.get::<_, i64>(1)? as u64,
+                    sent_at: row.get::<_, i64>(2)? as u64,
+                    sender: row.get(3)?,
+                    text: row.get(4)?,
+                    shared: row.get(5)?,
+                    author_key: row.get(6)?,
+                    sig: row.get(7)?,
+                })
+            },
+        )?;
         let mut newest_first = Vec::new();
         let mut bytes = 0usize;
         for row in rows {
@@ -283,7 +312,16 @@ mod tests {
     use super::*;
 
     fn record(id: &str, stamp: u64) -> Record {
-        Record { id: id.into(), stamp, sent_at: stamp, sender: Some("ana".into()), text: format!("text {id}"), shared: true, author_key: None, sig: None }
+        Record {
+            id: id.into(),
+            stamp,
+            sent_at: stamp,
+            sender: Some("ana".into()),
+            text: format!("text {id}"),
+            shared: true,
+            author_key: None,
+            sig: None,
+        }
     }
 
     fn ids(records: &[Record]) -> Vec<&str> {

@@ -22,8 +22,8 @@ use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Requests};
 use super::outbox::Refused;
 use super::relay::{self, Relays};
 use super::secure::{self, Secured};
-use super::trust::{self, KnownKeys, Seen};
 use super::seen::SeenIds;
+use super::trust::{self, KnownKeys, Seen};
 use super::{Event, Limits, PeerInfo, Protocol, Status, TrackerState};
 use crate::history::clock::{self, Clock};
 use crate::history::log::LogHandle;
@@ -32,61 +32,152 @@ use crate::identity::{self, Identity};
 use crate::private::RoomKey;
 use crate::tracker::DEFAULT_ROOM;
 use crate::wire::chat;
-use crate::wire::frames::{self, Chat, Frame, Hello, Member, Position, ERR_DUPLICATE, ERR_IDENTITY, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
+use crate::wire::frames::{
+    self, Chat, Frame, Hello, Member, Position, ERR_DUPLICATE, ERR_IDENTITY, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION,
+};
 
 /// The longest a closing peer waits for its log to write the last batch.
 const LOG_FLUSH_BOUND: std::time::Duration = std::time::Duration::from_secs(2);
 
 pub(crate) enum Command {
     /// A line for everyone; the reply (when asked for) says how many it reached.
-    Send { text: String, reply: Option<oneshot::Sender<usize>> },
-    Nick { name: String, reply: oneshot::Sender<()> },
-    Name { reply: oneshot::Sender<String> },
-    Peers { reply: oneshot::Sender<Vec<PeerInfo>> },
-    Status { reply: oneshot::Sender<Status> },
-    Close { reply: oneshot::Sender<()> },
+    Send {
+        text: String,
+        reply: Option<oneshot::Sender<usize>>,
+    },
+    Nick {
+        name: String,
+        reply: oneshot::Sender<()>,
+    },
+    Name {
+        reply: oneshot::Sender<String>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    Status {
+        reply: oneshot::Sender<Status>,
+    },
+    Close {
+        reply: oneshot::Sender<()>,
+    },
 }
 
 pub(crate) enum NetEvent {
-    Dialled { stream: TcpStream, contact: Contact },
-    Accepted { stream: TcpStream, addr: SocketAddr },
+    Dialled {
+        stream: TcpStream,
+        contact: Contact,
+    },
+    Accepted {
+        stream: TcpStream,
+        addr: SocketAddr,
+    },
     /// `silent`: no answer at all (not even a refusal), as from behind a router that drops it.
-    DialFailed { addr: SocketAddr, known: Option<Protocol>, reason: String, gave_up: bool, silent: bool },
+    DialFailed {
+        addr: SocketAddr,
+        known: Option<Protocol>,
+        reason: String,
+        gave_up: bool,
+        silent: bool,
+    },
     /// The link speaks p2pchat; this is the other end's hello.
-    Hello { id: ConnId, hello: Hello },
+    Hello {
+        id: ConnId,
+        hello: Hello,
+    },
     /// The link speaks the original protocol.
-    Original { id: ConnId },
+    Original {
+        id: ConnId,
+    },
     /// We probed and the other end closed or said nothing: an original peer.
-    ProbeRejected { id: ConnId },
+    ProbeRejected {
+        id: ConnId,
+    },
     /// The other end refused the link with an `error` frame.
-    Refused { id: ConnId, code: String, message: String },
+    Refused {
+        id: ConnId,
+        code: String,
+        message: String,
+    },
     /// The other end is known by this name now.
-    Renamed { id: ConnId, name: String },
+    Renamed {
+        id: ConnId,
+        name: String,
+    },
     /// The link ended (its reader saw it end): `clean` when the other end said goodbye first.
-    Closed { id: ConnId, reason: String, clean: bool },
-    TrackerLost { reason: String },
+    Closed {
+        id: ConnId,
+        reason: String,
+        clean: bool,
+    },
+    TrackerLost {
+        reason: String,
+    },
     /// The other end asks for history.
-    HistoryRequested { id: ConnId, req: u32, limit: u32, after: Option<Position> },
+    HistoryRequested {
+        id: ConnId,
+        req: u32,
+        limit: u32,
+        after: Option<Position>,
+    },
     /// Part of an answer to our history request (only messages fit for our room).
-    HistoryPart { id: ConnId, req: u32, msgs: Vec<Chat>, more: bool },
+    HistoryPart {
+        id: ConnId,
+        req: u32,
+        msgs: Vec<Chat>,
+        more: bool,
+    },
     /// Our answer to a history request on this link was queued: `bytes` of it.
-    HistoryAnswered { id: ConnId, bytes: usize },
+    HistoryAnswered {
+        id: ConnId,
+        bytes: usize,
+    },
     /// Registered with the tracker again after losing it.
-    Registered { link: TrackerLink, contacts: Vec<Contact> },
+    Registered {
+        link: TrackerLink,
+        contacts: Vec<Contact>,
+    },
     /// The tracker asks us to dial this member from our listening port (it cannot reach us).
-    Punch { addr: SocketAddr },
+    Punch {
+        addr: SocketAddr,
+    },
     /// The member on link `id` cannot reach member `peer` and asks us to relay between them.
-    RelayAsked { id: ConnId, peer: String },
+    RelayAsked {
+        id: ConnId,
+        peer: String,
+    },
     /// The member on link `id` relays member `peer` to us.
-    RelayOpened { id: ConnId, peer: String, name: Option<String>, addr: SocketAddr },
+    RelayOpened {
+        id: ConnId,
+        peer: String,
+        name: Option<String>,
+        addr: SocketAddr,
+    },
     /// The member on link `id` no longer relays member `peer` to us.
-    RelayClosed { id: ConnId, peer: String, reason: String, clean: bool },
+    RelayClosed {
+        id: ConnId,
+        peer: String,
+        reason: String,
+        clean: bool,
+    },
     /// A new message arrived on link `id`, which we relay: pass it on to its partners.
-    Forward { id: ConnId, line: Line },
+    Forward {
+        id: ConnId,
+        line: Line,
+    },
     /// A private room's handshake succeeded on a connection we dialled (`dialled`) or accepted.
-    Secured { secured: Secured, remote: SocketAddr, dialled: Option<Contact> },
+    Secured {
+        secured: Secured,
+        remote: SocketAddr,
+        dialled: Option<Contact>,
+    },
     /// A private room's handshake failed; `wrong_key`: the other end reached the room without its key.
-    HandshakeFailed { remote: SocketAddr, reason: String, dialled: bool, wrong_key: bool },
+    HandshakeFailed {
+        remote: SocketAddr,
+        reason: String,
+        dialled: bool,
+        wrong_key: bool,
+    },
 }
 
 pub(super) struct Setup {
@@ -220,7 +311,25 @@ struct Actor {
 }
 
 pub(super) async fn run(setup: Setup) {
-    let Setup { name, room, limits, listener, tracker, tracker_link, log, history, history_after, joined_via_tracker, contacts, mut commands, events, ready, private, identity, known_keys } = setup;
+    let Setup {
+        name,
+        room,
+        limits,
+        listener,
+        tracker,
+        tracker_link,
+        log,
+        history,
+        history_after,
+        joined_via_tracker,
+        contacts,
+        mut commands,
+        events,
+        ready,
+        private,
+        identity,
+        known_keys,
+    } = setup;
     let (net, mut net_rx) = mpsc::channel(1024);
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let relay_after = limits.relay_after;
@@ -266,7 +375,8 @@ pub(super) async fn run(setup: Setup) {
     };
     // The join stops waiting for its history this long after the first attempts (then it is still
     // fetched, as a catch-up, from the first member that turns out to speak p2pchat).
-    let history_deadline = tokio::time::Instant::now() + actor.readers.limits.connect_timeout + actor.readers.limits.probe_timeout;
+    let history_deadline =
+        tokio::time::Instant::now() + actor.readers.limits.connect_timeout + actor.readers.limits.probe_timeout;
     // Dropping `background` (when the actor ends) aborts the accept loop, the dialers and the registration.
     actor.background.spawn(accept_loop(listener, actor.readers.net.clone()));
     if let Some(link) = tracker_link {
@@ -430,7 +540,8 @@ impl Actor {
             max_bytes,
             shared_only: true,
         };
-        let (log, room, queue, net) = (self.readers.log.clone(), self.readers.room.clone(), link.conn.queue.clone(), self.readers.net.clone());
+        let (log, room, queue, net) =
+            (self.readers.log.clone(), self.readers.room.clone(), link.conn.queue.clone(), self.readers.net.clone());
         self.background.spawn(async move {
             let bytes = history::answer(log, room, req, query, queue).await;
             let _ = net.send(NetEvent::HistoryAnswered { id, bytes }).await;
@@ -442,7 +553,9 @@ impl Actor {
         match self.requests.part(id, req, msgs, more) {
             Part::Passed => {}
             Part::Unasked => log::debug!("ignoring history nobody asked for from link {id}"),
-            Part::Overflow => log::warn!("history from link {id} comes faster than it can be logged; dropping the rest of it"),
+            Part::Overflow => {
+                log::warn!("history from link {id} comes faster than it can be logged; dropping the rest of it")
+            }
         }
     }
 
@@ -452,15 +565,25 @@ impl Actor {
         if let (Some(peer_id), true) = (peer_id, lost) {
             // The link may have been dead for up to `dead_after` before that was noticed; a little
             // more covers clocks a few seconds apart. Anything fetched twice is shown once.
-            let quiet_since = clock::wall_millis().saturating_sub((self.readers.limits.dead_after.as_millis() as u64) + 5_000);
-            self.requests.lost(peer_id, clock::stamp_at(quiet_since), tokio::time::Instant::now(), self.readers.limits.redial_for * 2);
+            let quiet_since =
+                clock::wall_millis().saturating_sub((self.readers.limits.dead_after.as_millis() as u64) + 5_000);
+            self.requests.lost(
+                peer_id,
+                clock::stamp_at(quiet_since),
+                tokio::time::Instant::now(),
+                self.readers.limits.redial_for * 2,
+            );
         }
         let Some((answering, rest)) = self.requests.link_gone(id) else { return };
         // Unanswered: ask again on the link that replaced this one (two peers that redial each other
         // keep one of the two links), or, for the join's history, any member; with neither up yet,
         // when one comes.
         let free = |id: ConnId, l: &Link| l.state == State::P2pchat && !self.requests.is_asking(id);
-        let same_peer = self.links.iter().filter(|(id, l)| free(**id, l)).find(|(_, l)| l.peer_id.is_some() && l.peer_id == answering);
+        let same_peer = self
+            .links
+            .iter()
+            .filter(|(id, l)| free(**id, l))
+            .find(|(_, l)| l.peer_id.is_some() && l.peer_id == answering);
         let any = self.links.iter().filter(|(id, l)| free(**id, l)).find(|_| rest.purpose.is_join_history());
         let again = Ask { purpose: rest.purpose.asked_again(), ..rest.clone() };
         let asked = same_peer.or(any).map(|(&other, _)| other).is_some_and(|other| self.ask_history(other, again));
@@ -480,7 +603,13 @@ impl Actor {
 
     fn dial_from(&mut self, contact: Contact, from_port: Option<u16>, retry_for: std::time::Duration) {
         if self.dialling.insert(contact.addr) {
-            self.background.spawn(bootstrap::dial(contact, from_port, self.readers.limits.clone(), retry_for, self.readers.net.clone()));
+            self.background.spawn(bootstrap::dial(
+                contact,
+                from_port,
+                self.readers.limits.clone(),
+                retry_for,
+                self.readers.net.clone(),
+            ));
         }
     }
 
@@ -507,7 +636,12 @@ impl Actor {
             };
             let event = match shaken {
                 Ok(secured) => NetEvent::Secured { secured, remote, dialled },
-                Err(err) => NetEvent::HandshakeFailed { remote, dialled: dialled.is_some(), wrong_key: err.is_wrong_key(), reason: err.to_string() },
+                Err(err) => NetEvent::HandshakeFailed {
+                    remote,
+                    dialled: dialled.is_some(),
+                    wrong_key: err.is_wrong_key(),
+                    reason: err.to_string(),
+                },
             };
             let _ = net.send(event).await;
         });
@@ -536,7 +670,16 @@ impl Actor {
     /// room not even our name).
     fn hub_hello(&self) -> Hello {
         let name = if self.private.is_some() { None } else { Some(self.name.clone()) };
-        Hello { v: PROTOCOL_VERSION, id: self.my_id.clone(), name, room: self.readers.room.clone(), listen_port: Some(self.listen_port), peers: Vec::new(), identity: None, relay: true }
+        Hello {
+            v: PROTOCOL_VERSION,
+            id: self.my_id.clone(),
+            name,
+            room: self.readers.room.clone(),
+            listen_port: Some(self.listen_port),
+            peers: Vec::new(),
+            identity: None,
+            relay: true,
+        }
     }
 
     /// Whether link `id` was our link to the tracker's relay; we have none after this.
@@ -554,7 +697,8 @@ impl Actor {
         let link = self.links.get(&id)?;
         let (key, addr) = (*link.key.as_deref()?, link.shown_addr());
         let fingerprint = identity::fingerprint(&key);
-        let seen = name.and_then(|name| Some((name, self.known_keys.lock().ok()?.meet(&self.readers.room, name, &key))));
+        let seen =
+            name.and_then(|name| Some((name, self.known_keys.lock().ok()?.meet(&self.readers.room, name, &key))));
         let changed = match seen {
             Some((name, Seen::Changed { was })) => {
                 self.notice(format!(
@@ -572,7 +716,10 @@ impl Actor {
 
     /// Our p2pchat link to the member with session id `peer`, if we hold one.
     fn p2pchat_link_to(&self, peer: &str) -> Option<ConnId> {
-        self.links.iter().find(|(_, l)| l.state == State::P2pchat && l.peer_id.as_deref() == Some(peer)).map(|(id, _)| *id)
+        self.links
+            .iter()
+            .find(|(_, l)| l.state == State::P2pchat && l.peer_id.as_deref() == Some(peer))
+            .map(|(id, _)| *id)
     }
 
     /// Ask neighbours to relay the members we heard of but still cannot reach.
@@ -587,7 +734,11 @@ impl Actor {
     /// The `relay_open` that tells one end of a relay about the other (link `id`).
     fn relay_open_for(&self, id: ConnId) -> Option<Line> {
         let link = self.links.get(&id)?;
-        let frame = Frame::RelayOpen { peer: link.peer_id.clone()?, name: link.name.clone(), addr: link.shown_addr().to_string() };
+        let frame = Frame::RelayOpen {
+            peer: link.peer_id.clone()?,
+            name: link.name.clone(),
+            addr: link.shown_addr().to_string(),
+        };
         Some(frames::encode(&frame).into())
     }
 
@@ -598,7 +749,11 @@ impl Actor {
             return;
         }
         let Some(target) = self.p2pchat_link_to(peer).filter(|t| *t != asker) else {
-            let frame = Frame::RelayClose { peer: peer.to_owned(), reason: "the relay is not linked to it".to_owned(), clean: false };
+            let frame = Frame::RelayClose {
+                peer: peer.to_owned(),
+                reason: "the relay is not linked to it".to_owned(),
+                clean: false,
+            };
             if let Some(link) = self.links.get(&asker) {
                 let _ = link.conn.queue.try_send(frames::encode(&frame).into());
             }
@@ -608,7 +763,11 @@ impl Actor {
             for (id, other) in [(asker, target), (target, asker)] {
                 if let Some(link) = self.links.get(&id) {
                     link.conn.flags.forwards.store(true, std::sync::atomic::Ordering::Relaxed);
-                    log::info!("relaying between {} and {}", link.shown_addr(), self.links.get(&other).map_or_else(String::new, |l| l.shown_addr().to_string()));
+                    log::info!(
+                        "relaying between {} and {}",
+                        link.shown_addr(),
+                        self.links.get(&other).map_or_else(String::new, |l| l.shown_addr().to_string())
+                    );
                 }
             }
         }
@@ -622,14 +781,27 @@ impl Actor {
 
     /// Link `via` relays member `peer` to us.
     fn relayed_to_us(&mut self, via: ConnId, peer: String, name: Option<String>, addr: SocketAddr) {
-        let Some(via_addr) = self.links.get(&via).filter(|l| matches!(l.state, State::P2pchat | State::Relay)).map(|l| l.shown_addr()) else { return };
+        let Some(via_addr) =
+            self.links.get(&via).filter(|l| matches!(l.state, State::P2pchat | State::Relay)).map(|l| l.shown_addr())
+        else {
+            return;
+        };
         if peer == self.my_id || self.p2pchat_link_to(&peer).is_some() {
             return;
         }
         match self.relays.opened(via, peer, name.clone(), addr) {
             relay::Opened::New => {
                 log::info!("{addr} is relayed to us by {via_addr}");
-                let joined = Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing: false, relayed_by: Some(via_addr), encrypted: false, fingerprint: None, key_changed: false };
+                let joined = Event::Joined {
+                    addr,
+                    name,
+                    protocol: Protocol::P2pchat,
+                    outgoing: false,
+                    relayed_by: Some(via_addr),
+                    encrypted: false,
+                    fingerprint: None,
+                    key_changed: false,
+                };
                 self.notify(joined);
             }
             relay::Opened::Renamed { old } => {
@@ -650,7 +822,8 @@ impl Actor {
             self.notify(Event::Left { addr: member.addr, name: member.name, reason, clean: false });
         }
         let Some(peer) = peer else { return };
-        let close: Line = frames::encode(&Frame::RelayClose { peer: peer.to_owned(), reason: reason.to_owned(), clean }).into();
+        let close: Line =
+            frames::encode(&Frame::RelayClose { peer: peer.to_owned(), reason: reason.to_owned(), clean }).into();
         for partner in gone.partners {
             if let Some(link) = self.links.get(&partner) {
                 let _ = link.conn.queue.try_send(close.clone());
@@ -678,7 +851,13 @@ impl Actor {
             log::info!("cannot reach {addr} directly; asking the tracker to have it dial us too");
             // Beside the dial still trying: whichever connects first makes the link.
             let contact = Contact { addr, known: Some(Protocol::P2pchat) };
-            let task = bootstrap::dial(contact, Some(self.listen_port), self.readers.limits.clone(), self.readers.limits.retry_refused_for, self.readers.net.clone());
+            let task = bootstrap::dial(
+                contact,
+                Some(self.listen_port),
+                self.readers.limits.clone(),
+                self.readers.limits.retry_refused_for,
+                self.readers.net.clone(),
+            );
             self.background.spawn(task);
         }
     }
@@ -709,7 +888,14 @@ impl Actor {
             .links
             .iter()
             .filter(|(_, l)| matches!(l.state, State::P2pchat | State::Relay))
-            .filter_map(|(id, l)| l.conn.queue.keep_alive(ping.clone()).err().and_then(|refused| not_reading(&refused, limits)).map(|why| (*id, why)))
+            .filter_map(|(id, l)| {
+                l.conn
+                    .queue
+                    .keep_alive(ping.clone())
+                    .err()
+                    .and_then(|refused| not_reading(&refused, limits))
+                    .map(|why| (*id, why))
+            })
             .collect();
         for (id, why) in stuck {
             self.remove(id, why, false);
@@ -750,7 +936,14 @@ impl Actor {
                     Some(contact) => (Some(contact.addr), Role::Probe),
                     None => (None, Role::Accepted),
                 };
-                self.open(Transport::Secure(secured.stream), remote, listen_addr, dialled.is_some(), role, Some(secured.binding));
+                self.open(
+                    Transport::Secure(secured.stream),
+                    remote,
+                    listen_addr,
+                    dialled.is_some(),
+                    role,
+                    Some(secured.binding),
+                );
             }
             NetEvent::HandshakeFailed { remote, reason, dialled, wrong_key } => {
                 // Ours to tell: a member we tried to reach, or someone at our door without the key.
@@ -815,7 +1008,10 @@ impl Actor {
                     self.originals.insert(addr);
                     if self.in_default_room() {
                         self.carried.insert(addr, link.held);
-                        self.dial(Contact { addr, known: Some(Protocol::Original) }, self.readers.limits.retry_refused_for);
+                        self.dial(
+                            Contact { addr, known: Some(Protocol::Original) },
+                            self.readers.limits.retry_refused_for,
+                        );
                     }
                 }
             }
@@ -875,14 +1071,26 @@ impl Actor {
             NetEvent::TrackerLost { reason } => {
                 self.registration = None;
                 let Some(tracker) = self.tracker else { return };
-                self.notice(format!("lost the connection to the tracker ({reason}); the room goes on, registering again"));
-                let task = bootstrap::register_again(tracker, self.listen_port, self.readers.room.clone(), self.readers.limits.clone(), self.readers.net.clone());
+                self.notice(format!(
+                    "lost the connection to the tracker ({reason}); the room goes on, registering again"
+                ));
+                let task = bootstrap::register_again(
+                    tracker,
+                    self.listen_port,
+                    self.readers.room.clone(),
+                    self.readers.limits.clone(),
+                    self.readers.net.clone(),
+                );
                 self.background.spawn(task);
             }
             NetEvent::Punch { addr } => {
                 if !self.dialling.contains(&addr) && !self.linked_to(addr) {
                     log::info!("the tracker says {addr} cannot reach us; dialling it from our listening port");
-                    self.dial_from(Contact { addr, known: Some(Protocol::P2pchat) }, Some(self.listen_port), self.readers.limits.retry_refused_for);
+                    self.dial_from(
+                        Contact { addr, known: Some(Protocol::P2pchat) },
+                        Some(self.listen_port),
+                        self.readers.limits.retry_refused_for,
+                    );
                 }
             }
             NetEvent::RelayAsked { id, peer } => self.relay_between(id, &peer),
@@ -915,13 +1123,22 @@ impl Actor {
         }
     }
 
-    fn open(&mut self, transport: Transport, remote: SocketAddr, listen_addr: Option<SocketAddr>, outgoing: bool, role: Role, binding: Option<Vec<u8>>) -> ConnId {
+    fn open(
+        &mut self,
+        transport: Transport,
+        remote: SocketAddr,
+        listen_addr: Option<SocketAddr>,
+        outgoing: bool,
+        role: Role,
+        binding: Option<Vec<u8>>,
+    ) -> ConnId {
         let id = self.next_id;
         self.next_id += 1;
         let conn = connection::spawn(id, transport, remote, role, self.readers.clone());
         let probed = role == Role::Probe;
         if probed {
-            let hello = if outgoing && self.dials_hub(remote) { self.hub_hello() } else { self.hello(binding.as_deref()) };
+            let hello =
+                if outgoing && self.dials_hub(remote) { self.hub_hello() } else { self.hello(binding.as_deref()) };
             let _ = conn.queue.try_send(frames::encode_opening(&Frame::Hello(hello)).into());
         }
         log::debug!("link {id} to {remote} opened ({role:?})");
@@ -952,7 +1169,13 @@ impl Actor {
             .links
             .values()
             .filter(|l| matches!(l.state, State::P2pchat | State::Original))
-            .filter_map(|l| l.listen_addr.map(|a| Member { addr: a.to_string(), p2pchat: l.state == State::P2pchat, id: l.peer_id.clone() }))
+            .filter_map(|l| {
+                l.listen_addr.map(|a| Member {
+                    addr: a.to_string(),
+                    p2pchat: l.state == State::P2pchat,
+                    id: l.peer_id.clone(),
+                })
+            })
             .collect();
         Hello {
             v: PROTOCOL_VERSION,
@@ -970,7 +1193,8 @@ impl Actor {
         let Some(link) = self.links.get(&id) else { return };
         let (outgoing, remote, binding) = (link.outgoing, link.remote, link.binding.clone());
         if hello.v != PROTOCOL_VERSION {
-            let message = format!("{remote} speaks p2pchat protocol version {}, this peer version {PROTOCOL_VERSION}", hello.v);
+            let message =
+                format!("{remote} speaks p2pchat protocol version {}, this peer version {PROTOCOL_VERSION}", hello.v);
             self.notice(message.clone());
             return self.refuse(id, ERR_VERSION, message);
         }
@@ -980,7 +1204,11 @@ impl Actor {
         }
         if hello.room != self.readers.room {
             log::debug!("{remote} is in room {:?}, we are in {:?}", hello.room, self.readers.room);
-            return if outgoing { self.close_quietly(id) } else { self.refuse(id, ERR_ROOM, format!("this peer is in room {:?}", self.readers.room)) };
+            return if outgoing {
+                self.close_quietly(id)
+            } else {
+                self.refuse(id, ERR_ROOM, format!("this peer is in room {:?}", self.readers.room))
+            };
         }
         // On a private link the other end proves its identity key for this very link: no proof, no link.
         if let Some(binding) = binding {
@@ -1020,7 +1248,8 @@ impl Actor {
             log::debug!("link {id} replaces link {existing} to the same peer");
             return self.replace(existing, id, hello);
         }
-        let linked: HashSet<&str> = self.links.values().filter(|l| l.state == State::P2pchat).filter_map(|l| l.peer_id.as_deref()).collect();
+        let linked: HashSet<&str> =
+            self.links.values().filter(|l| l.state == State::P2pchat).filter_map(|l| l.peer_id.as_deref()).collect();
         let unreached: Vec<String> = hello
             .peers
             .iter()
@@ -1045,8 +1274,18 @@ impl Actor {
         if self.relays.direct(&hello.id).is_some() {
             log::info!("linked directly to {addr}, which a relay passed to us until now");
         } else {
-            let (encrypted, key_changed) = self.links.get(&id).map_or((false, false), |l| (l.binding.is_some(), l.key_changed));
-            self.notify(Event::Joined { addr, name, protocol: Protocol::P2pchat, outgoing, relayed_by: None, encrypted, fingerprint, key_changed });
+            let (encrypted, key_changed) =
+                self.links.get(&id).map_or((false, false), |l| (l.binding.is_some(), l.key_changed));
+            self.notify(Event::Joined {
+                addr,
+                name,
+                protocol: Protocol::P2pchat,
+                outgoing,
+                relayed_by: None,
+                encrypted,
+                fingerprint,
+                key_changed,
+            });
         }
         self.after_adopting(id, &hello.id);
         for member in hello.peers {
@@ -1069,7 +1308,16 @@ impl Actor {
         }
         let (addr, outgoing, held) = (link.shown_addr(), link.outgoing, std::mem::take(&mut link.held));
         self.flush_held(id, held);
-        self.notify(Event::Joined { addr, name: None, protocol: Protocol::Original, outgoing, relayed_by: None, encrypted: false, fingerprint: None, key_changed: false });
+        self.notify(Event::Joined {
+            addr,
+            name: None,
+            protocol: Protocol::Original,
+            outgoing,
+            relayed_by: None,
+            encrypted: false,
+            fingerprint: None,
+            key_changed: false,
+        });
     }
 
     /// Stop writing to a link but read it until the other end closes it, so nothing in flight is lost.
@@ -1094,8 +1342,19 @@ impl Actor {
 
     /// Make `id` the p2pchat link to the peer `peer_id`: answer its hello if it dialled us, then write
     /// what was held for it (and `carried` from a link it replaces). Returns where it is shown.
-    fn adopt(&mut self, id: ConnId, peer_id: String, listen_port: Option<u16>, name: Option<String>, carried: Vec<Arc<OutLine>>) -> Option<SocketAddr> {
-        let our_hello = self.links.get(&id).filter(|l| !l.outgoing).map(|l| frames::encode_opening(&Frame::Hello(self.hello(l.binding.as_deref()))));
+    fn adopt(
+        &mut self,
+        id: ConnId,
+        peer_id: String,
+        listen_port: Option<u16>,
+        name: Option<String>,
+        carried: Vec<Arc<OutLine>>,
+    ) -> Option<SocketAddr> {
+        let our_hello = self
+            .links
+            .get(&id)
+            .filter(|l| !l.outgoing)
+            .map(|l| frames::encode_opening(&Frame::Hello(self.hello(l.binding.as_deref()))));
         let link = self.links.get_mut(&id)?;
         if let Some(port) = listen_port {
             link.listen_addr = Some(SocketAddr::new(link.remote.ip(), port));
@@ -1122,7 +1381,9 @@ impl Actor {
     fn consider(&mut self, member: Member) {
         let Ok(addr) = member.addr.parse::<SocketAddr>() else { return };
         let ours = addr.port() == self.listen_port
-            && (addr.ip().is_loopback() || addr.ip().is_unspecified() || self.links.values().any(|l| l.remote.ip() == addr.ip()));
+            && (addr.ip().is_loopback()
+                || addr.ip().is_unspecified()
+                || self.links.values().any(|l| l.remote.ip() == addr.ip()));
         let known = self.dialling.contains(&addr)
             || self.links.values().any(|l| l.listen_addr == Some(addr) || l.remote == addr)
             || (!member.p2pchat && (self.joined_via_tracker || !self.in_default_room()));
@@ -1165,7 +1426,16 @@ impl Actor {
     fn send(&mut self, text: &str) -> usize {
         let stamp = self.readers.clock.tick();
         let ts = clock::wall_millis();
-        let mut message = Chat { id: frames::random_id(), from: self.name.clone(), room: self.readers.room.clone(), ts, hlc: stamp, text: text.to_owned(), key: None, sig: None };
+        let mut message = Chat {
+            id: frames::random_id(),
+            from: self.name.clone(),
+            room: self.readers.room.clone(),
+            ts,
+            hlc: stamp,
+            text: text.to_owned(),
+            key: None,
+            sig: None,
+        };
         if self.private.is_some() {
             // Signed by its author, so no member passing it on (relays, history) can alter or forge it.
             self.identity.sign_chat(&mut message);
@@ -1308,7 +1578,8 @@ impl Actor {
             // A link still opening that carried our hello is a member's already, if it speaks
             // p2pchat: without a goodbye it would take us for lost and dial us again. (An original
             // peer has dropped the link at the hello's first byte.)
-            let member_knows_us = matches!(link.state, State::P2pchat | State::Relay) || (link.state == State::Opening && link.probed);
+            let member_knows_us =
+                matches!(link.state, State::P2pchat | State::Relay) || (link.state == State::Opening && link.probed);
             if member_knows_us {
                 let _ = link.conn.queue.try_send(bye.clone());
             }
@@ -1340,7 +1611,9 @@ impl Actor {
 /// Why a link whose queue refused a line is dropped as not reading (`None`: its connection is gone).
 fn not_reading(refused: &Refused<Line>, limits: &Limits) -> Option<String> {
     match refused {
-        Refused::Stalled(_) => Some(format!("not reading: {} lines queued, none taken for {:?}", limits.send_queue, limits.stalled_after)),
+        Refused::Stalled(_) => {
+            Some(format!("not reading: {} lines queued, none taken for {:?}", limits.send_queue, limits.stalled_after))
+        }
         Refused::Overflow(_) => Some(format!("not reading fast enough: {} KiB queued", limits.send_queue_bytes / 1024)),
         Refused::Closed(_) => None,
     }

@@ -82,7 +82,12 @@ pub(super) async fn contact_tracker(config: &PeerConfig, room: &str) -> Result<B
 }
 
 /// Connect to the tracker from our listening port, say hello, and read its answer.
-pub(super) async fn ask_tracker(tracker: SocketAddr, listen_port: u16, room: &str, limits: &Limits) -> Result<Asked, PeerError> {
+pub(super) async fn ask_tracker(
+    tracker: SocketAddr,
+    listen_port: u16,
+    room: &str,
+    limits: &Limits,
+) -> Result<Asked, PeerError> {
     // From P, so the tracker records the address we listen on; P already accepts connections.
     let unreachable = |source| PeerError::TrackerUnreachable { addr: tracker, source };
     let from = net::unspecified_like(&tracker, listen_port);
@@ -109,7 +114,10 @@ pub(super) async fn ask_tracker(tracker: SocketAddr, listen_port: u16, room: &st
             let contacts = members
                 .into_iter()
                 .filter_map(|m| match m.addr.parse() {
-                    Ok(addr) => Some(Contact { addr, known: Some(if m.p2pchat { Protocol::P2pchat } else { Protocol::Original }) }),
+                    Ok(addr) => Some(Contact {
+                        addr,
+                        known: Some(if m.p2pchat { Protocol::P2pchat } else { Protocol::Original }),
+                    }),
                     Err(_) => {
                         log::warn!("ignoring an unusable member address from the tracker: {:?}", m.addr);
                         None
@@ -127,7 +135,9 @@ pub(super) async fn ask_tracker(tracker: SocketAddr, listen_port: u16, room: &st
             for entry in rejected {
                 log::warn!("ignoring an unusable entry in the tracker's list: {:?}", entry.0);
             }
-            Asked::Listed { contacts: addrs.into_iter().map(|addr| Contact { addr, known: None }).filter(not_us).collect() }
+            Asked::Listed {
+                contacts: addrs.into_iter().map(|addr| Contact { addr, known: None }).filter(not_us).collect(),
+            }
         }
         Err(err) => {
             net::reset(stream);
@@ -158,7 +168,14 @@ async fn read_answer(stream: &mut TcpStream, tracker: SocketAddr, limits: &Limit
     let mut idle_deadline = deadline;
     loop {
         if classify_opening(&answer) == Opening::P2pchat {
-            return read_welcome(stream, tracker, answer.split_off(MAGIC.len()), deadline, limits.tracker_answer_timeout).await;
+            return read_welcome(
+                stream,
+                tracker,
+                answer.split_off(MAGIC.len()),
+                deadline,
+                limits.tracker_answer_timeout,
+            )
+            .await;
         }
         if answer.len() >= limits.tracker_answer_cap {
             log::warn!("the tracker's answer is longer than {} bytes; ignoring the rest", limits.tracker_answer_cap);
@@ -217,13 +234,21 @@ fn timed_out(after: Duration) -> io::Error {
 /// With `from_port`, the connection leaves from that port (our listening port, shared): the other
 /// end, told by the tracker to dial us at the same moment, does the same, and two home routers that
 /// keep ports let the crossing connections through (a TCP simultaneous open).
-pub(super) async fn dial(contact: Contact, from_port: Option<u16>, limits: Limits, retry_for: Duration, net: mpsc::Sender<NetEvent>) {
+pub(super) async fn dial(
+    contact: Contact,
+    from_port: Option<u16>,
+    limits: Limits,
+    retry_for: Duration,
+    net: mpsc::Sender<NetEvent>,
+) {
     let deadline = Instant::now() + retry_for;
     let mut backoff = Duration::from_millis(100);
     loop {
         let connect = async {
             match from_port {
-                Some(port) => net::shared_port_socket(net::unspecified_like(&contact.addr, port))?.connect(contact.addr).await,
+                Some(port) => {
+                    net::shared_port_socket(net::unspecified_like(&contact.addr, port))?.connect(contact.addr).await
+                }
                 None => TcpStream::connect(contact.addr).await,
             }
         };
@@ -238,7 +263,13 @@ pub(super) async fn dial(contact: Contact, from_port: Option<u16>, limits: Limit
         let transient = matches!(error.kind(), io::ErrorKind::ConnectionRefused | io::ErrorKind::TimedOut);
         let retry = transient && Instant::now() + backoff < deadline;
         let silent = error.kind() == io::ErrorKind::TimedOut;
-        let report = NetEvent::DialFailed { addr: contact.addr, known: contact.known, reason: error.to_string(), gave_up: !retry, silent };
+        let report = NetEvent::DialFailed {
+            addr: contact.addr,
+            known: contact.known,
+            reason: error.to_string(),
+            gave_up: !retry,
+            silent,
+        };
         if net.send(report).await.is_err() || !retry {
             return;
         }
@@ -249,7 +280,11 @@ pub(super) async fn dial(contact: Contact, from_port: Option<u16>, limits: Limit
 
 /// Hold our registration with a p2pchat tracker, writing what the actor queues (pings, vouches); tell
 /// the actor when the tracker goes away.
-pub(super) async fn hold_registration(mut link: TcpStream, mut outgoing: mpsc::Receiver<Arc<[u8]>>, net: mpsc::Sender<NetEvent>) {
+pub(super) async fn hold_registration(
+    mut link: TcpStream,
+    mut outgoing: mpsc::Receiver<Arc<[u8]>>,
+    net: mpsc::Sender<NetEvent>,
+) {
     let mut buf = [0u8; 1024];
     let mut decoder = FrameDecoder::new();
     let reason = loop {
@@ -286,7 +321,13 @@ pub(super) async fn hold_registration(mut link: TcpStream, mut outgoing: mpsc::R
 
 /// Register with the tracker again after losing it, with backoff, until it answers (or turns out to be
 /// an original tracker, with which there is nothing to keep).
-pub(super) async fn register_again(tracker: SocketAddr, listen_port: u16, room: String, limits: Limits, net: mpsc::Sender<NetEvent>) {
+pub(super) async fn register_again(
+    tracker: SocketAddr,
+    listen_port: u16,
+    room: String,
+    limits: Limits,
+    net: mpsc::Sender<NetEvent>,
+) {
     let mut backoff = Duration::from_millis(500);
     loop {
         tokio::time::sleep(backoff).await;

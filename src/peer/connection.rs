@@ -44,9 +44,9 @@ use crate::history::clock::Clock;
 use crate::history::log::LogHandle;
 use crate::history::store::Record;
 use crate::private::RoomKey;
-use crate::wire::chat::{self, ChatDecoder, Piece};
 use crate::reading::{read_opening, Opened, Silence};
 use crate::sending;
+use crate::wire::chat::{self, ChatDecoder, Piece};
 use crate::wire::frames::{self, Chat, Frame, FrameDecoder};
 
 /// Encoded bytes for one connection's queue, shared between connections when they are the same.
@@ -140,9 +140,19 @@ pub(super) enum Transport {
     Secure(SecureStream),
 }
 
-pub(super) fn spawn(id: ConnId, transport: Transport, from: SocketAddr, role: Role, context: Arc<ReaderContext>) -> Connection {
+pub(super) fn spawn(
+    id: ConnId,
+    transport: Transport,
+    from: SocketAddr,
+    role: Role,
+    context: Arc<ReaderContext>,
+) -> Connection {
     let limits = &context.limits;
-    let (queue, lines) = outbox::outbox(outbox::Bounds { lines: limits.send_queue, stalled_after: limits.stalled_after, bytes: limits.send_queue_bytes });
+    let (queue, lines) = outbox::outbox(outbox::Bounds {
+        lines: limits.send_queue,
+        stalled_after: limits.stalled_after,
+        bytes: limits.send_queue_bytes,
+    });
     let flags = Arc::new(LinkFlags::default());
     let link = LinkTask { id, from, role, context, flags: flags.clone() };
     let task = match transport {
@@ -270,7 +280,9 @@ impl LinkTask {
                 None
             }
             (_, Opened::Closed(reason)) => Some(ReadEnd::Because(reason, false)),
-            (_, Opened::P2pchat(rest)) => Some(p2pchat_loop(id, half, self.from, rest, context, &self.flags.forwards).await),
+            (_, Opened::P2pchat(rest)) => {
+                Some(p2pchat_loop(id, half, self.from, rest, context, &self.flags.forwards).await)
+            }
             (_, opened @ (Opened::Original(_) | Opened::Silent)) => {
                 let first = if let Opened::Original(first) = opened { first } else { Vec::new() };
                 sending::send(&context.net, NetEvent::Original { id }).await.ok()?;
@@ -355,7 +367,13 @@ async fn write_loop(mut half: impl LinkWriter, mut lines: Drain<Line>, flags: &L
 }
 
 /// The original protocol: `<NAME> :: text` pieces, decoded incrementally.
-async fn original_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, first: Vec<u8>, context: &ReaderContext) -> ReadEnd {
+async fn original_loop(
+    id: ConnId,
+    half: &mut impl LinkReader,
+    from: SocketAddr,
+    first: Vec<u8>,
+    context: &ReaderContext,
+) -> ReadEnd {
     let mut decoder = ChatDecoder::new();
     let mut flood = Flood::new(context.limits.max_message_rate);
     let mut pending = first;
@@ -428,7 +446,18 @@ async fn deliver(pieces: Vec<Piece>, from: SocketAddr, context: &ReaderContext, 
             author_key: None,
             sig: None,
         });
-        let message = Message { sender, text, from, received_at, starts_message, id: None, sent_at: None, stamp: Some(stamp), history: false, signed: false };
+        let message = Message {
+            sender,
+            text,
+            from,
+            received_at,
+            starts_message,
+            id: None,
+            sent_at: None,
+            stamp: Some(stamp),
+            history: false,
+            signed: false,
+        };
         shown.push(Event::Message(message));
     }
     log_then_show(context, records, shown).await;
@@ -464,7 +493,10 @@ fn authentic_and_fresh(chat: &Chat, context: &ReaderContext) -> Result<(), Strin
     let Some(authors) = &context.authors else { return Ok(()) };
     trust::check_author(chat, &context.room, authors)?;
     if crate::history::clock::wall_millis().abs_diff(chat.ts) > FRESH_FOR_MS {
-        return Err(format!("a message from {:?} sent at a time more than 10 minutes from ours (a replay?)", chat.from));
+        return Err(format!(
+            "a message from {:?} sent at a time more than 10 minutes from ours (a replay?)",
+            chat.from
+        ));
     }
     Ok(())
 }
@@ -490,7 +522,14 @@ impl Drops {
 }
 
 /// The extension protocol: frames.
-async fn p2pchat_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, rest: Vec<u8>, context: &ReaderContext, forwards: &AtomicBool) -> ReadEnd {
+async fn p2pchat_loop(
+    id: ConnId,
+    half: &mut impl LinkReader,
+    from: SocketAddr,
+    rest: Vec<u8>,
+    context: &ReaderContext,
+    forwards: &AtomicBool,
+) -> ReadEnd {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&rest);
     let mut read_size = ReadSize::new();
@@ -518,7 +557,11 @@ async fn p2pchat_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, 
             // A sealed message is opened here and then taken as any message; what is passed on to
             // relay partners stays sealed.
             let (frame, passed_on) = match frame {
-                Frame::Sealed { id: msg_id, data } => match context.room_key.as_deref().map(|key| key.open_sealed(&msg_id, &data)) {
+                Frame::Sealed { id: msg_id, data } => match context
+                    .room_key
+                    .as_deref()
+                    .map(|key| key.open_sealed(&msg_id, &data))
+                {
                     Some(Ok(chat)) => (Frame::Msg(chat), Some(Frame::Sealed { id: msg_id, data })),
                     Some(Err(err)) => {
                         drops.tell(format!("dropped a sealed message passed on by {from}: {err}"), from, &mut to_show);
@@ -574,7 +617,9 @@ async fn p2pchat_loop(id: ConnId, half: &mut impl LinkReader, from: SocketAddr, 
                 Frame::History { req, msgs, more } => {
                     let authentic = |m: &Chat| match &context.authors {
                         None => true,
-                        Some(authors) => trust::check_author(m, &context.room, authors).map_err(|why| log::warn!("dropped history from {from}: {why}")).is_ok(),
+                        Some(authors) => trust::check_author(m, &context.room, authors)
+                            .map_err(|why| log::warn!("dropped history from {from}: {why}"))
+                            .is_ok(),
                     };
                     let msgs = msgs
                         .into_iter()

@@ -80,7 +80,13 @@ pub(super) struct AnswerBudget {
 impl AnswerBudget {
     pub fn new(config: &HistoryConfig) -> Self {
         let burst = config.answer_burst_bytes as f64;
-        Self { tokens: burst, burst, per_sec: config.answer_bytes_per_sec as f64, last: tokio::time::Instant::now(), busy: false }
+        Self {
+            tokens: burst,
+            burst,
+            per_sec: config.answer_bytes_per_sec as f64,
+            last: tokio::time::Instant::now(),
+            busy: false,
+        }
     }
 
     /// Start an answer: how many bytes it may carry, or `None` while another answer is being sent or
@@ -268,7 +274,11 @@ impl Requests {
     /// [`Self::not_asked`] if it cannot be sent).
     pub fn on_link_up(&mut self, peer_id: &str) -> Option<Ask> {
         if let Some((since, _)) = self.lost.remove(peer_id) {
-            return Some(Ask { after: Some(Key { stamp: since, id: String::new() }), limit: self.catch_up_limit, purpose: Purpose::CatchUp });
+            return Some(Ask {
+                after: Some(Key { stamp: since, id: String::new() }),
+                limit: self.catch_up_limit,
+                purpose: Purpose::CatchUp,
+            });
         }
         self.join.take()
     }
@@ -332,8 +342,12 @@ impl Requests {
     /// waits for the next member, as [`Purpose::Late`] (the join stopped waiting when its link closed).
     pub fn ask_when_back(&mut self, peer_id: Option<String>, ask: Ask, now: tokio::time::Instant) {
         match (ask.purpose, peer_id) {
-            (Purpose::CatchUp, Some(peer_id)) => self.catch_up_when_back(peer_id, ask.after.map_or(0, |key| key.stamp), now),
-            (purpose, _) if purpose.is_join_history() && self.join.is_none() => self.join = Some(Ask { purpose: purpose.asked_again(), ..ask }),
+            (Purpose::CatchUp, Some(peer_id)) => {
+                self.catch_up_when_back(peer_id, ask.after.map_or(0, |key| key.stamp), now)
+            }
+            (purpose, _) if purpose.is_join_history() && self.join.is_none() => {
+                self.join = Some(Ask { purpose: purpose.asked_again(), ..ask })
+            }
             _ => {}
         }
     }
@@ -380,7 +394,13 @@ impl Purpose {
 /// request and stay within its limit), log them and pass on the new ones, marked as history.
 /// What it needs of the peer (the log, the ids shown, the clock, the application's events) is
 /// what the peer's links share.
-pub(super) async fn receive(mut parts: mpsc::Receiver<Vec<Chat>>, from: SocketAddr, purpose: Purpose, config: &HistoryConfig, sink: Arc<ReaderContext>) {
+pub(super) async fn receive(
+    mut parts: mpsc::Receiver<Vec<Chat>>,
+    from: SocketAddr,
+    purpose: Purpose,
+    config: &HistoryConfig,
+    sink: Arc<ReaderContext>,
+) {
     let started = tokio::time::Instant::now();
     let deadline = started + config.answer_wait;
     // While the join holds the room back, the answer's first part must come soon.
@@ -388,20 +408,23 @@ pub(super) async fn receive(mut parts: mpsc::Receiver<Vec<Chat>>, from: SocketAd
     let first_deadline = (started + config.first_part_wait).min(deadline);
     let (mut received, mut answering) = (0, false);
     loop {
-        let msgs = match tokio::time::timeout_at(if holding && !answering { first_deadline } else { deadline }, parts.recv()).await {
-            Ok(Some(msgs)) => {
-                answering = true;
-                msgs
-            }
-            Ok(None) => break,
-            Err(_) if holding && tokio::time::Instant::now() < deadline => {
-                log::info!("{from} is slow to send history; showing the room now, its history when it comes");
-                let _ = sink.events.send(Event::HistorySynced { received: 0 }).await;
-                holding = false;
-                continue;
-            }
-            Err(_) => break,
-        };
+        let msgs =
+            match tokio::time::timeout_at(if holding && !answering { first_deadline } else { deadline }, parts.recv())
+                .await
+            {
+                Ok(Some(msgs)) => {
+                    answering = true;
+                    msgs
+                }
+                Ok(None) => break,
+                Err(_) if holding && tokio::time::Instant::now() < deadline => {
+                    log::info!("{from} is slow to send history; showing the room now, its history when it comes");
+                    let _ = sink.events.send(Event::HistorySynced { received: 0 }).await;
+                    holding = false;
+                    continue;
+                }
+                Err(_) => break,
+            };
         let records: Vec<Record> = msgs.iter().map(chat_to_record).collect();
         let fresh = match sink.log.ingest(records).await {
             Ok(fresh) => fresh,
@@ -439,7 +462,15 @@ mod tests {
     use super::*;
 
     fn chat(text_len: usize) -> Chat {
-        Chat { id: frames::random_id(), from: "ana".into(), room: "r".into(), ts: 1, hlc: 2, text: "x".repeat(text_len), ..Chat::default() }
+        Chat {
+            id: frames::random_id(),
+            from: "ana".into(),
+            room: "r".into(),
+            ts: 1,
+            hlc: 2,
+            text: "x".repeat(text_len),
+            ..Chat::default()
+        }
     }
 
     #[test]
@@ -491,12 +522,19 @@ mod tests {
         let now = tokio::time::Instant::now();
         requests.lost("a".into(), 42, now, Duration::from_secs(60));
         let catch_up = requests.on_link_up("a").expect("a catch-up");
-        assert_eq!((catch_up.after, catch_up.limit, catch_up.purpose), (Some(Key { stamp: 42, id: String::new() }), 10_000, Purpose::CatchUp));
+        assert_eq!(
+            (catch_up.after, catch_up.limit, catch_up.purpose),
+            (Some(Key { stamp: 42, id: String::new() }), 10_000, Purpose::CatchUp)
+        );
         assert_eq!(requests.on_link_up("a"), None, "once");
         requests.lost("a".into(), 42, now, Duration::from_secs(60));
         requests.lost("a".into(), 50, now + Duration::from_secs(1), Duration::from_secs(60));
         let twice = requests.on_link_up("a").expect("a catch-up");
-        assert_eq!(twice.after, Some(Key { stamp: 42, id: String::new() }), "lost twice before it came back: from the first loss");
+        assert_eq!(
+            twice.after,
+            Some(Key { stamp: 42, id: String::new() }),
+            "lost twice before it came back: from the first loss"
+        );
         requests.lost("old".into(), 1, now, Duration::from_secs(60));
         requests.lost("new".into(), 2, now + Duration::from_secs(61), Duration::from_secs(60));
         assert_eq!(requests.on_link_up("old"), None, "forgotten after a while");

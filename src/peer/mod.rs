@@ -40,8 +40,8 @@ use crate::history::log::{self as message_log, LogError, LogHandle};
 use crate::history::store::{Key, Query, Record, StoreError};
 use crate::identity::{Identity, IdentityError};
 use crate::private::RoomKey;
-use trust::{KnownKeys, TrustError};
 use crate::wire::chat::{self, InvalidInput};
+use trust::{KnownKeys, TrustError};
 
 pub use self::history::HistoryConfig;
 pub use crate::tracker::DEFAULT_PORT;
@@ -219,14 +219,27 @@ pub enum Event {
         key_changed: bool,
     },
     /// A member is known by a new name: a p2pchat peer's `/nick`, or an original peer's first prefix.
-    Renamed { addr: SocketAddr, old: Option<String>, new: String },
+    Renamed {
+        addr: SocketAddr,
+        old: Option<String>,
+        new: String,
+    },
     /// A member left: `clean` when it said goodbye, else the link was lost (with the reason).
-    Left { addr: SocketAddr, name: Option<String>, reason: String, clean: bool },
+    Left {
+        addr: SocketAddr,
+        name: Option<String>,
+        reason: String,
+        clean: bool,
+    },
     /// Something the user should know that is not about one message (a refused link, a lost tracker).
-    Notice { text: String },
+    Notice {
+        text: String,
+    },
     /// The history asked for on join is in (`received` messages; 0 when nobody had any or nobody
     /// could be asked). What happened meanwhile (live messages, presence) comes right after it.
-    HistorySynced { received: usize },
+    HistorySynced {
+        received: usize,
+    },
 }
 
 /// A member we hold a connection to.
@@ -444,7 +457,8 @@ pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinRep
     let (identity, known_keys) = tokio::task::spawn_blocking(move || -> Result<_, PeerError> {
         let identity = match &identity_file {
             Some(path) => Identity::load_or_create(path)?,
-            None => Identity::generate().map_err(|source| IdentityError::Create { path: "(this session)".into(), source })?,
+            None => Identity::generate()
+                .map_err(|source| IdentityError::Create { path: "(this session)".into(), source })?,
         };
         // The keys we met names with live beside the identity (with a session-only identity, in memory).
         let known_keys = KnownKeys::load(identity_file.map(|path| path.with_file_name(trust::FILE_NAME)))?;
@@ -453,7 +467,9 @@ pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinRep
     .await
     .map_err(|_| PeerError::Closed)??;
     let (location, room) = (config.history.location.clone(), wire_room.clone());
-    let log = tokio::task::spawn_blocking(move || message_log::open(&location, room)).await.map_err(|_| PeerError::Closed)??;
+    let log = tokio::task::spawn_blocking(move || message_log::open(&location, room))
+        .await
+        .map_err(|_| PeerError::Closed)??;
     let history_after = match config.history.ask_on_join {
         0 => None,
         _ => Some(log.newest_shared().await?),

@@ -343,7 +343,10 @@ mod tests {
         let sender = tokio::spawn(async move { blocked.send("4").await });
         tokio::task::yield_now().await;
         drop(rx);
-        let sent = tokio::time::timeout(Duration::from_secs(5), sender).await.expect("the closed drain woke the sender").unwrap();
+        let sent = tokio::time::timeout(Duration::from_secs(5), sender)
+            .await
+            .expect("the closed drain woke the sender")
+            .unwrap();
         assert_eq!(sent, Err(Closed));
         assert_eq!(tx.try_send("5"), Err(Refused::Closed("5")));
     }
@@ -370,7 +373,11 @@ mod tests {
         tx.keep_alive("ping").unwrap();
         tx.keep_alive("ping").unwrap();
         let order: Vec<_> = std::iter::from_fn(|| rx.try_next()).collect();
-        assert_eq!(order, ["ping", "ping", "chat", "ping"], "a ping never stands in for a line, and the link is never silent for two calls");
+        assert_eq!(
+            order,
+            ["ping", "ping", "chat", "ping"],
+            "a ping never stands in for a line, and the link is never silent for two calls"
+        );
         drop(rx);
         assert_eq!(tx.keep_alive("ping"), Err(Refused::Closed("ping")));
     }

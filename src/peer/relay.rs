@@ -70,7 +70,11 @@ impl Relays {
     /// Neighbour `via` is linked to these members, none of which we are linked to.
     pub fn heard_of(&mut self, via: ConnId, peers: impl IntoIterator<Item = String>, now: Instant) {
         for peer in peers {
-            self.heard.entry(peer).or_insert_with(|| Heard { vias: HashSet::new(), since: now, asked: None }).vias.insert(via);
+            self.heard
+                .entry(peer)
+                .or_insert_with(|| Heard { vias: HashSet::new(), since: now, asked: None })
+                .vias
+                .insert(via);
         }
     }
 

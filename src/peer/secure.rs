@@ -85,16 +85,29 @@ pub(super) struct Secured {
 }
 
 /// Our side of a link we dialled: handshake as the initiator, then start the pumps.
-pub(super) async fn dial_side(stream: TcpStream, key: &RoomKey, wait: Duration, dead_after: Duration) -> Result<Secured, HandshakeError> {
+pub(super) async fn dial_side(
+    stream: TcpStream,
+    key: &RoomKey,
+    wait: Duration,
+    dead_after: Duration,
+) -> Result<Secured, HandshakeError> {
     with_deadline(wait, initiate(stream, key, dead_after)).await
 }
 
 /// Our side of a link we accepted: handshake as the responder, then start the pumps.
-pub(super) async fn accept_side(stream: TcpStream, key: &RoomKey, wait: Duration, dead_after: Duration) -> Result<Secured, HandshakeError> {
+pub(super) async fn accept_side(
+    stream: TcpStream,
+    key: &RoomKey,
+    wait: Duration,
+    dead_after: Duration,
+) -> Result<Secured, HandshakeError> {
     with_deadline(wait, respond(stream, key, wait, dead_after)).await
 }
 
-async fn with_deadline(wait: Duration, work: impl std::future::Future<Output = Result<Secured, HandshakeError>>) -> Result<Secured, HandshakeError> {
+async fn with_deadline(
+    wait: Duration,
+    work: impl std::future::Future<Output = Result<Secured, HandshakeError>>,
+) -> Result<Secured, HandshakeError> {
     tokio::time::timeout(wait, work).await.unwrap_or(Err(HandshakeError::TimedOut(wait)))
 }
 
@@ -103,7 +116,8 @@ async fn with_deadline(wait: Duration, work: impl std::future::Future<Output = R
 fn noise_state(key: &RoomKey, initiator: bool) -> Result<snow::HandshakeState, snow::Error> {
     let builder = snow::Builder::new(NOISE_PARAMS.parse()?);
     let keypair = builder.generate_keypair()?;
-    let builder = builder.local_private_key(&keypair.private)?.psk(3, key.key())?.prologue(b"p2pchat private link v1")?;
+    let builder =
+        builder.local_private_key(&keypair.private)?.psk(3, key.key())?.prologue(b"p2pchat private link v1")?;
     if initiator {
         builder.build_initiator()
     } else {
@@ -147,7 +161,12 @@ async fn initiate(mut stream: TcpStream, key: &RoomKey, dead_after: Duration) ->
     Ok(Secured { stream: start_pumps(stream, transport, Nonces { send: 0, receive: 1 }, pending, dead_after), binding })
 }
 
-async fn respond(mut stream: TcpStream, key: &RoomKey, wait: Duration, dead_after: Duration) -> Result<Secured, HandshakeError> {
+async fn respond(
+    mut stream: TcpStream,
+    key: &RoomKey,
+    wait: Duration,
+    dead_after: Duration,
+) -> Result<Secured, HandshakeError> {
     let rest = match read_opening(&mut stream, wait).await {
         Opened::P2pchat(rest) => rest,
         Opened::Closed(_) => return Err(HandshakeError::ClosedDuringHandshake),
@@ -156,10 +175,22 @@ async fn respond(mut stream: TcpStream, key: &RoomKey, wait: Duration, dead_afte
     let mut decoder = FrameDecoder::new();
     decoder.feed(&rest);
     let refusal = match read_frame(&mut stream, &mut decoder, Instant::now() + wait).await? {
-        Frame::SecureHello { v, .. } if v != PROTOCOL_VERSION => Some((ERR_VERSION, format!("this peer speaks p2pchat protocol version {PROTOCOL_VERSION}"), HandshakeError::NotPrivate)),
+        Frame::SecureHello { v, .. } if v != PROTOCOL_VERSION => Some((
+            ERR_VERSION,
+            format!("this peer speaks p2pchat protocol version {PROTOCOL_VERSION}"),
+            HandshakeError::NotPrivate,
+        )),
         Frame::SecureHello { room, .. } if room == key.room_id() => None,
-        Frame::SecureHello { .. } => Some((ERR_ROOM, "this peer is in another room, or has another secret for it".to_owned(), HandshakeError::OtherRoom)),
-        _ => Some((ERR_ROOM, "this peer is in a private room; it takes encrypted links only".to_owned(), HandshakeError::NotPrivate)),
+        Frame::SecureHello { .. } => Some((
+            ERR_ROOM,
+            "this peer is in another room, or has another secret for it".to_owned(),
+            HandshakeError::OtherRoom,
+        )),
+        _ => Some((
+            ERR_ROOM,
+            "this peer is in a private room; it takes encrypted links only".to_owned(),
+            HandshakeError::NotPrivate,
+        )),
     };
     if let Some((code, message, err)) = refusal {
         let _ = stream.write_all(&frames::encode_opening(&Frame::Error { code: code.to_owned(), message })).await;
@@ -215,7 +246,13 @@ struct Nonces {
     receive: u64,
 }
 
-fn start_pumps(stream: TcpStream, transport: StatelessTransportState, nonces: Nonces, pending: Vec<u8>, dead_after: Duration) -> SecureStream {
+fn start_pumps(
+    stream: TcpStream,
+    transport: StatelessTransportState,
+    nonces: Nonces,
+    pending: Vec<u8>,
+    dead_after: Duration,
+) -> SecureStream {
     let _ = stream.set_nodelay(true);
     crate::net::detect_dead_peer(&stream, dead_after);
     let (ours, theirs) = tokio::io::duplex(PLAINTEXT_BUFFER);
@@ -229,7 +266,13 @@ fn start_pumps(stream: TcpStream, transport: StatelessTransportState, nonces: No
 
 /// Socket → records → plaintext for the link. Ends (closing the plaintext side, which the link's
 /// reader sees as the end) when the socket ends or a record fails to decrypt.
-async fn decrypt_pump(mut tcp: OwnedReadHalf, mut plain: WriteHalf<DuplexStream>, transport: Arc<StatelessTransportState>, mut nonce: u64, mut pending: Vec<u8>) {
+async fn decrypt_pump(
+    mut tcp: OwnedReadHalf,
+    mut plain: WriteHalf<DuplexStream>,
+    transport: Arc<StatelessTransportState>,
+    mut nonce: u64,
+    mut pending: Vec<u8>,
+) {
     let mut plaintext = vec![0u8; MAX_RECORD];
     loop {
         let Ok(record) = read_record(&mut tcp, &mut pending).await else { break };
@@ -247,7 +290,12 @@ async fn decrypt_pump(mut tcp: OwnedReadHalf, mut plain: WriteHalf<DuplexStream>
 
 /// Plaintext from the link → records → socket. Ends when the link closes its side (then the socket
 /// is shut for writing) or the socket fails (then its reads are stopped too, so the link ends).
-async fn encrypt_pump(mut plain: ReadHalf<DuplexStream>, mut tcp: OwnedWriteHalf, transport: Arc<StatelessTransportState>, mut nonce: u64) {
+async fn encrypt_pump(
+    mut plain: ReadHalf<DuplexStream>,
+    mut tcp: OwnedWriteHalf,
+    transport: Arc<StatelessTransportState>,
+    mut nonce: u64,
+) {
     let mut chunk = vec![0u8; MAX_RECORD - TAG_LEN];
     let mut record = vec![0u8; MAX_RECORD + 2];
     loop {

@@ -61,7 +61,8 @@ impl KnownKeys {
         let file = match fs::read(&path) {
             Ok(bytes) => {
                 let unreadable = |reason: String| TrustError::Unreadable { path: path.clone(), reason };
-                let file: File = serde_json::from_slice(&bytes).map_err(|e| unreadable(format!("not a known-keys file ({e})")))?;
+                let file: File =
+                    serde_json::from_slice(&bytes).map_err(|e| unreadable(format!("not a known-keys file ({e})")))?;
                 if file.v != FORMAT {
                     return Err(unreadable(format!("format {} (this p2pchat reads {FORMAT})", file.v)));
                 }
@@ -73,7 +74,10 @@ impl KnownKeys {
         let mut rooms = Rooms::new();
         for (room, names) in file.rooms {
             for (name, key) in names {
-                let key = unhex_array(&key).ok_or_else(|| TrustError::Unreadable { path: path.clone(), reason: format!("the key of {name:?} is not 64 hex digits") })?;
+                let key = unhex_array(&key).ok_or_else(|| TrustError::Unreadable {
+                    path: path.clone(),
+                    reason: format!("the key of {name:?} is not 64 hex digits"),
+                })?;
                 rooms.entry(room.clone()).or_default().insert(name, key);
             }
         }
@@ -84,9 +88,9 @@ impl KnownKeys {
     pub fn meet(&mut self, room: &str, name: &str, key: &VerifyingKey) -> Seen {
         match self.rooms.get(room).and_then(|names| names.get(name)) {
             Some(known) if known == key.as_bytes() => Seen::Same,
-            Some(known) => Seen::Changed {
-                was: VerifyingKey::from_bytes(known).map_or_else(|_| hex(known), |k| fingerprint(&k)),
-            },
+            Some(known) => {
+                Seen::Changed { was: VerifyingKey::from_bytes(known).map_or_else(|_| hex(known), |k| fingerprint(&k)) }
+            }
             None => {
                 self.rooms.entry(room.to_owned()).or_default().insert(name.to_owned(), *key.as_bytes());
                 self.dirty = self.path.is_some();
@@ -98,7 +102,11 @@ impl KnownKeys {
     /// What to write, if keys were met since the last time: the file and its new contents.
     pub fn unsaved(&mut self) -> Option<(PathBuf, Vec<u8>)> {
         let path = self.path.clone().filter(|_| std::mem::take(&mut self.dirty))?;
-        let rooms = self.rooms.iter().map(|(room, names)| (room.clone(), names.iter().map(|(n, k)| (n.clone(), hex(k))).collect())).collect();
+        let rooms = self
+            .rooms
+            .iter()
+            .map(|(room, names)| (room.clone(), names.iter().map(|(n, k)| (n.clone(), hex(k))).collect()))
+            .collect();
         Some((path, serde_json::to_vec_pretty(&File { v: FORMAT, rooms }).unwrap_or_default()))
     }
 }
@@ -149,9 +157,21 @@ mod tests {
         save(&file, &json).unwrap();
         assert!(keys.unsaved().is_none(), "written once");
         let mut again = KnownKeys::load(Some(path.clone())).unwrap();
-        assert_eq!(again.meet("room", "bob", &impostor), Seen::Changed { was: fingerprint(&bob) }, "remembered on disk");
+        assert_eq!(
+            again.meet("room", "bob", &impostor),
+            Seen::Changed { was: fingerprint(&bob) },
+            "remembered on disk"
+        );
         assert_eq!(again.meet("room", "bob", &bob), Seen::Same, "the first key stays");
-        let mut chat = Chat { id: "m".into(), from: "bob".into(), room: "room".into(), ts: 1, hlc: 2, text: "hi".into(), ..Chat::default() };
+        let mut chat = Chat {
+            id: "m".into(),
+            from: "bob".into(),
+            room: "room".into(),
+            ts: 1,
+            hlc: 2,
+            text: "hi".into(),
+            ..Chat::default()
+        };
         let (bob_identity, mallory) = (Identity::generate().unwrap(), Identity::generate().unwrap());
         let known = std::sync::Mutex::new(KnownKeys::load(None).unwrap());
         assert!(check_author(&chat, "room", &known).unwrap_err().contains("carries no signature"));

@@ -75,7 +75,8 @@ pub(super) fn wait_for_all(py: Python<'_>) {
     loop {
         let all_done = py.detach(|| {
             let slice = SLICE.min(deadline.saturating_duration_since(Instant::now()));
-            let (open, _) = DONE.wait_timeout_while(open(), slice, |open| !open.is_empty()).unwrap_or_else(PoisonError::into_inner);
+            let (open, _) =
+                DONE.wait_timeout_while(open(), slice, |open| !open.is_empty()).unwrap_or_else(PoisonError::into_inner);
             open.is_empty()
         });
         if all_done || Instant::now() >= deadline {

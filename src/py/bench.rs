@@ -23,7 +23,9 @@ impl From<BenchError> for PyErr {
 }
 
 fn positive_seconds(value: f64, what: &str) -> PyResult<Duration> {
-    seconds(Some(value))?.filter(|d| !d.is_zero()).ok_or_else(|| PyValueError::new_err(format!("{what} must be above zero")))
+    seconds(Some(value))?
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| PyValueError::new_err(format!("{what} must be above zero")))
 }
 
 /// Hold `registrations` at the tracker at `host:port`, then join for `duration` seconds with
@@ -52,10 +54,22 @@ fn _bench_tracker_joins<'py>(
         ("original", None) => tracker_load::TrackerProtocol::Original,
         ("raw", Some(list_bytes)) => tracker_load::TrackerProtocol::Raw { list_bytes },
         ("raw", None) => return Err(PyValueError::new_err("protocol 'raw' needs list_bytes")),
-        ("p2pchat" | "original", Some(_)) => return Err(PyValueError::new_err("list_bytes is for protocol 'raw' only")),
-        (other, _) => return Err(PyValueError::new_err(format!("protocol must be 'p2pchat', 'original' or 'raw', not {other:?}"))),
+        ("p2pchat" | "original", Some(_)) => {
+            return Err(PyValueError::new_err("list_bytes is for protocol 'raw' only"))
+        }
+        (other, _) => {
+            return Err(PyValueError::new_err(format!(
+                "protocol must be 'p2pchat', 'original' or 'raw', not {other:?}"
+            )))
+        }
     };
-    let load = tracker_load::JoinLoad { tracker, protocol, registrations, concurrency, duration: positive_seconds(duration, "duration")? };
+    let load = tracker_load::JoinLoad {
+        tracker,
+        protocol,
+        registrations,
+        concurrency,
+        duration: positive_seconds(duration, "duration")?,
+    };
     join_report(py, wait(py, tracker_load::run(load))??)
 }
 
@@ -64,7 +78,13 @@ fn _bench_tracker_joins<'py>(
 /// bytes and nothing else, until Ctrl-C (`KeyboardInterrupt`) or the process is ended.
 #[pyfunction]
 #[pyo3(signature = (list_bytes, on_listening, *, host = "127.0.0.1", port = 0))]
-fn _bench_raw_list_server(py: Python<'_>, list_bytes: usize, on_listening: Bound<'_, PyAny>, host: &str, port: u16) -> PyResult<()> {
+fn _bench_raw_list_server(
+    py: Python<'_>,
+    list_bytes: usize,
+    on_listening: Bound<'_, PyAny>,
+    host: &str,
+    port: u16,
+) -> PyResult<()> {
     let listener = wait(py, tokio::net::TcpListener::bind((host.to_owned(), port)))?
         .map_err(|e| P2PChatError::new_err(format!("cannot listen on {host}:{port}: {e}")))?;
     let port = listener.local_addr().map_err(|e| P2PChatError::new_err(e.to_string()))?.port();
@@ -90,7 +110,14 @@ fn join_report(py: Python<'_>, report: tracker_load::JoinReport) -> PyResult<Bou
 /// by Ctrl-C (it ends after `duration` plus `drain` seconds).
 #[pyfunction]
 #[pyo3(signature = (nodes, rate, message, *, duration = 2.0, drain = 2.0))]
-fn _bench_fanout<'py>(py: Python<'py>, nodes: usize, rate: u32, message: Vec<u8>, duration: f64, drain: f64) -> PyResult<Bound<'py, PyDict>> {
+fn _bench_fanout<'py>(
+    py: Python<'py>,
+    nodes: usize,
+    rate: u32,
+    message: Vec<u8>,
+    duration: f64,
+    drain: f64,
+) -> PyResult<Bound<'py, PyDict>> {
     let load = fanout::FanoutLoad {
         nodes,
         rate,
@@ -136,7 +163,9 @@ impl PyRawLinks {
         }
         // SAFETY: `fd` is the descriptor of `link`, which holds it open for the length of this call;
         // it is only duplicated here (an invalid one fails to duplicate with EBADF).
-        let copy = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().map_err(|e| P2PChatError::new_err(e.to_string()))?;
+        let copy = unsafe { BorrowedFd::borrow_raw(fd) }
+            .try_clone_to_owned()
+            .map_err(|e| P2PChatError::new_err(e.to_string()))?;
         Ok(self.0.add(TcpStream::from(copy))?)
     }
 

@@ -17,8 +17,8 @@ mod logging;
 mod peer;
 mod tracker;
 
-use std::future::Future;
 use std::cell::Cell;
+use std::future::Future;
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
@@ -31,7 +31,12 @@ use crate::tracker::TrackerError;
 
 create_exception!(_core, P2PChatError, PyException, "Base class of every error p2pchat raises.");
 create_exception!(_core, InvalidInput, P2PChatError, "A name or message that cannot be sent as given.");
-create_exception!(_core, TrackerUnreachable, P2PChatError, "The tracker could not be found, reached, or gave no answer.");
+create_exception!(
+    _core,
+    TrackerUnreachable,
+    P2PChatError,
+    "The tracker could not be found, reached, or gave no answer."
+);
 create_exception!(_core, AddressInUse, P2PChatError, "The port to listen on is taken by another program.");
 create_exception!(_core, PeerClosed, P2PChatError, "The peer was closed (or never joined).");
 create_exception!(_core, HistoryError, P2PChatError, "The message log on disk cannot be opened or used.");
@@ -88,7 +93,9 @@ fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     match timeout {
         None => Ok(None),
         Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t))),
-        Some(t) => Err(pyo3::exceptions::PyValueError::new_err(format!("timeout must be a non-negative number of seconds, not {t}"))),
+        Some(t) => Err(pyo3::exceptions::PyValueError::new_err(format!(
+            "timeout must be a non-negative number of seconds, not {t}"
+        ))),
     }
 }
 
@@ -96,9 +103,10 @@ impl From<PeerError> for PyErr {
     fn from(err: PeerError) -> PyErr {
         let message = err.to_string();
         match err {
-            PeerError::InvalidInput(_) | PeerError::NothingToJoin | PeerError::UnnamedPrivateRoom | PeerError::RoomKeyMismatch { .. } => {
-                InvalidInput::new_err(message)
-            }
+            PeerError::InvalidInput(_)
+            | PeerError::NothingToJoin
+            | PeerError::UnnamedPrivateRoom
+            | PeerError::RoomKeyMismatch { .. } => InvalidInput::new_err(message),
             PeerError::TrackerLookup { .. }
             | PeerError::TrackerUnreachable { .. }
             | PeerError::TrackerSilent { .. }

@@ -73,7 +73,12 @@ impl PyMessage {
 
     fn __repr__(&self) -> String {
         let history = if self.history { ", history=True" } else { "" };
-        format!("Message(sender={}, text={:?}, address={:?}{history})", repr_opt(&self.sender), self.text, self.address())
+        format!(
+            "Message(sender={}, text={:?}, address={:?}{history})",
+            repr_opt(&self.sender),
+            self.text,
+            self.address()
+        )
     }
 
     fn __str__(&self) -> String {
@@ -233,17 +238,21 @@ impl From<Event> for PyEvent {
                 history: m.history,
                 signed: m.signed,
             }),
-            Event::Joined { addr, name, protocol, outgoing, relayed_by, encrypted, fingerprint, key_changed } => PyEvent::Joined(PyPeerJoined {
-                address: py_addr(addr),
-                name,
-                protocol: protocol_name(protocol),
-                outgoing,
-                relayed_by: relayed_by.map(py_addr),
-                encrypted,
-                fingerprint,
-                key_changed,
-            }),
-            Event::Left { addr, name, reason, clean } => PyEvent::Left(PyPeerLeft { address: py_addr(addr), name, reason, clean }),
+            Event::Joined { addr, name, protocol, outgoing, relayed_by, encrypted, fingerprint, key_changed } => {
+                PyEvent::Joined(PyPeerJoined {
+                    address: py_addr(addr),
+                    name,
+                    protocol: protocol_name(protocol),
+                    outgoing,
+                    relayed_by: relayed_by.map(py_addr),
+                    encrypted,
+                    fingerprint,
+                    key_changed,
+                })
+            }
+            Event::Left { addr, name, reason, clean } => {
+                PyEvent::Left(PyPeerLeft { address: py_addr(addr), name, reason, clean })
+            }
             Event::Renamed { addr, old, new } => PyEvent::Renamed(PyPeerRenamed { address: py_addr(addr), old, new }),
             Event::Notice { text } => PyEvent::Notice(PyNotice { text }),
             Event::HistorySynced { received } => PyEvent::HistorySynced(PyHistorySynced { received }),
@@ -274,7 +283,9 @@ impl Core {
                 Ok(())
             }
             State::Joining => Err(P2PChatError::new_err("this peer is already joining")),
-            State::Joined { .. } => Err(P2PChatError::new_err("this peer has already joined; create a new Peer to join again")),
+            State::Joined { .. } => {
+                Err(P2PChatError::new_err("this peer has already joined; create a new Peer to join again"))
+            }
         }
     }
 
@@ -332,7 +343,12 @@ fn ready_event(events: &SharedEvents, messages_only: bool) -> Option<Result<Even
 
 /// The next event, or the next message when `messages_only`; `Ok(None)` on timeout, `Err(Closed)` once
 /// the peer is closed and everything was taken.
-fn next_event_blocking(py: Python<'_>, events: SharedEvents, timeout: Option<Duration>, messages_only: bool) -> PyResult<Option<Event>> {
+fn next_event_blocking(
+    py: Python<'_>,
+    events: SharedEvents,
+    timeout: Option<Duration>,
+    messages_only: bool,
+) -> PyResult<Option<Event>> {
     if let Some(ready) = ready_event(&events, messages_only) {
         return Ok(Some(ready?));
     }
@@ -341,7 +357,11 @@ fn next_event_blocking(py: Python<'_>, events: SharedEvents, timeout: Option<Dur
 
 /// The next event, or the next message when `messages_only`; `Ok(None)` on timeout, `Err(Closed)` once
 /// the peer is closed and everything was taken.
-async fn next_event(events: SharedEvents, timeout: Option<Duration>, messages_only: bool) -> Result<Option<Event>, PeerError> {
+async fn next_event(
+    events: SharedEvents,
+    timeout: Option<Duration>,
+    messages_only: bool,
+) -> Result<Option<Event>, PeerError> {
     let take = async {
         let mut events = events.lock().await;
         loop {
@@ -436,10 +456,13 @@ pub fn default_data_dir() -> std::path::PathBuf {
 fn position(value: &Bound<'_, PyAny>) -> PyResult<Key> {
     if let Ok(message) = value.cast::<PyMessage>() {
         let message = message.get();
-        let stamp = message.stamp.ok_or_else(|| PyValueError::new_err("this message has no place in the room's order"))?;
+        let stamp =
+            message.stamp.ok_or_else(|| PyValueError::new_err("this message has no place in the room's order"))?;
         return Ok(Key { stamp, id: message.id.clone().unwrap_or_default() });
     }
-    let seconds: f64 = value.extract().map_err(|_| PyValueError::new_err("before must be a Message or a time in seconds since the epoch"))?;
+    let seconds: f64 = value
+        .extract()
+        .map_err(|_| PyValueError::new_err("before must be a Message or a time in seconds since the epoch"))?;
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(PyValueError::new_err(format!("before must be a time after 1970, not {seconds}")));
     }
@@ -467,9 +490,8 @@ fn logged_message(record: Record) -> PyMessage {
 fn peer_address(value: &Bound<'_, PyAny>) -> PyResult<SocketAddr> {
     use std::net::ToSocketAddrs;
     let (host, port): (String, u16) = if let Ok(text) = value.extract::<String>() {
-        let (host, port) = text
-            .rsplit_once(':')
-            .ok_or_else(|| PyValueError::new_err(format!("{text:?} is not HOST:PORT")))?;
+        let (host, port) =
+            text.rsplit_once(':').ok_or_else(|| PyValueError::new_err(format!("{text:?} is not HOST:PORT")))?;
         let port = port.parse().map_err(|_| PyValueError::new_err(format!("{port:?} in {text:?} is not a port")))?;
         (host.trim_start_matches('[').trim_end_matches(']').to_owned(), port)
     } else {
@@ -520,9 +542,12 @@ impl PyPeer {
         config.room = room.to_owned();
         if let Some(secret) = secret {
             // Argon2id takes a moment and 64 MiB: not while holding the GIL.
-            let key = py.detach(|| RoomKey::from_secret(room, &secret)).map_err(|e| InvalidInput::new_err(e.to_string()))?;
+            let key =
+                py.detach(|| RoomKey::from_secret(room, &secret)).map_err(|e| InvalidInput::new_err(e.to_string()))?;
             if key.name().is_empty() {
-                return Err(InvalidInput::new_err("the default room cannot be private: give the private room a name (room=...)"));
+                return Err(InvalidInput::new_err(
+                    "the default room cannot be private: give the private room a name (room=...)",
+                ));
             }
             config.room = key.name().to_owned();
             config.private = Some(key);
@@ -681,7 +706,12 @@ impl PyPeer {
 
     /// `await peer.history_async(limit, before)`: like `history`.
     #[pyo3(signature = (limit = 100, before = None))]
-    fn history_async<'py>(&self, py: Python<'py>, limit: usize, before: Option<Bound<'py, PyAny>>) -> PyResult<Bound<'py, PyAny>> {
+    fn history_async<'py>(
+        &self,
+        py: Python<'py>,
+        limit: usize,
+        before: Option<Bound<'py, PyAny>>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let (handle, _) = self.core.joined()?;
         let before = before.as_ref().map(position).transpose()?;
         future_into_py(py, async move {

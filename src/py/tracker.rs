@@ -36,7 +36,8 @@ impl Closable for Control {
     fn close_blocking(&self) {
         self.request_stop();
         let stopped = self.stopped.clone();
-        let _ = runtime().block_on(async move { tokio::time::timeout(STOP_WAIT, Control::until_stopped(stopped)).await });
+        let _ =
+            runtime().block_on(async move { tokio::time::timeout(STOP_WAIT, Control::until_stopped(stopped)).await });
     }
 }
 
@@ -68,7 +69,14 @@ fn resolve(host: &str, port: u16) -> PyResult<SocketAddr> {
 impl PyTracker {
     #[new]
     #[pyo3(signature = (host = "0.0.0.0", port = crate::tracker::DEFAULT_PORT, *, original_ttl = 45.0, registration_timeout = 6.0, relay = false))]
-    fn new(py: Python<'_>, host: &str, port: u16, original_ttl: f64, registration_timeout: f64, relay: bool) -> PyResult<Self> {
+    fn new(
+        py: Python<'_>,
+        host: &str,
+        port: u16,
+        original_ttl: f64,
+        registration_timeout: f64,
+        relay: bool,
+    ) -> PyResult<Self> {
         let positive = |name: &str, value: f64| match seconds(Some(value))? {
             Some(d) if !d.is_zero() => Ok(d),
             _ => Err(PyValueError::new_err(format!("{name} must be a positive number of seconds"))),
@@ -152,5 +160,4 @@ impl PyTracker {
         let state = if self.running() { "running" } else { "stopped" };
         format!("<p2pchat.Tracker {addr} {state}>")
     }
-
 }

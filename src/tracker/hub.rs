@@ -79,7 +79,16 @@ async fn run(mut events: mpsc::Receiver<HubEvent>) {
                     .filter(|(_, m)| m.room == member.room)
                     .map(|(id, m)| Member { addr: m.addr.to_string(), p2pchat: true, id: Some(id.clone()) })
                     .collect();
-                let hello = Hello { v: PROTOCOL_VERSION, id: hub_id.clone(), name: None, room: member.room.clone(), listen_port: None, peers, identity: None, relay: false };
+                let hello = Hello {
+                    v: PROTOCOL_VERSION,
+                    id: hub_id.clone(),
+                    name: None,
+                    room: member.room.clone(),
+                    listen_port: None,
+                    peers,
+                    identity: None,
+                    relay: false,
+                };
                 log::debug!("{} linked to the relay in room {:?}", member.addr, member.room);
                 members.insert(id, member);
                 let _ = reply.send(Ok(frames::encode_opening(&Frame::Hello(hello)).into()));
@@ -87,7 +96,11 @@ async fn run(mut events: mpsc::Receiver<HubEvent>) {
             HubEvent::Asked { id, peer } => {
                 let (Some(asker), Some(target)) = (members.get(&id), members.get(&peer)) else {
                     if let Some(asker) = members.get(&id) {
-                        let close = Frame::RelayClose { peer, reason: "not linked to the tracker's relay".to_owned(), clean: false };
+                        let close = Frame::RelayClose {
+                            peer,
+                            reason: "not linked to the tracker's relay".to_owned(),
+                            clean: false,
+                        };
                         let _ = asker.queue.try_send(frames::encode(&close).into());
                     }
                     continue;
@@ -134,11 +147,19 @@ async fn run(mut events: mpsc::Receiver<HubEvent>) {
 
 /// The `relay_open` that tells a member about `member` (session id `id`).
 fn open_frame(id: &str, member: &LinkedMember) -> Line {
-    frames::encode(&Frame::RelayOpen { peer: id.to_owned(), name: member.name.clone(), addr: member.addr.to_string() }).into()
+    frames::encode(&Frame::RelayOpen { peer: id.to_owned(), name: member.name.clone(), addr: member.addr.to_string() })
+        .into()
 }
 
 /// Serve a member's link to the relay, from its `hello` until it closes or goes silent.
-pub(super) async fn serve_member(mut stream: TcpStream, remote: SocketAddr, hello: Hello, mut decoder: FrameDecoder, hub: HubHandle, silence: Duration) {
+pub(super) async fn serve_member(
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    hello: Hello,
+    mut decoder: FrameDecoder,
+    hub: HubHandle,
+    silence: Duration,
+) {
     let (queue, mut lines) = mpsc::channel::<Line>(QUEUE);
     let id = hello.id;
     let member = LinkedMember {
@@ -156,7 +177,8 @@ pub(super) async fn serve_member(mut stream: TcpStream, remote: SocketAddr, hell
         Ok(Err(why)) => return super::refuse(stream, remote, frames::ERR_MALFORMED, why).await,
         Err(_) => return,
     };
-    let (reason, clean) = relay_loop(&mut stream, &opening, &hello.room, &id, &mut decoder, &mut lines, &hub, silence).await;
+    let (reason, clean) =
+        relay_loop(&mut stream, &opening, &hello.room, &id, &mut decoder, &mut lines, &hub, silence).await;
     let _ = hub.events.send(HubEvent::Left { id, reason, clean }).await;
     crate::net::reset(stream);
 }
@@ -204,11 +226,17 @@ async fn relay_loop(
         }
         loop {
             let event = match decoder.next_frame() {
-                Ok(Some(Frame::Msg(chat))) if chat.room == room => HubEvent::Forward { id: id.to_owned(), line: frames::encode(&Frame::Msg(chat)).into() },
+                Ok(Some(Frame::Msg(chat))) if chat.room == room => {
+                    HubEvent::Forward { id: id.to_owned(), line: frames::encode(&Frame::Msg(chat)).into() }
+                }
                 // A private room's message: passed on as it came, which is all the tracker can do.
-                Ok(Some(sealed @ Frame::Sealed { .. })) => HubEvent::Forward { id: id.to_owned(), line: frames::encode(&sealed).into() },
+                Ok(Some(sealed @ Frame::Sealed { .. })) => {
+                    HubEvent::Forward { id: id.to_owned(), line: frames::encode(&sealed).into() }
+                }
                 Ok(Some(Frame::RelayAsk { peer })) => HubEvent::Asked { id: id.to_owned(), peer },
-                Ok(Some(Frame::Nick { name })) if chat::validate_name(&name).is_ok() => HubEvent::Renamed { id: id.to_owned(), name },
+                Ok(Some(Frame::Nick { name })) if chat::validate_name(&name).is_ok() => {
+                    HubEvent::Renamed { id: id.to_owned(), name }
+                }
                 Ok(Some(Frame::Bye)) => {
                     said_bye = true;
                     continue;

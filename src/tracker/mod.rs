@@ -42,8 +42,8 @@ use tokio::time::Instant;
 
 pub use registry::{Kind, Registry, DEFAULT_ROOM};
 
-use crate::wire::chat::validate_room;
 use crate::reading::{read_frame, read_opening, FrameReadError, Opened, Silence};
+use crate::wire::chat::validate_room;
 use crate::wire::frames::{self, Frame, FrameDecoder, Welcome, PROTOCOL_VERSION};
 use crate::wire::peer_list::LEGACY_LIST_BUDGET;
 
@@ -115,9 +115,15 @@ pub enum TrackerError {
 }
 
 enum Query {
-    Members { room: String, reply: oneshot::Sender<Vec<(SocketAddr, Kind)>> },
+    Members {
+        room: String,
+        reply: oneshot::Sender<Vec<(SocketAddr, Kind)>>,
+    },
     /// Remember this original client and give the list to send it.
-    AdmitOriginal { addr: SocketAddr, reply: oneshot::Sender<Vec<u8>> },
+    AdmitOriginal {
+        addr: SocketAddr,
+        reply: oneshot::Sender<Vec<u8>>,
+    },
     Register {
         room: String,
         addr: SocketAddr,
@@ -126,11 +132,24 @@ enum Query {
         reply: oneshot::Sender<(Welcome, registry::Registration)>,
     },
     /// The registered peer `from` cannot reach the member at `target`: ask `target` to dial it.
-    PunchRequest { room: String, from: SocketAddr, target: SocketAddr },
-    Deregister { room: String, addr: SocketAddr, registration: registry::Registration },
+    PunchRequest {
+        room: String,
+        from: SocketAddr,
+        target: SocketAddr,
+    },
+    Deregister {
+        room: String,
+        addr: SocketAddr,
+        registration: registry::Registration,
+    },
     /// A p2pchat member of the default room holds live links to these original peers.
-    Vouch { originals: Vec<SocketAddr> },
-    Probed { addr: SocketAddr, alive: bool },
+    Vouch {
+        originals: Vec<SocketAddr>,
+    },
+    Probed {
+        addr: SocketAddr,
+        alive: bool,
+    },
 }
 
 /// A bound tracker, ready to [`run`](Tracker::run).
@@ -176,7 +195,8 @@ impl Tracker {
     pub async fn bind(config: TrackerConfig) -> Result<Self, TrackerError> {
         let addr = config.listen;
         let bound = (|| {
-            let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+            let socket =
+                if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
             // SO_REUSEADDR only: a restarted tracker may rebind past TIME_WAIT, but two trackers can never
             // share the port (no SO_REUSEPORT here).
             socket.set_reuseaddr(true)?;
@@ -205,11 +225,13 @@ impl Tracker {
         let Tracker { listener, config, mut queries, handle } = self;
         let mut registry = Registry::new(config.max_entries, config.list_budget);
         // Registered p2pchat peers: their room, their registration, and the way to send them frames.
-        let mut registered_peers: HashMap<SocketAddr, (String, registry::Registration, mpsc::Sender<Vec<u8>>)> = HashMap::new();
+        let mut registered_peers: HashMap<SocketAddr, (String, registry::Registration, mpsc::Sender<Vec<u8>>)> =
+            HashMap::new();
         let slots = Arc::new(Semaphore::new(config.max_connections));
         let registrations = Arc::new(Semaphore::new(config.max_registrations));
         let mut probes_in_flight = 0usize;
-        let mut probe_tick = tokio::time::interval((config.original_ttl / 4).clamp(Duration::from_millis(20), Duration::from_secs(5)));
+        let mut probe_tick =
+            tokio::time::interval((config.original_ttl / 4).clamp(Duration::from_millis(20), Duration::from_secs(5)));
         let mut serving = JoinSet::new();
         let hub = config.relay.then(hub::HubHandle::start);
         tokio::pin!(shutdown);
@@ -321,7 +343,9 @@ async fn serve_client(
 /// at once (see [`crate::net::write_and_end`]).
 async fn serve_original(stream: TcpStream, remote: SocketAddr, tracker: &TrackerHandle, config: &TrackerConfig) {
     let Ok(list) = tracker.admit_original(remote).await else { return };
-    match tokio::time::timeout(config.write_timeout, crate::net::write_and_end(stream, &list, Duration::from_secs(1))).await {
+    match tokio::time::timeout(config.write_timeout, crate::net::write_and_end(stream, &list, Duration::from_secs(1)))
+        .await
+    {
         Ok(Ok(())) => {}
         Ok(Err(err)) => log::debug!("{remote} left before its list was written: {err}"),
         Err(_) => log::debug!("{remote} did not take its list within {:?}; dropped", config.write_timeout),
@@ -330,12 +354,21 @@ async fn serve_original(stream: TcpStream, remote: SocketAddr, tracker: &Tracker
 
 /// A p2pchat peer's control connection: `hello` in, `welcome` out, registered until it closes. (Or a
 /// member's link to the relay: a `hello` with a name.)
-async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_magic: Vec<u8>, tracker: &TrackerHandle, silence: Duration, hub: Option<hub::HubHandle>) {
+async fn serve_registration(
+    mut stream: TcpStream,
+    remote: SocketAddr,
+    after_magic: Vec<u8>,
+    tracker: &TrackerHandle,
+    silence: Duration,
+    hub: Option<hub::HubHandle>,
+) {
     let mut decoder = FrameDecoder::new();
     decoder.feed(&after_magic);
     let hello = match read_frame(&mut stream, &mut decoder, Instant::now() + HELLO_WAIT).await {
         Ok(Frame::Hello(hello)) => hello,
-        Ok(other) => return refuse(stream, remote, frames::ERR_MALFORMED, format!("expected a hello, got {other:?}")).await,
+        Ok(other) => {
+            return refuse(stream, remote, frames::ERR_MALFORMED, format!("expected a hello, got {other:?}")).await
+        }
         Err(FrameReadError::TimedOut) => {
             return refuse(stream, remote, frames::ERR_MALFORMED, format!("no whole frame within {HELLO_WAIT:?}")).await
         }
@@ -352,7 +385,15 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
         return match hub {
             // Boxed: a relay link is rare, and its state inline would size every registration's task.
             Some(hub) => Box::pin(hub::serve_member(stream, remote, hello, decoder, hub, silence)).await,
-            None => refuse(stream, remote, frames::ERR_MALFORMED, "this tracker does not relay (its operator can turn that on with --relay)".to_owned()).await,
+            None => {
+                refuse(
+                    stream,
+                    remote,
+                    frames::ERR_MALFORMED,
+                    "this tracker does not relay (its operator can turn that on with --relay)".to_owned(),
+                )
+                .await
+            }
         };
     }
     let room = hello.room;
@@ -400,7 +441,10 @@ async fn serve_registration(mut stream: TcpStream, remote: SocketAddr, after_mag
                     }
                     Ok(Some(Frame::PunchRequest { addr })) => {
                         if let Ok(target) = addr.parse() {
-                            let _ = tracker.queries.send(Query::PunchRequest { room: room.clone(), from: remote, target }).await;
+                            let _ = tracker
+                                .queries
+                                .send(Query::PunchRequest { room: room.clone(), from: remote, target })
+                                .await;
                         }
                     }
                     Ok(Some(_)) => {}

@@ -80,7 +80,13 @@ struct Liveness {
 
 impl Room {
     fn new(block_size: usize) -> Self {
-        Self { seq_of: HashMap::new(), by_seq: BTreeMap::new(), originals: HashMap::new(), blocks: Vec::new(), block_size }
+        Self {
+            seq_of: HashMap::new(),
+            by_seq: BTreeMap::new(),
+            originals: HashMap::new(),
+            blocks: Vec::new(),
+            block_size,
+        }
     }
 
     fn newest_first(&self) -> impl Iterator<Item = &Entry> {
@@ -92,7 +98,8 @@ impl Room {
             self.by_seq.remove(&previous);
             self.unlist(previous);
         }
-        let encoded = frames::encode_member(&Member { addr: addr.to_string(), p2pchat: kind == Kind::P2pchat, id: None });
+        let encoded =
+            frames::encode_member(&Member { addr: addr.to_string(), p2pchat: kind == Kind::P2pchat, id: None });
         self.by_seq.insert(seq, Entry { addr, kind, encoded });
         self.list(seq);
         while self.by_seq.len() > max_entries {
@@ -402,7 +409,10 @@ mod tests {
         let (welcome, _) = r.register(DEFAULT_ROOM, a("10.0.0.5:5"), false);
         assert_eq!(
             welcome_members(&welcome),
-            vec![Member { addr: "10.0.0.4:4".into(), p2pchat: false, id: None }, Member { addr: "10.0.0.3:3".into(), p2pchat: true, id: None }]
+            vec![
+                Member { addr: "10.0.0.4:4".into(), p2pchat: false, id: None },
+                Member { addr: "10.0.0.3:3".into(), p2pchat: true, id: None }
+            ]
         );
     }
 

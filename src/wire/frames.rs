@@ -159,7 +159,9 @@ pub enum Frame {
     },
     Msg(Chat),
     /// The sender now goes by `name`.
-    Nick { name: String },
+    Nick {
+        name: String,
+    },
     /// The sender is leaving on purpose (a closed link without it is a lost peer).
     Bye,
     /// Keep-alive: sent every couple of seconds; a link (or registration) silent for longer than its
@@ -167,7 +169,9 @@ pub enum Frame {
     Ping,
     /// Peer → tracker: the original peers (listen addresses) this peer holds live links to, so the
     /// tracker keeps listing them without disturbing them.
-    Vouch { originals: Vec<String> },
+    Vouch {
+        originals: Vec<String>,
+    },
     /// Ask for the room's history: the newest `limit` messages after `after` (all of them when absent),
     /// answered by `history` frames carrying the same `req`.
     HistoryRequest {
@@ -178,16 +182,26 @@ pub enum Frame {
     },
     /// Part of an answer, oldest first; the last part has `more: false`. An answer may hold fewer
     /// messages than asked (the answerer's log is shorter, or its size and rate limits cut it).
-    History { req: u32, msgs: Vec<Chat>, more: bool },
+    History {
+        req: u32,
+        msgs: Vec<Chat>,
+        more: bool,
+    },
     /// Peer → p2pchat tracker: the member listening at `addr` cannot be reached; have it dial me
     /// while I dial it, each from our listening port (a simultaneous open through both NATs).
-    PunchRequest { addr: String },
+    PunchRequest {
+        addr: String,
+    },
     /// p2pchat tracker → registered peer: the member at `addr` cannot reach you; dial it now, from
     /// your listening port.
-    Punch { addr: String },
+    Punch {
+        addr: String,
+    },
     /// Peer → member: I cannot reach the member whose session id is `peer`, and you are linked to
     /// it; pass its messages and mine between us.
-    RelayAsk { peer: String },
+    RelayAsk {
+        peer: String,
+    },
     /// Relay → member: you now reach the member `peer` (called `name`, listening at `addr`) through
     /// me; every message it sends comes to you on this link, and yours go to it. Sent again when
     /// its name changes.
@@ -199,17 +213,30 @@ pub enum Frame {
     },
     /// Relay → member: I no longer pass messages between you and `peer` (it left, said goodbye when
     /// `clean`; or I was never linked to it).
-    RelayClose { peer: String, reason: String, clean: bool },
+    RelayClose {
+        peer: String,
+        reason: String,
+        clean: bool,
+    },
     /// A private room's message, sealed end to end under the room key (see `private`): `data` is hex of
     /// a 24-byte nonce and the XChaCha20-Poly1305 ciphertext of the signed `msg` object, `id` (its id,
     /// for telling copies apart unopened) its associated data. Whoever passes it on without the key
     /// sees only this.
-    Sealed { id: String, data: String },
+    Sealed {
+        id: String,
+        data: String,
+    },
     /// Opens a link in a private room, in place of `hello`: only the version and the room's opaque
     /// id (see `private`). The Noise handshake follows, then everything else, encrypted.
-    SecureHello { v: u32, room: String },
+    SecureHello {
+        v: u32,
+        room: String,
+    },
     /// The sender refuses the link; it closes after this.
-    Error { code: String, message: String },
+    Error {
+        code: String,
+        message: String,
+    },
     /// A frame type this version does not know; ignored.
     #[serde(other)]
     Unknown,
@@ -460,7 +487,16 @@ mod tests {
     use proptest::prelude::*;
 
     fn hello() -> Hello {
-        Hello { v: PROTOCOL_VERSION, id: random_id(), name: Some("ana".into()), room: "".into(), listen_port: Some(5000), peers: vec![], identity: None, relay: false }
+        Hello {
+            v: PROTOCOL_VERSION,
+            id: random_id(),
+            name: Some("ana".into()),
+            room: "".into(),
+            listen_port: Some(5000),
+            peers: vec![],
+            identity: None,
+            relay: false,
+        }
     }
 
     #[test]
@@ -483,15 +519,41 @@ mod tests {
     fn frames_round_trip_through_any_split() {
         let frames = vec![
             Frame::Hello(hello()),
-            Frame::Msg(Chat { id: random_id(), from: "ana".into(), room: "x".into(), ts: 1, hlc: 7, text: "olá ☃".into(), ..Chat::default() }),
-            Frame::Msg(Chat { id: random_id(), text: "signed".into(), key: Some("ab".repeat(32)), sig: Some("cd".repeat(64)), ..Chat::default() }),
+            Frame::Msg(Chat {
+                id: random_id(),
+                from: "ana".into(),
+                room: "x".into(),
+                ts: 1,
+                hlc: 7,
+                text: "olá ☃".into(),
+                ..Chat::default()
+            }),
+            Frame::Msg(Chat {
+                id: random_id(),
+                text: "signed".into(),
+                key: Some("ab".repeat(32)),
+                sig: Some("cd".repeat(64)),
+                ..Chat::default()
+            }),
             Frame::Nick { name: "bia".into() },
             Frame::Bye,
             Frame::Ping,
             Frame::Vouch { originals: vec!["10.0.0.1:5000".into()] },
             Frame::HistoryRequest { req: 3, limit: 100, after: Some(Position { hlc: 1 << 40, id: random_id() }) },
             Frame::HistoryRequest { req: 4, limit: 0, after: None },
-            Frame::History { req: 3, msgs: vec![Chat { id: random_id(), from: "bia".into(), room: "x".into(), ts: 2, hlc: 9, text: "old".into(), ..Chat::default() }], more: true },
+            Frame::History {
+                req: 3,
+                msgs: vec![Chat {
+                    id: random_id(),
+                    from: "bia".into(),
+                    room: "x".into(),
+                    ts: 2,
+                    hlc: 9,
+                    text: "old".into(),
+                    ..Chat::default()
+                }],
+                more: true,
+            },
             Frame::RelayAsk { peer: random_id() },
             Frame::RelayOpen { peer: random_id(), name: Some("bia".into()), addr: "10.0.0.2:5000".into() },
             Frame::RelayClose { peer: random_id(), reason: "left".into(), clean: true },
@@ -523,7 +585,9 @@ mod tests {
     #[test]
     fn unknown_fields_and_types_are_tolerated() {
         let mut decoder = FrameDecoder::new();
-        for json in [r#"{"type":"hello","v":1,"id":"x","room":"","future":[1,2]}"#, r#"{"type":"teleport","to":"mars"}"#] {
+        for json in
+            [r#"{"type":"hello","v":1,"id":"x","room":"","future":[1,2]}"#, r#"{"type":"teleport","to":"mars"}"#]
+        {
             decoder.feed(&(json.len() as u32).to_be_bytes());
             decoder.feed(json.as_bytes());
         }
@@ -544,7 +608,10 @@ mod tests {
 
     /// Members encoded and joined into blocks of `per_block`, as the tracker's registry keeps them.
     fn blocks(members: &[Member], per_block: usize) -> Vec<std::sync::Arc<[u8]>> {
-        members.chunks(per_block.max(1)).map(|chunk| chunk.iter().map(|m| encode_member(m).into_vec()).collect::<Vec<_>>().join(&b","[..]).into()).collect()
+        members
+            .chunks(per_block.max(1))
+            .map(|chunk| chunk.iter().map(|m| encode_member(m).into_vec()).collect::<Vec<_>>().join(&b","[..]).into())
+            .collect()
     }
 
     #[test]
@@ -560,7 +627,12 @@ mod tests {
             assert_eq!(&opening[..MAGIC.len()], MAGIC);
             let mut decoder = FrameDecoder::new();
             decoder.feed(&opening[MAGIC.len()..]);
-            let expected = Frame::Welcome { v: PROTOCOL_VERSION, members: members[..count].to_vec(), you: "10.9.8.7:\"1\"".into(), relay };
+            let expected = Frame::Welcome {
+                v: PROTOCOL_VERSION,
+                members: members[..count].to_vec(),
+                you: "10.9.8.7:\"1\"".into(),
+                relay,
+            };
             assert_eq!(decoder.next_frame(), Ok(Some(expected)));
             assert_eq!(decoder.next_frame(), Ok(None), "the length prefix covers exactly the frame");
         }
@@ -568,7 +640,8 @@ mod tests {
 
     #[test]
     fn a_welcome_lists_a_p2pchat_member_by_its_address_alone() {
-        let member = |p2pchat: bool, id: Option<&str>| Member { addr: "10.0.0.1:5000".into(), p2pchat, id: id.map(Into::into) };
+        let member =
+            |p2pchat: bool, id: Option<&str>| Member { addr: "10.0.0.1:5000".into(), p2pchat, id: id.map(Into::into) };
         let cases: [(Member, &[u8]); 3] = [
             (member(true, None), br#""10.0.0.1:5000""#),
             (member(false, None), br#"{"addr":"10.0.0.1:5000","p2pchat":false}"#),
@@ -607,7 +680,16 @@ mod tests {
 
     #[test]
     fn a_chat_line_decodes_the_same_whatever_the_order_of_its_fields() {
-        let chat = Chat { id: "a1".into(), from: "ana".into(), room: "r".into(), ts: 5, hlc: 7, text: "hi".into(), key: None, sig: None };
+        let chat = Chat {
+            id: "a1".into(),
+            from: "ana".into(),
+            room: "r".into(),
+            ts: 5,
+            hlc: 7,
+            text: "hi".into(),
+            key: None,
+            sig: None,
+        };
         let ours = encode(&Frame::Msg(chat.clone()));
         assert!(ours[4..].starts_with(MSG_OPENING), "the encoder writes the tag first");
         let tag_last = br#"{"id":"a1","from":"ana","room":"r","ts":5,"hlc":7,"text":"hi","type":"msg"}"#;

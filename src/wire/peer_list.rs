@@ -102,8 +102,10 @@ mod tests {
 
     #[test]
     fn long_list_keeps_newest_whole_entries_within_budget() {
-        let newest_first: Vec<SocketAddr> =
-            (0..500u16).rev().map(|i| SocketAddr::from(([192, 168, (i / 250) as u8, (i % 250) as u8], 40000 + i))).collect();
+        let newest_first: Vec<SocketAddr> = (0..500u16)
+            .rev()
+            .map(|i| SocketAddr::from(([192, 168, (i / 250) as u8, (i % 250) as u8], 40000 + i)))
+            .collect();
         let out = encode(&newest_first, LEGACY_LIST_BUDGET);
         assert!(out.len() <= LEGACY_LIST_BUDGET);
         let (parsed, rejected) = parse(&out);
