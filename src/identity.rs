@@ -48,7 +48,12 @@ impl Identity {
     pub fn generate() -> Result<Self, std::io::Error> {
         let mut secret = [0u8; 32];
         getrandom::fill(&mut secret).map_err(|e| std::io::Error::other(e.to_string()))?;
-        Ok(Self { signing: SigningKey::from_bytes(&secret) })
+        Ok(Self::from_secret(secret))
+    }
+
+    /// The identity with this secret key (the simulator's come from its seed).
+    pub fn from_secret(secret: [u8; 32]) -> Self {
+        Self { signing: SigningKey::from_bytes(&secret) }
     }
 
     /// The identity in `path`, created there first if there is none.

@@ -17,7 +17,7 @@ pub(crate) enum Opened {
     /// The p2pchat magic; the bytes that followed it.
     P2pchat(Vec<u8>),
     /// Bytes that are not the magic: an original end.
-    Original(Vec<u8>),
+    Original,
     /// Nothing at all within the wait: an original end, which speaks only when its user types.
     Silent,
     /// The connection ended, failed, or stopped halfway through the magic.
@@ -31,7 +31,7 @@ pub(crate) async fn read_opening<R: AsyncRead + Unpin>(reader: &mut R, wait: Dur
     loop {
         match classify_opening(&first) {
             Opening::P2pchat => return Opened::P2pchat(first.split_off(MAGIC.len())),
-            Opening::Original => return Opened::Original(first),
+            Opening::Original => return Opened::Original,
             Opening::Undecided => {}
         }
         first.reserve(MAGIC.len());

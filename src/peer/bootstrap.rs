@@ -16,18 +16,12 @@ use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
 
 use super::actor::NetEvent;
+use super::types::Contact;
 use super::{Limits, PeerConfig, PeerError, Protocol};
 use crate::net;
 use crate::reading::{read_frame, FrameReadError};
 use crate::wire::frames::{self, classify_opening, Frame, FrameDecoder, Hello, Opening, MAGIC, PROTOCOL_VERSION};
 use crate::wire::peer_list;
-
-/// Someone to dial, and what we know of the protocol it speaks.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Contact {
-    pub addr: SocketAddr,
-    pub known: Option<Protocol>,
-}
 
 pub(super) struct Boot {
     pub listener: TcpListener,

@@ -23,9 +23,8 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::Poll;
-use std::time::SystemTime;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::tcp;
@@ -33,84 +32,24 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::task::AbortOnDropHandle;
 
-use super::actor::NetEvent;
-use super::history;
+use super::actor::{now, NetEvent};
 use super::outbox::{self, Drain, Outbox};
 use super::secure::SecureStream;
-use super::seen::SeenIds;
-use super::trust::{self, KnownKeys};
-use super::{Event, Limits, Message};
-use crate::history::clock::Clock;
+use super::state::link::{self, End, Outputs};
+use super::state::rules::LinkRules;
+use super::types::{Line, LinkId, Role};
+use super::Event;
 use crate::history::log::LogHandle;
 use crate::history::store::Record;
-use crate::private::RoomKey;
-use crate::reading::{read_opening, Opened, Silence};
 use crate::sending;
-use crate::wire::chat::{self, ChatDecoder, Piece};
-use crate::wire::frames::{self, Chat, Frame, FrameDecoder};
 
-/// Encoded bytes for one connection's queue, shared between connections when they are the same.
-pub(super) type Line = Arc<[u8]>;
-
-pub(super) type ConnId = u64;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Role {
-    Probe,
-    DialOriginal,
-    Accepted,
-}
-
-/// A token bucket per link: a member sending faster than `max_message_rate` (after a burst of three
-/// times that) is muted (its messages dropped here) until it slows down; one notice per muted spell.
-const BURST: f64 = 3.0;
-
-struct Flood {
-    tokens: f64,
-    rate: f64,
-    last: tokio::time::Instant,
-    muted: bool,
-}
-
-impl Flood {
-    fn new(rate: u32) -> Self {
-        let rate = f64::from(rate.max(1));
-        Self { tokens: BURST * rate, rate, last: tokio::time::Instant::now(), muted: false }
-    }
-
-    /// Whether one more message may be shown; `Some(notice)` when the muted state changes.
-    fn admit(&mut self, from: SocketAddr, sender: Option<&str>) -> (bool, Option<String>) {
-        let now = tokio::time::Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(BURST * self.rate);
-        self.last = now;
-        // Named only for a notice: this runs for every message.
-        let who = || sender.map_or_else(|| from.to_string(), |name| format!("{name} ({from})"));
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            let change = std::mem::take(&mut self.muted).then(|| format!("{} is no longer muted", who()));
-            (true, change)
-        } else if self.muted {
-            (false, None)
-        } else {
-            self.muted = true;
-            (false, Some(format!("muting {}: more than {} messages per second", who(), self.rate)))
-        }
-    }
-}
-
-/// What a reader needs besides its socket (one per peer, shared by its links).
+/// What a link's task needs besides its socket (one per peer, shared by its links): the rules its
+/// reader applies, and where what it reads goes.
 pub(super) struct ReaderContext {
-    pub limits: Limits,
-    pub room: String,
+    pub rules: LinkRules,
     pub net: mpsc::Sender<NetEvent>,
     pub events: mpsc::Sender<Event>,
-    pub seen: Arc<Mutex<SeenIds>>,
-    pub clock: Arc<Clock>,
     pub log: LogHandle,
-    /// In a private room: the keys names have here; every message must be signed by its author's.
-    pub authors: Option<Arc<Mutex<KnownKeys>>>,
-    /// In a private room: its key, which opens sealed messages.
-    pub room_key: Option<Arc<RoomKey>>,
 }
 
 /// What the actor tells a running link; its task reads each when it matters.
@@ -141,13 +80,13 @@ pub(super) enum Transport {
 }
 
 pub(super) fn spawn(
-    id: ConnId,
+    id: LinkId,
     transport: Transport,
     from: SocketAddr,
     role: Role,
     context: Arc<ReaderContext>,
 ) -> Connection {
-    let limits = &context.limits;
+    let limits = &context.rules.limits;
     let (queue, lines) = outbox::outbox(outbox::Bounds {
         lines: limits.send_queue,
         stalled_after: limits.stalled_after,
@@ -158,7 +97,7 @@ pub(super) fn spawn(
     let task = match transport {
         Transport::Plain(mut stream) => {
             let _ = stream.set_nodelay(true);
-            crate::net::detect_dead_peer(&stream, link.context.limits.dead_after);
+            crate::net::detect_dead_peer(&stream, link.context.rules.limits.dead_after);
             tokio::spawn(async move {
                 // Borrowed halves: one task reads and writes, so the socket needs no shared owner.
                 let (read_half, write_half) = stream.split();
@@ -214,7 +153,7 @@ impl LinkReader for ReadHalf<SecureStream> {
 enum ReadEnd {
     /// The stream ended without a goodbye: the other side closed it, unless our writer failed first
     /// (it then stopped our reads, or its write took the socket's error).
-    EndOfStream,
+    StreamEnded,
     /// Why it ended, and whether the other side said goodbye.
     Because(String, bool),
 }
@@ -228,7 +167,7 @@ enum Written {
 
 /// One link's task: it reads and writes the connection, and tells the actor how it ended.
 struct LinkTask {
-    id: ConnId,
+    id: LinkId,
     from: SocketAddr,
     role: Role,
     context: Arc<ReaderContext>,
@@ -258,7 +197,7 @@ impl LinkTask {
         let (reason, clean) = match ended.flatten() {
             None => return,
             Some(ReadEnd::Because(reason, clean)) => (reason, clean),
-            Some(ReadEnd::EndOfStream) => match written {
+            Some(ReadEnd::StreamEnded) => match written {
                 Some(Written::Failed(reason)) => (reason, false),
                 _ => ("closed by the other side".to_owned(), false),
             },
@@ -268,29 +207,68 @@ impl LinkTask {
 
     /// Read the link until it ends; `None` when there is nothing to report as a closed link.
     async fn read(&self, half: &mut impl LinkReader) -> Option<ReadEnd> {
-        let (id, context) = (self.id, &*self.context);
-        let opened = match self.role {
-            Role::DialOriginal => Opened::Original(Vec::new()),
-            Role::Probe => read_opening(half, context.limits.probe_timeout).await,
-            Role::Accepted => read_opening(half, context.limits.decide_timeout).await,
-        };
-        match (self.role, opened) {
-            (Role::Probe, Opened::Silent | Opened::Closed(_)) => {
-                let _ = sending::send(&context.net, NetEvent::ProbeRejected { id }).await;
-                None
+        let rules = &self.context.rules;
+        let mut reader = link::LinkReader::new(self.role, self.from, now(), rules);
+        let mut out = Outputs::default();
+        let mut read_size = ReadSize::new();
+        reader.start(&mut out);
+        loop {
+            if !out.is_empty() {
+                let end = out.end.take();
+                if !self.carry_out(&mut out).await {
+                    // The peer is closing: nobody to tell.
+                    return None;
+                }
+                match end {
+                    None => {}
+                    Some(End::Quietly) => return None,
+                    Some(End::StreamEnded) => return Some(ReadEnd::StreamEnded),
+                    Some(End::Closed { reason, clean }) => return Some(ReadEnd::Because(reason, clean)),
+                }
             }
-            (_, Opened::Closed(reason)) => Some(ReadEnd::Because(reason, false)),
-            (_, Opened::P2pchat(rest)) => {
-                Some(p2pchat_loop(id, half, self.from, rest, context, &self.flags.forwards).await)
-            }
-            (_, opened @ (Opened::Original(_) | Opened::Silent)) => {
-                let first = if let Opened::Original(first) = opened { first } else { Vec::new() };
-                sending::send(&context.net, NetEvent::Original { id }).await.ok()?;
-                // Boxed: links to original peers are few, and inline this loop would size every link's
-                // task (a p2pchat link's loop is smaller).
-                Some(Box::pin(original_loop(id, half, self.from, first, context)).await)
+            let timeout = reader.poll_timeout().map(tokio::time::Instant::from_std);
+            let step = {
+                let read = async {
+                    half.readable().await;
+                    let Some(buf) = reader.read_buffer() else { return Ok(0) };
+                    read_size.prepare(buf);
+                    half.read_buf(buf).await
+                };
+                let timer = async {
+                    match timeout {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                };
+                tokio::select! {
+                    biased;
+                    read = read => Some(read),
+                    () = timer => None,
+                }
+            };
+            let forwarding = self.flags.forwards.load(Ordering::Relaxed);
+            match step {
+                None => reader.handle_timeout(now(), rules, &mut out),
+                Some(Ok(0)) => reader.handle_eof(now(), rules, &mut out),
+                Some(Ok(n)) => {
+                    read_size.after_read(n);
+                    reader.handle_read(now(), rules, forwarding, &mut out);
+                }
+                Some(Err(err)) => reader.handle_error(now(), rules, &err.to_string(), &mut out),
             }
         }
+    }
+
+    /// Send what the reader produced on, in order: reports to the peer's task, then the messages,
+    /// logged in one job before they are shown. False once the peer's task is gone.
+    async fn carry_out(&self, out: &mut Outputs) -> bool {
+        let context = &*self.context;
+        let mut peer_gone = false;
+        for report in out.reports.drain(..) {
+            peer_gone |= sending::send(&context.net, NetEvent::Report { id: self.id, report }).await.is_err();
+        }
+        log_then_show(context, std::mem::take(&mut out.to_log), std::mem::take(&mut out.to_show)).await;
+        !peer_gone
     }
 }
 
@@ -366,103 +344,6 @@ async fn write_loop(mut half: impl LinkWriter, mut lines: Drain<Line>, flags: &L
     Written::All
 }
 
-/// The original protocol: `<NAME> :: text` pieces, decoded incrementally.
-async fn original_loop(
-    id: ConnId,
-    half: &mut impl LinkReader,
-    from: SocketAddr,
-    first: Vec<u8>,
-    context: &ReaderContext,
-) -> ReadEnd {
-    let mut decoder = ChatDecoder::new();
-    let mut flood = Flood::new(context.limits.max_message_rate);
-    let mut pending = first;
-    let mut read_size = ReadSize::new();
-    loop {
-        if !pending.is_empty() {
-            let had_name = decoder.name().is_some();
-            let pieces = decoder.feed(&pending);
-            pending = Vec::new();
-            if let (false, Some(name)) = (had_name, decoder.name()) {
-                let _ = sending::send(&context.net, NetEvent::Renamed { id, name: name.to_owned() }).await;
-            }
-            deliver(pieces, from, context, &mut flood).await;
-        }
-        let read = async {
-            half.readable().await;
-            read_size.prepare(&mut pending);
-            half.read_buf(&mut pending).await
-        };
-        let read = if decoder.has_held_back() {
-            match tokio::time::timeout(context.limits.hold_back, read).await {
-                Ok(read) => read,
-                Err(_idle) => {
-                    deliver(decoder.flush(), from, context, &mut flood).await;
-                    continue;
-                }
-            }
-        } else {
-            read.await
-        };
-        match read {
-            Ok(0) => break,
-            Ok(n) => read_size.after_read(n),
-            Err(err) => {
-                deliver(decoder.flush(), from, context, &mut flood).await;
-                return ReadEnd::Because(format!("read failed: {err}"), false);
-            }
-        }
-    }
-    deliver(decoder.flush(), from, context, &mut flood).await;
-    ReadEnd::EndOfStream
-}
-
-/// Log and show what an original peer said. Its lines carry no id: each is logged under one made
-/// here, as not shared (see `history::store`).
-async fn deliver(pieces: Vec<Piece>, from: SocketAddr, context: &ReaderContext, flood: &mut Flood) {
-    let mut records = Vec::new();
-    let mut shown = Vec::new();
-    for Piece { sender, text, starts_message } in pieces {
-        if starts_message {
-            let (admitted, notice) = flood.admit(from, sender.as_deref());
-            if let Some(text) = notice {
-                shown.push(Event::Notice { text });
-            }
-            if !admitted {
-                continue;
-            }
-        } else if flood.muted {
-            continue;
-        }
-        let stamp = context.clock.tick();
-        let received_at = SystemTime::now();
-        records.push(Record {
-            id: crate::wire::frames::random_id(),
-            stamp,
-            sent_at: crate::history::clock::millis_of(stamp),
-            sender: sender.clone(),
-            text: text.clone(),
-            shared: false,
-            author_key: None,
-            sig: None,
-        });
-        let message = Message {
-            sender,
-            text,
-            from,
-            received_at,
-            starts_message,
-            id: None,
-            sent_at: None,
-            stamp: Some(stamp),
-            history: false,
-            signed: false,
-        };
-        shown.push(Event::Message(message));
-    }
-    log_then_show(context, records, shown).await;
-}
-
 /// Log messages before the application sees them, so a `history()` asked after a message arrived
 /// has it (the log thread takes jobs in order).
 async fn log_then_show(context: &ReaderContext, records: Vec<Record>, events: Vec<Event>) {
@@ -472,224 +353,6 @@ async fn log_then_show(context: &ReaderContext, records: Vec<Record>, events: Ve
     for event in events {
         // An error means the application dropped its event stream: nobody is listening any more.
         let _ = sending::send(&context.events, event).await;
-    }
-}
-
-/// How far a live message's own time may be from ours in a private room: older ones are replays
-/// (copies within it are caught by their ids), newer ones come from a clock that is far off.
-const FRESH_FOR_MS: u64 = 10 * 60 * 1000;
-
-/// Outside private rooms nobody checks signatures: drop any a message carries, so that it is never
-/// logged or shown as signed.
-fn unverified(chat: &mut Chat, context: &ReaderContext) {
-    if context.authors.is_none() {
-        chat.key = None;
-        chat.sig = None;
-    }
-}
-
-/// In a private room, whether a live message is its author's (see `trust::check_author`) and recent.
-fn authentic_and_fresh(chat: &Chat, context: &ReaderContext) -> Result<(), String> {
-    let Some(authors) = &context.authors else { return Ok(()) };
-    trust::check_author(chat, &context.room, authors)?;
-    if crate::history::clock::wall_millis().abs_diff(chat.ts) > FRESH_FOR_MS {
-        return Err(format!(
-            "a message from {:?} sent at a time more than 10 minutes from ours (a replay?)",
-            chat.from
-        ));
-    }
-    Ok(())
-}
-
-/// Messages a link brought that were dropped (private rooms: forged, altered, replayed): the user is
-/// told about the first few; a link that keeps sending them cannot fill the screen.
-#[derive(Default)]
-struct Drops(u32);
-
-impl Drops {
-    const TOLD: u32 = 5;
-
-    fn tell(&mut self, text: String, from: SocketAddr, shown: &mut Vec<Event>) {
-        log::warn!("{text}");
-        self.0 = self.0.saturating_add(1);
-        if self.0 <= Self::TOLD {
-            shown.push(Event::Notice { text });
-        }
-        if self.0 == Self::TOLD {
-            shown.push(Event::Notice { text: format!("more messages dropped from {from} are only logged") });
-        }
-    }
-}
-
-/// The extension protocol: frames.
-async fn p2pchat_loop(
-    id: ConnId,
-    half: &mut impl LinkReader,
-    from: SocketAddr,
-    rest: Vec<u8>,
-    context: &ReaderContext,
-    forwards: &AtomicBool,
-) -> ReadEnd {
-    let mut decoder = FrameDecoder::new();
-    decoder.feed(&rest);
-    let mut read_size = ReadSize::new();
-    let mut silence = Silence::new(context.limits.dead_after);
-    let mut flood = Flood::new(context.limits.max_message_rate);
-    let mut drops = Drops::default();
-    let mut greeted = false;
-    let mut said_bye = false;
-    // What one read brought goes on after its frames are taken, in their order: the actor's events,
-    // then the messages, logged in one job before they are shown. Taking the frames never waits, so
-    // the link's task is not sized to hold a frame across a wait.
-    let (mut to_actor, mut to_log, mut to_show) = (Vec::new(), Vec::new(), Vec::new());
-    loop {
-        let ended = loop {
-            let frame = match decoder.next_frame() {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break None,
-                Err(err) => {
-                    let text = format!("{from} sent a broken p2pchat frame ({err}); closing that link");
-                    log::warn!("{text}");
-                    to_show.push(Event::Notice { text });
-                    break Some((format!("protocol error: {err}"), false));
-                }
-            };
-            // A sealed message is opened here and then taken as any message; what is passed on to
-            // relay partners stays sealed.
-            let (frame, passed_on) = match frame {
-                Frame::Sealed { id: msg_id, data } => match context
-                    .room_key
-                    .as_deref()
-                    .map(|key| key.open_sealed(&msg_id, &data))
-                {
-                    Some(Ok(chat)) => (Frame::Msg(chat), Some(Frame::Sealed { id: msg_id, data })),
-                    Some(Err(err)) => {
-                        drops.tell(format!("dropped a sealed message passed on by {from}: {err}"), from, &mut to_show);
-                        continue;
-                    }
-                    // Not a private room: nothing here opens it.
-                    None => continue,
-                },
-                other => (other, None),
-            };
-            match frame {
-                Frame::Hello(hello) if !greeted => {
-                    greeted = true;
-                    to_actor.push(NetEvent::Hello { id, hello });
-                }
-                Frame::Error { code, message } => {
-                    to_actor.push(NetEvent::Refused { id, code, message });
-                    break Some(("refused".to_owned(), false));
-                }
-                _ if !greeted => break Some(("spoke before its hello".to_owned(), false)),
-                Frame::Msg(mut chat) => {
-                    unverified(&mut chat, context);
-                    if chat.room != context.room || chat::validate_text(&chat.text).is_err() {
-                        log::debug!("ignoring a message from {from} for room {:?} or with an invalid text", chat.room);
-                        continue;
-                    }
-                    if let Err(why) = authentic_and_fresh(&chat, context) {
-                        drops.tell(format!("dropped {why}, passed on by {from}"), from, &mut to_show);
-                        continue;
-                    }
-                    let first_time = context.seen.lock().map(|mut seen| seen.first_time(&chat.id)).unwrap_or(true);
-                    let (shown, notice) = if first_time { flood.admit(from, Some(&chat.from)) } else { (false, None) };
-                    if let Some(text) = notice {
-                        to_show.push(Event::Notice { text });
-                    }
-                    if shown {
-                        if forwards.load(Ordering::Relaxed) {
-                            let line = match &passed_on {
-                                Some(sealed) => frames::encode(sealed),
-                                None => frames::encode(&Frame::Msg(chat.clone())),
-                            }
-                            .into();
-                            to_actor.push(NetEvent::Forward { id, line });
-                        }
-                        context.clock.observe(chat.stamp());
-                        to_log.push(history::chat_to_record(&chat));
-                        to_show.push(Event::Message(history::message(chat, from, false)));
-                    }
-                }
-                Frame::HistoryRequest { req, limit, after } => {
-                    to_actor.push(NetEvent::HistoryRequested { id, req, limit, after });
-                }
-                Frame::History { req, msgs, more } => {
-                    let authentic = |m: &Chat| match &context.authors {
-                        None => true,
-                        Some(authors) => trust::check_author(m, &context.room, authors)
-                            .map_err(|why| log::warn!("dropped history from {from}: {why}"))
-                            .is_ok(),
-                    };
-                    let msgs = msgs
-                        .into_iter()
-                        .filter(|m| history::acceptable(m, &context.room) && authentic(m))
-                        .map(|mut m| {
-                            unverified(&mut m, context);
-                            m
-                        })
-                        .collect();
-                    to_actor.push(NetEvent::HistoryPart { id, req, msgs, more });
-                }
-                Frame::Nick { name } => {
-                    if chat::validate_name(&name).is_ok() {
-                        to_actor.push(NetEvent::Renamed { id, name });
-                    }
-                }
-                Frame::Bye => said_bye = true,
-                Frame::RelayAsk { peer } => {
-                    to_actor.push(NetEvent::RelayAsked { id, peer });
-                }
-                Frame::RelayOpen { peer, name, addr } => {
-                    let (name, addr) = (name.filter(|n| chat::validate_name(n).is_ok()), addr.parse().ok());
-                    if let Some(addr) = addr {
-                        to_actor.push(NetEvent::RelayOpened { id, peer, name, addr });
-                    }
-                }
-                Frame::RelayClose { peer, reason, clean } => {
-                    to_actor.push(NetEvent::RelayClosed { id, peer, reason, clean });
-                }
-                Frame::Hello(_)
-                | Frame::Welcome { .. }
-                | Frame::Ping
-                | Frame::Vouch { .. }
-                | Frame::PunchRequest { .. }
-                | Frame::Punch { .. }
-                | Frame::SecureHello { .. }
-                | Frame::Sealed { .. }
-                | Frame::Unknown => {}
-            }
-        };
-        let mut actor_gone = false;
-        for event in to_actor.drain(..) {
-            actor_gone |= sending::send(&context.net, event).await.is_err();
-        }
-        log_then_show(context, std::mem::take(&mut to_log), std::mem::take(&mut to_show)).await;
-        if let Some((reason, clean)) = ended.or_else(|| actor_gone.then(|| ("closing".to_owned(), false))) {
-            return ReadEnd::Because(reason, clean);
-        }
-        // p2pchat ends send something (a ping if nothing else) every `keepalive_interval`: silence
-        // means the other end is gone.
-        decoder.release_if_drained();
-        let read = tokio::select! {
-            biased;
-            read = async {
-                half.readable().await;
-                let buf = decoder.read_buffer();
-                read_size.prepare(buf);
-                half.read_buf(buf).await
-            } => read,
-            () = silence.passed() => return ReadEnd::Because(format!("silent for {:?}", context.limits.dead_after), false),
-        };
-        match read {
-            Ok(0) if said_bye => return ReadEnd::Because("left".to_owned(), true),
-            Ok(0) => return ReadEnd::EndOfStream,
-            Ok(n) => {
-                read_size.after_read(n);
-                silence.heard();
-            }
-            Err(err) => return ReadEnd::Because(format!("read failed: {err}"), said_bye),
-        }
     }
 }
 

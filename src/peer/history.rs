@@ -20,13 +20,15 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
-use super::connection::{ConnId, Line, ReaderContext};
+use super::connection::ReaderContext;
 use super::outbox::Outbox;
+use super::types::{Line, LinkId};
 use super::{Event, Message};
 use crate::history::log::LogHandle;
 use crate::history::store::{self, Key, Query, Record};
 use crate::wire::chat;
 use crate::wire::frames::{self, Chat, Frame, Position};
+use std::time::Instant;
 
 /// Largest answer frame: well under the frame limit, so one 64 KiB message always fits in one.
 pub const CHUNK_BYTES: usize = 128 * 1024;
@@ -73,25 +75,19 @@ pub(super) struct AnswerBudget {
     tokens: f64,
     burst: f64,
     per_sec: f64,
-    last: tokio::time::Instant,
+    last: Instant,
     busy: bool,
 }
 
 impl AnswerBudget {
-    pub fn new(config: &HistoryConfig) -> Self {
+    pub fn new(config: &HistoryConfig, now: Instant) -> Self {
         let burst = config.answer_burst_bytes as f64;
-        Self {
-            tokens: burst,
-            burst,
-            per_sec: config.answer_bytes_per_sec as f64,
-            last: tokio::time::Instant::now(),
-            busy: false,
-        }
+        Self { tokens: burst, burst, per_sec: config.answer_bytes_per_sec as f64, last: now, busy: false }
     }
 
     /// Start an answer: how many bytes it may carry, or `None` while another answer is being sent or
     /// the allowance is spent.
-    pub fn start(&mut self, now: tokio::time::Instant) -> Option<usize> {
+    pub fn start(&mut self, now: Instant) -> Option<usize> {
         self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.per_sec).min(self.burst);
         self.last = now;
         if self.busy || self.tokens < 1.0 {
@@ -223,8 +219,6 @@ struct Asked {
     ask: Ask,
     /// Messages still accepted in the answer.
     remaining: usize,
-    /// To the task that logs and shows the answer; dropping it ends that task.
-    parts: mpsc::Sender<Vec<Chat>>,
 }
 
 /// Our history requests, I/O-free: what to ask a member whose link comes up, which answers we wait
@@ -235,20 +229,19 @@ pub(super) struct Requests {
     /// waiting for it.
     join: Option<Ask>,
     next: u32,
-    asked: HashMap<ConnId, Asked>,
+    asked: HashMap<LinkId, Asked>,
     /// Session id → (the stamp to catch up from, when it was lost).
-    lost: HashMap<String, (u64, tokio::time::Instant)>,
+    lost: HashMap<String, (u64, Instant)>,
     catch_up_limit: usize,
 }
 
 /// What became of a part of an answer.
 #[derive(Debug, PartialEq, Eq)]
 pub(super) enum Part {
-    Passed,
+    /// These messages go on to the receiving task; `last`: the answer is complete.
+    Passed { msgs: Vec<Chat>, last: bool },
     /// Nobody asked (another request number, or a link we asked nothing).
     Unasked,
-    /// The receiving task is behind: the rest of that answer is dropped.
-    Overflow,
 }
 
 impl Requests {
@@ -297,41 +290,42 @@ impl Requests {
         req
     }
 
-    /// `ask` was sent on `conn` as `req`; its answer goes to `parts`.
-    pub fn sent(&mut self, conn: ConnId, req: u32, peer_id: Option<String>, ask: Ask, parts: mpsc::Sender<Vec<Chat>>) {
+    /// `ask` was sent on `conn` as `req`.
+    pub fn sent(&mut self, conn: LinkId, req: u32, peer_id: Option<String>, ask: Ask) {
         let remaining = ask.limit;
-        self.asked.insert(conn, Asked { req, peer_id, ask, remaining, parts });
+        self.asked.insert(conn, Asked { req, peer_id, ask, remaining });
     }
 
-    pub fn is_asking(&self, conn: ConnId) -> bool {
+    /// The answer on `conn` could not be taken in: the rest of it is ignored.
+    pub fn drop_answer(&mut self, conn: LinkId) {
+        self.asked.remove(&conn);
+    }
+
+    pub fn is_asking(&self, conn: LinkId) -> bool {
         self.asked.contains_key(&conn)
     }
 
     /// A part of an answer on `conn`: passed on, up to the number of messages asked for.
-    pub fn part(&mut self, conn: ConnId, req: u32, mut msgs: Vec<Chat>, more: bool) -> Part {
+    pub fn part(&mut self, conn: LinkId, req: u32, mut msgs: Vec<Chat>, more: bool) -> Part {
         let Some(asked) = self.asked.get_mut(&conn).filter(|a| a.req == req) else { return Part::Unasked };
         msgs.truncate(asked.remaining);
         asked.remaining -= msgs.len();
-        let finished = !more || asked.remaining == 0;
-        if !msgs.is_empty() && asked.parts.try_send(msgs).is_err() {
-            self.asked.remove(&conn);
-            return Part::Overflow;
-        }
-        if finished {
+        let last = !more || asked.remaining == 0;
+        if last {
             self.asked.remove(&conn);
         }
-        Part::Passed
+        Part::Passed { msgs, last }
     }
 
     /// The member `peer_id` was lost without a goodbye; if it comes back within `keep_for`, catch up
     /// from `since`, or from an earlier point it was lost at and has not come back since (nothing
     /// between the two losses is missed).
-    pub fn lost(&mut self, peer_id: String, since: u64, now: tokio::time::Instant, keep_for: Duration) {
+    pub fn lost(&mut self, peer_id: String, since: u64, now: Instant, keep_for: Duration) {
         self.lost.retain(|_, (_, when)| now.duration_since(*when) < keep_for);
         self.catch_up_when_back(peer_id, since, now);
     }
 
-    fn catch_up_when_back(&mut self, peer_id: String, since: u64, now: tokio::time::Instant) {
+    fn catch_up_when_back(&mut self, peer_id: String, since: u64, now: Instant) {
         let entry = self.lost.entry(peer_id).or_insert((since, now));
         *entry = (entry.0.min(since), now);
     }
@@ -340,7 +334,7 @@ impl Requests {
     /// each other keep one of two links, and the kept one may come up after the other closed): a
     /// catch-up waits for its member's next link, from the earliest point asked; the join's request
     /// waits for the next member, as [`Purpose::Late`] (the join stopped waiting when its link closed).
-    pub fn ask_when_back(&mut self, peer_id: Option<String>, ask: Ask, now: tokio::time::Instant) {
+    pub fn ask_when_back(&mut self, peer_id: Option<String>, ask: Ask, now: Instant) {
         match (ask.purpose, peer_id) {
             (Purpose::CatchUp, Some(peer_id)) => {
                 self.catch_up_when_back(peer_id, ask.after.map_or(0, |key| key.stamp), now)
@@ -354,7 +348,7 @@ impl Requests {
 
     /// Link `conn` is gone: the rest of a request it had not finished answering, to ask again (on a
     /// link to the same member, or for the join's history any member), and who was answering.
-    pub fn link_gone(&mut self, conn: ConnId) -> Option<(Option<String>, Ask)> {
+    pub fn link_gone(&mut self, conn: LinkId) -> Option<(Option<String>, Ask)> {
         let asked = self.asked.remove(&conn)?;
         let rest = Ask { after: asked.ask.after, limit: asked.remaining, purpose: asked.ask.purpose };
         Some((asked.peer_id, rest))
@@ -434,9 +428,9 @@ pub(super) async fn receive(
             }
         };
         for (chat, is_new) in msgs.into_iter().zip(fresh) {
-            sink.clock.observe(chat.stamp());
+            sink.rules.clock.observe(chat.stamp());
             // New to the log, and not shown live this session (the live copy may have come first).
-            let show = is_new && sink.seen.lock().map(|mut seen| seen.first_time(&chat.id)).unwrap_or(true);
+            let show = is_new && sink.rules.seen.lock().map(|mut seen| seen.first_time(&chat.id)).unwrap_or(true);
             if !show {
                 continue;
             }
@@ -495,11 +489,11 @@ mod tests {
         assert_eq!(answer_frames(1, Vec::new()).len(), 1, "an empty answer is one frame");
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn the_answer_budget_allows_one_answer_at_a_time_and_refills() {
+    #[test]
+    fn the_answer_budget_allows_one_answer_at_a_time_and_refills() {
         let config = HistoryConfig { answer_burst_bytes: 1000, answer_bytes_per_sec: 100, ..HistoryConfig::default() };
-        let mut budget = AnswerBudget::new(&config);
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
+        let mut budget = AnswerBudget::new(&config, now);
         assert_eq!(budget.start(now), Some(1000));
         assert_eq!(budget.start(now), None, "busy");
         budget.finish(1100);
@@ -519,7 +513,7 @@ mod tests {
         requests.not_asked(join.clone());
         assert_eq!(requests.on_link_up("b"), Some(join), "a request that could not be sent waits for the next member");
 
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         requests.lost("a".into(), 42, now, Duration::from_secs(60));
         let catch_up = requests.on_link_up("a").expect("a catch-up");
         assert_eq!(
@@ -553,13 +547,12 @@ mod tests {
 
     #[test]
     fn a_request_cut_off_with_its_link_waits_for_the_next_one() {
-        let now = tokio::time::Instant::now();
+        let now = Instant::now();
         let mut requests = Requests::new(None, 0, 10_000);
         requests.lost("a".into(), 42, now, Duration::from_secs(60));
         let catch_up = requests.on_link_up("a").expect("a catch-up");
-        let (parts, _received) = mpsc::channel(4);
         let req = requests.next_req();
-        requests.sent(7, req, Some("a".into()), catch_up, parts);
+        requests.sent(7, req, Some("a".into()), catch_up);
         let (answering, rest) = requests.link_gone(7).expect("unanswered");
         // Lost again meanwhile (from a later point): the catch-up still starts at the earlier one.
         requests.lost("a".into(), 50, now, Duration::from_secs(60));
@@ -570,9 +563,8 @@ mod tests {
 
         let mut requests = Requests::new(Some(None), 100, 10_000);
         let join = requests.on_link_up("b").expect("the join's request");
-        let (parts, _received) = mpsc::channel(4);
         let req = requests.next_req();
-        requests.sent(8, req, Some("b".into()), join, parts);
+        requests.sent(8, req, Some("b".into()), join);
         let (answering, rest) = requests.link_gone(8).expect("unanswered");
         requests.ask_when_back(answering, rest, now);
         let next = requests.on_link_up("c").expect("the next member is asked");
@@ -582,20 +574,20 @@ mod tests {
     #[test]
     fn answers_are_routed_by_link_and_number_and_cut_at_the_limit() {
         let mut requests = Requests::new(None, 0, 10_000);
-        let (parts, mut received) = mpsc::channel(4);
         let req = requests.next_req();
-        requests.sent(7, req, Some("a".into()), Ask { after: None, limit: 3, purpose: Purpose::CatchUp }, parts);
+        requests.sent(7, req, Some("a".into()), Ask { after: None, limit: 3, purpose: Purpose::CatchUp });
         assert_eq!(requests.part(8, req, vec![chat(1)], true), Part::Unasked);
         assert_eq!(requests.part(7, req + 1, vec![chat(1)], true), Part::Unasked);
-        assert_eq!(requests.part(7, req, vec![chat(1), chat(1)], true), Part::Passed);
-        assert_eq!(requests.part(7, req, vec![chat(1), chat(1)], true), Part::Passed);
-        assert_eq!(received.try_recv().map(|m| m.len()), Ok(2));
-        assert_eq!(received.try_recv().map(|m| m.len()), Ok(1), "three asked, three passed");
+        let passed = |part: Part| match part {
+            Part::Passed { msgs, last } => (msgs.len(), last),
+            Part::Unasked => panic!("unasked"),
+        };
+        assert_eq!(passed(requests.part(7, req, vec![chat(1), chat(1)], true)), (2, false));
+        assert_eq!(passed(requests.part(7, req, vec![chat(1), chat(1)], true)), (1, true), "three asked, three passed");
         assert!(!requests.is_asking(7), "done at the limit");
 
-        let (parts, _received) = mpsc::channel(4);
         let req = requests.next_req();
-        requests.sent(9, req, Some("b".into()), Ask { after: None, limit: 5, purpose: Purpose::Join }, parts);
+        requests.sent(9, req, Some("b".into()), Ask { after: None, limit: 5, purpose: Purpose::Join });
         requests.part(9, req, vec![chat(1), chat(1)], true);
         let (peer, rest) = requests.link_gone(9).expect("unfinished");
         assert_eq!((peer.as_deref(), rest.limit, rest.purpose), (Some("b"), 3, Purpose::Join));

@@ -26,7 +26,11 @@ mod outbox;
 mod relay;
 mod secure;
 mod seen;
+#[cfg(test)]
+mod sim;
+mod state;
 mod trust;
+mod types;
 
 use std::io;
 use std::net::SocketAddr;
@@ -482,7 +486,7 @@ pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinRep
     let mut contacts = boot.contacts;
     for addr in &config.peers {
         if !contacts.iter().any(|c| c.addr == *addr) {
-            contacts.push(bootstrap::Contact { addr: *addr, known: None });
+            contacts.push(types::Contact { addr: *addr, known: None });
         }
     }
     let listed = contacts.len();

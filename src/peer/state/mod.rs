@@ -1,0 +1,1491 @@
+//! The peer's protocol decisions, as a state machine with no I/O: inputs in, outputs out, time passed in.
+//!
+//! [`PeerState`] owns the room as this peer sees it: its links and what each speaks, the duplicate
+//! rule, presence, peer exchange, relays, history requests and answer budgets, the lines held for
+//! links still opening, and the join's progress. It never touches a socket, a task, a timer or the
+//! system clock: the driver (`peer::actor`) turns sockets, dial results, link reports and its
+//! keep-alive ticks into calls here, with the time ([`Now`]), and carries out what comes back from
+//! [`PeerState::poll_output`] ([`Output`]). Randomness (our session id, message ids) comes from a
+//! seeded generator ([`ids::Ids`]). The room simulator (`tests/sim`) drives the same machine with
+//! in-memory links and a virtual clock.
+//!
+//! A few answers are immediate, because the driver holds the resource they are about: what to do
+//! with a connection that just opened ([`Connect`]), and how many members a line was queued for.
+
+pub mod ids;
+pub mod link;
+pub mod rules;
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests};
+use super::relay::{self, Relays};
+use super::seen::SeenIds;
+use super::trust::{KnownKeys, Seen};
+use super::types::{Contact, Line, LinkId, Now, Role};
+use super::{Event, Limits, PeerInfo, Protocol, Status, TrackerState};
+use crate::history::clock::{self, Clock};
+use crate::history::store::{Key, Query, Record};
+use crate::identity::{self, Identity};
+use crate::private::RoomKey;
+use crate::tracker::DEFAULT_ROOM;
+use crate::wire::chat;
+use crate::wire::frames::{
+    self, Chat, Frame, Hello, Member, Position, ERR_DUPLICATE, ERR_IDENTITY, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION,
+};
+use ids::Ids;
+
+/// What the driver must do, in order.
+#[derive(Debug)]
+pub enum Output {
+    /// Queue these bytes on the link (refused: tell [`PeerState::write_refused`]).
+    Write { link: LinkId, bytes: Line },
+    /// Queue a keep-alive on the link unless it carried another line since the last one.
+    KeepAlive { link: LinkId, bytes: Line },
+    /// The link speaks p2pchat frames from now on: its writer may join queued lines in one write.
+    Framed { link: LinkId },
+    /// Whether the link's reader hands each new message over for relaying ([`PeerState::forward`]).
+    Forwards { link: LinkId, on: bool },
+    /// Close the link as said.
+    Close { link: LinkId, how: Closing },
+    /// Dial this contact (from our listening port with `from_port`), retrying refusals for `retry_for`.
+    Dial { contact: Contact, from_port: Option<u16>, retry_for: Duration },
+    /// Show this to the application.
+    Emit(Event),
+    /// Record this message of ours in the log.
+    Log(Record),
+    /// A history request went out on `link` as `req`: take its answer's parts (from `from`).
+    AskHistory { link: LinkId, req: u32, from: SocketAddr, purpose: Purpose },
+    /// A part of the answer to our request `req` on `link`: log it and show what is new; `last`
+    /// ends it.
+    HistoryPart { link: LinkId, req: u32, msgs: Vec<Chat>, last: bool },
+    /// Answer request `req` on `link` from the log with `query`, then tell
+    /// [`PeerState::history_answered`] how many bytes went.
+    AnswerHistory { link: LinkId, req: u32, query: Query },
+    /// Write this frame on our tracker registration.
+    ToTracker(Line),
+    /// The tracker registration was lost: register again, in the background.
+    RegisterAgain,
+    /// Write the known keys met since the last write.
+    SaveKnownKeys,
+    /// Every contact of the join was tried once; this many were reached.
+    Ready { reached: usize },
+}
+
+/// How a link closes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closing {
+    /// At once, reading and writing nothing more (it never joined, or it is gone).
+    Now,
+    /// Write what is queued (an `error` frame telling why), then close; bounded by the close grace.
+    Refused,
+    /// A duplicate: write nothing more, but read on until the other end closes it, so nothing in
+    /// flight is lost. Its end comes back as [`PeerState::closed`].
+    Retire,
+    /// We are leaving: write what is queued (a `bye`), then close; the driver waits for these.
+    Leaving,
+}
+
+/// What to do with a connection that just opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Connect {
+    /// Run it as link `link`, starting as `role`.
+    Open { link: LinkId, role: Role },
+    /// A private room: run the Noise handshake first ([`PeerState::secured`] after it).
+    Handshake,
+    /// Refuse it (reset): too many links.
+    Reset,
+}
+
+/// What a link is to us.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkKind {
+    /// Its protocol is not known yet: lines for it are held.
+    Opening,
+    P2pchat,
+    Original,
+    /// Our link to the tracker's relay: it gets our messages and passes on others', but it is not a
+    /// member (not listed, not announced, never asked for history).
+    Relay,
+}
+
+/// What a link's reader found and tells the state (see `connection`).
+#[derive(Debug)]
+pub enum Report {
+    /// The link speaks p2pchat; this is the other end's hello.
+    Hello(Hello),
+    /// The link speaks the original protocol.
+    Original,
+    /// We probed and the other end closed or said nothing: an original peer.
+    ProbeRejected,
+    /// The other end refused the link with an `error` frame.
+    Refused { code: String, message: String },
+    /// The other end is known by this name now.
+    Renamed { name: String },
+    /// The other end asks for history.
+    HistoryRequested { req: u32, limit: u32, after: Option<Position> },
+    /// Part of an answer to our history request (only messages fit for our room).
+    HistoryPart { req: u32, msgs: Vec<Chat>, more: bool },
+    /// The member on this link cannot reach member `peer` and asks us to relay between them.
+    RelayAsked { peer: String },
+    /// The member on this link relays member `peer` to us.
+    RelayOpened { peer: String, name: Option<String>, addr: SocketAddr },
+    /// The member on this link no longer relays member `peer` to us.
+    RelayClosed { peer: String, reason: String, clean: bool },
+    /// A new message arrived on this link, which we relay: pass it on to its partners.
+    Forward { line: Line },
+}
+
+/// One line in both encodings; each link takes the one it speaks.
+#[derive(Debug)]
+struct OutLine {
+    original: Line,
+    p2pchat: Line,
+}
+
+/// Our use of the tracker's relay (see `tracker::hub`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hub {
+    Unused,
+    Dialling,
+    Opening(LinkId),
+    Linked(LinkId),
+}
+
+struct Link {
+    /// The remote address of the connection.
+    remote: SocketAddr,
+    /// Where it accepts connections: the address we dialled, or its hello's port. Unknown for an
+    /// original peer that dialled us.
+    listen_addr: Option<SocketAddr>,
+    outgoing: bool,
+    kind: LinkKind,
+    name: Option<String>,
+    peer_id: Option<String>,
+    /// We opened with a p2pchat hello (its 0xFF makes an original peer drop the link).
+    probed: bool,
+    /// Lines held until the protocol is known.
+    held: Vec<Arc<OutLine>>,
+    /// What it may still make us send as history.
+    budget: AnswerBudget,
+    /// A private link's handshake hash, which both ends' identity proofs are bound to.
+    binding: Option<Vec<u8>>,
+    /// The identity key the other end proved (private links), and whether its name had another key
+    /// before (see `trust`). Boxed: it is 200 bytes, and most links (outside private rooms) have none.
+    key: Option<Box<ed25519_dalek::VerifyingKey>>,
+    key_changed: bool,
+}
+
+impl Link {
+    fn shown_addr(&self) -> SocketAddr {
+        self.listen_addr.unwrap_or(self.remote)
+    }
+}
+
+/// What the state needs to start.
+pub struct Setup {
+    pub name: String,
+    /// The room as the wire names it (a private room's opaque id).
+    pub room: String,
+    pub limits: Limits,
+    pub history: HistoryConfig,
+    pub listen_port: u16,
+    /// The tracker, to register again after losing it.
+    pub tracker: Option<SocketAddr>,
+    /// Registered with a p2pchat tracker, and whether it relays.
+    pub registered: Option<bool>,
+    /// Ask the first p2pchat member for history after this position (`Some(None)`: the newest
+    /// messages); `None`: ask nothing.
+    pub history_after: Option<Option<Key>>,
+    /// Whether a tracker (of either kind) gave us the room; see [`PeerState::consider`].
+    pub joined_via_tracker: bool,
+    pub contacts: Vec<Contact>,
+    /// A private room's key: every link is then encrypted, and `room` is its opaque id.
+    pub private: Option<Arc<RoomKey>>,
+    /// Our identity, proven on private links, and the keys we met names with before.
+    pub identity: Arc<Identity>,
+    pub known_keys: Arc<Mutex<KnownKeys>>,
+    /// Message ids shown already, shared with the link readers.
+    pub seen: Arc<Mutex<SeenIds>>,
+    pub clock: Arc<Clock>,
+    /// Seeds our session id and message ids.
+    pub seed: [u8; 32],
+}
+
+pub struct PeerState {
+    my_id: String,
+    name: String,
+    room: String,
+    limits: Limits,
+    history: HistoryConfig,
+    listen_port: u16,
+    /// Ordered by id, so every walk over the links (sending a line, pinging) goes in the same order
+    /// on every run: the simulator replays a seed exactly. Boxed: a map keeps room for more entries
+    /// than it holds, and an empty slot then costs a pointer rather than a whole link.
+    links: BTreeMap<LinkId, Box<Link>>,
+    next_link: LinkId,
+    /// Listen addresses known to speak only the original protocol: never probed again.
+    originals: HashSet<SocketAddr>,
+    /// Addresses being dialled (so peer exchange does not dial them twice).
+    dialling: HashSet<SocketAddr>,
+    /// Members we asked the tracker to punch through to (once each).
+    punched: HashSet<SocketAddr>,
+    /// Lines held for an original peer being redialled after it dropped our probe (and every line sent
+    /// until the redial connects or gives up).
+    carried: HashMap<SocketAddr, Vec<Arc<OutLine>>>,
+    /// Links given up for a duplicate to the same peer: read until they end.
+    retiring: HashSet<LinkId>,
+    joined_via_tracker: bool,
+    tracker: Option<SocketAddr>,
+    /// Registered with the tracker now (pings and vouches go to it).
+    registered: bool,
+    /// The tracker speaks p2pchat (it holds registrations); an original tracker forgets us at once.
+    tracker_registers: bool,
+    /// The tracker relays between members that cannot reach each other, and our link to it.
+    tracker_relays: bool,
+    hub: Hub,
+    /// Our history requests (on join, after a gap) and the answers we wait for.
+    requests: Requests,
+    /// Members reached through a relay, and the links we relay between.
+    relays: Relays,
+    private: Option<Arc<RoomKey>>,
+    identity: Arc<Identity>,
+    known_keys: Arc<Mutex<KnownKeys>>,
+    seen: Arc<Mutex<SeenIds>>,
+    clock: Arc<Clock>,
+    ids: Ids,
+    /// The join's first attempts not finished yet, how many of them reached their member, and
+    /// whether the driver was told.
+    untried: HashSet<SocketAddr>,
+    reached_first_time: usize,
+    ready_told: bool,
+    /// The join stops waiting for its history at this time (it is still fetched later, as a catch-up).
+    history_deadline: Instant,
+    outputs: VecDeque<Output>,
+}
+
+impl PeerState {
+    /// A peer about to join: its first outputs dial the contacts.
+    pub fn new(setup: Setup, now: Now) -> Self {
+        let Setup {
+            name,
+            room,
+            limits,
+            history,
+            listen_port,
+            tracker,
+            registered,
+            history_after,
+            joined_via_tracker,
+            contacts,
+            private,
+            identity,
+            known_keys,
+            seen,
+            clock,
+            seed,
+        } = setup;
+        let mut ids = Ids::from_seed(seed);
+        let history_deadline = now.at + limits.connect_timeout + limits.probe_timeout;
+        let mut state = Self {
+            my_id: ids.next_id(),
+            name,
+            room,
+            relays: Relays::new(limits.relay_after),
+            requests: Requests::new(history_after, history.ask_on_join, history.answer_messages),
+            limits,
+            history,
+            listen_port,
+            links: BTreeMap::new(),
+            next_link: 0,
+            originals: HashSet::new(),
+            dialling: HashSet::new(),
+            punched: HashSet::new(),
+            carried: HashMap::new(),
+            retiring: HashSet::new(),
+            joined_via_tracker,
+            tracker,
+            registered: registered.is_some(),
+            tracker_registers: registered.is_some(),
+            tracker_relays: registered.unwrap_or(false),
+            hub: Hub::Unused,
+            private,
+            identity,
+            known_keys,
+            seen,
+            clock,
+            ids,
+            untried: contacts.iter().map(|c| c.addr).collect(),
+            reached_first_time: 0,
+            ready_told: false,
+            history_deadline,
+            outputs: VecDeque::new(),
+        };
+        for contact in contacts {
+            state.dial(contact, state.limits.retry_refused_for);
+        }
+        state.settle(now);
+        state
+    }
+
+    /// The next thing to do, in order.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.outputs.pop_front()
+    }
+
+    /// When the state next needs [`Self::handle_timeout`] (besides the keep-alive [`Self::tick`]).
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        (self.ready_told && self.requests.waits_for_join()).then_some(self.history_deadline)
+    }
+
+    /// Time passed: the join may stop waiting for its history.
+    pub fn handle_timeout(&mut self, now: Now) {
+        self.settle(now);
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn room(&self) -> &str {
+        &self.room
+    }
+
+    fn in_default_room(&self) -> bool {
+        self.room == DEFAULT_ROOM
+    }
+
+    fn out(&mut self, output: Output) {
+        self.outputs.push_back(output);
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.out(Output::Emit(event));
+    }
+
+    fn notice(&mut self, text: String) {
+        // Logged under its own name: an application that shows notices (the client) can keep the
+        // log from saying them a second time; one that reads only messages still sees them there.
+        log::warn!(target: "p2pchat::notice", "{text}");
+        self.emit(Event::Notice { text });
+    }
+
+    fn write_frame(&mut self, link: LinkId, frame: &Frame) {
+        self.out(Output::Write { link, bytes: frames::encode(frame).into() });
+    }
+
+    /// After each input: tell the driver once every first attempt is done, and stop holding the
+    /// join's live messages back when nobody can give us history: every link is settled and none
+    /// speaks p2pchat (we are alone, or among original peers), or it took too long. A p2pchat member
+    /// that turns up later is still asked, as a catch-up.
+    fn settle(&mut self, now: Now) {
+        if !self.untried.is_empty() {
+            return;
+        }
+        if !self.ready_told {
+            self.ready_told = true;
+            self.out(Output::Ready { reached: self.reached_first_time });
+        }
+        if !self.requests.waits_for_join() {
+            return;
+        }
+        let settled = self.links.values().all(|l| matches!(l.kind, LinkKind::Original | LinkKind::Relay));
+        if settled || now.at >= self.history_deadline {
+            self.emit(Event::HistorySynced { received: 0 });
+            self.requests.stop_waiting_for_join();
+        }
+    }
+
+    // ----- connections ------------------------------------------------------------------------
+
+    /// A dial to `contact` connected.
+    pub fn dialled(&mut self, now: Now, contact: Contact) -> Connect {
+        self.dialling.remove(&contact.addr);
+        if self.private.is_none() && self.untried.remove(&contact.addr) {
+            self.reached_first_time += 1;
+        }
+        let connect = if self.private.is_some() && !self.dials_hub(contact.addr) {
+            Connect::Handshake
+        } else {
+            let original = contact.known == Some(Protocol::Original) || self.originals.contains(&contact.addr);
+            let role = if original { Role::DialOriginal } else { Role::Probe };
+            let link = self.open(now, contact.addr, Some(contact.addr), true, role, None);
+            if self.dials_hub(contact.addr) {
+                self.hub = Hub::Opening(link);
+            }
+            if let Some(carried) = self.carried.remove(&contact.addr) {
+                if let Some(l) = self.links.get_mut(&link) {
+                    l.held.extend(carried);
+                }
+            }
+            Connect::Open { link, role }
+        };
+        self.settle(now);
+        connect
+    }
+
+    /// Someone connected to us from `addr`.
+    pub fn accepted(&mut self, now: Now, addr: SocketAddr) -> Connect {
+        let connect = if self.links.len() >= self.limits.max_links {
+            log::warn!("refusing {addr}: already {} links (the limit)", self.limits.max_links);
+            Connect::Reset
+        } else if self.private.is_some() {
+            Connect::Handshake
+        } else {
+            let link = self.open(now, addr, None, false, Role::Accepted, None);
+            Connect::Open { link, role: Role::Accepted }
+        };
+        self.settle(now);
+        connect
+    }
+
+    /// A private room's handshake succeeded on a connection with `remote`, which we dialled
+    /// (`dialled`) or accepted; `binding` is its handshake hash.
+    pub fn secured(&mut self, now: Now, remote: SocketAddr, dialled: Option<Contact>, binding: Vec<u8>) -> Connect {
+        if let Some(contact) = &dialled {
+            if self.untried.remove(&contact.addr) {
+                self.reached_first_time += 1;
+            }
+        }
+        let (listen_addr, role) = match &dialled {
+            Some(contact) => (Some(contact.addr), Role::Probe),
+            None => (None, Role::Accepted),
+        };
+        let link = self.open(now, remote, listen_addr, dialled.is_some(), role, Some(binding));
+        self.settle(now);
+        Connect::Open { link, role }
+    }
+
+    /// A private room's handshake failed; `wrong_key`: the other end reached the room without its key.
+    pub fn handshake_failed(&mut self, now: Now, remote: SocketAddr, reason: &str, dialled: bool, wrong_key: bool) {
+        if dialled {
+            self.untried.remove(&remote);
+        }
+        // Ours to tell: a member we tried to reach, or someone at our door without the key.
+        if dialled || wrong_key {
+            self.notice(format!("no private link with {remote}: {reason}"));
+        } else {
+            log::info!("no private link with {remote}: {reason}");
+        }
+        self.settle(now);
+    }
+
+    /// A dial to `addr` failed; `gave_up`: it is not retried; `silent`: no answer at all (not even a
+    /// refusal), as from behind a router that drops it.
+    pub fn dial_failed(
+        &mut self,
+        now: Now,
+        addr: SocketAddr,
+        known: Option<Protocol>,
+        reason: &str,
+        gave_up: bool,
+        silent: bool,
+    ) {
+        self.untried.remove(&addr);
+        self.on_dial_failed(addr, known, reason, gave_up, silent);
+        self.settle(now);
+    }
+
+    fn on_dial_failed(&mut self, addr: SocketAddr, known: Option<Protocol>, reason: &str, gave_up: bool, silent: bool) {
+        if self.dials_hub(addr) {
+            if gave_up {
+                log::warn!("cannot reach the tracker's relay at {addr} ({reason})");
+                self.dialling.remove(&addr);
+                self.hub = Hub::Unused;
+            }
+            return;
+        }
+        if silent && known == Some(Protocol::P2pchat) {
+            // No answer at all from a p2pchat member: perhaps a router that drops what nobody
+            // inside asked for. (Original peers get nothing but the original protocol.)
+            self.punch(addr);
+        }
+        if !gave_up {
+            log::debug!("{addr} refused ({reason}); retrying");
+        } else if self.linked_to(addr) {
+            log::debug!("{addr} did not answer a dial, but a link to it is up ({reason})");
+        } else {
+            self.dialling.remove(&addr);
+            self.carried.remove(&addr);
+            log::warn!("cannot reach {addr} ({reason}); skipping it");
+            if known == Some(Protocol::P2pchat) {
+                self.link_to_hub();
+            }
+        }
+    }
+
+    fn open(
+        &mut self,
+        now: Now,
+        remote: SocketAddr,
+        listen_addr: Option<SocketAddr>,
+        outgoing: bool,
+        role: Role,
+        binding: Option<Vec<u8>>,
+    ) -> LinkId {
+        let id = self.next_link;
+        self.next_link += 1;
+        let probed = role == Role::Probe;
+        if probed {
+            let hello =
+                if outgoing && self.dials_hub(remote) { self.hub_hello() } else { self.hello(binding.as_deref()) };
+            self.out(Output::Write { link: id, bytes: frames::encode_opening(&Frame::Hello(hello)).into() });
+        }
+        log::debug!("link {id} to {remote} opened ({role:?})");
+        let link = Box::new(Link {
+            remote,
+            listen_addr,
+            outgoing,
+            kind: LinkKind::Opening,
+            name: None,
+            peer_id: None,
+            probed,
+            held: Vec::new(),
+            budget: AnswerBudget::new(&self.history, now.at),
+            binding,
+            key: None,
+            key_changed: false,
+        });
+        self.links.insert(id, link);
+        id
+    }
+
+    /// The link's queue refused a line (`why`; `None`: its connection is gone).
+    pub fn write_refused(&mut self, now: Now, link: LinkId, why: Option<String>) {
+        self.remove(now, link, why.unwrap_or_else(|| "connection closed".to_owned()), false);
+        self.settle(now);
+    }
+
+    /// What link `link`'s reader found.
+    pub fn report(&mut self, now: Now, link: LinkId, report: Report) {
+        match report {
+            Report::Hello(hello) => self.on_hello(now, link, hello),
+            Report::Original => self.on_original(now, link),
+            Report::ProbeRejected => self.on_probe_rejected(link),
+            Report::Refused { code, message } => self.on_refused(link, &code, message),
+            Report::Renamed { name } => self.on_renamed(link, name),
+            Report::HistoryRequested { req, limit, after } => self.answer_history(now, link, req, limit, after),
+            Report::HistoryPart { req, msgs, more } => self.take_history_part(link, req, msgs, more),
+            Report::RelayAsked { peer } => self.relay_between(link, &peer),
+            Report::RelayOpened { peer, name, addr } => self.relayed_to_us(link, peer, name, addr),
+            Report::RelayClosed { peer, reason, clean } => {
+                if let Some(member) = self.relays.closed(link, &peer, clean) {
+                    let reason: String = reason.chars().take(200).collect();
+                    self.emit(Event::Left { addr: member.addr, name: member.name, reason, clean });
+                }
+            }
+            Report::Forward { line } => self.forward(link, line),
+        }
+        self.settle(now);
+    }
+
+    /// The link ended (its reader saw it end): `clean` when the other end said goodbye first.
+    pub fn closed(&mut self, now: Now, id: LinkId, reason: String, clean: bool) {
+        if self.retiring.remove(&id) {
+            // Its replacement is up; a request it was still answering goes to another member.
+            self.forget_link_history(now, id, None, false);
+            return self.settle(now);
+        }
+        let Some(link) = self.links.get(&id) else { return };
+        // An original peer we probed drops that link when it reads the probe: dial it again.
+        let redial_original = link.outgoing && link.probed && link.kind == LinkKind::Original;
+        // A p2pchat peer lost without a goodbye may still be in the room: try to get it back.
+        let redial_p2pchat = link.kind == LinkKind::P2pchat && !clean;
+        let (addr, listen_addr) = (link.shown_addr(), link.listen_addr);
+        self.remove(now, id, reason, clean);
+        if redial_original {
+            self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
+        } else if let (true, Some(addr)) = (redial_p2pchat, listen_addr) {
+            self.dial(Contact { addr, known: Some(Protocol::P2pchat) }, self.limits.redial_for);
+        }
+        self.settle(now);
+    }
+
+    // ----- the tracker ------------------------------------------------------------------------
+
+    /// The tracker registration ended.
+    pub fn tracker_lost(&mut self, reason: &str) {
+        self.registered = false;
+        if self.tracker.is_none() {
+            return;
+        }
+        self.notice(format!("lost the connection to the tracker ({reason}); the room goes on, registering again"));
+        self.out(Output::RegisterAgain);
+    }
+
+    /// Registered with the tracker again after losing it; it lists `contacts`.
+    pub fn registered_again(&mut self, relays: bool, contacts: Vec<Contact>) {
+        self.notice("registered with the tracker again".to_owned());
+        self.registered = true;
+        self.tracker_relays = relays;
+        // Only p2pchat members: a second link to one is noticed by its id, but an original peer
+        // we already know may be on a link we accepted, whose listen address we cannot know.
+        for contact in contacts.into_iter().filter(|c| c.known == Some(Protocol::P2pchat)) {
+            if !self.linked_to(contact.addr) {
+                self.dial(contact, self.limits.retry_refused_for);
+            }
+        }
+    }
+
+    /// The tracker asks us to dial this member from our listening port (it cannot reach us).
+    pub fn punch_asked(&mut self, addr: SocketAddr) {
+        if !self.dialling.contains(&addr) && !self.linked_to(addr) {
+            log::info!("the tracker says {addr} cannot reach us; dialling it from our listening port");
+            let contact = Contact { addr, known: Some(Protocol::P2pchat) };
+            self.dial_from(contact, Some(self.listen_port), self.limits.retry_refused_for);
+        }
+    }
+
+    // ----- commands ---------------------------------------------------------------------------
+
+    /// Send a line to every member; returns how many it was queued (or held) for.
+    pub fn send(&mut self, now: Now, text: &str) -> usize {
+        let stamp = self.clock.tick_at(now.wall_ms);
+        let mut message = Chat {
+            id: self.ids.next_id(),
+            from: self.name.clone(),
+            room: self.room.clone(),
+            ts: now.wall_ms,
+            hlc: stamp,
+            text: text.to_owned(),
+            key: None,
+            sig: None,
+        };
+        if self.private.is_some() {
+            // Signed by its author, so no member passing it on (relays, history) can alter or forge it.
+            self.identity.sign_chat(&mut message);
+        }
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.first_time(&message.id);
+        }
+        // Logged only once it is queued on every link (below): a history answer being made for a
+        // member meanwhile (on another worker) then either misses it or is queued after it, so the
+        // member never gets it as history first (seen in CI: a fresh line shown as caught up).
+        let record = history::chat_to_record(&message);
+        // In a private room the message travels sealed end to end: relays see only ciphertext.
+        let frame = match &self.private {
+            Some(key) => key.seal(&message),
+            None => Frame::Msg(message),
+        };
+        let line = Arc::new(OutLine {
+            original: chat::encode_line(&self.name, text).into(),
+            p2pchat: frames::encode(&frame).into(),
+        });
+        // An original peer being redialled (it dropped our hello) has no link yet: keep the line with
+        // the ones carried for it, so what is typed meanwhile is not lost.
+        for carried in self.carried.values_mut() {
+            if carried.len() < self.limits.send_queue {
+                carried.push(line.clone());
+            }
+        }
+        let ids: Vec<LinkId> = self.links.keys().copied().collect();
+        let mut reached = 0;
+        for id in ids {
+            let member = self.links.get(&id).is_some_and(|l| l.kind != LinkKind::Relay);
+            if self.write(now, id, &line) && member {
+                reached += 1;
+            }
+        }
+        self.out(Output::Log(record));
+        // Relays pass it on to the members we reach through them (those still linked took it).
+        reached + self.relays.relayed().filter(|(_, m)| self.links.contains_key(&m.via)).count()
+    }
+
+    /// Change our name: announced to p2pchat peers; original peers see it in the next line's prefix.
+    pub fn nick(&mut self, name: String) {
+        self.name = name.clone();
+        let frame: Line = frames::encode(&Frame::Nick { name }).into();
+        // The tracker's relay passes a new name on; in a private room it must never learn one.
+        let private = self.private.is_some();
+        let told: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.kind == LinkKind::P2pchat || (l.kind == LinkKind::Relay && !private))
+            .map(|(id, _)| *id)
+            .collect();
+        for link in told {
+            self.out(Output::Write { link, bytes: frame.clone() });
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        let tracker = match (self.tracker, self.registered) {
+            (None, _) => TrackerState::None,
+            (Some(_), true) => TrackerState::Registered,
+            (Some(_), false) if self.tracker_registers => TrackerState::Reconnecting,
+            (Some(_), false) => TrackerState::Original,
+        };
+        let linked = self.links.values().filter(|l| matches!(l.kind, LinkKind::P2pchat | LinkKind::Original)).count();
+        Status { members: linked + self.relays.relayed().count(), tracker }
+    }
+
+    /// The members we hold a link to, directly or through a relay.
+    pub fn peers(&self) -> Vec<PeerInfo> {
+        let mut peers: Vec<PeerInfo> = self
+            .links
+            .values()
+            .filter(|l| l.kind != LinkKind::Relay)
+            .map(|l| PeerInfo {
+                addr: l.shown_addr(),
+                name: l.name.clone(),
+                outgoing: l.outgoing,
+                protocol: match l.kind {
+                    LinkKind::Opening | LinkKind::Relay => None,
+                    LinkKind::P2pchat => Some(Protocol::P2pchat),
+                    LinkKind::Original => Some(Protocol::Original),
+                },
+                relayed_by: None,
+                encrypted: l.binding.is_some(),
+                fingerprint: l.key.as_deref().map(identity::fingerprint),
+                key_changed: l.key_changed,
+            })
+            .collect();
+        peers.extend(self.relays.relayed().map(|(_, m)| PeerInfo {
+            addr: m.addr,
+            name: m.name.clone(),
+            outgoing: false,
+            protocol: Some(Protocol::P2pchat),
+            relayed_by: self.links.get(&m.via).map(|l| l.shown_addr()),
+            encrypted: false,
+            fingerprint: None,
+            key_changed: false,
+        }));
+        peers.sort_by_key(|p| p.addr);
+        peers
+    }
+
+    /// Whether some line is still waiting for a link to show what it speaks.
+    pub fn holds_lines(&self) -> bool {
+        self.links.values().any(|l| !l.held.is_empty()) || self.carried.values().any(|c| !c.is_empty())
+    }
+
+    /// We are leaving: say goodbye to p2pchat members and close every link once what is queued on it
+    /// is written.
+    pub fn leave(&mut self) {
+        let bye: Line = frames::encode(&Frame::Bye).into();
+        let ids: Vec<LinkId> = self.links.keys().copied().collect();
+        for id in ids {
+            let Some(link) = self.links.remove(&id) else { continue };
+            // A link still opening that carried our hello is a member's already, if it speaks
+            // p2pchat: without a goodbye it would take us for lost and dial us again. (An original
+            // peer has dropped the link at the hello's first byte.)
+            let member_knows_us = matches!(link.kind, LinkKind::P2pchat | LinkKind::Relay)
+                || (link.kind == LinkKind::Opening && link.probed);
+            if member_knows_us {
+                self.out(Output::Write { link: id, bytes: bye.clone() });
+            }
+            self.out(Output::Close { link: id, how: Closing::Leaving });
+        }
+    }
+
+    /// The keep-alive period passed: ping p2pchat links and the tracker registration, ask for relays
+    /// that are due, and save new known keys.
+    pub fn tick(&mut self, now: Now) {
+        self.ping();
+        self.ask_relays(now);
+        self.out(Output::SaveKnownKeys);
+        self.settle(now);
+    }
+
+    // ----- writing ----------------------------------------------------------------------------
+
+    /// Queue one line for one link, in its protocol's encoding; false when the link is gone or
+    /// dropped for holding too many lines.
+    fn write(&mut self, now: Now, id: LinkId, line: &Arc<OutLine>) -> bool {
+        let Some(link) = self.links.get_mut(&id) else { return false };
+        let bytes = match link.kind {
+            LinkKind::P2pchat | LinkKind::Relay => line.p2pchat.clone(),
+            LinkKind::Original => line.original.clone(),
+            LinkKind::Opening => {
+                if link.held.len() < self.limits.send_queue {
+                    link.held.push(line.clone());
+                    return true;
+                }
+                let reason = format!("not answering: {} lines held", self.limits.send_queue);
+                self.remove(now, id, reason, false);
+                return false;
+            }
+        };
+        self.out(Output::Write { link: id, bytes });
+        true
+    }
+
+    fn flush_held(&mut self, now: Now, id: LinkId, held: Vec<Arc<OutLine>>) {
+        for line in held {
+            self.write(now, id, &line);
+        }
+    }
+
+    // ----- links: classification, the duplicate rule, presence --------------------------------
+
+    /// Our hello: who we are, and (peer exchange) the members we know where to reach; on a private
+    /// link (handshake hash `binding`), our identity proven for it.
+    fn hello(&self, binding: Option<&[u8]>) -> Hello {
+        let peers = self
+            .links
+            .values()
+            .filter(|l| matches!(l.kind, LinkKind::P2pchat | LinkKind::Original))
+            .filter_map(|l| {
+                l.listen_addr.map(|a| Member {
+                    addr: a.to_string(),
+                    p2pchat: l.kind == LinkKind::P2pchat,
+                    id: l.peer_id.clone(),
+                })
+            })
+            .collect();
+        Hello {
+            v: PROTOCOL_VERSION,
+            id: self.my_id.clone(),
+            name: Some(self.name.clone()),
+            room: self.room.clone(),
+            listen_port: Some(self.listen_port),
+            peers,
+            identity: binding.map(|b| self.identity.prove(b)),
+            relay: false,
+        }
+    }
+
+    fn on_hello(&mut self, now: Now, id: LinkId, hello: Hello) {
+        let Some(link) = self.links.get(&id) else { return };
+        let (outgoing, remote, binding) = (link.outgoing, link.remote, link.binding.clone());
+        if hello.v != PROTOCOL_VERSION {
+            let message =
+                format!("{remote} speaks p2pchat protocol version {}, this peer version {PROTOCOL_VERSION}", hello.v);
+            self.notice(message.clone());
+            return self.refuse(id, ERR_VERSION, message);
+        }
+        if hello.id == self.my_id {
+            log::debug!("link {id} reached ourselves; closing it");
+            return self.close_quietly(id);
+        }
+        if hello.room != self.room {
+            log::debug!("{remote} is in room {:?}, we are in {:?}", hello.room, self.room);
+            return if outgoing {
+                self.close_quietly(id)
+            } else {
+                self.refuse(id, ERR_ROOM, format!("this peer is in room {:?}", self.room))
+            };
+        }
+        // On a private link the other end proves its identity key for this very link: no proof, no link.
+        if let Some(binding) = binding {
+            let proof = hello.identity.as_ref().ok_or(identity::ProofError::Missing);
+            match proof.and_then(|proof| identity::verify_proof(proof, &binding)) {
+                Ok(key) => {
+                    if let Some(link) = self.links.get_mut(&id) {
+                        link.key = Some(Box::new(key));
+                    }
+                }
+                Err(err) => {
+                    let message = format!("{remote} gave no valid identity: {err}");
+                    self.notice(message.clone());
+                    return self.refuse(id, ERR_IDENTITY, message);
+                }
+            }
+        }
+        let duplicate = self
+            .links
+            .iter()
+            .find(|(_, l)| l.kind == LinkKind::P2pchat && l.peer_id.as_deref() == Some(hello.id.as_str()))
+            .map(|(other, l)| (*other, l.outgoing));
+        if let Some((existing, existing_outgoing)) = duplicate {
+            if !rules::keeps_link(&self.my_id, &hello.id, outgoing, existing_outgoing) {
+                log::debug!("link {id} duplicates link {existing} to the same peer; closing it");
+                if outgoing {
+                    // It answered our hello and may already be writing to it: read it out.
+                    return self.retire(id);
+                }
+                // We have not answered it: a link closed without a word looks to its dialler like an
+                // original peer that dropped a probe, so say why.
+                return self.refuse(id, ERR_DUPLICATE, "already linked to you through another connection".to_owned());
+            }
+            log::debug!("link {id} replaces link {existing} to the same peer");
+            return self.replace(now, existing, id, hello);
+        }
+        let linked: HashSet<&str> =
+            self.links.values().filter(|l| l.kind == LinkKind::P2pchat).filter_map(|l| l.peer_id.as_deref()).collect();
+        let unreached: Vec<String> = hello
+            .peers
+            .iter()
+            .filter(|m| m.p2pchat)
+            .filter_map(|m| m.id.clone())
+            .filter(|peer| *peer != self.my_id && !linked.contains(peer.as_str()))
+            .collect();
+        self.relays.heard_of(id, unreached, now.at);
+        if self.hub == Hub::Opening(id) {
+            if self.adopt(now, id, hello.id, None, None, Vec::new()).is_some() {
+                log::info!("linked to the tracker's relay");
+                self.hub = Hub::Linked(id);
+                if let Some(link) = self.links.get_mut(&id) {
+                    link.kind = LinkKind::Relay;
+                }
+            }
+            return;
+        }
+        let name = hello.name.filter(|n| chat::validate_name(n).is_ok());
+        let Some(addr) = self.adopt(now, id, hello.id.clone(), hello.listen_port, name.clone(), Vec::new()) else {
+            return;
+        };
+        let fingerprint = self.meet(id, name.as_deref());
+        if self.relays.direct(&hello.id).is_some() {
+            log::info!("linked directly to {addr}, which a relay passed to us until now");
+        } else {
+            let (encrypted, key_changed) =
+                self.links.get(&id).map_or((false, false), |l| (l.binding.is_some(), l.key_changed));
+            self.emit(Event::Joined {
+                addr,
+                name,
+                protocol: Protocol::P2pchat,
+                outgoing,
+                relayed_by: None,
+                encrypted,
+                fingerprint,
+                key_changed,
+            });
+        }
+        self.after_adopting(now, id, &hello.id);
+        for member in hello.peers {
+            self.consider(member);
+        }
+    }
+
+    fn on_original(&mut self, now: Now, id: LinkId) {
+        if !self.in_default_room() {
+            // Original peers are all in the default room; this one is not in ours.
+            log::debug!("link {id} speaks the original protocol, which has no rooms; closing it");
+            return self.close_quietly(id);
+        }
+        let Some(link) = self.links.get_mut(&id) else { return };
+        link.kind = LinkKind::Original;
+        if link.outgoing {
+            if let Some(addr) = link.listen_addr {
+                self.originals.insert(addr);
+            }
+        }
+        let (addr, outgoing, held) = (link.shown_addr(), link.outgoing, std::mem::take(&mut link.held));
+        self.flush_held(now, id, held);
+        self.emit(Event::Joined {
+            addr,
+            name: None,
+            protocol: Protocol::Original,
+            outgoing,
+            relayed_by: None,
+            encrypted: false,
+            fingerprint: None,
+            key_changed: false,
+        });
+    }
+
+    fn on_probe_rejected(&mut self, id: LinkId) {
+        if self.hub_gone(id) {
+            log::warn!("the tracker's relay closed our link without a hello; not using it");
+            self.close_quietly(id);
+            self.tracker_relays = false;
+            return;
+        }
+        if let Some(link) = self.links.remove(&id) {
+            self.out(Output::Close { link: id, how: Closing::Now });
+            let addr = link.shown_addr();
+            if self.links.values().any(|l| l.kind == LinkKind::P2pchat && l.listen_addr == Some(addr)) {
+                // A p2pchat member we are linked to closed a second link (a version that does
+                // not say `duplicate`): not an original peer.
+                log::debug!("{addr} closed a second link to it");
+                return;
+            }
+            log::debug!("{addr} dropped our p2pchat hello: an original peer");
+            self.originals.insert(addr);
+            if self.in_default_room() {
+                self.carried.insert(addr, link.held);
+                self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
+            }
+        }
+    }
+
+    fn on_refused(&mut self, id: LinkId, code: &str, message: String) {
+        let Some(link) = self.links.remove(&id) else { return };
+        self.out(Output::Close { link: id, how: Closing::Now });
+        let addr = link.shown_addr();
+        if self.hub_gone(id) {
+            log::warn!("the tracker's relay refused us: {message}");
+            self.tracker_relays = false;
+            return;
+        }
+        if code == ERR_ROOM {
+            log::debug!("{addr} is in another room: {message}");
+            return;
+        }
+        if code == ERR_DUPLICATE {
+            // Linked through another connection, or about to be (its hello is on the way).
+            log::debug!("{addr} keeps another link to us: {message}");
+            return;
+        }
+        self.notice(format!("{addr} refused the p2pchat link: {message}"));
+        if code == ERR_VERSION && link.outgoing && self.in_default_room() {
+            self.notice(format!("using the original protocol with {addr}"));
+            self.originals.insert(addr);
+            self.carried.insert(addr, link.held);
+            self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
+        }
+    }
+
+    fn on_renamed(&mut self, id: LinkId, name: String) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        if link.name.as_deref() == Some(name.as_str()) {
+            return;
+        }
+        let old = link.name.replace(name.clone());
+        let addr = link.shown_addr();
+        self.meet(id, Some(&name));
+        self.emit(Event::Renamed { addr, old, new: name });
+    }
+
+    /// Stop writing to a link but read it until the other end closes it, so nothing in flight is lost.
+    fn retire(&mut self, id: LinkId) {
+        if let Some(link) = self.links.remove(&id) {
+            self.end_relays(id, None, link.shown_addr(), "replaced by another link", false);
+            self.retiring.insert(id);
+            self.out(Output::Close { link: id, how: Closing::Retire });
+        }
+    }
+
+    /// `newer` takes over from `older` as the link to the same peer, without presence noise.
+    fn replace(&mut self, now: Now, older: LinkId, newer: LinkId, hello: Hello) {
+        let (name, held) = match self.links.get_mut(&older) {
+            Some(old) => (old.name.clone(), std::mem::take(&mut old.held)),
+            None => (None, Vec::new()),
+        };
+        self.retire(older);
+        self.adopt(now, newer, hello.id, hello.listen_port, name, held);
+    }
+
+    /// Make `id` the p2pchat link to the peer `peer_id`: answer its hello if it dialled us, then write
+    /// what was held for it (and `carried` from a link it replaces). Returns where it is shown.
+    fn adopt(
+        &mut self,
+        now: Now,
+        id: LinkId,
+        peer_id: String,
+        listen_port: Option<u16>,
+        name: Option<String>,
+        carried: Vec<Arc<OutLine>>,
+    ) -> Option<SocketAddr> {
+        let our_hello = self
+            .links
+            .get(&id)
+            .filter(|l| !l.outgoing)
+            .map(|l| frames::encode_opening(&Frame::Hello(self.hello(l.binding.as_deref()))));
+        let link = self.links.get_mut(&id)?;
+        if let Some(port) = listen_port {
+            link.listen_addr = Some(SocketAddr::new(link.remote.ip(), port));
+        }
+        link.kind = LinkKind::P2pchat;
+        link.name = name;
+        link.peer_id = Some(peer_id);
+        let addr = link.shown_addr();
+        let mut held = std::mem::take(&mut link.held);
+        held.extend(carried);
+        self.out(Output::Framed { link: id });
+        if let Some(bytes) = our_hello {
+            self.out(Output::Write { link: id, bytes: bytes.into() });
+        }
+        self.flush_held(now, id, held);
+        Some(addr)
+    }
+
+    /// A member another peer told us about: dial it unless we know it already.
+    ///
+    /// Original members are only dialled by a peer that joined through members alone (`--peer`): one
+    /// that joined through a tracker dialled every original peer the tracker knew, and every later one
+    /// dialled it, on a link whose listen address we cannot know (so we could not tell it is the same).
+    fn consider(&mut self, member: Member) {
+        let Ok(addr) = member.addr.parse::<SocketAddr>() else { return };
+        let ours = addr.port() == self.listen_port
+            && (addr.ip().is_loopback()
+                || addr.ip().is_unspecified()
+                || self.links.values().any(|l| l.remote.ip() == addr.ip()));
+        let known = self.dialling.contains(&addr)
+            || self.links.values().any(|l| l.listen_addr == Some(addr) || l.remote == addr)
+            || (!member.p2pchat && (self.joined_via_tracker || !self.in_default_room()));
+        if !ours && !known {
+            log::debug!("dialling {addr}, which a member told us about");
+            let known = if member.p2pchat { None } else { Some(Protocol::Original) };
+            self.dial(Contact { addr, known }, self.limits.retry_refused_for);
+        }
+    }
+
+    fn dial(&mut self, contact: Contact, retry_for: Duration) {
+        self.dial_from(contact, None, retry_for);
+    }
+
+    fn dial_from(&mut self, contact: Contact, from_port: Option<u16>, retry_for: Duration) {
+        if self.dialling.insert(contact.addr) {
+            self.out(Output::Dial { contact, from_port, retry_for });
+        }
+    }
+
+    /// Link `id`'s member proved its key under `name`: check it against the key that name had when we
+    /// first met it here (trust on first use), and warn when it differs. Returns its fingerprint.
+    fn meet(&mut self, id: LinkId, name: Option<&str>) -> Option<String> {
+        let link = self.links.get(&id)?;
+        let (key, addr) = (*link.key.as_deref()?, link.shown_addr());
+        let fingerprint = identity::fingerprint(&key);
+        let room = self.room.clone();
+        let seen = name.and_then(|name| Some((name, self.known_keys.lock().ok()?.meet(&room, name, &key))));
+        let changed = match seen {
+            Some((name, Seen::Changed { was })) => {
+                self.notice(format!(
+                    "WARNING: {name} ({addr}) proves key {fingerprint}, but {name} had key {was} when you first met it here: it may be someone else"
+                ));
+                true
+            }
+            _ => false,
+        };
+        if let Some(link) = self.links.get_mut(&id) {
+            link.key_changed |= changed;
+        }
+        Some(fingerprint)
+    }
+
+    /// Whether we hold a link to the member listening at `addr`.
+    fn linked_to(&self, addr: SocketAddr) -> bool {
+        self.links.values().any(|l| l.listen_addr == Some(addr))
+    }
+
+    /// Link `id` is gone (`reason`; `clean`: the other end said goodbye): close it and tell
+    /// whoever needs to know.
+    fn remove(&mut self, now: Now, id: LinkId, reason: String, clean: bool) {
+        if self.hub_gone(id) {
+            log::info!("the link to the tracker's relay closed ({reason})");
+        }
+        if let Some(link) = self.links.remove(&id) {
+            self.out(Output::Close { link: id, how: Closing::Now });
+            log::info!("link to {} closed ({reason})", link.shown_addr());
+            let announced = matches!(link.kind, LinkKind::P2pchat | LinkKind::Original);
+            let (addr, name) = (link.shown_addr(), link.name.clone());
+            let lost = link.kind == LinkKind::P2pchat && !clean;
+            let peer_id = link.peer_id.clone();
+            drop(link);
+            self.end_relays(id, peer_id.as_deref(), addr, &reason, clean);
+            self.forget_link_history(now, id, peer_id, lost);
+            if announced {
+                self.emit(Event::Left { addr, name, reason, clean });
+            }
+        }
+    }
+
+    /// Close a link that never joined, without telling anyone.
+    fn close_quietly(&mut self, id: LinkId) {
+        if self.links.remove(&id).is_some() {
+            self.out(Output::Close { link: id, how: Closing::Now });
+        }
+    }
+
+    /// Tell the other end why (an `error` frame), then close once that is written.
+    fn refuse(&mut self, id: LinkId, code: &str, message: String) {
+        let Some(link) = self.links.remove(&id) else { return };
+        let frame = Frame::Error { code: code.to_owned(), message };
+        let bytes = if link.outgoing { frames::encode(&frame) } else { frames::encode_opening(&frame) };
+        self.out(Output::Write { link: id, bytes: bytes.into() });
+        self.out(Output::Close { link: id, how: Closing::Refused });
+    }
+
+    // ----- history ----------------------------------------------------------------------------
+
+    /// Send `ask` to the member on link `id`; false when there is no such link.
+    fn ask_history(&mut self, id: LinkId, ask: Ask) -> bool {
+        let Some(link) = self.links.get(&id) else { return false };
+        let (from, peer_id) = (link.shown_addr(), link.peer_id.clone());
+        let req = self.requests.next_req();
+        let limit = u32::try_from(ask.limit).unwrap_or(u32::MAX);
+        let purpose = ask.purpose;
+        log::debug!("asking {from} for {limit} messages of history ({purpose:?})");
+        self.write_frame(id, &Frame::HistoryRequest { req, limit, after: ask.after.as_ref().map(history::position) });
+        self.out(Output::AskHistory { link: id, req, from, purpose });
+        self.requests.sent(id, req, peer_id, ask);
+        true
+    }
+
+    /// A p2pchat link is up: ask it for history if we are joining, or if it is a member we lost.
+    fn after_adopting(&mut self, _now: Now, id: LinkId, peer_id: &str) {
+        if let Some(ask) = self.requests.on_link_up(peer_id) {
+            if !self.ask_history(id, ask.clone()) {
+                self.requests.not_asked(ask);
+            }
+        }
+    }
+
+    /// Answer a member's history request from our log, within its link's allowance.
+    fn answer_history(&mut self, now: Now, id: LinkId, req: u32, limit: u32, after: Option<Position>) {
+        let Some(link) = self.links.get_mut(&id) else { return };
+        if link.kind != LinkKind::P2pchat {
+            return;
+        }
+        let Some(max_bytes) = link.budget.start(now.at) else {
+            log::info!("{} asks for history faster than it may; answering with nothing", link.shown_addr());
+            return self.write_frame(id, &Frame::History { req, msgs: Vec::new(), more: false });
+        };
+        let query = Query {
+            after: after.map(history::key),
+            before: None,
+            limit: (limit as usize).min(self.history.answer_messages),
+            max_bytes,
+            shared_only: true,
+        };
+        self.out(Output::AnswerHistory { link: id, req, query });
+    }
+
+    /// Our answer to a history request on `link` was queued: `bytes` of it.
+    pub fn history_answered(&mut self, link: LinkId, bytes: usize) {
+        if let Some(link) = self.links.get_mut(&link) {
+            link.budget.finish(bytes);
+        }
+    }
+
+    /// Pass on a part of an answer to one of our requests, up to the number of messages asked for.
+    fn take_history_part(&mut self, id: LinkId, req: u32, msgs: Vec<Chat>, more: bool) {
+        match self.requests.part(id, req, msgs, more) {
+            Part::Passed { msgs, last } => self.out(Output::HistoryPart { link: id, req, msgs, last }),
+            Part::Unasked => log::debug!("ignoring history nobody asked for from link {id}"),
+        }
+    }
+
+    /// The driver could not keep up with an answer's parts: the rest of it is dropped.
+    pub fn history_overflow(&mut self, link: LinkId) {
+        log::warn!("history from link {link} comes faster than it can be logged; dropping the rest of it");
+        self.requests.drop_answer(link);
+    }
+
+    /// Link `id` is gone: a p2pchat member lost without a goodbye is caught up with if it comes back,
+    /// and a join request it had not finished answering goes to another member.
+    fn forget_link_history(&mut self, now: Now, id: LinkId, peer_id: Option<String>, lost: bool) {
+        if let (Some(peer_id), true) = (peer_id, lost) {
+            // The link may have been dead for up to `dead_after` before that was noticed; a little
+            // more covers clocks a few seconds apart. Anything fetched twice is shown once.
+            let quiet_since = now.wall_ms.saturating_sub((self.limits.dead_after.as_millis() as u64) + 5_000);
+            self.requests.lost(peer_id, clock::stamp_at(quiet_since), now.at, self.limits.redial_for * 2);
+        }
+        let Some((answering, rest)) = self.requests.link_gone(id) else { return };
+        // Unanswered: ask again on the link that replaced this one (two peers that redial each other
+        // keep one of the two links), or, for the join's history, any member; with neither up yet,
+        // when one comes.
+        let free = |id: LinkId, l: &Link| l.kind == LinkKind::P2pchat && !self.requests.is_asking(id);
+        let same_peer = self
+            .links
+            .iter()
+            .filter(|(id, l)| free(**id, l))
+            .find(|(_, l)| l.peer_id.is_some() && l.peer_id == answering);
+        let any = self.links.iter().filter(|(id, l)| free(**id, l)).find(|_| rest.purpose.is_join_history());
+        let again = Ask { purpose: rest.purpose.asked_again(), ..rest.clone() };
+        let asked = same_peer.or(any).map(|(&other, _)| other).is_some_and(|other| self.ask_history(other, again));
+        if !asked {
+            self.requests.ask_when_back(answering, rest, now.at);
+        }
+    }
+
+    // ----- relays -----------------------------------------------------------------------------
+
+    /// A new message on link `id`, which we relay: pass it on to its partners.
+    pub fn forward(&mut self, id: LinkId, line: Line) {
+        let mut partners: Vec<LinkId> = self.relays.partners_of(id).filter(|p| self.links.contains_key(p)).collect();
+        partners.sort_unstable();
+        for link in partners {
+            // A partner that is not reading is dropped by its own writes and pings.
+            self.out(Output::Write { link, bytes: line.clone() });
+        }
+    }
+
+    /// A p2pchat member stays out of reach: if the tracker relays, link to its relay (once), so a
+    /// member that can reach nobody we know can still be relayed to us.
+    fn link_to_hub(&mut self) {
+        // (In a private room, too: the link to the tracker is not encrypted, but every message on it
+        // is sealed, and our hello there carries no name.)
+        let (true, Hub::Unused, Some(tracker)) = (self.tracker_relays, self.hub, self.tracker) else { return };
+        log::info!("linking to the tracker's relay at {tracker}");
+        self.hub = Hub::Dialling;
+        self.dial(Contact { addr: tracker, known: Some(Protocol::P2pchat) }, self.limits.retry_refused_for);
+    }
+
+    /// Whether the connection to `addr` we are opening is our link to the tracker's relay.
+    fn dials_hub(&self, addr: SocketAddr) -> bool {
+        self.hub == Hub::Dialling && Some(addr) == self.tracker
+    }
+
+    /// Our hello to the tracker's relay: who we are to it, and nothing it need not know (in a private
+    /// room not even our name).
+    fn hub_hello(&self) -> Hello {
+        let name = if self.private.is_some() { None } else { Some(self.name.clone()) };
+        Hello {
+            v: PROTOCOL_VERSION,
+            id: self.my_id.clone(),
+            name,
+            room: self.room.clone(),
+            listen_port: Some(self.listen_port),
+            peers: Vec::new(),
+            identity: None,
+            relay: true,
+        }
+    }
+
+    /// Whether link `id` was our link to the tracker's relay; we have none after this.
+    fn hub_gone(&mut self, id: LinkId) -> bool {
+        let was = matches!(self.hub, Hub::Opening(hub) | Hub::Linked(hub) if hub == id);
+        if was {
+            self.hub = Hub::Unused;
+        }
+        was
+    }
+
+    /// Our p2pchat link to the member with session id `peer`, if we hold one.
+    fn p2pchat_link_to(&self, peer: &str) -> Option<LinkId> {
+        self.links
+            .iter()
+            .find(|(_, l)| l.kind == LinkKind::P2pchat && l.peer_id.as_deref() == Some(peer))
+            .map(|(id, _)| *id)
+    }
+
+    /// Ask neighbours to relay the members we heard of but still cannot reach.
+    fn ask_relays(&mut self, now: Now) {
+        for (via, peer) in self.relays.due_asks(now.at) {
+            let Some(link) = self.links.get(&via) else { continue };
+            log::info!("cannot reach member {peer} directly; asking {} to relay it", link.shown_addr());
+            self.write_frame(via, &Frame::RelayAsk { peer });
+        }
+    }
+
+    /// The `relay_open` that tells one end of a relay about the other (link `id`).
+    fn relay_open_for(&self, id: LinkId) -> Option<Line> {
+        let link = self.links.get(&id)?;
+        let frame = Frame::RelayOpen {
+            peer: link.peer_id.clone()?,
+            name: link.name.clone(),
+            addr: link.shown_addr().to_string(),
+        };
+        Some(frames::encode(&frame).into())
+    }
+
+    /// The member on link `asker` cannot reach member `peer`: pass their messages between them if we
+    /// are linked to it, and tell both.
+    fn relay_between(&mut self, asker: LinkId, peer: &str) {
+        if self.links.get(&asker).is_none_or(|l| l.kind != LinkKind::P2pchat) {
+            return;
+        }
+        let Some(target) = self.p2pchat_link_to(peer).filter(|t| *t != asker) else {
+            let reason = "the relay is not linked to it".to_owned();
+            return self.write_frame(asker, &Frame::RelayClose { peer: peer.to_owned(), reason, clean: false });
+        };
+        if self.relays.pair(asker, target) {
+            for (id, other) in [(asker, target), (target, asker)] {
+                self.out(Output::Forwards { link: id, on: true });
+                if let (Some(link), Some(other)) = (self.links.get(&id), self.links.get(&other)) {
+                    log::info!("relaying between {} and {}", link.shown_addr(), other.shown_addr());
+                }
+            }
+        }
+        // Sent again to an end that asks again: its first answer may have crossed a lost link.
+        for (id, other) in [(asker, target), (target, asker)] {
+            if let Some(open) = self.relay_open_for(other) {
+                self.out(Output::Write { link: id, bytes: open });
+            }
+        }
+    }
+
+    /// Link `via` relays member `peer` to us.
+    fn relayed_to_us(&mut self, via: LinkId, peer: String, name: Option<String>, addr: SocketAddr) {
+        let Some(via_addr) = self
+            .links
+            .get(&via)
+            .filter(|l| matches!(l.kind, LinkKind::P2pchat | LinkKind::Relay))
+            .map(|l| l.shown_addr())
+        else {
+            return;
+        };
+        if peer == self.my_id || self.p2pchat_link_to(&peer).is_some() {
+            return;
+        }
+        match self.relays.opened(via, peer, name.clone(), addr) {
+            relay::Opened::New => {
+                log::info!("{addr} is relayed to us by {via_addr}");
+                self.emit(Event::Joined {
+                    addr,
+                    name,
+                    protocol: Protocol::P2pchat,
+                    outgoing: false,
+                    relayed_by: Some(via_addr),
+                    encrypted: false,
+                    fingerprint: None,
+                    key_changed: false,
+                });
+            }
+            relay::Opened::Renamed { old } => {
+                if let Some(new) = name {
+                    self.emit(Event::Renamed { addr, old, new });
+                }
+            }
+            relay::Opened::Unchanged => {}
+        }
+    }
+
+    /// Link `id` (at `addr`; to member `peer` when it spoke p2pchat) is gone: members it relayed to
+    /// us are lost, and members we relayed it to hear that it is gone.
+    fn end_relays(&mut self, id: LinkId, peer: Option<&str>, addr: SocketAddr, reason: &str, clean: bool) {
+        let gone = self.relays.link_gone(id, peer);
+        for (_, member) in gone.lost {
+            let reason = format!("its relay {addr} is gone ({reason})");
+            self.emit(Event::Left { addr: member.addr, name: member.name, reason, clean: false });
+        }
+        let Some(peer) = peer else { return };
+        let close: Line =
+            frames::encode(&Frame::RelayClose { peer: peer.to_owned(), reason: reason.to_owned(), clean }).into();
+        for partner in gone.partners {
+            if self.links.contains_key(&partner) {
+                self.out(Output::Write { link: partner, bytes: close.clone() });
+                let on = self.relays.forwards(partner);
+                self.out(Output::Forwards { link: partner, on });
+            }
+        }
+    }
+
+    // ----- the tracker's side: hole punching and keep-alives ------------------------------------
+
+    /// A member we could not reach, probably behind a router that drops connections nobody inside
+    /// asked for: through our p2pchat tracker, have it dial us while we dial it, both from our
+    /// listening ports. Once per member; an address that is not a registered p2pchat member of our
+    /// room is ignored by the tracker.
+    fn punch(&mut self, addr: SocketAddr) {
+        if !self.registered || self.originals.contains(&addr) || !self.punched.insert(addr) {
+            return;
+        }
+        self.out(Output::ToTracker(frames::encode(&Frame::PunchRequest { addr: addr.to_string() }).into()));
+        log::info!("cannot reach {addr} directly; asking the tracker to have it dial us too");
+        // Beside the dial still trying: whichever connects first makes the link.
+        let contact = Contact { addr, known: Some(Protocol::P2pchat) };
+        self.out(Output::Dial { contact, from_port: Some(self.listen_port), retry_for: self.limits.retry_refused_for });
+    }
+
+    /// Keep-alive for p2pchat links (their readers drop a link that stays silent) and for the tracker
+    /// registration, which also hears which original peers we are linked to.
+    fn ping(&mut self) {
+        if self.registered {
+            let originals: Vec<String> = self
+                .links
+                .values()
+                .filter(|l| l.kind == LinkKind::Original && l.outgoing)
+                .filter_map(|l| l.listen_addr.map(|a| a.to_string()))
+                .collect();
+            let frame = if originals.is_empty() { Frame::Ping } else { Frame::Vouch { originals } };
+            self.out(Output::ToTracker(frames::encode(&frame).into()));
+        }
+        let ping: Line = frames::encode(&Frame::Ping).into();
+        let framed: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| matches!(l.kind, LinkKind::P2pchat | LinkKind::Relay))
+            .map(|(id, _)| *id)
+            .collect();
+        for link in framed {
+            self.out(Output::KeepAlive { link, bytes: ping.clone() });
+        }
+    }
+}
