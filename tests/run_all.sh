@@ -17,7 +17,11 @@ fi
 echo "== pip install .[test]  (builds the Rust core in release mode)"
 "$PYTHON" -m pip install --quiet --disable-pip-version-check ".[test]"
 
-echo "== cargo test (the Rust core, no Python needed; each \`cargo bench\` case runs once)"
+echo "== cargo fmt --check, cargo clippy (warnings denied)"
+cargo fmt --check
+cargo clippy --locked --all-targets --features python -- -D warnings
+
+echo "== cargo test (the Rust core and the room simulator, no Python needed; each \`cargo bench\` case runs once)"
 cargo test --locked --all-targets
 cargo test --locked --doc
 

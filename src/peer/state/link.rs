@@ -56,9 +56,10 @@ enum Phase {
         deadline: Instant,
     },
     /// The original protocol; `hold_until`: when text held back (a possible header or a split
-    /// character) is shown anyway.
+    /// character) is shown anyway. Boxed decoder: links to original peers are few, and inline it
+    /// would size every link's reader (a room of 200 holds 199 links, nearly all p2pchat).
     Original {
-        decoder: ChatDecoder,
+        decoder: Box<ChatDecoder>,
         pending: Vec<u8>,
         hold_until: Option<Instant>,
     },
@@ -228,7 +229,7 @@ impl LinkReader {
 
     fn become_original(&mut self, first: Vec<u8>, out: &mut Outputs) {
         out.reports.push(Report::Original);
-        self.phase = Phase::Original { decoder: ChatDecoder::new(), pending: first, hold_until: None };
+        self.phase = Phase::Original { decoder: Box::new(ChatDecoder::new()), pending: first, hold_until: None };
     }
 
     fn become_p2pchat(&mut self, now: Now, rules: &LinkRules, rest: Vec<u8>) {
