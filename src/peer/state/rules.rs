@@ -280,3 +280,169 @@ pub fn keeps_link(my_id: &str, peer_id: &str, outgoing: bool, existing_outgoing:
     let dialler = |outgoing: bool| if outgoing { my_id } else { peer_id };
     dialler(outgoing) < dialler(existing_outgoing)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::peer::state::link::LinkReader;
+    use crate::peer::types::Role;
+    use crate::wire::frames::{Hello, MAGIC, PROTOCOL_VERSION};
+
+    fn rules(rate: u32) -> LinkRules {
+        LinkRules {
+            limits: Limits { max_message_rate: rate, ..Limits::default() },
+            room: "r".into(),
+            seen: Arc::new(Mutex::new(SeenIds::new(64))),
+            clock: Arc::new(Clock::new()),
+            authors: None,
+            room_key: None,
+            ids: Mutex::new(Ids::from_seed([1; 32])),
+        }
+    }
+
+    fn at(base: Instant, ms: u64) -> Now {
+        Now { at: base + Duration::from_millis(ms), wall_ms: 1_750_000_000_000 + ms }
+    }
+
+    fn from() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], 9))
+    }
+
+    fn hello() -> Frame {
+        Frame::Hello(Hello {
+            v: PROTOCOL_VERSION,
+            id: "a".repeat(32),
+            name: Some("ana".into()),
+            room: "r".into(),
+            listen_port: Some(1),
+            peers: vec![],
+            identity: None,
+            relay: false,
+        })
+    }
+
+    fn msg(id: &str, room: &str) -> Frame {
+        Frame::Msg(Chat {
+            id: id.into(),
+            from: "ana".into(),
+            room: room.into(),
+            ts: 1,
+            hlc: 2,
+            text: format!("hi in {room}"),
+            key: Some("00".repeat(32)),
+            sig: Some("00".repeat(64)),
+        })
+    }
+
+    /// A reader that accepted a link and read `frames` (after the magic), all at once.
+    fn read_frames(rules: &LinkRules, frames: &[Frame]) -> Outputs {
+        let base = Instant::now();
+        let mut reader = LinkReader::new(Role::Accepted, from(), at(base, 0), rules);
+        let mut out = Outputs::default();
+        reader.start(&mut out);
+        let buf = reader.read_buffer().expect("reading");
+        buf.extend_from_slice(MAGIC);
+        for frame in frames {
+            buf.extend_from_slice(&frames::encode(frame));
+        }
+        reader.handle_read(at(base, 1), rules, false, &mut out);
+        out
+    }
+
+    fn shown_texts(out: &Outputs) -> Vec<(String, bool)> {
+        out.to_show
+            .iter()
+            .filter_map(|e| match e {
+                Event::Message(m) => Some((m.text.clone(), m.signed)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_link_that_speaks_before_its_hello_is_ended_and_nothing_it_said_is_shown() {
+        let out = read_frames(&rules(200), &[msg("m1", "r"), hello()]);
+        assert!(out.to_show.is_empty() && out.to_log.is_empty());
+        assert!(out.reports.is_empty(), "not even its hello: {:?}", out.reports);
+        assert_eq!(out.end, Some(End::Closed { reason: "spoke before its hello".into(), clean: false }));
+    }
+
+    #[test]
+    fn a_message_is_shown_once_only_in_our_room_and_never_as_signed_outside_private_rooms() {
+        let out = read_frames(&rules(200), &[hello(), msg("m0", "other"), msg("m1", "r"), msg("m1", "r")]);
+        assert!(matches!(out.reports.as_slice(), [Report::Hello(_)]));
+        assert_eq!(shown_texts(&out), vec![("hi in r".to_owned(), false)], "once, from our room, unsigned");
+        assert_eq!(out.to_log.len(), 1);
+        assert_eq!(out.to_log[0].sig, None, "an unchecked signature is not logged");
+        assert_eq!(out.end, None);
+    }
+
+    #[test]
+    fn a_member_over_the_flood_limit_is_muted_with_one_notice() {
+        let frames: Vec<Frame> = std::iter::once(hello()).chain((0..10).map(|i| msg(&format!("m{i}"), "r"))).collect();
+        let out = read_frames(&rules(2), &frames);
+        assert_eq!(shown_texts(&out).len(), 6, "a burst of three times the rate");
+        let notices = out.to_show.iter().filter(|e| matches!(e, Event::Notice { .. })).count();
+        assert_eq!(notices, 1);
+    }
+
+    #[test]
+    fn an_error_frame_refuses_the_link_and_bye_makes_its_end_clean() {
+        let refused =
+            read_frames(&rules(200), &[hello(), Frame::Error { code: "room".into(), message: "elsewhere".into() }]);
+        assert!(matches!(refused.reports.last(), Some(Report::Refused { code, .. }) if code == "room"));
+        assert_eq!(refused.end, Some(End::Closed { reason: "refused".into(), clean: false }));
+
+        let rules = rules(200);
+        let base = Instant::now();
+        let mut reader = LinkReader::new(Role::Accepted, from(), at(base, 0), &rules);
+        let mut out = Outputs::default();
+        let buf = reader.read_buffer().expect("reading");
+        buf.extend_from_slice(MAGIC);
+        buf.extend_from_slice(&frames::encode(&hello()));
+        buf.extend_from_slice(&frames::encode(&Frame::Bye));
+        reader.handle_read(at(base, 1), &rules, false, &mut out);
+        reader.handle_eof(at(base, 2), &rules, &mut out);
+        assert_eq!(out.end, Some(End::Closed { reason: "left".into(), clean: true }));
+    }
+
+    #[test]
+    fn an_opening_decides_by_first_bytes_or_silence() {
+        let rules = rules(200);
+        let base = Instant::now();
+        // Silence on a link we probed: an original peer that dropped our hello.
+        let mut probe = LinkReader::new(Role::Probe, from(), at(base, 0), &rules);
+        let mut out = Outputs::default();
+        probe.handle_timeout(at(base, 10_000), &rules, &mut out);
+        assert!(matches!(out.reports.as_slice(), [Report::ProbeRejected]));
+        assert_eq!(out.end, Some(End::Quietly));
+        // Silence on a link we accepted: an original peer that has not typed yet.
+        let mut accepted = LinkReader::new(Role::Accepted, from(), at(base, 0), &rules);
+        let mut out = Outputs::default();
+        accepted.handle_timeout(at(base, 10_000), &rules, &mut out);
+        assert!(matches!(out.reports.as_slice(), [Report::Original]));
+        assert_eq!(out.end, None);
+        // Original bytes first: its name and its line.
+        let mut talking = LinkReader::new(Role::Accepted, from(), at(base, 0), &rules);
+        let mut out = Outputs::default();
+        talking.read_buffer().expect("reading").extend_from_slice(b"<bo> :: hello");
+        talking.handle_read(at(base, 1), &rules, false, &mut out);
+        assert!(matches!(out.reports.as_slice(), [Report::Original, Report::Renamed { name }] if name == "bo"));
+        assert_eq!(shown_texts(&out), vec![("hello".to_owned(), false)]);
+    }
+
+    #[test]
+    fn both_ends_keep_the_same_one_of_two_links() {
+        // Link 1 was dialled by `a`, link 2 by `b`; each end holds one and then sees the other.
+        for (a, b) in [("a1", "b2"), ("b2", "a1")] {
+            // At `a`: it holds link 1 (outgoing) when link 2 (incoming) says hello.
+            let a_keeps_link_2 = keeps_link(a, b, false, true);
+            // At `b`: it holds link 2 (outgoing) when link 1 (incoming) says hello.
+            let b_keeps_link_2 = !keeps_link(b, a, false, true);
+            assert_eq!(a_keeps_link_2, b_keeps_link_2, "{a} and {b} keep the same link");
+            assert_eq!(a_keeps_link_2, b < a, "the one dialled by the smaller session id");
+        }
+    }
+}
