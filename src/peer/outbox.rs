@@ -41,7 +41,7 @@ pub(super) struct Bounds {
 }
 
 struct Shared<T> {
-    state: Mutex<State<T>>,
+    state: Mutex<Queued<T>>,
     bounds: Bounds,
     /// Wakes the drain: a line was queued, or the last sender left.
     queued: Notify,
@@ -49,7 +49,7 @@ struct Shared<T> {
     room: Notify,
 }
 
-struct State<T> {
+struct Queued<T> {
     lines: VecDeque<T>,
     bytes: usize,
     /// Since when the queue has been at `lines` with nothing taken (first noticed by a send).
@@ -63,7 +63,7 @@ struct State<T> {
 }
 
 impl<T> Shared<T> {
-    fn lock(&self) -> MutexGuard<'_, State<T>> {
+    fn lock(&self) -> MutexGuard<'_, Queued<T>> {
         // No code holding this lock can panic half-way through a change.
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -97,7 +97,7 @@ pub(super) struct Drain<T> {
 pub(super) fn outbox<T: AsRef<[u8]>>(bounds: Bounds) -> (Outbox<T>, Drain<T>) {
     let bounds = Bounds { lines: bounds.lines.max(1), ..bounds };
     let shared = Arc::new(Shared {
-        state: Mutex::new(State {
+        state: Mutex::new(Queued {
             lines: VecDeque::new(),
             bytes: 0,
             full_since: None,
@@ -159,7 +159,7 @@ impl<T: AsRef<[u8]>> Outbox<T> {
 
     /// Queue `line` unless a bound says no (the caller wakes the drain); `strict`: refuse at `lines`
     /// rather than go past it.
-    fn admit(&self, state: &mut State<T>, line: T, strict: bool) -> Result<(), Refused<T>> {
+    fn admit(&self, state: &mut Queued<T>, line: T, strict: bool) -> Result<(), Refused<T>> {
         let bounds = &self.shared.bounds;
         if !state.drain_alive {
             return Err(Refused::Closed(line));
@@ -230,7 +230,7 @@ impl<T: AsRef<[u8]>> Drain<T> {
         self.take(&mut state)
     }
 
-    fn take(&self, state: &mut State<T>) -> Option<T> {
+    fn take(&self, state: &mut Queued<T>) -> Option<T> {
         let line = state.lines.pop_front()?;
         state.bytes -= line.as_ref().len();
         // Taken: the stall clock starts again if the queue is still that full.

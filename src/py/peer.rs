@@ -260,30 +260,30 @@ impl From<Event> for PyEvent {
     }
 }
 
-enum State {
+enum Stage {
     New,
     Joining,
     Joined { handle: PeerHandle, events: SharedEvents, report: JoinReport },
 }
 
 struct Core {
-    state: Mutex<State>,
+    state: Mutex<Stage>,
 }
 
 impl Core {
-    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, State>> {
+    fn lock(&self) -> PyResult<std::sync::MutexGuard<'_, Stage>> {
         self.state.lock().map_err(|_| P2PChatError::new_err("internal state poisoned"))
     }
 
     fn start_joining(&self) -> PyResult<()> {
         let mut state = self.lock()?;
         match *state {
-            State::New => {
-                *state = State::Joining;
+            Stage::New => {
+                *state = Stage::Joining;
                 Ok(())
             }
-            State::Joining => Err(P2PChatError::new_err("this peer is already joining")),
-            State::Joined { .. } => {
+            Stage::Joining => Err(P2PChatError::new_err("this peer is already joining")),
+            Stage::Joined { .. } => {
                 Err(P2PChatError::new_err("this peer has already joined; create a new Peer to join again"))
             }
         }
@@ -293,11 +293,11 @@ impl Core {
         let mut state = self.lock()?;
         match result {
             Ok((handle, events, report)) => {
-                *state = State::Joined { handle, events: Arc::new(tokio::sync::Mutex::new(events)), report };
+                *state = Stage::Joined { handle, events: Arc::new(tokio::sync::Mutex::new(events)), report };
                 Ok(())
             }
             Err(err) => {
-                *state = State::New;
+                *state = Stage::New;
                 Err(err.into())
             }
         }
@@ -305,20 +305,20 @@ impl Core {
 
     fn joined(&self) -> PyResult<(PeerHandle, SharedEvents)> {
         match &*self.lock()? {
-            State::Joined { handle, events, .. } => Ok((handle.clone(), events.clone())),
+            Stage::Joined { handle, events, .. } => Ok((handle.clone(), events.clone())),
             _ => Err(PeerClosed::new_err("this peer has not joined a room yet; call join() first")),
         }
     }
 
     fn is_joined(&self) -> bool {
-        matches!(self.state.lock().as_deref(), Ok(State::Joined { .. }))
+        matches!(self.state.lock().as_deref(), Ok(Stage::Joined { .. }))
     }
 }
 
 impl Closable for Core {
     fn close_blocking(&self) {
         let handle = match self.state.lock().as_deref() {
-            Ok(State::Joined { handle, .. }) => handle.clone(),
+            Ok(Stage::Joined { handle, .. }) => handle.clone(),
             _ => return,
         };
         runtime().block_on(handle.close());
@@ -562,7 +562,7 @@ impl PyPeer {
         let data_dir = data_dir.unwrap_or_else(crate::history::default_dir);
         config.identity = Some(identity.unwrap_or_else(|| data_dir.join(crate::identity::FILE_NAME)));
         config.history.location = if save_history { Location::Dir(data_dir) } else { Location::Memory };
-        let core = Arc::new(Core { state: Mutex::new(State::New) });
+        let core = Arc::new(Core { state: Mutex::new(Stage::New) });
         let weak = Arc::downgrade(&core);
         register_live(weak);
         Ok(Self { config, core, name: Mutex::new(name.to_owned()) })
@@ -782,7 +782,7 @@ impl PyPeer {
     #[getter]
     fn address(&self) -> PyResult<Option<(String, u16)>> {
         Ok(match &*self.core.lock()? {
-            State::Joined { handle, .. } => Some(py_addr(handle.listen_addr())),
+            Stage::Joined { handle, .. } => Some(py_addr(handle.listen_addr())),
             _ => None,
         })
     }
@@ -792,7 +792,7 @@ impl PyPeer {
     #[getter]
     fn fingerprint(&self) -> PyResult<Option<String>> {
         Ok(match &*self.core.lock()? {
-            State::Joined { handle, .. } => Some(handle.fingerprint().to_owned()),
+            Stage::Joined { handle, .. } => Some(handle.fingerprint().to_owned()),
             _ => None,
         })
     }
@@ -815,7 +815,7 @@ impl PyPeer {
     #[getter]
     fn join_result(&self) -> PyResult<Option<(usize, usize)>> {
         Ok(match &*self.core.lock()? {
-            State::Joined { report, .. } => Some((report.connected, report.listed)),
+            Stage::Joined { report, .. } => Some((report.connected, report.listed)),
             _ => None,
         })
     }
@@ -824,7 +824,7 @@ impl PyPeer {
     #[getter]
     fn closed(&self) -> PyResult<bool> {
         Ok(match &*self.core.lock()? {
-            State::Joined { handle, .. } => handle.is_closed(),
+            Stage::Joined { handle, .. } => handle.is_closed(),
             _ => false,
         })
     }
@@ -874,9 +874,9 @@ impl PyPeer {
 
     fn __repr__(&self) -> String {
         let state = match self.core.state.lock().as_deref() {
-            Ok(State::Joined { handle, .. }) if handle.is_closed() => "closed".to_owned(),
-            Ok(State::Joined { handle, .. }) => format!("listening on {}", handle.listen_addr()),
-            Ok(State::Joining) => "joining".to_owned(),
+            Ok(Stage::Joined { handle, .. }) if handle.is_closed() => "closed".to_owned(),
+            Ok(Stage::Joined { handle, .. }) => format!("listening on {}", handle.listen_addr()),
+            Ok(Stage::Joining) => "joining".to_owned(),
             _ => "not joined".to_owned(),
         };
         format!("<p2pchat.Peer {:?} {state}>", self.config.name)
