@@ -171,7 +171,7 @@ def run_p2pchat(args, inbox: Inbox) -> None:
         if cmd["cmd"] == "send":
             started = time.monotonic()
             for _ in paced(cmd["count"], cmd["rate"]):
-                # As a program that sends many lines does (README, the Python API): it needs no count
+                # As a program that sends many lines does (docs/python-api.md): it needs no count
                 # of peers reached, so it does not wait for one per line.
                 peer.post(texts.next())
             reply({"sent": cmd["count"], "seconds": time.monotonic() - started})

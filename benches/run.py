@@ -72,7 +72,7 @@ class Child:
         self.popen = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, text=True,
             # Many peer processes share 2 cores here: one runtime worker each costs less CPU per
-            # delivery (README, "What was slow"). The baseline's asyncio ignores the variable.
+            # delivery (docs/benchmarks.md, "What was slow"). The baseline's asyncio ignores the variable.
             env=dict(os.environ, PYTHONUNBUFFERED="1", TOKIO_WORKER_THREADS="1"),
         )
         self.lines: List[str] = []

@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
                              "variable P2PCHAT_SECRET works too. Never on the command line, which others can read")
     parser.add_argument("--json", action="store_true",
                         help="machine mode: JSON commands on stdin, one JSON object per event on stdout "
-                             "(needs --name; see the README for the schema)")
+                             "(needs --name; see docs/cli.md for the schema)")
     parser.add_argument("--exit-on-eof", action="store_true", help="leave the room when stdin ends instead of staying to listen")
     parser.add_argument("-d", "--debug", action="store_true", help="print debug logs (connections, tracker exchange) on stderr")
     parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")

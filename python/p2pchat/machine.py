@@ -1,7 +1,7 @@
 """``client.py --json``: drive a peer with JSON lines, from any language.
 
 Commands come one JSON object per line on stdin; every event and every answer goes out as one JSON
-object per line on stdout (the README lists every field). Logs go to stderr. A line that is not a
+object per line on stdout (docs/cli.md lists every field). Logs go to stderr. A line that is not a
 command gets an ``error`` object naming it, and the peer goes on.
 """
 

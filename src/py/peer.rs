@@ -41,7 +41,7 @@ pub struct PyMessage {
     #[pyo3(get)]
     received_at: f64,
     /// True for the later part of a message whose bytes arrived after a pause (the original protocol has
-    /// no message boundaries; see the README).
+    /// no message boundaries; see docs/python-api.md).
     #[pyo3(get)]
     continued: bool,
     /// The message's unique id (messages from p2pchat peers; None from original peers).
