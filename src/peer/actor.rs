@@ -180,8 +180,6 @@ struct Driver {
     answers: HashMap<LinkId, (u32, mpsc::Sender<Vec<Chat>>)>,
     /// Frames for our tracker registration (pings, vouches), while we are registered.
     registration: Option<mpsc::Sender<Line>>,
-    tracker: Option<SocketAddr>,
-    listen_port: u16,
     background: JoinSet<()>,
     /// What every link's reader shares; also the driver's limits and room, and its handles to
     /// the seen ids, the clock, the log and the two channels.
@@ -262,8 +260,6 @@ pub(super) async fn run(setup: Setup) {
         leaving: Vec::new(),
         answers: HashMap::new(),
         registration: None,
-        tracker,
-        listen_port,
         background: JoinSet::new(),
         readers,
         history,
@@ -493,11 +489,10 @@ impl Driver {
                         let _ = registration.try_send(bytes);
                     }
                 }
-                Output::RegisterAgain => {
-                    let Some(tracker) = self.tracker else { continue };
+                Output::RegisterAgain { tracker, listen_port } => {
                     let task = bootstrap::register_again(
                         tracker,
-                        self.listen_port,
+                        listen_port,
                         self.readers.rules.room.clone(),
                         self.readers.rules.limits.clone(),
                         self.readers.net.clone(),

@@ -211,6 +211,7 @@ impl LinkTask {
         let mut reader = link::LinkReader::new(self.role, self.from, now(), rules);
         let mut out = Outputs::default();
         let mut read_size = ReadSize::new();
+        let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         reader.start(&mut out);
         loop {
             if !out.is_empty() {
@@ -226,7 +227,16 @@ impl LinkTask {
                     Some(End::Closed { reason, clean }) => return Some(ReadEnd::Because(reason, clean)),
                 }
             }
-            let timeout = reader.poll_timeout().map(tokio::time::Instant::from_std);
+            // One timer per link, moved only when the reader needs it sooner or it went off: a busy
+            // link pushes its silence bound back with every read, and re-arming a timer per read
+            // would cost the timer wheel work on every message.
+            if let Some(at) = reader.poll_timeout().map(tokio::time::Instant::from_std) {
+                match &mut timer {
+                    Some(armed) if at < armed.deadline() || armed.is_elapsed() => armed.as_mut().reset(at),
+                    Some(_) => {}
+                    None => timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+            }
             let step = {
                 let read = async {
                     half.readable().await;
@@ -234,16 +244,16 @@ impl LinkTask {
                     read_size.prepare(buf);
                     half.read_buf(buf).await
                 };
-                let timer = async {
-                    match timeout {
-                        Some(at) => tokio::time::sleep_until(at).await,
+                let fired = async {
+                    match &mut timer {
+                        Some(armed) => armed.as_mut().await,
                         None => std::future::pending().await,
                     }
                 };
                 tokio::select! {
                     biased;
                     read = read => Some(read),
-                    () = timer => None,
+                    () = fired => None,
                 }
             };
             let forwarding = self.flags.forwards.load(Ordering::Relaxed);

@@ -158,19 +158,19 @@ pub(super) fn acceptable(chat: &Chat, room: &str) -> bool {
 }
 
 /// A p2pchat message as the application sees it; `from` is the link it came on.
-pub(super) fn message(chat: Chat, from: SocketAddr, history: bool) -> Message {
+pub(super) fn message(chat: Chat, from: SocketAddr, received_at: SystemTime, history: bool) -> Message {
     let stamp = chat.stamp();
     Message {
         sender: Some(chat.from),
         text: chat.text,
         from,
-        received_at: SystemTime::now(),
+        received_at,
         starts_message: true,
         id: Some(chat.id),
         sent_at: Some(UNIX_EPOCH + Duration::from_millis(chat.ts)),
         stamp: Some(stamp),
         history,
-        // Signatures are kept only where they were checked (see `connection::unverified`).
+        // Signatures are kept only where they were checked (see `state::rules::unverified`).
         signed: chat.sig.is_some(),
     }
 }
@@ -435,7 +435,7 @@ pub(super) async fn receive(
                 continue;
             }
             received += 1;
-            if sink.events.send(Event::Message(message(chat, from, true))).await.is_err() {
+            if sink.events.send(Event::Message(message(chat, from, SystemTime::now(), true))).await.is_err() {
                 return;
             }
         }

@@ -127,6 +127,8 @@ struct P2pNode {
     last_piece: HashMap<LinkId, usize>,
     /// Who was shown leaving.
     left: Vec<SocketAddr>,
+    /// When the node's armed wake-up goes off.
+    timer_at: Option<Duration>,
     log: Vec<Record>,
 }
 
@@ -172,8 +174,9 @@ struct Sim {
     base: Instant,
     now: Duration,
     seq: u64,
-    queue: BinaryHeap<Reverse<(Duration, u64, usize)>>,
-    events: HashMap<usize, Ev>,
+    /// (when, sequence): the sequence keeps events of one instant in the order they were made.
+    queue: BinaryHeap<Reverse<(Duration, u64)>>,
+    events: HashMap<u64, Ev>,
     dice: Dice,
     nodes: Vec<Node>,
     pipes: Vec<Pipe>,
@@ -215,8 +218,8 @@ impl Sim {
     fn schedule(&mut self, after: Duration, ev: Ev) {
         let seq = self.seq;
         self.seq += 1;
-        self.events.insert(seq as usize, ev);
-        self.queue.push(Reverse((self.now + after, seq, seq as usize)));
+        self.events.insert(seq, ev);
+        self.queue.push(Reverse((self.now + after, seq)));
     }
 
     fn schedule_at(&mut self, at: Duration, ev: Ev) {
@@ -226,7 +229,7 @@ impl Sim {
 
     /// Run until `until` (virtual time).
     fn run_until(&mut self, until: Duration) {
-        while let Some(Reverse((at, _, key))) = self.queue.peek().copied() {
+        while let Some(Reverse((at, key))) = self.queue.peek().copied() {
             if at > until {
                 break;
             }
@@ -360,6 +363,7 @@ impl Sim {
             shown: Vec::new(),
             last_piece: HashMap::new(),
             left: Vec::new(),
+            timer_at: None,
             log: Vec::new(),
         })));
         self.drain(node);
@@ -430,7 +434,7 @@ impl Sim {
                     self.send_bytes(end, bytes.to_vec());
                 }
             }
-            Output::Framed { .. } | Output::ToTracker(_) | Output::RegisterAgain | Output::SaveKnownKeys => {}
+            Output::Framed { .. } | Output::ToTracker(_) | Output::RegisterAgain { .. } | Output::SaveKnownKeys => {}
             Output::Ready { .. } | Output::AskHistory { .. } => {}
             Output::Forwards { link, on } => {
                 let p = self.p2p(node);
@@ -443,25 +447,15 @@ impl Sim {
             Output::Close { link, how } => {
                 let p = self.p2p(node);
                 let Some(end) = p.ends.get(&link).copied() else { return };
-                match how {
-                    Closing::Now => {
-                        p.ends.remove(&link);
-                        p.readers.remove(&link);
-                        self.close_end(end);
-                    }
-                    // Written out, then closed: the FIN follows what was queued.
-                    Closing::Refused | Closing::Leaving => {
-                        p.ends.remove(&link);
-                        p.readers.remove(&link);
-                        self.close_end(end);
-                    }
+                if how == Closing::Retire {
                     // No more writes; reads go on until the other end closes.
-                    Closing::Retire => {
-                        p.ends.remove(&link);
-                        self.shut_write(end);
-                        let p = self.p2p(node);
-                        p.ends.insert(link, end);
-                    }
+                    self.shut_write(end);
+                } else {
+                    // At once, or once what was queued is written: here every write is already on its
+                    // way, and the end of stream follows it.
+                    p.ends.remove(&link);
+                    p.readers.remove(&link);
+                    self.close_end(end);
                 }
             }
             Output::Dial { contact, .. } => {
@@ -524,7 +518,7 @@ impl Sim {
                 if self.dice.below(4) == 0 { 1 + self.dice.below(rest.len() as u64) as usize } else { rest.len() };
             let (chunk, tail) = rest.split_at(cut);
             let pipe = &mut self.pipes[from.pipe];
-            let jitter = Duration::from_micros(self.dice.0 % 500);
+            let jitter = Duration::from_micros(self.dice.below(500));
             let arrival = (self.now + pipe.delay + jitter).max(pipe.last_arrival[from.side]);
             pipe.last_arrival[from.side] = arrival;
             self.schedule_at(arrival, Ev::Bytes { at: to, bytes: chunk.to_vec() });
@@ -688,16 +682,14 @@ impl Sim {
         }
         let now = self.clock();
         let Some(Kind::P2p(p)) = &mut self.nodes[node].kind else { return };
+        p.timer_at = p.timer_at.filter(|at| *at > self.now);
         p.state.handle_timeout(now);
-        let links: Vec<LinkId> = p.readers.keys().copied().collect();
         let mut all = Vec::new();
-        for link in links {
-            let p = self.p2p(node);
-            let Some(reader) = p.readers.get_mut(&link) else { continue };
+        for (link, reader) in &mut p.readers {
             if reader.poll_timeout().is_some_and(|at| at <= now.at) {
                 let mut out = Outputs::default();
                 reader.handle_timeout(now, &p.rules, &mut out);
-                all.push((link, out));
+                all.push((*link, out));
             }
         }
         for (link, out) in all {
@@ -706,12 +698,14 @@ impl Sim {
         self.drain(node);
     }
 
-    /// Wake the node when its earliest timer is due.
+    /// Wake the node when its earliest timer is due: one wake-up is armed at a time, and another only
+    /// when something needs it sooner (a wake-up that finds nothing due is harmless).
     fn arm_timer(&mut self, node: NodeId) {
-        let Some(Kind::P2p(p)) = &self.nodes[node].kind else { return };
+        let Some(Kind::P2p(p)) = &mut self.nodes[node].kind else { return };
         let earliest = p.readers.values().filter_map(LinkReader::poll_timeout).chain(p.state.poll_timeout()).min();
-        if let Some(at) = earliest {
-            let at = at.duration_since(self.base).max(self.now);
+        let Some(at) = earliest.map(|at| at.duration_since(self.base).max(self.now)) else { return };
+        if p.timer_at.is_none_or(|armed| at < armed) {
+            p.timer_at = Some(at);
             self.schedule_at(at, Ev::Timer { node });
         }
     }
@@ -919,7 +913,7 @@ fn sim_one_seed_replays_exactly() {
 /// Found by this simulator, not fixed yet: when two members dial each other at once, the one that
 /// keeps the other link retires its dial at once; if that end of stream reaches the other member
 /// before the kept link's hello does, it shows the member leaving (and redials), then joining
-/// again. Seed 40 shows it.
+/// again. Seed 78 shows it.
 #[test]
 #[ignore = "known presence flap when members dial each other at once; see the comment"]
 fn sim_presence_is_stable_when_members_dial_each_other_at_once() {

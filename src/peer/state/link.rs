@@ -16,7 +16,6 @@ use std::time::{Duration, Instant};
 use super::rules::{self, Drops, Flood, LinkRules};
 use super::Report;
 use crate::history::store::Record;
-use crate::peer::history;
 use crate::peer::types::{Now, Role};
 use crate::peer::{Event, Message};
 use crate::wire::chat::{ChatDecoder, Piece};
@@ -281,7 +280,7 @@ impl LinkReader {
                 author_key: None,
                 sig: None,
             });
-            let received_at = std::time::UNIX_EPOCH + Duration::from_millis(now.wall_ms);
+            let received_at = received_at(now);
             let message = Message {
                 sender,
                 text,
@@ -326,9 +325,7 @@ impl LinkReader {
     }
 }
 
-/// A message from history or a live frame as the application sees it (see `history::message`).
-pub fn shown(chat: crate::wire::frames::Chat, from: SocketAddr, now: Now, is_history: bool) -> Message {
-    let mut message = history::message(chat, from, is_history);
-    message.received_at = std::time::UNIX_EPOCH + Duration::from_millis(now.wall_ms);
-    message
+/// When something read at `now` was received, as the application is told.
+pub fn received_at(now: Now) -> std::time::SystemTime {
+    std::time::UNIX_EPOCH + Duration::from_millis(now.wall_ms)
 }

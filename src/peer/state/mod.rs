@@ -67,8 +67,9 @@ pub enum Output {
     AnswerHistory { link: LinkId, req: u32, query: Query },
     /// Write this frame on our tracker registration.
     ToTracker(Line),
-    /// The tracker registration was lost: register again, in the background.
-    RegisterAgain,
+    /// The tracker registration was lost: register again with `tracker` from `listen_port`, in the
+    /// background.
+    RegisterAgain { tracker: SocketAddr, listen_port: u16 },
     /// Write the known keys met since the last write.
     SaveKnownKeys,
     /// Every contact of the join was tried once; this many were reached.
@@ -609,11 +610,9 @@ impl PeerState {
     /// The tracker registration ended.
     pub fn tracker_lost(&mut self, reason: &str) {
         self.registered = false;
-        if self.tracker.is_none() {
-            return;
-        }
+        let Some(tracker) = self.tracker else { return };
         self.notice(format!("lost the connection to the tracker ({reason}); the room goes on, registering again"));
-        self.out(Output::RegisterAgain);
+        self.out(Output::RegisterAgain { tracker, listen_port: self.listen_port });
     }
 
     /// Registered with the tracker again after losing it; it lists `contacts`.
@@ -945,7 +944,7 @@ impl PeerState {
                 key_changed,
             });
         }
-        self.after_adopting(now, id, &hello.id);
+        self.after_adopting(id, &hello.id);
         for member in hello.peers {
             self.consider(member);
         }
@@ -1208,7 +1207,7 @@ impl PeerState {
     }
 
     /// A p2pchat link is up: ask it for history if we are joining, or if it is a member we lost.
-    fn after_adopting(&mut self, _now: Now, id: LinkId, peer_id: &str) {
+    fn after_adopting(&mut self, id: LinkId, peer_id: &str) {
         if let Some(ask) = self.requests.on_link_up(peer_id) {
             if !self.ask_history(id, ask.clone()) {
                 self.requests.not_asked(ask);

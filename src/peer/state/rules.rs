@@ -223,7 +223,7 @@ pub fn take_frame(
                 }
                 rules.clock.observe_at(chat.stamp(), now.wall_ms);
                 out.to_log.push(history::chat_to_record(&chat));
-                out.to_show.push(Event::Message(super::link::shown(chat, from, now, false)));
+                out.to_show.push(Event::Message(history::message(chat, from, super::link::received_at(now), false)));
             }
         }
         Frame::HistoryRequest { req, limit, after } => {
