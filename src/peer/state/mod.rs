@@ -147,6 +147,14 @@ struct OutLine {
     p2pchat: Line,
 }
 
+/// A member that moved to another link (see [`PeerState::hand_over`]).
+struct Moving {
+    name: Option<String>,
+    addr: SocketAddr,
+    listen_addr: Option<SocketAddr>,
+    since: Instant,
+}
+
 /// Our use of the tracker's relay (see `tracker::hub`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Hub {
@@ -239,6 +247,9 @@ pub struct PeerState {
     carried: HashMap<SocketAddr, Vec<Arc<OutLine>>>,
     /// Links given up for a duplicate to the same peer: read until they end.
     retiring: HashSet<LinkId>,
+    /// Members whose link the other end closed as a duplicate: by session id, until they say hello
+    /// on the link they kept.
+    moving: HashMap<String, Moving>,
     joined_via_tracker: bool,
     tracker: Option<SocketAddr>,
     /// Registered with the tracker now (pings and vouches go to it).
@@ -307,6 +318,7 @@ impl PeerState {
             punched: HashSet::new(),
             carried: HashMap::new(),
             retiring: HashSet::new(),
+            moving: HashMap::new(),
             joined_via_tracker,
             tracker,
             registered: registered.is_some(),
@@ -566,7 +578,7 @@ impl PeerState {
             Report::Hello(hello) => self.on_hello(now, link, hello),
             Report::Original => self.on_original(now, link),
             Report::ProbeRejected => self.on_probe_rejected(link),
-            Report::Refused { code, message } => self.on_refused(link, &code, message),
+            Report::Refused { code, message } => self.on_refused(now, link, &code, message),
             Report::Renamed { name } => self.on_renamed(link, name),
             Report::HistoryRequested { req, limit, after } => self.answer_history(now, link, req, limit, after),
             Report::HistoryPart { req, msgs, more } => self.take_history_part(link, req, msgs, more),
@@ -781,10 +793,11 @@ impl PeerState {
     }
 
     /// The keep-alive period passed: ping p2pchat links and the tracker registration, ask for relays
-    /// that are due, and save new known keys.
+    /// that are due, give up on members that moved and never came back, and save new known keys.
     pub fn tick(&mut self, now: Now) {
         self.ping();
         self.ask_relays(now);
+        self.expire_moves(now);
         self.out(Output::SaveKnownKeys);
         self.settle(now);
     }
@@ -930,6 +943,8 @@ impl PeerState {
         let fingerprint = self.meet(id, name.as_deref());
         if self.relays.direct(&hello.id).is_some() {
             log::info!("linked directly to {addr}, which a relay passed to us until now");
+        } else if self.moving.remove(&hello.id).is_some() {
+            log::debug!("{addr} is back on link {id}");
         } else {
             let (encrypted, key_changed) =
                 self.links.get(&id).map_or((false, false), |l| (l.binding.is_some(), l.key_changed));
@@ -1002,7 +1017,10 @@ impl PeerState {
         }
     }
 
-    fn on_refused(&mut self, id: LinkId, code: &str, message: String) {
+    fn on_refused(&mut self, now: Now, id: LinkId, code: &str, message: String) {
+        if code == ERR_DUPLICATE && self.links.get(&id).is_some_and(|l| l.kind == LinkKind::P2pchat) {
+            return self.hand_over(now, id);
+        }
         let Some(link) = self.links.remove(&id) else { return };
         self.out(Output::Close { link: id, how: Closing::Now });
         let addr = link.shown_addr();
@@ -1041,11 +1059,56 @@ impl PeerState {
     }
 
     /// Stop writing to a link but read it until the other end closes it, so nothing in flight is lost.
+    /// The other end may hold it as its link to us still (the kept link's hello is on its way): the
+    /// `duplicate` error tells it that we are moving, not leaving (see [`Self::hand_over`]).
     fn retire(&mut self, id: LinkId) {
         if let Some(link) = self.links.remove(&id) {
             self.end_relays(id, None, link.shown_addr(), "replaced by another link", false);
             self.retiring.insert(id);
+            self.write_frame(
+                id,
+                &Frame::Error { code: ERR_DUPLICATE.to_owned(), message: "replaced by another link".to_owned() },
+            );
             self.out(Output::Close { link: id, how: Closing::Retire });
+        }
+    }
+
+    /// The member on p2pchat link `id` keeps another link to us and closed this one: it comes back on
+    /// that link, whose hello is on its way. Nobody is told it left (or, when it is back, that it
+    /// joined) unless it does not come back within [`Self::handover_wait`].
+    fn hand_over(&mut self, now: Now, id: LinkId) {
+        let Some(link) = self.links.remove(&id) else { return };
+        self.out(Output::Close { link: id, how: Closing::Now });
+        let Some(peer_id) = link.peer_id.clone() else { return };
+        let addr = link.shown_addr();
+        log::debug!("{addr} moves to another link to us");
+        self.end_relays(id, Some(&peer_id), addr, "replaced by another link", false);
+        self.forget_link_history(now, id, None, false);
+        let moving = Moving { name: link.name.clone(), addr, listen_addr: link.listen_addr, since: now.at };
+        self.moving.insert(peer_id, moving);
+    }
+
+    /// How long a member that moved to another link may take to say hello on it.
+    fn handover_wait(&self) -> Duration {
+        self.limits.connect_timeout + self.limits.probe_timeout
+    }
+
+    /// Members that moved to another link and never said hello on it are gone after all.
+    fn expire_moves(&mut self, now: Now) {
+        let wait = self.handover_wait();
+        let expired: Vec<String> = self
+            .moving
+            .iter()
+            .filter(|(_, m)| now.at.duration_since(m.since) >= wait)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for peer in expired {
+            let Some(moving) = self.moving.remove(&peer) else { continue };
+            let reason = "its new link never came".to_owned();
+            self.emit(Event::Left { addr: moving.addr, name: moving.name, reason, clean: false });
+            if let Some(addr) = moving.listen_addr {
+                self.dial(Contact { addr, known: Some(Protocol::P2pchat) }, self.limits.redial_for);
+            }
         }
     }
 
