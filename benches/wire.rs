@@ -15,9 +15,10 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::Instant;
 
+use p2pchat::protocol::PROTOCOL_VERSION;
 use p2pchat::tracker::Registry;
 use p2pchat::wire::chat::{encode_line, ChatDecoder};
-use p2pchat::wire::frames::{self, Chat, Frame, FrameDecoder, Member, PROTOCOL_VERSION};
+use p2pchat::wire::frames::{self, Chat, Frame, FrameDecoder, Member};
 use p2pchat::wire::peer_list;
 
 struct Bencher {
@@ -100,7 +101,8 @@ fn main() {
     // What a newcomer reads: the welcome as the tracker writes it (a p2pchat member is its address
     // string) against the same room written as objects (as every member was before).
     let (welcome, token) = registry.register("", newcomer, false);
-    let compact: Vec<u8> = welcome.slices().iter().flat_map(|s| s.iter().copied()).skip(frames::MAGIC.len()).collect();
+    let compact: Vec<u8> =
+        welcome.slices().iter().flat_map(|s| s.iter().copied()).skip(p2pchat::protocol::MAGIC.len()).collect();
     registry.deregister("", newcomer, token);
     let as_objects = frames::encode(&Frame::Welcome {
         v: PROTOCOL_VERSION,

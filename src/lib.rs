@@ -14,6 +14,7 @@ pub mod net;
 mod pairs;
 pub mod peer;
 pub mod private;
+pub mod protocol;
 mod reading;
 mod sending;
 pub mod tracker;

@@ -10,7 +10,8 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::time::{timeout_at, Instant, Sleep};
 
-use crate::wire::frames::{classify_opening, Frame, FrameDecoder, FrameError, Opening, MAGIC};
+use crate::protocol::MAGIC;
+use crate::wire::frames::{classify_opening, Frame, FrameDecoder, FrameError, Opening};
 
 /// What the first bytes of a connection said.
 pub(crate) enum Opened {

@@ -395,7 +395,8 @@ async fn peers_dialling_each_other_at_once_keep_one_link() {
 /// dial it again speaking the original protocol, so every message would arrive twice).
 #[tokio::test]
 async fn a_second_link_from_a_linked_member_is_refused_as_a_duplicate() {
-    use p2pchat::wire::frames::{self, Frame, Hello, ERR_DUPLICATE, MAGIC, PROTOCOL_VERSION};
+    use p2pchat::protocol::{MAGIC, PROTOCOL_VERSION};
+    use p2pchat::wire::frames::{self, Frame, Hello, ERR_DUPLICATE};
     let (tracker, _stop) = start_tracker().await;
     let (ana, _ana_events) = join("ana", tracker).await;
     let mut first = RawMember::join(ana.listen_addr(), "zed-session", "zed").await;
@@ -452,7 +453,8 @@ async fn wait_members(handle: &p2pchat::tracker::TrackerHandle, n: usize) {
 /// A tracker whose registrations may stay silent for `bound`, and a bare registration with it (a hello,
 /// then whatever the test sends).
 async fn registered_under(bound: Duration) -> (TcpStream, p2pchat::tracker::TrackerHandle) {
-    use p2pchat::wire::frames::{self, Frame, Hello, PROTOCOL_VERSION};
+    use p2pchat::protocol::PROTOCOL_VERSION;
+    use p2pchat::wire::frames::{self, Frame, Hello};
     let config = TrackerConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         registration_timeout: bound,
@@ -502,7 +504,8 @@ async fn the_tracker_keeps_a_registration_that_pings() {
 /// A p2pchat link that stops carrying anything (not even pings) is dropped as lost.
 #[tokio::test]
 async fn a_silent_p2pchat_link_is_dropped() {
-    use p2pchat::wire::frames::{self, Frame, Hello, PROTOCOL_VERSION};
+    use p2pchat::protocol::PROTOCOL_VERSION;
+    use p2pchat::wire::frames::{self, Frame, Hello};
     let (tracker, _stop) = start_tracker().await;
     let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
     config.limits.dead_after = Duration::from_millis(400);
@@ -686,7 +689,8 @@ impl RawMember {
     }
 
     async fn join_room(at: std::net::SocketAddr, id: &str, name: &str, room: &str) -> Self {
-        use p2pchat::wire::frames::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
+        use p2pchat::protocol::{MAGIC, PROTOCOL_VERSION};
+        use p2pchat::wire::frames::{self, Frame, Hello};
         let mut stream = TcpStream::connect(at).await.unwrap();
         let hello = Hello {
             v: PROTOCOL_VERSION,
@@ -825,7 +829,8 @@ async fn a_member_relays_between_two_that_cannot_reach_each_other() {
 /// linked to it, and relays between two of them on request; off (the default), it refuses them.
 #[tokio::test]
 async fn the_tracker_relays_only_when_told_to() {
-    use p2pchat::wire::frames::{self, Chat, Frame, Hello, MAGIC, PROTOCOL_VERSION};
+    use p2pchat::protocol::{MAGIC, PROTOCOL_VERSION};
+    use p2pchat::wire::frames::{self, Chat, Frame, Hello};
     let (plain, _stop) = start_tracker().await;
     let mut refused = TcpStream::connect(plain).await.unwrap();
     let hello = Hello {
@@ -899,7 +904,8 @@ mod private_rooms {
     use super::*;
     use p2pchat::identity::Identity;
     use p2pchat::private::RoomKey;
-    use p2pchat::wire::frames::{self, Frame, FrameDecoder, Hello, MAGIC, PROTOCOL_VERSION};
+    use p2pchat::protocol::{MAGIC, PROTOCOL_VERSION};
+    use p2pchat::wire::frames::{self, Frame, FrameDecoder, Hello};
 
     const SECRET: &str = "correct horse battery";
 

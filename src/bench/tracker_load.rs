@@ -25,7 +25,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
 
 use super::BenchError;
-use crate::wire::frames::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
+use crate::protocol::{MAGIC, PROTOCOL_VERSION};
+use crate::wire::frames::{self, Frame, Hello};
 
 /// How long the tracker may take to answer the first join after the setup.
 const SETTLE_LIMIT: Duration = Duration::from_secs(300);

@@ -11,19 +11,10 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-const COUNTER_BITS: u32 = 16;
+use crate::protocol::{millis_of, stamp_at};
+
 /// How far ahead of our wall clock another peer's stamp may be and still move our clock.
 pub const MAX_AHEAD_MS: u64 = 60_000;
-
-/// The stamp at the start of millisecond `ms`.
-pub fn stamp_at(ms: u64) -> u64 {
-    ms << COUNTER_BITS
-}
-
-/// The wall-clock millisecond of a stamp.
-pub fn millis_of(stamp: u64) -> u64 {
-    stamp >> COUNTER_BITS
-}
 
 pub fn wall_millis() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)

@@ -20,13 +20,13 @@ use tokio_util::task::AbortOnDropHandle;
 
 use super::bootstrap::{self, TrackerLink};
 use super::connection::{self, Connection, ReaderContext, Transport};
-use super::history::{self, HistoryConfig};
 use super::outbox::Refused;
 use super::secure::{self, Secured};
 use super::seen::SeenIds;
 use super::state::ids::Ids;
 use super::state::rules::LinkRules;
 use super::state::{self, Closing, Connect, Output, PeerState, Report};
+use super::sync::{self, HistoryConfig};
 use super::trust::{self, KnownKeys};
 use super::types::{Contact, Line, LinkId, Now, Role};
 use super::{Event, Limits, PeerInfo, Protocol, Status};
@@ -455,8 +455,7 @@ impl Driver {
                 Output::AskHistory { link, req, from, purpose } => {
                     let (parts, parts_rx) = mpsc::channel(64);
                     let (sink, config) = (self.readers.clone(), self.history.clone());
-                    self.background
-                        .spawn(async move { history::receive(parts_rx, from, purpose, &config, sink).await });
+                    self.background.spawn(async move { sync::receive(parts_rx, from, purpose, &config, sink).await });
                     self.answers.insert(link, (req, parts));
                 }
                 Output::HistoryPart { link, req, msgs, last } => {
@@ -480,7 +479,7 @@ impl Driver {
                         self.readers.net.clone(),
                     );
                     self.background.spawn(async move {
-                        let bytes = history::answer(log, room, req, query, queue).await;
+                        let bytes = sync::answer(log, room, req, query, queue).await;
                         let _ = net.send(NetEvent::HistoryAnswered { id: link, bytes }).await;
                     });
                 }

@@ -19,8 +19,9 @@ use super::actor::NetEvent;
 use super::types::Contact;
 use super::{Limits, PeerConfig, PeerError, Protocol};
 use crate::net;
+use crate::protocol::{MAGIC, PROTOCOL_VERSION};
 use crate::reading::{read_frame, FrameReadError};
-use crate::wire::frames::{self, classify_opening, Frame, FrameDecoder, Hello, Opening, MAGIC, PROTOCOL_VERSION};
+use crate::wire::frames::{self, classify_opening, Frame, FrameDecoder, Hello, Opening};
 use crate::wire::peer_list;
 
 pub(super) struct Boot {

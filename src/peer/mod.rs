@@ -21,7 +21,6 @@
 mod actor;
 mod bootstrap;
 mod connection;
-mod history;
 mod outbox;
 mod relay;
 mod secure;
@@ -29,6 +28,7 @@ mod seen;
 #[cfg(test)]
 mod sim;
 mod state;
+mod sync;
 mod trust;
 mod types;
 
@@ -47,8 +47,7 @@ use crate::private::RoomKey;
 use crate::wire::chat::{self, InvalidInput};
 use trust::{KnownKeys, TrustError};
 
-pub use self::history::HistoryConfig;
-pub use crate::tracker::DEFAULT_PORT;
+pub use self::sync::HistoryConfig;
 
 /// Where to find the tracker: a host name or IP address, and a port.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -25,8 +25,9 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 
 use crate::private::RoomKey;
+use crate::protocol::PROTOCOL_VERSION;
 use crate::reading::{read_frame, read_opening, FrameReadError, Opened};
-use crate::wire::frames::{self, Frame, FrameDecoder, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION};
+use crate::wire::frames::{self, Frame, FrameDecoder, ERR_ROOM, ERR_VERSION};
 
 const NOISE_PARAMS: &str = "Noise_XXpsk3_25519_ChaChaPoly_BLAKE2s";
 /// The largest Noise message, and the room its authentication tag takes.

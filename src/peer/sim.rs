@@ -17,12 +17,12 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::history::HistoryConfig;
 use super::seen::SeenIds;
 use super::state::ids::Ids;
 use super::state::link::{End, LinkReader, Outputs};
 use super::state::rules::LinkRules;
 use super::state::{self, Closing, Connect, Output, PeerState};
+use super::sync::HistoryConfig;
 use super::trust::KnownKeys;
 use super::types::{Contact, LinkId, Now};
 use super::{Event, Limits, Protocol};
@@ -490,8 +490,8 @@ impl Sim {
                     .collect();
                 records.sort_by(|a, b| (a.stamp, &a.id).cmp(&(b.stamp, &b.id)));
                 let skip = records.len().saturating_sub(query.limit);
-                let msgs = records[skip..].iter().map(|r| super::history::record_to_chat((*r).clone(), "")).collect();
-                let frames = super::history::answer_frames(req, msgs);
+                let msgs = records[skip..].iter().map(|r| super::sync::record_to_chat((*r).clone(), "")).collect();
+                let frames = super::sync::answer_frames(req, msgs);
                 let bytes: usize = frames.iter().map(Vec::len).sum();
                 let end = p.ends.get(&link).copied();
                 if let Some(end) = end {

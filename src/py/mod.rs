@@ -161,7 +161,7 @@ fn _shutdown(py: Python<'_>) {
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
-    m.add("DEFAULT_PORT", crate::tracker::DEFAULT_PORT)?;
+    m.add("DEFAULT_PORT", crate::protocol::DEFAULT_PORT)?;
     m.add("MAX_NAME_CHARS", crate::wire::chat::MAX_NAME_CHARS)?;
     m.add("MAX_TEXT_BYTES", crate::wire::chat::MAX_TEXT_BYTES)?;
     m.add("MAX_ROOM_CHARS", crate::wire::chat::MAX_ROOM_CHARS)?;

@@ -10,7 +10,6 @@ use pyo3::types::PyTuple;
 
 use super::awaitables::future_into_py;
 use super::{register_live, runtime, seconds, wait, Closable, InvalidInput, P2PChatError, PeerClosed};
-use crate::history::clock;
 use crate::history::store::{Key, Location, Record};
 use crate::peer::{self, Event, Events, JoinReport, PeerConfig, PeerError, PeerHandle, Protocol};
 use crate::private::RoomKey;
@@ -466,7 +465,7 @@ fn position(value: &Bound<'_, PyAny>) -> PyResult<Key> {
     if !seconds.is_finite() || seconds < 0.0 {
         return Err(PyValueError::new_err(format!("before must be a time after 1970, not {seconds}")));
     }
-    Ok(Key { stamp: clock::stamp_at((seconds * 1000.0) as u64), id: String::new() })
+    Ok(Key { stamp: crate::protocol::stamp_at((seconds * 1000.0) as u64), id: String::new() })
 }
 
 /// A message read from the local log.
@@ -507,7 +506,7 @@ fn peer_address(value: &Bound<'_, PyAny>) -> PyResult<SocketAddr> {
 #[pymethods]
 impl PyPeer {
     #[new]
-    #[pyo3(signature = (name, server = Some("127.0.0.1"), port = crate::tracker::DEFAULT_PORT, *, listen = None, room = "", peers = Vec::new(),
+    #[pyo3(signature = (name, server = Some("127.0.0.1"), port = crate::protocol::DEFAULT_PORT, *, listen = None, room = "", peers = Vec::new(),
                         max_message_rate = None, history = 100, data_dir = None, save_history = true, identity = None, secret = None))]
     #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn new(

@@ -68,7 +68,7 @@ fn resolve(host: &str, port: u16) -> PyResult<SocketAddr> {
 #[pymethods]
 impl PyTracker {
     #[new]
-    #[pyo3(signature = (host = "0.0.0.0", port = crate::tracker::DEFAULT_PORT, *, original_ttl = 45.0, registration_timeout = 6.0, relay = false))]
+    #[pyo3(signature = (host = "0.0.0.0", port = crate::protocol::DEFAULT_PORT, *, original_ttl = 45.0, registration_timeout = 6.0, relay = false))]
     fn new(
         py: Python<'_>,
         host: &str,

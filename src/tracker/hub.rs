@@ -23,8 +23,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::pairs::Pairs;
+use crate::protocol::PROTOCOL_VERSION;
 use crate::wire::chat;
-use crate::wire::frames::{self, Frame, FrameDecoder, Hello, Member, PROTOCOL_VERSION};
+use crate::wire::frames::{self, Frame, FrameDecoder, Hello, Member};
 
 /// How often the hub pings its links (peers drop a link silent for 8 s).
 const PING_EVERY: Duration = Duration::from_secs(2);

@@ -16,7 +16,7 @@
 //!
 //! The first bytes decide what a connection is (an original client never writes to the tracker):
 //! * nothing within the grace period: an original client, served as above, listed in the default room;
-//! * the p2pchat [`MAGIC`](crate::wire::frames::MAGIC) and a `hello`: a p2pchat peer registering. It
+//! * the p2pchat [`MAGIC`](crate::protocol::MAGIC) and a `hello`: a p2pchat peer registering. It
 //!   gets a `welcome` frame with its room's members (each marked p2pchat or original) and stays
 //!   registered while it keeps this control connection open;
 //! * the magic and a `hello` with a `name`: a member's link to the tracker's relay, when it relays
@@ -40,15 +40,14 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 
-pub use registry::{Kind, Registry, DEFAULT_ROOM};
+use crate::protocol::{DEFAULT_PORT, DEFAULT_ROOM};
+pub use registry::{Kind, Registry};
 
+use crate::protocol::PROTOCOL_VERSION;
 use crate::reading::{read_frame, read_opening, FrameReadError, Opened, Silence};
 use crate::wire::chat::validate_room;
-use crate::wire::frames::{self, Frame, FrameDecoder, Welcome, PROTOCOL_VERSION};
+use crate::wire::frames::{self, Frame, FrameDecoder, Welcome};
 use crate::wire::peer_list::LEGACY_LIST_BUDGET;
-
-/// The original tracker's fixed port.
-pub const DEFAULT_PORT: u16 = 7472;
 
 /// How long a registering peer has to finish its hello once the magic arrived.
 const HELLO_WAIT: Duration = Duration::from_secs(5);

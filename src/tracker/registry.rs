@@ -21,11 +21,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::net::canonical;
+use crate::protocol::DEFAULT_ROOM;
 use crate::wire::frames::{self, Member, Welcome};
 use crate::wire::peer_list;
-
-/// The room original clients are in.
-pub const DEFAULT_ROOM: &str = "";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -321,7 +319,7 @@ mod tests {
     fn welcome_members(welcome: &Welcome) -> Vec<Member> {
         let opening = welcome.to_vec();
         let mut decoder = frames::FrameDecoder::with_limit(frames::MAX_WELCOME_BYTES);
-        decoder.feed(&opening[frames::MAGIC.len()..]);
+        decoder.feed(&opening[crate::protocol::MAGIC.len()..]);
         match decoder.next_frame() {
             Ok(Some(frames::Frame::Welcome { members, .. })) => members,
             other => panic!("not a welcome: {other:?}"),

@@ -10,10 +10,8 @@
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// The first bytes of every p2pchat connection, before any frame.
-pub const MAGIC: &[u8] = b"\xFFp2pchat";
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+use crate::protocol::{MAGIC, PROTOCOL_VERSION};
+
 /// Largest frame accepted (a 64 KiB text plus its envelope fits easily).
 pub const MAX_FRAME_BYTES: usize = 256 * 1024;
 /// Largest welcome a peer accepts from a tracker: a room of 16,384 members at their longest (IPv6).
@@ -111,7 +109,8 @@ pub struct Chat {
     pub room: String,
     /// Sender's clock, milliseconds since the Unix epoch.
     pub ts: u64,
-    /// The message's place in the room's order: the sender's hybrid logical clock (`history::clock`).
+    /// The message's place in the room's order: the sender's hybrid logical clock (`history::clock`; its
+    /// layout in `protocol`).
     /// 0 from a sender that does not stamp; the receiver then orders it by `ts`.
     #[serde(default)]
     pub hlc: u64,
@@ -128,7 +127,7 @@ impl Chat {
     /// Where it sorts: its stamp, or the start of its `ts` millisecond when it has none.
     pub fn stamp(&self) -> u64 {
         if self.hlc == 0 {
-            crate::history::clock::stamp_at(self.ts)
+            crate::protocol::stamp_at(self.ts)
         } else {
             self.hlc
         }

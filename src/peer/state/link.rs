@@ -18,8 +18,9 @@ use super::Report;
 use crate::history::store::Record;
 use crate::peer::types::{Now, Role};
 use crate::peer::{Event, Message};
+use crate::protocol::MAGIC;
 use crate::wire::chat::{ChatDecoder, Piece};
-use crate::wire::frames::{classify_opening, FrameDecoder, Opening, MAGIC};
+use crate::wire::frames::{classify_opening, FrameDecoder, Opening};
 
 /// How a link's reading ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -273,7 +274,7 @@ impl LinkReader {
             out.to_log.push(Record {
                 id: rules.next_id(),
                 stamp,
-                sent_at: crate::history::clock::millis_of(stamp),
+                sent_at: crate::protocol::millis_of(stamp),
                 sender: sender.clone(),
                 text: text.clone(),
                 shared: false,

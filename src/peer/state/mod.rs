@@ -21,21 +21,23 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::history::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests};
 use super::relay::{self, Relays};
 use super::seen::SeenIds;
+use super::sync::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests};
 use super::trust::{KnownKeys, Seen};
 use super::types::{Contact, Line, LinkId, Now, Role};
 use super::{Event, Limits, PeerInfo, Protocol, Status, TrackerState};
-use crate::history::clock::{self, Clock};
+use crate::history::clock::Clock;
 use crate::history::store::{Key, Query, Record};
 use crate::identity::{self, Identity};
 use crate::private::RoomKey;
-use crate::tracker::DEFAULT_ROOM;
+use crate::protocol::DEFAULT_ROOM;
 use crate::wire::chat;
 use crate::wire::frames::{
-    self, Chat, Frame, Hello, Member, Position, ERR_DUPLICATE, ERR_IDENTITY, ERR_ROOM, ERR_VERSION, PROTOCOL_VERSION,
+    self, Chat, Frame, Hello, Member, Position, ERR_DUPLICATE, ERR_IDENTITY, ERR_ROOM, ERR_VERSION,
 };
+
+use crate::protocol::PROTOCOL_VERSION;
 use ids::Ids;
 
 /// What the driver must do, in order.
@@ -675,7 +677,7 @@ impl PeerState {
         // Logged only once it is queued on every link (below): a history answer being made for a
         // member meanwhile (on another worker) then either misses it or is queued after it, so the
         // member never gets it as history first (seen in CI: a fresh line shown as caught up).
-        let record = history::chat_to_record(&message);
+        let record = sync::chat_to_record(&message);
         // In a private room the message travels sealed end to end: relays see only ciphertext.
         let frame = match &self.private {
             Some(key) => key.seal(&message),
@@ -1263,7 +1265,7 @@ impl PeerState {
         let limit = u32::try_from(ask.limit).unwrap_or(u32::MAX);
         let purpose = ask.purpose;
         log::debug!("asking {from} for {limit} messages of history ({purpose:?})");
-        self.write_frame(id, &Frame::HistoryRequest { req, limit, after: ask.after.as_ref().map(history::position) });
+        self.write_frame(id, &Frame::HistoryRequest { req, limit, after: ask.after.as_ref().map(sync::position) });
         self.out(Output::AskHistory { link: id, req, from, purpose });
         self.requests.sent(id, req, peer_id, ask);
         true
@@ -1289,7 +1291,7 @@ impl PeerState {
             return self.write_frame(id, &Frame::History { req, msgs: Vec::new(), more: false });
         };
         let query = Query {
-            after: after.map(history::key),
+            after: after.map(sync::key),
             before: None,
             limit: (limit as usize).min(self.history.answer_messages),
             max_bytes,
@@ -1326,7 +1328,7 @@ impl PeerState {
             // The link may have been dead for up to `dead_after` before that was noticed; a little
             // more covers clocks a few seconds apart. Anything fetched twice is shown once.
             let quiet_since = now.wall_ms.saturating_sub((self.limits.dead_after.as_millis() as u64) + 5_000);
-            self.requests.lost(peer_id, clock::stamp_at(quiet_since), now.at, self.limits.redial_for * 2);
+            self.requests.lost(peer_id, crate::protocol::stamp_at(quiet_since), now.at, self.limits.redial_for * 2);
         }
         let Some((answering, rest)) = self.requests.link_gone(id) else { return };
         // Unanswered: ask again on the link that replaced this one (two peers that redial each other

@@ -8,7 +8,7 @@
 //!   within [`FRESH_FOR_MS`] of our clock; then only the first copy of its id, and only while its
 //!   link stays under the flood limit ([`Flood`]). Outside private rooms a signature is dropped, so
 //!   nothing unchecked is ever logged or shown as signed.
-//! * **History** parts pass only messages fit for our room ([`history::acceptable`]) and, in private
+//! * **History** parts pass only messages fit for our room ([`sync::acceptable`]) and, in private
 //!   rooms, signed by their author's key; the state then checks they answer our request.
 //! * **A name** (`nick`, a relayed member's name) must be a valid name.
 //! * **Relay frames** need a valid address; the state checks who may relay.
@@ -23,8 +23,8 @@ use super::ids::Ids;
 use super::link::{End, Outputs};
 use super::Report;
 use crate::history::clock::Clock;
-use crate::peer::history;
 use crate::peer::seen::SeenIds;
+use crate::peer::sync;
 use crate::peer::trust::{self, KnownKeys};
 use crate::peer::types::Now;
 use crate::peer::{Event, Limits};
@@ -222,8 +222,8 @@ pub fn take_frame(
                     out.reports.push(Report::Forward { line });
                 }
                 rules.clock.observe_at(chat.stamp(), now.wall_ms);
-                out.to_log.push(history::chat_to_record(&chat));
-                out.to_show.push(Event::Message(history::message(chat, from, super::link::received_at(now), false)));
+                out.to_log.push(sync::chat_to_record(&chat));
+                out.to_show.push(Event::Message(sync::message(chat, from, super::link::received_at(now), false)));
             }
         }
         Frame::HistoryRequest { req, limit, after } => {
@@ -238,7 +238,7 @@ pub fn take_frame(
             };
             let msgs = msgs
                 .into_iter()
-                .filter(|m| history::acceptable(m, &rules.room) && authentic(m))
+                .filter(|m| sync::acceptable(m, &rules.room) && authentic(m))
                 .map(|mut m| {
                     unverified(&mut m, rules);
                     m
@@ -288,7 +288,8 @@ mod tests {
     use super::*;
     use crate::peer::state::link::LinkReader;
     use crate::peer::types::Role;
-    use crate::wire::frames::{Hello, MAGIC, PROTOCOL_VERSION};
+    use crate::protocol::{MAGIC, PROTOCOL_VERSION};
+    use crate::wire::frames::Hello;
 
     fn rules(rate: u32) -> LinkRules {
         LinkRules {

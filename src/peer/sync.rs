@@ -1,5 +1,6 @@
-//! The peer's side of history: asking members for messages we do not have, and answering their asks
-//! within limits.
+//! Keeping the room's history in sync between members: asking them for messages we do not have, and
+//! answering their asks within limits. (The log itself, and the clock that orders it, are
+//! `crate::history`.)
 //!
 //! * On join, the first p2pchat member reached is asked for the newest `ask_on_join` messages after
 //!   the newest one in our own log. [`super::Events`] holds live messages back until that answer is
