@@ -230,12 +230,12 @@ impl LinkTask {
             // One timer per link, moved only when the reader needs it sooner or it went off: a busy
             // link pushes its silence bound back with every read, and re-arming a timer per read
             // would cost the timer wheel work on every message.
-            if let Some(at) = reader.poll_timeout().map(tokio::time::Instant::from_std) {
-                match &mut timer {
-                    Some(armed) if at < armed.deadline() || armed.is_elapsed() => armed.as_mut().reset(at),
-                    Some(_) => {}
-                    None => timer = Some(Box::pin(tokio::time::sleep_until(at))),
-                }
+            // A reader that needs no timer drops it: a timer that went off would be ready at every poll.
+            match (reader.poll_timeout().map(tokio::time::Instant::from_std), &mut timer) {
+                (None, _) => timer = None,
+                (Some(at), Some(armed)) if at < armed.deadline() || armed.is_elapsed() => armed.as_mut().reset(at),
+                (Some(_), Some(_)) => {}
+                (Some(at), None) => timer = Some(Box::pin(tokio::time::sleep_until(at))),
             }
             let step = {
                 let read = async {
