@@ -185,46 +185,6 @@ async fn a_listed_address_that_refuses_is_skipped() {
     assert_eq!(handle.send("anyone?").await.unwrap(), 0);
 }
 
-/// CPU time this process has used (user and system), from the kernel.
-fn process_cpu() -> Duration {
-    let mut usage = std::mem::MaybeUninit::<libc::rusage>::zeroed();
-    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
-    let usage = unsafe {
-        assert_eq!(libc::getrusage(libc::RUSAGE_SELF, usage.as_mut_ptr()), 0);
-        usage.assume_init()
-    };
-    let time = |t: libc::timeval| Duration::from_secs(t.tv_sec as u64) + Duration::from_micros(t.tv_usec as u64);
-    time(usage.ru_utime) + time(usage.ru_stime)
-}
-
-/// A link whose reader has no timer to wait for costs nothing while nobody speaks: an accepted link
-/// that stays silent becomes an original peer's when its opening wait goes off, and from then on its
-/// task sleeps until bytes come. (A timer that went off and was kept made that task ready at every
-/// poll: a core spent on one idle link.)
-#[tokio::test]
-async fn an_idle_original_link_uses_no_cpu() {
-    let (tracker, _stop) = start_tracker().await;
-    let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
-    config.limits.decide_timeout = Duration::from_millis(100);
-    let (ana, mut events, report) = peer::join(config).await.unwrap();
-    let _silent = TcpStream::connect(report.listen_addr).await.unwrap();
-    tokio::time::timeout(WAIT, async {
-        loop {
-            if let Some(Event::Joined { protocol: Protocol::Original, .. }) = events.recv().await {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the silent link counts as an original peer");
-    let before = process_cpu();
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let used = process_cpu() - before;
-    // Idle, the whole process wakes for a keep-alive or two; a spinning task takes the full second.
-    assert!(used < Duration::from_millis(300), "an idle room took {used:?} of CPU in 1 s");
-    assert_eq!(ana.status().await.unwrap().members, 1);
-}
-
 /// A member that stops reading fills its own queue and is dropped; the others get every line.
 #[tokio::test]
 async fn a_peer_that_never_reads_is_dropped_without_holding_back_the_others() {
