@@ -85,7 +85,11 @@ struct Pipe {
 
 enum Ev {
     /// A dial from `from` reaches `to` (or fails).
-    Dial { from: NodeId, to: NodeId, contact: Contact },
+    /// A dial from `from` reaches `to` (or fails); refusals and silence are retried with backoff
+    /// until `retry_until`, as `bootstrap::dial` does.
+    Dial { from: NodeId, to: NodeId, contact: Contact, retry_until: Duration, backoff: Duration },
+    /// That dial failed (`silent`: no answer at all, across a partition).
+    DialFailed { from: NodeId, contact: Contact, retry_until: Duration, backoff: Duration, silent: bool },
     /// Bytes arrive at one end of a pipe.
     Bytes { at: End2, bytes: Vec<u8> },
     /// The other end closed its writing side: end of stream at this end.
@@ -101,9 +105,24 @@ enum Ev {
 #[derive(Debug, Clone)]
 enum Action {
     Join(NodeId),
-    Say { node: NodeId, text: String },
+    Say {
+        node: NodeId,
+        text: String,
+    },
     Crash(NodeId),
     Leave(NodeId),
+    /// Nothing passes between `side` and the rest for `lasting`: bytes wait (TCP retransmits them once
+    /// the network is back), dials across get no answer.
+    Split {
+        side: Vec<NodeId>,
+        lasting: Duration,
+    },
+}
+
+/// A network partition in force.
+struct Partition {
+    side: Vec<NodeId>,
+    until: Duration,
 }
 
 /// A message shown by a p2pchat node.
@@ -184,6 +203,7 @@ struct Sim {
     limits: Limits,
     /// Every line said: (author, text).
     said: Vec<(NodeId, String)>,
+    partition: Option<Partition>,
 }
 
 /// The wall clock at the simulation's start.
@@ -209,6 +229,7 @@ impl Sim {
             pipes: Vec::new(),
             limits: Limits::default(),
             said: Vec::new(),
+            partition: None,
         }
     }
 
@@ -246,7 +267,12 @@ impl Sim {
     fn handle(&mut self, ev: Ev) {
         match ev {
             Ev::Act(action) => self.act(action),
-            Ev::Dial { from, to, contact } => self.dial_arrives(from, to, contact),
+            Ev::Dial { from, to, contact, retry_until, backoff } => {
+                self.dial_arrives(from, to, contact, retry_until, backoff)
+            }
+            Ev::DialFailed { from, contact, retry_until, backoff, silent } => {
+                self.dial_failed(from, contact, retry_until, backoff, silent)
+            }
             Ev::Bytes { at, bytes } => self.arrive(at, Some(bytes)),
             Ev::Eof { at } => self.arrive(at, None),
             Ev::Timer { node } => self.timer(node),
@@ -292,6 +318,7 @@ impl Sim {
             }
             Action::Crash(node) => self.crash(node, false),
             Action::Leave(node) => self.crash(node, true),
+            Action::Split { side, lasting } => self.partition = Some(Partition { side, until: self.now + lasting }),
         }
     }
 
@@ -312,13 +339,11 @@ impl Sim {
         if self.nodes[node].is_original {
             self.nodes[node].kind =
                 Some(Kind::Original(OriginalNode { conns: BTreeMap::new(), ended: Vec::new(), next_conn: 0 }));
-            // The original client dials every listed peer.
+            // The original client dials every listed peer, once each.
             for contact in contacts {
                 let to = self.node_at(contact.addr);
-                self.schedule(
-                    self.limits.connect_timeout.min(Duration::from_millis(1)),
-                    Ev::Dial { from: node, to, contact },
-                );
+                let dial = Ev::Dial { from: node, to, contact, retry_until: self.now, backoff: Duration::ZERO };
+                self.schedule(Duration::from_millis(1), dial);
             }
             return;
         }
@@ -460,10 +485,11 @@ impl Sim {
                     self.close_end(end);
                 }
             }
-            Output::Dial { contact, .. } => {
+            Output::Dial { contact, retry_for, .. } => {
                 let to = self.node_at(contact.addr);
                 let delay = self.link_delay();
-                self.schedule(delay, Ev::Dial { from: node, to, contact });
+                let (retry_until, backoff) = (self.now + retry_for, Duration::from_millis(100));
+                self.schedule(delay, Ev::Dial { from: node, to, contact, retry_until, backoff });
             }
             Output::Emit(event) => match event {
                 Event::Message(m) => self.p2p(node).show(None, m),
@@ -473,9 +499,14 @@ impl Sim {
             },
             Output::Log(record) => self.p2p(node).log.push(record),
             Output::HistoryPart { msgs, .. } => {
+                // As `sync::receive` does: logged, and shown when new to the log and not shown live.
                 let p = self.p2p(node);
                 for chat in msgs {
-                    if p.rules.seen.lock().map(|mut s| s.first_time(&chat.id)).unwrap_or(true) {
+                    let fresh = !p.log.iter().any(|r| r.id == chat.id);
+                    if fresh {
+                        p.log.push(super::sync::chat_to_record(&chat));
+                    }
+                    if fresh && p.rules.seen.lock().map(|mut s| s.first_time(&chat.id)).unwrap_or(true) {
                         p.shown.push(Shown { sender: Some(chat.from), text: chat.text, history: true });
                     }
                 }
@@ -515,6 +546,7 @@ impl Sim {
             return;
         }
         let to = End2 { pipe: from.pipe, side: 1 - from.side };
+        let sent_at = self.held_until(pipe.nodes[0], pipe.nodes[1]).unwrap_or(self.now);
         let mut rest = &bytes[..];
         while !rest.is_empty() {
             let cut =
@@ -522,7 +554,7 @@ impl Sim {
             let (chunk, tail) = rest.split_at(cut);
             let pipe = &mut self.pipes[from.pipe];
             let jitter = Duration::from_micros(self.dice.below(500));
-            let arrival = (self.now + pipe.delay + jitter).max(pipe.last_arrival[from.side]);
+            let arrival = (sent_at + pipe.delay + jitter).max(pipe.last_arrival[from.side]);
             pipe.last_arrival[from.side] = arrival;
             self.schedule_at(arrival, Ev::Bytes { at: to, bytes: chunk.to_vec() });
             rest = tail;
@@ -531,12 +563,13 @@ impl Sim {
 
     /// Close one end for writing: the other end sees the end of stream after what is in flight.
     fn shut_write(&mut self, end: End2) {
+        let sent_at = self.held_until(self.pipes[end.pipe].nodes[0], self.pipes[end.pipe].nodes[1]).unwrap_or(self.now);
         let pipe = &mut self.pipes[end.pipe];
         if pipe.write_closed[end.side] {
             return;
         }
         pipe.write_closed[end.side] = true;
-        let arrival = (self.now + pipe.delay).max(pipe.last_arrival[end.side]);
+        let arrival = (sent_at + pipe.delay).max(pipe.last_arrival[end.side]);
         pipe.last_arrival[end.side] = arrival;
         self.schedule_at(arrival, Ev::Eof { at: End2 { pipe: end.pipe, side: 1 - end.side } });
     }
@@ -547,16 +580,17 @@ impl Sim {
         self.pipes[end.pipe].gone[end.side] = true;
     }
 
-    fn dial_arrives(&mut self, from: NodeId, to: NodeId, contact: Contact) {
+    fn dial_arrives(&mut self, from: NodeId, to: NodeId, contact: Contact, retry_until: Duration, backoff: Duration) {
         if !self.nodes[from].up {
             return;
         }
-        let now = self.clock();
         if !self.nodes[to].up {
-            if let Some(Kind::P2p(p)) = &mut self.nodes[from].kind {
-                p.state.dial_failed(now, contact.addr, contact.known, "connection refused", true, false);
-            }
-            return self.drain(from);
+            let refused = Ev::DialFailed { from, contact, retry_until, backoff, silent: false };
+            return self.schedule(Duration::ZERO, refused);
+        }
+        if self.held_until(from, to).is_some() {
+            let timed_out = Ev::DialFailed { from, contact, retry_until, backoff, silent: true };
+            return self.schedule(self.limits.connect_timeout, timed_out);
         }
         let pipe = self.pipes.len();
         let delay = self.link_delay();
@@ -572,6 +606,27 @@ impl Sim {
         // The acceptor first (its accept loop), then the dialler (its connect returns).
         self.attach(to, End2 { pipe, side: 1 }, None, remote_of_dialler);
         self.attach(from, End2 { pipe, side: 0 }, Some(contact), self.nodes[to].addr);
+    }
+
+    /// A dial failed: tell the dialler, and try again after `backoff` while there is time left.
+    fn dial_failed(&mut self, from: NodeId, contact: Contact, retry_until: Duration, backoff: Duration, silent: bool) {
+        let retry = self.nodes[from].up && self.now + backoff < retry_until;
+        let now = self.clock();
+        let Some(Kind::P2p(p)) = &mut self.nodes[from].kind else { return };
+        let reason = if silent { "timed out" } else { "connection refused" };
+        p.state.dial_failed(now, contact.addr, contact.known, reason, !retry, silent);
+        self.drain(from);
+        if retry {
+            let to = self.node_at(contact.addr);
+            let again = Ev::Dial { from, to, contact, retry_until, backoff: (backoff * 2).min(Duration::from_secs(1)) };
+            self.schedule(backoff, again);
+        }
+    }
+
+    /// When bytes between `a` and `b` can pass again, while a partition separates them.
+    fn held_until(&self, a: NodeId, b: NodeId) -> Option<Duration> {
+        let partition = self.partition.as_ref().filter(|p| self.now < p.until)?;
+        (partition.side.contains(&a) != partition.side.contains(&b)).then_some(partition.until)
     }
 
     /// A connection's end arrives at a node: accepted, or (with `dialled`) the dial connected.
@@ -715,7 +770,14 @@ impl Sim {
 }
 
 /// What a scripted run checks at its end.
-fn check_invariants(sim: &Sim, stayed: &[NodeId]) -> Result<(), String> {
+/// Whether the members that stayed were linked all along (a partition makes them leave and come back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Presence {
+    Stable,
+    Changes,
+}
+
+fn check_invariants(sim: &Sim, stayed: &[NodeId], presence: Presence) -> Result<(), String> {
     let names: Vec<&str> = sim.nodes.iter().map(|n| n.name.as_str()).collect();
     // One connection per pair of members once the room settled: a duplicate is closed at both ends.
     let mut open: HashMap<(NodeId, NodeId), usize> = HashMap::new();
@@ -762,10 +824,12 @@ fn check_invariants(sim: &Sim, stayed: &[NodeId]) -> Result<(), String> {
                 // member that stayed was shown joining once (an original one that dialled us is
                 // shown by the address it dialled from).
                 let stayed_addrs: Vec<SocketAddr> = stayed.iter().map(|n| sim.nodes[*n].addr).collect();
-                if let Some(addr) = p.left.iter().find(|a| stayed_addrs.contains(a)) {
+                let flapped = p.left.iter().find(|a| stayed_addrs.contains(a));
+                if let (Presence::Stable, Some(addr)) = (presence, flapped) {
                     return Err(format!("{} showed {addr} leaving, which stayed", node.name));
                 }
-                for &member in stayed.iter().filter(|m| **m != receiver && !sim.nodes[**m].is_original) {
+                let p2pchat_members = stayed.iter().filter(|m| **m != receiver && !sim.nodes[**m].is_original);
+                for &member in p2pchat_members.filter(|_| presence == Presence::Stable) {
                     let addr = sim.nodes[member].addr;
                     let joins = p.joined.iter().filter(|a| **a == addr).count();
                     if joins != 1 {
@@ -837,25 +901,39 @@ fn random_run(seed: u64, p2p: usize, originals: usize) -> Result<(), String> {
     // Settled: every link opened (an original that dialled us is known after `decide_timeout`).
     let settled = join_window + Duration::from_secs(6);
     let mut stayed: Vec<NodeId> = (0..total).collect();
-    let gone = match sim.dice.below(3) {
+    let mut talk_from = settled;
+    let mut talk_for = Duration::from_secs(2);
+    let mut partitioned = false;
+    match sim.dice.below(4) {
         0 if total > 2 && p2p > 1 => {
             let who = 1 + sim.dice.below(p2p as u64 - 1) as usize;
             let action = if sim.dice.below(2) == 0 { Action::Crash(who) } else { Action::Leave(who) };
             sim.schedule(settled, Ev::Act(action));
             stayed.retain(|n| *n != who);
-            true
+            talk_from = settled + Duration::from_secs(12);
         }
-        _ => false,
-    };
-    let talk_from = settled + if gone { Duration::from_secs(12) } else { Duration::ZERO };
+        // A room of p2pchat peers split in two for 20 s, talking all along: what one side says
+        // reaches the other once the split heals, through catch-up. (Original peers get no
+        // catch-up: what is said while they are cut off is lost to them, as with the original.)
+        1 if originals == 0 && p2p > 2 => {
+            let side: Vec<NodeId> = (0..total).filter(|_| sim.dice.below(2) == 0).collect();
+            if !side.is_empty() && side.len() < total {
+                sim.schedule(settled, Ev::Act(Action::Split { side, lasting: Duration::from_secs(20) }));
+                talk_for = Duration::from_secs(30);
+                partitioned = true;
+            }
+        }
+        _ => {}
+    }
     for i in 0..(3 * total) {
         let node = stayed[sim.dice.below(stayed.len() as u64) as usize];
-        let at = talk_from + Duration::from_millis(sim.dice.below(2_000));
+        let at = talk_from + Duration::from_millis(sim.dice.below(talk_for.as_millis() as u64));
         let text = format!("line {i} from n{node}: héllo ✓");
         sim.schedule(at, Ev::Act(Action::Say { node, text }));
     }
-    sim.run_until(talk_from + Duration::from_secs(5));
-    check_invariants(&sim, &stayed)
+    sim.run_until(talk_from + talk_for + if partitioned { Duration::from_secs(15) } else { Duration::from_secs(3) });
+    let presence = if partitioned { Presence::Changes } else { Presence::Stable };
+    check_invariants(&sim, &stayed, presence)
 }
 
 fn seeds() -> Vec<u64> {
@@ -911,4 +989,33 @@ fn sim_one_seed_replays_exactly() {
         (sim.seq, sim.pipes.len(), shown)
     };
     assert_eq!(trace(7), trace(7));
+}
+
+/// A room of 6 split 3 | 3 for 20 s, each side talking: once it heals, every member has every line
+/// once, and what the other side said during the split came as history (caught up).
+#[test]
+fn sim_a_partition_heals_and_what_was_missed_is_caught_up() {
+    let mut sim = Sim::new(6, 6, 0);
+    for node in 0..6 {
+        sim.schedule(Duration::from_millis(node as u64 * 50), Ev::Act(Action::Join(node)));
+    }
+    let split = Duration::from_secs(8);
+    sim.schedule(split, Ev::Act(Action::Split { side: vec![0, 1, 2], lasting: Duration::from_secs(20) }));
+    for i in 0..12 {
+        let (node, at) = (i % 6, split + Duration::from_secs(2 + i as u64));
+        sim.schedule(at, Ev::Act(Action::Say { node, text: format!("during the split, line {i} from n{node}") }));
+    }
+    sim.run_until(split + Duration::from_secs(40));
+    let stayed: Vec<NodeId> = (0..6).collect();
+    if let Err(why) = check_invariants(&sim, &stayed, Presence::Changes) {
+        panic!("{why}");
+    }
+    let side = |n: NodeId| n < 3;
+    for (receiver, node) in sim.nodes.iter().enumerate() {
+        let Some(Kind::P2p(p)) = &node.kind else { continue };
+        for (author, text) in sim.said.iter().filter(|(a, _)| side(*a) != side(receiver)) {
+            let shown = p.shown.iter().find(|s| s.text == *text).expect("checked above");
+            assert!(shown.history, "{} got {text:?} from n{author} live across the split", node.name);
+        }
+    }
 }
