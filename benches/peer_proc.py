@@ -249,7 +249,7 @@ def run_baseline(args, inbox: Inbox) -> None:
                     line_text = texts.next()
                     # Exactly what the reference client does for each typed line.
                     for writer in list(original.CONNECTIONS):
-                        writer.write(f"<{name}> :: {line_text}".encode("utf-8"))
+                        writer.write(f"<{name}> :: {line_text}".encode())
                 reply({"sent": cmd["count"], "seconds": time.monotonic() - start})
             elif not reply_common(cmd, inbox, lambda: len(original.CONNECTIONS)):
                 reply({"bye": True})
@@ -334,7 +334,7 @@ def run_floor(args, inbox: Inbox) -> None:
         if cmd["cmd"] == "send":
             started = time.monotonic()
             for _ in paced(cmd["count"], cmd["rate"]):
-                links.send(f"<{name}> :: {texts.next()}".encode("utf-8"))
+                links.send(f"<{name}> :: {texts.next()}".encode())
             reply({"sent": cmd["count"], "seconds": time.monotonic() - started})
         elif not reply_common(cmd, links, lambda: len(links)):
             break

@@ -39,9 +39,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Optional
 
 from p2pchat import HistorySynced, Message, P2PChatError, Peer, Tracker
 
@@ -67,7 +68,7 @@ def log(text: str) -> None:
 class Child:
     """A child process speaking JSON lines on stdin/stdout."""
 
-    def __init__(self, argv: List[str], name: str) -> None:
+    def __init__(self, argv: list[str], name: str) -> None:
         self.name = name
         self.popen = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, text=True,
@@ -75,7 +76,7 @@ class Child:
             # delivery (docs/benchmarks.md, "What was slow"). The baseline's asyncio ignores the variable.
             env=dict(os.environ, PYTHONUNBUFFERED="1", TOKIO_WORKER_THREADS="1"),
         )
-        self.lines: List[str] = []
+        self.lines: list[str] = []
         self.cond = threading.Condition()
         threading.Thread(target=self._pump, daemon=True).start()
 
@@ -140,7 +141,7 @@ def start_list_server(list_bytes: int) -> subprocess.Popen:
     return start_server("raw list server", [sys.executable, "-c", RAW_LIST_SERVER, str(list_bytes)], r"listening on (\d+)", "stdout")
 
 
-def start_server(what: str, argv: List[str], pattern: str, stream: str) -> subprocess.Popen:
+def start_server(what: str, argv: list[str], pattern: str, stream: str) -> subprocess.Popen:
     """Start `argv`, read its port from its first line on `stream` ("stdout" or "stderr") with
     `pattern`; returns the process with `.port` set."""
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -159,7 +160,7 @@ def start_server(what: str, argv: List[str], pattern: str, stream: str) -> subpr
     return proc
 
 
-def stop(procs: List[subprocess.Popen]) -> None:
+def stop(procs: list[subprocess.Popen]) -> None:
     """Ask every process to end at once (a room of 200 ends in one step, not 200), then wait for each,
     killing any that does not end within 5 s."""
     running = [proc for proc in procs if proc.poll() is None]
@@ -184,7 +185,7 @@ class Room:
         self.impl, self.size = impl, size
         # The latency floors' raw peers mesh as the baseline's do, through its tracker.
         self.tracker = start_tracker("p2pchat" if impl.startswith("p2pchat") else "baseline")
-        self.peers: List[Child] = []
+        self.peers: list[Child] = []
         # The room's own logs: a room starts with no history, as the baseline's has none.
         self.data_dir = tempfile.mkdtemp(prefix=f"{impl}-{size}-", dir=os.environ["P2PCHAT_BENCH_DATA"])
         try:
@@ -204,7 +205,7 @@ class Room:
             self.close()
             raise
 
-    def links(self) -> List[int]:
+    def links(self) -> list[int]:
         for peer in self.peers:
             peer.tell({"cmd": "links"})
         return [json.loads(peer.next_line(30))["links"] for peer in self.peers]
@@ -228,7 +229,7 @@ class Room:
                 return False
             time.sleep(0.2)  # polling the peers' own counts; there is no event to wait on across processes
 
-    def reports(self) -> List[dict]:
+    def reports(self) -> list[dict]:
         for peer in self.peers:
             peer.tell({"cmd": "report"})
         return [json.loads(peer.next_line(60)) for peer in self.peers]
@@ -249,14 +250,14 @@ class Room:
         shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-def percentile(values: List[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-def median(values: List[float]) -> float:
+def median(values: list[float]) -> float:
     values = [v for v in values if v == v]
     return statistics.median(values) if values else float("nan")
 
@@ -264,7 +265,7 @@ def median(values: List[float]) -> float:
 # ---------------------------------------------------------------- scenarios
 
 
-def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
+def latency(messages_by_size: dict[int, int], repeats: int) -> list[dict]:
     """For each room size, `messages` sent one at a time per run (a small room gets more of them, so
     that its p99 too rests on a few thousand deliveries).
 
@@ -279,15 +280,15 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
     about `TURN_SECONDS` and its percentiles taken over all of them."""
     rows = []
     for size, messages in messages_by_size.items():
-        rooms: Dict[str, Room] = {}
-        runs: Dict[str, List[dict]] = {impl: [] for impl in LATENCY_ROOMS}
+        rooms: dict[str, Room] = {}
+        runs: dict[str, list[dict]] = {impl: [] for impl in LATENCY_ROOMS}
         per_turn = max(1, int(TURN_SECONDS / message_gap(size)))
         try:
             for impl in LATENCY_ROOMS:
                 log(f"latency: {impl}, {size} peers")
                 rooms[impl] = Room(impl, size, latencies=True)
             for _ in range(repeats):
-                turns: Dict[str, List[dict]] = {impl: [] for impl in LATENCY_ROOMS}
+                turns: dict[str, list[dict]] = {impl: [] for impl in LATENCY_ROOMS}
                 for first in range(0, messages, per_turn):
                     for impl in LATENCY_ROOMS:
                         with others_stopped(rooms, impl) as room:
@@ -309,7 +310,7 @@ def latency(messages_by_size: Dict[int, int], repeats: int) -> List[dict]:
 
 
 @contextmanager
-def others_stopped(rooms: Dict[str, Room], impl: str) -> Iterator[Room]:
+def others_stopped(rooms: dict[str, Room], impl: str) -> Iterator[Room]:
     """`impl`'s room, with every other room's processes stopped (SIGSTOP) meanwhile, so that they take
     no CPU from it. Keep it short: a p2pchat link silent for 8 s, or a registration for 6 s, is dropped."""
     others = [room for other, room in rooms.items() if other != impl]
@@ -347,7 +348,7 @@ def latency_turn(room: Room, first: int, count: int) -> dict:
     return {"samples_us": [ns / 1e3 for r in reports for ns in r["latencies_ns"]], "expected": count * (room.size - 1), "cpu_s": cpu_s}
 
 
-def latency_run(turns: List[dict]) -> dict:
+def latency_run(turns: list[dict]) -> dict:
     """One run's figures from its turns (`latency_turn`)."""
     samples = [us for turn in turns for us in turn["samples_us"]]
     cpu_s = sum(turn["cpu_s"] for turn in turns)
@@ -358,7 +359,7 @@ def latency_run(turns: List[dict]) -> dict:
             "expected": sum(turn["expected"] for turn in turns), "turns": len(turns), "cpu_us_per_delivery": 1e6 * cpu_s / max(len(samples), 1)}
 
 
-def wait_deliveries(room: Room, expected: int, timeout: float) -> List[dict]:
+def wait_deliveries(room: Room, expected: int, timeout: float) -> list[dict]:
     """Collect the peers' reports until `expected` deliveries are in, or `timeout` passes."""
     deadline = time.monotonic() + timeout
     merged = [{"counts": {}, "latencies_ns": []} for _ in room.peers]
@@ -373,10 +374,10 @@ def wait_deliveries(room: Room, expected: int, timeout: float) -> List[dict]:
         time.sleep(0.05)  # polling peers in other processes
 
 
-def throughput(size: int, rates: List[int], seconds: float, repeats: int) -> List[dict]:
+def throughput(size: int, rates: list[int], seconds: float, repeats: int) -> list[dict]:
     """The implementations and the floor take turns, run by run (a fresh room each), so that a drift
     of the machine's speed over minutes hits them alike."""
-    runs: Dict[str, List[List[dict]]] = {impl: [] for impl in IMPLS + ("floor",)}
+    runs: dict[str, list[list[dict]]] = {impl: [] for impl in IMPLS + ("floor",)}
     for _ in range(repeats):
         for impl in IMPLS:
             log(f"throughput: {impl}, {size} peers")
@@ -428,7 +429,7 @@ def application_cost(messages: int, repeats: int) -> dict:
 SLACK = 1.0
 
 
-def step_rates(room: Room, rates: List[int], seconds: float) -> List[dict]:
+def step_rates(room: Room, rates: list[int], seconds: float) -> list[dict]:
     steps = []
     for rate in rates:
         count = int(rate * seconds)
@@ -453,7 +454,7 @@ def step_rates(room: Room, rates: List[int], seconds: float) -> List[dict]:
     return steps
 
 
-def step_floor(size: int, rates: List[int], seconds: float) -> List[dict]:
+def step_floor(size: int, rates: list[int], seconds: float) -> list[dict]:
     import p2pchat
 
     message = b"<n10> :: 10:12345:" + str(time.monotonic_ns()).encode() + b"."
@@ -470,7 +471,7 @@ def step_floor(size: int, rates: List[int], seconds: float) -> List[dict]:
     return steps
 
 
-def summarise_steps(impl: str, runs: List[List[dict]]) -> dict:
+def summarise_steps(impl: str, runs: list[list[dict]]) -> dict:
     best = []
     for steps in runs:
         passed = [s for s in steps if s["full"]]
@@ -486,7 +487,7 @@ def per_join(report: dict, total: str) -> float:
     return report[total] / max(report["joins"], 1)
 
 
-def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
+def tracker_joins(sizes: list[int], seconds: float, repeats: int) -> list[dict]:
     """Each run joins one tracker of each implementation, then the floor for each one's list (the same
     joins against a server that only sends that many bytes); runs take turns, as in the other
     scenarios."""
@@ -501,8 +502,8 @@ def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
 
     rows = []
     for size in sizes:
-        runs: Dict[str, List[dict]] = {impl: [] for impl in IMPLS}
-        floors: Dict[str, List[dict]] = {impl: [] for impl in IMPLS}
+        runs: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
+        floors: dict[str, list[dict]] = {impl: [] for impl in IMPLS}
         for _ in range(repeats):
             for impl in IMPLS:
                 log(f"tracker: {impl}, {size} registrations")
@@ -522,7 +523,7 @@ def tracker_joins(sizes: List[int], seconds: float, repeats: int) -> List[dict]:
     return rows
 
 
-def scale(sizes: List[int], asyncio_sizes: List[int]) -> List[dict]:
+def scale(sizes: list[int], asyncio_sizes: list[int]) -> list[dict]:
     """Rooms of each size until one falls short; then p2pchat again, run by an asyncio program, at
     `asyncio_sizes` (its memory then includes asyncio, as the baseline's does)."""
     rows = []
@@ -533,7 +534,7 @@ def scale(sizes: List[int], asyncio_sizes: List[int]) -> List[dict]:
             try:
                 pss = [p.pss_kib() for p in room.peers]
                 room.reports()
-                for i, peer in enumerate(room.peers):
+                for _i, peer in enumerate(room.peers):
                     peer.tell({"cmd": "send", "count": 1, "rate": 1.0})
                 for peer in room.peers:
                     json.loads(peer.next_line(30))
@@ -667,7 +668,7 @@ def table(results: dict) -> str:
     def row(scenario: str, figure: str, p: float, b: float, fmt: str = "{:.0f}") -> None:
         out.append(f"| {scenario} | {figure} | {fmt.format(p)} | {fmt.format(b)} | {ratio(p, b)} |")
 
-    def pairs(rows: List[dict], key: str):
+    def pairs(rows: list[dict], key: str):
         """(size, p2pchat row, baseline row) for every size measured, smallest first."""
         by = {(r["impl"], r[key]): r for r in rows}
         for size in sorted({r[key] for r in rows}):
@@ -797,7 +798,7 @@ def chart(results: dict, path: Path) -> Optional[Path]:
     return path
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="p2pchat vs the asyncio baseline, side by side")
     parser.add_argument("--quick", action="store_true", help="a small smoke run (seconds, not minutes)")
     parser.add_argument("--only", default="latency,throughput,tracker,scale,history", help="comma-separated scenarios")
@@ -807,7 +808,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     repeats = args.repeats or (1 if args.quick else 3)
     only = set(args.only.split(","))
     if args.quick:
-        plan: Dict[str, Callable[[], object]] = {
+        plan: dict[str, Callable[[], object]] = {
             "latency": lambda: latency({3: 10}, repeats=repeats),
             "throughput": lambda: {"peers": 3, "rows": throughput(3, [50, 200], seconds=0.5, repeats=repeats),
                                    **application_cost(1000, repeats=3)},
@@ -833,7 +834,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     started = time.monotonic()
     results: dict = {"machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()},
                      "quick": args.quick, "repeats": repeats}
-    timings: Dict[str, float] = {}
+    timings: dict[str, float] = {}
     for name, run in plan.items():
         if name in only:
             scenario_started = time.monotonic()

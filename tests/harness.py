@@ -3,15 +3,17 @@
 import json
 import os
 import re
+import signal
 import socket
 import struct
-import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import List, Optional, Pattern, Sequence, Union
+from re import Pattern
+from typing import Optional, Union
 
 ROOT = Path(__file__).resolve().parent.parent
 REFERENCE = ROOT / "tests" / "reference"
@@ -47,12 +49,12 @@ class Stream:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.lines: List[str] = []
+        self.lines: list[str] = []
         self.closed = False
         self.cond = threading.Condition()
         self.cursor = 0
         # The same process's other stream, shown beside this one when an expectation fails.
-        self.other: Optional["Stream"] = None
+        self.other: Optional[Stream] = None
 
     def pump(self, pipe) -> None:
         for raw in iter(pipe.readline, b""):
@@ -103,14 +105,14 @@ class Stream:
         with self.cond:
             return sum(1 for line in self.lines if regex.search(line))
 
-    def wait_closed(self, timeout: float = WAIT) -> List[str]:
+    def wait_closed(self, timeout: float = WAIT) -> list[str]:
         """Wait (bounded) until the process closed this stream; returns every line it printed."""
         with self.cond:
             if not self.cond.wait_for(lambda: self.closed, timeout):
                 raise AssertionError(f"{self.name}: still open after {timeout}s; lines:\n" + "\n".join(self.lines))
             return list(self.lines)
 
-    def snapshot(self) -> List[str]:
+    def snapshot(self) -> list[str]:
         with self.cond:
             return list(self.lines)
 
@@ -224,7 +226,7 @@ def wait_until(predicate, what: str, timeout: float = WAIT) -> None:
         time.sleep(0.05)
 
 
-def python(*args: str) -> List[str]:
+def python(*args: str) -> list[str]:
     return [sys.executable, "-u", *args]
 
 
@@ -232,7 +234,7 @@ class Room:
     """Processes started by one test, all stopped at the end."""
 
     def __init__(self) -> None:
-        self.procs: List[Proc] = []
+        self.procs: list[Proc] = []
 
     def start(self, argv: Sequence[str], name: str, env: Optional[dict] = None) -> Proc:
         proc = Proc(argv, name, env)

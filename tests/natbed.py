@@ -13,11 +13,11 @@ failed or not.
 
 import subprocess
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Optional
 
 import pytest
-
 from harness import Proc, Room
 from netns import require_netns
 
@@ -35,7 +35,7 @@ class Host:
 class NatBed:
     def __init__(self) -> None:
         self.tag = uuid.uuid4().hex[:5]
-        self.namespaces: List[str] = []
+        self.namespaces: list[str] = []
         self.room = Room()
         self.count = 0
         self.bridge = self._namespace("pub")

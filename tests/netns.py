@@ -8,10 +8,9 @@ import os
 import shutil
 import subprocess
 import uuid
-from typing import List, Sequence, Tuple
+from collections.abc import Sequence
 
 import pytest
-
 from harness import Proc, Room, python
 
 
@@ -42,10 +41,10 @@ class Namespace:
     def nft(self, ruleset: str) -> None:
         self.sh("nft", "-f", "-", stdin=ruleset)
 
-    def argv(self, argv: Sequence[str]) -> List[str]:
+    def argv(self, argv: Sequence[str]) -> list[str]:
         return ["ip", "netns", "exec", self.name, *argv]
 
-    def two_clients(self) -> Tuple[Proc, int, Proc, int]:
+    def two_clients(self) -> tuple[Proc, int, Proc, int]:
         """A tracker on 7472 and two clients, bob then ana, linked: (ana, ana_port, bob, bob_port)."""
         tracker = self.room.start(self.argv(python("server.py", "--host", "127.0.0.1", "--port", "7472")), "tracker")
         tracker.err.expect("listening on")

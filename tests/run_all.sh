@@ -17,6 +17,11 @@ fi
 echo "== pip install .[test]  (builds the Rust core in release mode)"
 "$PYTHON" -m pip install --quiet --disable-pip-version-check ".[test]"
 
+echo "== ruff, mypy --strict on the package, stubtest of _core.pyi against the built module"
+"$PYTHON" -m ruff check python server.py client.py examples tests benches
+"$PYTHON" -m mypy
+"$PYTHON" -m mypy.stubtest p2pchat._core
+
 echo "== cargo fmt --check, cargo clippy (warnings denied)"
 cargo fmt --check
 cargo clippy --locked --all-targets --features python -- -D warnings

@@ -10,12 +10,21 @@ import textwrap
 import threading
 import time
 
-import pytest
-
 import p2pchat
+import pytest
 from harness import WAIT, assert_clean_stderr, python, wait_until
-from p2pchat import (AddressInUse, InvalidInput, Message, P2PChatError, Peer, PeerClosed, PeerJoined, PeerLeft,
-                     Tracker, TrackerUnreachable)
+from p2pchat import (
+    AddressInUse,
+    InvalidInput,
+    Message,
+    P2PChatError,
+    Peer,
+    PeerClosed,
+    PeerJoined,
+    PeerLeft,
+    Tracker,
+    TrackerUnreachable,
+)
 
 
 @pytest.fixture
@@ -426,3 +435,26 @@ def test_callbacks_get_every_message_and_survive_one_that_raises(tracker, caplog
     thread.join(WAIT)
     assert not thread.is_alive(), "the callbacks end with the peer"
     assert "a bug in the bot" in caplog.text
+
+
+def test_the_constructors_show_their_real_defaults():
+    """Python shows the constructors' signatures (and stubtest checks `_core.pyi` against them): they are
+    written out by hand in the bindings, so they must say what the defaults are."""
+    import inspect
+
+    peer = inspect.signature(Peer).parameters
+    assert (peer["server"].default, peer["port"].default, peer["peers"].default) == (
+        "127.0.0.1",
+        p2pchat.DEFAULT_PORT,
+        (),
+    )
+    tracker = inspect.signature(p2pchat.Tracker).parameters
+    assert (tracker["host"].default, tracker["port"].default) == ("0.0.0.0", p2pchat.DEFAULT_PORT)
+
+
+def test_the_type_aliases_exist_at_runtime():
+    import typing
+
+    assert p2pchat.Address == tuple[str, int]
+    kinds = {p2pchat.Message, p2pchat.PeerJoined, p2pchat.PeerLeft, p2pchat.PeerRenamed, p2pchat.Notice}
+    assert set(typing.get_args(p2pchat.Event)) == kinds | {p2pchat.HistorySynced}

@@ -3,10 +3,9 @@
 import socket
 import time
 
+from harness import WAIT, original_exchange
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-from harness import WAIT, original_exchange
 from p2pchat import Message, Peer, PeerJoined, PeerLeft, Tracker
 
 

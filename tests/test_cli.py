@@ -7,7 +7,6 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-
 from harness import WAIT, assert_clean_stderr, python
 
 

@@ -4,7 +4,6 @@ import signal
 import time
 
 import pytest
-
 from harness import WAIT, original_exchange, python, wait_until
 from netns import namespace  # noqa: F401 - fixture
 from p2pchat import Peer, Tracker

@@ -9,7 +9,6 @@ import subprocess
 import time
 
 import pytest
-
 from harness import MAGIC, ROOT, WAIT, frame, python, read_frame, wait_until
 from netns import namespace  # noqa: F401 - fixture
 from p2pchat import HistoryError, HistorySynced, Message, Peer, Tracker
@@ -258,7 +257,7 @@ def test_original_lines_are_kept_in_the_own_log_but_never_served(tmp_path):
         host, port = tracker.address
         with Peer("ana", host, port, data_dir=tmp_path / "ana", history=0) as ana:
             with socket.create_connection(("127.0.0.1", ana.address[1]), timeout=WAIT) as original:
-                original.sendall("<orig> :: said the old way".encode())
+                original.sendall(b"<orig> :: said the old way")
                 heard = ana.recv(timeout=WAIT)
                 assert (heard.sender, heard.text, heard.id) == ("orig", "said the old way", None)
                 ana.send("said the new way")

@@ -3,7 +3,6 @@
 import stat
 
 import pytest
-
 from harness import python
 from p2pchat import IdentityError, Peer, Tracker
 

@@ -3,7 +3,6 @@
 import re
 
 import pytest
-
 from harness import REFERENCE, REFERENCE_PROMPT, python
 from natbed import bed  # noqa: F401 - fixture
 
@@ -141,7 +140,7 @@ def test_two_symmetric_peers_alone_talk_through_a_tracker_that_relays(bed):
     tracker.err.saw(r"relaying between", timeout=5)
     chat_both_ways(ana, bob, "hello via the tracker")
     bob.line("/who")
-    bob.err.saw(rf"^\* 2 member\(s\) in the default room:$")
+    bob.err.saw(r"^\* 2 member\(s\) in the default room:$")
     bob.err.saw(rf"^\*   ana \(.*\) p2pchat, relayed by {re.escape(public.ip)}:7472$")
 
 

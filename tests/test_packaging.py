@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from harness import ROOT
 
 # The oldest supported CPython and the newest; the one running the tests is covered by the rest.

@@ -5,10 +5,8 @@ import re
 import socket
 import stat
 import threading
-from typing import List
 
 import pytest
-
 from harness import python
 from p2pchat import InvalidInput, Peer, Tracker
 
@@ -22,9 +20,9 @@ class RecordingProxy:
         self.target_port = target_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
-        self.captured: List[bytes] = []
+        self.captured: list[bytes] = []
         self.lock = threading.Lock()
-        self.sockets: List[socket.socket] = [self.listener]
+        self.sockets: list[socket.socket] = [self.listener]
         threading.Thread(target=self._accept, daemon=True).start()
 
     def _accept(self) -> None:
@@ -68,7 +66,7 @@ class RecordingProxy:
 
 @pytest.fixture
 def proxies():
-    made: List[RecordingProxy] = []
+    made: list[RecordingProxy] = []
     yield lambda port: made.append(RecordingProxy(port)) or made[-1]
     for proxy in made:
         proxy.close()

@@ -6,9 +6,9 @@ import socket
 import struct
 
 import pytest
-
 from harness import MAGIC, WAIT, frame, read_frame
 from p2pchat import MAX_TEXT_BYTES, Message, Notice, Peer, PeerJoined, Tracker
+
 
 def test_rooms_do_not_hear_each_other_and_the_default_room_mixes(room, tmp_path):
     tracker = room.p2pchat_tracker()

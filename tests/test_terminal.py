@@ -14,7 +14,6 @@ from typing import Optional
 
 import pyte
 import pytest
-
 from harness import ROOT, WAIT
 
 COLS, ROWS = 100, 24

@@ -12,10 +12,9 @@ import re
 import textwrap
 
 import pytest
-
 from harness import REFERENCE, WAIT, python
-from p2pchat import Tracker
 from netns import namespace  # noqa: F401 - fixture
+from p2pchat import Tracker
 
 TRACKER_PORT = 7472
 DROP_TRACKER_PURE_ACKS = f"""

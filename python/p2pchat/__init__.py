@@ -21,6 +21,7 @@ asyncio use::
 """
 
 import atexit as _atexit
+from typing import Union
 
 from . import _core, _logbridge
 from ._core import (
@@ -49,7 +50,14 @@ from ._core import (
     default_data_dir,
 )
 
+# What `Peer.address`, `Message.address` and the tracker's lists hold: (host, port).
+Address = tuple[str, int]
+# Everything `Peer.recv_event()` and `Peer.events()` give.
+Event = Union[Message, PeerJoined, PeerLeft, PeerRenamed, Notice, HistorySynced]
+
 __all__ = [
+    "Address",
+    "Event",
     "DEFAULT_PORT",
     "MAX_NAME_CHARS",
     "MAX_ROOM_CHARS",

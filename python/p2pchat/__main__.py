@@ -7,7 +7,7 @@
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import Optional
 
 from . import __version__, client, server
 
@@ -19,7 +19,7 @@ examples:
 """
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="p2pchat", description="Peer-to-peer group chat.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")

@@ -8,10 +8,10 @@ import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from contextlib import contextmanager
 from io import StringIO
-from typing import Any, Iterator, List, Optional, Tuple
-
+from typing import Any, Optional, TextIO
 
 # Whole lines only: the receiver thread, the input loop and log records all write to the terminal.
 _output = threading.Lock()
@@ -113,7 +113,7 @@ def say(line: str) -> None:
     _write(sys.stdout, line)
 
 
-def _write(stream, line: str) -> None:
+def _write(stream: TextIO, line: str) -> None:
     with _output:
         stream.write(line + "\n")
         stream.flush()
@@ -146,7 +146,7 @@ def name_colour(name: str) -> str:
     return NAME_COLOURS[zlib.crc32(name.encode("utf-8")) % len(NAME_COLOURS)]
 
 
-def _rendered(fragments: List[Tuple[str, str]]) -> str:
+def _rendered(fragments: list[tuple[str, str]]) -> str:
     """The fragments as one line, with prompt_toolkit's escape sequences when colours are on."""
     if not _Terminal.colour:
         return "".join(text for _, text in fragments)

@@ -1,9 +1,48 @@
 """Type stubs for the compiled core (``p2pchat._core``)."""
 
+from collections.abc import AsyncIterator, Awaitable, Iterator, Sequence
 from os import PathLike
 from pathlib import Path
 from types import TracebackType
-from typing import Any, AsyncIterator, Awaitable, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type, Union, final
+from typing import (
+    Any,
+    Callable,
+    final,
+)
+
+__all__ = [
+    "__version__",
+    "DEFAULT_PORT",
+    "MAX_NAME_CHARS",
+    "MAX_TEXT_BYTES",
+    "MAX_ROOM_CHARS",
+    "P2PChatError",
+    "InvalidInput",
+    "TrackerUnreachable",
+    "AddressInUse",
+    "PeerClosed",
+    "HistoryError",
+    "IdentityError",
+    "Tracker",
+    "Peer",
+    "Message",
+    "PeerJoined",
+    "PeerLeft",
+    "PeerRenamed",
+    "Notice",
+    "HistorySynced",
+    "EventStream",
+    "PeerInfo",
+    "_shutdown",
+    "default_data_dir",
+    "_set_log_level",
+    "_next_log_records",
+    "_wake_log_bridge",
+    "_BenchRawLinks",
+    "_bench_tracker_joins",
+    "_bench_fanout",
+    "_bench_raw_list_server",
+]
 
 __version__: str
 DEFAULT_PORT: int
@@ -11,7 +50,9 @@ MAX_NAME_CHARS: int
 MAX_TEXT_BYTES: int
 MAX_ROOM_CHARS: int
 
-Address = Tuple[str, int]
+# The public names `p2pchat.Address` and `p2pchat.Event` are defined in `p2pchat/__init__.py`; these
+# stub-only aliases say the same.
+_Address = tuple[str, int]
 
 class P2PChatError(Exception):
     """Base class of every error p2pchat raises."""
@@ -40,14 +81,14 @@ def default_data_dir() -> Path: ...
 class Message:
     """A chat message received from another member."""
 
-    sender: Optional[str]
+    sender: str | None
     text: str
-    address: Optional[Address]
+    address: _Address | None
     received_at: float
     continued: bool
-    id: Optional[str]
-    sent_at: Optional[float]
-    stamp: Optional[int]
+    id: str | None
+    sent_at: float | None
+    stamp: int | None
     history: bool
     signed: bool
 
@@ -55,21 +96,21 @@ class Message:
 class PeerJoined:
     """A member joined the room."""
 
-    address: Address
-    name: Optional[str]
+    address: _Address
+    name: str | None
     protocol: str
     outgoing: bool
-    relayed_by: Optional[Address]
+    relayed_by: _Address | None
     encrypted: bool
-    fingerprint: Optional[str]
+    fingerprint: str | None
     key_changed: bool
 
 @final
 class PeerLeft:
     """A member left the room (clean: it said goodbye)."""
 
-    address: Address
-    name: Optional[str]
+    address: _Address
+    name: str | None
     reason: str
     clean: bool
 
@@ -77,8 +118,8 @@ class PeerLeft:
 class PeerRenamed:
     """A member is known by a new name."""
 
-    address: Address
-    old: Optional[str]
+    address: _Address
+    old: str | None
     new: str
 
 @final
@@ -97,124 +138,124 @@ class HistorySynced:
 class PeerInfo:
     """A member this peer holds a connection to."""
 
-    address: Address
-    name: Optional[str]
+    address: _Address
+    name: str | None
     outgoing: bool
-    protocol: Optional[str]
-    relayed_by: Optional[Address]
+    protocol: str | None
+    relayed_by: _Address | None
     encrypted: bool
-    fingerprint: Optional[str]
+    fingerprint: str | None
     key_changed: bool
 
-Event = Union[Message, PeerJoined, PeerLeft, PeerRenamed, Notice, HistorySynced]
+_Event = Message | PeerJoined | PeerLeft | PeerRenamed | Notice | HistorySynced
 
 @final
 class EventStream:
     """Every event of a peer, blocking or async; it ends when the peer closes."""
 
-    def __iter__(self) -> Iterator[Event]: ...
-    def __next__(self) -> Event: ...
-    def __aiter__(self) -> AsyncIterator[Event]: ...
-    def __anext__(self) -> Awaitable[Event]: ...
+    def __iter__(self) -> Iterator[_Event]: ...
+    def __next__(self) -> _Event: ...
+    def __aiter__(self) -> AsyncIterator[_Event]: ...
+    def __anext__(self) -> Awaitable[_Event]: ...
 
 @final
 class Tracker:
     """A tracker speaking the original protocol, serving in the background from creation."""
 
-    def __init__(
-        self, host: str = "0.0.0.0", port: int = 7472, *, original_ttl: float = 45.0, registration_timeout: float = 6.0,
+    def __new__(
+        cls, host: str = "0.0.0.0", port: int = 7472, *, original_ttl: float = 45.0, registration_timeout: float = 6.0,
         relay: bool = False,
-    ) -> None: ...
+    ) -> Tracker: ...
     @property
-    def address(self) -> Address: ...
+    def address(self) -> _Address: ...
     @property
     def running(self) -> bool: ...
-    def peers(self, room: str = "") -> List[Address]: ...
+    def peers(self, room: str = "") -> list[_Address]: ...
     def serve_forever(self) -> None: ...
     def stop(self) -> None: ...
-    def __enter__(self) -> "Tracker": ...
+    def __enter__(self) -> Tracker: ...
     def __exit__(
         self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> bool: ...
 
 @final
 class Peer:
     """A chat peer; `join()` it to a room, then send and receive."""
 
-    def __init__(
-        self,
+    def __new__(
+        cls,
         name: str,
-        server: Optional[str] = "127.0.0.1",
+        server: str | None = "127.0.0.1",
         port: int = 7472,
         *,
-        listen: Optional[int] = None,
+        listen: int | None = None,
         room: str = "",
-        peers: Sequence[Union[str, Address]] = (),
-        max_message_rate: Optional[int] = None,
+        peers: Sequence[str | _Address] = (),
+        max_message_rate: int | None = None,
         history: int = 100,
-        data_dir: Union[str, "PathLike[str]", None] = None,
+        data_dir: str | PathLike[str] | None = None,
         save_history: bool = True,
-        identity: Union[str, "PathLike[str]", None] = None,
-        secret: Optional[str] = None,
-    ) -> None: ...
+        identity: str | PathLike[str] | None = None,
+        secret: str | None = None,
+    ) -> Peer: ...
     @property
     def name(self) -> str: ...
     @property
     def room(self) -> str: ...
     def nick(self, name: str) -> None: ...
     @property
-    def address(self) -> Optional[Address]: ...
+    def address(self) -> _Address | None: ...
     @property
-    def join_result(self) -> Optional[Tuple[int, int]]: ...
+    def join_result(self) -> tuple[int, int] | None: ...
     @property
-    def fingerprint(self) -> Optional[str]: ...
+    def fingerprint(self) -> str | None: ...
     @property
     def private(self) -> bool: ...
     @property
-    def invite_code(self) -> Optional[str]: ...
+    def invite_code(self) -> str | None: ...
     @property
     def closed(self) -> bool: ...
-    def join(self) -> "Peer": ...
-    def join_async(self) -> Awaitable["Peer"]: ...
+    def join(self) -> Peer: ...
+    def join_async(self) -> Awaitable[Peer]: ...
     def send(self, text: str) -> int: ...
     def post(self, text: str) -> None: ...
     def send_async(self, text: str) -> Awaitable[int]: ...
-    def recv(self, timeout: Optional[float] = None) -> Optional[Message]: ...
+    def recv(self, timeout: float | None = None) -> Message | None: ...
     def recv_async(self) -> Awaitable[Message]: ...
-    def recv_event(self, timeout: Optional[float] = None) -> Optional[Event]: ...
-    def recv_event_async(self) -> Awaitable[Event]: ...
+    def recv_event(self, timeout: float | None = None) -> _Event | None: ...
+    def recv_event_async(self) -> Awaitable[_Event]: ...
     def events(self) -> EventStream: ...
-    def history(self, limit: int = 100, before: Union[Message, float, None] = None) -> List[Message]: ...
-    def history_async(self, limit: int = 100, before: Union[Message, float, None] = None) -> Awaitable[List[Message]]: ...
-    def peers(self) -> List[PeerInfo]: ...
-    def status(self) -> Tuple[int, str]: ...
+    def history(self, limit: int = 100, before: Message | float | None = None) -> list[Message]: ...
+    def history_async(self, limit: int = 100, before: Message | float | None = None) -> Awaitable[list[Message]]: ...
+    def peers(self) -> list[PeerInfo]: ...
+    def status(self) -> tuple[int, str]: ...
     def close(self) -> None: ...
     def close_async(self) -> Awaitable[None]: ...
     def __iter__(self) -> Iterator[Message]: ...
     def __next__(self) -> Message: ...
-    def __aiter__(self) -> "Peer": ...
+    def __aiter__(self) -> Peer: ...
     def __anext__(self) -> Awaitable[Message]: ...
-    def __enter__(self) -> "Peer": ...
+    def __enter__(self) -> Peer: ...
     def __exit__(
         self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> bool: ...
-    def __aenter__(self) -> Awaitable["Peer"]: ...
+    def __aenter__(self) -> Awaitable[Peer]: ...
     def __aexit__(
         self,
-        exc_type: Optional[Type[BaseException]],
-        exc: Optional[BaseException],
-        tb: Optional[TracebackType],
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> Awaitable[None]: ...
 
 def _shutdown() -> None: ...
 def _set_log_level(level: int) -> None: ...
-def _next_log_records(wait: bool) -> List[Tuple[str, int, str]]: ...
+def _next_log_records(wait: bool) -> list[tuple[str, int, str]]: ...
 def _wake_log_bridge() -> None: ...
 
 # Benchmark instruments (benches/run.py): Rust load generators, not part of the chat API.
@@ -224,20 +265,20 @@ def _bench_tracker_joins(
     protocol: str,
     registrations: int,
     *,
-    list_bytes: Optional[int] = None,
+    list_bytes: int | None = None,
     concurrency: int = 4,
     duration: float = 2.0,
-) -> Dict[str, float]: ...
+) -> dict[str, float]: ...
 def _bench_raw_list_server(
     list_bytes: int, on_listening: Callable[[int], object], *, host: str = "127.0.0.1", port: int = 0
 ) -> None: ...
 def _bench_fanout(
     nodes: int, rate: int, message: bytes, *, duration: float = 2.0, drain: float = 2.0
-) -> Dict[str, float]: ...
+) -> dict[str, float]: ...
 @final
 class _BenchRawLinks:
     def __init__(self) -> None: ...
     def add(self, link: Any) -> None: ...
     def send(self, message: bytes) -> int: ...
-    def take(self) -> Dict[str, Any]: ...
+    def take(self) -> dict[str, Any]: ...
     def __len__(self) -> int: ...

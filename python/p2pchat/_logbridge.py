@@ -42,13 +42,13 @@ def _follow_level_changes() -> None:
     # Every level change in `logging` empties its managers' cache of enabled levels through this
     # method; following it costs nothing between changes (a polling thread woke every process).
     manager = logging.Logger.manager
-    clear_cache = manager._clear_cache
+    clear_cache = manager._clear_cache  # type: ignore[attr-defined]  # CPython's, not in the stubs
 
     def clear_cache_and_sync() -> None:
         clear_cache()
         sync_level()
 
-    manager._clear_cache = clear_cache_and_sync
+    manager._clear_cache = clear_cache_and_sync  # type: ignore[attr-defined]
 
 
 def start() -> None:

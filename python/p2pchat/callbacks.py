@@ -26,11 +26,12 @@ def listen(
 
     def deliver() -> None:
         for event in peer.events():
-            callback = on_message if isinstance(event, Message) else on_event
-            if callback is None:
-                continue
             try:
-                callback(event)
+                if isinstance(event, Message):
+                    if on_message is not None:
+                        on_message(event)
+                elif on_event is not None:
+                    on_event(event)
             except Exception:
                 _log.exception("a p2pchat callback raised on %r", event)
 

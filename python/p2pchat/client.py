@@ -17,8 +17,9 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Collection
 from pathlib import Path
-from typing import Collection, List, Optional, Set, Union
+from typing import Optional, Union
 
 from . import (
     MAX_NAME_CHARS,
@@ -29,18 +30,28 @@ from . import (
     Notice,
     P2PChatError,
     Peer,
-    PeerInfo,
     PeerClosed,
+    PeerInfo,
     PeerJoined,
     PeerLeft,
     PeerRenamed,
     TrackerUnreachable,
     __version__,
     default_data_dir,
+    machine,
 )
-from . import machine
-from ._cli import (Leave, chat, colours_wanted, count, handle_signals, port, setup_logging, signals_deferred, status,
-                   use_terminal)
+from ._cli import (
+    Leave,
+    chat,
+    colours_wanted,
+    count,
+    handle_signals,
+    port,
+    setup_logging,
+    signals_deferred,
+    status,
+    use_terminal,
+)
 
 NAME_PROMPT = "Escreva um nome: "
 DEFAULT_NAME = "Unknow"
@@ -119,7 +130,8 @@ def room_secret(args: argparse.Namespace) -> Optional[str]:
     --private); None for an open room."""
     if args.secret_file is not None:
         try:
-            return args.secret_file.read_text(encoding="utf-8")
+            secret_file: Path = args.secret_file
+            return secret_file.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as err:
             raise SecretUnavailable(f"cannot read the secret file {str(args.secret_file)!r}: {err}") from None
     from_env = os.environ.get("P2PCHAT_SECRET", "")
@@ -153,12 +165,12 @@ def printable(text: str) -> str:
     return "".join(c if c == "\t" or (c >= " " and c != "\x7f") else repr(c)[1:-1] for c in text)
 
 
-def who(name: Optional[str], address: tuple) -> str:
+def who(name: Optional[str], address: tuple[str, int]) -> str:
     host, peer_port = address
     return f"{printable(name)} ({host}:{peer_port})" if name else f"{host}:{peer_port}"
 
 
-def show(event: object, ignored: Set[str]) -> None:
+def show(event: object, ignored: set[str]) -> None:
     if isinstance(event, Message):
         if event.sender in ignored:
             return
@@ -178,7 +190,7 @@ def show(event: object, ignored: Set[str]) -> None:
         status(printable(event.text))
 
 
-def pump_events(peer: Peer, ignored: Set[str], already_shown: Collection[str]) -> None:
+def pump_events(peer: Peer, ignored: set[str], already_shown: Collection[str]) -> None:
     while True:
         try:
             event = peer.recv_event()
@@ -189,7 +201,7 @@ def pump_events(peer: Peer, ignored: Set[str], already_shown: Collection[str]) -
         show(event, ignored)
 
 
-def show_own_log(peer: Peer, limit: int, before: float, ignored: Set[str]) -> Set[str]:
+def show_own_log(peer: Peer, limit: int, before: float, ignored: set[str]) -> set[str]:
     """The room's last messages from our own log (said before we joined); returns their ids."""
     if limit == 0:
         return set()
@@ -238,7 +250,7 @@ def link_kind(member: Union[PeerJoined, PeerInfo]) -> str:
     return ", ".join(parts)
 
 
-def run_command(peer: Peer, command: str, argument: str, ignored: Set[str]) -> bool:
+def run_command(peer: Peer, command: str, argument: str, ignored: set[str]) -> bool:
     """A /command typed by the user; returns False to leave."""
     if command == "/quit":
         return False
@@ -270,7 +282,7 @@ def run_command(peer: Peer, command: str, argument: str, ignored: Set[str]) -> b
     return True
 
 
-def handle_line(peer: Peer, line: str, ignored: Set[str]) -> bool:
+def handle_line(peer: Peer, line: str, ignored: set[str]) -> bool:
     """Send one typed line, or run it if it is a command; returns False when the user asked to leave."""
     text = line.rstrip("\r\n")
     if not text:
@@ -302,11 +314,11 @@ def status_bar(peer: Peer) -> str:
     return f" {room} · {peer.name} on port {listen_port} · {members} other member(s) · tracker: {tracker} "
 
 
-def chat_in_terminal(peer: Peer, ignored: Set[str]) -> None:
+def chat_in_terminal(peer: Peer, ignored: set[str]) -> None:
     from prompt_toolkit import PromptSession
     from prompt_toolkit.patch_stdout import patch_stdout
 
-    session: PromptSession = PromptSession(bottom_toolbar=lambda: status_bar(peer), refresh_interval=1.0)
+    session: PromptSession[str] = PromptSession(bottom_toolbar=lambda: status_bar(peer), refresh_interval=1.0)
     with patch_stdout(raw=True):  # raw: keep the colours of the lines printed above the prompt
         while True:
             try:
@@ -319,7 +331,7 @@ def chat_in_terminal(peer: Peer, ignored: Set[str]) -> None:
                     return
 
 
-def chat_from_pipe(peer: Peer, exit_on_eof: bool, ignored: Set[str]) -> None:
+def chat_from_pipe(peer: Peer, exit_on_eof: bool, ignored: set[str]) -> None:
     while True:
         line = sys.stdin.readline()
         if not line:
@@ -370,7 +382,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         machine.run(peer)
         return 0
-    ignored: Set[str] = set()
+    ignored: set[str] = set()
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     if interactive:
         use_terminal(colour=colours_wanted())
@@ -397,7 +409,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
     # Both modes show the peer's notices themselves (`* ...` lines, or notice events in --json): the

@@ -8,27 +8,27 @@ command gets an ``error`` object naming it, and the peer goes on.
 import json
 import sys
 import threading
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Optional
 
 from . import HistorySynced, Message, Notice, P2PChatError, Peer, PeerClosed, PeerJoined, PeerLeft, PeerRenamed
 from ._cli import say, signals_deferred
 
 
-def emit(obj: Dict[str, Any]) -> None:
+def emit(obj: dict[str, Any]) -> None:
     say(json.dumps(obj, ensure_ascii=False, separators=(",", ":")))
 
 
-def address(value: Optional[tuple]) -> Optional[list]:
+def address(value: Optional[tuple[str, int]]) -> Optional[list[Any]]:
     return list(value) if value is not None else None
 
 
-def message_json(m: Message) -> Dict[str, Any]:
+def message_json(m: Message) -> dict[str, Any]:
     return {"type": "message", "sender": m.sender, "text": m.text, "address": address(m.address), "id": m.id,
             "sent_at": m.sent_at, "received_at": m.received_at, "stamp": m.stamp, "history": m.history, "signed": m.signed,
             "continued": m.continued}
 
 
-def event_json(event: object) -> Dict[str, Any]:
+def event_json(event: object) -> dict[str, Any]:
     """Every event the peer reports, as the JSON object ``--json`` prints for it."""
     if isinstance(event, Message):
         return message_json(event)
@@ -58,16 +58,16 @@ def pump(peer: Peer) -> None:
             emit(event_json(event))
 
 
-def _send(peer: Peer, cmd: dict) -> dict:
+def _send(peer: Peer, cmd: dict[str, Any]) -> dict[str, Any]:
     return {"type": "sent", "reached": peer.send(_text(cmd, "text"))}
 
 
-def _nick(peer: Peer, cmd: dict) -> dict:
+def _nick(peer: Peer, cmd: dict[str, Any]) -> dict[str, Any]:
     peer.nick(_text(cmd, "name"))
     return {"type": "renamed", "name": peer.name}
 
 
-def _who(peer: Peer, cmd: dict) -> dict:
+def _who(peer: Peer, cmd: dict[str, Any]) -> dict[str, Any]:
     return {"type": "members", "members": [
         {"address": address(p.address), "name": p.name, "protocol": p.protocol, "outgoing": p.outgoing,
          "relayed_by": address(p.relayed_by), "encrypted": p.encrypted, "fingerprint": p.fingerprint,
@@ -75,7 +75,7 @@ def _who(peer: Peer, cmd: dict) -> dict:
         for p in peer.peers()]}
 
 
-def _history(peer: Peer, cmd: dict) -> dict:
+def _history(peer: Peer, cmd: dict[str, Any]) -> dict[str, Any]:
     limit = cmd.get("limit", 100)
     if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
         raise ValueError('"limit" must be a whole number, 0 or more')
@@ -85,14 +85,14 @@ def _history(peer: Peer, cmd: dict) -> dict:
     return {"type": "history", "messages": [message_json(m) for m in peer.history(limit=limit, before=before)]}
 
 
-def _text(cmd: dict, field: str) -> str:
+def _text(cmd: dict[str, Any], field: str) -> str:
     value = cmd.get(field)
     if not isinstance(value, str):
         raise ValueError(f'"{field}" must be a string')
     return value
 
 
-COMMANDS: Dict[str, Callable[[Peer, dict], dict]] = {"send": _send, "nick": _nick, "who": _who, "history": _history}
+COMMANDS: dict[str, Callable[[Peer, dict[str, Any]], dict[str, Any]]] = {"send": _send, "nick": _nick, "who": _who, "history": _history}
 
 
 def handle(peer: Peer, line: str) -> bool:

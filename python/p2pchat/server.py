@@ -6,7 +6,7 @@
 
 import argparse
 import sys
-from typing import List, Optional
+from typing import Optional
 
 from . import AddressInUse, P2PChatError, Tracker, __version__
 from ._cli import Leave, handle_signals, port, setup_logging, signals_deferred, status
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
     handle_signals()

@@ -508,6 +508,11 @@ impl PyPeer {
     #[new]
     #[pyo3(signature = (name, server = Some("127.0.0.1"), port = crate::protocol::DEFAULT_PORT, *, listen = None, room = "", peers = Vec::new(),
                         max_message_rate = None, history = 100, data_dir = None, save_history = true, identity = None, secret = None))]
+    // The signature Python shows (and stubtest checks `_core.pyi` against): the defaults above that are
+    // not literals would show as `...`.
+    #[pyo3(
+        text_signature = "(name, server='127.0.0.1', port=7472, *, listen=None, room='', peers=(), max_message_rate=None, history=100, data_dir=None, save_history=True, identity=None, secret=None)"
+    )]
     #[allow(clippy::too_many_arguments)] // Python keyword arguments
     fn new(
         py: Python<'_>,

@@ -69,6 +69,8 @@ fn resolve(host: &str, port: u16) -> PyResult<SocketAddr> {
 impl PyTracker {
     #[new]
     #[pyo3(signature = (host = "0.0.0.0", port = crate::protocol::DEFAULT_PORT, *, original_ttl = 45.0, registration_timeout = 6.0, relay = false))]
+    // The signature Python shows (and stubtest checks `_core.pyi` against): `port` would show as `...`.
+    #[pyo3(text_signature = "(host='0.0.0.0', port=7472, *, original_ttl=45.0, registration_timeout=6.0, relay=False)")]
     fn new(
         py: Python<'_>,
         host: &str,
