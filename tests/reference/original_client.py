@@ -104,7 +104,7 @@ async def main(args):
             break
         text = line.rstrip("\n")
         for writer in list(CONNECTIONS):
-            writer.write(f"<{name}> :: {text}".encode())
+            writer.write(f"<{name}> :: {text}".encode("utf-8"))
         print(f"<Eu> :: {text}", flush=True)
     await asyncio.Event().wait()
 
