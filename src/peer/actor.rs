@@ -24,6 +24,7 @@ use super::outbox::Refused;
 use super::secure::{self, Secured};
 use super::seen::SeenIds;
 use super::state::ids::Ids;
+use super::state::receipts::Job;
 use super::state::rules::LinkRules;
 use super::state::{self, Closing, Connect, Output, PeerState, Report};
 use super::sync::{self, HistoryConfig};
@@ -94,6 +95,13 @@ pub(crate) enum NetEvent {
     },
     TrackerLost {
         reason: String,
+    },
+    /// The log took a part of the answer to our request `req` on link `link`: which were new to it.
+    Ingested {
+        link: LinkId,
+        req: u32,
+        msgs: Vec<Chat>,
+        fresh: Vec<bool>,
     },
     /// Our answer to a history request on this link was queued: `bytes` of it.
     HistoryAnswered {
@@ -176,15 +184,14 @@ struct Driver {
     retiring: HashMap<LinkId, AbortOnDropHandle<()>>,
     /// Links closing because we leave; waited for, up to the close grace.
     leaving: Vec<AbortOnDropHandle<()>>,
-    /// Our history request being answered on a link, and the task taking its answer.
-    answers: HashMap<LinkId, (u32, mpsc::Sender<Vec<Chat>>)>,
+    /// The tasks taking the answers to our history requests, by link and request number.
+    answers: HashMap<(LinkId, u32), mpsc::UnboundedSender<Job>>,
     /// Frames for our tracker registration (pings, vouches), while we are registered.
     registration: Option<mpsc::Sender<Line>>,
     background: JoinSet<()>,
     /// What every link's reader shares; also the driver's limits and room, and its handles to
     /// the seen ids, the clock, the log and the two channels.
     readers: Arc<ReaderContext>,
-    history: HistoryConfig,
     private: Option<Arc<RoomKey>>,
     known_keys: Arc<Mutex<KnownKeys>>,
     /// The write of the known keys in progress (one at a time, so an older one never lands last).
@@ -237,7 +244,7 @@ pub(super) async fn run(setup: Setup) {
             name,
             room,
             limits,
-            history: history.clone(),
+            history,
             listen_port,
             tracker,
             registered: tracker_link.as_ref().map(|link| link.relays),
@@ -262,7 +269,6 @@ pub(super) async fn run(setup: Setup) {
         registration: None,
         background: JoinSet::new(),
         readers,
-        history,
         private,
         known_keys,
         saving_keys: None,
@@ -389,6 +395,7 @@ impl Driver {
                 self.state.closed(now, id, reason, clean);
             }
             NetEvent::HistoryAnswered { id, bytes } => self.state.history_answered(id, bytes),
+            NetEvent::Ingested { link, req, msgs, fresh } => self.state.history_ingested(now, link, req, msgs, fresh),
             NetEvent::TrackerLost { reason } => {
                 self.registration = None;
                 self.state.tracker_lost(&reason);
@@ -452,23 +459,21 @@ impl Driver {
                 }
                 Output::Emit(event) => self.notify(event),
                 Output::Log(record) => self.readers.log.record_now(record),
-                Output::AskHistory { link, req, from, purpose } => {
-                    let (parts, parts_rx) = mpsc::channel(64);
-                    let (sink, config) = (self.readers.clone(), self.history.clone());
-                    self.background.spawn(async move { sync::receive(parts_rx, from, purpose, &config, sink).await });
-                    self.answers.insert(link, (req, parts));
+                Output::AskHistory { link, req } => {
+                    // Unbounded: the state bounds the jobs of one answer (`receipts::MAX_INGESTING`).
+                    let (jobs, jobs_rx) = mpsc::unbounded_channel();
+                    let sink = self.readers.clone();
+                    self.background.spawn(sync::receive(jobs_rx, link, req, sink));
+                    self.answers.insert((link, req), jobs);
                 }
-                Output::HistoryPart { link, req, msgs, last } => {
-                    let Some((asked, parts)) = self.answers.get(&link) else { continue };
-                    if *asked != req {
-                        continue;
+                Output::History { link, req, job } => {
+                    if let Some(jobs) = self.answers.get(&(link, req)) {
+                        let _ = jobs.send(job);
                     }
-                    if !msgs.is_empty() && parts.try_send(msgs).is_err() {
-                        self.answers.remove(&link);
-                        self.state.history_overflow(link);
-                    } else if last {
-                        self.answers.remove(&link);
-                    }
+                }
+                Output::HistoryDone { link, req } => {
+                    // Its task ends once it has done the jobs it holds.
+                    self.answers.remove(&(link, req));
                 }
                 Output::AnswerHistory { link, req, query } => {
                     let Some(conn) = self.conns.get(&link) else { continue };
@@ -509,8 +514,6 @@ impl Driver {
     }
 
     fn close(&mut self, link: LinkId, how: Closing) {
-        // The answer a link was bringing ends with it (dropping the sender ends its task).
-        self.answers.remove(&link);
         let Some(conn) = self.conns.remove(&link) else { return };
         match how {
             // Dropping the connection aborts its task and closes the socket.

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 use super::seen::SeenIds;
 use super::state::ids::Ids;
 use super::state::link::{End, LinkReader, Outputs};
+use super::state::receipts::Job;
 use super::state::rules::LinkRules;
 use super::state::{self, Closing, Connect, Output, PeerState};
 use super::sync::HistoryConfig;
@@ -350,16 +351,16 @@ impl Sim {
         let seen = Arc::new(Mutex::new(SeenIds::new(super::seen::REMEMBERED_IDS)));
         let clock = Arc::new(Clock::new());
         let known_keys = Arc::new(Mutex::new(KnownKeys::load(None).expect("no file, no error")));
-        let history = HistoryConfig { ask_on_join: 0, ..HistoryConfig::default() };
         let setup = state::Setup {
             name: self.nodes[node].name.clone(),
             room: String::new(),
             limits: self.limits.clone(),
-            history,
+            history: HistoryConfig::default(),
             listen_port: self.nodes[node].addr.port(),
             tracker: None,
             registered: None,
-            history_after: None,
+            // Every newcomer asks the first member for the room's history, as the client does.
+            history_after: Some(None),
             joined_via_tracker: true,
             contacts,
             private: None,
@@ -498,19 +499,26 @@ impl Sim {
                 _ => {}
             },
             Output::Log(record) => self.p2p(node).log.push(record),
-            Output::HistoryPart { msgs, .. } => {
-                // As `sync::receive` does: logged, and shown when new to the log and not shown live.
+            // As `sync::receive` does: a part is logged, and the log says which were new to it.
+            Output::History { link, req, job: Job::Ingest(msgs) } => {
                 let p = self.p2p(node);
-                for chat in msgs {
-                    let fresh = !p.log.iter().any(|r| r.id == chat.id);
-                    if fresh {
-                        p.log.push(super::sync::chat_to_record(&chat));
+                let mut fresh = Vec::new();
+                for chat in &msgs {
+                    let new = !p.log.iter().any(|r| r.id == chat.id);
+                    if new {
+                        p.log.push(super::sync::chat_to_record(chat));
                     }
-                    if fresh && p.rules.seen.lock().map(|mut s| s.first_time(&chat.id)).unwrap_or(true) {
-                        p.shown.push(Shown { sender: Some(chat.from), text: chat.text, history: true });
-                    }
+                    fresh.push(new);
+                }
+                let now = self.clock();
+                self.p2p(node).state.history_ingested(now, link, req, msgs, fresh);
+            }
+            Output::History { job: Job::Show(messages), .. } => {
+                for message in messages {
+                    self.p2p(node).show(None, message);
                 }
             }
+            Output::History { job: Job::Tell(_), .. } | Output::HistoryDone { .. } => {}
             Output::AnswerHistory { link, req, query } => {
                 let p = self.p2p(node);
                 let after = query.after.map(|k| (k.stamp, k.id));

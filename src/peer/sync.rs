@@ -21,8 +21,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::mpsc;
 
+use super::actor::NetEvent;
 use super::connection::ReaderContext;
 use super::outbox::Outbox;
+use super::state::receipts::Job;
 use super::types::{Line, LinkId};
 use super::{Event, Message};
 use crate::history::log::LogHandle;
@@ -297,9 +299,12 @@ impl Requests {
         self.asked.insert(conn, Asked { req, peer_id, ask, remaining });
     }
 
-    /// The answer on `conn` could not be taken in: the rest of it is ignored.
-    pub fn drop_answer(&mut self, conn: LinkId) {
-        self.asked.remove(&conn);
+    /// Request `req` on `conn` is given up (too late, or its parts come faster than they are
+    /// logged): the rest of its answer is ignored.
+    pub fn give_up(&mut self, conn: LinkId, req: u32) {
+        if self.asked.get(&conn).is_some_and(|a| a.req == req) {
+            self.asked.remove(&conn);
+        }
     }
 
     pub fn is_asking(&self, conn: LinkId) -> bool {
@@ -385,70 +390,37 @@ impl Purpose {
     }
 }
 
-/// Take the parts of one answer from `parts` (routed by the actor, which checked they answer our
-/// request and stay within its limit), log them and pass on the new ones, marked as history.
-/// What it needs of the peer (the log, the ids shown, the clock, the application's events) is
-/// what the peer's links share.
-pub(super) async fn receive(
-    mut parts: mpsc::Receiver<Vec<Chat>>,
-    from: SocketAddr,
-    purpose: Purpose,
-    config: &HistoryConfig,
-    sink: Arc<ReaderContext>,
-) {
-    let started = tokio::time::Instant::now();
-    let deadline = started + config.answer_wait;
-    // While the join holds the room back, the answer's first part must come soon.
-    let mut holding = purpose == Purpose::Join;
-    let first_deadline = (started + config.first_part_wait).min(deadline);
-    let (mut received, mut answering) = (0, false);
-    loop {
-        let msgs =
-            match tokio::time::timeout_at(if holding && !answering { first_deadline } else { deadline }, parts.recv())
-                .await
-            {
-                Ok(Some(msgs)) => {
-                    answering = true;
-                    msgs
+/// Carry out the jobs of the answer to our request `req` on `link` (see `state::receipts`), in
+/// order: log a part and report which of its messages were new to the log, show messages, tell
+/// events. Showing waits for room in the application's event queue. It ends once the driver drops
+/// its sender and every job is done.
+pub(super) async fn receive(mut jobs: mpsc::UnboundedReceiver<Job>, link: LinkId, req: u32, sink: Arc<ReaderContext>) {
+    while let Some(job) = jobs.recv().await {
+        match job {
+            Job::Ingest(msgs) => {
+                let records: Vec<Record> = msgs.iter().map(chat_to_record).collect();
+                let fresh = match sink.log.ingest(records).await {
+                    Ok(fresh) => fresh,
+                    Err(err) => {
+                        log::warn!("cannot log history: {err}");
+                        vec![true; msgs.len()]
+                    }
+                };
+                if sink.net.send(NetEvent::Ingested { link, req, msgs, fresh }).await.is_err() {
+                    return;
                 }
-                Ok(None) => break,
-                Err(_) if holding && tokio::time::Instant::now() < deadline => {
-                    log::info!("{from} is slow to send history; showing the room now, its history when it comes");
-                    let _ = sink.events.send(Event::HistorySynced { received: 0 }).await;
-                    holding = false;
-                    continue;
+            }
+            Job::Show(messages) => {
+                for message in messages {
+                    if sink.events.send(Event::Message(message)).await.is_err() {
+                        return;
+                    }
                 }
-                Err(_) => break,
-            };
-        let records: Vec<Record> = msgs.iter().map(chat_to_record).collect();
-        let fresh = match sink.log.ingest(records).await {
-            Ok(fresh) => fresh,
-            Err(err) => {
-                log::warn!("cannot log history: {err}");
-                vec![true; msgs.len()]
             }
-        };
-        for (chat, is_new) in msgs.into_iter().zip(fresh) {
-            sink.rules.clock.observe(chat.stamp());
-            // New to the log, and not shown live this session (the live copy may have come first).
-            let show = is_new && sink.rules.seen.lock().map(|mut seen| seen.first_time(&chat.id)).unwrap_or(true);
-            if !show {
-                continue;
-            }
-            received += 1;
-            if sink.events.send(Event::Message(message(chat, from, SystemTime::now(), true))).await.is_err() {
-                return;
+            Job::Tell(event) => {
+                let _ = sink.events.send(event).await;
             }
         }
-    }
-    if holding {
-        let _ = sink.events.send(Event::HistorySynced { received }).await;
-    } else if received > 0 {
-        let text = match purpose {
-            Purpose::Join | Purpose::Late => format!("{received} earlier message(s) arrived late from {from}"),
-            Purpose::CatchUp => format!("caught up: {received} message(s) said while the link to {from} was down"),
-        };
-        let _ = sink.events.send(Event::Notice { text }).await;
     }
 }
 

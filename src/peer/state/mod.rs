@@ -14,6 +14,7 @@
 
 pub mod ids;
 pub mod link;
+pub mod receipts;
 pub mod rules;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -23,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use super::relay::{self, Relays};
 use super::seen::SeenIds;
-use super::sync::{self, AnswerBudget, Ask, HistoryConfig, Part, Purpose, Requests};
+use super::sync::{self, AnswerBudget, Ask, HistoryConfig, Part, Requests};
 use super::trust::{KnownKeys, Seen};
 use super::types::{Contact, Line, LinkId, Now, Role};
 use super::{Event, Limits, PeerInfo, Protocol, Status, TrackerState};
@@ -39,6 +40,7 @@ use crate::wire::frames::{
 
 use crate::protocol::PROTOCOL_VERSION;
 use ids::Ids;
+use receipts::{Job, Receipts, Taken};
 
 /// What the driver must do, in order.
 #[derive(Debug)]
@@ -59,11 +61,13 @@ pub enum Output {
     Emit(Event),
     /// Record this message of ours in the log.
     Log(Record),
-    /// A history request went out on `link` as `req`: take its answer's parts (from `from`).
-    AskHistory { link: LinkId, req: u32, from: SocketAddr, purpose: Purpose },
-    /// A part of the answer to our request `req` on `link`: log it and show what is new; `last`
-    /// ends it.
-    HistoryPart { link: LinkId, req: u32, msgs: Vec<Chat>, last: bool },
+    /// A history request went out on `link` as `req`: start the task that carries out its answer's
+    /// [`Job`]s.
+    AskHistory { link: LinkId, req: u32 },
+    /// Work for the task of our request `req` on `link`, in order.
+    History { link: LinkId, req: u32, job: Job },
+    /// That request's answer is complete: its task ends once its jobs are done.
+    HistoryDone { link: LinkId, req: u32 },
     /// Answer request `req` on `link` from the log with `query`, then tell
     /// [`PeerState::history_answered`] how many bytes went.
     AnswerHistory { link: LinkId, req: u32, query: Query },
@@ -263,6 +267,8 @@ pub struct PeerState {
     hub: Hub,
     /// Our history requests (on join, after a gap) and the answers we wait for.
     requests: Requests,
+    /// The answers to them as they come in.
+    receipts: Receipts,
     /// Members reached through a relay, and the links we relay between.
     relays: Relays,
     private: Option<Arc<RoomKey>>,
@@ -310,6 +316,7 @@ impl PeerState {
             room,
             relays: Relays::new(limits.relay_after),
             requests: Requests::new(history_after, history.ask_on_join, history.answer_messages),
+            receipts: Receipts::new(history.first_part_wait, history.answer_wait),
             limits,
             history,
             listen_port,
@@ -353,12 +360,22 @@ impl PeerState {
 
     /// When the state next needs [`Self::handle_timeout`] (besides the keep-alive [`Self::tick`]).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        (self.ready_told && self.requests.waits_for_join()).then_some(self.history_deadline)
+        let join = (self.ready_told && self.requests.waits_for_join()).then_some(self.history_deadline);
+        join.into_iter().chain(self.receipts.next_deadline()).min()
     }
 
-    /// Time passed: the join may stop waiting for its history.
+    /// Time passed: the join may stop waiting for its history; an answer's first part may be late, or
+    /// the whole answer.
     pub fn handle_timeout(&mut self, now: Now) {
         self.settle(now);
+        let expired = self.receipts.expire(now.at);
+        for (link, req) in expired.released {
+            self.out(Output::History { link, req, job: Job::Tell(Event::HistorySynced { received: 0 }) });
+        }
+        for (link, req) in expired.late {
+            self.requests.give_up(link, req);
+        }
+        self.finish_receipts();
     }
 
     pub fn name(&self) -> &str {
@@ -961,7 +978,7 @@ impl PeerState {
                 key_changed,
             });
         }
-        self.after_adopting(id, &hello.id);
+        self.after_adopting(now, id, &hello.id);
         for member in hello.peers {
             self.consider(member);
         }
@@ -1258,7 +1275,7 @@ impl PeerState {
     // ----- history ----------------------------------------------------------------------------
 
     /// Send `ask` to the member on link `id`; false when there is no such link.
-    fn ask_history(&mut self, id: LinkId, ask: Ask) -> bool {
+    fn ask_history(&mut self, now: Now, id: LinkId, ask: Ask) -> bool {
         let Some(link) = self.links.get(&id) else { return false };
         let (from, peer_id) = (link.shown_addr(), link.peer_id.clone());
         let req = self.requests.next_req();
@@ -1266,15 +1283,16 @@ impl PeerState {
         let purpose = ask.purpose;
         log::debug!("asking {from} for {limit} messages of history ({purpose:?})");
         self.write_frame(id, &Frame::HistoryRequest { req, limit, after: ask.after.as_ref().map(sync::position) });
-        self.out(Output::AskHistory { link: id, req, from, purpose });
+        self.out(Output::AskHistory { link: id, req });
+        self.receipts.asked(id, req, from, purpose, now.at);
         self.requests.sent(id, req, peer_id, ask);
         true
     }
 
     /// A p2pchat link is up: ask it for history if we are joining, or if it is a member we lost.
-    fn after_adopting(&mut self, id: LinkId, peer_id: &str) {
+    fn after_adopting(&mut self, now: Now, id: LinkId, peer_id: &str) {
         if let Some(ask) = self.requests.on_link_up(peer_id) {
-            if !self.ask_history(id, ask.clone()) {
+            if !self.ask_history(now, id, ask.clone()) {
                 self.requests.not_asked(ask);
             }
         }
@@ -1307,18 +1325,51 @@ impl PeerState {
         }
     }
 
-    /// Pass on a part of an answer to one of our requests, up to the number of messages asked for.
+    /// Take a part of an answer to one of our requests, up to the number of messages asked for, to
+    /// the log.
     fn take_history_part(&mut self, id: LinkId, req: u32, msgs: Vec<Chat>, more: bool) {
-        match self.requests.part(id, req, msgs, more) {
-            Part::Passed { msgs, last } => self.out(Output::HistoryPart { link: id, req, msgs, last }),
-            Part::Unasked => log::debug!("ignoring history nobody asked for from link {id}"),
+        let (msgs, last) = match self.requests.part(id, req, msgs, more) {
+            Part::Passed { msgs, last } => (msgs, last),
+            Part::Unasked => return log::debug!("ignoring history nobody asked for from link {id}"),
+        };
+        match self.receipts.part(id, req, !msgs.is_empty(), last) {
+            Taken::Ingesting => self.out(Output::History { link: id, req, job: Job::Ingest(msgs) }),
+            Taken::Empty => {}
+            Taken::Overflow => {
+                log::warn!("history from link {id} comes faster than it can be logged; dropping the rest of it");
+                self.requests.give_up(id, req);
+            }
         }
+        self.finish_receipts();
     }
 
-    /// The driver could not keep up with an answer's parts: the rest of it is dropped.
-    pub fn history_overflow(&mut self, link: LinkId) {
-        log::warn!("history from link {link} comes faster than it can be logged; dropping the rest of it");
-        self.requests.drop_answer(link);
+    /// The log took a part of the answer to our request `req` on `link`: `fresh` says which of `msgs`
+    /// were new to it. Those not shown live this session are shown now, marked as history.
+    pub fn history_ingested(&mut self, now: Now, link: LinkId, req: u32, msgs: Vec<Chat>, fresh: Vec<bool>) {
+        let Some(from) = self.receipts.from(link, req) else { return };
+        let mut shown = Vec::new();
+        for (chat, is_new) in msgs.into_iter().zip(fresh) {
+            self.clock.observe_at(chat.stamp(), now.wall_ms);
+            // New to the log, and not shown live this session (the live copy may have come first).
+            if is_new && self.seen.lock().map(|mut seen| seen.first_time(&chat.id)).unwrap_or(true) {
+                shown.push(sync::message(chat, from, link::received_at(now), true));
+            }
+        }
+        self.receipts.ingested(link, req, shown.len());
+        if !shown.is_empty() {
+            self.out(Output::History { link, req, job: Job::Show(shown) });
+        }
+        self.finish_receipts();
+    }
+
+    /// Tell what ends each complete answer, and end its task.
+    fn finish_receipts(&mut self) {
+        for ((link, req), last) in self.receipts.finished() {
+            if let Some(event) = last {
+                self.out(Output::History { link, req, job: Job::Tell(event) });
+            }
+            self.out(Output::HistoryDone { link, req });
+        }
     }
 
     /// Link `id` is gone: a p2pchat member lost without a goodbye is caught up with if it comes back,
@@ -1330,6 +1381,9 @@ impl PeerState {
             let quiet_since = now.wall_ms.saturating_sub((self.limits.dead_after.as_millis() as u64) + 5_000);
             self.requests.lost(peer_id, crate::protocol::stamp_at(quiet_since), now.at, self.limits.redial_for * 2);
         }
+        // No more parts come on it; what is being logged is still shown.
+        self.receipts.link_done(id);
+        self.finish_receipts();
         let Some((answering, rest)) = self.requests.link_gone(id) else { return };
         // Unanswered: ask again on the link that replaced this one (two peers that redial each other
         // keep one of the two links), or, for the join's history, any member; with neither up yet,
@@ -1342,7 +1396,7 @@ impl PeerState {
             .find(|(_, l)| l.peer_id.is_some() && l.peer_id == answering);
         let any = self.links.iter().filter(|(id, l)| free(**id, l)).find(|_| rest.purpose.is_join_history());
         let again = Ask { purpose: rest.purpose.asked_again(), ..rest.clone() };
-        let asked = same_peer.or(any).map(|(&other, _)| other).is_some_and(|other| self.ask_history(other, again));
+        let asked = same_peer.or(any).map(|(&other, _)| other).is_some_and(|other| self.ask_history(now, other, again));
         if !asked {
             self.requests.ask_when_back(answering, rest, now.at);
         }
