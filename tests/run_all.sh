@@ -14,8 +14,8 @@ if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1 && command -v apt-get 
     fi
 fi
 
-echo "== pip install .[test]  (builds the Rust core in release mode)"
-"$PYTHON" -m pip install --quiet --disable-pip-version-check ".[test]"
+echo "== pip install .[test]  (builds the Rust core in release mode, with the benchmark's helpers for test_bench)"
+MATURIN_PEP517_ARGS="--features python,bench" "$PYTHON" -m pip install --quiet --disable-pip-version-check ".[test]"
 
 echo "== ruff, mypy --strict on the package, stubtest of _core.pyi against the built module"
 "$PYTHON" -m ruff check python server.py client.py examples tests benches
@@ -24,11 +24,11 @@ echo "== ruff, mypy --strict on the package, stubtest of _core.pyi against the b
 
 echo "== cargo fmt --check, cargo clippy (warnings denied)"
 cargo fmt --check
-cargo clippy --locked --all-targets --features python -- -D warnings
+cargo clippy --locked --all-targets --features python,bench -- -D warnings
 
 echo "== cargo test (the Rust core and the room simulator, no Python needed; each \`cargo bench\` case runs once)"
-cargo test --locked --all-targets
-cargo test --locked --doc
+cargo test --locked --all-targets --features bench
+cargo test --locked --doc --features bench
 
 echo "== pytest (real processes and sockets on loopback)"
 "$PYTHON" -m pytest tests

@@ -46,6 +46,17 @@ def test_the_wheel_is_abi3_for_python_3_9_and_later(wheel):
     assert "-cp39-abi3-" in wheel.name, wheel.name
 
 
+def test_the_wheel_ships_no_benchmark_helpers(wheel):
+    """The benchmark's load generators (cargo feature `bench`) stay out of what users install."""
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        (library,) = [name for name in archive.namelist() if "_core" in name and name.endswith(".so")]
+        binary = archive.read(library)
+    assert b"_bench_fanout" not in binary and b"_BenchRawLinks" not in binary
+    assert b"default_data_dir" in binary, "a function the wheel does have is found the same way"
+
+
 @pytest.mark.parametrize("python", OTHER_PYTHONS)
 def test_the_wheel_installs_and_chats_on_another_cpython(wheel, python, tmp_path):
     interpreter = find_python(python)

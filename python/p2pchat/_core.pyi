@@ -5,8 +5,6 @@ from os import PathLike
 from pathlib import Path
 from types import TracebackType
 from typing import (
-    Any,
-    Callable,
     final,
 )
 
@@ -38,10 +36,6 @@ __all__ = [
     "_set_log_level",
     "_next_log_records",
     "_wake_log_bridge",
-    "_BenchRawLinks",
-    "_bench_tracker_joins",
-    "_bench_fanout",
-    "_bench_raw_list_server",
 ]
 
 __version__: str
@@ -257,28 +251,3 @@ def _shutdown() -> None: ...
 def _set_log_level(level: int) -> None: ...
 def _next_log_records(wait: bool) -> list[tuple[str, int, str]]: ...
 def _wake_log_bridge() -> None: ...
-
-# Benchmark instruments (benches/run.py): Rust load generators, not part of the chat API.
-def _bench_tracker_joins(
-    host: str,
-    port: int,
-    protocol: str,
-    registrations: int,
-    *,
-    list_bytes: int | None = None,
-    concurrency: int = 4,
-    duration: float = 2.0,
-) -> dict[str, float]: ...
-def _bench_raw_list_server(
-    list_bytes: int, on_listening: Callable[[int], object], *, host: str = "127.0.0.1", port: int = 0
-) -> None: ...
-def _bench_fanout(
-    nodes: int, rate: int, message: bytes, *, duration: float = 2.0, drain: float = 2.0
-) -> dict[str, float]: ...
-@final
-class _BenchRawLinks:
-    def __init__(self) -> None: ...
-    def add(self, link: Any) -> None: ...
-    def send(self, message: bytes) -> int: ...
-    def take(self) -> dict[str, Any]: ...
-    def __len__(self) -> int: ...

@@ -12,6 +12,7 @@
 //!   left half-written and nothing touches a dying interpreter.
 
 mod awaitables;
+#[cfg(feature = "bench")]
 mod bench;
 mod logging;
 mod peer;
@@ -185,6 +186,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(_shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(peer::default_data_dir, m)?)?;
     logging::register(m)?;
+    #[cfg(feature = "bench")]
     bench::register(m)?;
     Ok(())
 }
