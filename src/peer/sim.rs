@@ -8,6 +8,10 @@
 //! a 0xFF byte (their UTF-8 decoder fails on it). The tracker is modelled as a p2pchat tracker's
 //! list: a newcomer is told who is in the room and what each speaks.
 //!
+//! Besides what every run checks at its end (see `check_invariants`), each line a p2pchat peer says
+//! must be stamped after every message it had shown: the room's clock orders replies after what they
+//! answer.
+//!
 //! Everything random comes from the run's seed, so a failing run prints its seed and
 //! `SIM_SEED=<seed> cargo test --lib sim` replays it exactly; `SIM_SEEDS=<n>` runs more seeds.
 
@@ -150,12 +154,15 @@ struct P2pNode {
     left: Vec<SocketAddr>,
     /// When the node's armed wake-up goes off.
     timer_at: Option<Duration>,
+    /// The greatest stamp among the messages it showed: what it says next must sort after it.
+    latest_stamp: u64,
     log: Vec<Record>,
 }
 
 impl P2pNode {
     /// Show a message; an original peer's line that came in pieces is shown as one.
     fn show(&mut self, link: Option<LinkId>, message: super::Message) {
+        self.latest_stamp = self.latest_stamp.max(message.stamp.unwrap_or(0));
         if let (false, Some(link)) = (message.starts_message, link) {
             if let Some(entry) = self.last_piece.get(&link).and_then(|i| self.shown.get_mut(*i)) {
                 entry.text.push_str(&message.text);
@@ -188,6 +195,9 @@ struct Node {
     kind: Option<Kind>,
     /// Up (joined and not crashed or left).
     up: bool,
+    /// How far its wall clock is off (up to 1.5 s either way): the room's clock must order lines
+    /// all the same.
+    skew_ms: i64,
     is_original: bool,
 }
 
@@ -205,6 +215,8 @@ struct Sim {
     /// Every line said: (author, text).
     said: Vec<(NodeId, String)>,
     partition: Option<Partition>,
+    /// Invariants found broken while the run went on.
+    broken: Vec<String>,
 }
 
 /// The wall clock at the simulation's start.
@@ -212,12 +224,14 @@ const WALL_START_MS: u64 = 1_750_000_000_000;
 
 impl Sim {
     fn new(seed: u64, p2p: usize, originals: usize) -> Self {
+        let mut dice = Dice(seed);
         let mut nodes = Vec::new();
         for i in 0..p2p + originals {
             let is_original = i >= p2p;
             let name = if is_original { format!("o{i}") } else { format!("p{i}") };
             let addr = SocketAddr::from(([127, 0, 0, 1], 20_000 + i as u16));
-            nodes.push(Node { name, addr, kind: None, up: false, is_original });
+            let skew_ms = dice.below(3_001) as i64 - 1_500;
+            nodes.push(Node { name, addr, kind: None, up: false, is_original, skew_ms });
         }
         Self {
             base: Instant::now(),
@@ -225,17 +239,20 @@ impl Sim {
             seq: 0,
             queue: BinaryHeap::new(),
             events: HashMap::new(),
-            dice: Dice(seed),
+            dice,
             nodes,
             pipes: Vec::new(),
             limits: Limits::default(),
             said: Vec::new(),
             partition: None,
+            broken: Vec::new(),
         }
     }
 
-    fn clock(&self) -> Now {
-        Now { at: self.base + self.now, wall_ms: WALL_START_MS + self.now.as_millis() as u64 }
+    /// The time as `node` sees it: one monotonic clock for all, and its own wall clock, a little off.
+    fn clock(&self, node: NodeId) -> Now {
+        let wall = (WALL_START_MS + self.now.as_millis() as u64).saturating_add_signed(self.nodes[node].skew_ms);
+        Now { at: self.base + self.now, wall_ms: wall }
     }
 
     fn schedule(&mut self, after: Duration, ev: Ev) {
@@ -281,7 +298,7 @@ impl Sim {
                 if !self.nodes[node].up {
                     return;
                 }
-                let now = self.clock();
+                let now = self.clock(node);
                 if let Some(Kind::P2p(p)) = &mut self.nodes[node].kind {
                     p.state.tick(now);
                 }
@@ -300,12 +317,19 @@ impl Sim {
                     return;
                 }
                 self.said.push((node, text.clone()));
-                let now = self.clock();
+                let now = self.clock(node);
                 let name = self.nodes[node].name.clone();
                 match &mut self.nodes[node].kind {
                     Some(Kind::P2p(p)) => {
+                        let seen = p.latest_stamp;
                         p.state.send(now, &text);
                         self.drain(node);
+                        // The room's clock: a line sorts after everything its author had seen.
+                        let stamp = self.p2p(node).log.last().map_or(0, |record| record.stamp);
+                        if stamp <= seen {
+                            let name = &self.nodes[node].name;
+                            self.broken.push(format!("{name} stamped {text:?} {stamp}, not after {seen} it had seen"));
+                        }
                     }
                     Some(Kind::Original(o)) => {
                         let line = chat::encode_line(&name, &text);
@@ -324,7 +348,7 @@ impl Sim {
     }
 
     fn join(&mut self, node: NodeId) {
-        let now = self.clock();
+        let now = self.clock(node);
         // The tracker's list: everyone up, and what each speaks.
         let contacts: Vec<Contact> = self
             .nodes
@@ -392,6 +416,7 @@ impl Sim {
             joined: Vec::new(),
             left: Vec::new(),
             timer_at: None,
+            latest_stamp: 0,
             log: Vec::new(),
         })));
         self.drain(node);
@@ -510,7 +535,7 @@ impl Sim {
                     }
                     fresh.push(new);
                 }
-                let now = self.clock();
+                let now = self.clock(node);
                 self.p2p(node).state.history_ingested(now, link, req, msgs, fresh);
             }
             Output::History { job: Job::Show(messages), .. } => {
@@ -619,7 +644,7 @@ impl Sim {
     /// A dial failed: tell the dialler, and try again after `backoff` while there is time left.
     fn dial_failed(&mut self, from: NodeId, contact: Contact, retry_until: Duration, backoff: Duration, silent: bool) {
         let retry = self.nodes[from].up && self.now + backoff < retry_until;
-        let now = self.clock();
+        let now = self.clock(from);
         let Some(Kind::P2p(p)) = &mut self.nodes[from].kind else { return };
         let reason = if silent { "timed out" } else { "connection refused" };
         p.state.dial_failed(now, contact.addr, contact.known, reason, !retry, silent);
@@ -639,7 +664,7 @@ impl Sim {
 
     /// A connection's end arrives at a node: accepted, or (with `dialled`) the dial connected.
     fn attach(&mut self, node: NodeId, end: End2, dialled: Option<Contact>, remote: SocketAddr) {
-        let now = self.clock();
+        let now = self.clock(node);
         match &mut self.nodes[node].kind {
             Some(Kind::Original(o)) => {
                 o.conns.insert(o.next_conn, (end, Vec::new()));
@@ -676,7 +701,7 @@ impl Sim {
         }
         let node = self.pipes[at.pipe].nodes[at.side];
         let Some(link) = self.pipes[at.pipe].links[at.side] else { return };
-        let now = self.clock();
+        let now = self.clock(node);
         match &mut self.nodes[node].kind {
             Some(Kind::Original(o)) => {
                 let Some((end, got)) = o.conns.get_mut(&(link as usize)) else { return };
@@ -718,7 +743,7 @@ impl Sim {
 
     /// What a link's reader produced, carried out as a link task does.
     fn reader_outputs(&mut self, node: NodeId, link: LinkId, mut out: Outputs) {
-        let now = self.clock();
+        let now = self.clock(node);
         let p = self.p2p(node);
         for report in out.reports.drain(..) {
             p.state.report(now, link, report);
@@ -746,7 +771,7 @@ impl Sim {
         if !self.nodes[node].up {
             return;
         }
-        let now = self.clock();
+        let now = self.clock(node);
         let Some(Kind::P2p(p)) = &mut self.nodes[node].kind else { return };
         p.timer_at = p.timer_at.filter(|at| *at > self.now);
         p.state.handle_timeout(now);
@@ -786,6 +811,9 @@ enum Presence {
 }
 
 fn check_invariants(sim: &Sim, stayed: &[NodeId], presence: Presence) -> Result<(), String> {
+    if let Some(broken) = sim.broken.first() {
+        return Err(broken.clone());
+    }
     let names: Vec<&str> = sim.nodes.iter().map(|n| n.name.as_str()).collect();
     // One connection per pair of members once the room settled: a duplicate is closed at both ends.
     let mut open: HashMap<(NodeId, NodeId), usize> = HashMap::new();
