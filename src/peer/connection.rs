@@ -35,7 +35,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::actor::{now, NetEvent};
 use super::outbox::{self, Drain, Outbox};
 use super::secure::SecureStream;
-use super::state::link::{self, End, Outputs};
+use super::state::reader::{self, End, Outputs};
 use super::state::rules::LinkRules;
 use super::types::{Line, LinkId, Role};
 use super::Event;
@@ -208,7 +208,7 @@ impl LinkTask {
     /// Read the link until it ends; `None` when there is nothing to report as a closed link.
     async fn read(&self, half: &mut impl LinkReader) -> Option<ReadEnd> {
         let rules = &self.context.rules;
-        let mut reader = link::LinkReader::new(self.role, self.from, now(), rules);
+        let mut reader = reader::LinkReader::new(self.role, self.from, now(), rules);
         let mut out = Outputs::default();
         let mut read_size = ReadSize::new();
         let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;

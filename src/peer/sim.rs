@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use super::seen::SeenIds;
 use super::state::ids::Ids;
-use super::state::link::{End, LinkReader, Outputs};
+use super::state::reader::{End, LinkReader, Outputs};
 use super::state::receipts::Job;
 use super::state::rules::LinkRules;
 use super::state::{self, Closing, Connect, Output, PeerState};

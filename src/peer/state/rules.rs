@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::ids::Ids;
-use super::link::{End, Outputs};
+use super::reader::{End, Outputs};
 use super::Report;
 use crate::history::clock::Clock;
 use crate::peer::seen::SeenIds;
@@ -223,7 +223,7 @@ pub fn take_frame(
                 }
                 rules.clock.observe_at(chat.stamp(), now.wall_ms);
                 out.to_log.push(sync::chat_to_record(&chat));
-                out.to_show.push(Event::Message(sync::message(chat, from, super::link::received_at(now), false)));
+                out.to_show.push(Event::Message(sync::message(chat, from, super::reader::received_at(now), false)));
             }
         }
         Frame::HistoryRequest { req, limit, after } => {
@@ -286,7 +286,7 @@ mod tests {
     use std::time::Duration;
 
     use super::*;
-    use crate::peer::state::link::LinkReader;
+    use crate::peer::state::reader::LinkReader;
     use crate::peer::types::Role;
     use crate::protocol::{MAGIC, PROTOCOL_VERSION};
     use crate::wire::frames::Hello;

@@ -1,0 +1,46 @@
+//! The tracker's side of the peer: hole punching through the tracker, and keep-alives for the
+//! links and the registration.
+
+use super::*;
+
+impl PeerState {
+    /// A member we could not reach, probably behind a router that drops connections nobody inside
+    /// asked for: through our p2pchat tracker, have it dial us while we dial it, both from our
+    /// listening ports. Once per member; an address that is not a registered p2pchat member of our
+    /// room is ignored by the tracker.
+    pub(super) fn punch(&mut self, addr: SocketAddr) {
+        if !self.registered || self.originals.contains(&addr) || !self.punched.insert(addr) {
+            return;
+        }
+        self.out(Output::ToTracker(frames::encode(&Frame::PunchRequest { addr: addr.to_string() }).into()));
+        log::info!("cannot reach {addr} directly; asking the tracker to have it dial us too");
+        // Beside the dial still trying: whichever connects first makes the link.
+        let contact = Contact { addr, known: Some(Protocol::P2pchat) };
+        self.out(Output::Dial { contact, from_port: Some(self.listen_port), retry_for: self.limits.retry_refused_for });
+    }
+
+    /// Keep-alive for p2pchat links (their readers drop a link that stays silent) and for the tracker
+    /// registration, which also hears which original peers we are linked to.
+    pub(super) fn ping(&mut self) {
+        if self.registered {
+            let originals: Vec<String> = self
+                .links
+                .values()
+                .filter(|l| l.kind == LinkKind::Original && l.outgoing)
+                .filter_map(|l| l.listen_addr.map(|a| a.to_string()))
+                .collect();
+            let frame = if originals.is_empty() { Frame::Ping } else { Frame::Vouch { originals } };
+            self.out(Output::ToTracker(frames::encode(&frame).into()));
+        }
+        let ping: Line = frames::encode(&Frame::Ping).into();
+        let framed: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| matches!(l.kind, LinkKind::P2pchat | LinkKind::Relay))
+            .map(|(id, _)| *id)
+            .collect();
+        for link in framed {
+            self.out(Output::KeepAlive { link, bytes: ping.clone() });
+        }
+    }
+}

@@ -1,0 +1,167 @@
+//! Relays: passing messages between two members that cannot reach each other, and members relayed
+//! to us (the bookkeeping is `peer::relay`; the decisions are here).
+
+use super::*;
+
+impl PeerState {
+    /// A new message on link `id`, which we relay: pass it on to its partners.
+    pub fn forward(&mut self, id: LinkId, line: Line) {
+        let mut partners: Vec<LinkId> = self.relays.partners_of(id).filter(|p| self.links.contains_key(p)).collect();
+        partners.sort_unstable();
+        for link in partners {
+            // A partner that is not reading is dropped by its own writes and pings.
+            self.out(Output::Write { link, bytes: line.clone() });
+        }
+    }
+
+    /// A p2pchat member stays out of reach: if the tracker relays, link to its relay (once), so a
+    /// member that can reach nobody we know can still be relayed to us.
+    pub(super) fn link_to_hub(&mut self) {
+        // (In a private room, too: the link to the tracker is not encrypted, but every message on it
+        // is sealed, and our hello there carries no name.)
+        let (true, Hub::Unused, Some(tracker)) = (self.tracker_relays, self.hub, self.tracker) else { return };
+        log::info!("linking to the tracker's relay at {tracker}");
+        self.hub = Hub::Dialling;
+        self.dial(Contact { addr: tracker, known: Some(Protocol::P2pchat) }, self.limits.retry_refused_for);
+    }
+
+    /// Whether the connection to `addr` we are opening is our link to the tracker's relay.
+    pub(super) fn dials_hub(&self, addr: SocketAddr) -> bool {
+        self.hub == Hub::Dialling && Some(addr) == self.tracker
+    }
+
+    /// Our hello to the tracker's relay: who we are to it, and nothing it need not know (in a private
+    /// room not even our name).
+    pub(super) fn hub_hello(&self) -> Hello {
+        let name = if self.private.is_some() { None } else { Some(self.name.clone()) };
+        Hello {
+            v: PROTOCOL_VERSION,
+            id: self.my_id.clone(),
+            name,
+            room: self.room.clone(),
+            listen_port: Some(self.listen_port),
+            peers: Vec::new(),
+            identity: None,
+            relay: true,
+        }
+    }
+
+    /// Whether link `id` was our link to the tracker's relay; we have none after this.
+    pub(super) fn hub_gone(&mut self, id: LinkId) -> bool {
+        let was = matches!(self.hub, Hub::Opening(hub) | Hub::Linked(hub) if hub == id);
+        if was {
+            self.hub = Hub::Unused;
+        }
+        was
+    }
+
+    /// Our p2pchat link to the member with session id `peer`, if we hold one.
+    pub(super) fn p2pchat_link_to(&self, peer: &str) -> Option<LinkId> {
+        self.links
+            .iter()
+            .find(|(_, l)| l.kind == LinkKind::P2pchat && l.peer_id.as_deref() == Some(peer))
+            .map(|(id, _)| *id)
+    }
+
+    /// Ask neighbours to relay the members we heard of but still cannot reach.
+    pub(super) fn ask_relays(&mut self, now: Now) {
+        for (via, peer) in self.relays.due_asks(now.at) {
+            let Some(link) = self.links.get(&via) else { continue };
+            log::info!("cannot reach member {peer} directly; asking {} to relay it", link.shown_addr());
+            self.write_frame(via, &Frame::RelayAsk { peer });
+        }
+    }
+
+    /// The `relay_open` that tells one end of a relay about the other (link `id`).
+    pub(super) fn relay_open_for(&self, id: LinkId) -> Option<Line> {
+        let link = self.links.get(&id)?;
+        let frame = Frame::RelayOpen {
+            peer: link.peer_id.clone()?,
+            name: link.name.clone(),
+            addr: link.shown_addr().to_string(),
+        };
+        Some(frames::encode(&frame).into())
+    }
+
+    /// The member on link `asker` cannot reach member `peer`: pass their messages between them if we
+    /// are linked to it, and tell both.
+    pub(super) fn relay_between(&mut self, asker: LinkId, peer: &str) {
+        if self.links.get(&asker).is_none_or(|l| l.kind != LinkKind::P2pchat) {
+            return;
+        }
+        let Some(target) = self.p2pchat_link_to(peer).filter(|t| *t != asker) else {
+            let reason = "the relay is not linked to it".to_owned();
+            return self.write_frame(asker, &Frame::RelayClose { peer: peer.to_owned(), reason, clean: false });
+        };
+        if self.relays.pair(asker, target) {
+            for (id, other) in [(asker, target), (target, asker)] {
+                self.out(Output::Forwards { link: id, on: true });
+                if let (Some(link), Some(other)) = (self.links.get(&id), self.links.get(&other)) {
+                    log::info!("relaying between {} and {}", link.shown_addr(), other.shown_addr());
+                }
+            }
+        }
+        // Sent again to an end that asks again: its first answer may have crossed a lost link.
+        for (id, other) in [(asker, target), (target, asker)] {
+            if let Some(open) = self.relay_open_for(other) {
+                self.out(Output::Write { link: id, bytes: open });
+            }
+        }
+    }
+
+    /// Link `via` relays member `peer` to us.
+    pub(super) fn relayed_to_us(&mut self, via: LinkId, peer: String, name: Option<String>, addr: SocketAddr) {
+        let Some(via_addr) = self
+            .links
+            .get(&via)
+            .filter(|l| matches!(l.kind, LinkKind::P2pchat | LinkKind::Relay))
+            .map(|l| l.shown_addr())
+        else {
+            return;
+        };
+        if peer == self.my_id || self.p2pchat_link_to(&peer).is_some() {
+            return;
+        }
+        match self.relays.opened(via, peer, name.clone(), addr) {
+            relay::Opened::New => {
+                log::info!("{addr} is relayed to us by {via_addr}");
+                self.emit(Event::Joined {
+                    addr,
+                    name,
+                    protocol: Protocol::P2pchat,
+                    outgoing: false,
+                    relayed_by: Some(via_addr),
+                    encrypted: false,
+                    fingerprint: None,
+                    key_changed: false,
+                });
+            }
+            relay::Opened::Renamed { old } => {
+                if let Some(new) = name {
+                    self.emit(Event::Renamed { addr, old, new });
+                }
+            }
+            relay::Opened::Unchanged => {}
+        }
+    }
+
+    /// Link `id` (at `addr`; to member `peer` when it spoke p2pchat) is gone: members it relayed to
+    /// us are lost, and members we relayed it to hear that it is gone.
+    pub(super) fn end_relays(&mut self, id: LinkId, peer: Option<&str>, addr: SocketAddr, reason: &str, clean: bool) {
+        let gone = self.relays.link_gone(id, peer);
+        for (_, member) in gone.lost {
+            let reason = format!("its relay {addr} is gone ({reason})");
+            self.emit(Event::Left { addr: member.addr, name: member.name, reason, clean: false });
+        }
+        let Some(peer) = peer else { return };
+        let close: Line =
+            frames::encode(&Frame::RelayClose { peer: peer.to_owned(), reason: reason.to_owned(), clean }).into();
+        for partner in gone.partners {
+            if self.links.contains_key(&partner) {
+                self.out(Output::Write { link: partner, bytes: close.clone() });
+                let on = self.relays.forwards(partner);
+                self.out(Output::Forwards { link: partner, on });
+            }
+        }
+    }
+}
