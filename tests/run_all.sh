@@ -6,6 +6,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+# Everything is installed into a virtual environment of its own (.venv-test), so a system Python that
+# refuses global installs (PEP 668: Debian, Ubuntu, Homebrew) works as well as any other.
+VENV="${P2PCHAT_TEST_VENV:-.venv-test}"
 
 if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
     echo "== installing nftables and iproute2 for the network-namespace tests"
@@ -14,13 +17,25 @@ if [ "$(id -u)" = 0 ] && ! command -v nft >/dev/null 2>&1 && command -v apt-get 
     fi
 fi
 
+if [ ! -x "$VENV/bin/python" ]; then
+    echo "== python3 -m venv $VENV"
+    if ! "$PYTHON" -m venv "$VENV" && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+        # Debian's Python comes without venv's pip bootstrap: python3-venv brings it.
+        rm -rf "$VENV"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-venv >/dev/null
+        "$PYTHON" -m venv "$VENV"
+    fi
+fi
+PY="$VENV/bin/python"
+[ -x "$PY" ] || { echo "cannot make a virtual environment with $PYTHON (on Debian or Ubuntu: apt install python3-venv)"; exit 1; }
+
 echo "== pip install .[test]  (builds the Rust core in release mode, with the benchmark's helpers for test_bench)"
-MATURIN_PEP517_ARGS="--features python,bench" "$PYTHON" -m pip install --quiet --disable-pip-version-check ".[test]"
+MATURIN_PEP517_ARGS="--features python,bench" "$PY" -m pip install --quiet --disable-pip-version-check ".[test]"
 
 echo "== ruff, mypy --strict on the package, stubtest of _core.pyi against the built module"
-"$PYTHON" -m ruff check python server.py client.py examples tests benches
-"$PYTHON" -m mypy
-"$PYTHON" -m mypy.stubtest p2pchat._core
+"$PY" -m ruff check python server.py client.py examples tests benches
+"$PY" -m mypy
+"$PY" -m mypy.stubtest p2pchat._core
 
 echo "== cargo fmt --check, cargo clippy (warnings denied)"
 cargo fmt --check
@@ -31,4 +46,4 @@ cargo test --locked --all-targets --features bench
 cargo test --locked --doc --features bench
 
 echo "== pytest (real processes and sockets on loopback)"
-"$PYTHON" -m pytest tests
+"$PY" -m pytest tests
