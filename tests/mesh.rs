@@ -758,13 +758,13 @@ async fn a_member_relays_between_two_that_cannot_reach_each_other() {
     let mut quin = RawMember::join(ana.listen_addr(), "quin-session", "quin").await;
     wait_p2pchat_links(&ana, 2).await;
 
-    pia.send(&Frame::RelayAsk { peer: "nobody-session".into() }).await;
+    pia.send(&Frame::RelayAsk { peer: "nobody-session".into(), addr: None }).await;
     let Frame::RelayClose { peer, clean, .. } = pia.next(|f| matches!(f, Frame::RelayClose { .. })).await else {
         unreachable!()
     };
     assert_eq!((peer.as_str(), clean), ("nobody-session", false), "ana is not linked to that one");
 
-    pia.send(&Frame::RelayAsk { peer: "quin-session".into() }).await;
+    pia.send(&Frame::RelayAsk { peer: "quin-session".into(), addr: None }).await;
     let Frame::RelayOpen { peer, name, .. } = pia.next(|f| matches!(f, Frame::RelayOpen { .. })).await else {
         unreachable!()
     };
@@ -858,7 +858,7 @@ async fn the_tracker_relays_only_when_told_to() {
     let listed: Vec<_> = quin.their_hello.peers.iter().map(|m| m.id.as_deref()).collect();
     assert_eq!(listed, [Some("pia-session")], "the relay lists the members linked to it");
 
-    quin.send(&Frame::RelayAsk { peer: "pia-session".into() }).await;
+    quin.send(&Frame::RelayAsk { peer: "pia-session".into(), addr: None }).await;
     let Frame::RelayOpen { peer, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await else {
         unreachable!()
     };

@@ -7,10 +7,16 @@
 //! (`relay_open`) so their member lists show who is relayed and by whom. Messages keep their ids, so
 //! a copy that also arrives another way is shown once.
 //!
+//! A member we tried to dial and gave up on may be one no `hello` named to us: it joined while we
+//! did, and our neighbours' hellos were written before they linked to it. It is asked for by its
+//! address instead, from one p2pchat neighbour after another until one relays it (a neighbour not
+//! linked to it answers `relay_close` with the address as `peer`); when every neighbour said no, the
+//! round starts again `relay_after` later.
+//!
 //! This module is the bookkeeping only, without I/O: the actor feeds it what happens and does what
 //! it answers.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -32,6 +38,26 @@ struct Heard {
     vias: HashSet<LinkId>,
     since: Instant,
     asked: Option<Instant>,
+}
+
+/// A member's address we gave up dialling, which no neighbour named: asked for by address.
+#[derive(Default)]
+struct Unreached {
+    /// Neighbours that said they are not linked to it, this round.
+    refused: BTreeSet<LinkId>,
+    /// The neighbour asked now, and when.
+    asking: Option<(LinkId, Instant)>,
+    /// No neighbour is asked before this (after a round in which every one said no).
+    next_round: Option<Instant>,
+}
+
+/// Whom to ask for a relay.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Wanted {
+    /// The member with this session id.
+    Peer(String),
+    /// The member listening at this address.
+    Addr(SocketAddr),
 }
 
 /// What a `relay_open` changed.
@@ -58,13 +84,28 @@ pub(super) struct Relays {
     relay_after: Duration,
     heard: HashMap<String, Heard>,
     relayed: HashMap<String, RelayedMember>,
+    /// Addresses we gave up dialling and ask for by address.
+    unreached: BTreeMap<SocketAddr, Unreached>,
     /// As a relay: which links we pass each link's messages to.
     pairs: Pairs<LinkId>,
 }
 
 impl Relays {
+    /// Members heard of, addresses asked for, and members relayed to us (for the simulator's
+    /// bounds check).
+    #[cfg(test)]
+    pub fn sizes(&self) -> (usize, usize, usize) {
+        (self.heard.len(), self.unreached.len(), self.relayed.len())
+    }
+
     pub fn new(relay_after: Duration) -> Self {
-        Self { relay_after, heard: HashMap::new(), relayed: HashMap::new(), pairs: Pairs::new() }
+        Self {
+            relay_after,
+            heard: HashMap::new(),
+            relayed: HashMap::new(),
+            unreached: BTreeMap::new(),
+            pairs: Pairs::new(),
+        }
     }
 
     /// Neighbour `via` is linked to these members, none of which we are linked to.
@@ -78,16 +119,64 @@ impl Relays {
         }
     }
 
-    /// We are linked to `peer` directly now: it needs no relay (copies that still come through one
-    /// are shown once). Returns the relayed entry it replaces.
-    pub fn direct(&mut self, peer: &str) -> Option<RelayedMember> {
+    /// We are linked to `peer` (listening at `addr`) directly now: it needs no relay (copies that
+    /// still come through one are shown once). Returns the relayed entry it replaces.
+    pub fn direct(&mut self, peer: &str, addr: SocketAddr) -> Option<RelayedMember> {
         self.heard.remove(peer);
+        self.unreached.remove(&addr);
         self.relayed.remove(peer)
     }
 
-    /// Members to ask a relay for now, and which neighbour to ask: heard of `relay_after` ago, not
-    /// reached yet, and not asked within the last `relay_after`.
-    pub fn due_asks(&mut self, now: Instant) -> Vec<(LinkId, String)> {
+    /// We gave up dialling the p2pchat member at `addr`: ask for it by address unless it is
+    /// relayed to us already.
+    pub fn unreached(&mut self, addr: SocketAddr) {
+        if !self.relayed.values().any(|m| m.addr == addr) {
+            self.unreached.entry(addr).or_default();
+        }
+    }
+
+    /// Neighbour `via` is not linked to the member at `addr`.
+    pub fn not_via(&mut self, via: LinkId, addr: SocketAddr) {
+        if let Some(unreached) = self.unreached.get_mut(&addr) {
+            unreached.refused.insert(via);
+            unreached.asking = unreached.asking.filter(|(asked, _)| *asked != via);
+        }
+    }
+
+    /// Members to ask a relay for now, and which neighbour to ask (of `neighbours`, our p2pchat
+    /// members' links): those heard of `relay_after` ago, not reached yet and not asked within the
+    /// last `relay_after`; and those we gave up dialling, from the next neighbour that did not
+    /// refuse (an unanswered ask counts as a refusal after `relay_after`).
+    pub fn due_asks(&mut self, now: Instant, neighbours: &[LinkId]) -> Vec<(LinkId, Wanted)> {
+        let mut asks: Vec<(LinkId, Wanted)> =
+            self.due_peer_asks(now).into_iter().map(|(via, peer)| (via, Wanted::Peer(peer))).collect();
+        for (addr, unreached) in &mut self.unreached {
+            if let Some((via, at)) = unreached.asking {
+                if now.duration_since(at) < self.relay_after {
+                    continue;
+                }
+                unreached.refused.insert(via);
+                unreached.asking = None;
+            }
+            if unreached.next_round.is_some_and(|at| now < at) {
+                continue;
+            }
+            match neighbours.iter().find(|n| !unreached.refused.contains(n)) {
+                Some(&via) => {
+                    unreached.asking = Some((via, now));
+                    unreached.next_round = None;
+                    asks.push((via, Wanted::Addr(*addr)));
+                }
+                None => {
+                    unreached.refused.clear();
+                    unreached.next_round = Some(now + self.relay_after);
+                }
+            }
+        }
+        asks
+    }
+
+    fn due_peer_asks(&mut self, now: Instant) -> Vec<(LinkId, String)> {
         let mut asks = Vec::new();
         for (peer, heard) in &mut self.heard {
             let waited = now.duration_since(heard.since) >= self.relay_after;
@@ -114,6 +203,7 @@ impl Relays {
             // Relayed by another already: keep the one we have.
             Some(_) => Opened::Unchanged,
             None => {
+                self.unreached.remove(&addr);
                 self.relayed.insert(peer, RelayedMember { via, name, addr });
                 Opened::New
             }
@@ -156,6 +246,10 @@ impl Relays {
             heard.vias.remove(&id);
             !heard.vias.is_empty()
         });
+        for unreached in self.unreached.values_mut() {
+            unreached.refused.remove(&id);
+            unreached.asking = unreached.asking.filter(|(asked, _)| *asked != id);
+        }
         let lost_ids: Vec<String> = self.relayed.iter().filter(|(_, m)| m.via == id).map(|(p, _)| p.clone()).collect();
         let lost = lost_ids.into_iter().filter_map(|p| self.relayed.remove(&p).map(|m| (p, m))).collect();
         LinkGone { lost, partners: self.pairs.remove(&id) }
@@ -187,12 +281,12 @@ mod tests {
         let t0 = Instant::now();
         relays.heard_of(3, ["q".to_owned()], t0);
         relays.heard_of(1, ["q".to_owned()], t0);
-        assert!(relays.due_asks(t0 + AFTER / 2).is_empty(), "direct dials get their time first");
-        assert_eq!(relays.due_asks(t0 + AFTER), vec![(1, "q".to_owned())]);
-        assert!(relays.due_asks(t0 + AFTER + AFTER / 2).is_empty(), "not asked again right away");
-        assert_eq!(relays.due_asks(t0 + AFTER * 2), vec![(1, "q".to_owned())], "asked again while unanswered");
+        assert!(relays.due_peer_asks(t0 + AFTER / 2).is_empty(), "direct dials get their time first");
+        assert_eq!(relays.due_peer_asks(t0 + AFTER), vec![(1, "q".to_owned())]);
+        assert!(relays.due_peer_asks(t0 + AFTER + AFTER / 2).is_empty(), "not asked again right away");
+        assert_eq!(relays.due_peer_asks(t0 + AFTER * 2), vec![(1, "q".to_owned())], "asked again while unanswered");
         assert_eq!(relays.opened(1, "q".into(), Some("quinn".into()), addr(7)), Opened::New);
-        assert!(relays.due_asks(t0 + AFTER * 10).is_empty(), "relayed: nothing to ask");
+        assert!(relays.due_peer_asks(t0 + AFTER * 10).is_empty(), "relayed: nothing to ask");
     }
 
     #[test]
@@ -201,8 +295,8 @@ mod tests {
         let t0 = Instant::now();
         relays.heard_of(1, ["q".to_owned()], t0);
         relays.opened(1, "q".into(), None, addr(7));
-        assert_eq!(relays.direct("q"), Some(RelayedMember { via: 1, name: None, addr: addr(7) }));
-        assert!(relays.due_asks(t0 + AFTER * 2).is_empty());
+        assert_eq!(relays.direct("q", addr(7)), Some(RelayedMember { via: 1, name: None, addr: addr(7) }));
+        assert!(relays.due_peer_asks(t0 + AFTER * 2).is_empty());
         assert_eq!(relays.relayed().count(), 0);
     }
 
@@ -229,7 +323,7 @@ mod tests {
         let mut lost: Vec<&str> = gone.lost.iter().map(|(p, _)| p.as_str()).collect();
         lost.sort_unstable();
         assert_eq!(lost, ["q", "r"]);
-        assert_eq!(relays.due_asks(t0 + AFTER), vec![(2, "q".to_owned())], "r had no other neighbour");
+        assert_eq!(relays.due_peer_asks(t0 + AFTER), vec![(2, "q".to_owned())], "r had no other neighbour");
     }
 
     #[test]
@@ -240,7 +334,7 @@ mod tests {
         relays.heard_of(2, ["q".to_owned()], t0);
         relays.opened(1, "q".into(), None, addr(7));
         assert!(relays.closed(1, "q", true).is_some());
-        assert!(relays.due_asks(t0 + AFTER * 3).is_empty());
+        assert!(relays.due_peer_asks(t0 + AFTER * 3).is_empty());
     }
 
     #[test]
@@ -251,5 +345,37 @@ mod tests {
         assert!(relays.forwards(1) && relays.forwards(2));
         assert_eq!(relays.link_gone(1, Some("p")).partners, [2, 3]);
         assert!(!relays.forwards(2) && !relays.forwards(3), "nothing left to pass on");
+    }
+
+    #[test]
+    fn a_member_we_gave_up_dialling_is_asked_for_by_address_from_one_neighbour_after_another() {
+        let mut relays = Relays::new(AFTER);
+        let t0 = Instant::now();
+        relays.unreached(addr(7));
+        let ask = |via| vec![(via, Wanted::Addr(addr(7)))];
+        assert_eq!(relays.due_asks(t0, &[2, 5]), ask(2), "asked at once, from the first neighbour");
+        assert!(relays.due_asks(t0, &[2, 5]).is_empty(), "one ask at a time");
+        relays.not_via(2, addr(7));
+        assert_eq!(relays.due_asks(t0, &[2, 5]), ask(5), "the next one, as soon as the first says no");
+        assert!(relays.due_asks(t0 + AFTER / 2, &[2, 5]).is_empty());
+        assert!(relays.due_asks(t0 + AFTER, &[2, 5]).is_empty(), "unanswered: a no; every one said no");
+        assert!(relays.due_asks(t0 + AFTER * 3 / 2, &[2, 5]).is_empty(), "a new round waits");
+        assert_eq!(relays.due_asks(t0 + AFTER * 2, &[2, 5]), ask(2), "and starts from the first again");
+        assert_eq!(relays.opened(2, "q".into(), None, addr(7)), Opened::New);
+        assert!(relays.due_asks(t0 + AFTER * 5, &[2, 5]).is_empty(), "relayed: nothing to ask");
+        relays.unreached(addr(7));
+        assert!(relays.due_asks(t0 + AFTER * 5, &[2, 5]).is_empty(), "still relayed");
+    }
+
+    #[test]
+    fn a_direct_link_or_a_gone_neighbour_settles_an_ask_by_address() {
+        let mut relays = Relays::new(AFTER);
+        let t0 = Instant::now();
+        relays.unreached(addr(7));
+        assert_eq!(relays.due_asks(t0, &[2, 5]), vec![(2, Wanted::Addr(addr(7)))]);
+        relays.link_gone(2, None);
+        assert_eq!(relays.due_asks(t0, &[5]), vec![(5, Wanted::Addr(addr(7)))], "its ask went with it");
+        assert_eq!(relays.direct("q", addr(7)), None);
+        assert!(relays.due_asks(t0 + AFTER * 5, &[5]).is_empty(), "linked directly");
     }
 }

@@ -248,6 +248,13 @@ pub(super) enum Part {
 }
 
 impl Requests {
+    /// Requests waiting for an answer, and members lost that we may catch up from (for the
+    /// simulator's bounds check).
+    #[cfg(test)]
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.asked.len(), self.lost.len())
+    }
+
     /// `join_after`: ask the first member for the newest `ask_on_join` after it (`Some(None)`: the
     /// newest); `None`: ask nothing on join.
     pub fn new(join_after: Option<Option<Key>>, ask_on_join: usize, catch_up_limit: usize) -> Self {

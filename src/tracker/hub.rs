@@ -234,7 +234,7 @@ async fn relay_loop(
                 Ok(Some(sealed @ Frame::Sealed { .. })) => {
                     HubEvent::Forward { id: id.to_owned(), line: frames::encode(&sealed).into() }
                 }
-                Ok(Some(Frame::RelayAsk { peer })) => HubEvent::Asked { id: id.to_owned(), peer },
+                Ok(Some(Frame::RelayAsk { peer, .. })) => HubEvent::Asked { id: id.to_owned(), peer },
                 Ok(Some(Frame::Nick { name })) if chat::validate_name(&name).is_ok() => {
                     HubEvent::Renamed { id: id.to_owned(), name }
                 }

@@ -197,9 +197,12 @@ pub enum Frame {
         addr: String,
     },
     /// Peer → member: I cannot reach the member whose session id is `peer`, and you are linked to
-    /// it; pass its messages and mine between us.
+    /// it; pass its messages and mine between us. With `addr` (and `peer` empty): the member that
+    /// listens there, whose session id the asker never learned (it was not in any `hello`).
     RelayAsk {
         peer: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        addr: Option<String>,
     },
     /// Relay → member: you now reach the member `peer` (called `name`, listening at `addr`) through
     /// me; every message it sends comes to you on this link, and yours go to it. Sent again when
@@ -553,7 +556,8 @@ mod tests {
                 }],
                 more: true,
             },
-            Frame::RelayAsk { peer: random_id() },
+            Frame::RelayAsk { peer: random_id(), addr: None },
+            Frame::RelayAsk { peer: String::new(), addr: Some("10.0.0.3:5000".into()) },
             Frame::RelayOpen { peer: random_id(), name: Some("bia".into()), addr: "10.0.0.2:5000".into() },
             Frame::RelayClose { peer: random_id(), reason: "left".into(), clean: true },
             Frame::SecureHello { v: PROTOCOL_VERSION, room: random_id() },

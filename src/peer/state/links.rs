@@ -112,7 +112,7 @@ impl PeerState {
             return;
         };
         let fingerprint = self.meet(id, name.as_deref());
-        if self.relays.direct(&hello.id).is_some() {
+        if self.relays.direct(&hello.id, addr).is_some() {
             log::info!("linked directly to {addr}, which a relay passed to us until now");
         } else if self.moving.remove(&hello.id).is_some() {
             log::debug!("{addr} is back on link {id}");
@@ -219,6 +219,13 @@ impl PeerState {
     }
 
     pub(super) fn on_renamed(&mut self, id: LinkId, name: String) {
+        // A nick on a link given up as a duplicate was written before its sender saw that: it is
+        // the peer's new name all the same, for the link that replaced it.
+        let retired_for = self.retiring.get(&id).cloned().flatten();
+        let id = match retired_for.and_then(|peer| self.p2pchat_link_to(&peer)) {
+            Some(replacement) => replacement,
+            None => id,
+        };
         let Some(link) = self.links.get_mut(&id) else { return };
         if link.name.as_deref() == Some(name.as_str()) {
             return;
@@ -227,6 +234,14 @@ impl PeerState {
         let addr = link.shown_addr();
         self.meet(id, Some(&name));
         self.emit(Event::Renamed { addr, old, new: name });
+        // Members we relay it to know it by the name in our `relay_open`: tell them the new one.
+        let mut partners: Vec<LinkId> = self.relays.partners_of(id).collect();
+        partners.sort_unstable();
+        if let Some(open) = self.relay_open_for(id) {
+            for partner in partners {
+                self.out(Output::Write { link: partner, bytes: open.clone() });
+            }
+        }
     }
 
     /// Stop writing to a link but read it until the other end closes it, so nothing in flight is lost.
@@ -235,7 +250,7 @@ impl PeerState {
     pub(super) fn retire(&mut self, id: LinkId) {
         if let Some(link) = self.links.remove(&id) {
             self.end_relays(id, None, link.shown_addr(), "replaced by another link", false);
-            self.retiring.insert(id);
+            self.retiring.insert(id, link.peer_id.clone());
             self.write_frame(
                 id,
                 &Frame::Error { code: ERR_DUPLICATE.to_owned(), message: "replaced by another link".to_owned() },
@@ -285,12 +300,18 @@ impl PeerState {
 
     /// `newer` takes over from `older` as the link to the same peer, without presence noise.
     pub(super) fn replace(&mut self, now: Now, older: LinkId, newer: LinkId, hello: Hello) {
-        let (name, held) = match self.links.get_mut(&older) {
+        let (old_name, held) = match self.links.get_mut(&older) {
             Some(old) => (old.name.clone(), std::mem::take(&mut old.held)),
             None => (None, Vec::new()),
         };
         self.retire(older);
-        self.adopt(now, newer, hello.id, hello.listen_port, name, held);
+        // The newer hello has the name the peer goes by now (it may have renamed itself since the
+        // older one).
+        let name = hello.name.filter(|n| chat::validate_name(n).is_ok()).or(old_name.clone());
+        let adopted = self.adopt(now, newer, hello.id, hello.listen_port, old_name.clone(), held);
+        if let (Some(_), Some(name)) = (adopted, name.filter(|n| Some(n) != old_name.as_ref())) {
+            self.on_renamed(newer, name);
+        }
     }
 
     /// Make `id` the p2pchat link to the peer `peer_id`: answer its hello if it dialled us, then write

@@ -146,7 +146,7 @@ pub enum Report {
     /// Part of an answer to our history request (only messages fit for our room).
     HistoryPart { req: u32, msgs: Vec<Chat>, more: bool },
     /// The member on this link cannot reach member `peer` and asks us to relay between them.
-    RelayAsked { peer: String },
+    RelayAsked { peer: String, addr: Option<SocketAddr> },
     /// The member on this link relays member `peer` to us.
     RelayOpened { peer: String, name: Option<String>, addr: SocketAddr },
     /// The member on this link no longer relays member `peer` to us.
@@ -260,8 +260,9 @@ pub struct PeerState {
     /// Lines held for an original peer being redialled after it dropped our probe (and every line sent
     /// until the redial connects or gives up).
     carried: HashMap<SocketAddr, Vec<Arc<OutLine>>>,
-    /// Links given up for a duplicate to the same peer: read until they end.
-    retiring: HashSet<LinkId>,
+    /// Links given up for a duplicate to the same peer, and that peer's session id: read until they
+    /// end, and what they still bring (a new name) is the peer's.
+    retiring: HashMap<LinkId, Option<String>>,
     /// Members whose link the other end closed as a duplicate: by session id, until they say hello
     /// on the link they kept.
     moving: HashMap<String, Moving>,
@@ -335,7 +336,7 @@ impl PeerState {
             dialling: HashSet::new(),
             punched: HashSet::new(),
             carried: HashMap::new(),
-            retiring: HashSet::new(),
+            retiring: HashMap::new(),
             moving: HashMap::new(),
             joined_via_tracker,
             tracker,
@@ -527,6 +528,7 @@ impl PeerState {
     ) {
         self.untried.remove(&addr);
         self.on_dial_failed(addr, known, reason, gave_up, silent);
+        self.ask_relays(now);
         self.settle(now);
     }
 
@@ -553,6 +555,7 @@ impl PeerState {
             self.carried.remove(&addr);
             log::warn!("cannot reach {addr} ({reason}); skipping it");
             if known == Some(Protocol::P2pchat) {
+                self.relays.unreached(addr);
                 self.link_to_hub();
             }
         }
@@ -610,9 +613,14 @@ impl PeerState {
             Report::Renamed { name } => self.on_renamed(link, name),
             Report::HistoryRequested { req, limit, after } => self.answer_history(now, link, req, limit, after),
             Report::HistoryPart { req, msgs, more } => self.take_history_part(link, req, msgs, more),
-            Report::RelayAsked { peer } => self.relay_between(link, &peer),
+            Report::RelayAsked { peer, addr } => self.relay_between(link, &peer, addr),
             Report::RelayOpened { peer, name, addr } => self.relayed_to_us(link, peer, name, addr),
             Report::RelayClosed { peer, reason, clean } => {
+                // An answer to an ask by address: that neighbour is not linked to it; ask the next.
+                if let Ok(addr) = peer.parse::<SocketAddr>() {
+                    self.relays.not_via(link, addr);
+                    self.ask_relays(now);
+                }
                 if let Some(member) = self.relays.closed(link, &peer, clean) {
                     let reason: String = reason.chars().take(200).collect();
                     self.emit(Event::Left { addr: member.addr, name: member.name, reason, clean });
@@ -625,7 +633,7 @@ impl PeerState {
 
     /// The link ended (its reader saw it end): `clean` when the other end said goodbye first.
     pub fn closed(&mut self, now: Now, id: LinkId, reason: String, clean: bool) {
-        if self.retiring.remove(&id) {
+        if self.retiring.remove(&id).is_some() {
             // Its replacement is up; a request it was still answering goes to another member.
             self.forget_link_history(now, id, None, false);
             return self.settle(now);
@@ -794,6 +802,36 @@ impl PeerState {
         }));
         peers.sort_by_key(|p| p.addr);
         peers
+    }
+
+    /// The first of the state's tables found past its bound, for a room that never held more than
+    /// `room_size` peers: the simulator checks this as it runs.
+    #[cfg(test)]
+    pub fn bounds_broken(&self, room_size: usize) -> Option<String> {
+        let held = self.links.values().map(|l| l.held.len()).chain(self.carried.values().map(Vec::len)).max();
+        let (asked, lost) = self.requests.sizes();
+        let (answers, ingesting) = self.receipts.sizes();
+        let (heard, unreached, relayed) = self.relays.sizes();
+        // Per member: a link we dialled, one it dialled, and one retiring as a duplicate, at most.
+        let per_member = 3 * room_size;
+        let tables = [
+            ("links", self.links.len(), self.limits.max_links.min(per_member)),
+            ("lines held for one link", held.unwrap_or(0), self.limits.send_queue),
+            ("links carrying lines", self.carried.len(), room_size),
+            ("dials", self.dialling.len(), room_size),
+            ("punches", self.punched.len(), room_size),
+            ("retiring links", self.retiring.len(), per_member),
+            ("members moving", self.moving.len(), room_size),
+            ("history requests", asked, per_member),
+            ("members to catch up from", lost, room_size),
+            ("history answers", answers, per_member),
+            ("parts being logged", ingesting, receipts::MAX_INGESTING),
+            ("members heard of", heard, room_size),
+            ("addresses asked for", unreached, room_size),
+            ("members relayed", relayed, room_size),
+        ];
+        let (what, size, bound) = tables.into_iter().find(|(_, size, bound)| size > bound)?;
+        Some(format!("{}: {what} {size}, bound {bound}", self.name))
     }
 
     /// Whether some line is still waiting for a link to show what it speaks.

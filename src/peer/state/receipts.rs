@@ -92,6 +92,13 @@ impl Receipts {
         Self { open: BTreeMap::new(), first_part_wait, answer_wait }
     }
 
+    /// Answers open, and the most parts one of them has in the log's hands (for the simulator's
+    /// bounds check).
+    #[cfg(test)]
+    pub fn sizes(&self) -> (usize, usize) {
+        (self.open.len(), self.open.values().map(|r| r.ingesting).max().unwrap_or(0))
+    }
+
     /// Request `req` went out on `link` to `from`.
     pub fn asked(&mut self, link: LinkId, req: u32, from: SocketAddr, purpose: Purpose, now: Instant) {
         let (first_part_wait, answer_wait) = (self.first_part_wait, self.answer_wait);

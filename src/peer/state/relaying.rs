@@ -63,12 +63,24 @@ impl PeerState {
             .map(|(id, _)| *id)
     }
 
-    /// Ask neighbours to relay the members we heard of but still cannot reach.
+    /// Ask neighbours to relay the members we heard of, or gave up dialling, but still cannot reach.
     pub(super) fn ask_relays(&mut self, now: Now) {
-        for (via, peer) in self.relays.due_asks(now.at) {
+        let neighbours: Vec<LinkId> =
+            self.links.iter().filter(|(_, l)| l.kind == LinkKind::P2pchat).map(|(id, _)| *id).collect();
+        for (via, wanted) in self.relays.due_asks(now.at, &neighbours) {
             let Some(link) = self.links.get(&via) else { continue };
-            log::info!("cannot reach member {peer} directly; asking {} to relay it", link.shown_addr());
-            self.write_frame(via, &Frame::RelayAsk { peer });
+            let neighbour = link.shown_addr();
+            let frame = match wanted {
+                relay::Wanted::Peer(peer) => {
+                    log::info!("cannot reach member {peer} directly; asking {neighbour} to relay it");
+                    Frame::RelayAsk { peer, addr: None }
+                }
+                relay::Wanted::Addr(addr) => {
+                    log::info!("cannot reach {addr} directly; asking {neighbour} to relay it");
+                    Frame::RelayAsk { peer: String::new(), addr: Some(addr.to_string()) }
+                }
+            };
+            self.write_frame(via, &frame);
         }
     }
 
@@ -83,15 +95,27 @@ impl PeerState {
         Some(frames::encode(&frame).into())
     }
 
-    /// The member on link `asker` cannot reach member `peer`: pass their messages between them if we
-    /// are linked to it, and tell both.
-    pub(super) fn relay_between(&mut self, asker: LinkId, peer: &str) {
+    /// The member on link `asker` cannot reach member `peer` (or, not knowing its session id, the
+    /// member listening at `addr`): pass their messages between them if we are linked to it, and
+    /// tell both.
+    pub(super) fn relay_between(&mut self, asker: LinkId, peer: &str, addr: Option<SocketAddr>) {
         if self.links.get(&asker).is_none_or(|l| l.kind != LinkKind::P2pchat) {
             return;
         }
-        let Some(target) = self.p2pchat_link_to(peer).filter(|t| *t != asker) else {
+        let by_addr = || {
+            let addr = addr?;
+            let listening_there = |l: &Link| l.kind == LinkKind::P2pchat && l.listen_addr == Some(addr);
+            self.links.iter().find(|(_, l)| listening_there(l)).map(|(id, _)| *id)
+        };
+        let target = if peer.is_empty() { by_addr() } else { self.p2pchat_link_to(peer) };
+        let Some(target) = target.filter(|t| *t != asker) else {
             let reason = "the relay is not linked to it".to_owned();
-            return self.write_frame(asker, &Frame::RelayClose { peer: peer.to_owned(), reason, clean: false });
+            // Named as it was asked for, so the asker knows which ask this answers.
+            let peer = match addr.filter(|_| peer.is_empty()) {
+                Some(addr) => addr.to_string(),
+                None => peer.to_owned(),
+            };
+            return self.write_frame(asker, &Frame::RelayClose { peer, reason, clean: false });
         };
         if self.relays.pair(asker, target) {
             for (id, other) in [(asker, target), (target, asker)] {

@@ -252,7 +252,10 @@ pub fn take_frame(
             }
         }
         Frame::Bye => *link.said_bye = true,
-        Frame::RelayAsk { peer } => out.reports.push(Report::RelayAsked { peer }),
+        Frame::RelayAsk { peer, addr } => {
+            let addr = addr.and_then(|a| a.parse().ok());
+            out.reports.push(Report::RelayAsked { peer, addr });
+        }
         Frame::RelayOpen { peer, name, addr } => {
             let (name, addr) = (name.filter(|n| chat::validate_name(n).is_ok()), addr.parse().ok());
             if let Some(addr) = addr {
