@@ -1377,6 +1377,9 @@ fn sim_seeds_that_found_bugs_still_pass() {
         // A member renamed itself while a newcomer's two links to it crossed: the newcomer kept the
         // older link's name (fixed in `replace`, and a nick on a retired link goes to its successor).
         (17_082, "a room, the tracker restarts, renames"),
+        // A member renamed itself while its link to another was being replaced: its hello on the new
+        // link had gone out with the old name (fixed in `adopt`: such a link is sent a `nick`).
+        (35_695, "a private room, two members' links are reset, renames"),
     ];
     for (seed, story) in found {
         assert_eq!(run_seed(seed), story, "seed {seed} no longer runs the room that found its bug");

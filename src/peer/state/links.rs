@@ -338,11 +338,16 @@ impl PeerState {
         link.name = name;
         link.peer_id = Some(peer_id);
         let addr = link.shown_addr();
+        // Our hello on a link we dialled went out when it opened: a name taken since is news to it.
+        let renamed_since_hello = link.probed && link.hello_renames != self.renames;
         let mut held = std::mem::take(&mut link.held);
         held.extend(carried);
         self.out(Output::Framed { link: id });
         if let Some(bytes) = our_hello {
             self.out(Output::Write { link: id, bytes: bytes.into() });
+        }
+        if renamed_since_hello && self.hub != Hub::Opening(id) {
+            self.write_frame(id, &Frame::Nick { name: self.name.clone() });
         }
         self.flush_held(now, id, held);
         Some(addr)

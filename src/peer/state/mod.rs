@@ -191,6 +191,8 @@ struct Link {
     peer_id: Option<String>,
     /// We opened with a p2pchat hello (its 0xFF makes an original peer drop the link).
     probed: bool,
+    /// Which of our names that hello carried (see `PeerState::renames`).
+    hello_renames: u32,
     /// Lines held until the protocol is known.
     held: Vec<Arc<OutLine>>,
     /// What it may still make us send as history.
@@ -242,6 +244,9 @@ pub struct Setup {
 pub struct PeerState {
     my_id: String,
     name: String,
+    /// How many times we renamed ourselves: a link whose hello carried an older name is told the
+    /// new one once it turns out to speak p2pchat.
+    renames: u32,
     room: String,
     limits: Limits,
     history: HistoryConfig,
@@ -323,6 +328,7 @@ impl PeerState {
         let mut state = Self {
             my_id: ids.next_id(),
             name,
+            renames: 0,
             room,
             relays: Relays::new(limits.relay_after),
             requests: Requests::new(history_after, history.ask_on_join, history.answer_messages),
@@ -587,6 +593,7 @@ impl PeerState {
             name: None,
             peer_id: None,
             probed,
+            hello_renames: self.renames,
             held: Vec::new(),
             budget: AnswerBudget::new(&self.history, now.at),
             binding,
@@ -744,6 +751,7 @@ impl PeerState {
     /// Change our name: announced to p2pchat peers; original peers see it in the next line's prefix.
     pub fn nick(&mut self, name: String) {
         self.name = name.clone();
+        self.renames += 1;
         let frame: Line = frames::encode(&Frame::Nick { name }).into();
         // The tracker's relay passes a new name on; in a private room it must never learn one.
         let private = self.private.is_some();
