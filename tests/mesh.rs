@@ -1262,6 +1262,104 @@ mod private_rooms {
         assert!(more[1].starts_with("more messages dropped from") && more[1].ends_with("are only logged"), "{more:?}");
     }
 
+    /// Register a member of room `room` at `tracker` that listens nowhere (nobody can reach it); its
+    /// registration lasts as long as the returned connection.
+    async fn register_ghost(tracker: std::net::SocketAddr, room: &str) -> TcpStream {
+        let ghost = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let ghost_addr = ghost.local_addr().unwrap();
+        drop(ghost);
+        let mut registration = p2pchat::net::connect_from(ghost_addr, tracker).await.unwrap();
+        let hello = Hello {
+            v: PROTOCOL_VERSION,
+            id: "ghost".into(),
+            name: None,
+            room: room.into(),
+            listen_port: Some(ghost_addr.port()),
+            peers: vec![],
+            identity: None,
+            relay: false,
+        };
+        registration.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
+        let mut welcome = [0u8; 512];
+        let _ = tokio::time::timeout(WAIT, registration.read(&mut welcome)).await.unwrap().unwrap();
+        registration
+    }
+
+    /// A stranger who knows a private room's id (it travels in clear) but not its key joins the
+    /// tracker's relay, and a member that can reach nobody links to it. Whatever the stranger sends
+    /// there without the key (a plain message signed by its own key, a name through `relay_open`, a
+    /// `nick`) shows nothing, pins no name and lists nobody: only sealed content counts on a link
+    /// that never ran the handshake.
+    #[tokio::test]
+    async fn a_stranger_at_the_trackers_relay_cannot_post_name_or_pin_in_a_private_room() {
+        use p2pchat::wire::frames::Chat;
+        let key = RoomKey::from_secret("plans", SECRET).unwrap();
+        let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: true, ..TrackerConfig::default() };
+        let (tracker, _stop, _task) = start_tracker_with(config).await;
+        // A member nobody can reach, so that ana links to the relay.
+        let _ghost = register_ghost(tracker, &key.room_id()).await;
+        // On the relay: mallory, who only knows the room id, and quin, a member holding the key.
+        let mut mallory = RawMember::join_room(tracker, "mallory-session", "mallory", &key.room_id()).await;
+        let mut quin = RawMember::join_room(tracker, "quin-session", "quin", &key.room_id()).await;
+        let dir = std::env::temp_dir().join(format!("p2pchat-stranger-{}", frames::random_id()));
+        let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+        config.private = Some(key.clone());
+        config.identity = Some(dir.join("ana").join("identity.json"));
+        config.limits.retry_refused_for = Duration::from_millis(300);
+        config.limits.relay_after = Duration::from_millis(100);
+        config.limits.keepalive_interval = Duration::from_millis(200);
+        let (ana, mut ana_events, _) = peer::join(config).await.unwrap();
+        // Ana reaches both through the relay; quin has mallory relayed too, so what the relay passes
+        // on from mallory reaches quin, and then ana, before anything quin sends after it.
+        mallory.next(|f| matches!(f, Frame::RelayOpen { .. })).await;
+        quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await;
+        quin.send(&Frame::RelayAsk { peer: "mallory-session".into(), addr: None }).await;
+        quin.next(|f| matches!(f, Frame::RelayOpen { peer, .. } if peer == "mallory-session")).await;
+        let mallory_identity = Identity::generate().unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let mut forged = Chat {
+            id: frames::random_id(),
+            from: "mallory".into(),
+            room: key.room_id(),
+            ts: now,
+            text: "posted without the key".into(),
+            ..Chat::default()
+        };
+        mallory_identity.sign_chat(&mut forged);
+        mallory.send(&Frame::Msg(forged)).await;
+        mallory.send(&Frame::Nick { name: "mallory2".into() }).await;
+        quin.next(|f| matches!(f, Frame::Msg(m) if m.text == "posted without the key")).await;
+        quin.next(|f| matches!(f, Frame::RelayOpen { name, .. } if name.as_deref() == Some("mallory2"))).await;
+        // Then quin, a member, says something sealed: the end of what ana could have shown.
+        let quin_identity = Identity::generate().unwrap();
+        let mut reply = Chat {
+            id: frames::random_id(),
+            from: "quin".into(),
+            room: key.room_id(),
+            ts: now,
+            text: "sealed and signed".into(),
+            ..Chat::default()
+        };
+        quin_identity.sign_chat(&mut reply);
+        quin.send(&key.seal(&reply)).await;
+        let mut seen = Vec::new();
+        loop {
+            let event = tokio::time::timeout(WAIT, ana_events.recv()).await.unwrap().unwrap();
+            match event {
+                Event::Message(m) if m.text == "sealed and signed" => break,
+                other => seen.push(format!("{other:?}")),
+            }
+        }
+        let mallory_seen: Vec<&String> = seen.iter().filter(|e| e.contains("mallory")).collect();
+        assert!(mallory_seen.is_empty(), "ana showed what a stranger sent: {mallory_seen:?}");
+        let named: Vec<_> = ana.peers().await.unwrap().into_iter().filter(|p| p.name.is_some()).collect();
+        assert!(named.is_empty(), "names came from the tracker's relay: {named:?}");
+        ana.close().await;
+        let pins = std::fs::read_to_string(dir.join("ana").join("known_keys.json")).unwrap_or_default();
+        assert!(!pins.contains("mallory"), "a stranger's key was pinned: {pins}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     /// A member that can reach nobody goes through the tracker's relay (`--relay`); in a private room
     /// the tracker passes on only sealed messages and never learns a name.
     #[tokio::test]
@@ -1271,23 +1369,7 @@ mod private_rooms {
         let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: true, ..TrackerConfig::default() };
         let (tracker, _stop, _task) = start_tracker_with(config).await;
         // A member of the room nobody can reach (it registered, but listens nowhere)...
-        let ghost = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let ghost_addr = ghost.local_addr().unwrap();
-        drop(ghost);
-        let mut registration = p2pchat::net::connect_from(ghost_addr, tracker).await.unwrap();
-        let hello = Hello {
-            v: PROTOCOL_VERSION,
-            id: "ghost".into(),
-            name: None,
-            room: key.room_id(),
-            listen_port: Some(ghost_addr.port()),
-            peers: vec![],
-            identity: None,
-            relay: false,
-        };
-        registration.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
-        let mut welcome = [0u8; 512];
-        let _ = tokio::time::timeout(WAIT, registration.read(&mut welcome)).await.unwrap().unwrap();
+        let _ghost = register_ghost(tracker, &key.room_id()).await;
         // ... and one on the relay already (a raw member holding the key).
         let mut quin = RawMember::join_room(tracker, "quin-session", "quin", &key.room_id()).await;
         let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
@@ -1326,9 +1408,11 @@ mod private_rooms {
         quin.send(&key.seal(&reply)).await;
         let m = next_message(&mut ana_events).await;
         assert_eq!((m.sender.as_deref(), m.text.as_str(), m.signed), (Some("quin"), "count me in", true));
+        // Who the tracker says it relays is the tracker's word only: a private room lists nobody
+        // from it (see the stranger test above); quin's messages, sealed, still come.
         let relayed: Vec<_> =
             ana.peers().await.unwrap().into_iter().filter(|p| p.relayed_by == Some(tracker)).collect();
-        assert_eq!(relayed.len(), 1, "quin, through the tracker ({ana_session})");
+        assert!(relayed.is_empty(), "the tracker named members to ana ({ana_session}): {relayed:?}");
         ana.nick("anastasia").await.unwrap();
         ana.send("after the rename").await.unwrap();
         assert!(

@@ -93,7 +93,8 @@ pub(super) fn spawn(
         bytes: limits.send_queue_bytes,
     });
     let flags = Arc::new(LinkFlags::default());
-    let link = LinkTask { id, from, role, context, flags: flags.clone() };
+    let authenticated = matches!(transport, Transport::Secure(_));
+    let link = LinkTask { id, from, role, authenticated, context, flags: flags.clone() };
     let task = match transport {
         Transport::Plain(mut stream) => {
             let _ = stream.set_nodelay(true);
@@ -170,6 +171,8 @@ struct LinkTask {
     id: LinkId,
     from: SocketAddr,
     role: Role,
+    /// A private room's Noise session (its other end proved it holds the room key).
+    authenticated: bool,
     context: Arc<ReaderContext>,
     flags: Arc<LinkFlags>,
 }
@@ -208,7 +211,7 @@ impl LinkTask {
     /// Read the link until it ends; `None` when there is nothing to report as a closed link.
     async fn read(&self, half: &mut impl LinkReader) -> Option<ReadEnd> {
         let rules = &self.context.rules;
-        let mut reader = reader::LinkReader::new(self.role, self.from, now(), rules);
+        let mut reader = reader::LinkReader::new(self.role, self.from, self.authenticated, now(), rules);
         let mut out = Outputs::default();
         let mut read_size = ReadSize::new();
         let mut timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;

@@ -914,10 +914,10 @@ impl Sim {
         let binding = self.dice.seed32().to_vec();
         let remote = self.remote_of_dialler(pipe);
         let accepted = self.p2p_state(to, |state, now| state.secured(now, remote, None, binding.clone()));
-        self.open_link(to, End2 { pipe, side: 1 }, accepted, remote);
+        self.open_link(to, End2 { pipe, side: 1 }, accepted, remote, true);
         let to_addr = self.nodes[to].addr;
         let dialled = self.p2p_state(from, |state, now| state.secured(now, to_addr, Some(contact), binding));
-        self.open_link(from, End2 { pipe, side: 0 }, dialled, to_addr);
+        self.open_link(from, End2 { pipe, side: 0 }, dialled, to_addr, true);
     }
 
     /// A dial failed: tell the dialler, and try again after `backoff` while there is time left.
@@ -955,19 +955,27 @@ impl Sim {
                     Some(contact) => p.state.dialled(now, contact),
                     None => p.state.accepted(now, remote),
                 };
-                self.open_link(node, end, Some(connect), remote);
+                self.open_link(node, end, Some(connect), remote, false);
             }
             None => {}
         }
     }
 
-    /// Run a connection as the state decided: a link with its reader, or closed.
-    fn open_link(&mut self, node: NodeId, end: End2, connect: Option<Connect>, remote: SocketAddr) {
+    /// Run a connection as the state decided: a link with its reader, or closed; `authenticated`: a
+    /// private room's secured connection.
+    fn open_link(
+        &mut self,
+        node: NodeId,
+        end: End2,
+        connect: Option<Connect>,
+        remote: SocketAddr,
+        authenticated: bool,
+    ) {
         let now = self.clock(node);
         let Some(Kind::P2p(p)) = &mut self.nodes[node].kind else { return };
         match connect {
             Some(Connect::Open { link, role }) => {
-                let mut reader = LinkReader::new(role, remote, now, &p.rules);
+                let mut reader = LinkReader::new(role, remote, authenticated, now, &p.rules);
                 let mut out = Outputs::default();
                 reader.start(&mut out);
                 p.readers.insert(link, reader);

@@ -76,14 +76,17 @@ enum Phase {
 pub struct LinkReader {
     from: SocketAddr,
     role: Role,
+    /// A private room's Noise session: its other end proved it holds the room key.
+    authenticated: bool,
     phase: Phase,
     flood: Flood,
     drops: Drops,
 }
 
 impl LinkReader {
-    /// A link from `from`, opening as `role`; call [`Self::start`] once before anything else.
-    pub fn new(role: Role, from: SocketAddr, now: Now, rules: &LinkRules) -> Self {
+    /// A link from `from`, opening as `role`, over a private room's Noise session or not
+    /// (`authenticated`); call [`Self::start`] once before anything else.
+    pub fn new(role: Role, from: SocketAddr, authenticated: bool, now: Now, rules: &LinkRules) -> Self {
         let wait = match role {
             Role::Probe => rules.limits.probe_timeout,
             Role::Accepted | Role::DialOriginal => rules.limits.decide_timeout,
@@ -91,6 +94,7 @@ impl LinkReader {
         Self {
             from,
             role,
+            authenticated,
             phase: Phase::Opening { first: Vec::new(), deadline: now.at + wait },
             flood: Flood::new(rules.limits.max_message_rate, now.at),
             drops: Drops::default(),
@@ -313,8 +317,9 @@ impl LinkReader {
                     break Some(End::Closed { reason: format!("protocol error: {err}"), clean: false });
                 }
             };
-            let mut link =
-                rules::LinkView { from, greeted, said_bye, forwarding, flood: &mut self.flood, drops: &mut self.drops };
+            let authenticated = self.authenticated;
+            let (flood, drops) = (&mut self.flood, &mut self.drops);
+            let mut link = rules::LinkView { from, authenticated, greeted, said_bye, forwarding, flood, drops };
             if let Some(end) = rules::take_frame(now, rules, &mut link, frame, out) {
                 break Some(end);
             }

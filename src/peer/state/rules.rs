@@ -125,6 +125,8 @@ impl Drops {
 /// A p2pchat link as the frame rules see it.
 pub struct LinkView<'a> {
     pub from: SocketAddr,
+    /// A private room's Noise session (see [`private_room_takes`]).
+    pub authenticated: bool,
     /// Its hello came.
     pub greeted: &'a mut bool,
     /// It said `bye`.
@@ -157,6 +159,22 @@ fn authentic_and_fresh(chat: &Chat, now: Now, rules: &LinkRules) -> Result<(), S
     Ok(())
 }
 
+/// Whether a private room takes `frame` from this link. A link that never ran the Noise handshake
+/// (our link to the tracker's relay) is nobody's word: whoever runs or watches the tracker, or knows
+/// the room's id, could be writing on it. It may carry only what the room key authenticates (sealed
+/// messages) and what changes nothing here: its own hello, pings, a goodbye, an error. So no name,
+/// presence (`relay_open`, `relay_close`), history or plain message comes from it.
+fn private_room_takes(rules: &LinkRules, link: &LinkView<'_>, frame: &Frame) -> bool {
+    if rules.room_key.is_none() || link.authenticated {
+        return true;
+    }
+    match frame {
+        Frame::Sealed { .. } | Frame::Ping | Frame::Bye | Frame::Error { .. } => true,
+        Frame::Hello(_) => !*link.greeted,
+        _ => false,
+    }
+}
+
 /// Apply the rules to one frame from a p2pchat link; `Some(end)` ends the link.
 pub fn take_frame(
     now: Now,
@@ -166,6 +184,10 @@ pub fn take_frame(
     out: &mut Outputs,
 ) -> Option<End> {
     let from = link.from;
+    if !private_room_takes(rules, link, &frame) {
+        log::debug!("ignoring a frame from {from}: a private room takes only sealed messages without the handshake");
+        return None;
+    }
     // A sealed message is opened here and then taken as any message; what is passed on to relay
     // partners stays sealed.
     let (frame, passed_on) = match frame {
@@ -342,8 +364,13 @@ mod tests {
 
     /// A reader that accepted a link and read `frames` (after the magic), all at once.
     fn read_frames(rules: &LinkRules, frames: &[Frame]) -> Outputs {
+        read_link(rules, false, frames)
+    }
+
+    /// [`read_frames`] on a private room's Noise session (`authenticated`) or not.
+    fn read_link(rules: &LinkRules, authenticated: bool, frames: &[Frame]) -> Outputs {
         let base = Instant::now();
-        let mut reader = LinkReader::new(Role::Accepted, from(), at(base, 0), rules);
+        let mut reader = LinkReader::new(Role::Accepted, from(), authenticated, at(base, 0), rules);
         let mut out = Outputs::default();
         reader.start(&mut out);
         let buf = reader.read_buffer().expect("reading");
@@ -363,6 +390,55 @@ mod tests {
                 _ => None,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_private_room_takes_only_sealed_messages_from_a_link_without_the_handshake() {
+        let key =
+            Arc::new(RoomKey::from_secret("", &format!("p2pc1-{}-{}", "11".repeat(32), frames::hex(b"r"))).unwrap());
+        // Fresh for each link below: they bring the same message ids.
+        let private_rules = || LinkRules {
+            room: key.room_id(),
+            authors: Some(Arc::new(Mutex::new(KnownKeys::load(None).unwrap()))),
+            room_key: Some(key.clone()),
+            ..rules(200)
+        };
+        let identity = crate::identity::Identity::from_secret([7; 32]);
+        let chat = |id: &str, text: &str| {
+            let mut chat = Chat {
+                id: id.into(),
+                from: "ana".into(),
+                room: key.room_id(),
+                ts: at(Instant::now(), 1).wall_ms,
+                hlc: 0,
+                text: text.into(),
+                key: None,
+                sig: None,
+            };
+            identity.sign_chat(&mut chat);
+            chat
+        };
+        let unsealed = [
+            Frame::Msg(chat("m1", "plain")),
+            Frame::Nick { name: "eve".into() },
+            Frame::RelayOpen { peer: "p".repeat(32), name: Some("eve".into()), addr: "10.0.0.9:1".into() },
+            Frame::RelayClose { peer: "p".repeat(32), reason: "gone".into(), clean: true },
+            Frame::RelayAsk { peer: "p".repeat(32), addr: None },
+            Frame::HistoryRequest { req: 1, limit: 10, after: None },
+            Frame::History { req: 1, msgs: vec![chat("m2", "old")], more: false },
+        ];
+        let mut frames = vec![hello()];
+        frames.extend(unsealed.iter().cloned());
+        frames.push(key.seal(&chat("m3", "sealed")));
+        let out = read_link(&private_rules(), false, &frames);
+        assert!(matches!(out.reports.as_slice(), [Report::Hello(_)]), "{:?}", out.reports);
+        assert_eq!(shown_texts(&out), vec![("sealed".to_owned(), true)], "only the sealed message");
+        assert_eq!(out.end, None);
+        // The same frames on a Noise session are a member's, and count.
+        let out = read_link(&private_rules(), true, &frames);
+        assert_eq!(out.reports.len(), unsealed.len(), "the hello and all but the message: {:?}", out.reports);
+        let shown = vec![("plain".to_owned(), true), ("sealed".to_owned(), true)];
+        assert_eq!(shown_texts(&out), shown);
     }
 
     #[test]
@@ -401,7 +477,7 @@ mod tests {
 
         let rules = rules(200);
         let base = Instant::now();
-        let mut reader = LinkReader::new(Role::Accepted, from(), at(base, 0), &rules);
+        let mut reader = LinkReader::new(Role::Accepted, from(), false, at(base, 0), &rules);
         let mut out = Outputs::default();
         let buf = reader.read_buffer().expect("reading");
         buf.extend_from_slice(MAGIC);
@@ -417,19 +493,19 @@ mod tests {
         let rules = rules(200);
         let base = Instant::now();
         // Silence on a link we probed: an original peer that dropped our hello.
-        let mut probe = LinkReader::new(Role::Probe, from(), at(base, 0), &rules);
+        let mut probe = LinkReader::new(Role::Probe, from(), false, at(base, 0), &rules);
         let mut out = Outputs::default();
         probe.handle_timeout(at(base, 10_000), &rules, &mut out);
         assert!(matches!(out.reports.as_slice(), [Report::ProbeRejected]));
         assert_eq!(out.end, Some(End::Quietly));
         // Silence on a link we accepted: an original peer that has not typed yet.
-        let mut accepted = LinkReader::new(Role::Accepted, from(), at(base, 0), &rules);
+        let mut accepted = LinkReader::new(Role::Accepted, from(), false, at(base, 0), &rules);
         let mut out = Outputs::default();
         accepted.handle_timeout(at(base, 10_000), &rules, &mut out);
         assert!(matches!(out.reports.as_slice(), [Report::Original]));
         assert_eq!(out.end, None);
         // Original bytes first: its name and its line.
-        let mut talking = LinkReader::new(Role::Accepted, from(), at(base, 0), &rules);
+        let mut talking = LinkReader::new(Role::Accepted, from(), false, at(base, 0), &rules);
         let mut out = Outputs::default();
         talking.read_buffer().expect("reading").extend_from_slice(b"<bo> :: hello");
         talking.handle_read(at(base, 1), &rules, false, &mut out);
