@@ -115,6 +115,54 @@ async fn a_raw_original_style_peer_chats_with_a_p2pchat_peer() {
     assert_eq!(&buf[..n], b"<ana> :: hi orig");
 }
 
+/// An original peer writes each line in one `write`, so a character is split only at a TCP segment
+/// boundary, and the rest follows after a retransmission (200 ms and more). The text before it is
+/// shown at once; the character waits for the rest, however long, and is never shown as U+FFFD.
+#[tokio::test]
+async fn a_character_split_across_reads_far_apart_is_joined() {
+    let (tracker, _stop) = start_tracker().await;
+    let (ana, mut ana_events) = join("ana", tracker).await;
+    let mut orig = TcpStream::connect(ana.listen_addr()).await.unwrap();
+    let line = "<orig> :: split-olá-mundo".as_bytes();
+    let cut = line.iter().position(|b| *b == 0xC3).unwrap() + 1;
+    orig.write_all(&line[..cut]).await.unwrap();
+    let first = next_message(&mut ana_events).await;
+    assert_eq!((first.sender.as_deref(), first.text.as_str()), (Some("orig"), "split-ol"));
+    // The gap is what is tested here (four times the hold-back), not a wait for something.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    orig.write_all(&line[cut..]).await.unwrap();
+    let rest = next_message(&mut ana_events).await;
+    assert_eq!((rest.text.as_str(), rest.starts_message), ("á-mundo", false), "the same line, continued");
+}
+
+/// A port scanner's bytes are not a chat peer's: an original peer's stream opens with `<NAME> :: `.
+/// The connection is dropped, and nothing it sent is shown or logged (before, newcomers were even
+/// served it as history). A real original peer right after it is shown as ever.
+#[tokio::test]
+async fn bytes_that_open_with_no_header_are_dropped_unshown_and_unlogged() {
+    let (tracker, _stop) = start_tracker().await;
+    let (ana, mut ana_events) = join("ana", tracker).await;
+    for junk in [&b"gM\x8f\x00\x17 scanner bytes"[..], b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"<not a header at all"] {
+        let mut scanner = TcpStream::connect(ana.listen_addr()).await.unwrap();
+        scanner.write_all(junk).await.unwrap();
+        let mut buf = [0u8; 64];
+        let closed = tokio::time::timeout(WAIT, scanner.read(&mut buf)).await.expect("ana dropped it");
+        assert!(matches!(closed, Ok(0) | Err(_)), "{junk:?}: {closed:?}");
+    }
+    let mut orig = TcpStream::connect(ana.listen_addr()).await.unwrap();
+    orig.write_all(b"<orig> :: after the scan").await.unwrap();
+    let mut shown = Vec::new();
+    loop {
+        match tokio::time::timeout(WAIT, ana_events.recv()).await.unwrap().unwrap() {
+            Event::Message(m) if m.text == "after the scan" => break,
+            other => shown.push(format!("{other:?}")),
+        }
+    }
+    assert!(shown.iter().all(|e| !e.contains("scanner") && !e.contains("GET")), "{shown:?}");
+    let logged: Vec<String> = ana.history(100, None).await.unwrap().into_iter().map(|r| r.text).collect();
+    assert_eq!(logged, vec!["after the scan".to_owned()]);
+}
+
 #[tokio::test]
 async fn close_delivers_queued_lines_and_tells_the_others() {
     let (tracker, _stop) = start_tracker().await;

@@ -80,7 +80,8 @@ pub struct Limits {
     pub send_queue_bytes: usize,
     /// Events buffered for the application before readers wait (backpressure onto the senders).
     pub event_queue: usize,
-    /// A possible header prefix or split character at the end of a read is held back at most this long.
+    /// A possible header prefix at the end of an original peer's read is held back at most this long
+    /// (a split character waits for its other bytes, however long).
     pub hold_back: Duration,
     /// How long `close` lets queued lines drain before the sockets are closed.
     pub close_grace: Duration,

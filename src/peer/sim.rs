@@ -1190,7 +1190,7 @@ fn check_invariants(sim: &Sim, stayed: &[NodeId], presence: Presence) -> Result<
                         .map_err(|_| format!("{} got bytes that are not UTF-8", node.name))?;
                     let mut decoder = chat::ChatDecoder::new();
                     let mut pieces = decoder.feed(stream.as_bytes());
-                    pieces.extend(decoder.flush());
+                    pieces.extend(decoder.finish());
                     if pieces.iter().any(|p| p.sender.as_ref().is_none_or(|s| !sim.names_ever.contains(s))) {
                         return Err(format!("{} got text that is not `<NAME> :: text`: {stream:?}", node.name));
                     }

@@ -11,8 +11,10 @@
 //! * text is handed out as soon as it arrives (chat is latency-sensitive and the stream has no
 //!   terminator), so a message whose bytes arrive in two bursts comes out as a first piece and a
 //!   continuation piece of the same sender ([`Piece::starts_message`]). Only a possible header prefix at
-//!   the very end of a read (`<ali`), a header without text yet, or a split character is held back until
-//!   the next read or [`ChatDecoder::flush`] (which the connection calls when the stream goes idle).
+//!   the very end of a read (`<ali`) or a header without text yet is held back until the next read or
+//!   [`ChatDecoder::flush`] (which the connection calls when the stream goes idle). A split character
+//!   waits for its other bytes however long they take (a lost TCP segment is retransmitted after
+//!   200 ms and more), and becomes U+FFFD only if the stream ends first ([`ChatDecoder::finish`]).
 
 use thiserror::Error;
 
@@ -162,10 +164,6 @@ impl Utf8Stream {
         self.partial.clear();
         Some(char::REPLACEMENT_CHARACTER)
     }
-
-    fn has_partial(&self) -> bool {
-        !self.partial.is_empty()
-    }
 }
 
 #[derive(Debug)]
@@ -204,8 +202,15 @@ impl ChatDecoder {
         self.drain(false)
     }
 
-    /// The stream went idle or ended: hand out whatever was held back.
+    /// The stream went idle: hand out what was held back in case a header followed (a possible
+    /// header prefix, a header with no text yet). The first bytes of a split character stay: the
+    /// rest is on its way.
     pub fn flush(&mut self) -> Vec<Piece> {
+        self.drain(true)
+    }
+
+    /// The stream ended: hand out everything, a character that never got its last bytes as U+FFFD.
+    pub fn finish(&mut self) -> Vec<Piece> {
         if let Some(replacement) = self.utf8.finish() {
             self.pending.push(replacement);
         }
@@ -214,7 +219,7 @@ impl ChatDecoder {
 
     /// Whether [`flush`](Self::flush) would hand out something that `feed` held back.
     pub fn has_held_back(&self) -> bool {
-        !self.pending.is_empty() || self.utf8.has_partial() || self.open.as_ref().is_some_and(|m| !m.emitted)
+        !self.pending.is_empty() || self.open.as_ref().is_some_and(|m| !m.emitted)
     }
 
     fn drain(&mut self, flushing: bool) -> Vec<Piece> {
@@ -280,6 +285,37 @@ impl ChatDecoder {
     }
 }
 
+/// What the first bytes of an original peer's stream are: every line the original writes is
+/// `<NAME> :: text`, and a connection starts at a line, so anything else is not a chat peer (a port
+/// scanner, another service).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineStart {
+    /// A whole `<NAME> :: ` header.
+    Header,
+    /// Too few bytes to tell: they could still become one.
+    Maybe,
+    /// They cannot.
+    Not,
+}
+
+/// Whether `first`, the first bytes of a stream, open with a `<NAME> :: ` header.
+pub fn line_start(first: &[u8]) -> LineStart {
+    let text = match std::str::from_utf8(first) {
+        Ok(text) => text,
+        // A name cut inside a character: judge what came before it.
+        Err(err) if err.error_len().is_none() => std::str::from_utf8(&first[..err.valid_up_to()]).unwrap_or(""),
+        Err(_) => return LineStart::Not,
+    };
+    let Some(after) = text.strip_prefix('<') else {
+        return if text.is_empty() { LineStart::Maybe } else { LineStart::Not };
+    };
+    match header_name_len(after) {
+        Some(len) if after[len + 1..].starts_with(SEPARATOR) => LineStart::Header,
+        _ if could_be_header_prefix(after) => LineStart::Maybe,
+        _ => LineStart::Not,
+    }
+}
+
 /// The byte length of a name that could stand in a header at the start of `after` (the text after `<`):
 /// 1 to 40 characters up to the next `>`, without line breaks.
 fn header_name_len(after: &str) -> Option<usize> {
@@ -322,7 +358,7 @@ mod tests {
         for chunk in chunks {
             pieces.extend(decoder.feed(chunk));
         }
-        pieces.extend(decoder.flush());
+        pieces.extend(decoder.finish());
         let mut out: Vec<(Option<String>, String)> = Vec::new();
         for p in pieces {
             match out.last_mut() {
@@ -430,6 +466,33 @@ mod tests {
         assert!(d.feed(b"<ana> :: ").is_empty());
         assert!(d.has_held_back());
         assert_eq!(d.flush(), vec![piece("ana", "", true)]);
+    }
+
+    #[test]
+    fn a_stream_is_a_chat_peers_only_if_it_opens_with_a_header() {
+        for first in [&b"<ana> :: hi"[..], b"<ana> :: ", "<já> :: ✓".as_bytes()] {
+            assert_eq!(line_start(first), LineStart::Header, "{first:?}");
+        }
+        for first in [&b""[..], b"<", b"<an", b"<ana>", b"<ana> :", b"<j\xC3"] {
+            assert_eq!(line_start(first), LineStart::Maybe, "{first:?}");
+        }
+        let long_name = format!("<{}", "n".repeat(MAX_NAME_CHARS + 1));
+        for first in
+            [&b"GET / HTTP/1.1"[..], b"\x16\x03\x01", b"<ana>:: x", b"<> :: x", b"<a\nb> :: x", long_name.as_bytes()]
+        {
+            assert_eq!(line_start(first), LineStart::Not, "{first:?}");
+        }
+    }
+
+    #[test]
+    fn a_split_character_waits_for_its_other_bytes_however_idle_the_stream() {
+        let mut d = ChatDecoder::new();
+        assert_eq!(d.feed(b"<ana> :: ol\xC3"), vec![piece("ana", "ol", true)], "the text before it at once");
+        assert!(!d.has_held_back(), "nothing for the idle timer");
+        assert_eq!(d.flush(), vec![], "idle: the character is not given up");
+        assert_eq!(d.feed(b"\xA1!"), vec![piece("ana", "\u{e1}!", false)]);
+        assert_eq!(d.feed(b" \xE2\x9C"), vec![piece("ana", " ", false)]);
+        assert_eq!(d.finish(), vec![piece("ana", "\u{fffd}", false)], "the stream ended inside it");
     }
 
     #[test]

@@ -19,7 +19,7 @@ use crate::history::store::Record;
 use crate::peer::types::{Now, Role};
 use crate::peer::{Event, Message};
 use crate::protocol::MAGIC;
-use crate::wire::chat::{ChatDecoder, Piece};
+use crate::wire::chat::{line_start, ChatDecoder, LineStart, Piece};
 use crate::wire::frames::{classify_opening, FrameDecoder, Opening};
 
 /// How a link's reading ended.
@@ -62,6 +62,9 @@ enum Phase {
         decoder: Box<ChatDecoder>,
         pending: Vec<u8>,
         hold_until: Option<Instant>,
+        /// Its first bytes were a `<NAME> :: ` header: a chat peer. Until then nothing it sends is
+        /// shown or logged, and `hold_until` is when it must have sent one.
+        vetted: bool,
     },
     /// p2pchat frames; the link is dead once nothing arrived by `silent_at`.
     P2pchat {
@@ -139,11 +142,17 @@ impl LinkReader {
                     self.become_p2pchat(now, rules, rest);
                     self.take_frames(now, rules, forwarding, out);
                 }
-                Opening::Original => {
-                    let first = std::mem::take(first);
-                    self.become_original(first, out);
-                    self.take_pieces(now, rules, out);
-                }
+                // An original peer's first bytes are a header; until they can be told apart from
+                // a scanner's, wait (the opening's deadline still runs).
+                Opening::Original => match line_start(first) {
+                    LineStart::Header => {
+                        let first = std::mem::take(first);
+                        self.become_original(first, out);
+                        self.take_pieces(now, rules, out);
+                    }
+                    LineStart::Maybe => {}
+                    LineStart::Not => self.not_a_chat_peer(out),
+                },
                 Opening::Undecided => {}
             },
             Phase::Original { .. } => self.take_pieces(now, rules, out),
@@ -160,7 +169,7 @@ impl LinkReader {
         let end = match &mut self.phase {
             Phase::Opening { .. } => return self.opening_failed("closed by the other side".to_owned(), out),
             Phase::Original { decoder, .. } => {
-                let pieces = decoder.flush();
+                let pieces = decoder.finish();
                 self.deliver(now, rules, pieces, out);
                 End::StreamEnded
             }
@@ -177,7 +186,7 @@ impl LinkReader {
         let end = match &mut self.phase {
             Phase::Opening { .. } => return self.opening_failed(reason, out),
             Phase::Original { decoder, .. } => {
-                let pieces = decoder.flush();
+                let pieces = decoder.finish();
                 self.deliver(now, rules, pieces, out);
                 End::Closed { reason, clean: false }
             }
@@ -192,6 +201,10 @@ impl LinkReader {
     pub fn handle_timeout(&mut self, now: Now, rules: &LinkRules, out: &mut Outputs) {
         match &mut self.phase {
             Phase::Opening { first, deadline } if now.at >= *deadline => {
+                if classify_opening(first) == Opening::Original {
+                    // The start of a header, and nothing more.
+                    return self.not_a_chat_peer(out);
+                }
                 if !first.is_empty() {
                     return self.opening_failed("sent a partial p2pchat opening, then nothing".to_owned(), out);
                 }
@@ -201,6 +214,9 @@ impl LinkReader {
                     return self.opening_failed(String::new(), out);
                 }
                 self.become_original(Vec::new(), out);
+            }
+            Phase::Original { vetted: false, hold_until, .. } if hold_until.is_some_and(|at| now.at >= at) => {
+                self.not_a_chat_peer(out)
             }
             Phase::Original { decoder, hold_until, .. } if hold_until.is_some_and(|at| now.at >= at) => {
                 *hold_until = None;
@@ -213,6 +229,13 @@ impl LinkReader {
             }
             _ => {}
         }
+    }
+
+    /// Its first bytes are neither the magic nor a `<NAME> :: ` header: not a chat peer. Dropped,
+    /// and nothing it sent is shown or logged.
+    fn not_a_chat_peer(&mut self, out: &mut Outputs) {
+        let reason = "not a chat peer (its first bytes are no `<NAME> :: ` header)".to_owned();
+        self.end(End::Closed { reason, clean: false }, out);
     }
 
     fn end(&mut self, end: End, out: &mut Outputs) {
@@ -233,7 +256,8 @@ impl LinkReader {
 
     fn become_original(&mut self, first: Vec<u8>, out: &mut Outputs) {
         out.reports.push(Report::Original);
-        self.phase = Phase::Original { decoder: Box::new(ChatDecoder::new()), pending: first, hold_until: None };
+        self.phase =
+            Phase::Original { decoder: Box::new(ChatDecoder::new()), pending: first, hold_until: None, vetted: false };
     }
 
     fn become_p2pchat(&mut self, now: Now, rules: &LinkRules, rest: Vec<u8>) {
@@ -245,9 +269,21 @@ impl LinkReader {
 
     /// Decode what an original peer sent and show it.
     fn take_pieces(&mut self, now: Now, rules: &LinkRules, out: &mut Outputs) {
-        let Phase::Original { decoder, pending, hold_until } = &mut self.phase else { return };
+        let Phase::Original { decoder, pending, hold_until, vetted } = &mut self.phase else { return };
         if pending.is_empty() {
             return;
+        }
+        if !*vetted {
+            // Kept in `pending` until they are a header: a known original peer we dialled, or one
+            // silent until now, must open with one too.
+            match line_start(pending) {
+                LineStart::Header => *vetted = true,
+                LineStart::Maybe => {
+                    hold_until.get_or_insert(now.at + rules.limits.decide_timeout);
+                    return;
+                }
+                LineStart::Not => return self.not_a_chat_peer(out),
+            }
         }
         let had_name = decoder.name().is_some();
         let pieces = decoder.feed(pending);
