@@ -163,6 +163,154 @@ async fn bytes_that_open_with_no_header_are_dropped_unshown_and_unlogged() {
     assert_eq!(logged, vec!["after the scan".to_owned()]);
 }
 
+/// Open a link to `at` as a p2pchat member whose hello lists `peers`; the stream after the magic.
+async fn hello_listing(at: std::net::SocketAddr, peers: Vec<p2pchat::wire::frames::Member>) -> TcpStream {
+    use p2pchat::protocol::PROTOCOL_VERSION;
+    use p2pchat::wire::frames::{self, Frame, Hello};
+    let mut stream = TcpStream::connect(at).await.unwrap();
+    let hello = Hello {
+        v: PROTOCOL_VERSION,
+        id: frames::random_id(),
+        name: Some("mallory".into()),
+        room: String::new(),
+        listen_port: None,
+        peers,
+        identity: None,
+        relay: false,
+    };
+    stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
+    stream
+}
+
+/// Peer exchange cannot turn a peer into a port scanner for the member who writes the list:
+/// a hello listing more than a room holds is refused; a shorter one is dialled a few addresses at a
+/// time; and an address that answers but is not the p2pchat member announced (here, ports that
+/// accept and say nothing) is neither shown nor listed in our hellos, so the list's author learns
+/// nothing of which ports are open. The room goes on.
+#[tokio::test]
+async fn peer_exchange_cannot_make_a_peer_a_scanner() {
+    use p2pchat::wire::frames::{self, Frame, Member};
+    let (tracker, _stop) = start_tracker().await;
+    let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+    config.limits.probe_timeout = Duration::from_millis(300);
+    let (ana, mut ana_events, _) = peer::join(config).await.unwrap();
+    let member =
+        |addr: std::net::SocketAddr| Member { addr: addr.to_string(), p2pchat: true, id: Some(frames::random_id()) };
+    // 5,000 addresses: refused, nothing dialled.
+    // (Without session ids, as an older version sends them: under the frame size bound.)
+    let huge: Vec<Member> = (0..5_000)
+        .map(|i| Member { id: None, ..member(std::net::SocketAddr::from(([127, 0, 0, 1], 20_000 + i))) })
+        .collect();
+    let mut refused = hello_listing(ana.listen_addr(), huge).await;
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, refused.read_to_end(&mut answer)).await.expect("the link was closed").unwrap();
+    assert!(String::from_utf8_lossy(&answer).contains("more than a room holds"), "{answer:?}");
+    // 40 ports that accept and stay silent, counted: how many of ana's dials are open at once.
+    #[derive(Default, Clone, Copy, Debug)]
+    struct Dials {
+        accepted: usize,
+        open: usize,
+        most_open: usize,
+    }
+    let (counts, mut watch) = tokio::sync::watch::channel(Dials::default());
+    let counts = std::sync::Arc::new(counts);
+    let mut silent = Vec::new();
+    for _ in 0..40 {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        silent.push(listener.local_addr().unwrap());
+        let counts = counts.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                counts.send_modify(|d| {
+                    d.accepted += 1;
+                    d.open += 1;
+                    d.most_open = d.most_open.max(d.open);
+                });
+                let counts = counts.clone();
+                tokio::spawn(async move {
+                    let mut sink = Vec::new();
+                    let _ = stream.read_to_end(&mut sink).await;
+                    counts.send_modify(|d| d.open -= 1);
+                });
+            }
+        });
+    }
+    let _mallory = hello_listing(ana.listen_addr(), silent.iter().map(|a| member(*a)).collect()).await;
+    let dials = *tokio::time::timeout(Duration::from_secs(30), watch.wait_for(|d| d.accepted >= 40 && d.open == 0))
+        .await
+        .expect("ana dialled every address and gave each up")
+        .unwrap();
+    assert!(dials.most_open <= 8, "{} dials open at once: {dials:?}", dials.most_open);
+    // None of them is shown or listed, to ana or in her hello to a newcomer.
+    let listed: Vec<_> = ana.peers().await.unwrap().into_iter().filter(|p| silent.contains(&p.addr)).collect();
+    assert!(listed.is_empty(), "{listed:?}");
+    let mut bob = RawMember::join(ana.listen_addr(), "bob-session", "bob").await;
+    let advertised: Vec<_> =
+        bob.their_hello.peers.iter().filter(|m| silent.iter().any(|a| a.to_string() == m.addr)).collect();
+    assert!(advertised.is_empty(), "ana's hello lists {advertised:?}");
+    ana.send("still chatting").await.unwrap();
+    bob.next(|f| matches!(f, Frame::Msg(m) if m.text == "still chatting")).await;
+    while let Ok(Some(event)) = ana_events.try_recv() {
+        if let Event::Joined { addr, .. } = event {
+            assert!(!silent.contains(&addr), "{addr} was shown joining");
+        }
+    }
+}
+
+/// An original peer that a member names to us (peer exchange, for a peer that joined through
+/// members alone) is linked, and sent our lines, but shown and listed only once it says a line: a
+/// silent port would tell the member's author nothing.
+#[tokio::test]
+async fn an_original_peer_named_by_a_member_is_shown_once_it_speaks() {
+    let orig = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let orig_addr = orig.local_addr().unwrap();
+    // Bob reaches the original peer: his probe is dropped (as the original drops a 0xFF), and his
+    // second dial speaks the original protocol.
+    let mut bob_config = PeerConfig::new("bob", "127.0.0.1", 1);
+    bob_config.tracker = None;
+    bob_config.peers = vec![orig_addr];
+    let bob_joining = tokio::spawn(peer::join(bob_config));
+    let (probe, _) = tokio::time::timeout(WAIT, orig.accept()).await.unwrap().unwrap();
+    drop(probe);
+    let (_from_bob, _) = tokio::time::timeout(WAIT, orig.accept()).await.unwrap().unwrap();
+    let (bob, _bob_events, _) = bob_joining.await.unwrap().unwrap();
+    // Ana joins through bob alone, and hears of the original peer in his hello.
+    let mut ana_config = PeerConfig::new("ana", "127.0.0.1", 1);
+    ana_config.tracker = None;
+    ana_config.peers = vec![bob.listen_addr()];
+    let (ana, mut ana_events, _) = peer::join(ana_config).await.unwrap();
+    let (mut from_ana, _) = tokio::time::timeout(WAIT, orig.accept()).await.unwrap().unwrap();
+    // Ana's link to it is up once a line of hers arrives there (a line sent before it was up is
+    // not carried to it, as with the original).
+    let mut got = [0u8; 64];
+    let n = tokio::time::timeout(WAIT, async {
+        loop {
+            ana.send("to everyone").await.unwrap();
+            if let Ok(read) = tokio::time::timeout(Duration::from_millis(100), from_ana.read(&mut got)).await {
+                return read.unwrap();
+            }
+        }
+    })
+    .await
+    .expect("ana's line reached the original peer");
+    assert!(got[..n].starts_with(b"<ana> :: to everyone"), "linked, and sent our lines");
+    assert!(ana.peers().await.unwrap().iter().all(|p| p.addr != orig_addr), "listed before it said a line");
+    from_ana.write_all(b"<orig> :: hi ana").await.unwrap();
+    // Its line and its join (the line goes straight to the screen; the join comes from the state).
+    let (mut joined, mut said) = (false, false);
+    while !(joined && said) {
+        match tokio::time::timeout(WAIT, ana_events.recv()).await.unwrap().unwrap() {
+            Event::Joined { addr, name, protocol, .. } if addr == orig_addr => {
+                assert_eq!((name.as_deref(), protocol), (Some("orig"), Protocol::Original));
+                joined = true;
+            }
+            Event::Message(m) if m.text == "hi ana" => said = true,
+            _ => {}
+        }
+    }
+    assert!(ana.peers().await.unwrap().iter().any(|p| p.addr == orig_addr));
+}
+
 #[tokio::test]
 async fn close_delivers_queued_lines_and_tells_the_others() {
     let (tracker, _stop) = start_tracker().await;

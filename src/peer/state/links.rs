@@ -10,7 +10,7 @@ impl PeerState {
         let peers = self
             .links
             .values()
-            .filter(|l| matches!(l.kind, LinkKind::P2pchat | LinkKind::Original))
+            .filter(|l| l.is_member())
             .filter_map(|l| {
                 l.listen_addr.map(|a| Member {
                     addr: a.to_string(),
@@ -51,6 +51,23 @@ impl PeerState {
             } else {
                 self.refuse(id, ERR_ROOM, format!("this peer is in room {:?}", self.room))
             };
+        }
+        if hello.peers.len() > self.limits.max_links {
+            let message = format!("a hello listing {} members, more than a room holds", hello.peers.len());
+            log::warn!("refusing {remote}: {message}");
+            return self.refuse(id, ERR_MALFORMED, message);
+        }
+        // A member named to us must be the one announced (see `learned`).
+        let listen_addr = self.links.get(&id).and_then(|l| l.listen_addr.filter(|_| l.outgoing));
+        if let Some((announced, _)) = self.learned_unconfirmed(listen_addr) {
+            let wrong = announced.is_some_and(|announced| announced != hello.id);
+            if let Some(addr) = listen_addr {
+                self.learned_settled(addr);
+            }
+            if wrong {
+                log::debug!("{remote} is not the member we were told listens there; closing it");
+                return self.close_quietly(id);
+            }
         }
         // On a private link the other end proves its identity key for this very link: no proof, no link.
         if let Some(binding) = binding {
@@ -131,9 +148,7 @@ impl PeerState {
             });
         }
         self.after_adopting(now, id, &hello.id);
-        for member in hello.peers {
-            self.consider(member);
-        }
+        self.learn(now, id, hello.peers);
     }
 
     pub(super) fn on_original(&mut self, now: Now, id: LinkId) {
@@ -142,18 +157,39 @@ impl PeerState {
             log::debug!("link {id} speaks the original protocol, which has no rooms; closing it");
             return self.close_quietly(id);
         }
+        let listen_addr = self.links.get(&id).and_then(|l| l.listen_addr.filter(|_| l.outgoing));
+        let learned = self.learned_unconfirmed(listen_addr).map(|(_, p2pchat)| p2pchat);
+        if let Some(addr) = listen_addr.filter(|_| learned.is_some()) {
+            self.learned_settled(addr);
+        }
+        if learned == Some(true) {
+            log::debug!(
+                "{} was named to us as a p2pchat member, but is not one; closing it",
+                listen_addr.map_or(String::new(), |a| a.to_string())
+            );
+            return self.close_quietly(id);
+        }
         let Some(link) = self.links.get_mut(&id) else { return };
         link.kind = LinkKind::Original;
-        if link.outgoing {
+        // Named to us as an original peer: shown once it says a line.
+        link.unconfirmed = learned == Some(false);
+        if link.outgoing && !link.unconfirmed {
             if let Some(addr) = link.listen_addr {
                 self.originals.insert(addr);
             }
         }
         let (addr, outgoing, held) = (link.shown_addr(), link.outgoing, std::mem::take(&mut link.held));
+        let unconfirmed = link.unconfirmed;
         self.flush_held(now, id, held);
+        if !unconfirmed {
+            self.original_joined(addr, None, outgoing);
+        }
+    }
+
+    fn original_joined(&mut self, addr: SocketAddr, name: Option<String>, outgoing: bool) {
         self.emit(Event::Joined {
             addr,
-            name: None,
+            name,
             protocol: Protocol::Original,
             outgoing,
             relayed_by: None,
@@ -173,6 +209,10 @@ impl PeerState {
         if let Some(link) = self.links.remove(&id) {
             self.out(Output::Close { link: id, how: Closing::Now });
             let addr = link.shown_addr();
+            if self.learned_unconfirmed(Some(addr)).is_some() {
+                log::debug!("{addr}, which a member told us about, did not answer as a p2pchat member");
+                return self.learned_settled(addr);
+            }
             if self.links.values().any(|l| l.kind == LinkKind::P2pchat && l.listen_addr == Some(addr)) {
                 // A p2pchat member we are linked to closed a second link (a version that does
                 // not say `duplicate`): not an original peer.
@@ -227,6 +267,14 @@ impl PeerState {
             None => id,
         };
         let Some(link) = self.links.get_mut(&id) else { return };
+        if link.unconfirmed {
+            // Its first line: an original peer after all, shown from now on.
+            link.unconfirmed = false;
+            link.name = Some(name.clone());
+            let (addr, outgoing) = (link.shown_addr(), link.outgoing);
+            self.originals.insert(addr);
+            return self.original_joined(addr, Some(name), outgoing);
+        }
         if link.name.as_deref() == Some(name.as_str()) {
             return;
         }
@@ -353,27 +401,6 @@ impl PeerState {
         Some(addr)
     }
 
-    /// A member another peer told us about: dial it unless we know it already.
-    ///
-    /// Original members are only dialled by a peer that joined through members alone (`--peer`): one
-    /// that joined through a tracker dialled every original peer the tracker knew, and every later one
-    /// dialled it, on a link whose listen address we cannot know (so we could not tell it is the same).
-    pub(super) fn consider(&mut self, member: Member) {
-        let Ok(addr) = member.addr.parse::<SocketAddr>() else { return };
-        let ours = addr.port() == self.listen_port
-            && (addr.ip().is_loopback()
-                || addr.ip().is_unspecified()
-                || self.links.values().any(|l| l.remote.ip() == addr.ip()));
-        let known = self.dialling.contains(&addr)
-            || self.links.values().any(|l| l.listen_addr == Some(addr) || l.remote == addr)
-            || (!member.p2pchat && (self.joined_via_tracker || !self.in_default_room()));
-        if !ours && !known {
-            log::debug!("dialling {addr}, which a member told us about");
-            let known = if member.p2pchat { None } else { Some(Protocol::Original) };
-            self.dial(Contact { addr, known }, self.limits.retry_refused_for);
-        }
-    }
-
     pub(super) fn dial(&mut self, contact: Contact, retry_for: Duration) {
         self.dial_from(contact, None, retry_for);
     }
@@ -421,7 +448,10 @@ impl PeerState {
         if let Some(link) = self.links.remove(&id) {
             self.out(Output::Close { link: id, how: Closing::Now });
             log::info!("link to {} closed ({reason})", link.shown_addr());
-            let announced = matches!(link.kind, LinkKind::P2pchat | LinkKind::Original);
+            let announced = link.is_member();
+            if let Some(addr) = link.listen_addr.filter(|_| link.outgoing) {
+                self.learned_settled(addr);
+            }
             let (addr, name) = (link.shown_addr(), link.name.clone());
             let lost = link.kind == LinkKind::P2pchat && !clean;
             let peer_id = link.peer_id.clone();
@@ -436,8 +466,11 @@ impl PeerState {
 
     /// Close a link that never joined, without telling anyone.
     pub(super) fn close_quietly(&mut self, id: LinkId) {
-        if self.links.remove(&id).is_some() {
+        if let Some(link) = self.links.remove(&id) {
             self.out(Output::Close { link: id, how: Closing::Now });
+            if let Some(addr) = link.listen_addr.filter(|_| link.outgoing) {
+                self.learned_settled(addr);
+            }
         }
     }
 

@@ -19,6 +19,7 @@
 
 mod exchange;
 pub mod ids;
+mod learned;
 mod links;
 mod punching;
 pub mod reader;
@@ -44,7 +45,7 @@ use crate::private::RoomKey;
 use crate::protocol::DEFAULT_ROOM;
 use crate::wire::chat;
 use crate::wire::frames::{
-    self, Chat, Frame, Hello, Member, Position, ERR_DUPLICATE, ERR_IDENTITY, ERR_ROOM, ERR_VERSION,
+    self, Chat, Frame, Hello, Member, Position, ERR_DUPLICATE, ERR_IDENTITY, ERR_MALFORMED, ERR_ROOM, ERR_VERSION,
 };
 
 use crate::protocol::PROTOCOL_VERSION;
@@ -193,6 +194,9 @@ struct Link {
     probed: bool,
     /// Which of our names that hello carried (see `PeerState::renames`).
     hello_renames: u32,
+    /// An original peer a member named to us that has not said a line yet: not shown, not listed
+    /// (see `learned`).
+    unconfirmed: bool,
     /// Lines held until the protocol is known.
     held: Vec<Arc<OutLine>>,
     /// What it may still make us send as history.
@@ -208,6 +212,11 @@ struct Link {
 impl Link {
     fn shown_addr(&self) -> SocketAddr {
         self.listen_addr.unwrap_or(self.remote)
+    }
+
+    /// A member of the room we hold a direct link to, shown and listed in our hellos.
+    fn is_member(&self) -> bool {
+        matches!(self.kind, LinkKind::P2pchat | LinkKind::Original) && !self.unconfirmed
     }
 }
 
@@ -260,6 +269,8 @@ pub struct PeerState {
     originals: HashSet<SocketAddr>,
     /// Addresses being dialled (so peer exchange does not dial them twice).
     dialling: HashSet<SocketAddr>,
+    /// Addresses members told us about, dialled at a bounded pace.
+    learned: learned::Learned,
     /// Members we asked the tracker to punch through to (once each).
     punched: HashSet<SocketAddr>,
     /// Lines held for an original peer being redialled after it dropped our probe (and every line sent
@@ -340,6 +351,7 @@ impl PeerState {
             next_link: 0,
             originals: HashSet::new(),
             dialling: HashSet::new(),
+            learned: learned::Learned::new(now.at),
             punched: HashSet::new(),
             carried: HashMap::new(),
             retiring: HashMap::new(),
@@ -377,13 +389,14 @@ impl PeerState {
     /// When the state next needs [`Self::handle_timeout`] (besides the keep-alive [`Self::tick`]).
     pub fn poll_timeout(&self) -> Option<Instant> {
         let join = (self.ready_told && self.requests.waits_for_join()).then_some(self.history_deadline);
-        join.into_iter().chain(self.receipts.next_deadline()).min()
+        join.into_iter().chain(self.receipts.next_deadline()).chain(self.learned.next_dial()).min()
     }
 
     /// Time passed: the join may stop waiting for its history; an answer's first part may be late, or
     /// the whole answer.
     pub fn handle_timeout(&mut self, now: Now) {
         self.settle(now);
+        self.dial_learned(now);
         let expired = self.receipts.expire(now.at);
         for (link, req) in expired.released {
             self.out(Output::History { link, req, job: Job::Tell(Event::HistorySynced { received: 0 }) });
@@ -533,7 +546,11 @@ impl PeerState {
         silent: bool,
     ) {
         self.untried.remove(&addr);
+        if gave_up {
+            self.learned_settled(addr);
+        }
         self.on_dial_failed(addr, known, reason, gave_up, silent);
+        self.dial_learned(now);
         self.ask_relays(now);
         self.settle(now);
     }
@@ -594,6 +611,7 @@ impl PeerState {
             peer_id: None,
             probed,
             hello_renames: self.renames,
+            unconfirmed: false,
             held: Vec::new(),
             budget: AnswerBudget::new(&self.history, now.at),
             binding,
@@ -635,6 +653,7 @@ impl PeerState {
             }
             Report::Forward { line } => self.forward(link, line),
         }
+        self.dial_learned(now);
         self.settle(now);
     }
 
@@ -773,7 +792,7 @@ impl PeerState {
             (Some(_), false) if self.tracker_registers => TrackerState::Reconnecting,
             (Some(_), false) => TrackerState::Original,
         };
-        let linked = self.links.values().filter(|l| matches!(l.kind, LinkKind::P2pchat | LinkKind::Original)).count();
+        let linked = self.links.values().filter(|l| l.is_member()).count();
         Status { members: linked + self.relays.relayed().count(), tracker }
     }
 
@@ -782,7 +801,7 @@ impl PeerState {
         let mut peers: Vec<PeerInfo> = self
             .links
             .values()
-            .filter(|l| l.kind != LinkKind::Relay)
+            .filter(|l| l.kind != LinkKind::Relay && !l.unconfirmed)
             .map(|l| PeerInfo {
                 addr: l.shown_addr(),
                 name: l.name.clone(),
@@ -835,6 +854,7 @@ impl PeerState {
             ("history answers", answers, per_member),
             ("parts being logged", ingesting, receipts::MAX_INGESTING),
             ("members heard of", heard, room_size),
+            ("learned addresses", self.learned.len(), self.limits.max_links),
             ("addresses asked for", unreached, room_size),
             ("members relayed", relayed, room_size),
         ];
