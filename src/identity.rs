@@ -6,7 +6,6 @@
 //! replaced: the error names it and the ways forward.
 
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
@@ -87,11 +86,11 @@ impl Identity {
     /// overwritten (the first one in place wins, and this one is then read back).
     fn save_new(&self, path: &Path) -> std::io::Result<()> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir)?;
+            crate::owner_only::create_dir(dir)?;
         }
         let file = File { v: FORMAT, ed25519: hex(self.signing.as_bytes()) };
         let json = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
-        let temporary = write_beside(path, &json)?;
+        let temporary = crate::owner_only::write_beside(path, &json)?;
         let placed = fs::hard_link(&temporary, path);
         let _ = fs::remove_file(&temporary);
         match placed {
@@ -121,23 +120,6 @@ impl Identity {
     /// What people compare: 16 hex digits of the public key's SHA-256, in groups of four.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.public())
-    }
-}
-
-/// A new owner-only file beside `path` holding `bytes`, synced: the caller moves it into place.
-pub(crate) fn write_beside(path: &Path, bytes: &[u8]) -> std::io::Result<PathBuf> {
-    let temporary = path.with_extension(format!("new-{}", crate::wire::frames::random_id()));
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let written = options.open(&temporary).and_then(|mut f| f.write_all(bytes).and_then(|()| f.sync_all()));
-    match written {
-        Ok(()) => Ok(temporary),
-        Err(err) => {
-            let _ = fs::remove_file(&temporary);
-            Err(err)
-        }
     }
 }
 

@@ -12,6 +12,7 @@ pub mod bench;
 pub mod history;
 pub mod identity;
 pub mod net;
+pub mod owner_only;
 mod pairs;
 pub mod peer;
 pub mod private;

@@ -12,6 +12,7 @@
 //! No I/O: the secret is read by the caller (never from the command line; see the client).
 
 use std::fmt;
+use zeroize::{Zeroize, Zeroizing};
 
 use sha2::{Digest, Sha256};
 use thiserror::Error;
@@ -57,6 +58,12 @@ pub struct RoomKey {
     key: [u8; 32],
 }
 
+impl Drop for RoomKey {
+    fn drop(&mut self) {
+        self.key.zeroize();
+    }
+}
+
 impl fmt::Debug for RoomKey {
     // Never print the key itself (logs, tracebacks).
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -75,7 +82,7 @@ impl RoomKey {
         if let Some(code) = secret.trim().strip_prefix(INVITE_PREFIX) {
             let invited = Self::from_invite(code)?;
             if !room.is_empty() && invited.name != room {
-                return Err(SecretError::OtherRoom { invited: invited.name, asked: room.to_owned() });
+                return Err(SecretError::OtherRoom { invited: invited.name.clone(), asked: room.to_owned() });
             }
             return Ok(invited);
         }
@@ -86,19 +93,19 @@ impl RoomKey {
             .map_err(|e| SecretError::Kdf(e.to_string()))?;
         let kdf = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
         let salt = &tagged_hash(b"p2pchat room salt v1", room.as_bytes())[..16];
-        let mut key = [0u8; 32];
-        kdf.hash_password_into(secret.as_bytes(), salt, &mut key).map_err(|e| SecretError::Kdf(e.to_string()))?;
-        Ok(Self { name: room.to_owned(), key })
+        let mut key = Zeroizing::new([0u8; 32]);
+        kdf.hash_password_into(secret.as_bytes(), salt, &mut *key).map_err(|e| SecretError::Kdf(e.to_string()))?;
+        Ok(Self { name: room.to_owned(), key: *key })
     }
 
     fn from_invite(code: &str) -> Result<Self, SecretError> {
         let (key_hex, name_hex) = code.split_once('-').ok_or(SecretError::BadInvite)?;
-        let key: [u8; 32] = unhex_array(key_hex).ok_or(SecretError::BadInvite)?;
+        let key = Zeroizing::new(unhex_array::<32>(key_hex).ok_or(SecretError::BadInvite)?);
         let name = unhex(name_hex).and_then(|n| String::from_utf8(n).ok()).ok_or(SecretError::BadInvite)?;
         if crate::wire::chat::validate_room(&name).is_err() || name.is_empty() {
             return Err(SecretError::BadInvite);
         }
-        Ok(Self { name, key })
+        Ok(Self { name, key: *key })
     }
 
     /// The room's name, as its members call it.

@@ -207,3 +207,48 @@ def test_messages_say_whether_their_author_signed_them(tmp_path):
                 message = ana.recv(timeout=10)
                 assert (message.text, message.signed) == (f"hello {room_name}", signed)
                 assert ana.history(limit=1)[0].signed is signed, "the log keeps the signature"
+
+
+def test_files_are_private_at_rest(tmp_path):
+    """After a private-room session, the data directory p2pchat made is its owner's alone, and so is
+    every file in it (message log with its -wal and -shm, identity, known keys), whatever the umask."""
+    previous = os.umask(0o022)
+    try:
+        with Tracker("127.0.0.1", 0) as tracker:
+            host, port = tracker.address
+            dirs = {name: tmp_path / name / "data" for name in ("ana", "bob")}
+            with Peer("ana", host, port, room="plans", secret=SECRET, data_dir=dirs["ana"], history=0) as ana, \
+                    Peer("bob", host, port, room="plans", secret=SECRET, data_dir=dirs["bob"], history=0) as bob:
+                bob.send("kept to ourselves")
+                assert ana.recv(timeout=10).text == "kept to ourselves"
+                files = {p.name for p in dirs["ana"].iterdir()}
+                assert any(name.endswith("-wal") for name in files), files  # checked while the log is open
+                modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in dirs["ana"].iterdir()}
+                assert all(mode == 0o600 for mode in modes.values()), modes
+        for data in dirs.values():
+            assert stat.S_IMODE(data.stat().st_mode) == 0o700
+            assert stat.S_IMODE(data.parent.stat().st_mode) == 0o700, "made by p2pchat too"
+            names = {p.name for p in data.iterdir()}
+            assert {"identity.json", "known_keys.json"} <= names, names
+            modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in data.iterdir()}
+            assert all(mode == 0o600 for mode in modes.values()), modes
+    finally:
+        os.umask(previous)
+
+
+def test_the_environment_forgets_the_secret_once_read(tmp_path, monkeypatch):
+    import argparse
+
+    from p2pchat.client import room_secret
+    monkeypatch.setenv("P2PCHAT_SECRET", SECRET)
+    assert room_secret(argparse.Namespace(secret_file=None, private=False, json=False, room="plans")) == SECRET
+    assert "P2PCHAT_SECRET" not in os.environ, "a program started from here would inherit it"
+
+
+def test_the_client_warns_about_a_secret_file_others_can_read(room, tmp_path):
+    secret_file = tmp_path / "secret"
+    secret_file.write_text(SECRET + "\n", encoding="utf-8")
+    os.chmod(secret_file, 0o644)
+    tracker = room.p2pchat_tracker()
+    ana = room.p2pchat_peer("ana", tracker.port, "--room", "plans", "--secret-file", str(secret_file), "--history", "0")
+    ana.proc.err.saw(r"^client\.py: warning: other accounts on this machine can read the secret file .*chmod 600 it$")

@@ -129,12 +129,18 @@ def room_secret(args: argparse.Namespace) -> Optional[str]:
     """The private room's secret or invite code: from --secret-file, P2PCHAT_SECRET, or a prompt (with
     --private); None for an open room."""
     if args.secret_file is not None:
+        secret_file: Path = args.secret_file
         try:
-            secret_file: Path = args.secret_file
-            return secret_file.read_text(encoding="utf-8")
+            secret = secret_file.read_text(encoding="utf-8")
+            loose = os.name == "posix" and secret_file.stat().st_mode & 0o077
         except (OSError, UnicodeDecodeError) as err:
-            raise SecretUnavailable(f"cannot read the secret file {str(args.secret_file)!r}: {err}") from None
-    from_env = os.environ.get("P2PCHAT_SECRET", "")
+            raise SecretUnavailable(f"cannot read the secret file {str(secret_file)!r}: {err}") from None
+        if loose:
+            print(f"client.py: warning: other accounts on this machine can read the secret file {str(secret_file)!r}; "
+                  f"chmod 600 it", file=sys.stderr)
+        return secret
+    # Taken out of the environment once read, so that no program started from here inherits it.
+    from_env = os.environ.pop("P2PCHAT_SECRET", "")
     if from_env:
         return from_env
     if not args.private:

@@ -134,9 +134,12 @@ impl Store {
         let (conn, in_memory, found_version) = match location {
             Location::Memory => (small_lookaside(Connection::open_in_memory()?), true, 0),
             Location::Dir(dir) => {
-                std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir { path: dir.clone(), source })?;
+                crate::owner_only::create_dir(dir)
+                    .map_err(|source| StoreError::CreateDir { path: dir.clone(), source })?;
                 let path = dir.join(FILE_NAME);
                 let unusable = |reason: String| StoreError::Unusable { path: path.clone(), reason };
+                // Owner-only before SQLite opens it: its -wal and -shm then take the same mode.
+                crate::owner_only::own_file(&path).map_err(|e| unusable(e.to_string()))?;
                 let flags =
                     OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
                 let conn =

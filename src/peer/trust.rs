@@ -114,7 +114,7 @@ impl KnownKeys {
 /// Write `json` as the known-keys file at `path`: beside it first, then moved into place (a crash
 /// leaves the old or the new). Blocking.
 pub fn save(path: &std::path::Path, json: &[u8]) -> std::io::Result<()> {
-    let temporary = crate::identity::write_beside(path, json)?;
+    let temporary = crate::owner_only::write_beside(path, json)?;
     let placed = fs::rename(&temporary, path);
     if placed.is_err() {
         let _ = fs::remove_file(&temporary);
