@@ -68,15 +68,21 @@ def relayed_join(proc, name: str, relay_ip: str, timeout: float = 45):
     return proc.err.saw(rf"^\* {name} \(.*\) joined \(p2pchat, relayed by {re.escape(relay_ip)}:\d+\)$", timeout=timeout)
 
 
-def test_peers_behind_symmetric_routers_talk_through_a_relay(bed):
-    """A symmetric NAT picks a new port per destination, so neither dial nor punch can reach it; the
-    member on the public side that both reach relays, and every message is shown once."""
+def symmetric_pair_and_a_public_member(bed):
+    """A tracker and "rel" on the public side, "ana" and "bob" each behind a symmetric router."""
     public, relay_host = bed.public_host(), bed.public_host()
     ana_home, bob_home = bed.nat_host("symmetric"), bed.nat_host("symmetric")
     start_tracker(bed, public)
     rel, _ = start_client(bed, relay_host, "rel", public.ip)
     ana, _ = start_client(bed, ana_home, "ana", public.ip)
     bob, _ = start_client(bed, bob_home, "bob", public.ip)
+    return relay_host, rel, ana, bob
+
+
+def test_peers_behind_symmetric_routers_talk_through_a_relay(bed):
+    """A symmetric NAT picks a new port per destination, so neither dial nor punch can reach it; the
+    member on the public side that both reach relays, and every message is shown once."""
+    relay_host, rel, ana, bob = symmetric_pair_and_a_public_member(bed)
     relayed_join(bob, "ana", relay_host.ip)
     relayed_join(ana, "bob", relay_host.ip)
     rel.err.saw(r"relaying between", timeout=5)
@@ -93,6 +99,26 @@ def test_peers_behind_symmetric_routers_talk_through_a_relay(bed):
     assert bob.out.count(r"^<ana> :: ana through the relay \d$") == 3
     bob.line("/who")
     bob.err.saw(rf"^\*   ana \(.*\) p2pchat, relayed by {re.escape(relay_host.ip)}:\d+$")
+
+
+def test_lines_typed_before_the_relay_opens_still_arrive(bed):
+    """Two peers behind symmetric routers, and a public member. Both start typing at once, long before
+    their relay is set up (their dials, then the punch, must fail first): each line still reaches the
+    other side exactly once, live or caught up through the relay once it opens. (Before anti-entropy,
+    none of the lines typed before the relay opened ever arrived.)"""
+    _, _, ana, bob = symmetric_pair_and_a_public_member(bed)
+    for n in range(10):
+        ana.line(f"ana early {n}")
+        bob.line(f"bob early {n}")
+    for n in range(10):
+        bob.out.saw(rf"^(\[history [^]]*\] )?<ana> :: ana early {n}$", timeout=60)
+        ana.out.saw(rf"^(\[history [^]]*\] )?<bob> :: bob early {n}$", timeout=60)
+    ana.line("the end")
+    bob.out.saw(r"^<ana> :: the end$")
+    bob.line("the end")
+    ana.out.saw(r"^<bob> :: the end$")
+    assert bob.out.count(r"^(\[history [^]]*\] )?<ana> :: ana early \d$") == 10
+    assert ana.out.count(r"^(\[history [^]]*\] )?<bob> :: bob early \d$") == 10
 
 
 def test_a_room_mixing_public_cone_and_symmetric_peers_delivers_everything(bed):

@@ -22,6 +22,7 @@ mod actor;
 mod bootstrap;
 mod connection;
 mod outbox;
+mod recent;
 mod relay;
 mod secure;
 mod seen;

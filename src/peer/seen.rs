@@ -14,6 +14,8 @@ pub const REMEMBERED_IDS: usize = 65_536;
 
 #[derive(Debug)]
 pub struct SeenIds {
+    /// The recent messages shown, by stamp, for anti-entropy summaries (see `recent`).
+    pub recent: super::recent::Recent,
     order: VecDeque<u64>,
     set: HashSet<u64>,
     capacity: usize,
@@ -22,7 +24,13 @@ pub struct SeenIds {
 
 impl SeenIds {
     pub fn new(capacity: usize) -> Self {
-        Self { order: VecDeque::new(), set: HashSet::new(), capacity, keys: RandomState::new() }
+        Self {
+            recent: super::recent::Recent::default(),
+            order: VecDeque::new(),
+            set: HashSet::new(),
+            capacity,
+            keys: RandomState::new(),
+        }
     }
 
     /// True the first time `id` is offered, false for a repeat.

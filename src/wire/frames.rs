@@ -228,6 +228,16 @@ pub enum Frame {
         id: String,
         data: String,
     },
+    /// Peer → member, once when their link is up: the room's recent messages we hold, per bucket of
+    /// stamps (start in milliseconds, count, XOR of the ids' keys) from `since`; the other side
+    /// asks for what it lacks (see `peer::recent`). With `reply`, the other side also sends its
+    /// own (a relay that just opened: what it passes on from now is not what we missed).
+    Summary {
+        since: u64,
+        buckets: Vec<(u64, u32, u64)>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        reply: bool,
+    },
     /// Opens a link in a private room, in place of `hello`: only the version and the room's opaque
     /// id (see `private`). The Noise handshake follows, then everything else, encrypted.
     SecureHello {
@@ -562,6 +572,7 @@ mod tests {
             Frame::RelayClose { peer: random_id(), reason: "left".into(), clean: true },
             Frame::SecureHello { v: PROTOCOL_VERSION, room: random_id() },
             Frame::Sealed { id: random_id(), data: "00ff".into() },
+            Frame::Summary { since: 1_750_000_000_000, buckets: vec![(1_750_000_010_000, 3, u64::MAX)], reply: true },
         ];
         let bytes: Vec<u8> = frames.iter().flat_map(encode).collect();
         for cut in 0..bytes.len() {

@@ -20,13 +20,34 @@ impl PeerState {
         true
     }
 
-    /// A p2pchat link is up: ask it for history if we are joining, or if it is a member we lost.
+    /// A p2pchat link is up: tell it what recent messages we hold (see `recent`), and ask it for
+    /// history if we are joining, or if it is a member we lost.
     pub(super) fn after_adopting(&mut self, now: Now, id: LinkId, peer_id: &str) {
+        self.send_summary(now, id, false);
         if let Some(ask) = self.requests.on_link_up(peer_id) {
             if !self.ask_history(now, id, ask.clone()) {
                 self.requests.not_asked(ask);
             }
         }
+    }
+
+    /// Tell the member on link `id` which recent messages we hold; `reply`: ask for its own.
+    pub(super) fn send_summary(&mut self, now: Now, id: LinkId, reply: bool) {
+        let summary = self.seen.lock().map(|seen| seen.recent.summary(now.wall_ms)).unwrap_or_default();
+        self.write_frame(id, &Frame::Summary { since: summary.since, buckets: summary.buckets, reply });
+    }
+
+    /// The member on link `id` holds these recent messages: ask it for those we lack, unless we
+    /// are asking it for history already (that answer covers the same).
+    pub(super) fn on_summary(&mut self, now: Now, id: LinkId, theirs: &Summary) {
+        if self.links.get(&id).is_none_or(|l| l.kind != LinkKind::P2pchat) || self.requests.is_asking(id) {
+            return;
+        }
+        let Some(from) = self.seen.lock().ok().and_then(|seen| seen.recent.lacking(theirs, now.wall_ms)) else {
+            return;
+        };
+        let after = Some(Key { stamp: from, id: String::new() });
+        self.ask_history(now, id, Ask { after, limit: self.history.answer_messages, purpose: sync::Purpose::CatchUp });
     }
 
     /// Answer a member's history request from our log, within its link's allowance.
@@ -82,7 +103,11 @@ impl PeerState {
         for (chat, is_new) in msgs.into_iter().zip(fresh) {
             self.clock.observe_at(chat.stamp(), now.wall_ms);
             // New to the log, and not shown live this session (the live copy may have come first).
-            if is_new && self.seen.lock().map(|mut seen| seen.first_time(&chat.id)).unwrap_or(true) {
+            let first_time = self.seen.lock().map(|mut seen| {
+                seen.recent.note(chat.stamp(), &chat.id);
+                is_new && seen.first_time(&chat.id)
+            });
+            if first_time.unwrap_or(is_new) {
                 shown.push(sync::message(chat, from, reader::received_at(now), true));
             }
         }

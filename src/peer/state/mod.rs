@@ -32,6 +32,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::recent::Summary;
 use super::relay::{self, Relays};
 use super::seen::SeenIds;
 use super::sync::{self, AnswerBudget, Ask, HistoryConfig, Part, Requests};
@@ -154,6 +155,9 @@ pub enum Report {
     RelayClosed { peer: String, reason: String, clean: bool },
     /// A new message arrived on this link, which we relay: pass it on to its partners.
     Forward { line: Line },
+    /// The recent messages the member on this link holds (sent when the link came up); `reply`:
+    /// it asks for ours in return.
+    Summary { summary: Summary, reply: bool },
 }
 
 /// One line in both encodings; each link takes the one it speaks.
@@ -639,7 +643,7 @@ impl PeerState {
             Report::HistoryRequested { req, limit, after } => self.answer_history(now, link, req, limit, after),
             Report::HistoryPart { req, msgs, more } => self.take_history_part(link, req, msgs, more),
             Report::RelayAsked { peer, addr } => self.relay_between(link, &peer, addr),
-            Report::RelayOpened { peer, name, addr } => self.relayed_to_us(link, peer, name, addr),
+            Report::RelayOpened { peer, name, addr } => self.relayed_to_us(now, link, peer, name, addr),
             Report::RelayClosed { peer, reason, clean } => {
                 // An answer to an ask by address: that neighbour is not linked to it; ask the next.
                 if let Ok(addr) = peer.parse::<SocketAddr>() {
@@ -652,6 +656,12 @@ impl PeerState {
                 }
             }
             Report::Forward { line } => self.forward(link, line),
+            Report::Summary { summary, reply } => {
+                if reply {
+                    self.send_summary(now, link, false);
+                }
+                self.on_summary(now, link, &summary);
+            }
         }
         self.dial_learned(now);
         self.settle(now);
@@ -733,6 +743,7 @@ impl PeerState {
         }
         if let Ok(mut seen) = self.seen.lock() {
             seen.first_time(&message.id);
+            seen.recent.note(stamp, &message.id);
         }
         // Logged only once it is queued on every link (below): a history answer being made for a
         // member meanwhile (on another worker) then either misses it or is queued after it, so the

@@ -134,7 +134,14 @@ impl PeerState {
     }
 
     /// Link `via` relays member `peer` to us.
-    pub(super) fn relayed_to_us(&mut self, via: LinkId, peer: String, name: Option<String>, addr: SocketAddr) {
+    pub(super) fn relayed_to_us(
+        &mut self,
+        now: Now,
+        via: LinkId,
+        peer: String,
+        name: Option<String>,
+        addr: SocketAddr,
+    ) {
         let Some(via_addr) = self
             .links
             .get(&via)
@@ -149,6 +156,9 @@ impl PeerState {
         match self.relays.opened(via, peer, name.clone(), addr) {
             relay::Opened::New => {
                 log::info!("{addr} is relayed to us by {via_addr}");
+                // What the member said before the relay opened went to the relay, not to us: learn
+                // what the relay holds that we lack.
+                self.send_summary(now, via, true);
                 self.emit(Event::Joined {
                     addr,
                     name,

@@ -244,6 +244,9 @@ pub fn take_frame(
                     out.reports.push(Report::Forward { line });
                 }
                 rules.clock.observe_at(chat.stamp(), now.wall_ms);
+                if let Ok(mut seen) = rules.seen.lock() {
+                    seen.recent.note(chat.stamp(), &chat.id);
+                }
                 out.to_log.push(sync::chat_to_record(&chat));
                 out.to_show.push(Event::Message(sync::message(chat, from, super::reader::received_at(now), false)));
             }
@@ -274,6 +277,9 @@ pub fn take_frame(
             }
         }
         Frame::Bye => *link.said_bye = true,
+        Frame::Summary { since, buckets, reply } => {
+            out.reports.push(Report::Summary { summary: crate::peer::recent::Summary { since, buckets }, reply })
+        }
         Frame::RelayAsk { peer, addr } => {
             let addr = addr.and_then(|a| a.parse().ok());
             out.reports.push(Report::RelayAsked { peer, addr });
