@@ -342,7 +342,7 @@ def run_floor(args, inbox: Inbox) -> None:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser()
+    parser = argparse.ArgumentParser(allow_abbrev=False)
     parser.add_argument("--impl", choices=("p2pchat", "p2pchat-asyncio", "baseline", "floor", "floor-rust"), required=True)
     parser.add_argument("--tracker-port", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)

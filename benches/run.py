@@ -799,7 +799,7 @@ def chart(results: dict, path: Path) -> Optional[Path]:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description="p2pchat vs the asyncio baseline, side by side")
+    parser = argparse.ArgumentParser(description="p2pchat vs the asyncio baseline, side by side", allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="a small smoke run (seconds, not minutes)")
     parser.add_argument("--only", default="latency,throughput,tracker,scale,history", help="comma-separated scenarios")
     parser.add_argument("--repeats", type=int, help="runs per figure (default 3; 1 with --quick)")

@@ -19,7 +19,7 @@ from typing import Optional
 
 import pytest
 from harness import Proc, Room
-from netns import require_netns
+from netns import cannot_run, require_netns
 
 PUBLIC_NET = "10.77.0"
 
@@ -136,7 +136,7 @@ def bed():
     require_netns("nft")
     probe = subprocess.run(["ip", "netns", "add", f"p2pnat-probe-{uuid.uuid4().hex[:5]}"], capture_output=True, text=True)
     if probe.returncode != 0:
-        pytest.skip(f"cannot create a network namespace: {probe.stderr.strip()}")
+        cannot_run(f"cannot create a network namespace: {probe.stderr.strip()}")
     subprocess.run(["ip", "netns", "del", probe.args[-1]], capture_output=True)
     built = NatBed()
     try:

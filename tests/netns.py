@@ -1,7 +1,8 @@
 """Network namespaces created by a test for itself: isolated loopback, own firewall, removed afterwards.
 
 Needs root (CAP_NET_ADMIN), iproute2's `ip` and, for firewall rules, `nft` (.ci/run installs both).
-Tests that need them skip with the reason when they cannot run.
+Tests that need them skip with the reason when they cannot run, except in CI (`CI` set), where not
+running them is a failure: a green CI run has run every one of them.
 """
 
 import os
@@ -14,12 +15,19 @@ import pytest
 from harness import Proc, Room, python
 
 
+def cannot_run(reason: str) -> None:
+    """This test cannot run here: a skip on a developer's machine, a failure in CI."""
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must run the network-namespace tests, but this one cannot: {reason}")
+    pytest.skip(reason)
+
+
 def require_netns(*tools: str) -> None:
     if os.geteuid() != 0:
-        pytest.skip("needs root to create a network namespace")
+        cannot_run("needs root to create a network namespace")
     for tool in ("ip", *tools):
         if shutil.which(tool) is None:
-            pytest.skip(f"needs `{tool}` (Debian package {'nftables' if tool == 'nft' else 'iproute2'})")
+            cannot_run(f"needs `{tool}` (Debian package {'nftables' if tool == 'nft' else 'iproute2'})")
 
 
 class Namespace:
@@ -29,7 +37,7 @@ class Namespace:
         self.name = f"p2pchat-test-{uuid.uuid4().hex[:8]}"
         created = subprocess.run(["ip", "netns", "add", self.name], capture_output=True, text=True)
         if created.returncode != 0:
-            pytest.skip(f"cannot create a network namespace: {created.stderr.strip()}")
+            cannot_run(f"cannot create a network namespace: {created.stderr.strip()}")
         self.room = Room()
         self.sh("ip", "link", "set", "lo", "up")
 

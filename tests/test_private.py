@@ -157,9 +157,10 @@ def test_the_secret_file_is_read_and_the_secret_never_needs_the_command_line(roo
                      "bob", env={"P2PCHAT_SECRET": SECRET})
     bob.err.expect(r"connected to 1 of 1 peer\(s\)")
     ana.proc.err.saw(r"^\* bob \(.*\) joined \(p2pchat, encrypted, key [0-9a-f-]{19}\)$")
-    # There is no flag that takes the secret itself.
+    # There is no flag that takes the secret itself (and no abbreviation of --secret-file).
     refused = room.start(python("client.py", "--secret", SECRET), "argv")
     assert refused.wait() == 2
+    refused.err.saw(r"client\.py: error: unrecognized arguments: --secret")
 
 
 def test_the_python_api_takes_a_secret_and_refuses_a_weak_one():

@@ -21,7 +21,7 @@ examples:
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="p2pchat", description="Peer-to-peer group chat.", epilog=EXAMPLES,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")
     parser.add_argument("command", choices=("server", "client"), help="run the tracker, or join a room")
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the command's own options")

@@ -81,7 +81,9 @@ Type a line and press Enter to send it to everyone; /quit, Ctrl-C or Ctrl-D leav
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # No abbreviations: `--secret` must not quietly mean `--secret-file`.
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="client.py",
         description="Join a p2pchat room: ask the tracker who is there, then chat with everyone directly.",
         epilog=EXAMPLES,

@@ -21,6 +21,7 @@ examples:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,
         prog="server.py",
         description="Run a p2pchat tracker. It only tells newcomers who is in the room; chat goes peer to peer.",
         epilog=EXAMPLES,
