@@ -218,6 +218,13 @@ def original_exchange(port: int, host: str = "127.0.0.1", payload: bytes = b"", 
         return answer
 
 
+def home(name: str) -> Path:
+    """The data directory of the simulated user `name` in this test (under the test's own, which
+    tests/conftest.py sets): two users never share a message log or an identity, so no delivery check
+    can pass on another user's history. The programs a test starts get the same, by name."""
+    return Path(os.environ["P2PCHAT_DATA_DIR"]) / name
+
+
 def wait_until(predicate, what: str, timeout: float = WAIT) -> None:
     """Poll a cheap local query (bounded) until it holds."""
     deadline = time.monotonic() + timeout

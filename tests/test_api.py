@@ -12,7 +12,7 @@ import time
 
 import p2pchat
 import pytest
-from harness import WAIT, assert_clean_stderr, python, wait_until
+from harness import WAIT, assert_clean_stderr, home, python, wait_until
 from p2pchat import (
     AddressInUse,
     InvalidInput,
@@ -59,7 +59,7 @@ def test_tracker_address_and_remembered_peers(tracker):
     assert host == "127.0.0.1" and port > 0
     assert tracker.running
     assert tracker.peers() == []
-    with Peer("ana", host, port) as ana:
+    with Peer("ana", host, port, data_dir=home("ana")) as ana:
         assert tracker.peers() == [("127.0.0.1", ana.address[1])]
     assert "running" in repr(tracker)
 
@@ -76,7 +76,7 @@ def test_tracker_stop_is_idempotent_and_frees_the_port():
 
 def test_blocking_send_and_receive(tracker):
     host, port = tracker.address
-    with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+    with Peer("ana", host, port, data_dir=home("ana")) as ana, Peer("bob", host, port, data_dir=home("bob")) as bob:
         assert ana.join_result == (0, 0)
         assert bob.join_result == (1, 1)
         wait_connected(ana, 1)
@@ -96,7 +96,7 @@ def test_blocking_send_and_receive(tracker):
 
 def test_post_sends_without_a_reply_in_order_with_send(tracker):
     host, port = tracker.address
-    with Peer("ana", host, port, max_message_rate=100_000) as ana, Peer("bob", host, port) as bob:
+    with Peer("ana", host, port, max_message_rate=100_000, data_dir=home("ana")) as ana, Peer("bob", host, port, data_dir=home("bob")) as bob:
         wait_connected(bob, 1)
         # Posted as fast as Python can, with a send now and then: nothing is lost or reordered. (That a
         # post waits for room in a full command queue is pinned in tests/mesh.rs.) Fewer lines than
@@ -115,7 +115,7 @@ def test_post_sends_without_a_reply_in_order_with_send(tracker):
 
 
 def test_recv_timeout_returns_none(tracker):
-    with Peer("ana", *tracker.address) as ana:
+    with Peer("ana", *tracker.address, data_dir=home("ana")) as ana:
         assert ana.recv(timeout=0.05) is None
         with pytest.raises(ValueError):
             ana.recv(timeout=-1)
@@ -123,7 +123,7 @@ def test_recv_timeout_returns_none(tracker):
 
 def test_iteration_ends_when_the_peer_closes(tracker):
     host, port = tracker.address
-    with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+    with Peer("ana", host, port, data_dir=home("ana")) as ana, Peer("bob", host, port, data_dir=home("bob")) as bob:
         wait_connected(ana, 1)
         for i in range(3):
             bob.send(f"m{i}")
@@ -139,8 +139,8 @@ def test_iteration_ends_when_the_peer_closes(tracker):
 
 def test_leaving_peer_is_reported(tracker):
     host, port = tracker.address
-    with Peer("ana", host, port) as ana:
-        with Peer("bob", host, port) as bob:
+    with Peer("ana", host, port, data_dir=home("ana")) as ana:
+        with Peer("bob", host, port, data_dir=home("bob")) as bob:
             wait_connected(ana, 1)
             bob.send("bye")
         assert next_message(ana).text == "bye"
@@ -152,13 +152,13 @@ def test_leaving_peer_is_reported(tracker):
 @pytest.mark.parametrize("name", ["", "x" * 41, "a>b", "two\nlines"])
 def test_invalid_names_are_refused(name):
     with pytest.raises(InvalidInput):
-        Peer(name)
+        Peer(name, data_dir=home(name))
 
 
 @pytest.mark.parametrize("text", ["", "a\nb", "a\rb", "x" * (p2pchat.MAX_TEXT_BYTES + 1)])
 def test_invalid_texts_are_refused_and_nothing_is_sent(tracker, text):
     host, port = tracker.address
-    with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+    with Peer("ana", host, port, data_dir=home("ana")) as ana, Peer("bob", host, port, data_dir=home("bob")) as bob:
         wait_connected(ana, 1)
         with pytest.raises(InvalidInput):
             bob.send(text)
@@ -169,7 +169,7 @@ def test_invalid_texts_are_refused_and_nothing_is_sent(tracker, text):
 def test_forty_character_names_work(tracker):
     name = "é" * 40
     host, port = tracker.address
-    with Peer(name, host, port) as a, Peer("b", host, port) as b:
+    with Peer(name, host, port, data_dir=home(name)) as a, Peer("b", host, port, data_dir=home("b")) as b:
         wait_connected(a, 1)
         b.send("x")
         a.send("y")
@@ -177,7 +177,7 @@ def test_forty_character_names_work(tracker):
 
 
 def test_misuse_gives_clear_errors(tracker):
-    peer = Peer("ana", *tracker.address)
+    peer = Peer("ana", *tracker.address, data_dir=home("ana"))
     with pytest.raises(PeerClosed, match="call join"):
         peer.send("too early")
     peer.join()
@@ -191,13 +191,13 @@ def test_unreachable_tracker():
     with Tracker(host="127.0.0.1", port=0) as t:
         port = t.address[1]
     with pytest.raises(TrackerUnreachable, match=f"127.0.0.1:{port}"):
-        Peer("ana", "127.0.0.1", port).join()
+        Peer("ana", "127.0.0.1", port, data_dir=home("ana")).join()
     with pytest.raises(TrackerUnreachable, match="cannot find the tracker host"):
-        Peer("ana", "no-such-host.invalid", port).join()
+        Peer("ana", "no-such-host.invalid", port, data_dir=home("ana")).join()
 
 
 def test_a_failed_join_can_be_retried(tracker):
-    peer = Peer("ana", "127.0.0.1", 1)
+    peer = Peer("ana", "127.0.0.1", 1, data_dir=home("ana"))
     with pytest.raises(TrackerUnreachable):
         peer.join()
     assert peer.address is None
@@ -212,14 +212,14 @@ def test_ports_in_use(tracker):
     holder.listen()
     try:
         with pytest.raises(AddressInUse, match=str(holder.getsockname()[1])):
-            Peer("ana", *tracker.address, listen=holder.getsockname()[1]).join()
+            Peer("ana", *tracker.address, listen=holder.getsockname()[1], data_dir=home("ana")).join()
     finally:
         holder.close()
 
 
 def test_blocking_waits_release_the_gil(tracker):
     host, port = tracker.address
-    with Peer("ana", host, port) as ana, Peer("bob", host, port) as bob:
+    with Peer("ana", host, port, data_dir=home("ana")) as ana, Peer("bob", host, port, data_dir=home("bob")) as bob:
         wait_connected(ana, 1)
         got = []
         waiter = threading.Thread(target=lambda: got.append(ana.recv(timeout=WAIT)))
@@ -234,7 +234,7 @@ def test_asyncio_api(tracker):
     host, port = tracker.address
 
     async def main():
-        async with Peer("ana", host, port, history=0) as ana, Peer("bob", host, port) as bob:
+        async with Peer("ana", host, port, history=0, data_dir=home("ana")) as ana, Peer("bob", host, port, data_dir=home("bob")) as bob:
             assert isinstance(await asyncio.wait_for(ana.recv_event_async(), WAIT), PeerJoined)
             assert await bob.send_async("async hello") == 1
             message = await asyncio.wait_for(ana.recv_async(), WAIT)
@@ -265,7 +265,7 @@ def test_join_async_does_not_block_the_event_loop(tracker):
                 await asyncio.sleep(0)
 
         task = asyncio.ensure_future(ticker())
-        async with Peer("ana", *tracker.address):
+        async with Peer("ana", *tracker.address, data_dir=home("ana")):
             pass
         stop.set()
         await task
@@ -288,7 +288,7 @@ def test_rust_logs_reach_python_logging(tracker):
     # Set after import, as an application does: the bridge must follow the change by itself.
     logger.setLevel(logging.DEBUG)
     try:
-        with Peer("logged", *tracker.address):
+        with Peer("logged", *tracker.address, data_dir=home("logged")):
             assert seen.wait(WAIT), "no debug record from the Rust core arrived in logging"
     finally:
         logger.removeHandler(handler)
@@ -375,7 +375,7 @@ def test_an_idle_peer_waiting_for_messages_is_not_woken(room, tracker):
         sys.stdin.readline()
     """, "idle")
     proc.out.expect("waiting")
-    with Peer("talker", *tracker.address, history=0) as talker:
+    with Peer("talker", *tracker.address, history=0, data_dir=home("talker")) as talker:
         assert talker.send("are you awake?") == 1
         proc.out.expect("are you awake?")  # its receiving thread is in place, and now waits
         before = thread_switches(proc.popen.pid)
@@ -391,7 +391,7 @@ def test_an_idle_peer_waiting_for_messages_is_not_woken(room, tracker):
 
 
 def test_exit_without_close_is_clean_and_delivers_the_last_line(room, tracker):
-    with Peer("stays", *tracker.address) as stays:
+    with Peer("stays", *tracker.address, data_dir=home("stays")) as stays:
         proc = run_script(room, f"""
             import p2pchat
             peer = p2pchat.Peer("leaves", "127.0.0.1", {tracker.address[1]}).join()
@@ -404,7 +404,7 @@ def test_exit_without_close_is_clean_and_delivers_the_last_line(room, tracker):
 
 def test_events_iterate_every_event_and_end_when_the_peer_closes(tracker):
     host, port = tracker.address
-    with Peer("ana", host, port, history=0) as ana, Peer("bob", host, port, history=0) as bob:
+    with Peer("ana", host, port, history=0, data_dir=home("ana")) as ana, Peer("bob", host, port, history=0, data_dir=home("bob")) as bob:
         events = ana.events()
         assert isinstance(next(events), PeerJoined)
         bob.send("one")
@@ -419,7 +419,7 @@ def test_callbacks_get_every_message_and_survive_one_that_raises(tracker, caplog
     from p2pchat.callbacks import listen
 
     host, port = tracker.address
-    with Peer("ana", host, port, history=0) as ana, Peer("bob", host, port, history=0) as bob:
+    with Peer("ana", host, port, history=0, data_dir=home("ana")) as ana, Peer("bob", host, port, history=0, data_dir=home("bob")) as bob:
         texts, others = [], []
 
         def on_message(message):

@@ -4,7 +4,7 @@ import signal
 import time
 
 import pytest
-from harness import WAIT, original_exchange, python, wait_until
+from harness import WAIT, home, original_exchange, python, wait_until
 from netns import namespace  # noqa: F401 - fixture
 from p2pchat import Peer, Tracker
 
@@ -87,7 +87,7 @@ def test_ipv6_between_p2pchat_peers_and_ipv4_lists_for_original_clients(room):
     can dial: IPv4-mapped addresses written as plain IPv4, pure IPv6 ones left out."""
     with Tracker(host="::", port=0) as tracker:
         port = tracker.address[1]
-        with Peer("six", "::1", port) as six, Peer("four", "127.0.0.1", port) as four, Peer("sixtoo", "::1", port) as sixtoo:
+        with Peer("six", "::1", port, data_dir=home("six")) as six, Peer("four", "127.0.0.1", port, data_dir=home("four")) as four, Peer("sixtoo", "::1", port, data_dir=home("sixtoo")) as sixtoo:
             assert six.join_result == (0, 0) and sixtoo.join_result == (2, 2)
             sixtoo.send("over ipv6")
             for peer in (six, four):

@@ -288,6 +288,9 @@ def test_a_member_slow_to_send_history_does_not_hold_the_room_back(tmp_path):
             member.sendall(MAGIC + frame({"type": "hello", "v": 1, "id": "slow", "name": "slow", "room": "",
                                           "listen_port": server.getsockname()[1]}))
             request = read_frame(member)
+            if request["type"] == "summary":  # what ana holds of the last minutes (nothing): skip it
+                assert request["buckets"] == []
+                request = read_frame(member)
             assert request["type"] == "history_request" and request["limit"] == 100
             member.sendall(frame({"type": "msg", "id": "live1", "from": "slow", "room": "", "ts": 1, "text": "live"}))
             events = [ana.recv_event(timeout=WAIT)]

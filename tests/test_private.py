@@ -7,7 +7,7 @@ import stat
 import threading
 
 import pytest
-from harness import python
+from harness import home, python
 from p2pchat import InvalidInput, Peer, Tracker
 
 SECRET = "correct horse battery staple"
@@ -165,14 +165,14 @@ def test_the_secret_file_is_read_and_the_secret_never_needs_the_command_line(roo
 
 def test_the_python_api_takes_a_secret_and_refuses_a_weak_one():
     with pytest.raises(InvalidInput, match="too short"):
-        Peer("ana", room="plans", secret="short")
+        Peer("ana", room="plans", secret="short", data_dir=home("ana"))
     with pytest.raises(InvalidInput, match="default room cannot be private"):
-        Peer("ana", secret=SECRET)
-    peer = Peer("ana", room="plans", secret=SECRET, save_history=False)
+        Peer("ana", secret=SECRET, data_dir=home("ana"))
+    peer = Peer("ana", room="plans", secret=SECRET, save_history=False, data_dir=home("ana"))
     assert peer.private and peer.room == "plans"
-    invited = Peer("bob", secret=peer.invite_code, save_history=False)
+    invited = Peer("bob", secret=peer.invite_code, save_history=False, data_dir=home("bob"))
     assert invited.room == "plans" and invited.invite_code == peer.invite_code
-    assert not Peer("carol", room="plans", save_history=False).private
+    assert not Peer("carol", room="plans", save_history=False, data_dir=home("carol")).private
 
 
 def test_the_client_shows_each_members_proven_key_and_flags_a_changed_one(room):

@@ -6,7 +6,7 @@ import socket
 import struct
 
 import pytest
-from harness import MAGIC, WAIT, frame, read_frame
+from harness import MAGIC, WAIT, frame, home, read_frame
 from p2pchat import MAX_TEXT_BYTES, Message, Notice, Peer, PeerJoined, Tracker
 
 
@@ -83,10 +83,16 @@ def test_joining_through_a_member_with_peer_reaches_the_whole_room(room):
     ana = room.p2pchat_peer("ana", tracker.port)
     ana.wait_connections(1)
     late = room.p2pchat_peer("late", 1, "--peer", f"127.0.0.1:{ana.listen_port}")
+    late.wait_connections(1)
+    # Ana names the original peer; late links to it, but shows it only once it says a line (a
+    # silent port named by a member must tell that member nothing).
+    ref.wait_connections(2)
+    ref.say("oi from ref")
+    late.saw_line(r"^<ref> :: oi from ref$")
     late.wait_connections(2)
     late.say("/who")
     late.proc.err.saw(r"^\*   ana \(127\.0\.0\.1:\d+\) p2pchat$")
-    late.proc.err.saw(r"^\*   127\.0\.0\.1:\d+ original$")
+    late.proc.err.saw(r"^\*   ref \(127\.0\.0\.1:\d+\) original$")
     late.say("hi everyone")
     ana.saw_line(r"^<late> :: hi everyone$")
     ref.saw_line(r"<late> :: hi everyone$")  # after the prompt its input() printed
@@ -94,7 +100,7 @@ def test_joining_through_a_member_with_peer_reaches_the_whole_room(room):
 
 @pytest.fixture
 def lone_peer():
-    with Tracker(host="127.0.0.1", port=0) as tracker, Peer("host", *tracker.address, history=0) as peer:
+    with Tracker(host="127.0.0.1", port=0) as tracker, Peer("host", *tracker.address, history=0, data_dir=home("host")) as peer:
         yield peer
 
 
@@ -123,7 +129,7 @@ def test_malformed_frames_close_the_link_not_the_peer(lone_peer, payload):
         except ConnectionResetError:
             pass
     # The peer still works: another member joins and talks.
-    with Peer("other", server=None, peers=[("127.0.0.1", lone_peer.address[1])]) as other:
+    with Peer("other", server=None, peers=[("127.0.0.1", lone_peer.address[1])], data_dir=home("other")) as other:
         event = lone_peer.recv_event(timeout=WAIT)
         while not isinstance(event, PeerJoined):
             event = lone_peer.recv_event(timeout=WAIT)
@@ -145,7 +151,7 @@ def test_the_tracker_refuses_a_future_version_clearly():
 def test_long_and_back_to_back_messages_arrive_whole_and_separate():
     with Tracker(host="127.0.0.1", port=0) as tracker:
         host, port = tracker.address
-        with Peer("ana", host, port, history=0) as ana, Peer("bob", host, port) as bob:
+        with Peer("ana", host, port, history=0, data_dir=home("ana")) as ana, Peer("bob", host, port, data_dir=home("bob")) as bob:
             assert isinstance(ana.recv_event(timeout=WAIT), PeerJoined)
             texts = ["x" * MAX_TEXT_BYTES, "short", "<bob> :: looks like a header", "é" * (MAX_TEXT_BYTES // 2)]
             texts += [f"line {i}" for i in range(200)]
@@ -160,8 +166,8 @@ def test_long_and_back_to_back_messages_arrive_whole_and_separate():
 def test_python_api_rooms_and_presence():
     with Tracker(host="127.0.0.1", port=0) as tracker:
         host, port = tracker.address
-        with Peer("ana", host, port, room="red", history=0) as ana, Peer("bob", host, port, room="red") as bob, \
-                Peer("cid", host, port, room="blue") as cid:
+        with Peer("ana", host, port, room="red", history=0, data_dir=home("ana")) as ana, Peer("bob", host, port, room="red", data_dir=home("bob")) as bob, \
+                Peer("cid", host, port, room="blue", data_dir=home("cid")) as cid:
             assert (ana.room, cid.room) == ("red", "blue")
             assert tracker.peers(room="red") == [(host, ana.address[1]), (host, bob.address[1])]
             assert tracker.peers() == []
@@ -189,7 +195,7 @@ def test_a_refused_version_falls_back_to_the_original_protocol():
     """A newer peer refuses our hello; we redial and speak the original protocol with it."""
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.settimeout(WAIT)
-        with Peer("ana", server=None, peers=[server.getsockname()], history=0) as ana:
+        with Peer("ana", server=None, peers=[server.getsockname()], history=0, data_dir=home("ana")) as ana:
             first = accept_and_read_hello(server)
             first.sendall(MAGIC + frame({"type": "error", "code": "version", "message": "I speak version 2"}))
             first.close()
@@ -206,7 +212,7 @@ def test_a_refused_version_falls_back_to_the_original_protocol():
 def test_a_message_id_is_shown_once():
     with socket.create_server(("127.0.0.1", 0)) as server:
         server.settimeout(WAIT)
-        with Peer("ana", server=None, peers=[server.getsockname()]) as ana:
+        with Peer("ana", server=None, peers=[server.getsockname()], data_dir=home("ana")) as ana:
             conn = accept_and_read_hello(server)
             conn.sendall(MAGIC + frame({"type": "hello", "v": 1, "id": "raw-peer", "name": "raw", "room": "", "listen_port": 1}))
             repeated = {"type": "msg", "id": "same-id", "from": "raw", "room": "", "ts": 0, "text": "once"}

@@ -262,6 +262,11 @@ impl Requests {
         Self { join, next: 0, asked: HashMap::new(), lost: HashMap::new(), catch_up_limit }
     }
 
+    /// The join's request is still to be made or answered.
+    pub fn join_pending(&self) -> bool {
+        self.join.is_some() || self.asked.values().any(|a| a.ask.purpose.is_join_history())
+    }
+
     pub fn waits_for_join(&self) -> bool {
         matches!(self.join, Some(Ask { purpose: Purpose::Join, .. }))
     }

@@ -300,18 +300,21 @@ pub enum LineStart {
 
 /// Whether `first`, the first bytes of a stream, open with a `<NAME> :: ` header.
 pub fn line_start(first: &[u8]) -> LineStart {
-    let text = match std::str::from_utf8(first) {
-        Ok(text) => text,
-        // A name cut inside a character: judge what came before it.
-        Err(err) if err.error_len().is_none() => std::str::from_utf8(&first[..err.valid_up_to()]).unwrap_or(""),
-        Err(_) => return LineStart::Not,
+    // Judge the valid UTF-8 the bytes start with: after a whole header the text may hold anything,
+    // but a header (and so its name) is valid UTF-8, and a character cut at the end may complete.
+    let (text, invalid) = match std::str::from_utf8(first) {
+        Ok(text) => (text, false),
+        Err(err) => {
+            let text = std::str::from_utf8(&first[..err.valid_up_to()]).unwrap_or("");
+            (text, err.error_len().is_some())
+        }
     };
     let Some(after) = text.strip_prefix('<') else {
-        return if text.is_empty() { LineStart::Maybe } else { LineStart::Not };
+        return if text.is_empty() && !invalid { LineStart::Maybe } else { LineStart::Not };
     };
     match header_name_len(after) {
         Some(len) if after[len + 1..].starts_with(SEPARATOR) => LineStart::Header,
-        _ if could_be_header_prefix(after) => LineStart::Maybe,
+        _ if could_be_header_prefix(after) && !invalid => LineStart::Maybe,
         _ => LineStart::Not,
     }
 }
@@ -470,16 +473,23 @@ mod tests {
 
     #[test]
     fn a_stream_is_a_chat_peers_only_if_it_opens_with_a_header() {
-        for first in [&b"<ana> :: hi"[..], b"<ana> :: ", "<já> :: ✓".as_bytes()] {
+        for first in [&b"<ana> :: hi"[..], b"<ana> :: ", "<já> :: ✓".as_bytes(), b"<ana> :: bad \xFF\xFE byte"] {
             assert_eq!(line_start(first), LineStart::Header, "{first:?}");
         }
         for first in [&b""[..], b"<", b"<an", b"<ana>", b"<ana> :", b"<j\xC3"] {
             assert_eq!(line_start(first), LineStart::Maybe, "{first:?}");
         }
         let long_name = format!("<{}", "n".repeat(MAX_NAME_CHARS + 1));
-        for first in
-            [&b"GET / HTTP/1.1"[..], b"\x16\x03\x01", b"<ana>:: x", b"<> :: x", b"<a\nb> :: x", long_name.as_bytes()]
-        {
+        for first in [
+            &b"GET / HTTP/1.1"[..],
+            b"\x16\x03\x01",
+            b"\xFE",
+            b"<an\xFFa> :: x",
+            b"<ana>:: x",
+            b"<> :: x",
+            b"<a\nb> :: x",
+            long_name.as_bytes(),
+        ] {
             assert_eq!(line_start(first), LineStart::Not, "{first:?}");
         }
     }

@@ -31,6 +31,21 @@ impl PeerState {
         }
     }
 
+    /// The join's history is still to be asked, answered or logged.
+    fn join_history_pending(&self) -> bool {
+        self.requests.join_pending() || self.receipts.join_open()
+    }
+
+    /// Compare the summaries that waited for the join's history, once it is in.
+    pub(super) fn compare_deferred_summaries(&mut self, now: Now) {
+        if self.deferred_summaries.is_empty() || self.join_history_pending() {
+            return;
+        }
+        for (id, summary) in std::mem::take(&mut self.deferred_summaries) {
+            self.on_summary(now, id, summary);
+        }
+    }
+
     /// Tell the member on link `id` which recent messages we hold; `reply`: ask for its own.
     pub(super) fn send_summary(&mut self, now: Now, id: LinkId, reply: bool) {
         let summary = self.seen.lock().map(|seen| seen.recent.summary(now.wall_ms)).unwrap_or_default();
@@ -38,12 +53,16 @@ impl PeerState {
     }
 
     /// The member on link `id` holds these recent messages: ask it for those we lack, unless we
-    /// are asking it for history already (that answer covers the same).
-    pub(super) fn on_summary(&mut self, now: Now, id: LinkId, theirs: &Summary) {
+    /// are asking it for history already (that answer covers the same). While the join's history
+    /// is still to come, wait for it: it brings most of what a newcomer lacks.
+    pub(super) fn on_summary(&mut self, now: Now, id: LinkId, theirs: Summary) {
         if self.links.get(&id).is_none_or(|l| l.kind != LinkKind::P2pchat) || self.requests.is_asking(id) {
             return;
         }
-        let Some(from) = self.seen.lock().ok().and_then(|seen| seen.recent.lacking(theirs, now.wall_ms)) else {
+        if self.join_history_pending() {
+            return self.deferred_summaries.push((id, theirs));
+        }
+        let Some(from) = self.seen.lock().ok().and_then(|seen| seen.recent.lacking(&theirs, now.wall_ms)) else {
             return;
         };
         let after = Some(Key { stamp: from, id: String::new() });
@@ -116,6 +135,7 @@ impl PeerState {
             self.out(Output::History { link, req, job: Job::Show(shown) });
         }
         self.finish_receipts();
+        self.compare_deferred_summaries(now);
     }
 
     /// Tell what ends each complete answer, and end its task.

@@ -273,6 +273,9 @@ pub struct PeerState {
     originals: HashSet<SocketAddr>,
     /// Addresses being dialled (so peer exchange does not dial them twice).
     dialling: HashSet<SocketAddr>,
+    /// Summaries from members that came while the join's history was still to come: compared once it
+    /// is in (it brings most of what they would show missing).
+    deferred_summaries: Vec<(LinkId, Summary)>,
     /// Addresses members told us about, dialled at a bounded pace.
     learned: learned::Learned,
     /// Members we asked the tracker to punch through to (once each).
@@ -356,6 +359,7 @@ impl PeerState {
             originals: HashSet::new(),
             dialling: HashSet::new(),
             learned: learned::Learned::new(now.at),
+            deferred_summaries: Vec::new(),
             punched: HashSet::new(),
             carried: HashMap::new(),
             retiring: HashMap::new(),
@@ -409,6 +413,7 @@ impl PeerState {
             self.requests.give_up(link, req);
         }
         self.finish_receipts();
+        self.compare_deferred_summaries(now);
     }
 
     pub fn name(&self) -> &str {
@@ -660,9 +665,10 @@ impl PeerState {
                 if reply {
                     self.send_summary(now, link, false);
                 }
-                self.on_summary(now, link, &summary);
+                self.on_summary(now, link, summary);
             }
         }
+        self.compare_deferred_summaries(now);
         self.dial_learned(now);
         self.settle(now);
     }
@@ -859,6 +865,7 @@ impl PeerState {
             ("dials", self.dialling.len(), room_size),
             ("punches", self.punched.len(), room_size),
             ("retiring links", self.retiring.len(), per_member),
+            ("summaries waiting", self.deferred_summaries.len(), per_member),
             ("members moving", self.moving.len(), room_size),
             ("history requests", asked, per_member),
             ("members to catch up from", lost, room_size),

@@ -100,6 +100,11 @@ impl Receipts {
     }
 
     /// Request `req` went out on `link` to `from`.
+    /// The join's answer is still coming in, or being logged.
+    pub fn join_open(&self) -> bool {
+        self.open.values().any(|r| r.purpose.is_join_history())
+    }
+
     pub fn asked(&mut self, link: LinkId, req: u32, from: SocketAddr, purpose: Purpose, now: Instant) {
         let (first_part_wait, answer_wait) = (self.first_part_wait, self.answer_wait);
         let receipt = Receipt {
