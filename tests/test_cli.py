@@ -235,3 +235,16 @@ def test_a_notice_is_said_once_not_again_as_a_log_warning(room):
     assert ana.proc.wait() == 0
     lines = ana.proc.err.wait_closed()
     assert sum("lost the connection to the tracker" in line for line in lines) == 1, "\n".join(lines)
+
+
+def test_control_bidi_and_invisible_characters_are_shown_escaped(room):
+    """Received text cannot drive the terminal (C0 and C1 controls), reorder what is shown (bidi
+    controls), hide characters (zero-width ones) or break a line (line separators): each is shown as
+    its escape. Tabs and ordinary text, accents and emoji included, are shown as they are."""
+    tracker = room.p2pchat_tracker()
+    ana = room.p2pchat_peer("ana", tracker.port)
+    text = "a\x1b[2Jb\x85c\u202ed\u200be\u2066f\u2028g\ufeffh\tñ ✓"
+    with socket.create_connection(("127.0.0.1", ana.listen_port), timeout=WAIT) as evil:
+        evil.sendall(f"<evil> :: {text}".encode())
+        shown = "a\\x1b[2Jb\\x85c\\u202ed\\u200be\\u2066f\\u2028g\\ufeffh\tñ ✓"
+        ana.saw_line("^" + re.escape(f"<evil> :: {shown}") + "$")

@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+import unicodedata
 from collections.abc import Collection
 from pathlib import Path
 from typing import Optional, Union
@@ -168,9 +169,18 @@ def ask_name() -> str:
     return raw[:MAX_NAME_CHARS] or DEFAULT_NAME
 
 
+# What a peer's text may not show as itself: controls (C0, DEL, C1: they move the cursor, clear the
+# screen), format characters (bidi overrides that reorder what is shown, zero-width ones that hide
+# characters) and line or paragraph separators (they break one message per line).
+HIDDEN_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp"})
+
+
 def printable(text: str) -> str:
-    """Show control characters escaped, so a peer cannot move the cursor or break one message per line."""
-    return "".join(c if c == "\t" or (c >= " " and c != "\x7f") else repr(c)[1:-1] for c in text)
+    """Show control, bidi, invisible and line-breaking characters escaped (`\\x1b`, `\\u202e`), so a
+    peer cannot drive the terminal, disguise a text or break one message per line; tabs stay tabs."""
+    return "".join(
+        repr(c)[1:-1] if c != "\t" and unicodedata.category(c) in HIDDEN_CATEGORIES else c for c in text
+    )
 
 
 def who(name: Optional[str], address: tuple[str, int]) -> str:

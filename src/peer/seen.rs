@@ -33,6 +33,11 @@ impl SeenIds {
         }
     }
 
+    /// Whether `id` was offered before (without offering it).
+    pub fn contains(&self, id: &str) -> bool {
+        self.set.contains(&self.keys.hash_one(id))
+    }
+
     /// True the first time `id` is offered, false for a repeat.
     pub fn first_time(&mut self, id: &str) -> bool {
         let key = self.keys.hash_one(id);

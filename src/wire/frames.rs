@@ -482,7 +482,9 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// The bytes `hex` wrote (either case); None for anything else.
 pub fn unhex(text: &str) -> Option<Vec<u8>> {
-    if text.len() % 2 != 0 {
+    // Hex digits only: `from_str_radix` alone also takes a sign ("+f"), which would give one value
+    // two spellings (a signature, a sealed message's data).
+    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
         return None;
     }
     (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok())).collect()
@@ -497,6 +499,15 @@ pub fn unhex_array<const N: usize>(text: &str) -> Option<[u8; N]> {
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn hex_is_hex_digits_only() {
+        assert_eq!(unhex("0aFf"), Some(vec![0x0a, 0xff]));
+        for bad in ["+f", "-1", "0g", "0", " 0a", "+f+f"] {
+            assert_eq!(unhex(bad), None, "{bad:?}");
+        }
+        assert_eq!(unhex_array::<2>("+f+f"), None);
+    }
 
     fn hello() -> Hello {
         Hello {

@@ -60,6 +60,10 @@ impl LinkRules {
     fn first_time(&self, id: &str) -> bool {
         self.seen.lock().map(|mut seen| seen.first_time(id)).unwrap_or(true)
     }
+
+    fn seen_before(&self, id: &str) -> bool {
+        self.seen.lock().map(|seen| seen.contains(id)).unwrap_or(false)
+    }
 }
 
 /// A token bucket per link: a member sending faster than `max_message_rate` (after a burst of three
@@ -228,9 +232,15 @@ pub fn take_frame(
                 link.drops.tell(format!("dropped {why}, passed on by {from}"), from, &mut out.to_show);
                 return None;
             }
-            let first_time = rules.first_time(&chat.id);
-            let (shown, notice) =
-                if first_time { link.flood.admit(now.at, from, Some(&chat.from)) } else { (false, None) };
+            // Its id is remembered only once the flood limit let it through: a copy dropped here (a
+            // muted member) may still be shown when it comes another way.
+            let (admitted, notice) = if rules.seen_before(&chat.id) {
+                (false, None)
+            } else {
+                link.flood.admit(now.at, from, Some(&chat.from))
+            };
+            // (Another link's reader may have taken the same id meanwhile: the set decides.)
+            let shown = admitted && rules.first_time(&chat.id);
             if let Some(text) = notice {
                 out.to_show.push(Event::Notice { text });
             }
@@ -472,6 +482,19 @@ mod tests {
         assert_eq!(shown_texts(&out).len(), 6, "a burst of three times the rate");
         let notices = out.to_show.iter().filter(|e| matches!(e, Event::Notice { .. })).count();
         assert_eq!(notices, 1);
+    }
+
+    #[test]
+    fn a_message_dropped_by_the_flood_limit_is_not_remembered_as_seen() {
+        let rules = rules(2);
+        let frames: Vec<Frame> = std::iter::once(hello()).chain((0..10).map(|i| msg(&format!("m{i}"), "r"))).collect();
+        let flooded = read_frames(&rules, &frames);
+        assert_eq!(shown_texts(&flooded).len(), 6);
+        // The four dropped ones come again on another link (a relay, history): shown now.
+        let again: Vec<Frame> = std::iter::once(hello()).chain((6..10).map(|i| msg(&format!("m{i}"), "r"))).collect();
+        assert_eq!(shown_texts(&read_frames(&rules, &again)).len(), 4);
+        let repeats: Vec<Frame> = std::iter::once(hello()).chain((0..3).map(|i| msg(&format!("m{i}"), "r"))).collect();
+        assert!(shown_texts(&read_frames(&rules, &repeats)).is_empty(), "what was shown stays seen");
     }
 
     #[test]
