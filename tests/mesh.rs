@@ -1188,7 +1188,9 @@ mod private_rooms {
                 .unwrap()
                 .psk(3, psk)
                 .unwrap()
-                .prologue(b"p2pchat private link v1")
+                .prologue(
+                    &[&b"p2pchat private link v1\0"[..], &PROTOCOL_VERSION.to_be_bytes(), room_id.as_bytes()].concat(),
+                )
                 .unwrap()
                 .build_initiator()
                 .unwrap();

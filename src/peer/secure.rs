@@ -115,10 +115,23 @@ async fn with_deadline(
 /// The handshake's state: the room key as the pre-shared key, and a fresh static key per link (who
 /// a member is comes from its signed identity, not from this key).
 fn noise_state(key: &RoomKey, initiator: bool) -> Result<snow::HandshakeState, snow::Error> {
+    noise_state_for(key, &prologue(PROTOCOL_VERSION, &key.room_id()), initiator)
+}
+
+/// What both ends' handshakes commit to before any key is mixed in: the protocol version and the
+/// room's id, which the `secure_hello`s carry in clear. An end that saw them altered on the way
+/// (a downgrade, another room) cannot complete the handshake.
+fn prologue(version: u32, room_id: &str) -> Vec<u8> {
+    let mut prologue = b"p2pchat private link v1\0".to_vec();
+    prologue.extend_from_slice(&version.to_be_bytes());
+    prologue.extend_from_slice(room_id.as_bytes());
+    prologue
+}
+
+fn noise_state_for(key: &RoomKey, prologue: &[u8], initiator: bool) -> Result<snow::HandshakeState, snow::Error> {
     let builder = snow::Builder::new(NOISE_PARAMS.parse()?);
     let keypair = builder.generate_keypair()?;
-    let builder =
-        builder.local_private_key(&keypair.private)?.psk(3, key.key())?.prologue(b"p2pchat private link v1")?;
+    let builder = builder.local_private_key(&keypair.private)?.psk(3, key.key())?.prologue(prologue)?;
     if initiator {
         builder.build_initiator()
     } else {
@@ -313,4 +326,41 @@ async fn encrypt_pump(
         }
     }
     let _ = tcp.shutdown().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Run the three handshake messages between two states; whether both ends complete.
+    fn completes(mut initiator: snow::HandshakeState, mut responder: snow::HandshakeState) -> bool {
+        let (mut message, mut read) = (vec![0u8; MAX_RECORD], vec![0u8; MAX_RECORD]);
+        let mut steps = || -> Result<(), snow::Error> {
+            let n = initiator.write_message(&[], &mut message)?;
+            responder.read_message(&message[..n], &mut read)?;
+            let n = responder.write_message(&[], &mut message)?;
+            initiator.read_message(&message[..n], &mut read)?;
+            let n = initiator.write_message(&[], &mut message)?;
+            responder.read_message(&message[..n], &mut read)?;
+            Ok(())
+        };
+        steps().is_ok()
+    }
+
+    #[test]
+    fn the_handshake_commits_to_the_protocol_version_and_the_room() {
+        let key = RoomKey::from_secret("", &format!("p2pc1-{}-{}", "22".repeat(32), frames::hex(b"plans"))).unwrap();
+        let state =
+            |version: u32, room: &str, initiator| noise_state_for(&key, &prologue(version, room), initiator).unwrap();
+        let id = key.room_id();
+        assert!(completes(state(PROTOCOL_VERSION, &id, true), state(PROTOCOL_VERSION, &id, false)));
+        assert!(
+            !completes(state(PROTOCOL_VERSION, &id, true), state(PROTOCOL_VERSION + 1, &id, false)),
+            "a version altered on the way"
+        );
+        assert!(
+            !completes(state(PROTOCOL_VERSION, &id, true), state(PROTOCOL_VERSION, "another room", false)),
+            "a room altered"
+        );
+    }
 }
