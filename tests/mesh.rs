@@ -1378,6 +1378,52 @@ mod private_rooms {
 
     /// Every message must be its author's: unsigned, altered, re-signed and stale ones are dropped,
     /// and the user told; a second copy under the same id is shown once.
+    /// A message captured on the way (here, re-sent by its author's end as it was) is not shown
+    /// again after its receiver restarts, within the 10 minutes it counts as fresh: the ids the
+    /// receiver's log holds are seen from the start.
+    #[tokio::test]
+    async fn a_message_replayed_after_a_restart_is_not_shown_again() {
+        use p2pchat::wire::frames::Chat;
+        let key = RoomKey::from_secret("plans", SECRET).unwrap();
+        let (tracker, _stop) = start_tracker().await;
+        let dir = std::env::temp_dir().join(format!("p2pchat-replay-{}", frames::random_id()));
+        let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+        config.private = Some(key.clone());
+        config.identity = Some(dir.join("identity.json"));
+        config.history.location = p2pchat::history::store::Location::Dir(dir.clone());
+        let raw_identity = Identity::generate().unwrap();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let signed = |text: &str| {
+            let mut chat = Chat {
+                id: frames::random_id(),
+                from: "raw".into(),
+                room: key.room_id(),
+                ts: now,
+                text: text.into(),
+                ..Chat::default()
+            };
+            raw_identity.sign_chat(&mut chat);
+            chat
+        };
+        let captured = signed("said once");
+        for (run, after) in [(1, None), (2, Some(signed("after the replay")))] {
+            let (ana, mut ana_events, _) = peer::join(config.clone()).await.unwrap();
+            let mut raw = RawDialler::handshake(ana.listen_addr(), &key.room_id(), key.key()).await;
+            let hello = raw.seal(0, &raw_hello(&key, &raw_identity, &raw.binding));
+            raw.stream.write_all(&hello).await.unwrap();
+            wait_p2pchat_links(&ana, 1).await;
+            let mut nonce = 1..;
+            for chat in std::iter::once(captured.clone()).chain(after) {
+                let record = raw.seal(nonce.next().unwrap(), &frames::encode(&Frame::Msg(chat)));
+                raw.stream.write_all(&record).await.unwrap();
+            }
+            let expected = if run == 1 { "said once" } else { "after the replay" };
+            assert_eq!(next_message(&mut ana_events).await.text, expected, "run {run}");
+            ana.close().await;
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[tokio::test]
     async fn only_messages_signed_by_their_author_are_shown() {
         use p2pchat::wire::frames::Chat;

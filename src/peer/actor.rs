@@ -145,6 +145,9 @@ pub(super) struct Setup {
     /// Ask the first p2pchat member for history after this position (`Some(None)`: the newest
     /// messages); `None`: ask nothing.
     pub history_after: Option<Option<Key>>,
+    /// The newest messages from p2pchat peers in our log (stamp, id): seen already, so a copy
+    /// replayed after a restart is not shown again, and summarised on new links (`recent`).
+    pub remembered: Vec<(u64, String)>,
     /// Whether a tracker (of either kind) gave us the room.
     pub joined_via_tracker: bool,
     pub contacts: Vec<Contact>,
@@ -210,6 +213,7 @@ pub(super) async fn run(setup: Setup) {
         log,
         history,
         history_after,
+        remembered,
         joined_via_tracker,
         contacts,
         mut commands,
@@ -222,7 +226,12 @@ pub(super) async fn run(setup: Setup) {
     let (net, mut net_rx) = mpsc::channel(1024);
     let listen_port = listener.local_addr().map_or(0, |a| a.port());
     let private = private.map(Arc::new);
-    let seen = Arc::new(Mutex::new(SeenIds::new(super::seen::REMEMBERED_IDS)));
+    let mut seen = SeenIds::new(super::seen::REMEMBERED_IDS);
+    for (stamp, id) in &remembered {
+        seen.first_time(id);
+        seen.recent.note(*stamp, id);
+    }
+    let seen = Arc::new(Mutex::new(seen));
     let clock = Arc::new(Clock::new());
     // What every link's reader needs, made once: a link holds a pointer to it, not a copy.
     let readers = Arc::new(ReaderContext {

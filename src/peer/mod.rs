@@ -479,6 +479,10 @@ pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinRep
         0 => None,
         _ => Some(log.newest_shared().await?),
     };
+    // What the log holds of the room's recent messages is seen already: a copy replayed after a
+    // restart (a captured sealed frame, within its freshness window) is not shown again.
+    let newest = Query { shared_only: true, ..Query::latest(recent::KEPT) };
+    let remembered = log.query(newest).await?.into_iter().map(|record| (record.stamp, record.id)).collect();
     let boot = bootstrap::contact_tracker(&config, &wire_room).await?;
     let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
     let (events_tx, events_rx) = mpsc::channel(config.limits.event_queue);
@@ -502,6 +506,7 @@ pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinRep
         log: log.clone(),
         history: config.history.clone(),
         history_after,
+        remembered,
         joined_via_tracker: config.tracker.is_some(),
         contacts,
         commands: commands_rx,
