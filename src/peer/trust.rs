@@ -85,6 +85,18 @@ impl KnownKeys {
     }
 
     /// Meet `name` with `key` in `room`.
+    /// What `key` is to `name` here, without remembering it: only a proof on a link pins a name
+    /// ([`Self::meet`]); a message's signature, or history a member passes on, never does.
+    pub fn lookup(&self, room: &str, name: &str, key: &VerifyingKey) -> Seen {
+        match self.rooms.get(room).and_then(|names| names.get(name)) {
+            Some(known) if known == key.as_bytes() => Seen::Same,
+            Some(known) => {
+                Seen::Changed { was: VerifyingKey::from_bytes(known).map_or_else(|_| hex(known), |k| fingerprint(&k)) }
+            }
+            None => Seen::First,
+        }
+    }
+
     pub fn meet(&mut self, room: &str, name: &str, key: &VerifyingKey) -> Seen {
         match self.rooms.get(room).and_then(|names| names.get(name)) {
             Some(known) if known == key.as_bytes() => Seen::Same,
@@ -124,9 +136,13 @@ pub fn save(path: &std::path::Path, json: &[u8]) -> std::io::Result<()> {
 
 /// Whether `chat`, in a private room, is its author's: signed, and by the key its author's name has
 /// here (met now for the first time, or the same as before). Else why not.
-pub fn check_author(chat: &Chat, room: &str, known: &std::sync::Mutex<KnownKeys>) -> Result<(), String> {
+///
+/// `Ok(true)`: signed by the key its author's name proved on a link here; `Ok(false)`: signed, but
+/// by a key no link proved for that name yet (a member relayed to us, history of someone we never
+/// met), so not shown as verified, and nothing is pinned.
+pub fn check_author(chat: &Chat, room: &str, known: &std::sync::Mutex<KnownKeys>) -> Result<bool, String> {
     let key = verify_chat(chat).map_err(|err| format!("a message from {:?} whose {err}", chat.from))?;
-    let seen = known.lock().map_err(|_| "the known keys are unavailable".to_owned())?.meet(room, &chat.from, &key);
+    let seen = known.lock().map_err(|_| "the known keys are unavailable".to_owned())?.lookup(room, &chat.from, &key);
     match seen {
         Seen::Changed { was } => Err(format!(
             "a message signed as {:?} by key {}, but {:?} has key {was} here (forged, or signed again by someone else)",
@@ -134,7 +150,8 @@ pub fn check_author(chat: &Chat, room: &str, known: &std::sync::Mutex<KnownKeys>
             fingerprint(&key),
             chat.from
         )),
-        Seen::First | Seen::Same => Ok(()),
+        Seen::Same => Ok(true),
+        Seen::First => Ok(false),
     }
 }
 
@@ -176,11 +193,17 @@ mod tests {
         let known = std::sync::Mutex::new(KnownKeys::load(None).unwrap());
         assert!(check_author(&chat, "room", &known).unwrap_err().contains("carries no signature"));
         bob_identity.sign_chat(&mut chat);
-        assert_eq!(check_author(&chat, "room", &known), Ok(()), "first met: trusted from now on");
         let altered = Chat { text: "hi!".into(), ..chat.clone() };
         assert!(check_author(&altered, "room", &known).unwrap_err().contains("does not verify"));
         let mut resigned = chat.clone();
         mallory.sign_chat(&mut resigned);
+        // A signature pins nothing: whoever signs first under a name does not own it.
+        assert_eq!(check_author(&resigned, "room", &known), Ok(false), "signed, by a key no link proved");
+        assert_eq!(check_author(&chat, "room", &known), Ok(false), "bob too, until a link proves his key");
+        assert_eq!(known.lock().unwrap().lookup("room", "bob", &bob_identity.public()), Seen::First, "nothing pinned");
+        // Bob proves his key on a link (`meet`): his messages are his, and another key's are refused.
+        known.lock().unwrap().meet("room", "bob", &bob_identity.public());
+        assert_eq!(check_author(&chat, "room", &known), Ok(true));
         assert!(check_author(&resigned, "room", &known).unwrap_err().contains("signed again by someone else"));
         fs::write(&path, b"{oops").unwrap();
         let err = KnownKeys::load(Some(path)).err().unwrap().to_string();

@@ -127,7 +127,12 @@ impl PeerState {
                 is_new && seen.first_time(&chat.id)
             });
             if first_time.unwrap_or(is_new) {
-                shown.push(sync::message(chat, from, reader::received_at(now), true));
+                // Verified only if signed by the key its author's name proved on a link here.
+                let proven = self.private.is_some()
+                    && crate::peer::trust::check_author(&chat, &self.room, &self.known_keys) == Ok(true);
+                let mut message = sync::message(chat, from, reader::received_at(now), true);
+                message.signed = proven;
+                shown.push(message);
             }
         }
         self.receipts.ingested(link, req, shown.len());

@@ -150,17 +150,18 @@ fn unverified(chat: &mut Chat, rules: &LinkRules) {
     }
 }
 
-/// In a private room, whether a live message is its author's (see `trust::check_author`) and recent.
-fn authentic_and_fresh(chat: &Chat, now: Now, rules: &LinkRules) -> Result<(), String> {
-    let Some(authors) = &rules.authors else { return Ok(()) };
-    trust::check_author(chat, &rules.room, authors)?;
+/// In a private room, whether a live message is its author's (see `trust::check_author`) and recent;
+/// `Ok(true)` when its key is the one its author's name proved here (shown as verified).
+fn authentic_and_fresh(chat: &Chat, now: Now, rules: &LinkRules) -> Result<bool, String> {
+    let Some(authors) = &rules.authors else { return Ok(false) };
+    let proven = trust::check_author(chat, &rules.room, authors)?;
     if now.wall_ms.abs_diff(chat.ts) > FRESH_FOR_MS {
         return Err(format!(
             "a message from {:?} sent at a time more than 10 minutes from ours (a replay?)",
             chat.from
         ));
     }
-    Ok(())
+    Ok(proven)
 }
 
 /// Whether a private room takes `frame` from this link. A link that never ran the Noise handshake
@@ -228,10 +229,13 @@ pub fn take_frame(
                 log::debug!("ignoring a message from {from} for room {:?} or with an invalid text", chat.room);
                 return None;
             }
-            if let Err(why) = authentic_and_fresh(&chat, now, rules) {
-                link.drops.tell(format!("dropped {why}, passed on by {from}"), from, &mut out.to_show);
-                return None;
-            }
+            let proven = match authentic_and_fresh(&chat, now, rules) {
+                Ok(proven) => proven,
+                Err(why) => {
+                    link.drops.tell(format!("dropped {why}, passed on by {from}"), from, &mut out.to_show);
+                    return None;
+                }
+            };
             // Its id is remembered only once the flood limit let it through: a copy dropped here (a
             // muted member) may still be shown when it comes another way.
             let (admitted, notice) = if rules.seen_before(&chat.id) {
@@ -258,7 +262,9 @@ pub fn take_frame(
                     seen.recent.note(chat.stamp(), &chat.id);
                 }
                 out.to_log.push(sync::chat_to_record(&chat));
-                out.to_show.push(Event::Message(sync::message(chat, from, super::reader::received_at(now), false)));
+                let mut message = sync::message(chat, from, super::reader::received_at(now), false);
+                message.signed = proven;
+                out.to_show.push(Event::Message(message));
             }
         }
         Frame::HistoryRequest { req, limit, after } => {
@@ -448,12 +454,13 @@ mod tests {
         frames.push(key.seal(&chat("m3", "sealed")));
         let out = read_link(&private_rules(), false, &frames);
         assert!(matches!(out.reports.as_slice(), [Report::Hello(_)]), "{:?}", out.reports);
-        assert_eq!(shown_texts(&out), vec![("sealed".to_owned(), true)], "only the sealed message");
+        // (Signed by a key no link proved for "ana" here: shown, but not as verified.)
+        assert_eq!(shown_texts(&out), vec![("sealed".to_owned(), false)], "only the sealed message");
         assert_eq!(out.end, None);
         // The same frames on a Noise session are a member's, and count.
         let out = read_link(&private_rules(), true, &frames);
         assert_eq!(out.reports.len(), unsealed.len(), "the hello and all but the message: {:?}", out.reports);
-        let shown = vec![("plain".to_owned(), true), ("sealed".to_owned(), true)];
+        let shown = vec![("plain".to_owned(), false), ("sealed".to_owned(), false)];
         assert_eq!(shown_texts(&out), shown);
     }
 
