@@ -1,10 +1,11 @@
 """Rooms across home routers (issue 9), on the test bed of tests/natbed.py."""
 
 import re
+import time
 
 import pytest
-from harness import REFERENCE, REFERENCE_PROMPT, python
-from natbed import bed  # noqa: F401 - fixture
+from harness import REFERENCE, REFERENCE_PROMPT, python, wait_until
+from natbed import bed, run  # noqa: F401 - fixture
 
 
 def start_tracker(bed, host, *extra: str):
@@ -185,3 +186,64 @@ def test_a_private_room_goes_through_the_trackers_relay_sealed(bed):
     assert not any("ana" in line or "bob" in line or "plans" in line for line in tracker.err.snapshot())
     for proc in (ana, bob):
         assert not any("relayed by" in line for line in proc.err.snapshot()), "the tracker listed a member"
+
+
+def split(bed, side: list, other: list) -> None:
+    """Nothing from the hosts of `other` reaches those of `side`: dropped on arrival, so the sender
+    sees no error, only silence, as when a link between two networks fails. (Called both ways.) The
+    tracker's host stays reachable from both."""
+    others = ", ".join(h.ip for h in other)
+    for host in side:
+        ruleset = f"""
+table inet split {{
+    chain input {{ type filter hook input priority 0; policy accept; ip saddr {{ {others} }} drop; }}
+}}
+"""
+        run(["ip", "netns", "exec", host.ns, "nft", "-f", "-"], stdin=ruleset)
+
+
+def heal(hosts: list) -> None:
+    for host in hosts:
+        run(["ip", "netns", "exec", host.ns, "nft", "delete", "table", "inet", "split"])
+
+
+def test_a_split_room_heals_and_every_member_has_every_line_once(bed):
+    """A room of 6 is split 3 | 3 long enough for every link across to die, each side talks, and the
+    split heals: every member then has every line once, the other side's marked as caught up."""
+    tracker_host = bed.public_host()
+    start_tracker(bed, tracker_host)
+    hosts = [bed.public_host() for _ in range(6)]
+    names = [f"m{i}" for i in range(6)]
+    procs = [start_client(bed, host, name, tracker_host.ip)[0] for host, name in zip(hosts, names)]
+    for proc in procs:
+        wait_until(lambda proc=proc: proc.err.count(r"^\* m\d \(.*\) joined \(p2pchat\)$") == 5, "a full mesh", timeout=30)
+    left, right = hosts[:3], hosts[3:]
+    split(bed, left, right)
+    split(bed, right, left)
+    split_at = time.monotonic()
+    for proc in procs:  # every link across is noticed dead (silent for 8 s, or the kernel's timeout)
+        wait_until(lambda proc=proc: proc.err.count(r"^\* m\d \(.*\) left \(") >= 3, "the split is felt", timeout=30)
+    for i, proc in enumerate(procs):
+        for n in range(2):
+            proc.line(f"{names[i]} during the split {n}")
+    for i, proc in enumerate(procs):  # each side hears its own side live
+        for j in range(6):
+            if j != i and (j < 3) == (i < 3):
+                proc.out.saw(rf"^<{names[j]}> :: {names[j]} during the split 1$")
+    # The split lasts 20 s, whatever else happened meanwhile: its length is the condition tested.
+    time.sleep(max(0.0, 20 - (time.monotonic() - split_at)))
+    heal(hosts)
+    for i, proc in enumerate(procs):
+        for j in range(6):
+            if j == i:
+                continue
+            for n in range(2):
+                marked = r"\[history [^]]*\] " if (j < 3) != (i < 3) else ""
+                proc.out.saw(rf"^{marked}<{names[j]}> :: {names[j]} during the split {n}$", timeout=60)
+    for proc in procs:  # a last line from each: any duplicate would have come by then
+        proc.line(f"{proc.name} is done")
+    for i, proc in enumerate(procs):
+        for j in range(6):
+            if j != i:
+                proc.out.saw(rf"^<{names[j]}> :: {names[j]} is done$", timeout=30)
+                assert proc.out.count(rf"<{names[j]}> :: {names[j]} during the split \d$") == 2, (names[i], names[j])
