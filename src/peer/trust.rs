@@ -26,10 +26,14 @@ pub enum TrustError {
     Unreadable { path: PathBuf, reason: String },
 }
 
+/// The most names remembered per room: the file stays small whoever joins (a name met beyond it is
+/// proven on its link all the same, but not remembered for next time).
+pub const MAX_NAMES_PER_ROOM: usize = 1000;
+
 /// What meeting `name` with a key says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Seen {
-    /// Never met under this name here: remembered now.
+    /// Never met under this name here: remembered now (unless the room has [`MAX_NAMES_PER_ROOM`]).
     First,
     /// The key this name had before.
     Same,
@@ -104,8 +108,13 @@ impl KnownKeys {
                 Seen::Changed { was: VerifyingKey::from_bytes(known).map_or_else(|_| hex(known), |k| fingerprint(&k)) }
             }
             None => {
-                self.rooms.entry(room.to_owned()).or_default().insert(name.to_owned(), *key.as_bytes());
-                self.dirty = self.path.is_some();
+                let names = self.rooms.entry(room.to_owned()).or_default();
+                if names.len() < MAX_NAMES_PER_ROOM {
+                    names.insert(name.to_owned(), *key.as_bytes());
+                    self.dirty = self.path.is_some();
+                } else {
+                    log::warn!("not remembering {name}'s key: {MAX_NAMES_PER_ROOM} names are remembered in this room");
+                }
                 Seen::First
             }
         }
@@ -159,6 +168,18 @@ pub fn check_author(chat: &Chat, room: &str, known: &std::sync::Mutex<KnownKeys>
 mod tests {
     use super::*;
     use crate::identity::Identity;
+
+    #[test]
+    fn a_room_remembers_a_bounded_number_of_names() {
+        let mut keys = KnownKeys::load(None).unwrap();
+        let key = Identity::generate().unwrap().public();
+        for n in 0..MAX_NAMES_PER_ROOM + 5 {
+            assert_eq!(keys.meet("room", &format!("n{n}"), &key), Seen::First);
+        }
+        assert_eq!(keys.rooms["room"].len(), MAX_NAMES_PER_ROOM);
+        assert_eq!(keys.lookup("room", "n0", &key), Seen::Same, "the first ones stay");
+        assert_eq!(keys.meet("other", "n0", &key), Seen::First, "per room");
+    }
 
     #[test]
     fn the_first_key_of_a_name_is_kept_and_another_is_flagged() {

@@ -225,8 +225,12 @@ pub fn take_frame(
         _ if !*link.greeted => return Some(End::Closed { reason: "spoke before its hello".to_owned(), clean: false }),
         Frame::Msg(mut chat) => {
             unverified(&mut chat, rules);
-            if chat.room != rules.room || chat::validate_text(&chat.text).is_err() {
-                log::debug!("ignoring a message from {from} for room {:?} or with an invalid text", chat.room);
+            // The same checks as for history: our room, an id of 1 to 64 characters, a valid name and text.
+            if !sync::acceptable(&chat, &rules.room) {
+                log::debug!(
+                    "ignoring a message from {from} for room {:?}, or with an invalid id, name or text",
+                    chat.room
+                );
                 return None;
             }
             let proven = match authentic_and_fresh(&chat, now, rules) {
@@ -489,6 +493,27 @@ mod tests {
         assert_eq!(shown_texts(&out).len(), 6, "a burst of three times the rate");
         let notices = out.to_show.iter().filter(|e| matches!(e, Event::Notice { .. })).count();
         assert_eq!(notices, 1);
+    }
+
+    #[test]
+    fn a_live_message_is_checked_as_history_is() {
+        let valid = |id: &str, from: &str| {
+            let Frame::Msg(mut chat) = msg(id, "r") else { unreachable!() };
+            chat.from = from.into();
+            Frame::Msg(chat)
+        };
+        let frames = [
+            hello(),
+            valid("", "ana"),
+            valid(&"i".repeat(65), "ana"),
+            valid("m1", ""),
+            valid("m2", "two\nlines"),
+            valid("m3", &"n".repeat(41)),
+            valid("m4", "ana"),
+        ];
+        let out = read_frames(&rules(200), &frames);
+        assert_eq!(shown_texts(&out).len(), 1, "only the last one");
+        assert_eq!(out.to_log.len(), 1);
     }
 
     #[test]
