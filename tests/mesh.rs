@@ -1378,6 +1378,33 @@ mod private_rooms {
 
     /// Every message must be its author's: unsigned, altered, re-signed and stale ones are dropped,
     /// and the user told; a second copy under the same id is shown once.
+    /// Connections that start a private room's handshake and never finish it count against the link
+    /// limit: past it, the next connection is reset at once, before anyone is authenticated.
+    #[tokio::test]
+    async fn handshakes_in_flight_count_against_the_link_limit() {
+        let key = RoomKey::from_secret("plans", SECRET).unwrap();
+        let (tracker, _stop) = start_tracker().await;
+        let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+        config.private = Some(key.clone());
+        config.limits.max_links = 2;
+        let (ana, _ana_events, _) = peer::join(config).await.unwrap();
+        let mut stalled = Vec::new();
+        for _ in 0..2 {
+            stalled.push(TcpStream::connect(ana.listen_addr()).await.unwrap());
+        }
+        // The peer accepts connections in the order they came: these two are in their handshakes
+        // (waiting for an opening that never comes) when the third is accepted.
+        let mut third = TcpStream::connect(ana.listen_addr()).await.unwrap();
+        let mut buf = [0u8; 16];
+        let read = tokio::time::timeout(WAIT, third.read(&mut buf)).await.expect("the third connection was not held");
+        assert_eq!(
+            read.map_err(|e| e.kind()).err(),
+            Some(std::io::ErrorKind::ConnectionReset),
+            "reset, not handed to a handshake"
+        );
+        drop(stalled);
+    }
+
     /// A message captured on the way (here, re-sent by its author's end as it was) is not shown
     /// again after its receiver restarts, within the 10 minutes it counts as fresh: the ids the
     /// receiver's log holds are seen from the start.

@@ -862,7 +862,9 @@ impl Sim {
         if !matches!(accepted, Some(Connect::Handshake)) {
             self.pipes[pipe].gone = [true; 2];
             self.drain(to);
+            // The dial connected, then its handshake met the reset.
             let reason = "the connection was reset";
+            self.p2p_state(from, |state, now| state.dialled(now, contact));
             self.p2p_state(from, |state, now| state.handshake_failed(now, to_addr, reason, true, false));
             self.drain(from);
             return;

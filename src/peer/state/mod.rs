@@ -271,6 +271,8 @@ pub struct PeerState {
     next_link: LinkId,
     /// Listen addresses known to speak only the original protocol: never probed again.
     originals: HashSet<SocketAddr>,
+    /// Private rooms' handshakes in flight: connections not yet links, counted against the limit.
+    handshakes: usize,
     /// Addresses being dialled (so peer exchange does not dial them twice).
     dialling: HashSet<SocketAddr>,
     /// Summaries from members that came while the join's history was still to come: compared once it
@@ -358,6 +360,7 @@ impl PeerState {
             next_link: 0,
             originals: HashSet::new(),
             dialling: HashSet::new(),
+            handshakes: 0,
             learned: learned::Learned::new(now.at),
             deferred_summaries: Vec::new(),
             punched: HashSet::new(),
@@ -478,6 +481,7 @@ impl PeerState {
             self.reached_first_time += 1;
         }
         let connect = if self.private.is_some() && !self.dials_hub(contact.addr) {
+            self.handshakes += 1;
             Connect::Handshake
         } else {
             let original = contact.known == Some(Protocol::Original) || self.originals.contains(&contact.addr);
@@ -499,10 +503,13 @@ impl PeerState {
 
     /// Someone connected to us from `addr`.
     pub fn accepted(&mut self, now: Now, addr: SocketAddr) -> Connect {
-        let connect = if self.links.len() >= self.limits.max_links {
-            log::warn!("refusing {addr}: already {} links (the limit)", self.limits.max_links);
+        // Handshakes in flight count: a crowd that opens connections and never finishes one would
+        // otherwise hold resources past the limit before anyone is authenticated.
+        let connect = if self.links.len() + self.handshakes >= self.limits.max_links {
+            log::warn!("refusing {addr}: already {} links and handshakes (the limit)", self.limits.max_links);
             Connect::Reset
         } else if self.private.is_some() {
+            self.handshakes += 1;
             Connect::Handshake
         } else {
             let link = self.open(now, addr, None, false, Role::Accepted, None);
@@ -515,6 +522,7 @@ impl PeerState {
     /// A private room's handshake succeeded on a connection with `remote`, which we dialled
     /// (`dialled`) or accepted; `binding` is its handshake hash.
     pub fn secured(&mut self, now: Now, remote: SocketAddr, dialled: Option<Contact>, binding: Vec<u8>) -> Connect {
+        self.handshakes = self.handshakes.saturating_sub(1);
         if let Some(contact) = &dialled {
             if self.untried.remove(&contact.addr) {
                 self.reached_first_time += 1;
@@ -531,6 +539,7 @@ impl PeerState {
 
     /// A private room's handshake failed; `wrong_key`: the other end reached the room without its key.
     pub fn handshake_failed(&mut self, now: Now, remote: SocketAddr, reason: &str, dialled: bool, wrong_key: bool) {
+        self.handshakes = self.handshakes.saturating_sub(1);
         if dialled {
             self.untried.remove(&remote);
         }
@@ -860,6 +869,7 @@ impl PeerState {
         let per_member = 3 * room_size;
         let tables = [
             ("links", self.links.len(), self.limits.max_links.min(per_member)),
+            ("handshakes", self.handshakes, self.limits.max_links.min(per_member)),
             ("lines held for one link", held.unwrap_or(0), self.limits.send_queue),
             ("links carrying lines", self.carried.len(), room_size),
             ("dials", self.dialling.len(), room_size),
