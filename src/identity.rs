@@ -117,7 +117,7 @@ impl Identity {
         self.signing.verifying_key()
     }
 
-    /// What people compare: 16 hex digits of the public key's SHA-256, in groups of four.
+    /// What people compare: 32 hex digits (128 bits) of the public key's SHA-256, in groups of four.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.public())
     }
@@ -167,7 +167,8 @@ pub enum ProofError {
 
 pub fn fingerprint(key: &VerifyingKey) -> String {
     let digest = Sha256::digest(key.as_bytes());
-    let digits = hex(&digest[..8]);
+    // 128 bits: what someone comparing fingerprints aloud can trust against a deliberate collision.
+    let digits = hex(&digest[..16]);
     digits.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("-")
 }
 
@@ -187,7 +188,7 @@ mod tests {
         let again = Identity::load_or_create(&path).unwrap();
         assert_eq!(first.public(), again.public());
         assert_eq!(first.fingerprint(), again.fingerprint());
-        assert_eq!(first.fingerprint().len(), 19, "four groups of four hex digits");
+        assert_eq!(first.fingerprint().len(), 39, "eight groups of four hex digits: 128 bits");
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;

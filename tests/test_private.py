@@ -87,7 +87,7 @@ def test_a_private_conversation_shows_nothing_readable_on_the_wire(room, proxies
         bob = room.start(python("client.py", "--peer", f"127.0.0.1:{to_ana.port}", "--name", "bartholomew",
                                 "--room", "plans-for-friday", "--history", "0"), "bob", env=env)
         bob.err.expect(r"connected to 1 of 1 peer\(s\)")
-        ana.err.saw(r"^\* bartholomew \(.*\) joined \(p2pchat, encrypted, key [0-9a-f-]{19}\)$")
+        ana.err.saw(r"^\* bartholomew \(.*\) joined \(p2pchat, encrypted, key [0-9a-f-]{39}\)$")
         bob.line("meet at the old lighthouse")
         ana.out.saw(r"^<bartholomew> :: meet at the old lighthouse$")
         ana.line("bring the lantern")
@@ -126,7 +126,7 @@ def test_an_invite_code_lets_someone_in_without_the_secret(room):
     carol = room.start(python("client.py", "--port", str(tracker.port), "--name", "carol", "--history", "0"), "carol",
                        env={"P2PCHAT_SECRET": code})
     carol.err.expect(r"joined as 'carol' in private room 'plans'")
-    ana.proc.err.saw(r"^\* carol \(.*\) joined \(p2pchat, encrypted, key [0-9a-f-]{19}\)$")
+    ana.proc.err.saw(r"^\* carol \(.*\) joined \(p2pchat, encrypted, key [0-9a-f-]{39}\)$")
     carol.line("thanks for the invite")
     ana.proc.out.saw(r"^<carol> :: thanks for the invite$")
 
@@ -156,7 +156,7 @@ def test_the_secret_file_is_read_and_the_secret_never_needs_the_command_line(roo
     bob = room.start(python("client.py", "--port", str(tracker.port), "--name", "bob", "--room", "plans", "--history", "0"),
                      "bob", env={"P2PCHAT_SECRET": SECRET})
     bob.err.expect(r"connected to 1 of 1 peer\(s\)")
-    ana.proc.err.saw(r"^\* bob \(.*\) joined \(p2pchat, encrypted, key [0-9a-f-]{19}\)$")
+    ana.proc.err.saw(r"^\* bob \(.*\) joined \(p2pchat, encrypted, key [0-9a-f-]{39}\)$")
     # There is no flag that takes the secret itself (and no abbreviation of --secret-file).
     refused = room.start(python("client.py", "--secret", SECRET), "argv")
     assert refused.wait() == 2
@@ -180,7 +180,7 @@ def test_the_client_shows_each_members_proven_key_and_flags_a_changed_one(room):
     env = {"P2PCHAT_SECRET": SECRET}
     ana = room.p2pchat_peer("ana", tracker.port, "--room", "plans", "--history", "0", env=env)
     bob = room.p2pchat_peer("bob", tracker.port, "--room", "plans", "--history", "0", env=env)
-    bob_key = bob.proc.err.saw(r"joined as 'bob' .*\(key ([0-9a-f-]{19})\)").group(1)
+    bob_key = bob.proc.err.saw(r"joined as 'bob' .*\(key ([0-9a-f-]{39})\)").group(1)
     ana.proc.err.saw(rf"^\* bob \(.*\) joined \(p2pchat, encrypted, key {bob_key}\)$")
     bob.proc.line("/quit")
     assert bob.proc.wait() == 0
@@ -188,7 +188,7 @@ def test_the_client_shows_each_members_proven_key_and_flags_a_changed_one(room):
     # Another user (another identity file) calls themselves bob.
     impostor = room.start(python("client.py", "--port", str(tracker.port), "--name", "bob", "--room", "plans",
                                  "--history", "0"), "impostor", env=env)
-    other_key = impostor.err.expect(r"joined as 'bob' .*\(key ([0-9a-f-]{19})\)").group(1)
+    other_key = impostor.err.expect(r"joined as 'bob' .*\(key ([0-9a-f-]{39})\)").group(1)
     assert other_key != bob_key
     ana.proc.err.saw(rf"^\* WARNING: bob \(.*\) proves key {other_key}, but bob had key {bob_key} when you first met it here")
     ana.proc.err.saw(rf"^\* bob \(.*\) joined \(p2pchat, encrypted, key {other_key} CHANGED: perhaps not who you met before\)$")

@@ -110,7 +110,7 @@ pub struct PyPeerJoined {
     relayed_by: Option<(String, u16)>,
     /// True on a private room's encrypted, authenticated link.
     encrypted: bool,
-    /// The identity key it proved (private rooms): 16 hex digits in groups of four; else None.
+    /// The identity key it proved (private rooms): 32 hex digits in groups of four; else None.
     fingerprint: Option<String>,
     /// True when its name had another key when you first met it in this room: perhaps someone else.
     key_changed: bool,
@@ -791,7 +791,7 @@ impl PyPeer {
         })
     }
 
-    /// The fingerprint of this user's key (16 hex digits in groups of four), for people to compare;
+    /// The fingerprint of this user's key (32 hex digits in groups of four), for people to compare;
     /// None before `join`.
     #[getter]
     fn fingerprint(&self) -> PyResult<Option<String>> {
