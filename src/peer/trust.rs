@@ -48,8 +48,23 @@ struct File {
     rooms: HashMap<String, HashMap<String, String>>,
 }
 
-/// Room id → name → key. Kept as bytes: every message of a private room is checked against it.
-type Rooms = HashMap<String, HashMap<String, [u8; 32]>>;
+/// A name's key, and the name as it was first met (what the file shows).
+struct Pinned {
+    name: String,
+    key: [u8; 32],
+}
+
+/// Room id → the name's [`likeness`] → its key. Kept as bytes: every message of a private room is
+/// checked against it.
+type Rooms = HashMap<String, HashMap<String, Pinned>>;
+
+/// What a name looks like: NFKC, then the confusables skeleton of Unicode TS #39, so that a Cyrillic
+/// "аlice" or a fullwidth "ａｌｉｃｅ" is the same name as "alice" here, and cannot pose as it.
+fn likeness(name: &str) -> String {
+    use unicode_normalization::UnicodeNormalization;
+    let normal: String = name.nfkc().collect();
+    unicode_security::confusable_detection::skeleton(&normal).collect()
+}
 
 pub struct KnownKeys {
     path: Option<PathBuf>,
@@ -82,42 +97,38 @@ impl KnownKeys {
                     path: path.clone(),
                     reason: format!("the key of {name:?} is not 64 hex digits"),
                 })?;
-                rooms.entry(room.clone()).or_default().insert(name, key);
+                rooms.entry(room.clone()).or_default().entry(likeness(&name)).or_insert(Pinned { name, key });
             }
         }
         Ok(Self { path: Some(path), rooms, dirty: false })
     }
 
-    /// Meet `name` with `key` in `room`.
-    /// What `key` is to `name` here, without remembering it: only a proof on a link pins a name
-    /// ([`Self::meet`]); a message's signature, or history a member passes on, never does.
+    /// What `key` is to `name` (or a name that looks the same) here, without remembering it: only a
+    /// proof on a link pins a name ([`Self::meet`]); a message's signature, or history a member
+    /// passes on, never does.
     pub fn lookup(&self, room: &str, name: &str, key: &VerifyingKey) -> Seen {
-        match self.rooms.get(room).and_then(|names| names.get(name)) {
-            Some(known) if known == key.as_bytes() => Seen::Same,
-            Some(known) => {
-                Seen::Changed { was: VerifyingKey::from_bytes(known).map_or_else(|_| hex(known), |k| fingerprint(&k)) }
-            }
+        match self.rooms.get(room).and_then(|names| names.get(&likeness(name))) {
+            Some(known) if known.key == *key.as_bytes() => Seen::Same,
+            Some(known) => Seen::Changed {
+                was: VerifyingKey::from_bytes(&known.key).map_or_else(|_| hex(&known.key), |k| fingerprint(&k)),
+            },
             None => Seen::First,
         }
     }
 
+    /// Meet `name` with `key` in `room` (proven on a link): remembered if the name is new here.
     pub fn meet(&mut self, room: &str, name: &str, key: &VerifyingKey) -> Seen {
-        match self.rooms.get(room).and_then(|names| names.get(name)) {
-            Some(known) if known == key.as_bytes() => Seen::Same,
-            Some(known) => {
-                Seen::Changed { was: VerifyingKey::from_bytes(known).map_or_else(|_| hex(known), |k| fingerprint(&k)) }
-            }
-            None => {
-                let names = self.rooms.entry(room.to_owned()).or_default();
-                if names.len() < MAX_NAMES_PER_ROOM {
-                    names.insert(name.to_owned(), *key.as_bytes());
-                    self.dirty = self.path.is_some();
-                } else {
-                    log::warn!("not remembering {name}'s key: {MAX_NAMES_PER_ROOM} names are remembered in this room");
-                }
-                Seen::First
+        let seen = self.lookup(room, name, key);
+        if seen == Seen::First {
+            let names = self.rooms.entry(room.to_owned()).or_default();
+            if names.len() < MAX_NAMES_PER_ROOM {
+                names.insert(likeness(name), Pinned { name: name.to_owned(), key: *key.as_bytes() });
+                self.dirty = self.path.is_some();
+            } else {
+                log::warn!("not remembering {name}'s key: {MAX_NAMES_PER_ROOM} names are remembered in this room");
             }
         }
+        seen
     }
 
     /// What to write, if keys were met since the last time: the file and its new contents.
@@ -126,7 +137,7 @@ impl KnownKeys {
         let rooms = self
             .rooms
             .iter()
-            .map(|(room, names)| (room.clone(), names.iter().map(|(n, k)| (n.clone(), hex(k))).collect()))
+            .map(|(room, names)| (room.clone(), names.values().map(|p| (p.name.clone(), hex(&p.key))).collect()))
             .collect();
         Some((path, serde_json::to_vec_pretty(&File { v: FORMAT, rooms }).unwrap_or_default()))
     }
@@ -179,6 +190,19 @@ mod tests {
         assert_eq!(keys.rooms["room"].len(), MAX_NAMES_PER_ROOM);
         assert_eq!(keys.lookup("room", "n0", &key), Seen::Same, "the first ones stay");
         assert_eq!(keys.meet("other", "n0", &key), Seen::First, "per room");
+    }
+
+    #[test]
+    fn a_name_that_looks_like_a_pinned_one_is_the_same_name() {
+        let mut keys = KnownKeys::load(None).unwrap();
+        let (alice, impostor) = (Identity::generate().unwrap().public(), Identity::generate().unwrap().public());
+        assert_eq!(keys.meet("room", "alice", &alice), Seen::First);
+        for lookalike in ["\u{430}lice", "\u{ff41}\u{ff4c}\u{ff49}\u{ff43}\u{ff45}", "a1ice", "alice"] {
+            assert!(matches!(keys.lookup("room", lookalike, &impostor), Seen::Changed { .. }), "{lookalike:?}");
+            assert!(matches!(keys.meet("room", lookalike, &impostor), Seen::Changed { .. }), "{lookalike:?}");
+        }
+        assert_eq!(keys.lookup("room", "\u{430}lice", &alice), Seen::Same, "alice under a look-alike spelling");
+        assert_eq!(keys.meet("room", "bob", &impostor), Seen::First, "another name");
     }
 
     #[test]
