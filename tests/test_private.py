@@ -192,6 +192,20 @@ def test_the_client_shows_each_members_proven_key_and_flags_a_changed_one(room):
     assert other_key != bob_key
     ana.proc.err.saw(rf"^\* WARNING: bob \(.*\) proves key {other_key}, but bob had key {bob_key} when you first met it here")
     ana.proc.err.saw(rf"^\* bob \(.*\) joined \(p2pchat, encrypted, key {other_key} CHANGED: perhaps not who you met before\)$")
+    # The impostor's lines are refused while bob's name is tied to the first key.
+    impostor.line("trust me")
+    ana.proc.err.saw(r"^\* dropped a message .*signed again by someone else")
+    # Ana learns (out of band) that bob really has a new machine: she trusts the new key.
+    ana.proc.line("/trust bob 0000-0000")
+    ana.proc.err.saw(r"^\* cannot trust that key: no member called bob proves key 0000-0000")
+    ana.proc.line(f"/trust bob {other_key}")
+    ana.proc.err.saw(rf"^\* bob has key {other_key} from now on$")
+    impostor.line("it is me, on my new laptop")
+    ana.proc.out.saw(r"^<bob> :: it is me, on my new laptop$")  # shown now (it was dropped before)
+    ana.proc.line("/untrust bob")
+    ana.proc.err.saw(r"^\* forgot bob's key; the next key it proves is taken$")
+    ana.proc.line("/untrust bob")
+    ana.proc.err.saw(r"^\* no key was remembered for bob$")
 
 
 def test_messages_say_whether_their_author_signed_them(tmp_path):

@@ -63,6 +63,8 @@ COMMANDS = {
     "/nick NEW": "change your name",
     "/ignore NAME": "hide NAME's messages (for you only); /ignore alone lists them",
     "/unignore NAME": "show NAME's messages again",
+    "/trust NAME KEY": "private rooms: NAME really has the new key KEY (as /who shows it)",
+    "/untrust NAME": "private rooms: forget NAME's key; the next one it proves is taken",
     "/help": "this list",
     "/quit": "leave (Ctrl-C and Ctrl-D too)",
 }
@@ -294,6 +296,21 @@ def run_command(peer: Peer, command: str, argument: str, ignored: set[str]) -> b
             status(f"you are now known as {argument}")
         except InvalidInput as err:
             status(f"cannot use that name: {err}")
+    elif command == "/trust":
+        name, _, key = argument.rpartition(" ")
+        if not name or not key:
+            status("usage: /trust NAME KEY (the key as /who shows it)")
+            return True
+        try:
+            peer.trust(name.strip(), key)
+            status(f"{name.strip()} has key {key} from now on")
+        except InvalidInput as err:
+            status(f"cannot trust that key: {err}")
+    elif command == "/untrust":
+        if peer.untrust(argument):
+            status(f"forgot {argument}'s key; the next key it proves is taken")
+        else:
+            status(f"no key was remembered for {argument}")
     else:
         for usage, meaning in COMMANDS.items():
             status(f"{usage:10} {meaning}")
@@ -306,7 +323,7 @@ def handle_line(peer: Peer, line: str, ignored: set[str]) -> bool:
     if not text:
         return True
     command, _, argument = text.strip().partition(" ")
-    if command in ("/quit", "/who", "/invite", "/nick", "/ignore", "/unignore", "/help"):
+    if command in ("/quit", "/who", "/invite", "/nick", "/ignore", "/unignore", "/trust", "/untrust", "/help"):
         return run_command(peer, command, argument.strip(), ignored)
     try:
         reached = peer.send(text)

@@ -54,6 +54,15 @@ pub(crate) enum Command {
     Name {
         reply: oneshot::Sender<String>,
     },
+    Trust {
+        name: String,
+        fingerprint: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Untrust {
+        name: String,
+        reply: oneshot::Sender<bool>,
+    },
     Peers {
         reply: oneshot::Sender<Vec<PeerInfo>>,
     },
@@ -330,6 +339,12 @@ pub(super) async fn run(setup: Setup) {
                     }
                     Some(Command::Name { reply }) => {
                         let _ = reply.send(driver.state.name().to_owned());
+                    }
+                    Some(Command::Trust { name, fingerprint, reply }) => {
+                        let _ = reply.send(driver.state.trust(&name, &fingerprint));
+                    }
+                    Some(Command::Untrust { name, reply }) => {
+                        let _ = reply.send(driver.state.untrust(&name));
                     }
                     Some(Command::Peers { reply }) => {
                         let _ = reply.send(driver.state.peers());

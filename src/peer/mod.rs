@@ -327,6 +327,9 @@ pub enum PeerError {
     UnnamedPrivateRoom,
     #[error("the room key is for room {key_room:?}, not {room:?}")]
     RoomKeyMismatch { key_room: String, room: String },
+    /// `trust` found no member with that name and key.
+    #[error("{0}")]
+    NotTrusted(String),
     #[error("the peer is closed")]
     Closed,
 }
@@ -582,6 +585,19 @@ impl PeerHandle {
         chat::validate_name(name)?;
         let name = name.to_owned();
         self.ask(|reply| actor::Command::Nick { name, reply }).await
+    }
+
+    /// Tie member `name` to the key with `fingerprint` it proves now (private rooms: a genuine new
+    /// key, after the warning that it changed).
+    pub async fn trust(&self, name: &str, fingerprint: &str) -> Result<(), PeerError> {
+        let (name, fingerprint) = (name.to_owned(), fingerprint.to_owned());
+        self.ask(|reply| actor::Command::Trust { name, fingerprint, reply }).await?.map_err(PeerError::NotTrusted)
+    }
+
+    /// Forget the key `name` was tied to (the next one it proves is taken); false if it had none.
+    pub async fn untrust(&self, name: &str) -> Result<bool, PeerError> {
+        let name = name.to_owned();
+        self.ask(|reply| actor::Command::Untrust { name, reply }).await
     }
 
     pub async fn status(&self) -> Result<Status, PeerError> {

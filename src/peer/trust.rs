@@ -131,6 +131,21 @@ impl KnownKeys {
         seen
     }
 
+    /// Tie `name` to `key` here, whatever it was tied to before (the user said so: a member's genuine
+    /// new key).
+    pub fn pin(&mut self, room: &str, name: &str, key: &VerifyingKey) {
+        let names = self.rooms.entry(room.to_owned()).or_default();
+        names.insert(likeness(name), Pinned { name: name.to_owned(), key: *key.as_bytes() });
+        self.dirty = self.path.is_some();
+    }
+
+    /// Forget the key `name` is tied to here: the next key it proves is taken. False if none was.
+    pub fn forget(&mut self, room: &str, name: &str) -> bool {
+        let forgot = self.rooms.get_mut(room).and_then(|names| names.remove(&likeness(name))).is_some();
+        self.dirty |= forgot && self.path.is_some();
+        forgot
+    }
+
     /// What to write, if keys were met since the last time: the file and its new contents.
     pub fn unsaved(&mut self) -> Option<(PathBuf, Vec<u8>)> {
         let path = self.path.clone().filter(|_| std::mem::take(&mut self.dirty))?;

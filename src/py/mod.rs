@@ -107,7 +107,8 @@ impl From<PeerError> for PyErr {
             PeerError::InvalidInput(_)
             | PeerError::NothingToJoin
             | PeerError::UnnamedPrivateRoom
-            | PeerError::RoomKeyMismatch { .. } => InvalidInput::new_err(message),
+            | PeerError::RoomKeyMismatch { .. }
+            | PeerError::NotTrusted(_) => InvalidInput::new_err(message),
             PeerError::TrackerLookup { .. }
             | PeerError::TrackerUnreachable { .. }
             | PeerError::TrackerSilent { .. }

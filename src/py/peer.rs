@@ -782,6 +782,21 @@ impl PyPeer {
         Ok(())
     }
 
+    /// Tie member `name` to the key with `fingerprint` it proves now (a private room's member that
+    /// genuinely changed keys, after the warning); raises `InvalidInput` if no such member proves
+    /// that key on a link.
+    fn trust(&self, py: Python<'_>, name: String, fingerprint: String) -> PyResult<()> {
+        let (handle, _) = self.core.joined()?;
+        Ok(wait(py, async move { handle.trust(&name, &fingerprint).await })??)
+    }
+
+    /// Forget the key member `name` was tied to here (the next key it proves is taken); False if
+    /// it had none.
+    fn untrust(&self, py: Python<'_>, name: String) -> PyResult<bool> {
+        let (handle, _) = self.core.joined()?;
+        Ok(wait(py, async move { handle.untrust(&name).await })??)
+    }
+
     /// The `(host, port)` this peer listens on (None before `join`).
     #[getter]
     fn address(&self) -> PyResult<Option<(String, u16)>> {

@@ -793,6 +793,35 @@ impl PeerState {
         reached + self.relays.relayed().filter(|(_, m)| self.links.contains_key(&m.via)).count()
     }
 
+    /// The user trusts the key with `fingerprint` that a member called `name` proves on a link now
+    /// (a genuine change of keys): `name` is tied to it from now on, and the member is no longer
+    /// flagged. Err says why not (no such member, or not with that key).
+    pub fn trust(&mut self, name: &str, fingerprint: &str) -> Result<(), String> {
+        let wanted = fingerprint.trim().to_ascii_lowercase();
+        let found = self.links.iter().find_map(|(id, l)| {
+            let key = l.key.as_deref()?;
+            (l.name.as_deref() == Some(name) && identity::fingerprint(key) == wanted).then_some((*id, *key))
+        });
+        let Some((id, key)) = found else {
+            return Err(format!("no member called {name} proves key {wanted} on a link now (see /who)"));
+        };
+        self.known_keys.lock().map_err(|_| "the known keys are unavailable".to_owned())?.pin(&self.room, name, &key);
+        if let Some(link) = self.links.get_mut(&id) {
+            link.key_changed = false;
+        }
+        self.out(Output::SaveKnownKeys);
+        Ok(())
+    }
+
+    /// The user no longer ties `name` to the key it had here: the next key it proves is taken.
+    pub fn untrust(&mut self, name: &str) -> bool {
+        let forgot = self.known_keys.lock().is_ok_and(|mut keys| keys.forget(&self.room, name));
+        if forgot {
+            self.out(Output::SaveKnownKeys);
+        }
+        forgot
+    }
+
     /// Change our name: announced to p2pchat peers; original peers see it in the next line's prefix.
     pub fn nick(&mut self, name: String) {
         self.name = name.clone();
