@@ -196,11 +196,20 @@ def test_unreachable_tracker():
         Peer("ana", "no-such-host.invalid", port, data_dir=home("ana")).join()
 
 
-def test_a_failed_join_can_be_retried(tracker):
-    peer = Peer("ana", "127.0.0.1", 1, data_dir=home("ana"))
-    with pytest.raises(TrackerUnreachable):
-        peer.join()
-    assert peer.address is None
+def test_a_failed_join_can_be_retried():
+    """A join that fails (no tracker there yet) leaves the peer as it was, and the same Peer joins
+    once the tracker is up."""
+    import socket
+    with socket.socket() as placeholder:  # a port nothing listens on: connecting is refused
+        placeholder.bind(("127.0.0.1", 0))
+        port = placeholder.getsockname()[1]
+        peer = Peer("ana", "127.0.0.1", port, data_dir=home("ana"))
+        with pytest.raises(TrackerUnreachable):
+            peer.join()
+        assert peer.address is None
+    with Tracker(host="127.0.0.1", port=port) as tracker, peer:  # entering joins again
+        assert peer.address is not None
+        wait_until(lambda: len(tracker.peers()) == 1, "the retried join registered")
 
 
 def test_ports_in_use(tracker):
@@ -265,11 +274,15 @@ def test_join_async_does_not_block_the_event_loop(tracker):
                 await asyncio.sleep(0)
 
         task = asyncio.ensure_future(ticker())
-        async with Peer("ana", *tracker.address, data_dir=home("ana")):
-            pass
+        await asyncio.sleep(0)
+        peer = Peer("ana", *tracker.address, data_dir=home("ana"))
+        before = ticks
+        await peer.join_async()
+        during_join = ticks - before  # only the join: closing is not what this test is about
+        await peer.close_async()
         stop.set()
         await task
-        assert ticks > 1, "the loop did not run while joining"
+        assert during_join > 1, "the loop did not run while joining"
 
     asyncio.run(main())
 
