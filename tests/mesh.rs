@@ -1650,10 +1650,13 @@ mod private_rooms {
         config.limits.keepalive_interval = Duration::from_millis(200);
         let (ana, mut ana_events, _) = peer::join(config).await.unwrap();
         // Ana fails to reach the ghost, links to the relay, hears of quin there and asks for it.
-        let Frame::RelayOpen { peer: ana_session, .. } = quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await
+        let Frame::RelayOpen { peer: ana_session, name, .. } =
+            quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await
         else {
             unreachable!()
         };
+        // What reached the relay of ana, passed on as the relay knows it: no name.
+        assert_eq!(name, None, "the tracker's relay learnt ana's name");
         ana.send("the secret plan").await.unwrap();
         let Frame::Sealed { id, data } =
             quin.next(|f| matches!(f, Frame::Sealed { .. } | Frame::Msg(_) | Frame::Nick { .. })).await

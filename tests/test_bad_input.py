@@ -44,11 +44,14 @@ def test_invalid_utf8_and_split_characters_from_a_raw_peer():
         with socket.create_connection(("127.0.0.1", victim.address[1]), timeout=WAIT) as raw:
             raw.sendall(b"<evil> :: bad \xff\xfe byte")
             assert collect_until(victim, "bad \ufffd\ufffd byte")
-            snowman = "<evil> :: ☃ ok".encode()
-            raw.sendall(snowman[:11])  # cut inside the snowman's three bytes
-            time.sleep(0.01)  # two separate reads are the point of this test, not synchronisation
-            raw.sendall(snowman[11:])
-            assert "".join(m.text for m in collect_until(victim, "☃ ok")[-1:]) == "☃ ok"
+            snowman = "<evil> :: a☃ ok".encode()
+            cut = snowman.index("☃".encode()) + 1  # inside the snowman's three bytes
+            raw.sendall(snowman[:cut])
+            # The text before the cut is shown on its own: that read is over before the rest is sent.
+            assert collect_until(victim, "a")[-1].text == "a"
+            raw.sendall(snowman[cut:])
+            rest = collect_until(victim, "☃ ok")[-1]
+            assert (rest.text, rest.continued) == ("☃ ok", True), "the same line, continued"
 
 
 def test_a_peer_dying_mid_message_is_dropped_and_the_room_goes_on():

@@ -48,12 +48,16 @@ def test_two_peers_chat_through_json_lines(room):
     # Mistakes get an error object naming the input, and the peer goes on.
     ana.line("this is not json")
     assert next_object(ana, "error")["input"] == "this is not json"
-    command(ana, cmd="send", text="")
-    assert "empty" in next_object(ana, "error")["message"]
-    command(ana, cmd="teleport")
-    assert "unknown command 'teleport'" in next_object(ana, "error")["message"]
+    # A failing command's answer carries its id, as a successful one's does, so a driver can match it.
+    command(ana, cmd="send", text="", id="e1")
+    error = next_object(ana, "error")
+    assert "empty" in error["message"] and error["id"] == "e1"
+    command(ana, cmd="teleport", id=2)
+    error = next_object(ana, "error")
+    assert "unknown command 'teleport'" in error["message"] and error["id"] == 2
     command(ana, cmd="history", limit=-1)
-    assert "limit" in next_object(ana, "error")["message"]
+    error = next_object(ana, "error")
+    assert "limit" in error["message"] and "id" not in error
 
     command(bob, cmd="quit")
     assert next_object(bob, "closed") == {"type": "closed"}

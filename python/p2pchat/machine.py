@@ -109,19 +109,23 @@ def handle(peer: Peer, line: str) -> bool:
         return True
     if cmd["cmd"] == "quit":
         return False
+
+    def answer_with_id(answer: dict[str, Any]) -> None:
+        if "id" in cmd:
+            answer["id"] = cmd["id"]  # lets a driver match answers (errors too) to its commands
+        emit(answer)
+
     run = COMMANDS.get(cmd["cmd"])
     if run is None:
         known = ", ".join(sorted([*COMMANDS, "quit"]))
-        emit({"type": "error", "message": f"unknown command {cmd['cmd']!r}; known: {known}", "input": line.rstrip("\n")})
+        answer_with_id({"type": "error", "message": f"unknown command {cmd['cmd']!r}; known: {known}", "input": line.rstrip("\n")})
         return True
     try:
         answer = run(peer, cmd)
     except (ValueError, P2PChatError) as err:
-        emit({"type": "error", "message": str(err), "input": line.rstrip("\n")})
+        answer_with_id({"type": "error", "message": str(err), "input": line.rstrip("\n")})
         return True
-    if "id" in cmd:
-        answer["id"] = cmd["id"]  # lets a driver match answers to its commands
-    emit(answer)
+    answer_with_id(answer)
     return True
 
 
