@@ -943,6 +943,41 @@ impl RawMember {
     }
 }
 
+/// A member of the tracker's relay that stops reading cannot hold the relay's queue, or its
+/// partners' lines, forever: it is dropped, and its partner hears that it is gone.
+#[tokio::test]
+async fn the_trackers_relay_drops_a_member_that_does_not_read() {
+    use p2pchat::wire::frames::{self, Chat, Frame};
+    let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: true, ..TrackerConfig::default() };
+    let (tracker, _stop, _task) = start_tracker_with(config).await;
+    let _sleeper = RawMember::join(tracker, "sleeper-session", "sleeper").await; // never reads again
+    let mut talker = RawMember::join(tracker, "talker-session", "talker").await;
+    talker.send(&Frame::RelayAsk { peer: "sleeper-session".into(), addr: None }).await;
+    talker.next(|f| matches!(f, Frame::RelayOpen { peer, .. } if peer == "sleeper-session")).await;
+    let text = "x".repeat(60_000);
+    let dropped = tokio::time::timeout(WAIT * 2, async {
+        let mut buf = vec![0u8; 65_536];
+        for i in 0u64.. {
+            let chat = Chat { id: format!("{i:032x}"), from: "talker".into(), text: text.clone(), ..Chat::default() };
+            talker.stream.write_all(&frames::encode(&Frame::Msg(chat))).await.unwrap();
+            // What the relay sent meanwhile, without waiting for more.
+            while let Ok(n @ 1..) = talker.stream.try_read(&mut buf) {
+                talker.decoder.feed(&buf[..n]);
+            }
+            while let Some(frame) = talker.decoder.next_frame().unwrap() {
+                if let Frame::RelayClose { peer, reason, .. } = frame {
+                    assert_eq!(peer, "sleeper-session");
+                    return reason;
+                }
+            }
+        }
+        unreachable!()
+    })
+    .await
+    .expect("the relay never gave up on a member that does not read");
+    assert!(dropped.contains("dropped by the relay") || dropped.contains("not reading"), "{dropped}");
+}
+
 /// A member that cannot reach another asks a common neighbour to relay: the neighbour tells both
 /// ends, passes each new message on once, and says when one end leaves.
 #[tokio::test]

@@ -31,6 +31,8 @@ use crate::wire::frames::{self, Frame, FrameDecoder, Hello, Member};
 const PING_EVERY: Duration = Duration::from_secs(2);
 /// Frames queued for one member link before it counts as not reading and is dropped.
 const QUEUE: usize = 256;
+/// The longest one write to a member may wait for it to read; then it is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Line = Arc<[u8]>;
 
@@ -116,10 +118,19 @@ async fn run(mut events: mpsc::Receiver<HubEvent>) {
                 let _ = target.queue.try_send(open_frame(&id, asker));
             }
             HubEvent::Forward { id, line } => {
+                let mut stuck = Vec::new();
                 for partner in pairs.partners_of(&id) {
                     if let Some(member) = members.get(partner) {
-                        let _ = member.queue.try_send(line.clone());
+                        if let Err(mpsc::error::TrySendError::Full(_)) = member.queue.try_send(line.clone()) {
+                            stuck.push(partner.clone());
+                        }
                     }
+                }
+                // A member that does not read what is queued for it would hold its partners' lines
+                // back (or lose them): it is dropped, and its partners are told.
+                for id in stuck {
+                    let reason = format!("dropped by the relay: {QUEUE} frames waited for it to read");
+                    leave(&mut members, &mut pairs, &id, reason, false);
                 }
             }
             HubEvent::Renamed { id, name } => {
@@ -132,16 +143,26 @@ async fn run(mut events: mpsc::Receiver<HubEvent>) {
                     }
                 }
             }
-            HubEvent::Left { id, reason, clean } => {
-                let Some(member) = members.remove(&id) else { continue };
-                log::debug!("{} left the relay ({reason})", member.addr);
-                let close: Line = frames::encode(&Frame::RelayClose { peer: id.clone(), reason, clean }).into();
-                for partner in pairs.remove(&id) {
-                    if let Some(other) = members.get(&partner) {
-                        let _ = other.queue.try_send(close.clone());
-                    }
-                }
-            }
+            HubEvent::Left { id, reason, clean } => leave(&mut members, &mut pairs, &id, reason, clean),
+        }
+    }
+}
+
+/// Member `id` is gone (its link ended, or the hub dropped it, which ends its link: its queue's
+/// sender goes with it): its partners are told.
+fn leave(
+    members: &mut HashMap<String, LinkedMember>,
+    pairs: &mut Pairs<String>,
+    id: &str,
+    reason: String,
+    clean: bool,
+) {
+    let Some(member) = members.remove(id) else { return };
+    log::debug!("{} left the relay ({reason})", member.addr);
+    let close: Line = frames::encode(&Frame::RelayClose { peer: id.to_owned(), reason, clean }).into();
+    for partner in pairs.remove(&id.to_owned()) {
+        if let Some(other) = members.get(&partner) {
+            let _ = other.queue.try_send(close.clone());
         }
     }
 }
@@ -216,13 +237,18 @@ async fn relay_loop(
                 }
                 Err(err) => return (format!("read failed: {err}"), said_bye),
             },
-            Some(line) = lines.recv() => Some(line),
+            line = lines.recv() => match line {
+                Some(line) => Some(line),
+                None => return ("dropped by the relay: it did not read".to_owned(), false),
+            },
             _ = pings.tick() => Some(ping.clone()),
             () = tokio::time::sleep_until(quiet_until) => return (format!("silent for {silence:?}"), false),
         };
         if let Some(line) = write {
-            if stream.write_all(&line).await.is_err() {
-                return ("write failed".to_owned(), said_bye);
+            match tokio::time::timeout(WRITE_TIMEOUT, stream.write_all(&line)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return ("write failed".to_owned(), said_bye),
+                Err(_) => return (format!("not reading: a write waited {WRITE_TIMEOUT:?}"), false),
             }
         }
         loop {
