@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::store::{Key, Location, Query, Record, Store, StoreError};
+use super::store::{Key, Location, Query, Record, Retention, Store, StoreError};
 
 /// Jobs queued before senders wait (backpressure onto the readers, never a lost message). A live job
 /// is a whole batch, so this is up to `QUEUE * FULL_BATCH` messages.
@@ -89,8 +89,9 @@ pub enum LogError {
 }
 
 /// Open the store at `location` (blocking; call from a blocking context) and start its thread.
-pub fn open(location: &Location, room: String) -> Result<LogHandle, StoreError> {
-    let store = Store::open(location)?;
+pub fn open(location: &Location, room: String, retention: Retention) -> Result<LogHandle, StoreError> {
+    let mut store = Store::open(location)?;
+    store.set_retention(retention);
     let (jobs, rx) = mpsc::channel(QUEUE);
     let batch = Batch::default();
     let thread_batch = batch.clone();
@@ -234,6 +235,11 @@ impl LogHandle {
 mod tests {
     use super::*;
 
+    /// These tests' messages are stamped near 1970: a log that keeps everything.
+    fn keep_all() -> Retention {
+        Retention { messages: usize::MAX, max_age: std::time::Duration::MAX }
+    }
+
     fn record(id: &str, stamp: u64) -> Record {
         Record {
             id: id.into(),
@@ -253,7 +259,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_query_sees_live_messages_still_waiting_for_their_batch() {
-        let log = open(&Location::Memory, "r".into()).unwrap();
+        let log = open(&Location::Memory, "r".into(), keep_all()).unwrap();
         log.record_now(record("a", 1));
         log.record(vec![record("b", 2)]).await;
         // Asked at once, long before the batch's timer: the thread writes the batch first.
@@ -264,7 +270,7 @@ mod tests {
     async fn a_flush_writes_the_waiting_batch_to_disk_before_it_returns() {
         let dir = std::env::temp_dir().join(format!("p2pchat-flush-{}", crate::wire::frames::random_id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let log = open(&Location::Dir(dir.clone()), "r".into()).unwrap();
+        let log = open(&Location::Dir(dir.clone()), "r".into(), keep_all()).unwrap();
         log.record_now(record("a", 1));
         // Another connection to the same file sees only what the log thread has written.
         let mut other = Store::open(&Location::Dir(dir.clone())).unwrap();
@@ -284,7 +290,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_batch_goes_at_once_and_nothing_is_lost_or_doubled() {
-        let log = open(&Location::Memory, "r".into()).unwrap();
+        let log = open(&Location::Memory, "r".into(), keep_all()).unwrap();
         let count = FULL_BATCH * 2 + 7;
         for stamp in 0..count as u64 {
             log.record_now(record(&format!("m{stamp:05}"), stamp));

@@ -16,6 +16,22 @@ use thiserror::Error;
 pub const FILE_NAME: &str = "history.sqlite3";
 /// Messages an in-memory log keeps per room (a peer run without a log on disk).
 pub const MEMORY_KEEPS: usize = 20_000;
+
+/// How much of each room a log on disk keeps: the newest `messages`, and none older than
+/// `max_age` (by its stamp). Older messages are deleted as new ones come, so a log cannot grow
+/// without bound however long a room lives or however much it is sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    pub messages: usize,
+    pub max_age: std::time::Duration,
+}
+
+impl Default for Retention {
+    /// A year, and 100,000 messages per room (about 20 MB of a busy room's text).
+    fn default() -> Self {
+        Self { messages: 100_000, max_age: std::time::Duration::from_secs(365 * 24 * 3600) }
+    }
+}
 /// 2: messages carry their author's key and signature (private rooms).
 const SCHEMA_VERSION: i64 = 2;
 
@@ -100,6 +116,7 @@ pub struct Store {
     conn: Connection,
     in_memory: bool,
     inserted_since_prune: usize,
+    retention: Retention,
     /// Room name to its number in the `rooms` table.
     rooms: HashMap<String, i64>,
 }
@@ -174,7 +191,8 @@ impl Store {
                  PRAGMA user_version = {SCHEMA_VERSION};"
             ))?;
         }
-        Ok(Self { conn, in_memory, inserted_since_prune: 0, rooms: HashMap::new() })
+        let retention = Retention::default();
+        Ok(Self { conn, in_memory, inserted_since_prune: 0, retention, rooms: HashMap::new() })
     }
 
     /// Settings for a file shared by every peer of one user, and a check that it is ours; returns the
@@ -215,6 +233,11 @@ impl Store {
 
     /// Store `records` of `room` in one transaction; for each, whether it was new (messages already
     /// stored are left as they are).
+    /// Keep `retention` of each room from now on.
+    pub fn set_retention(&mut self, retention: Retention) {
+        self.retention = retention;
+    }
+
     pub fn insert(&mut self, room: &str, records: &[Record]) -> Result<Vec<bool>, StoreError> {
         let room = self.room_number(room, true)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
         let tx = self.conn.transaction()?;
@@ -239,16 +262,20 @@ impl Store {
                 fresh.push(changed == 1);
             }
         }
-        if self.in_memory {
-            self.inserted_since_prune += records.len();
-            if self.inserted_since_prune > MEMORY_KEEPS / 10 {
-                self.inserted_since_prune = 0;
-                tx.execute(
-                    "DELETE FROM messages WHERE room = ?1 AND stamp < (
-                         SELECT stamp FROM messages WHERE room = ?1 ORDER BY stamp DESC LIMIT 1 OFFSET ?2)",
-                    params![room, MEMORY_KEEPS as i64],
-                )?;
-            }
+        // Pruned every tenth of the bound inserted: a busy room costs one DELETE per few thousand.
+        let keep = if self.in_memory { MEMORY_KEEPS.min(self.retention.messages) } else { self.retention.messages };
+        self.inserted_since_prune += records.len();
+        if self.inserted_since_prune > (keep / 10).max(1) {
+            self.inserted_since_prune = 0;
+            tx.execute(
+                "DELETE FROM messages WHERE room = ?1 AND stamp < (
+                     SELECT stamp FROM messages WHERE room = ?1 ORDER BY stamp DESC LIMIT 1 OFFSET ?2)",
+                params![room, i64::try_from(keep).unwrap_or(i64::MAX).saturating_sub(1)],
+            )?;
+            let now_ms = crate::history::clock::wall_millis();
+            let max_age_ms = u64::try_from(self.retention.max_age.as_millis()).unwrap_or(u64::MAX);
+            let oldest = crate::protocol::stamp_at(now_ms.saturating_sub(max_age_ms));
+            tx.execute("DELETE FROM messages WHERE room = ?1 AND stamp < ?2", params![room, oldest as i64])?;
         }
         tx.commit()?;
         Ok(fresh)
@@ -329,6 +356,31 @@ mod tests {
 
     fn ids(records: &[Record]) -> Vec<&str> {
         records.iter().map(|r| r.id.as_str()).collect()
+    }
+
+    #[test]
+    fn a_log_keeps_its_newest_messages_and_none_past_their_age() {
+        let dir = std::env::temp_dir().join(format!("p2pchat-keep-{}", crate::wire::frames::random_id()));
+        let mut store = Store::open(&Location::Dir(dir.clone())).unwrap();
+        store.set_retention(Retention { messages: 50, max_age: std::time::Duration::from_secs(3600) });
+        let now = crate::history::clock::wall_millis();
+        let stamp = |ms_ago: u64, n: u64| crate::protocol::stamp_at(now - ms_ago) + n;
+        // Two hours old, then recent: 400 recent messages in batches, as the log writes them.
+        store.insert("r", &[record("ancient", stamp(2 * 3_600_000, 0))]).unwrap();
+        for batch in 0..40u64 {
+            let records: Vec<Record> =
+                (0..10).map(|i| record(&format!("m{batch:02}-{i}"), stamp(60_000, batch * 10 + i))).collect();
+            store.insert("r", &records).unwrap();
+        }
+        let kept = store.query("r", &Query::latest(1_000)).unwrap();
+        assert!(
+            kept.len() <= 50 + 10,
+            "{} kept: the bound, give or take the batches since the last pruning",
+            kept.len()
+        );
+        assert!(kept.iter().all(|r| r.id != "ancient"), "older than the age bound");
+        assert_eq!(kept.last().map(|r| r.id.as_str()), Some("m39-9"), "the newest stay");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -474,8 +474,8 @@ pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinRep
     })
     .await
     .map_err(|_| PeerError::Closed)??;
-    let (location, room) = (config.history.location.clone(), wire_room.clone());
-    let log = tokio::task::spawn_blocking(move || message_log::open(&location, room))
+    let (location, room, retention) = (config.history.location.clone(), wire_room.clone(), config.history.retention);
+    let log = tokio::task::spawn_blocking(move || message_log::open(&location, room, retention))
         .await
         .map_err(|_| PeerError::Closed)??;
     let history_after = match config.history.ask_on_join {

@@ -43,6 +43,8 @@ const MAX_ID_CHARS: usize = 64;
 pub struct HistoryConfig {
     /// Where the log lives.
     pub location: crate::history::store::Location,
+    /// How much of each room the log keeps.
+    pub retention: crate::history::store::Retention,
     /// How many messages to ask a member for on join (0: ask nothing).
     pub ask_on_join: usize,
     /// Most messages one answer carries.
@@ -61,6 +63,7 @@ impl Default for HistoryConfig {
     fn default() -> Self {
         Self {
             location: crate::history::store::Location::Memory,
+            retention: crate::history::store::Retention::default(),
             ask_on_join: 100,
             answer_messages: 10_000,
             answer_burst_bytes: 16 * 1024 * 1024,
