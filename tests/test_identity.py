@@ -17,13 +17,13 @@ def test_a_user_keeps_one_identity_across_runs(tmp_path):
         with Peer("ana", *tracker.address, identity=tmp_path / "other.json", save_history=False, data_dir=home("ana")) as other:
             assert other.fingerprint != fingerprint
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert len(fingerprint) == 19 and fingerprint.count("-") == 3
+    assert len(fingerprint) == 39 and fingerprint.count("-") == 7  # 128 bits
 
 
 def test_the_client_shows_its_fingerprint_and_refuses_a_damaged_identity(room, tmp_path):
     tracker = room.p2pchat_tracker()
     ana = room.p2pchat_peer("ana", tracker.port, "--identity", str(tmp_path / "ana.json"))
-    fingerprint = ana.proc.err.saw(r"joined as 'ana' \(key ([0-9a-f]{4}(-[0-9a-f]{4}){3})\)").group(1)
+    fingerprint = ana.proc.err.saw(r"joined as 'ana' \(key ([0-9a-f]{4}(-[0-9a-f]{4}){7})\)").group(1)
     ana.say("/who")
     ana.proc.err.saw(rf"ana \(you, port \d+, key {fingerprint}\)")
 

@@ -60,7 +60,7 @@ def test_presence_join_leave_kill_nick_and_who(room, tmp_path):
 
     ana.say("/who")
     ana.proc.err.expect(r"4 member\(s\) in the default room:")
-    ana.proc.err.expect(r"^\*   ana \(you, port \d+, key [0-9a-f]{4}(-[0-9a-f]{4}){3}\)$")
+    ana.proc.err.expect(r"^\*   ana \(you, port \d+, key [0-9a-f]{4}(-[0-9a-f]{4}){7}\)$")
     for pattern in (r"bob \(127\.0\.0\.1:\d+\) p2pchat", r"cida \(127\.0\.0\.1:\d+\) p2pchat", r"ref \(127\.0\.0\.1:\d+\) original"):
         ana.proc.err.saw(rf"^\*   {pattern}$")
 
