@@ -33,6 +33,16 @@ impl SeenIds {
         }
     }
 
+    /// A message with this stamp and id is shown: true the first time (it is then remembered and
+    /// noted for anti-entropy summaries), false for a repeat. One lock for both, on the hot path.
+    pub fn shown(&mut self, stamp: u64, id: &str) -> bool {
+        let first = self.first_time(id);
+        if first {
+            self.recent.note(stamp, id);
+        }
+        first
+    }
+
     /// Whether `id` was offered before (without offering it).
     pub fn contains(&self, id: &str) -> bool {
         self.set.contains(&self.keys.hash_one(id))

@@ -190,6 +190,16 @@ pub fn check_author(chat: &Chat, room: &str, known: &std::sync::Mutex<KnownKeys>
     }
 }
 
+/// Whether `chat`'s key (its signature already checked, by `check_author`) is the one its name
+/// proved on a link here: what a message is shown with a ✓ for, without checking it twice.
+pub fn proven(chat: &Chat, room: &str, known: &std::sync::Mutex<KnownKeys>) -> bool {
+    let key = chat.key.as_deref().and_then(unhex_array::<32>).and_then(|k| VerifyingKey::from_bytes(&k).ok());
+    match (key, known.lock()) {
+        (Some(key), Ok(known)) => known.lookup(room, &chat.from, &key) == Seen::Same,
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -127,9 +127,9 @@ impl PeerState {
                 is_new && seen.first_time(&chat.id)
             });
             if first_time.unwrap_or(is_new) {
-                // Verified only if signed by the key its author's name proved on a link here.
-                let proven = self.private.is_some()
-                    && crate::peer::trust::check_author(&chat, &self.room, &self.known_keys) == Ok(true);
+                // Verified only if signed by the key its author's name proved on a link here (its
+                // signature was checked as the answer was read).
+                let proven = self.private.is_some() && crate::peer::trust::proven(&chat, &self.room, &self.known_keys);
                 let mut message = sync::message(chat, from, reader::received_at(now), true);
                 message.signed = proven;
                 shown.push(message);

@@ -757,8 +757,7 @@ impl PeerState {
             self.identity.sign_chat(&mut message);
         }
         if let Ok(mut seen) = self.seen.lock() {
-            seen.first_time(&message.id);
-            seen.recent.note(stamp, &message.id);
+            seen.shown(stamp, &message.id);
         }
         // Logged only once it is queued on every link (below): a history answer being made for a
         // member meanwhile (on another worker) then either misses it or is queued after it, so the

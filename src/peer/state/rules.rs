@@ -56,9 +56,9 @@ impl LinkRules {
         self.ids.lock().map(|mut ids| ids.next_id()).unwrap_or_else(|_| frames::random_id())
     }
 
-    /// Whether `id` is shown for the first time (and remember it).
-    fn first_time(&self, id: &str) -> bool {
-        self.seen.lock().map(|mut seen| seen.first_time(id)).unwrap_or(true)
+    /// Whether the message `stamp`, `id` is shown for the first time (and remember it).
+    fn first_time(&self, stamp: u64, id: &str) -> bool {
+        self.seen.lock().map(|mut seen| seen.shown(stamp, id)).unwrap_or(true)
     }
 
     fn seen_before(&self, id: &str) -> bool {
@@ -248,7 +248,7 @@ pub fn take_frame(
                 link.flood.admit(now.at, from, Some(&chat.from))
             };
             // (Another link's reader may have taken the same id meanwhile: the set decides.)
-            let shown = admitted && rules.first_time(&chat.id);
+            let shown = admitted && rules.first_time(chat.stamp(), &chat.id);
             if let Some(text) = notice {
                 out.to_show.push(Event::Notice { text });
             }
@@ -262,9 +262,6 @@ pub fn take_frame(
                     out.reports.push(Report::Forward { line });
                 }
                 rules.clock.observe_at(chat.stamp(), now.wall_ms);
-                if let Ok(mut seen) = rules.seen.lock() {
-                    seen.recent.note(chat.stamp(), &chat.id);
-                }
                 out.to_log.push(sync::chat_to_record(&chat));
                 let mut message = sync::message(chat, from, super::reader::received_at(now), false);
                 message.signed = proven;
