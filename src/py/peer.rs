@@ -309,6 +309,14 @@ impl Core {
         }
     }
 
+    /// The joined peer's events, without making an exception when there are none (see `next_event_blocking`).
+    fn events(&self) -> Option<SharedEvents> {
+        match self.state.lock().as_deref() {
+            Ok(Stage::Joined { events, .. }) => Some(events.clone()),
+            _ => None,
+        }
+    }
+
     fn is_joined(&self) -> bool {
         matches!(self.state.lock().as_deref(), Ok(Stage::Joined { .. }))
     }
@@ -340,18 +348,36 @@ fn ready_event(events: &SharedEvents, messages_only: bool) -> Option<Result<Even
     }
 }
 
-/// The next event, or the next message when `messages_only`; `Ok(None)` on timeout, `Err(Closed)` once
-/// the peer is closed and everything was taken.
+/// The next message, waiting at most `timeout`: as `next_event_blocking`.
+fn next_message(
+    py: Python<'_>,
+    events: SharedEvents,
+    timeout: Option<Duration>,
+) -> PyResult<Result<Option<PyMessage>, PeerError>> {
+    Ok(next_event_blocking(py, events, timeout, true)?.map(|event| match event.map(PyEvent::from) {
+        Some(PyEvent::Message(message)) => Some(message),
+        // `messages_only` lets nothing else through.
+        _ => None,
+    }))
+}
+
+/// The next event, or the next message when `messages_only`: `Ok(Ok(None))` on timeout, `Ok(Err(Closed))`
+/// once the peer is closed and everything was taken, and `Err` only for a signal's exception.
+///
+/// The peer's outcome stays a Rust error so that iterators can end on `Closed` without making a Python
+/// exception: a daemon thread in `for m in peer` wakes when `atexit` closes the peer, and a `PyErr`
+/// inspected then is normalized with the GIL released for a moment, long enough for the interpreter to
+/// begin finalizing, after which pyo3 panics rather than attach again.
 fn next_event_blocking(
     py: Python<'_>,
     events: SharedEvents,
     timeout: Option<Duration>,
     messages_only: bool,
-) -> PyResult<Option<Event>> {
+) -> PyResult<Result<Option<Event>, PeerError>> {
     if let Some(ready) = ready_event(&events, messages_only) {
-        return Ok(Some(ready?));
+        return Ok(ready.map(Some));
     }
-    Ok(wait(py, next_event(events, timeout, messages_only))??)
+    wait(py, next_event(events, timeout, messages_only))
 }
 
 /// The next event, or the next message when `messages_only`; `Ok(None)` on timeout, `Err(Closed)` once
@@ -416,11 +442,10 @@ impl PyEventStream {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<Py<PyAny>>> {
-        match next_event_blocking(py, self.events.clone(), None, false) {
+        match next_event_blocking(py, self.events.clone(), None, false)? {
             Ok(Some(event)) => Ok(Some(PyEvent::from(event).into_pyobject(py)?.unbind())),
-            Ok(None) => Ok(None),
-            Err(err) if err.is_instance_of::<PeerClosed>(py) => Ok(None),
-            Err(err) => Err(err),
+            Ok(None) | Err(PeerError::Closed) => Ok(None),
+            Err(err) => Err(err.into()),
         }
     }
 
@@ -631,13 +656,7 @@ impl PyPeer {
     fn recv(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<PyMessage>> {
         let (_, events) = self.core.joined()?;
         let limit = seconds(timeout)?;
-        match next_event_blocking(py, events, limit, true)? {
-            Some(event) => match PyEvent::from(event) {
-                PyEvent::Message(message) => Ok(Some(message)),
-                _ => Err(P2PChatError::new_err("internal error: expected a message")),
-            },
-            None => Ok(None),
-        }
+        next_message(py, events, limit)?.map_err(PyErr::from)
     }
 
     /// `await peer.recv_async()`: the next message; raises `PeerClosed` once the peer is closed.
@@ -655,7 +674,7 @@ impl PyPeer {
     fn recv_event(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<Option<Py<PyAny>>> {
         let (_, events) = self.core.joined()?;
         let limit = seconds(timeout)?;
-        match next_event_blocking(py, events, limit, false)? {
+        match next_event_blocking(py, events, limit, false)?? {
             Some(event) => Ok(Some(PyEvent::from(event).into_pyobject(py)?.unbind())),
             None => Ok(None),
         }
@@ -682,9 +701,14 @@ impl PyPeer {
     }
 
     fn __next__(&self, py: Python<'_>) -> PyResult<Option<PyMessage>> {
-        match self.recv(py, None) {
-            Err(err) if err.is_instance_of::<PeerClosed>(py) => Ok(None),
-            other => other,
+        // A peer that is not joined (any more) ends the loop, like a closed one.
+        let Some(events) = self.core.events() else {
+            return Ok(None);
+        };
+        match next_message(py, events, None)? {
+            Ok(message) => Ok(message),
+            Err(PeerError::Closed) => Ok(None),
+            Err(err) => Err(err.into()),
         }
     }
 
