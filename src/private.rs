@@ -8,6 +8,9 @@
 //!   says nothing about its name or key.
 //! * invite code = `p2pc1-` ‖ hex(key) ‖ `-` ‖ hex(room name): carries the key itself, so the invited
 //!   need no passphrase (and skip the KDF). Whoever holds it can join: it is as secret as the key.
+//! * a new room's key (`RoomKey::generate`) is 32 random bytes, shared only through its invite code:
+//!   nothing on the wire or at the tracker then helps anyone guess it, unlike a passphrase, which the
+//!   room id lets its holder test offline (Argon2id only slows each guess).
 //!
 //! No I/O: the secret is read by the caller (never from the command line; see the client).
 
@@ -41,6 +44,10 @@ pub enum SecretError {
     OtherRoom { invited: String, asked: String },
     #[error("cannot derive the room key: {0}")]
     Kdf(String),
+    #[error("the room name {0:?} cannot be used: {1}")]
+    BadRoom(String, String),
+    #[error("the system gave no randomness for a new room key: {0}")]
+    NoRandomness(String),
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -95,6 +102,17 @@ impl RoomKey {
         let salt = &tagged_hash(b"p2pchat room salt v1", room.as_bytes())[..16];
         let mut key = Zeroizing::new([0u8; 32]);
         kdf.hash_password_into(secret.as_bytes(), salt, &mut *key).map_err(|e| SecretError::Kdf(e.to_string()))?;
+        Ok(Self { name: room.to_owned(), key: *key })
+    }
+
+    /// A new private room called `room`, under a random key: share its `invite_code`.
+    pub fn generate(room: &str) -> Result<Self, SecretError> {
+        if room.is_empty() {
+            return Err(SecretError::BadRoom(room.to_owned(), "a private room needs a name".to_owned()));
+        }
+        crate::wire::chat::validate_room(room).map_err(|e| SecretError::BadRoom(room.to_owned(), e.to_string()))?;
+        let mut key = Zeroizing::new([0u8; 32]);
+        getrandom::fill(&mut *key).map_err(|e| SecretError::NoRandomness(e.to_string()))?;
         Ok(Self { name: room.to_owned(), key: *key })
     }
 
@@ -221,6 +239,40 @@ mod tests {
         assert_eq!(room.open_sealed(&id, &hex(&altered)), Err(SealError::DoesNotOpen));
         assert_eq!(room.open_sealed(&id, "zz"), Err(SealError::DoesNotOpen));
     }
+
+    #[test]
+    fn a_new_room_has_a_fresh_random_key_that_its_invite_code_carries() {
+        let room = RoomKey::generate("plans").unwrap();
+        let again = RoomKey::generate("plans").unwrap();
+        assert_ne!(room.key(), again.key(), "every new room has its own key");
+        assert_ne!(room.room_id(), again.room_id());
+        assert_ne!(room.key(), &[0; 32]);
+        assert_eq!(RoomKey::from_secret("plans", &room.invite_code()).unwrap(), room);
+        assert!(matches!(RoomKey::generate(""), Err(SecretError::BadRoom(..))));
+        assert!(matches!(RoomKey::generate("a\nb"), Err(SecretError::BadRoom(..))));
+    }
+
+    /// The key schedule's known-answer vectors, as PROTOCOL.md gives them (keep the two the same).
+    #[test]
+    fn the_key_schedule_gives_the_published_vectors() {
+        let room = RoomKey::from_secret("plans", "correct horse battery staple").unwrap();
+        assert_eq!(hex(&tagged_hash(b"p2pchat room salt v1", b"plans")[..16]), KAT_SALT);
+        assert_eq!(hex(room.key()), KAT_ROOM_KEY);
+        assert_eq!(room.room_id(), KAT_ROOM_ID);
+        assert_eq!(hex(&tagged_hash(b"p2pchat message key v1", room.key())), KAT_MESSAGE_KEY);
+        assert_eq!(room.invite_code(), KAT_INVITE);
+        let protocol = include_str!("../PROTOCOL.md");
+        for vector in [KAT_SALT, KAT_ROOM_KEY, KAT_ROOM_ID, KAT_MESSAGE_KEY, KAT_INVITE] {
+            assert!(protocol.contains(vector), "PROTOCOL.md lacks {vector}");
+        }
+    }
+
+    // Computed independently of this code (Python's hashlib and argon2-cffi's Argon2id).
+    const KAT_SALT: &str = "a5527d43fc7ecf9619664ca1667c358c";
+    const KAT_ROOM_KEY: &str = "db50446ebdfad15f114bf2609cc1932d63078e309a520f25769d3b42103c48d4";
+    const KAT_ROOM_ID: &str = "9e050ad745c6ed52eee7e2c3ef05ec4a";
+    const KAT_MESSAGE_KEY: &str = "421905a082f306e0ddccc9f14c31e1e06401f99a7eb7673619df755375e54189";
+    const KAT_INVITE: &str = "p2pc1-db50446ebdfad15f114bf2609cc1932d63078e309a520f25769d3b42103c48d4-706c616e73";
 
     #[test]
     fn weak_secrets_are_refused() {

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 from harness import home, python
-from p2pchat import InvalidInput, Peer, Tracker
+from p2pchat import InvalidInput, Peer, Tracker, new_invite_code
 
 SECRET = "correct horse battery staple"
 
@@ -173,6 +173,18 @@ def test_the_python_api_takes_a_secret_and_refuses_a_weak_one():
     invited = Peer("bob", secret=peer.invite_code, save_history=False, data_dir=home("bob"))
     assert invited.room == "plans" and invited.invite_code == peer.invite_code
     assert not Peer("carol", room="plans", save_history=False, data_dir=home("carol")).private
+
+
+def test_a_new_room_has_a_random_key_and_a_bad_name_is_a_clear_error():
+    code = new_invite_code("plans")
+    assert re.fullmatch(r"p2pc1-[0-9a-f]{64}-" + b"plans".hex(), code)
+    assert new_invite_code("plans") != code, "each new room has its own key"
+    ana = Peer("ana", secret=code, save_history=False, data_dir=home("ana"))
+    assert ana.private and ana.room == "plans" and ana.invite_code == code
+    with pytest.raises(InvalidInput, match="a private room needs a name"):
+        new_invite_code("")
+    with pytest.raises(InvalidInput, match="control"):
+        new_invite_code("plans\nand more")
 
 
 def test_the_client_shows_each_members_proven_key_and_flags_a_changed_one(room):

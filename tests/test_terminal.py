@@ -14,7 +14,8 @@ from typing import Optional
 
 import pyte
 import pytest
-from harness import ROOT, WAIT
+from harness import ROOT, WAIT, home
+from p2pchat import new_invite_code
 
 COLS, ROWS = 100, 24
 
@@ -206,5 +207,27 @@ def test_a_private_room_marks_each_signed_message_and_says_so_in_the_status_bar(
         term.wait_for(rf"^{TIME} <bob> ✓ :: sealed and signed$")
         term.type("in the clear? no\r")
         bob.saw_line(r"^<ana> :: in the clear\? no$")
+    finally:
+        term.close()
+
+
+def test_enter_at_the_private_prompt_makes_a_new_room_whose_invite_code_lets_others_in(room):
+    tracker = room.p2pchat_tracker()
+    term = Terminal([sys.executable, "client.py", "--port", str(tracker.port), "--name", "ana", "--room", "plans",
+                     "--private", "--data-dir", str(home("ana"))])
+    try:
+        term.wait_for(r"invite code or secret for room 'plans' \(Enter: a new room with a random key\):")
+        term.type("\r")
+        term.wait_for(r"joined as 'ana' in private room 'plans'")
+        term.wait_for(r"^new private room 'plans'; to invite someone, give them this code")
+        # The code wraps on the emulated screen: join the lines before reading it.
+        code = re.search(r"(p2pc1-[0-9a-f]{64}-" + b"plans".hex() + ")", "".join(term.lines())).group(1)
+        bob = room.p2pchat_peer("bob", tracker.port, env={"P2PCHAT_SECRET": code})
+        bob.proc.err.saw(r"joined as 'bob' in private room 'plans'")
+        bob.say("the code worked")
+        term.wait_for(rf"^{TIME} <bob> ✓ :: the code worked$")
+        # A second new room under the same name is another room: its key is new.
+        other = new_invite_code("plans")
+        assert other != code and other.endswith("-" + b"plans".hex())
     finally:
         term.close()

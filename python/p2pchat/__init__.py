@@ -48,6 +48,7 @@ from ._core import (
     TrackerUnreachable,
     __version__,
     default_data_dir,
+    new_invite_code,
 )
 
 # What `Peer.address`, `Message.address` and the tracker's lists hold: (host, port).
@@ -81,6 +82,7 @@ __all__ = [
     "TrackerUnreachable",
     "__version__",
     "default_data_dir",
+    "new_invite_code",
 ]
 
 # atexit runs handlers last-registered first: close every peer and tracker (letting queued lines out),

@@ -33,6 +33,7 @@ __all__ = [
     "PeerInfo",
     "_shutdown",
     "default_data_dir",
+    "new_invite_code",
     "_set_log_level",
     "_next_log_records",
     "_wake_log_bridge",
@@ -70,6 +71,8 @@ class IdentityError(P2PChatError):
     """The identity file cannot be read or created."""
 
 def default_data_dir() -> Path: ...
+def new_invite_code(room: str) -> str:
+    """A new private room called `room`, under a random 256-bit key: its invite code, to give as `secret`."""
 
 @final
 class Message:

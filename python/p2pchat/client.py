@@ -40,6 +40,7 @@ from . import (
     __version__,
     default_data_dir,
     machine,
+    new_invite_code,
 )
 from ._cli import (
     Leave,
@@ -75,7 +76,7 @@ examples:
   python client.py -s 192.168.1.10 -n ana   tracker on another machine, name given
   python client.py --listen 7500            listen on a fixed port (to forward it on a router)
   python client.py --history 0 --no-history   no earlier messages shown, nothing written to disk
-  python client.py -r plans --private       a private room: asks for its secret (or an invite code)
+  python client.py -r plans --private       a private room: asks for its invite code or secret (Enter: a new one)
   P2PCHAT_SECRET=... python client.py -r plans   the same, the secret from the environment
   printf 'ana\\nhello\\n' | python client.py --exit-on-eof
 
@@ -112,8 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="your key pair (created on first use, readable by you only; default: identity.json "
                              "in the data directory)")
     parser.add_argument("--private", action="store_true",
-                        help="make --room private: ask for its secret (or an invite code) on the terminal. "
-                             "Only people with the same secret can join or read it")
+                        help="make --room private: ask for its invite code or secret on the terminal (Enter "
+                             "makes a new room with a random key). Only people with the same key can join or read it")
     parser.add_argument("--secret-file", type=Path, metavar="FILE",
                         help="read the private room's secret (or invite code) from FILE; the environment "
                              "variable P2PCHAT_SECRET works too. Never on the command line, which others can read")
@@ -154,9 +155,18 @@ def room_secret(args: argparse.Namespace) -> Optional[str]:
         raise SecretUnavailable("--private asks for the secret on a terminal; without one, use --secret-file FILE "
                                 "or the environment variable P2PCHAT_SECRET")
     try:
-        return getpass.getpass(f"secret (or invite code) for room {args.room!r}: ")
+        given = getpass.getpass(f"invite code or secret for room {args.room!r} (Enter: a new room with a random key): ")
     except EOFError:
         raise SecretUnavailable("no secret given") from None
+    if given.strip():
+        return given
+    try:
+        code = new_invite_code(args.room)
+    except InvalidInput as err:
+        raise SecretUnavailable(str(err)) from None
+    # The code is the room's key: it goes to this user's terminal only, as /invite shows it.
+    print(f"new private room {args.room!r}; to invite someone, give them this code (it is the room's key): {code}")
+    return code
 
 
 def ask_name() -> str:

@@ -186,6 +186,7 @@ fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<peer::PyPeerInfo>()?;
     m.add_function(wrap_pyfunction!(_shutdown, m)?)?;
     m.add_function(wrap_pyfunction!(peer::default_data_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(peer::new_invite_code, m)?)?;
     logging::register(m)?;
     #[cfg(feature = "bench")]
     bench::register(m)?;

@@ -476,6 +476,14 @@ pub fn default_data_dir() -> std::path::PathBuf {
     crate::history::default_dir()
 }
 
+/// A new private room called `room`, under a random 256-bit key: its invite code, to give as `secret`
+/// (to this peer and to everyone invited). Unlike a passphrase, nothing on the wire lets anyone guess it.
+#[pyfunction]
+pub fn new_invite_code(room: &str) -> PyResult<String> {
+    let key = RoomKey::generate(room).map_err(|e| InvalidInput::new_err(e.to_string()))?;
+    Ok(key.invite_code())
+}
+
 /// A position in the room's order from a `Message` or from seconds since the epoch.
 fn position(value: &Bound<'_, PyAny>) -> PyResult<Key> {
     if let Ok(message) = value.cast::<PyMessage>() {
