@@ -24,6 +24,9 @@ installed). Scenarios:
 5. history (p2pchat only: the original keeps none): the time from a newcomer's join until it has received
    10,000 earlier messages as history, against the same 10,000 messages reaching a connected peer live
    in the same run; and the newcomer's log on disk per message.
+6. idle: rooms of 10, 100 and 500 peers (one process each) where nobody types for 30 s: CPU seconds per
+   peer per hour, of the peer processes, and of the whole machine (which counts the kernel's work too,
+   such as TCP keep-alive probes, and whatever else runs).
 """
 
 import argparse
@@ -552,6 +555,44 @@ def scale(sizes: list[int], asyncio_sizes: list[int]) -> list[dict]:
     return rows
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent not idle since boot, every core (`/proc/stat`: user, nice,
+    system, irq, softirq and steal; the kernel's timers and TCP work included)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = ticks[3] + ticks[4]  # idle and iowait
+    return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def idle(sizes: list[int], seconds: float) -> list[dict]:
+    """Rooms of each size where nobody types for `seconds`: CPU per peer per hour, of the peer processes
+    and of the whole machine."""
+    rows = []
+    for size in sizes:
+        for impl in IMPLS:
+            log(f"idle: {impl}, {size} peers, {seconds:.0f} s")
+            room = Room(impl, size, mesh_timeout=60 + size / 2)
+            try:
+                # The joins' history and summaries are exchanged in the first moments of a link: let
+                # them pass before the window opens (a settling time, not a wait for an event).
+                time.sleep(SETTLE)
+                cpu_before, machine_before, started = room.cpu_seconds(), machine_busy_seconds(), time.monotonic()
+                time.sleep(seconds)  # the measuring window: nobody types
+                cpu_after, machine_after, window = room.cpu_seconds(), machine_busy_seconds(), time.monotonic() - started
+            finally:
+                room.close()
+            per_peer_hour = 3600 / size / window
+            rows.append({"impl": impl, "peers": size, "meshed": room.meshed, "window_s": window,
+                         "cpu_s_per_peer_hour": (cpu_after - cpu_before) * per_peer_hour,
+                         "machine_cpu_s_per_peer_hour": (machine_after - machine_before) * per_peer_hour})
+            log(f"  {rows[-1]['cpu_s_per_peer_hour']:.2f} CPU s per peer per hour (machine: "
+                f"{rows[-1]['machine_cpu_s_per_peer_hour']:.2f}){'' if room.meshed else '; the mesh was incomplete'}")
+    return rows
+
+
+# How long an idle room settles after its mesh is complete, before its CPU is measured.
+SETTLE = 3.0
+
+
 def in_process(limit: int) -> dict:
     """How many p2pchat peers one process can hold (fully meshed), adding them until one falls short."""
     import resource
@@ -732,6 +773,13 @@ def table(results: dict) -> str:
         if "peers" in one:
             out.append(f"| scale | peers in one process (API), fully meshed | {one['peers']} ({one['fds']} descriptors; "
                        f"stopped by: {one['why'] or 'the step limit'}) | | |")
+    if "idle" in results:
+        for size, p, b in pairs(results["idle"], "peers"):
+            mesh = "" if p["meshed"] and b["meshed"] else " (a mesh was incomplete)"
+            row("idle", f"{size} peers, nobody typing: CPU s per peer per hour, peer processes{mesh}",
+                p["cpu_s_per_peer_hour"], b["cpu_s_per_peer_hour"], "{:.2f}")
+            row("idle", f"{size} peers, nobody typing: CPU s per peer per hour, whole machine",
+                p["machine_cpu_s_per_peer_hour"], b["machine_cpu_s_per_peer_hour"], "{:.2f}")
     if "history" in results:
         h = results["history"]
         n = h["messages"]
@@ -801,7 +849,7 @@ def chart(results: dict, path: Path) -> Optional[Path]:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description="p2pchat vs the asyncio baseline, side by side", allow_abbrev=False)
     parser.add_argument("--quick", action="store_true", help="a small smoke run (seconds, not minutes)")
-    parser.add_argument("--only", default="latency,throughput,tracker,scale,history", help="comma-separated scenarios")
+    parser.add_argument("--only", default="latency,throughput,tracker,scale,history,idle", help="comma-separated scenarios")
     parser.add_argument("--repeats", type=int, help="runs per figure (default 3; 1 with --quick)")
     parser.add_argument("--out", type=Path, default=ROOT / "benches" / "results", help="where to write the results")
     args = parser.parse_args(argv)
@@ -815,6 +863,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "tracker": lambda: tracker_joins([10, 100], seconds=0.5, repeats=repeats),
             "scale": lambda: {"rooms": scale([4], [4]), "in_process": in_process(limit=6)},
             "history": lambda: history_sync(500, repeats=repeats),
+            "idle": lambda: idle([4], seconds=1.0),
         }
     else:
         plan = {
@@ -824,6 +873,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "tracker": lambda: tracker_joins([10, 1000, 10000], seconds=2.0, repeats=repeats),
             "scale": lambda: {"rooms": scale([50, 100, 150, 200], [50, 150]), "in_process": in_process(limit=400)},
             "history": lambda: history_sync(10_000, repeats=repeats),
+            "idle": lambda: idle([10, 100, 500], seconds=30.0),
         }
     unknown = only - set(plan)
     if unknown:

@@ -177,6 +177,7 @@ async fn hello_listing(at: std::net::SocketAddr, peers: Vec<p2pchat::wire::frame
         peers,
         identity: None,
         relay: false,
+        quiet: false,
     };
     stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     stream
@@ -607,6 +608,7 @@ async fn a_second_link_from_a_linked_member_is_refused_as_a_duplicate() {
         peers: vec![],
         identity: None,
         relay: false,
+        quiet: false,
     };
     second.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     let mut answer = Vec::new();
@@ -669,6 +671,7 @@ async fn registered_under(bound: Duration) -> (TcpStream, p2pchat::tracker::Trac
         peers: vec![],
         identity: None,
         relay: false,
+        quiet: false,
     };
     member.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     wait_members(&handle, 1).await;
@@ -716,6 +719,7 @@ async fn a_silent_p2pchat_link_is_dropped() {
         peers: vec![],
         identity: None,
         relay: false,
+        quiet: false,
     };
     impostor.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     loop {
@@ -728,6 +732,53 @@ async fn a_silent_p2pchat_link_is_dropped() {
             _ => continue,
         }
     }
+}
+
+/// A member whose hello says `quiet` is not pinged, and its silence does not drop it: the kernel's
+/// keep-alive watches that link. A member whose hello does not (an earlier p2pchat) is pinged, and
+/// dropped when it stays silent, as before.
+#[tokio::test]
+async fn quiet_members_are_neither_pinged_nor_dropped_for_their_silence() {
+    use p2pchat::wire::frames::{Chat, Frame};
+    let (tracker, _stop) = start_tracker().await;
+    let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+    config.limits.keepalive_interval = Duration::from_millis(100);
+    config.limits.dead_after = Duration::from_millis(400);
+    let (ana, mut events, _) = peer::join(config).await.unwrap();
+    let mut quiet = RawMember::join_as(ana.listen_addr(), "quiet-id", "quiet", "", true).await;
+    assert!(quiet.their_hello.quiet, "ana says she needs no pings either");
+    let mut earlier = RawMember::join_as(ana.listen_addr(), "earlier-id", "earlier", "", false).await;
+    assert!(matches!(earlier.next(|f| matches!(f, Frame::Ping)).await, Frame::Ping));
+    // The earlier member never answers: dropped once silent for 400 ms, four keep-alive periods
+    // after the quiet member joined, which stayed just as silent.
+    loop {
+        match tokio::time::timeout(WAIT, events.recv()).await.unwrap().unwrap() {
+            Event::Left { name, reason, .. } => {
+                assert_eq!(
+                    name.as_deref(),
+                    Some("earlier"),
+                    "only the member that asked for pings is dropped: {reason}"
+                );
+                assert!(reason.contains("silent"), "{reason}");
+                break;
+            }
+            _ => continue,
+        }
+    }
+    let mut frames_to_quiet = Vec::new();
+    let mut buf = [0; 4096];
+    while let Ok(n @ 1..) = quiet.stream.try_read(&mut buf) {
+        quiet.decoder.feed(&buf[..n]);
+    }
+    while let Some(frame) = quiet.decoder.next_frame().unwrap() {
+        frames_to_quiet.push(frame);
+    }
+    assert!(!frames_to_quiet.iter().any(|f| matches!(f, Frame::Ping)), "pinged: {frames_to_quiet:?}");
+    // Its link is alive: what it says now is shown.
+    let chat = Chat { id: "q1".into(), from: "quiet".into(), ts: 1, text: "still here".into(), ..Chat::default() };
+    quiet.send(&Frame::Msg(chat)).await;
+    assert_eq!(next_message(&mut events).await.text, "still here");
+    assert_eq!(ana.peers().await.unwrap().len(), 1, "the quiet member is still listed");
 }
 
 /// The tracker restarts with an empty memory: running peers register again on their own, and a
@@ -885,6 +936,11 @@ impl RawMember {
     }
 
     async fn join_room(at: std::net::SocketAddr, id: &str, name: &str, room: &str) -> Self {
+        Self::join_as(at, id, name, room, false).await
+    }
+
+    /// `quiet`: our hello says we neither ping nor need pings.
+    async fn join_as(at: std::net::SocketAddr, id: &str, name: &str, room: &str, quiet: bool) -> Self {
         use p2pchat::protocol::{MAGIC, PROTOCOL_VERSION};
         use p2pchat::wire::frames::{self, Frame, Hello};
         let mut stream = TcpStream::connect(at).await.unwrap();
@@ -897,6 +953,7 @@ impl RawMember {
             peers: vec![],
             identity: None,
             relay: false,
+            quiet,
         };
         stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
         let mut magic = vec![0; MAGIC.len()];
@@ -1073,6 +1130,7 @@ async fn the_tracker_relays_only_when_told_to() {
         peers: vec![],
         identity: None,
         relay: false,
+        quiet: false,
     };
     refused.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     let mut answer = Vec::new();
@@ -1282,6 +1340,7 @@ mod private_rooms {
             peers: vec![],
             identity: Some(identity.prove(binding)),
             relay: false,
+            quiet: false,
         };
         frames::encode_opening(&Frame::Hello(hello))
     }
@@ -1584,6 +1643,7 @@ mod private_rooms {
             peers: vec![],
             identity: None,
             relay: false,
+            quiet: false,
         };
         registration.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
         let mut welcome = [0u8; 512];

@@ -45,5 +45,9 @@ def test_the_quick_benchmark_runs_every_scenario_for_both_implementations(tmp_pa
     assert all(r["received"] == history["messages"] for r in history["runs"]), history
     assert all(r["received"] == history["messages"] for r in history["live"]), history
     assert history["disk_bytes_per_message"] > history["text_bytes"], "the log holds at least the text"
+    idle = {row["impl"]: row for row in results["idle"]}
+    assert set(idle) == {"p2pchat", "baseline"} and all(r["meshed"] and r["window_s"] > 0 for r in idle.values()), idle
+    assert idle["p2pchat"]["cpu_s_per_peer_hour"] > 0, "the idle peers' CPU was not measured (they do keep the tracker alive)"
+    assert "| idle | 4 peers, nobody typing: CPU s per peer per hour, peer processes |" in run.stdout
     # The chart, drawn when matplotlib is installed (the test extra installs it).
     assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), "no PNG chart was written (is matplotlib installed? pip install .[test])"

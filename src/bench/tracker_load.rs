@@ -230,6 +230,7 @@ async fn read_welcome(
         peers: vec![],
         identity: None,
         relay: false,
+        quiet: false,
     };
     stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await?;
     let mut head = [0u8; MAGIC.len() + 4];

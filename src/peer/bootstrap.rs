@@ -100,6 +100,7 @@ pub(super) async fn ask_tracker(
         peers: Vec::new(),
         identity: None,
         relay: false,
+        quiet: false,
     };
     // The original tracker never reads, so these bytes are harmless there.
     stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.map_err(unreachable)?;

@@ -91,6 +91,7 @@ async fn run(mut events: mpsc::Receiver<HubEvent>) {
                     peers,
                     identity: None,
                     relay: false,
+                    quiet: false,
                 };
                 log::debug!("{} linked to the relay in room {:?}", member.addr, member.room);
                 members.insert(id, member);

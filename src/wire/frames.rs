@@ -48,6 +48,10 @@ pub struct Hello {
     /// To a tracker: this is a link to its relay, not a registration (see `tracker::hub`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub relay: bool,
+    /// The sender neither pings this link nor drops it for being silent: it leaves a peer that
+    /// vanished to TCP keep-alive, in the kernel. A hello without it asks for pings (see `ping`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub quiet: bool,
 }
 
 /// An identity key and its signature over the link's handshake hash: the holder of the key is the
@@ -519,6 +523,7 @@ mod tests {
             peers: vec![],
             identity: None,
             relay: false,
+            quiet: false,
         }
     }
 

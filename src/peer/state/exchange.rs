@@ -41,8 +41,15 @@ impl PeerState {
         if self.deferred_summaries.is_empty() || self.join_history_pending() {
             return;
         }
-        for (id, summary) in std::mem::take(&mut self.deferred_summaries) {
-            self.on_summary(now, id, summary);
+        for (peer_id, summary) in std::mem::take(&mut self.deferred_summaries) {
+            // By member, not by link: the link it came on may have been replaced by a duplicate since.
+            let current = self
+                .links
+                .iter()
+                .find(|(_, l)| l.kind == LinkKind::P2pchat && l.peer_id.as_deref() == Some(peer_id.as_str()));
+            if let Some((&id, _)) = current {
+                self.on_summary(now, id, summary);
+            }
         }
     }
 
@@ -56,11 +63,15 @@ impl PeerState {
     /// are asking it for history already (that answer covers the same). While the join's history
     /// is still to come, wait for it: it brings most of what a newcomer lacks.
     pub(super) fn on_summary(&mut self, now: Now, id: LinkId, theirs: Summary) {
-        if self.links.get(&id).is_none_or(|l| l.kind != LinkKind::P2pchat) || self.requests.is_asking(id) {
+        let Some(peer_id) = self.links.get(&id).filter(|l| l.kind == LinkKind::P2pchat).and_then(|l| l.peer_id.clone())
+        else {
+            return;
+        };
+        if self.requests.is_asking(id) {
             return;
         }
         if self.join_history_pending() {
-            return self.deferred_summaries.push((id, theirs));
+            return self.deferred_summaries.push((peer_id, theirs));
         }
         let Some(from) = self.seen.lock().ok().and_then(|seen| seen.recent.lacking(&theirs, now.wall_ms)) else {
             return;

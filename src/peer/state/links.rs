@@ -28,11 +28,15 @@ impl PeerState {
             peers,
             identity: binding.map(|b| self.identity.prove(b)),
             relay: false,
+            // Members need no pings from us, nor we from them: the kernel's keep-alive probes notice
+            // a vanished member without waking either process (see `ping`).
+            quiet: true,
         }
     }
 
     pub(super) fn on_hello(&mut self, now: Now, id: LinkId, hello: Hello) {
-        let Some(link) = self.links.get(&id) else { return };
+        let Some(link) = self.links.get_mut(&id) else { return };
+        link.wants_pings = !hello.quiet;
         let (outgoing, remote, binding) = (link.outgoing, link.remote, link.binding.clone());
         if hello.v != PROTOCOL_VERSION {
             let message =
@@ -357,6 +361,12 @@ impl PeerState {
         // older one).
         let name = hello.name.filter(|n| chat::validate_name(n).is_ok()).or(old_name.clone());
         let adopted = self.adopt(now, newer, hello.id, hello.listen_port, old_name.clone(), held);
+        if adopted.is_some() {
+            // Our summary went out on the older link, which the other end may be reading out as its
+            // duplicate: it would not compare it, and a line we said as the links crossed, before
+            // either carried it, would stay missing there. Tell it again on the link that stays.
+            self.send_summary(now, newer, false);
+        }
         if let (Some(_), Some(name)) = (adopted, name.filter(|n| Some(n) != old_name.as_ref())) {
             self.on_renamed(newer, name);
         }

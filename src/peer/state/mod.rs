@@ -211,6 +211,9 @@ struct Link {
     /// before (see `trust`). Boxed: it is 200 bytes, and most links (outside private rooms) have none.
     key: Option<Box<ed25519_dalek::VerifyingKey>>,
     key_changed: bool,
+    /// Its hello asked for pings (no `quiet`): an earlier p2pchat, or the tracker's relay, which
+    /// drop a link that stays silent.
+    wants_pings: bool,
 }
 
 impl Link {
@@ -276,8 +279,8 @@ pub struct PeerState {
     /// Addresses being dialled (so peer exchange does not dial them twice).
     dialling: HashSet<SocketAddr>,
     /// Summaries from members that came while the join's history was still to come: compared once it
-    /// is in (it brings most of what they would show missing).
-    deferred_summaries: Vec<(LinkId, Summary)>,
+    /// is in (it brings most of what they would show missing); by the member's session id.
+    deferred_summaries: Vec<(String, Summary)>,
     /// Addresses members told us about, dialled at a bounded pace.
     learned: learned::Learned,
     /// Members we asked the tracker to punch through to (once each).
@@ -635,6 +638,7 @@ impl PeerState {
             binding,
             key: None,
             key_changed: false,
+            wants_pings: true,
         });
         self.links.insert(id, link);
         id

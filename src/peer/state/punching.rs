@@ -19,8 +19,12 @@ impl PeerState {
         self.out(Output::Dial { contact, from_port: Some(self.listen_port), retry_for: self.limits.retry_refused_for });
     }
 
-    /// Keep-alive for p2pchat links (their readers drop a link that stays silent) and for the tracker
-    /// registration, which also hears which original peers we are linked to.
+    /// Keep-alive for the tracker registration, which also hears which original peers we are linked
+    /// to, and for the p2pchat links that ask for it: the tracker's relay, and members of an earlier
+    /// p2pchat, whose readers drop a link that stays silent. Members that say `quiet` are not pinged:
+    /// pinging each one every period made an idle room cost every member in proportion to its size,
+    /// and the kernel's keep-alive probes (`net::detect_dead_peer`) notice a vanished member as soon,
+    /// without waking the process.
     pub(super) fn ping(&mut self) {
         if self.registered {
             let originals: Vec<String> = self
@@ -36,7 +40,7 @@ impl PeerState {
         let framed: Vec<LinkId> = self
             .links
             .iter()
-            .filter(|(_, l)| matches!(l.kind, LinkKind::P2pchat | LinkKind::Relay))
+            .filter(|(_, l)| matches!(l.kind, LinkKind::P2pchat | LinkKind::Relay) && l.wants_pings)
             .map(|(id, _)| *id)
             .collect();
         for link in framed {

@@ -66,12 +66,14 @@ enum Phase {
         /// shown or logged, and `hold_until` is when it must have sent one.
         vetted: bool,
     },
-    /// p2pchat frames; the link is dead once nothing arrived by `silent_at`.
+    /// p2pchat frames; the link is dead once nothing arrived by `silent_at`, unless its hello said
+    /// `quiet` (it does not ping: the kernel's keep-alive watches the link instead).
     P2pchat {
         decoder: FrameDecoder,
         greeted: bool,
         said_bye: bool,
-        silent_at: Instant,
+        quiet: bool,
+        silent_at: Option<Instant>,
     },
     Ended,
 }
@@ -127,7 +129,7 @@ impl LinkReader {
         match &self.phase {
             Phase::Opening { deadline, .. } => Some(*deadline),
             Phase::Original { hold_until, .. } => *hold_until,
-            Phase::P2pchat { silent_at, .. } => Some(*silent_at),
+            Phase::P2pchat { silent_at, .. } => *silent_at,
             Phase::Ended => None,
         }
     }
@@ -156,8 +158,10 @@ impl LinkReader {
                 Opening::Undecided => {}
             },
             Phase::Original { .. } => self.take_pieces(now, rules, out),
-            Phase::P2pchat { silent_at, .. } => {
-                *silent_at = now.at + rules.limits.dead_after;
+            Phase::P2pchat { silent_at, quiet, .. } => {
+                if !*quiet {
+                    *silent_at = Some(now.at + rules.limits.dead_after);
+                }
                 self.take_frames(now, rules, forwarding, out);
             }
             Phase::Ended => {}
@@ -223,7 +227,7 @@ impl LinkReader {
                 let pieces = decoder.flush();
                 self.deliver(now, rules, pieces, out);
             }
-            Phase::P2pchat { silent_at, .. } if now.at >= *silent_at => {
+            Phase::P2pchat { silent_at: Some(at), .. } if now.at >= *at => {
                 let reason = format!("silent for {:?}", rules.limits.dead_after);
                 self.end(End::Closed { reason, clean: false }, out);
             }
@@ -263,8 +267,8 @@ impl LinkReader {
     fn become_p2pchat(&mut self, now: Now, rules: &LinkRules, rest: Vec<u8>) {
         let mut decoder = FrameDecoder::new();
         decoder.feed(&rest);
-        let silent_at = now.at + rules.limits.dead_after;
-        self.phase = Phase::P2pchat { decoder, greeted: false, said_bye: false, silent_at };
+        let silent_at = Some(now.at + rules.limits.dead_after);
+        self.phase = Phase::P2pchat { decoder, greeted: false, said_bye: false, quiet: false, silent_at };
     }
 
     /// Decode what an original peer sent and show it.
@@ -341,7 +345,7 @@ impl LinkReader {
     /// Take every whole frame the p2pchat decoder holds, as the rules say.
     fn take_frames(&mut self, now: Now, rules: &LinkRules, forwarding: bool, out: &mut Outputs) {
         let from = self.from;
-        let Phase::P2pchat { decoder, greeted, said_bye, .. } = &mut self.phase else { return };
+        let Phase::P2pchat { decoder, greeted, said_bye, quiet, silent_at } = &mut self.phase else { return };
         let ended = loop {
             let frame = match decoder.next_frame() {
                 Ok(Some(frame)) => frame,
@@ -355,11 +359,14 @@ impl LinkReader {
             };
             let authenticated = self.authenticated;
             let (flood, drops) = (&mut self.flood, &mut self.drops);
-            let mut link = rules::LinkView { from, authenticated, greeted, said_bye, forwarding, flood, drops };
+            let mut link = rules::LinkView { from, authenticated, greeted, said_bye, quiet, forwarding, flood, drops };
             if let Some(end) = rules::take_frame(now, rules, &mut link, frame, out) {
                 break Some(end);
             }
         };
+        if *quiet {
+            *silent_at = None;
+        }
         decoder.release_if_drained();
         if let Some(end) = ended {
             self.end(end, out);

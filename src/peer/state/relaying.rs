@@ -43,6 +43,7 @@ impl PeerState {
             peers: Vec::new(),
             identity: None,
             relay: true,
+            quiet: false,
         }
     }
 

@@ -135,6 +135,8 @@ pub struct LinkView<'a> {
     pub greeted: &'a mut bool,
     /// It said `bye`.
     pub said_bye: &'a mut bool,
+    /// Its hello said `quiet`: it sends no pings, so its silence means nothing.
+    pub quiet: &'a mut bool,
     /// We relay its messages: each new one is handed over to be passed on.
     pub forwarding: bool,
     pub flood: &'a mut Flood,
@@ -216,6 +218,7 @@ pub fn take_frame(
     match frame {
         Frame::Hello(hello) if !*link.greeted => {
             *link.greeted = true;
+            *link.quiet = hello.quiet;
             out.reports.push(Report::Hello(hello));
         }
         Frame::Error { code, message } => {
@@ -369,6 +372,7 @@ mod tests {
             peers: vec![],
             identity: None,
             relay: false,
+            quiet: false,
         })
     }
 
