@@ -24,7 +24,7 @@ installed). Scenarios:
 5. history (p2pchat only: the original keeps none): the time from a newcomer's join until it has received
    10,000 earlier messages as history, against the same 10,000 messages reaching a connected peer live
    in the same run; and the newcomer's log on disk per message.
-6. idle: rooms of 10, 100 and 500 peers (one process each) where nobody types for 30 s: CPU seconds per
+6. idle: rooms of 10, 100 and 200 peers (one process each) where nobody types for 30 s: CPU seconds per
    peer per hour, of the peer processes, and of the whole machine (which counts the kernel's work too,
    such as TCP keep-alive probes, and whatever else runs).
 """
@@ -873,7 +873,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             "tracker": lambda: tracker_joins([10, 1000, 10000], seconds=2.0, repeats=repeats),
             "scale": lambda: {"rooms": scale([50, 100, 150, 200], [50, 150]), "in_process": in_process(limit=400)},
             "history": lambda: history_sync(10_000, repeats=repeats),
-            "idle": lambda: idle([10, 100, 500], seconds=30.0),
+            # 500 would be the issue's size; such a room did not mesh here in 15 minutes (docs/benchmarks.md).
+            "idle": lambda: idle([10, 100, 200], seconds=30.0),
         }
     unknown = only - set(plan)
     if unknown:

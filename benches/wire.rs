@@ -18,7 +18,7 @@ use std::time::Instant;
 use p2pchat::protocol::PROTOCOL_VERSION;
 use p2pchat::tracker::Registry;
 use p2pchat::wire::chat::{encode_line, ChatDecoder};
-use p2pchat::wire::frames::{self, Chat, Frame, FrameDecoder, Member};
+use p2pchat::wire::frames::{self, Chat, Frame, FrameDecoder, Member, Offers};
 use p2pchat::wire::peer_list;
 
 struct Bencher {
@@ -76,13 +76,13 @@ fn main() {
     let room = members(10_000);
     let mut registry = Registry::new(16_384, peer_list::LEGACY_LIST_BUDGET);
     for member in &room {
-        registry.register("", member.addr.parse().expect("a valid address"), false);
+        registry.register("", member.addr.parse().expect("a valid address"), Offers::default());
     }
     let newcomer: SocketAddr = "10.200.0.1:5000".parse().expect("a valid address");
     bench.compare(
         "join + leave, room of 10,000 (shared blocks)",
         || {
-            let (welcome, token) = registry.register("", newcomer, false);
+            let (welcome, token) = registry.register("", newcomer, Offers::default());
             black_box(welcome);
             registry.deregister("", newcomer, token);
         },
@@ -94,13 +94,14 @@ fn main() {
                 members,
                 you: "10.0.0.1:5000".into(),
                 relay: false,
+                quiet: false,
             }));
         },
     );
 
     // What a newcomer reads: the welcome as the tracker writes it (a p2pchat member is its address
     // string) against the same room written as objects (as every member was before).
-    let (welcome, token) = registry.register("", newcomer, false);
+    let (welcome, token) = registry.register("", newcomer, Offers::default());
     let compact: Vec<u8> =
         welcome.slices().iter().flat_map(|s| s.iter().copied()).skip(p2pchat::protocol::MAGIC.len()).collect();
     registry.deregister("", newcomer, token);
@@ -109,6 +110,7 @@ fn main() {
         members: room.clone(),
         you: "10.0.0.1:5000".into(),
         relay: false,
+        quiet: false,
     });
     let decode_welcome = |bytes: &[u8]| {
         let mut d = FrameDecoder::with_limit(frames::MAX_WELCOME_BYTES);

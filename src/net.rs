@@ -167,10 +167,13 @@ fn unsent_bytes(_stream: &std::net::TcpStream) -> i64 {
 
 /// Let the kernel notice a peer that vanished without a FIN or a reset (crash, cable, firewall): TCP
 /// keep-alive probes while the link is idle, and (Linux) a bound on how long written data may stay
-/// unacknowledged. Used on every link; p2pchat links also ping, original links cannot.
+/// unacknowledged: gone within about `after`. Used on every link, and the only watch on a quiet
+/// member's link or registration (nobody pings those; original links cannot be pinged at all).
 pub fn detect_dead_peer(stream: &TcpStream, after: Duration) {
     let socket = socket2::SockRef::from(stream);
-    let probes = socket2::TcpKeepalive::new().with_time(after / 2).with_interval(after / 8);
+    // The kernel takes whole seconds, and refuses 0 (EINVAL: no keep-alive at all).
+    let seconds = |d: Duration| d.max(Duration::from_secs(1));
+    let probes = socket2::TcpKeepalive::new().with_time(seconds(after / 2)).with_interval(seconds(after / 8));
     #[cfg(any(target_os = "linux", target_os = "android", target_os = "macos", target_os = "ios"))]
     let probes = probes.with_retries(4);
     if let Err(err) = socket.set_tcp_keepalive(&probes) {
@@ -217,6 +220,23 @@ mod tests {
         // And the listener still accepts on P.
         let _dialer = TcpStream::connect(port_p).await.unwrap();
         listener.accept().await.unwrap();
+    }
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn keep_alive_is_set_for_bounds_that_are_not_multiples_of_eight_seconds() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let stream = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        // The tracker's 6 s bound: its probe interval (0.75 s) was rounded to 0 s, which the kernel
+        // refused, leaving the connection without keep-alive at all.
+        for (after, time, interval) in [(6, 3, 1), (8, 4, 1), (1, 1, 1), (16, 8, 2)] {
+            detect_dead_peer(&stream, Duration::from_secs(after));
+            let socket = socket2::SockRef::from(&stream);
+            assert!(socket.keepalive().unwrap(), "{after} s");
+            assert_eq!(socket.tcp_keepalive_time().unwrap(), Duration::from_secs(time), "{after} s");
+            assert_eq!(socket.tcp_keepalive_interval().unwrap(), Duration::from_secs(interval), "{after} s");
+            assert_eq!(socket.tcp_user_timeout().unwrap(), Some(Duration::from_secs(after)), "{after} s");
+        }
     }
 
     /// The socket state of every connection on `port` (netstat's view), from /proc.

@@ -649,8 +649,8 @@ async fn wait_members(handle: &p2pchat::tracker::TrackerHandle, n: usize) {
 }
 
 /// A tracker whose registrations may stay silent for `bound`, and a bare registration with it (a hello,
-/// then whatever the test sends).
-async fn registered_under(bound: Duration) -> (TcpStream, p2pchat::tracker::TrackerHandle) {
+/// `quiet` or not, then whatever the test sends).
+async fn registered_under(bound: Duration, quiet: bool) -> (TcpStream, p2pchat::tracker::TrackerHandle) {
     use p2pchat::protocol::PROTOCOL_VERSION;
     use p2pchat::wire::frames::{self, Frame, Hello};
     let config = TrackerConfig {
@@ -671,7 +671,7 @@ async fn registered_under(bound: Duration) -> (TcpStream, p2pchat::tracker::Trac
         peers: vec![],
         identity: None,
         relay: false,
-        quiet: false,
+        quiet,
     };
     member.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.unwrap();
     wait_members(&handle, 1).await;
@@ -681,7 +681,7 @@ async fn registered_under(bound: Duration) -> (TcpStream, p2pchat::tracker::Trac
 /// A registration that goes silent (no pings, no FIN: the peer vanished) is dropped.
 #[tokio::test]
 async fn the_tracker_drops_a_silent_registration() {
-    let (_silent, handle) = registered_under(Duration::from_millis(300)).await;
+    let (_silent, handle) = registered_under(Duration::from_millis(300), false).await;
     wait_members(&handle, 0).await;
 }
 
@@ -690,7 +690,7 @@ async fn the_tracker_drops_a_silent_registration() {
 async fn the_tracker_keeps_a_registration_that_pings() {
     use p2pchat::wire::frames::{self, Frame};
     let bound = Duration::from_millis(300);
-    let (mut member, handle) = registered_under(bound).await;
+    let (mut member, handle) = registered_under(bound, false).await;
     // Pinging at a third of the bound, for four bounds: the pace a peer keeps, not a wait for an event.
     for _ in 0..12 {
         tokio::time::sleep(bound / 3).await;
@@ -698,6 +698,86 @@ async fn the_tracker_keeps_a_registration_that_pings() {
     }
     assert_eq!(handle.members("").await.unwrap().len(), 1, "a member that pings was dropped");
     wait_members(&handle, 0).await;
+}
+
+/// A registration whose hello said `quiet` is told the tracker needs no pings either, and is kept
+/// while it says nothing (the kernel's keep-alive watches it); once it closes, it is dropped.
+#[tokio::test]
+async fn the_tracker_keeps_a_quiet_registration_without_pings() {
+    use p2pchat::protocol::MAGIC;
+    use p2pchat::wire::frames::{Frame, FrameDecoder};
+    let bound = Duration::from_millis(300);
+    let (mut member, handle) = registered_under(bound, true).await;
+    let mut answer = vec![0; 4096];
+    let n = tokio::time::timeout(WAIT, member.read(&mut answer)).await.unwrap().unwrap();
+    let mut decoder = FrameDecoder::new();
+    decoder.feed(&answer[MAGIC.len()..n]);
+    assert!(matches!(decoder.next_frame(), Ok(Some(Frame::Welcome { quiet: true, .. }))), "no quiet welcome");
+    // Four silence bounds without a word: a measuring window, not a wait for an event. A registration
+    // that did not say `quiet` is gone by then (the test above).
+    tokio::time::sleep(bound * 4).await;
+    assert_eq!(handle.members("").await.unwrap().len(), 1, "the quiet member was dropped for its silence");
+    drop(member);
+    wait_members(&handle, 0).await;
+}
+
+/// A peer pings its registration only when the tracker's welcome asks for it (no `quiet`): a tracker
+/// of this version says `quiet` to a hello that did, and then hears nothing while the room is idle.
+#[tokio::test]
+async fn a_peer_pings_its_tracker_only_when_the_welcome_asks_for_it() {
+    use p2pchat::protocol::MAGIC;
+    use p2pchat::wire::frames::{Frame, FrameDecoder, Offers, Welcome};
+    for quiet in [false, true] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let tracker = tokio::spawn(async move {
+            let (mut stream, from) = listener.accept().await.unwrap();
+            let mut decoder = FrameDecoder::new();
+            let mut magic = vec![0; MAGIC.len()];
+            stream.read_exact(&mut magic).await.unwrap();
+            let hello = loop {
+                if let Some(Frame::Hello(hello)) = decoder.next_frame().unwrap() {
+                    break hello;
+                }
+                let mut buf = [0; 1024];
+                let n = stream.read(&mut buf).await.unwrap();
+                decoder.feed(&buf[..n]);
+            };
+            assert!(hello.quiet, "a peer of this version says quiet to its tracker");
+            let welcome = Welcome::new(Vec::new(), &from.to_string(), Offers { relay: false, quiet });
+            let bytes: Vec<u8> = welcome.slices().iter().flat_map(|s| s.iter().copied()).collect();
+            stream.write_all(&bytes).await.unwrap();
+            // Ten keep-alive periods: a measuring window, not a wait for an event.
+            let mut heard = Vec::new();
+            let window = tokio::time::sleep(Duration::from_millis(1000));
+            tokio::pin!(window);
+            loop {
+                let mut buf = [0; 1024];
+                tokio::select! {
+                    () = &mut window => break,
+                    read = stream.read(&mut buf) => match read {
+                        Ok(n) if n > 0 => decoder.feed(&buf[..n]),
+                        _ => break,
+                    },
+                }
+                while let Some(frame) = decoder.next_frame().unwrap() {
+                    heard.push(frame);
+                }
+            }
+            heard
+        });
+        let mut config = PeerConfig::new("ana", "127.0.0.1", port);
+        config.limits.keepalive_interval = Duration::from_millis(100);
+        let (ana, _events, _) = peer::join(config).await.unwrap();
+        let heard = tokio::time::timeout(WAIT, tracker).await.unwrap().unwrap();
+        let pings = heard.iter().filter(|f| matches!(f, Frame::Ping)).count();
+        if quiet {
+            assert_eq!(pings, 0, "pinged a tracker that said quiet: {heard:?}");
+        } else {
+            assert!(pings >= 5, "{pings} pings in ten keep-alive periods to a tracker that asked for them");
+        }
+        ana.close().await;
+    }
 }
 
 /// A p2pchat link that stops carrying anything (not even pings) is dropped as lost.

@@ -366,12 +366,12 @@ async fn worker(load: JoinLoad, deadline: Instant, completed: Arc<AtomicU64>) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::wire::frames::{encode_member, Member, Welcome};
+    use crate::wire::frames::{encode_member, Member, Offers, Welcome};
 
     /// The body (after magic and length) of a tracker's welcome listing `members`.
     fn welcome_body(members: &[Member]) -> Vec<u8> {
         let block: Vec<u8> = members.iter().map(|m| encode_member(m).into_vec()).collect::<Vec<_>>().join(&b","[..]);
-        Welcome::new([Arc::from(block)], "127.0.0.1:9", false).to_vec().split_off(MAGIC.len() + 4)
+        Welcome::new([Arc::from(block)], "127.0.0.1:9", Offers::default()).to_vec().split_off(MAGIC.len() + 4)
     }
 
     #[tokio::test]

@@ -265,7 +265,7 @@ pub(super) async fn run(setup: Setup) {
             history,
             listen_port,
             tracker,
-            registered: tracker_link.as_ref().map(|link| link.relays),
+            registered: tracker_link.as_ref().map(|link| link.offers),
             history_after,
             joined_via_tracker,
             contacts,
@@ -425,9 +425,9 @@ impl Driver {
                 self.state.tracker_lost(&reason);
             }
             NetEvent::Registered { link, contacts } => {
-                let relays = link.relays;
+                let offers = link.offers;
                 self.hold_registration(link);
-                self.state.registered_again(relays, contacts);
+                self.state.registered_again(offers, contacts);
             }
             NetEvent::Punch { addr } => self.state.punch_asked(addr),
         }

@@ -39,8 +39,8 @@ pub(super) struct Boot {
 pub(super) struct TrackerLink {
     /// Open for as long as we are registered.
     pub stream: TcpStream,
-    /// Its welcome said it relays between members (see `tracker::hub`).
-    pub relays: bool,
+    /// What its welcome said: it relays between members (see `tracker::hub`), it needs no pings.
+    pub offers: frames::Offers,
 }
 
 /// What asking a tracker gave.
@@ -100,13 +100,14 @@ pub(super) async fn ask_tracker(
         peers: Vec::new(),
         identity: None,
         relay: false,
-        quiet: false,
+        // We need no pings from the tracker, nor it from us, if it knows `quiet` (its welcome says so).
+        quiet: true,
     };
     // The original tracker never reads, so these bytes are harmless there.
     stream.write_all(&frames::encode_opening(&Frame::Hello(hello))).await.map_err(unreachable)?;
     let not_us = |c: &Contact| net::canonical(c.addr) != net::canonical(seen_as);
     Ok(match read_answer(&mut stream, tracker, limits).await {
-        Ok(Answer::Welcome { members, relays }) => {
+        Ok(Answer::Welcome { members, offers }) => {
             let contacts = members
                 .into_iter()
                 .filter_map(|m| match m.addr.parse() {
@@ -122,7 +123,7 @@ pub(super) async fn ask_tracker(
                 .filter(not_us)
                 .collect();
             net::detect_dead_peer(&stream, limits.dead_after);
-            Asked::Registered { link: TrackerLink { stream, relays }, contacts }
+            Asked::Registered { link: TrackerLink { stream, offers }, contacts }
         }
         Ok(Answer::List(list)) => {
             // A reset leaves no TIME_WAIT on P, so asking again from the same port works at once.
@@ -149,8 +150,8 @@ async fn resolve(host: &str, port: u16) -> Result<SocketAddr, PeerError> {
 }
 
 enum Answer {
-    /// A p2pchat tracker's members, and whether it relays.
-    Welcome { members: Vec<frames::Member>, relays: bool },
+    /// A p2pchat tracker's members, and what else it said.
+    Welcome { members: Vec<frames::Member>, offers: frames::Offers },
     /// An original tracker's list.
     List(Vec<u8>),
 }
@@ -208,7 +209,9 @@ async fn read_welcome(
     let refused = |message: String| PeerError::TrackerRefused { addr: tracker, message };
     loop {
         return match read_frame(stream, &mut decoder, deadline).await {
-            Ok(Frame::Welcome { members, relay, .. }) => Ok(Answer::Welcome { members, relays: relay }),
+            Ok(Frame::Welcome { members, relay, quiet, .. }) => {
+                Ok(Answer::Welcome { members, offers: frames::Offers { relay, quiet } })
+            }
             Ok(Frame::Error { message, .. }) => Err(refused(message)),
             Ok(_) => continue,
             Err(FrameReadError::Bad(err)) => Err(refused(format!("unreadable answer: {err}"))),

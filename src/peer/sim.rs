@@ -44,7 +44,7 @@ use crate::history::store::Record;
 use crate::identity::Identity;
 use crate::private::RoomKey;
 use crate::wire::chat;
-use crate::wire::frames::{self, Frame};
+use crate::wire::frames::{self, Frame, Offers};
 
 // Which peer the simulator is running, and when (virtual time): the prefix of its log lines.
 thread_local! {
@@ -199,6 +199,10 @@ enum Action {
         lasting: Duration,
     },
 }
+
+/// What the simulated tracker's welcome says: no relay, and no pings needed (it never drops a
+/// registration for its silence).
+const QUIET_TRACKER: Offers = Offers { relay: false, quiet: true };
 
 /// A network partition in force.
 struct Partition {
@@ -512,7 +516,7 @@ impl Sim {
         }
         let contacts = self.tracker_list(node);
         self.tracker.registered.push(node);
-        self.p2p(node).state.registered_again(false, contacts);
+        self.p2p(node).state.registered_again(QUIET_TRACKER, contacts);
         self.drain(node);
     }
 
@@ -613,7 +617,7 @@ impl Sim {
             listen_port: self.nodes[node].addr.port(),
             tracker: Some(self.tracker.addr),
             // A p2pchat tracker that does not relay.
-            registered: Some(false),
+            registered: Some(QUIET_TRACKER),
             // Every newcomer asks the first member for the room's history, as the client does.
             history_after: Some(None),
             joined_via_tracker: true,

@@ -46,7 +46,7 @@ pub use registry::{Kind, Registry};
 use crate::protocol::PROTOCOL_VERSION;
 use crate::reading::{read_frame, read_opening, FrameReadError, Opened, Silence};
 use crate::wire::chat::validate_room;
-use crate::wire::frames::{self, Frame, FrameDecoder, Welcome};
+use crate::wire::frames::{self, Frame, FrameDecoder, Offers, Welcome};
 use crate::wire::peer_list::LEGACY_LIST_BUDGET;
 
 /// How long a registering peer has to finish its hello once the magic arrived.
@@ -126,6 +126,8 @@ enum Query {
     Register {
         room: String,
         addr: SocketAddr,
+        /// Its hello said `quiet`: it will not ping (see `serve_registration`).
+        quiet: bool,
         /// Frames for this registration's peer (punch requests from others).
         to_peer: mpsc::Sender<Vec<u8>>,
         reply: oneshot::Sender<(Welcome, registry::Registration)>,
@@ -245,8 +247,8 @@ impl Tracker {
                         log::debug!("{addr} joined; {} bytes of list; {} remembered", list.len(), registry.len());
                         let _ = reply.send(list);
                     }
-                    Query::Register { room, addr, to_peer, reply } => {
-                        let registered = registry.register(&room, addr, config.relay);
+                    Query::Register { room, addr, quiet, to_peer, reply } => {
+                        let registered = registry.register(&room, addr, Offers { relay: config.relay, quiet });
                         registered_peers.insert(addr, (room.clone(), registered.1, to_peer));
                         log::debug!("{addr} registered in room {room:?}; answered with a {}-byte welcome", registered.0.byte_len());
                         let _ = reply.send(registered);
@@ -395,18 +397,26 @@ async fn serve_registration(
             }
         };
     }
-    let room = hello.room;
+    let (room, quiet) = (hello.room, hello.quiet);
     let (reply, answer) = oneshot::channel();
     let (to_peer, mut for_peer) = mpsc::channel::<Vec<u8>>(16);
-    if tracker.queries.send(Query::Register { room: room.clone(), addr: remote, to_peer, reply }).await.is_err() {
+    let register = Query::Register { room: room.clone(), addr: remote, quiet, to_peer, reply };
+    if tracker.queries.send(register).await.is_err() {
         return;
     }
     let Ok((welcome, registration)) = answer.await else { return };
     if write_welcome(&mut stream, &welcome).await.is_ok() {
-        // Registered while this stays open and keeps talking (the peer pings every 2 s). Reads go
-        // straight into the decoder, whose buffer is let go between them: a registration that waits
-        // holds no buffer, and one timer bounds its silence (10,000 of them wait here at once).
-        let mut quiet = Silence::new(silence);
+        // Registered while this stays open. A peer that said `quiet` sends nothing more (a vouch or
+        // a punch request now and then): the kernel's keep-alive probes tell when it is gone,
+        // waking nothing here meanwhile. An earlier peer pings every 2 s, and one timer bounds its
+        // silence. Reads go straight into the decoder, whose buffer is let go between them: a
+        // registration that waits holds no buffer (10,000 of them wait here at once).
+        let mut unheard = if quiet {
+            crate::net::detect_dead_peer(&stream, silence);
+            None
+        } else {
+            Some(Silence::new(silence))
+        };
         'registered: loop {
             decoder.release_if_drained();
             tokio::select! {
@@ -419,15 +429,29 @@ async fn serve_registration(
                     buf.reserve(REGISTRATION_READ);
                     stream.read_buf(buf).await
                 } => match read {
-                    Ok(n) if n > 0 => quiet.heard(),
-                    _ => break,
+                    Ok(n) if n > 0 => {
+                        if let Some(unheard) = &mut unheard {
+                            unheard.heard();
+                        }
+                    }
+                    Ok(_) => break,
+                    Err(err) => {
+                        // A quiet peer that vanished ends here, when keep-alive gives up on it.
+                        log::debug!("{remote}'s registration failed ({err}); dropping it");
+                        break;
+                    }
                 },
                 Some(frame) = for_peer.recv() => {
                     if stream.write_all(&frame).await.is_err() {
                         break;
                     }
                 }
-                () = quiet.passed() => {
+                () = async {
+                    match &mut unheard {
+                        Some(unheard) => unheard.passed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     log::debug!("{remote} said nothing for {silence:?}; dropping its registration");
                     break;
                 }

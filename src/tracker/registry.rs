@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use crate::net::canonical;
 use crate::protocol::DEFAULT_ROOM;
-use crate::wire::frames::{self, Member, Welcome};
+use crate::wire::frames::{self, Member, Offers, Welcome};
 use crate::wire::peer_list;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -170,8 +170,8 @@ impl Room {
     }
 
     /// The answer to a newcomer at `addr`, which is not in the room (see [`Registry::register`]).
-    fn welcome(&self, addr: SocketAddr, relay: bool) -> Welcome {
-        Welcome::new(self.blocks.iter().rev().map(|b| b.encoded.clone()), &addr.to_string(), relay)
+    fn welcome(&self, addr: SocketAddr, offers: Offers) -> Welcome {
+        Welcome::new(self.blocks.iter().rev().map(|b| b.encoded.clone()), &addr.to_string(), offers)
     }
 }
 
@@ -272,14 +272,14 @@ impl Registry {
 
     /// A p2pchat peer at `addr` registers in `room`: return its whole answer (a welcome listing the
     /// other members, newest first, and whether this tracker relays) and the proof of registration.
-    pub fn register(&mut self, room_name: &str, addr: SocketAddr, relay: bool) -> (Welcome, Registration) {
+    pub fn register(&mut self, room_name: &str, addr: SocketAddr, offers: Offers) -> (Welcome, Registration) {
         let addr = canonical(addr);
         let seq = self.next_seq();
         let block_size = self.block_size;
         let room = self.rooms.entry(room_name.to_owned()).or_insert_with(|| Room::new(block_size));
         // Nobody is listed to itself: an earlier registration from this address goes first.
         room.remove(&addr);
-        let welcome = room.welcome(addr, relay);
+        let welcome = room.welcome(addr, offers);
         room.insert(seq, addr, Kind::P2pchat, self.max_entries);
         (welcome, Registration(seq))
     }
@@ -398,13 +398,13 @@ mod tests {
     #[test]
     fn rooms_are_separate_and_originals_see_only_the_default_room() {
         let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
-        let (welcome, _) = r.register("x", a("10.0.0.1:1"), false);
+        let (welcome, _) = r.register("x", a("10.0.0.1:1"), Offers::default());
         assert!(welcome_members(&welcome).is_empty());
-        let (welcome, _) = r.register("x", a("10.0.0.2:2"), false);
+        let (welcome, _) = r.register("x", a("10.0.0.2:2"), Offers::default());
         assert_eq!(welcome_members(&welcome), vec![Member { addr: "10.0.0.1:1".into(), p2pchat: true, id: None }]);
-        r.register(DEFAULT_ROOM, a("10.0.0.3:3"), false);
+        r.register(DEFAULT_ROOM, a("10.0.0.3:3"), Offers::default());
         assert_eq!(r.admit(a("10.0.0.4:4")), b"10.0.0.3:3");
-        let (welcome, _) = r.register(DEFAULT_ROOM, a("10.0.0.5:5"), false);
+        let (welcome, _) = r.register(DEFAULT_ROOM, a("10.0.0.5:5"), Offers::default());
         assert_eq!(
             welcome_members(&welcome),
             vec![
@@ -417,8 +417,8 @@ mod tests {
     #[test]
     fn deregistration_removes_only_its_own_registration() {
         let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
-        let (_, first) = r.register("x", a("10.0.0.1:1"), false);
-        let (_, again) = r.register("x", a("10.0.0.1:1"), false);
+        let (_, first) = r.register("x", a("10.0.0.1:1"), Offers::default());
+        let (_, again) = r.register("x", a("10.0.0.1:1"), Offers::default());
         r.deregister("x", a("10.0.0.1:1"), first);
         assert_eq!(r.members("x").len(), 1, "the stale close left the new registration alone");
         r.deregister("x", a("10.0.0.1:1"), again);
@@ -463,7 +463,7 @@ mod tests {
     fn p2pchat_registrations_are_never_probed() {
         let mut r = Registry::new(100, LEGACY_LIST_BUDGET);
         let t0 = Instant::now();
-        r.register(DEFAULT_ROOM, a("10.0.0.1:1"), false);
+        r.register(DEFAULT_ROOM, a("10.0.0.1:1"), Offers::default());
         assert!(r.due_for_probe(t0 + Duration::from_secs(3600), Duration::from_secs(1), 10).is_empty());
     }
 
@@ -484,7 +484,7 @@ mod tests {
                     0 | 1 => {
                         let mut expected: Vec<SocketAddr> = addrs(&r.members(DEFAULT_ROOM)).into_iter().filter(|m| *m != addr).collect();
                         expected.reverse();
-                        let (welcome, token) = r.register(DEFAULT_ROOM, addr, false);
+                        let (welcome, token) = r.register(DEFAULT_ROOM, addr, Offers::default());
                         registrations.insert(addr, token);
                         let listed: Vec<SocketAddr> = welcome_members(&welcome).iter().map(|m| m.addr.parse().unwrap()).collect();
                         proptest::prop_assert_eq!(listed, expected);

@@ -159,6 +159,10 @@ pub enum Frame {
         /// that on): a member may open a link to it as to a member (a `hello` with a `name`).
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         relay: bool,
+        /// The registration's `hello` said `quiet`, and this tracker needs no pings on it either: it
+        /// watches the connection with TCP keep-alive. Without it, ping every 2 s.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        quiet: bool,
     },
     Msg(Chat),
     /// The sender now goes by `name`.
@@ -286,6 +290,15 @@ pub fn encode_member(member: &Member) -> Box<[u8]> {
     json.unwrap_or_default().into_boxed_slice()
 }
 
+/// What a tracker's welcome says besides its list (see [`Frame::Welcome`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Offers {
+    /// It relays between members.
+    pub relay: bool,
+    /// It needs no pings on this registration.
+    pub quiet: bool,
+}
+
 /// A tracker's whole answer to a registering peer: [`MAGIC`] and a `welcome` frame (decodes as
 /// [`Frame::Welcome`]). Its members come in blocks, each already encoded by [`encode_member`] and
 /// joined by commas; the tracker's registry keeps them so and shares them with every answer, so a join
@@ -303,11 +316,12 @@ impl Welcome {
     const TAIL: &'static [u8] = b"]}";
 
     /// The answer listing `blocks` in order (empty blocks are skipped), to a peer seen at `you`.
-    pub fn new(blocks: impl IntoIterator<Item = std::sync::Arc<[u8]>>, you: &str, relay: bool) -> Self {
+    pub fn new(blocks: impl IntoIterator<Item = std::sync::Arc<[u8]>>, you: &str, offers: Offers) -> Self {
         let blocks: Vec<_> = blocks.into_iter().filter(|b| !b.is_empty()).collect();
         let you = serde_json::to_string(you).unwrap_or_else(|_| "\"\"".to_owned());
-        let relay = if relay { r#""relay":true,"# } else { "" };
-        let json_head = format!(r#"{{"type":"welcome","v":{PROTOCOL_VERSION},"you":{you},{relay}"members":["#);
+        let relay = if offers.relay { r#""relay":true,"# } else { "" };
+        let quiet = if offers.quiet { r#""quiet":true,"# } else { "" };
+        let json_head = format!(r#"{{"type":"welcome","v":{PROTOCOL_VERSION},"you":{you},{relay}{quiet}"members":["#);
         let commas = blocks.len().saturating_sub(1);
         let body_len = json_head.len() + blocks.iter().map(|b| b.len()).sum::<usize>() + commas + Self::TAIL.len();
         let mut head = Vec::with_capacity(MAGIC.len() + 4 + json_head.len());
@@ -648,10 +662,12 @@ mod tests {
     fn a_welcome_from_encoded_blocks_is_the_welcome_frame() {
         let members: Vec<Member> =
             (0..5).map(|i| Member { addr: format!("10.0.0.{i}:5000"), p2pchat: i % 2 == 0, id: None }).collect();
-        for (count, per_block, relay) in [(0, 1, false), (1, 1, true), (3, 1, false), (5, 2, true), (5, 5, false)] {
+        let cases =
+            [(0, 1, false, true), (1, 1, true, false), (3, 1, false, false), (5, 2, true, true), (5, 5, false, false)];
+        for (count, per_block, relay, quiet) in cases {
             let mut parts = blocks(&members[..count], per_block);
             parts.insert(0, std::sync::Arc::from(&b""[..])); // an empty block is skipped
-            let welcome = Welcome::new(parts, "10.9.8.7:\"1\"", relay);
+            let welcome = Welcome::new(parts, "10.9.8.7:\"1\"", Offers { relay, quiet });
             let opening = welcome.to_vec();
             assert_eq!(opening.len(), welcome.byte_len());
             assert_eq!(&opening[..MAGIC.len()], MAGIC);
@@ -662,6 +678,7 @@ mod tests {
                 members: members[..count].to_vec(),
                 you: "10.9.8.7:\"1\"".into(),
                 relay,
+                quiet,
             };
             assert_eq!(decoder.next_frame(), Ok(Some(expected)));
             assert_eq!(decoder.next_frame(), Ok(None), "the length prefix covers exactly the frame");
@@ -687,7 +704,7 @@ mod tests {
     #[test]
     fn a_welcome_for_a_big_room_needs_the_welcome_limit() {
         let member = Member { addr: "[2001:db8::1234:5678:9abc:def0]:65535".into(), p2pchat: true, id: None };
-        let opening = Welcome::new(blocks(&vec![member; 16_384], 512), "[2001:db8::1]:1", false).to_vec();
+        let opening = Welcome::new(blocks(&vec![member; 16_384], 512), "[2001:db8::1]:1", Offers::default()).to_vec();
         assert!(opening.len() > MAX_FRAME_BYTES && opening.len() < MAX_WELCOME_BYTES);
         let mut decoder = FrameDecoder::with_limit(MAX_WELCOME_BYTES);
         decoder.feed(&opening[MAGIC.len()..]);

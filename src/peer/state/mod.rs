@@ -46,7 +46,8 @@ use crate::private::RoomKey;
 use crate::protocol::DEFAULT_ROOM;
 use crate::wire::chat;
 use crate::wire::frames::{
-    self, Chat, Frame, Hello, Member, Position, ERR_DUPLICATE, ERR_IDENTITY, ERR_MALFORMED, ERR_ROOM, ERR_VERSION,
+    self, Chat, Frame, Hello, Member, Offers, Position, ERR_DUPLICATE, ERR_IDENTITY, ERR_MALFORMED, ERR_ROOM,
+    ERR_VERSION,
 };
 
 use crate::protocol::PROTOCOL_VERSION;
@@ -237,8 +238,8 @@ pub struct Setup {
     pub listen_port: u16,
     /// The tracker, to register again after losing it.
     pub tracker: Option<SocketAddr>,
-    /// Registered with a p2pchat tracker, and whether it relays.
-    pub registered: Option<bool>,
+    /// Registered with a p2pchat tracker, and what its welcome offered.
+    pub registered: Option<Offers>,
     /// Ask the first p2pchat member for history after this position (`Some(None)`: the newest
     /// messages); `None`: ask nothing.
     pub history_after: Option<Option<Key>>,
@@ -302,6 +303,8 @@ pub struct PeerState {
     tracker_registers: bool,
     /// The tracker relays between members that cannot reach each other, and our link to it.
     tracker_relays: bool,
+    /// The tracker needs no pings on our registration (its welcome said `quiet`).
+    tracker_quiet: bool,
     hub: Hub,
     /// Our history requests (on join, after a gap) and the answers we wait for.
     requests: Requests,
@@ -374,7 +377,8 @@ impl PeerState {
             tracker,
             registered: registered.is_some(),
             tracker_registers: registered.is_some(),
-            tracker_relays: registered.unwrap_or(false),
+            tracker_relays: registered.is_some_and(|offers| offers.relay),
+            tracker_quiet: registered.is_some_and(|offers| offers.quiet),
             hub: Hub::Unused,
             private,
             identity,
@@ -719,10 +723,11 @@ impl PeerState {
     }
 
     /// Registered with the tracker again after losing it; it lists `contacts`.
-    pub fn registered_again(&mut self, relays: bool, contacts: Vec<Contact>) {
+    pub fn registered_again(&mut self, offers: Offers, contacts: Vec<Contact>) {
         self.notice("registered with the tracker again".to_owned());
         self.registered = true;
-        self.tracker_relays = relays;
+        self.tracker_relays = offers.relay;
+        self.tracker_quiet = offers.quiet;
         // Only p2pchat members: a second link to one is noticed by its id, but an original peer
         // we already know may be on a link we accepted, whose listen address we cannot know.
         for contact in contacts.into_iter().filter(|c| c.known == Some(Protocol::P2pchat)) {

@@ -33,8 +33,16 @@ impl PeerState {
                 .filter(|l| l.kind == LinkKind::Original && l.outgoing)
                 .filter_map(|l| l.listen_addr.map(|a| a.to_string()))
                 .collect();
-            let frame = if originals.is_empty() { Frame::Ping } else { Frame::Vouch { originals } };
-            self.out(Output::ToTracker(frames::encode(&frame).into()));
+            // A vouch keeps the original peers we hold links to listed (the tracker probes those
+            // nobody vouched for); a ping keeps a registration whose tracker asked for pings.
+            let frame = match (originals.is_empty(), self.tracker_quiet) {
+                (false, _) => Some(Frame::Vouch { originals }),
+                (true, false) => Some(Frame::Ping),
+                (true, true) => None,
+            };
+            if let Some(frame) = frame {
+                self.out(Output::ToTracker(frames::encode(&frame).into()));
+            }
         }
         let ping: Line = frames::encode(&Frame::Ping).into();
         let framed: Vec<LinkId> = self
