@@ -4,6 +4,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,8 @@ import pytest
 from harness import WAIT, assert_clean_stderr, home, python, wait_until
 from p2pchat import (
     AddressInUse,
+    HistoryError,
+    IdentityError,
     InvalidInput,
     Message,
     P2PChatError,
@@ -48,10 +51,42 @@ def wait_connected(peer: Peer, count: int) -> None:
         seen += isinstance(event, PeerJoined)
 
 
-def test_exceptions_form_one_hierarchy():
-    for exc in (InvalidInput, TrackerUnreachable, AddressInUse, PeerClosed):
-        assert issubclass(exc, P2PChatError)
+def test_exceptions_form_one_hierarchy_and_each_is_also_its_builtin():
+    builtins = {InvalidInput: ValueError, TrackerUnreachable: ConnectionError, AddressInUse: OSError,
+                PeerClosed: Exception, HistoryError: OSError, IdentityError: OSError}
+    for exc, builtin in builtins.items():
+        assert issubclass(exc, P2PChatError) and issubclass(exc, builtin), exc
+        assert repr(exc) == f"<class 'p2pchat.{exc.__name__}'>", "printed as p2pchat.X, not _core.X"
     assert issubclass(P2PChatError, Exception)
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (it was free a moment ago: bound, then closed)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# The error table of docs/python-api.md, one row each: what raises it, and the builtin that catches it.
+ERROR_TABLE = [
+    ("InvalidInput", ValueError, lambda t: Peer("", *t.address, data_dir=home("nameless"))),
+    ("InvalidInput", ValueError, lambda t: Peer("ana", *t.address, data_dir=home("ana")).join().recv(timeout=-1)),
+    ("InvalidInput", ValueError, lambda t: Peer("ana", "127.0.0.1", 70000, data_dir=home("ana"))),
+    ("InvalidInput", ValueError, lambda t: Tracker("127.0.0.1", -1)),
+    ("InvalidInput", ValueError, lambda t: Peer("ana", *t.address, peers=["nowhere"], data_dir=home("ana"))),
+    ("TrackerUnreachable", ConnectionError, lambda t: Peer("ana", "127.0.0.1", closed_port(), data_dir=home("ana")).join()),
+    ("AddressInUse", OSError, lambda t: Tracker("127.0.0.1", t.address[1])),
+    ("PeerClosed", P2PChatError, lambda t: Peer("ana", *t.address, data_dir=home("ana")).send("not joined")),
+    ("IdentityError", OSError, lambda t: Peer("ana", *t.address, data_dir=os.devnull).join()),
+]
+
+
+@pytest.mark.parametrize("name, builtin, cause", ERROR_TABLE, ids=[f"{row[0]}-{i}" for i, row in enumerate(ERROR_TABLE)])
+def test_each_row_of_the_error_table_raises_its_class_which_its_builtin_catches(tracker, name, builtin, cause):
+    with pytest.raises(builtin) as raised:
+        cause(tracker)
+    assert type(raised.value).__name__ == name, f"{raised.value!r}"
+    assert isinstance(raised.value, P2PChatError)
 
 
 def test_tracker_address_and_remembered_peers(tracker):

@@ -14,13 +14,6 @@ __all__ = [
     "MAX_NAME_CHARS",
     "MAX_TEXT_BYTES",
     "MAX_ROOM_CHARS",
-    "P2PChatError",
-    "InvalidInput",
-    "TrackerUnreachable",
-    "AddressInUse",
-    "PeerClosed",
-    "HistoryError",
-    "IdentityError",
     "Tracker",
     "Peer",
     "Message",
@@ -48,27 +41,6 @@ MAX_ROOM_CHARS: int
 # The public names `p2pchat.Address` and `p2pchat.Event` are defined in `p2pchat/__init__.py`; these
 # stub-only aliases say the same.
 _Address = tuple[str, int]
-
-class P2PChatError(Exception):
-    """Base class of every error p2pchat raises."""
-
-class InvalidInput(P2PChatError):
-    """A name or message that cannot be sent as given."""
-
-class TrackerUnreachable(P2PChatError):
-    """The tracker could not be found, reached, or gave no answer."""
-
-class AddressInUse(P2PChatError):
-    """The port to listen on is taken by another program."""
-
-class PeerClosed(P2PChatError):
-    """The peer was closed (or never joined)."""
-
-class HistoryError(P2PChatError):
-    """The message log on disk cannot be opened or used."""
-
-class IdentityError(P2PChatError):
-    """The identity file cannot be read or created."""
 
 def default_data_dir() -> Path: ...
 def new_invite_code(room: str) -> str:

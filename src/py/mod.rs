@@ -6,7 +6,9 @@
 //!   return values of blocking calls (GIL released; on the main thread woken every 100 ms so Ctrl-C
 //!   works, see [`wait`]) or through pyo3-async-runtimes awaitables (see [`awaitables`]); Rust logs go
 //!   through a channel that a Python thread drains (see [`logging`]).
-//! * Errors map to a small hierarchy under `P2PChatError`.
+//! * Errors map to a small hierarchy under `P2PChatError`, defined in Python (`p2pchat/_errors.py`)
+//!   so that each class can also derive from the builtin a caller would catch (`InvalidInput` is a
+//!   `ValueError`, `TrackerUnreachable` a `ConnectionError`, ...); raised here by importing them.
 //! * `_shutdown()`, registered with `atexit` by the Python package, closes every live peer and tracker
 //!   before the interpreter finalizes, then waits for the awaitables to be finished, so nothing is
 //!   left half-written and nothing touches a dying interpreter.
@@ -23,25 +25,74 @@ use std::future::Future;
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
 
-use pyo3::create_exception;
-use pyo3::exceptions::PyException;
+use pyo3::import_exception;
 use pyo3::prelude::*;
 
 use crate::peer::PeerError;
 use crate::tracker::TrackerError;
 
-create_exception!(_core, P2PChatError, PyException, "Base class of every error p2pchat raises.");
-create_exception!(_core, InvalidInput, P2PChatError, "A name or message that cannot be sent as given.");
-create_exception!(
-    _core,
-    TrackerUnreachable,
-    P2PChatError,
-    "The tracker could not be found, reached, or gave no answer."
-);
-create_exception!(_core, AddressInUse, P2PChatError, "The port to listen on is taken by another program.");
-create_exception!(_core, PeerClosed, P2PChatError, "The peer was closed (or never joined).");
-create_exception!(_core, HistoryError, P2PChatError, "The message log on disk cannot be opened or used.");
-create_exception!(_core, IdentityError, P2PChatError, "The identity file cannot be read or created.");
+import_exception!(p2pchat._errors, P2PChatError);
+import_exception!(p2pchat._errors, InvalidInput);
+import_exception!(p2pchat._errors, TrackerUnreachable);
+import_exception!(p2pchat._errors, AddressInUse);
+import_exception!(p2pchat._errors, PeerClosed);
+import_exception!(p2pchat._errors, HistoryError);
+import_exception!(p2pchat._errors, IdentityError);
+
+/// A whole number from Python within `low..=high` (`what` names it in the error). Out of range, it is
+/// `InvalidInput` (a `ValueError`) saying which values are allowed, where pyo3's own conversion to a
+/// Rust integer raises a bare `OverflowError`; not a number stays a `TypeError`.
+fn whole_in(obj: Borrowed<'_, '_, PyAny>, low: i64, high: i64, what: &str) -> PyResult<i64> {
+    let out_of_range = |shown: &dyn std::fmt::Display| {
+        InvalidInput::new_err(format!("{what} must be between {low} and {high}, not {shown}"))
+    };
+    let value: i64 = obj.extract().map_err(|err: PyErr| {
+        if err.is_instance_of::<pyo3::exceptions::PyOverflowError>(obj.py()) {
+            out_of_range(&*obj)
+        } else {
+            err
+        }
+    })?;
+    if (low..=high).contains(&value) {
+        Ok(value)
+    } else {
+        Err(out_of_range(&value))
+    }
+}
+
+/// A TCP port argument (0: any free one).
+pub(crate) struct Port(pub u16);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Port {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        Ok(Self(whole_in(obj, 0, u16::MAX.into(), "a port")? as u16))
+    }
+}
+
+/// A count argument (messages, a limit): zero or more.
+pub(crate) struct Count(pub usize);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Count {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let most = i64::try_from(usize::MAX).unwrap_or(i64::MAX);
+        Ok(Self(whole_in(obj, 0, most, "a count")? as usize))
+    }
+}
+
+/// A rate argument (per second).
+pub(crate) struct Rate(pub u32);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Rate {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        Ok(Self(whole_in(obj, 0, u32::MAX.into(), "a rate")? as u32))
+    }
+}
 
 /// How often a blocking wait wakes up to let Python handle signals (Ctrl-C).
 const SIGNAL_SLICE: Duration = Duration::from_millis(100);
@@ -94,9 +145,7 @@ fn seconds(timeout: Option<f64>) -> PyResult<Option<Duration>> {
     match timeout {
         None => Ok(None),
         Some(t) if t.is_finite() && t >= 0.0 => Ok(Some(Duration::from_secs_f64(t))),
-        Some(t) => Err(pyo3::exceptions::PyValueError::new_err(format!(
-            "timeout must be a non-negative number of seconds, not {t}"
-        ))),
+        Some(t) => Err(InvalidInput::new_err(format!("timeout must be a non-negative number of seconds, not {t}"))),
     }
 }
 
@@ -161,19 +210,11 @@ fn _shutdown(py: Python<'_>) {
 
 #[pymodule(name = "_core")]
 fn core_module(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    let py = m.py();
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("DEFAULT_PORT", crate::protocol::DEFAULT_PORT)?;
     m.add("MAX_NAME_CHARS", crate::wire::chat::MAX_NAME_CHARS)?;
     m.add("MAX_TEXT_BYTES", crate::wire::chat::MAX_TEXT_BYTES)?;
     m.add("MAX_ROOM_CHARS", crate::wire::chat::MAX_ROOM_CHARS)?;
-    m.add("P2PChatError", py.get_type::<P2PChatError>())?;
-    m.add("InvalidInput", py.get_type::<InvalidInput>())?;
-    m.add("TrackerUnreachable", py.get_type::<TrackerUnreachable>())?;
-    m.add("AddressInUse", py.get_type::<AddressInUse>())?;
-    m.add("PeerClosed", py.get_type::<PeerClosed>())?;
-    m.add("HistoryError", py.get_type::<HistoryError>())?;
-    m.add("IdentityError", py.get_type::<IdentityError>())?;
     m.add_class::<tracker::PyTracker>()?;
     m.add_class::<peer::PyPeer>()?;
     m.add_class::<peer::PyMessage>()?;

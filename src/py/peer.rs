@@ -4,12 +4,14 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, UNIX_EPOCH};
 
-use pyo3::exceptions::{PyStopAsyncIteration, PyValueError};
+use pyo3::exceptions::PyStopAsyncIteration;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
 use super::awaitables::future_into_py;
-use super::{register_live, runtime, seconds, wait, Closable, InvalidInput, P2PChatError, PeerClosed};
+use super::{
+    register_live, runtime, seconds, wait, Closable, Count, InvalidInput, P2PChatError, PeerClosed, Port, Rate,
+};
 use crate::history::store::{Key, Location, Record};
 use crate::peer::{self, Event, Events, JoinReport, PeerConfig, PeerError, PeerHandle, Protocol};
 use crate::private::RoomKey;
@@ -489,14 +491,14 @@ fn position(value: &Bound<'_, PyAny>) -> PyResult<Key> {
     if let Ok(message) = value.cast::<PyMessage>() {
         let message = message.get();
         let stamp =
-            message.stamp.ok_or_else(|| PyValueError::new_err("this message has no place in the room's order"))?;
+            message.stamp.ok_or_else(|| InvalidInput::new_err("this message has no place in the room's order"))?;
         return Ok(Key { stamp, id: message.id.clone().unwrap_or_default() });
     }
     let seconds: f64 = value
         .extract()
-        .map_err(|_| PyValueError::new_err("before must be a Message or a time in seconds since the epoch"))?;
+        .map_err(|_| InvalidInput::new_err("before must be a Message or a time in seconds since the epoch"))?;
     if !seconds.is_finite() || seconds < 0.0 {
-        return Err(PyValueError::new_err(format!("before must be a time after 1970, not {seconds}")));
+        return Err(InvalidInput::new_err(format!("before must be a time after 1970, not {seconds}")));
     }
     Ok(Key { stamp: crate::protocol::stamp_at((seconds * 1000.0) as u64), id: String::new() })
 }
@@ -523,24 +525,24 @@ fn peer_address(value: &Bound<'_, PyAny>) -> PyResult<SocketAddr> {
     use std::net::ToSocketAddrs;
     let (host, port): (String, u16) = if let Ok(text) = value.extract::<String>() {
         let (host, port) =
-            text.rsplit_once(':').ok_or_else(|| PyValueError::new_err(format!("{text:?} is not HOST:PORT")))?;
-        let port = port.parse().map_err(|_| PyValueError::new_err(format!("{port:?} in {text:?} is not a port")))?;
+            text.rsplit_once(':').ok_or_else(|| InvalidInput::new_err(format!("{text:?} is not HOST:PORT")))?;
+        let port = port.parse().map_err(|_| InvalidInput::new_err(format!("{port:?} in {text:?} is not a port")))?;
         (host.trim_start_matches('[').trim_end_matches(']').to_owned(), port)
     } else {
-        value.extract().map_err(|_| PyValueError::new_err("a peer address is (host, port) or \"host:port\""))?
+        value.extract().map_err(|_| InvalidInput::new_err("a peer address is (host, port) or \"host:port\""))?
     };
     (host.as_str(), port)
         .to_socket_addrs()
-        .map_err(|e| PyValueError::new_err(format!("cannot find {host}:{port}: {e}")))?
+        .map_err(|e| InvalidInput::new_err(format!("cannot find {host}:{port}: {e}")))?
         .next()
-        .ok_or_else(|| PyValueError::new_err(format!("{host}:{port} has no address")))
+        .ok_or_else(|| InvalidInput::new_err(format!("{host}:{port} has no address")))
 }
 
 #[pymethods]
 impl PyPeer {
     #[new]
-    #[pyo3(signature = (name, server = Some("127.0.0.1"), port = crate::protocol::DEFAULT_PORT, *, listen = None, room = "", peers = Vec::new(),
-                        max_message_rate = None, history = 100, data_dir = None, save_history = true, identity = None, secret = None))]
+    #[pyo3(signature = (name, server = Some("127.0.0.1"), port = Port(crate::protocol::DEFAULT_PORT), *, listen = None, room = "", peers = Vec::new(),
+                        max_message_rate = None, history = Count(100), data_dir = None, save_history = true, identity = None, secret = None))]
     // The signature Python shows (and stubtest checks `_core.pyi` against): the defaults above that are
     // not literals would show as `...`.
     #[pyo3(
@@ -551,23 +553,25 @@ impl PyPeer {
         py: Python<'_>,
         name: &str,
         server: Option<&str>,
-        port: u16,
-        listen: Option<u16>,
+        port: Port,
+        listen: Option<Port>,
         room: &str,
         peers: Vec<Bound<'_, PyAny>>,
-        max_message_rate: Option<u32>,
-        history: usize,
+        max_message_rate: Option<Rate>,
+        history: Count,
         data_dir: Option<std::path::PathBuf>,
         save_history: bool,
         identity: Option<std::path::PathBuf>,
         secret: Option<String>,
     ) -> PyResult<Self> {
+        let (Port(port), listen, history) = (port, listen.map(|Port(p)| p), history.0);
+        let max_message_rate = max_message_rate.map(|Rate(r)| r);
         chat::validate_name(name).map_err(|e| InvalidInput::new_err(e.to_string()))?;
         chat::validate_room(room).map_err(|e| InvalidInput::new_err(e.to_string()))?;
         let mut config = PeerConfig::new(name, "", port);
         config.tracker = match server {
             Some(host) if host.trim().is_empty() => {
-                return Err(PyValueError::new_err("server must be a host name or an IP address (or None)"))
+                return Err(InvalidInput::new_err("server must be a host name or an IP address (or None)"))
             }
             Some(host) => Some(peer::TrackerAddr { host: host.to_owned(), port }),
             None => None,
@@ -591,7 +595,7 @@ impl PyPeer {
         }
         config.listen_port = listen;
         match max_message_rate {
-            Some(0) => return Err(PyValueError::new_err("max_message_rate must be at least 1 message per second")),
+            Some(0) => return Err(InvalidInput::new_err("max_message_rate must be at least 1 message per second")),
             Some(rate) => config.limits.max_message_rate = rate,
             None => {}
         }
@@ -732,8 +736,9 @@ impl PyPeer {
     /// The room's messages from this peer's own log, oldest first: the newest `limit` of them said
     /// before `before` (a `Message`, to page back from it, or a time in seconds since the epoch).
     /// Every p2pchat member returns the messages they share in the same order.
-    #[pyo3(signature = (limit = 100, before = None))]
-    fn history(&self, py: Python<'_>, limit: usize, before: Option<Bound<'_, PyAny>>) -> PyResult<Vec<PyMessage>> {
+    #[pyo3(signature = (limit = Count(100), before = None), text_signature = "($self, limit=100, before=None)")]
+    fn history(&self, py: Python<'_>, limit: Count, before: Option<Bound<'_, PyAny>>) -> PyResult<Vec<PyMessage>> {
+        let Count(limit) = limit;
         let (handle, _) = self.core.joined()?;
         let before = before.as_ref().map(position).transpose()?;
         let records = wait(py, async move { handle.history(limit, before).await })??;
@@ -741,13 +746,14 @@ impl PyPeer {
     }
 
     /// `await peer.history_async(limit, before)`: like `history`.
-    #[pyo3(signature = (limit = 100, before = None))]
+    #[pyo3(signature = (limit = Count(100), before = None), text_signature = "($self, limit=100, before=None)")]
     fn history_async<'py>(
         &self,
         py: Python<'py>,
-        limit: usize,
+        limit: Count,
         before: Option<Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
+        let Count(limit) = limit;
         let (handle, _) = self.core.joined()?;
         let before = before.as_ref().map(position).transpose()?;
         future_into_py(py, async move {

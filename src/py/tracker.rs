@@ -4,11 +4,10 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-use super::{register_live, runtime, seconds, wait, Closable, P2PChatError};
+use super::{register_live, runtime, seconds, wait, Closable, InvalidInput, P2PChatError, Port};
 use crate::tracker::{Tracker, TrackerConfig, TrackerHandle};
 
 /// How long `stop()` waits for the tracker's task to end.
@@ -60,31 +59,31 @@ pub struct PyTracker {
 fn resolve(host: &str, port: u16) -> PyResult<SocketAddr> {
     (host, port)
         .to_socket_addrs()
-        .map_err(|e| PyValueError::new_err(format!("cannot use {host:?} as an address to listen on: {e}")))?
+        .map_err(|e| InvalidInput::new_err(format!("cannot use {host:?} as an address to listen on: {e}")))?
         .next()
-        .ok_or_else(|| PyValueError::new_err(format!("{host:?} has no address to listen on")))
+        .ok_or_else(|| InvalidInput::new_err(format!("{host:?} has no address to listen on")))
 }
 
 #[pymethods]
 impl PyTracker {
     #[new]
-    #[pyo3(signature = (host = "0.0.0.0", port = crate::protocol::DEFAULT_PORT, *, original_ttl = 45.0, registration_timeout = 6.0, relay = false))]
+    #[pyo3(signature = (host = "0.0.0.0", port = Port(crate::protocol::DEFAULT_PORT), *, original_ttl = 45.0, registration_timeout = 6.0, relay = false))]
     // The signature Python shows (and stubtest checks `_core.pyi` against): `port` would show as `...`.
     #[pyo3(text_signature = "(host='0.0.0.0', port=7472, *, original_ttl=45.0, registration_timeout=6.0, relay=False)")]
     fn new(
         py: Python<'_>,
         host: &str,
-        port: u16,
+        port: Port,
         original_ttl: f64,
         registration_timeout: f64,
         relay: bool,
     ) -> PyResult<Self> {
         let positive = |name: &str, value: f64| match seconds(Some(value))? {
             Some(d) if !d.is_zero() => Ok(d),
-            _ => Err(PyValueError::new_err(format!("{name} must be a positive number of seconds"))),
+            _ => Err(InvalidInput::new_err(format!("{name} must be a positive number of seconds"))),
         };
         let config = TrackerConfig {
-            listen: resolve(host, port)?,
+            listen: resolve(host, port.0)?,
             original_ttl: positive("original_ttl", original_ttl)?,
             registration_timeout: positive("registration_timeout", registration_timeout)?,
             relay,
