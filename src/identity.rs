@@ -180,6 +180,38 @@ mod tests {
         std::env::temp_dir().join(format!("p2pchat-identity-test-{}", crate::wire::frames::random_id()))
     }
 
+    // Known-answer vectors for a signed message, as PROTOCOL.md gives them; computed independently of
+    // this code (Python's json and the `cryptography` package's Ed25519).
+    const KAT_PUBLIC_KEY: &str = "03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8";
+    const KAT_FINGERPRINT: &str = "5647-5aa7-5463-474c-0285-df5d-bf2b-cab7";
+    const KAT_SIGNED_BYTES: &str = "70327063686174206d7367207631005b223031323334353637383961626364656630313233343536373839616263646566222c22616e61222c223965303530616437343563366564353265656537653263336566303565633461222c313730303030303030303030302c3131313431313230303030303030303030312c2268c3a96c6c6f20e29c93225d";
+    const KAT_SIGNATURE: &str = "27905fe154152832a7c0992ea98977dd6535f5e401d6292d28c6363350a82409f0d03b8aa2891d43a5eb3333b02203fabfa7917efcc6a3697c42e003d7508609";
+
+    #[test]
+    fn a_signed_message_gives_the_published_vectors() {
+        let seed: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let identity = Identity::from_secret(seed);
+        let mut chat = Chat {
+            id: "0123456789abcdef0123456789abcdef".into(),
+            from: "ana".into(),
+            room: "9e050ad745c6ed52eee7e2c3ef05ec4a".into(),
+            ts: 1_700_000_000_000,
+            hlc: (1_700_000_000_000 << 16) + 1,
+            text: "héllo ✓".into(),
+            ..Chat::default()
+        };
+        assert_eq!(hex(&chat_message(&chat)), KAT_SIGNED_BYTES);
+        identity.sign_chat(&mut chat);
+        assert_eq!(chat.key.as_deref(), Some(KAT_PUBLIC_KEY));
+        assert_eq!(chat.sig.as_deref(), Some(KAT_SIGNATURE));
+        assert_eq!(identity.fingerprint(), KAT_FINGERPRINT);
+        assert_eq!(verify_chat(&chat).map(|k| hex(k.as_bytes())), Ok(KAT_PUBLIC_KEY.to_owned()));
+        let protocol = include_str!("../PROTOCOL.md");
+        for vector in [KAT_PUBLIC_KEY, KAT_FINGERPRINT, KAT_SIGNED_BYTES, KAT_SIGNATURE] {
+            assert!(protocol.contains(vector), "PROTOCOL.md lacks {vector}");
+        }
+    }
+
     #[test]
     fn an_identity_is_created_once_owner_only_and_read_back() {
         let dir = temp_dir();
