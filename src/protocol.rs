@@ -29,3 +29,13 @@ pub fn stamp_at(ms: u64) -> u64 {
 pub fn millis_of(stamp: u64) -> u64 {
     stamp >> STAMP_COUNTER_BITS
 }
+
+/// Test support: PROTOCOL.md must give each of these known-answer vectors, which the unit tests check
+/// the code against (so the document and the code cannot drift apart).
+#[cfg(test)]
+pub(crate) fn assert_protocol_md_gives(vectors: &[&str]) {
+    let protocol = include_str!("../PROTOCOL.md");
+    for vector in vectors {
+        assert!(protocol.contains(vector), "PROTOCOL.md lacks {vector}");
+    }
+}
