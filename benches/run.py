@@ -563,6 +563,16 @@ def machine_busy_seconds() -> float:
     return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def loopback_drops() -> int:
+    """Packets the kernel dropped so far because a CPU's input backlog was full (`/proc/net/softnet_stat`,
+    second column, every CPU): on loopback, where a one-host room's every packet goes, a burst
+    longer than `net.core.netdev_max_backlog` is lost there."""
+    try:
+        return sum(int(line.split()[1], 16) for line in Path("/proc/net/softnet_stat").read_text().splitlines())
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
 def idle(sizes: list[int], seconds: float) -> list[dict]:
     """Rooms of each size where nobody types for `seconds`: CPU per peer per hour, of the peer processes
     and of the whole machine."""
@@ -576,12 +586,14 @@ def idle(sizes: list[int], seconds: float) -> list[dict]:
                 # them pass before the window opens (a settling time, not a wait for an event).
                 time.sleep(SETTLE)
                 cpu_before, machine_before, started = room.cpu_seconds(), machine_busy_seconds(), time.monotonic()
+                drops_before = loopback_drops()
                 time.sleep(seconds)  # the measuring window: nobody types
                 cpu_after, machine_after, window = room.cpu_seconds(), machine_busy_seconds(), time.monotonic() - started
+                drops = loopback_drops() - drops_before
             finally:
                 room.close()
             per_peer_hour = 3600 / size / window
-            rows.append({"impl": impl, "peers": size, "meshed": room.meshed, "window_s": window,
+            rows.append({"impl": impl, "peers": size, "meshed": room.meshed, "window_s": window, "loopback_drops": drops,
                          "cpu_s_per_peer_hour": (cpu_after - cpu_before) * per_peer_hour,
                          "machine_cpu_s_per_peer_hour": (machine_after - machine_before) * per_peer_hour})
             log(f"  {rows[-1]['cpu_s_per_peer_hour']:.2f} CPU s per peer per hour (machine: "
@@ -780,6 +792,8 @@ def table(results: dict) -> str:
                 p["cpu_s_per_peer_hour"], b["cpu_s_per_peer_hour"], "{:.2f}")
             row("idle", f"{size} peers, nobody typing: CPU s per peer per hour, whole machine",
                 p["machine_cpu_s_per_peer_hour"], b["machine_cpu_s_per_peer_hour"], "{:.2f}")
+            row("idle", f"{size} peers, nobody typing: packets lost to a full loopback backlog",
+                p.get("loopback_drops", 0), b.get("loopback_drops", 0))
     if "history" in results:
         h = results["history"]
         n = h["messages"]
