@@ -149,6 +149,33 @@ def test_post_sends_without_a_reply_in_order_with_send(tracker):
         bob.post("after close")
 
 
+def test_nick_status_and_history_async_do_what_the_api_says(tracker):
+    host, port = tracker.address
+    with Peer("ana", host, port, data_dir=home("ana")) as ana:
+        assert ana.status() == (0, "registered")
+        with Peer("bob", host, port, data_dir=home("bob")) as bob:
+            wait_connected(ana, 1)
+            assert ana.status() == (1, "registered")
+            with pytest.raises(InvalidInput):
+                bob.nick("two\nlines")
+            assert bob.name == "bob", "a refused name changes nothing"
+            bob.nick("bobby")
+            assert bob.name == "bobby"
+            assert bob.send("from bobby") == 1
+            assert next_message(ana).sender == "bobby"
+            # history_async gives what history gives: the same messages, in the same order.
+            logged = ana.history()
+            async def ask() -> "list[Message]":
+                return await ana.history_async()
+
+            from_async = asyncio.run(ask())
+            assert [m.text for m in logged] == [m.text for m in from_async] == ["from bobby"]
+            with pytest.raises(InvalidInput):
+                ana.history(limit=-1)
+    with Peer("solo", None, peers=[f"127.0.0.1:{closed_port()}"], data_dir=home("solo")) as solo:
+        assert solo.status() == (0, "none"), "joined through peers only: no tracker"
+
+
 def test_recv_timeout_returns_none(tracker):
     with Peer("ana", *tracker.address, data_dir=home("ana")) as ana:
         assert ana.recv(timeout=0.05) is None
