@@ -57,6 +57,21 @@ def test_the_wheel_ships_no_benchmark_helpers(wheel):
     assert b"default_data_dir" in binary, "a function the wheel does have is found the same way"
 
 
+def test_the_wheel_carries_its_license_and_says_it_is_typed(wheel):
+    import zipfile
+
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+        (metadata,) = [name for name in names if name.endswith(".dist-info/METADATA")]
+        text = archive.read(metadata).decode()
+        licenses = [name for name in names if ".dist-info/" in name and name.rsplit("/", 1)[-1] == "LICENSE"]
+        assert licenses, f"no LICENSE in the wheel's metadata: {names}"
+        assert "Permission is hereby granted" in archive.read(licenses[0]).decode()
+    assert "Classifier: License :: OSI Approved :: MIT License" in text
+    assert "Classifier: Typing :: Typed" in text
+    assert any(name.endswith("p2pchat/py.typed") for name in names), "the stubs are marked as typed"
+
+
 @pytest.mark.parametrize("python", OTHER_PYTHONS)
 def test_the_wheel_installs_and_chats_on_another_cpython(wheel, python, tmp_path):
     interpreter = find_python(python)
