@@ -66,13 +66,12 @@ enum Phase {
         /// shown or logged, and `hold_until` is when it must have sent one.
         vetted: bool,
     },
-    /// p2pchat frames; the link is dead once nothing arrived by `silent_at`, unless its hello said
-    /// `quiet` (it does not ping: the kernel's keep-alive watches the link instead).
+    /// p2pchat frames; the link is dead once nothing arrived by `silent_at`. `None` once its hello
+    /// said `quiet` (it does not ping: the kernel's keep-alive watches the link instead).
     P2pchat {
         decoder: FrameDecoder,
         greeted: bool,
         said_bye: bool,
-        quiet: bool,
         silent_at: Option<Instant>,
     },
     Ended,
@@ -158,9 +157,9 @@ impl LinkReader {
                 Opening::Undecided => {}
             },
             Phase::Original { .. } => self.take_pieces(now, rules, out),
-            Phase::P2pchat { silent_at, quiet, .. } => {
-                if !*quiet {
-                    *silent_at = Some(now.at + rules.limits.dead_after);
+            Phase::P2pchat { silent_at, .. } => {
+                if let Some(at) = silent_at {
+                    *at = now.at + rules.limits.dead_after;
                 }
                 self.take_frames(now, rules, forwarding, out);
             }
@@ -268,7 +267,7 @@ impl LinkReader {
         let mut decoder = FrameDecoder::new();
         decoder.feed(&rest);
         let silent_at = Some(now.at + rules.limits.dead_after);
-        self.phase = Phase::P2pchat { decoder, greeted: false, said_bye: false, quiet: false, silent_at };
+        self.phase = Phase::P2pchat { decoder, greeted: false, said_bye: false, silent_at };
     }
 
     /// Decode what an original peer sent and show it.
@@ -345,7 +344,8 @@ impl LinkReader {
     /// Take every whole frame the p2pchat decoder holds, as the rules say.
     fn take_frames(&mut self, now: Now, rules: &LinkRules, forwarding: bool, out: &mut Outputs) {
         let from = self.from;
-        let Phase::P2pchat { decoder, greeted, said_bye, quiet, silent_at } = &mut self.phase else { return };
+        let Phase::P2pchat { decoder, greeted, said_bye, silent_at } = &mut self.phase else { return };
+        let mut quiet = false;
         let ended = loop {
             let frame = match decoder.next_frame() {
                 Ok(Some(frame)) => frame,
@@ -359,12 +359,13 @@ impl LinkReader {
             };
             let authenticated = self.authenticated;
             let (flood, drops) = (&mut self.flood, &mut self.drops);
+            let quiet = &mut quiet;
             let mut link = rules::LinkView { from, authenticated, greeted, said_bye, quiet, forwarding, flood, drops };
             if let Some(end) = rules::take_frame(now, rules, &mut link, frame, out) {
                 break Some(end);
             }
         };
-        if *quiet {
+        if quiet {
             *silent_at = None;
         }
         decoder.release_if_drained();
