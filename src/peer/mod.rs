@@ -21,6 +21,7 @@
 mod actor;
 mod bootstrap;
 mod connection;
+mod events;
 mod outbox;
 mod recent;
 mod relay;
@@ -48,6 +49,7 @@ use crate::private::RoomKey;
 use crate::wire::chat::{self, InvalidInput};
 use trust::{KnownKeys, TrustError};
 
+pub use self::events::Events;
 pub use self::sync::HistoryConfig;
 
 /// Where to find the tracker: a host name or IP address, and a port.
@@ -355,90 +357,8 @@ pub struct PeerHandle {
     listen_addr: SocketAddr,
 }
 
-/// Events held back at most while the join's history is fetched.
-const MAX_HELD: usize = 10_000;
-
 /// Commands (sends, questions) waiting for the peer's task; past that, senders wait.
 pub const COMMAND_QUEUE: usize = 256;
-
-/// The stream of [`Event`]s of one peer. It ends after the peer closes.
-///
-/// While the history asked for on join is on its way, everything else (live messages, presence) is
-/// held back here (at most `MAX_HELD` events) and comes after it, in the order it happened, so a
-/// newcomer reads the conversation in order.
-#[derive(Debug)]
-pub struct Events {
-    rx: mpsc::Receiver<Event>,
-    holding: bool,
-    held: std::collections::VecDeque<Event>,
-}
-
-impl Events {
-    /// The next event, or `None` once the peer is closed and every event was taken.
-    pub async fn recv(&mut self) -> Option<Event> {
-        loop {
-            if let Some(event) = self.release() {
-                return Some(event);
-            }
-            match self.rx.recv().await {
-                Some(event) => {
-                    if let Some(event) = self.sort(event) {
-                        return Some(event);
-                    }
-                }
-                None if self.held.is_empty() => return None,
-                None => self.holding = false,
-            }
-        }
-    }
-
-    /// An event already waiting, without waiting: `Ok(None)` if there is none yet,
-    /// `Err(PeerError::Closed)` once the peer is closed and every event was taken.
-    pub fn try_recv(&mut self) -> Result<Option<Event>, PeerError> {
-        loop {
-            if let Some(event) = self.release() {
-                return Ok(Some(event));
-            }
-            match self.rx.try_recv() {
-                Ok(event) => {
-                    if let Some(event) = self.sort(event) {
-                        return Ok(Some(event));
-                    }
-                }
-                Err(mpsc::error::TryRecvError::Empty) => return Ok(None),
-                Err(mpsc::error::TryRecvError::Disconnected) if self.held.is_empty() => return Err(PeerError::Closed),
-                Err(mpsc::error::TryRecvError::Disconnected) => self.holding = false,
-            }
-        }
-    }
-
-    fn release(&mut self) -> Option<Event> {
-        if self.holding {
-            None
-        } else {
-            self.held.pop_front()
-        }
-    }
-
-    /// The event to hand out now, or `None` when it is held back.
-    fn sort(&mut self, event: Event) -> Option<Event> {
-        match event {
-            Event::Message(message) if message.history => Some(Event::Message(message)),
-            Event::HistorySynced { received } => {
-                self.holding = false;
-                Some(Event::HistorySynced { received })
-            }
-            other if self.holding => {
-                self.held.push_back(other);
-                if self.held.len() >= MAX_HELD {
-                    self.holding = false;
-                }
-                None
-            }
-            other => Some(other),
-        }
-    }
-}
 
 /// Join the room: listen on P, ask the tracker from P (if any), dial every listed peer and `peers`.
 ///
@@ -521,7 +441,7 @@ pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinRep
     }));
     let connected = ready_rx.await.map_err(|_| PeerError::Closed)?;
     let handle = PeerHandle { commands, log, fingerprint: identity.fingerprint(), room: config.room, listen_addr };
-    let events = Events { rx: events_rx, holding, held: Default::default() };
+    let events = Events::new(events_rx, holding);
     Ok((handle, events, JoinReport { listen_addr, listed, connected }))
 }
 
