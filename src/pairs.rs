@@ -22,6 +22,20 @@ impl<K: Hash + Eq + Clone + Ord> Pairs<K> {
         new
     }
 
+    /// Stop passing messages between `a` and `b` (both ways); false when they were not paired.
+    pub fn unpair(&mut self, a: &K, b: &K) -> bool {
+        let mut was = false;
+        for (one, other) in [(a, b), (b, a)] {
+            if let Some(set) = self.partners.get_mut(one) {
+                was |= set.remove(other);
+                if set.is_empty() {
+                    self.partners.remove(one);
+                }
+            }
+        }
+        was
+    }
+
     /// What gets a copy of what arrives on `key`.
     pub fn partners_of<'a>(&'a self, key: &K) -> impl Iterator<Item = &'a K> + 'a {
         self.partners.get(key).into_iter().flatten()
@@ -62,6 +76,10 @@ mod tests {
         of_one.sort_unstable();
         assert_eq!(of_one, [2, 3]);
         assert_eq!(pairs.partners_of(&2).copied().collect::<Vec<_>>(), [1]);
+        assert!(pairs.unpair(&3, &1), "either side ends a pair");
+        assert!(!pairs.unpair(&1, &3), "already ended");
+        assert!(!pairs.has_partners(&3));
+        assert!(pairs.pair(1, 3));
         assert_eq!(pairs.remove(&1), [2, 3]);
         assert!(!pairs.has_partners(&2) && !pairs.has_partners(&3), "nothing left to pass on");
         assert!(pairs.remove(&1).is_empty());

@@ -1080,6 +1080,24 @@ impl RawMember {
     }
 }
 
+/// pia and quin, relayed to each other, linked directly: pia says so with a `relay_close` naming
+/// quin. The relay stops passing their messages and tells neither. (To see that a message was not
+/// passed on without waiting for nothing, pia then asks for quin again: the relay's `relay_open`
+/// to quin is queued after anything it passed on before it.)
+async fn stop_relaying_when_linked_directly(pia: &mut RawMember, quin: &mut RawMember) {
+    use p2pchat::wire::frames::{Chat, Frame};
+    let retire = Frame::RelayClose { peer: "quin-session".into(), reason: "linked directly".into(), clean: true };
+    pia.send(&retire).await;
+    let text = "said after the direct link came up".to_owned();
+    pia.send(&Frame::Msg(Chat { id: "m-direct".into(), from: "pia".into(), text, ts: 1, ..Chat::default() })).await;
+    pia.send(&Frame::RelayAsk { peer: "quin-session".into(), addr: None }).await;
+    let relay_frames = |f: &Frame| matches!(f, Frame::Msg(_) | Frame::RelayOpen { .. } | Frame::RelayClose { .. });
+    let next = quin.next(relay_frames).await;
+    assert!(matches!(next, Frame::RelayOpen { .. }), "the relay passed on or said more than it should: {next:?}");
+    let next = pia.next(relay_frames).await;
+    assert!(matches!(next, Frame::RelayOpen { .. }), "pia was told something about quin: {next:?}");
+}
+
 /// A member of the tracker's relay that stops reading cannot hold the relay's queue, or its
 /// partners' lines, forever: it is dropped, and its partner hears that it is gone.
 #[tokio::test]
@@ -1185,6 +1203,8 @@ async fn a_member_relays_between_two_that_cannot_reach_each_other() {
     let Frame::Msg(back) = pia.next(is_msg).await else { unreachable!() };
     assert_eq!(back.text, "back");
 
+    stop_relaying_when_linked_directly(&mut pia, &mut quin).await;
+
     quin.send(&Frame::Bye).await;
     drop(quin);
     let Frame::RelayClose { peer, clean, .. } = pia.next(|f| matches!(f, Frame::RelayClose { .. })).await else {
@@ -1260,6 +1280,8 @@ async fn the_tracker_relays_only_when_told_to() {
     .await;
     let Frame::Msg(chat) = quin.next(|f| matches!(f, Frame::Msg(_))).await else { unreachable!() };
     assert_eq!(chat.text, "and back");
+
+    stop_relaying_when_linked_directly(&mut pia, &mut quin).await;
 
     pia.send(&Frame::Bye).await;
     drop(pia);

@@ -28,17 +28,31 @@ def chat_both_ways(ana, bob, text: str) -> None:
     ana.out.saw(r"^<bob> :: and back$")
 
 
+# Issue 23's targets: the first lines within about 2 s behind symmetric routers, a direct link within
+# 3 s behind port-preserving ones. Measured from the second peer's start, the build before relay-first
+# took 10.1 s and 3.07 s (its first dial had to time out, after 3 s, before anything else was tried);
+# this one takes ~1.1 s for both. The bounds leave room for a loaded CI machine and still fail the old
+# build. What runs measured is in docs/nat.md (`-s` prints each run's figure).
+DIRECT_LINK_BOUND = 2.5
+FIRST_LINES_BOUND = 3.0
+
+
 @pytest.mark.parametrize("run", range(10))  # ten fresh beds: the punch must not be luck
 def test_two_peers_behind_port_preserving_routers_get_a_direct_link(bed, run):
     public = bed.public_host()
     ana_home, bob_home = bed.nat_host("preserving"), bed.nat_host("preserving")
     tracker = start_tracker(bed, public)
     ana, ana_port = start_client(bed, ana_home, "ana", public.ip)
+    started = time.monotonic()
     bob, bob_port = start_client(bed, bob_home, "bob", public.ip)
-    # Bob cannot dial Ana through her router; the tracker has both dial each other at once.
+    # Bob cannot dial Ana through her router; the tracker has both dial each other at once, as soon
+    # as Bob's first dial has gone unanswered for a second.
+    bob.err.saw(rf"^\* ana \({re.escape(ana_home.public_ip)}:{ana_port}\) joined \(p2pchat\)$", timeout=30)
+    took = time.monotonic() - started
+    print(f"direct link {took:.2f} s after bob started")
+    assert took < DIRECT_LINK_BOUND, f"the direct link came {took:.2f} s after bob started"
     tracker.err.saw(rf"asking {re.escape(ana_home.public_ip)}:{ana_port} to dial {re.escape(bob_home.public_ip)}:{bob_port}", timeout=30)
     ana.err.saw(rf"^\* bob \({re.escape(bob_home.public_ip)}:{bob_port}\) joined \(p2pchat\)$", timeout=30)
-    bob.err.saw(rf"^\* ana \({re.escape(ana_home.public_ip)}:{ana_port}\) joined \(p2pchat\)$", timeout=30)
     chat_both_ways(ana, bob, "hello through two routers")
     # Direct: the link's far end is the other's router, at the other's listening port.
     ana.line("/who")
@@ -120,6 +134,31 @@ def test_lines_typed_before_the_relay_opens_still_arrive(bed):
     ana.out.saw(r"^<bob> :: the end$")
     assert bob.out.count(r"^(\[history [^]]*\] )?<ana> :: ana early \d$") == 10
     assert ana.out.count(r"^(\[history [^]]*\] )?<bob> :: bob early \d$") == 10
+
+
+@pytest.mark.parametrize("run", range(3))
+def test_peers_behind_symmetric_routers_exchange_their_first_lines_within_seconds(bed, run):
+    """Bob starts and types at once (his line waits in his stdin until his prompt is there); Ana types
+    at the same moment. A relay is asked for after 1 s while the dials go on, so each first line
+    arrives within seconds of Bob's start, not after every dial failed."""
+    public, relay_host = bed.public_host(), bed.public_host()
+    ana_home, bob_home = bed.nat_host("symmetric"), bed.nat_host("symmetric")
+    start_tracker(bed, public)
+    start_client(bed, relay_host, "rel", public.ip)
+    ana, _ = start_client(bed, ana_home, "ana", public.ip)
+    started = time.monotonic()
+    bob = bed.start(bob_home, python("client.py", "--server", public.ip, "--name", "bob", "--history", "0", "-d"), "bob")
+    bob.line("bob, the moment he started")
+    ana.line("ana, the moment bob started")
+    for receiver, line in ((ana, "<bob> :: bob, the moment he started"), (bob, "<ana> :: ana, the moment bob started")):
+        receiver.out.saw(rf"^(\[history [^]]*\] )?{re.escape(line)}$", timeout=30)
+        took = time.monotonic() - started
+        print(f"{line!r} shown {took:.2f} s after bob started")
+        assert took < FIRST_LINES_BOUND, f"{line!r} was shown {took:.2f} s after bob started"
+    ana.line("the end")
+    bob.out.saw(r"^<ana> :: the end$")
+    assert ana.out.count(r"<bob> :: bob, the moment he started$") == 1
+    assert bob.out.count(r"<ana> :: ana, the moment bob started$") == 1
 
 
 def test_a_room_mixing_public_cone_and_symmetric_peers_delivers_everything(bed):

@@ -162,7 +162,8 @@ pub(super) struct Setup {
     pub contacts: Vec<Contact>,
     pub commands: mpsc::Receiver<Command>,
     pub events: mpsc::Sender<Event>,
-    /// Told how many contacts the first attempts reached, once every one was tried.
+    /// Told how many contacts the first attempts reached, once every one was tried (or
+    /// `Limits::relay_first` passed).
     pub ready: oneshot::Sender<usize>,
     /// A private room's key: every link is then encrypted (see `secure`), and `room` is its opaque id.
     pub private: Option<RoomKey>,
@@ -427,9 +428,9 @@ impl Driver {
             NetEvent::Registered { link, contacts } => {
                 let offers = link.offers;
                 self.hold_registration(link);
-                self.state.registered_again(offers, contacts);
+                self.state.registered_again(now, offers, contacts);
             }
-            NetEvent::Punch { addr } => self.state.punch_asked(addr),
+            NetEvent::Punch { addr } => self.state.punch_asked(now, addr),
         }
     }
 

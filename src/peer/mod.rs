@@ -105,8 +105,12 @@ pub struct Limits {
     /// Messages per second one member may send before it is muted here (its further messages are
     /// dropped until it slows down); bursts of three times this are allowed (a pasted page).
     pub max_message_rate: u32,
-    /// A member a neighbour is linked to, that we still cannot reach directly this long after we
-    /// first heard of it (dials and the hole punch failed), is asked for through that neighbour.
+    /// A p2pchat member we are still not linked to this long after we first dialled it, or first
+    /// heard of it from a neighbour, is reached through a relay at once (a neighbour that is linked
+    /// to it, or the tracker's relay), while the direct dials and the hole punch go on; a direct link
+    /// that comes up later retires the relay. Short, so nothing typed waits for the dials to fail.
+    pub relay_first: Duration,
+    /// An ask for a relay that nobody answered is asked again this long after.
     pub relay_after: Duration,
 }
 
@@ -132,6 +136,7 @@ impl Default for Limits {
             redial_for: Duration::from_secs(30),
             max_links: 512,
             max_message_rate: 200,
+            relay_first: Duration::from_secs(1),
             relay_after: Duration::from_secs(10),
         }
     }
@@ -362,7 +367,9 @@ pub const COMMAND_QUEUE: usize = 256;
 
 /// Join the room: listen on P, ask the tracker from P (if any), dial every listed peer and `peers`.
 ///
-/// Returns once each of them was tried once (those refusing are retried in the background).
+/// Returns once each of them was tried once, or `Limits::relay_first` (1 s) after it began, whichever
+/// comes first: the user can type while a slow dial goes on, and members not reached yet are
+/// reached in the background (refusals retried; a silent member relayed, see `relay`).
 pub async fn join(mut config: PeerConfig) -> Result<(PeerHandle, Events, JoinReport), PeerError> {
     chat::validate_name(&config.name)?;
     chat::validate_room(&config.room)?;

@@ -1,17 +1,21 @@
 //! Relays: reaching a member we cannot dial (a symmetric NAT, a firewall) through one we can.
 //!
 //! Each p2pchat hello lists the members its sender is linked to, with their session ids. A member
-//! some neighbour is linked to, but that we still cannot reach directly `relay_after` after first
-//! hearing of it, is asked for from that neighbour (`relay_ask`). The neighbour pairs the two links:
-//! from then on, each new message arriving on one is written to the other too, and it tells both ends
-//! (`relay_open`) so their member lists show who is relayed and by whom. Messages keep their ids, so
-//! a copy that also arrives another way is shown once.
+//! some neighbour is linked to, but that we still cannot reach directly `relay_first` after first
+//! hearing of it, is asked for from that neighbour (`relay_ask`); unanswered, it is asked again every
+//! `relay_after`. The neighbour pairs the two links: from then on, each new message arriving on one
+//! is written to the other too, and it tells both ends (`relay_open`) so their member lists show who
+//! is relayed and by whom. Messages keep their ids, so a copy that also arrives another way is shown
+//! once.
 //!
-//! A member we tried to dial and gave up on may be one no `hello` named to us: it joined while we
-//! did, and our neighbours' hellos were written before they linked to it. It is asked for by its
-//! address instead, from one p2pchat neighbour after another until one relays it (a neighbour not
-//! linked to it answers `relay_close` with the address as `peer`); when every neighbour said no, the
-//! round starts again `relay_after` later.
+//! A member we dial that has not answered within `relay_first` may be one no `hello` named to us: it
+//! joined while we did, and our neighbours' hellos were written before they linked to it. It is
+//! asked for by its address instead, from one p2pchat neighbour after another until one relays it (a
+//! neighbour not linked to it answers `relay_close` with the address as `peer`); when every neighbour
+//! said no, the round starts again `relay_after` later.
+//!
+//! The relay is a bridge, not a destination: the dials go on, and once a direct link comes up the
+//! state tells the relay to stop (see `relaying.rs`).
 //!
 //! This module is the bookkeeping only, without I/O: the actor feeds it what happens and does what
 //! it answers.
@@ -40,9 +44,10 @@ struct Heard {
     asked: Option<Instant>,
 }
 
-/// A member's address we gave up dialling, which no neighbour named: asked for by address.
-#[derive(Default)]
+/// A member's address we could not dial in time, which no neighbour named: asked for by address.
 struct Unreached {
+    /// When it became one.
+    since: Instant,
     /// Neighbours that said they are not linked to it, this round.
     refused: BTreeSet<LinkId>,
     /// The neighbour asked now, and when.
@@ -81,6 +86,7 @@ pub(super) struct LinkGone {
 }
 
 pub(super) struct Relays {
+    relay_first: Duration,
     relay_after: Duration,
     heard: HashMap<String, Heard>,
     relayed: HashMap<String, RelayedMember>,
@@ -98,8 +104,9 @@ impl Relays {
         (self.heard.len(), self.unreached.len(), self.relayed.len())
     }
 
-    pub fn new(relay_after: Duration) -> Self {
+    pub fn new(relay_first: Duration, relay_after: Duration) -> Self {
         Self {
+            relay_first,
             relay_after,
             heard: HashMap::new(),
             relayed: HashMap::new(),
@@ -127,12 +134,35 @@ impl Relays {
         self.relayed.remove(peer)
     }
 
-    /// We gave up dialling the p2pchat member at `addr`: ask for it by address unless it is
-    /// relayed to us already.
-    pub fn unreached(&mut self, addr: SocketAddr) {
+    /// A dial to the p2pchat member at `addr` did not connect in time (or gave up): ask for it by
+    /// address unless it is relayed to us already.
+    pub fn unreached(&mut self, addr: SocketAddr, now: Instant) {
         if !self.relayed.values().any(|m| m.addr == addr) {
-            self.unreached.entry(addr).or_default();
+            self.unreached.entry(addr).or_insert_with(|| Unreached {
+                since: now,
+                refused: BTreeSet::new(),
+                asking: None,
+                next_round: None,
+            });
         }
+    }
+
+    /// When `due_asks` next has something to ask (if the neighbours it is given do not change).
+    pub fn next_ask_at(&self) -> Option<Instant> {
+        let peers =
+            self.heard.iter().filter(|(peer, _)| !self.relayed.contains_key(*peer)).map(|(_, heard)| {
+                match heard.asked {
+                    None => heard.since + self.relay_first,
+                    Some(at) => (heard.since + self.relay_first).max(at + self.relay_after),
+                }
+            });
+        let addrs = self.unreached.values().map(|unreached| match (unreached.asking, unreached.next_round) {
+            (Some((_, at)), _) => at + self.relay_after,
+            (None, Some(at)) => at,
+            // Not asked yet: at once (`due_asks` asks, or starts the wait for a new round).
+            (None, None) => unreached.since,
+        });
+        peers.chain(addrs).min()
     }
 
     /// Neighbour `via` is not linked to the member at `addr`.
@@ -179,7 +209,7 @@ impl Relays {
     fn due_peer_asks(&mut self, now: Instant) -> Vec<(LinkId, String)> {
         let mut asks = Vec::new();
         for (peer, heard) in &mut self.heard {
-            let waited = now.duration_since(heard.since) >= self.relay_after;
+            let waited = now.duration_since(heard.since) >= self.relay_first;
             let not_lately = heard.asked.is_none_or(|at| now.duration_since(at) >= self.relay_after);
             if self.relayed.contains_key(peer) || !waited || !not_lately {
                 continue;
@@ -232,6 +262,11 @@ impl Relays {
         self.pairs.pair(a, b)
     }
 
+    /// As a relay: stop passing messages between `a` and `b`. False when they were not paired.
+    pub fn unpair(&mut self, a: LinkId, b: LinkId) -> bool {
+        self.pairs.unpair(&a, &b)
+    }
+
     /// Links that get a copy of what arrives on `id`.
     pub fn partners_of(&self, id: LinkId) -> impl Iterator<Item = LinkId> + '_ {
         self.pairs.partners_of(&id).copied()
@@ -269,6 +304,7 @@ impl Relays {
 mod tests {
     use super::*;
 
+    const FIRST: Duration = Duration::from_secs(1);
     const AFTER: Duration = Duration::from_secs(10);
 
     fn addr(port: u16) -> SocketAddr {
@@ -277,21 +313,25 @@ mod tests {
 
     #[test]
     fn a_member_heard_of_is_asked_for_once_it_stayed_unreached() {
-        let mut relays = Relays::new(AFTER);
+        let mut relays = Relays::new(FIRST, AFTER);
         let t0 = Instant::now();
         relays.heard_of(3, ["q".to_owned()], t0);
         relays.heard_of(1, ["q".to_owned()], t0);
-        assert!(relays.due_peer_asks(t0 + AFTER / 2).is_empty(), "direct dials get their time first");
-        assert_eq!(relays.due_peer_asks(t0 + AFTER), vec![(1, "q".to_owned())]);
-        assert!(relays.due_peer_asks(t0 + AFTER + AFTER / 2).is_empty(), "not asked again right away");
-        assert_eq!(relays.due_peer_asks(t0 + AFTER * 2), vec![(1, "q".to_owned())], "asked again while unanswered");
+        assert_eq!(relays.next_ask_at(), Some(t0 + FIRST));
+        assert!(relays.due_peer_asks(t0 + FIRST / 2).is_empty(), "a direct dial gets its first moment");
+        assert_eq!(relays.due_peer_asks(t0 + FIRST), vec![(1, "q".to_owned())], "then a relay, at once");
+        assert_eq!(relays.next_ask_at(), Some(t0 + FIRST + AFTER));
+        assert!(relays.due_peer_asks(t0 + FIRST + AFTER / 2).is_empty(), "not asked again right away");
+        let again = t0 + FIRST + AFTER;
+        assert_eq!(relays.due_peer_asks(again), vec![(1, "q".to_owned())], "asked again while unanswered");
         assert_eq!(relays.opened(1, "q".into(), Some("quinn".into()), addr(7)), Opened::New);
+        assert_eq!(relays.next_ask_at(), None, "relayed: nothing to wait for");
         assert!(relays.due_peer_asks(t0 + AFTER * 10).is_empty(), "relayed: nothing to ask");
     }
 
     #[test]
     fn a_direct_link_ends_the_need_for_a_relay() {
-        let mut relays = Relays::new(AFTER);
+        let mut relays = Relays::new(FIRST, AFTER);
         let t0 = Instant::now();
         relays.heard_of(1, ["q".to_owned()], t0);
         relays.opened(1, "q".into(), None, addr(7));
@@ -302,7 +342,7 @@ mod tests {
 
     #[test]
     fn a_relay_renames_and_a_second_relay_is_ignored() {
-        let mut relays = Relays::new(AFTER);
+        let mut relays = Relays::new(FIRST, AFTER);
         assert_eq!(relays.opened(1, "q".into(), Some("a".into()), addr(7)), Opened::New);
         assert_eq!(relays.opened(1, "q".into(), Some("a".into()), addr(7)), Opened::Unchanged);
         assert_eq!(relays.opened(1, "q".into(), Some("b".into()), addr(7)), Opened::Renamed { old: Some("a".into()) });
@@ -313,7 +353,7 @@ mod tests {
 
     #[test]
     fn losing_a_relay_loses_its_members_but_another_neighbour_is_asked() {
-        let mut relays = Relays::new(AFTER);
+        let mut relays = Relays::new(FIRST, AFTER);
         let t0 = Instant::now();
         relays.heard_of(1, ["q".to_owned(), "r".to_owned()], t0);
         relays.heard_of(2, ["q".to_owned()], t0);
@@ -328,7 +368,7 @@ mod tests {
 
     #[test]
     fn a_member_that_left_on_purpose_is_not_asked_for_again() {
-        let mut relays = Relays::new(AFTER);
+        let mut relays = Relays::new(FIRST, AFTER);
         let t0 = Instant::now();
         relays.heard_of(1, ["q".to_owned()], t0);
         relays.heard_of(2, ["q".to_owned()], t0);
@@ -339,7 +379,7 @@ mod tests {
 
     #[test]
     fn a_gone_link_ends_its_pairs() {
-        let mut relays = Relays::new(AFTER);
+        let mut relays = Relays::new(FIRST, AFTER);
         relays.pair(1, 2);
         relays.pair(1, 3);
         assert!(relays.forwards(1) && relays.forwards(2));
@@ -349,29 +389,33 @@ mod tests {
 
     #[test]
     fn a_member_we_gave_up_dialling_is_asked_for_by_address_from_one_neighbour_after_another() {
-        let mut relays = Relays::new(AFTER);
+        let mut relays = Relays::new(FIRST, AFTER);
         let t0 = Instant::now();
-        relays.unreached(addr(7));
+        relays.unreached(addr(7), t0);
         let ask = |via| vec![(via, Wanted::Addr(addr(7)))];
+        assert_eq!(relays.next_ask_at(), Some(t0), "due at once");
         assert_eq!(relays.due_asks(t0, &[2, 5]), ask(2), "asked at once, from the first neighbour");
+        assert_eq!(relays.next_ask_at(), Some(t0 + AFTER), "an answer is awaited");
         assert!(relays.due_asks(t0, &[2, 5]).is_empty(), "one ask at a time");
         relays.not_via(2, addr(7));
         assert_eq!(relays.due_asks(t0, &[2, 5]), ask(5), "the next one, as soon as the first says no");
         assert!(relays.due_asks(t0 + AFTER / 2, &[2, 5]).is_empty());
         assert!(relays.due_asks(t0 + AFTER, &[2, 5]).is_empty(), "unanswered: a no; every one said no");
+        assert_eq!(relays.next_ask_at(), Some(t0 + AFTER * 2), "the next round");
         assert!(relays.due_asks(t0 + AFTER * 3 / 2, &[2, 5]).is_empty(), "a new round waits");
         assert_eq!(relays.due_asks(t0 + AFTER * 2, &[2, 5]), ask(2), "and starts from the first again");
         assert_eq!(relays.opened(2, "q".into(), None, addr(7)), Opened::New);
         assert!(relays.due_asks(t0 + AFTER * 5, &[2, 5]).is_empty(), "relayed: nothing to ask");
-        relays.unreached(addr(7));
+        assert_eq!(relays.next_ask_at(), None);
+        relays.unreached(addr(7), t0);
         assert!(relays.due_asks(t0 + AFTER * 5, &[2, 5]).is_empty(), "still relayed");
     }
 
     #[test]
     fn a_direct_link_or_a_gone_neighbour_settles_an_ask_by_address() {
-        let mut relays = Relays::new(AFTER);
+        let mut relays = Relays::new(FIRST, AFTER);
         let t0 = Instant::now();
-        relays.unreached(addr(7));
+        relays.unreached(addr(7), t0);
         assert_eq!(relays.due_asks(t0, &[2, 5]), vec![(2, Wanted::Addr(addr(7)))]);
         relays.link_gone(2, None);
         assert_eq!(relays.due_asks(t0, &[5]), vec![(5, Wanted::Addr(addr(7)))], "its ask went with it");

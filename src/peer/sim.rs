@@ -216,6 +216,8 @@ struct Shown {
     sender: Option<String>,
     text: String,
     history: bool,
+    /// When it was shown (virtual time).
+    at: Duration,
 }
 
 struct P2pNode {
@@ -241,7 +243,7 @@ struct P2pNode {
 
 impl P2pNode {
     /// Show a message; an original peer's line that came in pieces is shown as one.
-    fn show(&mut self, link: Option<LinkId>, message: super::Message) {
+    fn show(&mut self, at: Duration, link: Option<LinkId>, message: super::Message) {
         self.latest_stamp = self.latest_stamp.max(message.stamp.unwrap_or(0));
         if let (false, Some(link)) = (message.starts_message, link) {
             if let Some(entry) = self.last_piece.get(&link).and_then(|i| self.shown.get_mut(*i)) {
@@ -252,7 +254,7 @@ impl P2pNode {
         if let Some(link) = link {
             self.last_piece.insert(link, self.shown.len());
         }
-        self.shown.push(Shown { sender: message.sender, text: message.text, history: message.history });
+        self.shown.push(Shown { sender: message.sender, text: message.text, history: message.history, at });
     }
 }
 
@@ -296,7 +298,8 @@ struct Sim {
     partition: Option<Partition>,
     tracker: Tracker,
     /// Pairs (smaller first) whose dials to each other get no answer, either way.
-    blocked: HashSet<(NodeId, NodeId)>,
+    /// Pairs behind NATs that drop every dial between them, until then (virtual time).
+    blocked: HashMap<(NodeId, NodeId), Duration>,
     /// The key of the room, if it is private.
     private: Option<Arc<RoomKey>>,
     /// Every name a node had, for what original peers may see.
@@ -334,7 +337,7 @@ impl Sim {
             said: Vec::new(),
             partition: None,
             tracker: Tracker { addr: SocketAddr::from(([127, 0, 0, 2], 7472)), up: true, registered: Vec::new() },
-            blocked: HashSet::new(),
+            blocked: HashMap::new(),
             private: None,
             names_ever,
             broken: Vec::new(),
@@ -349,11 +352,16 @@ impl Sim {
 
     /// Put `a` and `b` behind NATs that drop every dial between them.
     fn block(&mut self, a: NodeId, b: NodeId) {
-        self.blocked.insert((a.min(b), a.max(b)));
+        self.block_until(a, b, Duration::MAX);
+    }
+
+    /// Dials between `a` and `b` get no answer until `until` (a hole punch that takes a while).
+    fn block_until(&mut self, a: NodeId, b: NodeId, until: Duration) {
+        self.blocked.insert((a.min(b), a.max(b)), until);
     }
 
     fn blocked(&self, a: NodeId, b: NodeId) -> bool {
-        self.blocked.contains(&(a.min(b), a.max(b)))
+        self.blocked.get(&(a.min(b), a.max(b))).is_some_and(|until| self.now < *until)
     }
 
     /// The tracker's list for `node`: who registered and is still up, and what each speaks.
@@ -414,7 +422,8 @@ impl Sim {
             Ev::KeepAliveExpires { until } => self.keep_alive_expires(until),
             Ev::Punch { node, addr } => {
                 if self.nodes[node].up {
-                    self.p2p(node).state.punch_asked(addr);
+                    let now = self.clock(node);
+                    self.p2p(node).state.punch_asked(now, addr);
                     self.drain(node);
                 }
             }
@@ -516,7 +525,8 @@ impl Sim {
         }
         let contacts = self.tracker_list(node);
         self.tracker.registered.push(node);
-        self.p2p(node).state.registered_again(QUIET_TRACKER, contacts);
+        let now = self.clock(node);
+        self.p2p(node).state.registered_again(now, QUIET_TRACKER, contacts);
         self.drain(node);
     }
 
@@ -770,7 +780,10 @@ impl Sim {
                 self.schedule(delay, Ev::Dial { from: node, to, contact, retry_until, backoff });
             }
             Output::Emit(event) => match event {
-                Event::Message(m) => self.p2p(node).show(None, m),
+                Event::Message(m) => {
+                    let at = self.now;
+                    self.p2p(node).show(at, None, m)
+                }
                 Event::Joined { addr, .. } => self.p2p(node).joined.push(addr),
                 Event::Left { addr, .. } => self.p2p(node).left.push(addr),
                 _ => {}
@@ -791,8 +804,9 @@ impl Sim {
                 self.p2p(node).state.history_ingested(now, link, req, msgs, fresh);
             }
             Output::History { job: Job::Show(messages), .. } => {
+                let at = self.now;
                 for message in messages {
-                    self.p2p(node).show(None, message);
+                    self.p2p(node).show(at, None, message);
                 }
             }
             Output::History { job: Job::Tell(_), .. } | Output::HistoryDone { .. } => {}
@@ -1080,7 +1094,7 @@ impl Sim {
 
     /// What a link's reader produced, carried out as a link task does.
     fn reader_outputs(&mut self, node: NodeId, link: LinkId, mut out: Outputs) {
-        let now = self.clock(node);
+        let (now, at) = (self.clock(node), self.now);
         let p = self.p2p(node);
         for report in out.reports.drain(..) {
             p.state.report(now, link, report);
@@ -1088,7 +1102,7 @@ impl Sim {
         p.log.append(&mut out.to_log);
         for event in out.to_show.drain(..) {
             if let Event::Message(m) = event {
-                p.show(Some(link), m);
+                p.show(at, Some(link), m);
             }
         }
         // A link's task ends with its reading, and its socket closes.
@@ -1500,5 +1514,74 @@ fn sim_a_partition_heals_and_what_was_missed_is_caught_up() {
             let shown = p.shown.iter().find(|s| s.text == said.text).expect("checked above");
             assert!(shown.history, "{} got {:?} from {} live across the split", node.name, said.text, said.name);
         }
+    }
+}
+
+/// Three members: n0 reaches both others, whose dials to each other get no answer (symmetric NATs),
+/// until `blocked_until`. n2 joins last, and both n1 and n2 type the moment it joins. Returns the
+/// simulator after 30 s, and when n2 joined.
+fn relayed_pair(seed: u64, blocked_until: Duration) -> (Sim, Duration) {
+    let mut sim = Sim::new(seed, 3, 0);
+    sim.block_until(1, 2, blocked_until);
+    let joined = Duration::from_secs(3);
+    for (node, at) in [(0, Duration::ZERO), (1, Duration::from_millis(100)), (2, joined)] {
+        sim.schedule(at, Ev::Act(Action::Join(node)));
+    }
+    // Typed at once, long before any dial between them could have failed.
+    for (node, after) in [(2, 1), (1, 5)] {
+        let text = format!("n{node}, the moment n2 joined");
+        sim.schedule(joined + Duration::from_millis(after), Ev::Act(Action::Say { node, text }));
+    }
+    for i in 0..10 {
+        let (node, at) = (1 + i % 2, joined + Duration::from_millis(300 * (i as u64 + 1)));
+        sim.schedule(at, Ev::Act(Action::Say { node, text: format!("n{node}, line {i}") }));
+    }
+    sim.run_until(joined + Duration::from_secs(30));
+    if let Err(why) = check_invariants(&sim, &[0, 1, 2], Presence::Stable) {
+        panic!("seed {seed}: {why}");
+    }
+    (sim, joined)
+}
+
+/// When `receiver` showed the line `text`.
+fn shown_at(sim: &Sim, receiver: NodeId, text: &str) -> Duration {
+    let Some(Kind::P2p(p)) = &sim.nodes[receiver].kind else { panic!("n{receiver} is not a p2pchat peer") };
+    p.shown.iter().find(|s| s.text == text).map(|s| s.at).expect("checked by the invariants")
+}
+
+/// Issue 23's target for symmetric NATs: the first lines cross within 2 s of the second peer joining
+/// (it was ~10 s: 3 s of direct dials, 3 s of punched dials, then the relay), through a relay that
+/// opens after `relay_first` while the dials go on.
+#[test]
+fn sim_members_that_cannot_dial_each_other_talk_through_a_relay_within_two_seconds() {
+    for seed in 1..=20 {
+        let (sim, joined) = relayed_pair(seed, Duration::MAX);
+        for (receiver, author) in [(1, 2), (2, 1)] {
+            let took = shown_at(&sim, receiver, &format!("n{author}, the moment n2 joined")) - joined;
+            assert!(
+                took <= Duration::from_secs(2),
+                "seed {seed}: n{receiver} showed n{author}'s first line {took:?} after the join"
+            );
+        }
+        let Some(Kind::P2p(p)) = &sim.nodes[1].kind else { unreachable!() };
+        let n2 = p.state.peers().into_iter().find(|m| m.addr == sim.nodes[2].addr).expect("n2 is a member");
+        assert_eq!(n2.relayed_by, Some(sim.nodes[0].addr), "seed {seed}: relayed by n0");
+    }
+}
+
+/// A hole punch that works after 1.5 s: the relay opens first, then the direct link, which retires
+/// it. Every line still arrives once (the invariants), nobody is shown leaving or joining twice, and
+/// the relay passes nothing on any more.
+#[test]
+fn sim_a_direct_link_that_comes_after_the_relay_retires_it() {
+    for seed in 1..=20 {
+        let (sim, joined) = relayed_pair(seed, Duration::from_secs(3) + Duration::from_millis(1_500));
+        let Some(Kind::P2p(relay)) = &sim.nodes[0].kind else { unreachable!() };
+        assert!(relay.forwarding.is_empty(), "seed {seed}: n0 still relays on links {:?}", relay.forwarding);
+        let Some(Kind::P2p(p)) = &sim.nodes[1].kind else { unreachable!() };
+        let n2 = p.state.peers().into_iter().find(|m| m.addr == sim.nodes[2].addr).expect("n2 is a member");
+        assert_eq!(n2.relayed_by, None, "seed {seed}: linked directly");
+        let took = shown_at(&sim, 1, "n2, the moment n2 joined") - joined;
+        assert!(took <= Duration::from_secs(2), "seed {seed}: the first line took {took:?}");
     }
 }

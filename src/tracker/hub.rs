@@ -7,7 +7,8 @@
 //! `hello` of its own, listing (with their session ids) the room's members linked to it, and from then
 //! on speaks the relay's part of the protocol: `relay_ask` pairs two members' links, `relay_open` tells
 //! both, each `msg` arriving on one is written to its partners, `relay_close` tells a partner that the
-//! other end left. It shows nothing, logs no message and keeps none.
+//! other end left. A member's own `relay_close` naming its partner (they linked directly) ends the
+//! pair without a word to either. It shows nothing, logs no message and keeps none.
 //!
 //! One task (`run`) owns the members and the pairs; each link's task reports to it over a channel
 //! and writes what the hub queues for it.
@@ -37,11 +38,33 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 type Line = Arc<[u8]>;
 
 enum HubEvent {
-    Joined { member: LinkedMember, id: String, reply: oneshot::Sender<Result<Line, String>> },
-    Asked { id: String, peer: String },
-    Forward { id: String, line: Line },
-    Renamed { id: String, name: String },
-    Left { id: String, reason: String, clean: bool },
+    Joined {
+        member: LinkedMember,
+        id: String,
+        reply: oneshot::Sender<Result<Line, String>>,
+    },
+    Asked {
+        id: String,
+        peer: String,
+    },
+    /// Member `id` is linked directly to `peer` now: stop relaying between them.
+    Unneeded {
+        id: String,
+        peer: String,
+    },
+    Forward {
+        id: String,
+        line: Line,
+    },
+    Renamed {
+        id: String,
+        name: String,
+    },
+    Left {
+        id: String,
+        reason: String,
+        clean: bool,
+    },
 }
 
 struct LinkedMember {
@@ -117,6 +140,13 @@ async fn run(mut events: mpsc::Receiver<HubEvent>) {
                 }
                 let _ = asker.queue.try_send(open_frame(&peer, target));
                 let _ = target.queue.try_send(open_frame(&id, asker));
+            }
+            HubEvent::Unneeded { id, peer } => {
+                if pairs.unpair(&id, &peer) {
+                    if let (Some(a), Some(b)) = (members.get(&id), members.get(&peer)) {
+                        log::info!("no longer relaying between {} and {}: they are linked directly", a.addr, b.addr);
+                    }
+                }
             }
             HubEvent::Forward { id, line } => {
                 let mut stuck = Vec::new();
@@ -262,6 +292,7 @@ async fn relay_loop(
                     HubEvent::Forward { id: id.to_owned(), line: frames::encode(&sealed).into() }
                 }
                 Ok(Some(Frame::RelayAsk { peer, .. })) => HubEvent::Asked { id: id.to_owned(), peer },
+                Ok(Some(Frame::RelayClose { peer, .. })) => HubEvent::Unneeded { id: id.to_owned(), peer },
                 Ok(Some(Frame::Nick { name })) if chat::validate_name(&name).is_ok() => {
                     HubEvent::Renamed { id: id.to_owned(), name }
                 }

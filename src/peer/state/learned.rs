@@ -146,7 +146,7 @@ impl PeerState {
             self.learned.next_dial_at = now.at + DIAL_EVERY;
             log::debug!("dialling {addr}, which a member told us about");
             let known = if announced.p2pchat { None } else { Some(Protocol::Original) };
-            self.dial(Contact { addr, known }, self.limits.retry_refused_for);
+            self.dial(now, Contact { addr, known }, self.limits.retry_refused_for);
         }
     }
 

@@ -133,8 +133,9 @@ impl PeerState {
             return;
         };
         let fingerprint = self.meet(id, name.as_deref());
-        if self.relays.direct(&hello.id, addr).is_some() {
+        if let Some(relayed) = self.relays.direct(&hello.id, addr) {
             log::info!("linked directly to {addr}, which a relay passed to us until now");
+            self.retire_relay(relayed.via, &hello.id);
         } else if self.moving.remove(&hello.id).is_some() {
             log::debug!("{addr} is back on link {id}");
         } else {
@@ -203,7 +204,7 @@ impl PeerState {
         });
     }
 
-    pub(super) fn on_probe_rejected(&mut self, id: LinkId) {
+    pub(super) fn on_probe_rejected(&mut self, now: Now, id: LinkId) {
         if self.hub_gone(id) {
             log::warn!("the tracker's relay closed our link without a hello; not using it");
             self.close_quietly(id);
@@ -227,7 +228,7 @@ impl PeerState {
             self.originals.insert(addr);
             if self.in_default_room() {
                 self.carried.insert(addr, link.held);
-                self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
+                self.dial(now, Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
             }
         }
     }
@@ -258,7 +259,7 @@ impl PeerState {
             self.notice(format!("using the original protocol with {addr}"));
             self.originals.insert(addr);
             self.carried.insert(addr, link.held);
-            self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
+            self.dial(now, Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
         }
     }
 
@@ -345,7 +346,7 @@ impl PeerState {
             let reason = "its new link never came".to_owned();
             self.emit(Event::Left { addr: moving.addr, name: moving.name, reason, clean: false });
             if let Some(addr) = moving.listen_addr {
-                self.dial(Contact { addr, known: Some(Protocol::P2pchat) }, self.limits.redial_for);
+                self.dial(now, Contact { addr, known: Some(Protocol::P2pchat) }, self.limits.redial_for);
             }
         }
     }
@@ -411,14 +412,18 @@ impl PeerState {
         Some(addr)
     }
 
-    pub(super) fn dial(&mut self, contact: Contact, retry_for: Duration) {
-        self.dial_from(contact, None, retry_for);
+    pub(super) fn dial(&mut self, now: Now, contact: Contact, retry_for: Duration) {
+        self.dial_from(now, contact, None, retry_for);
     }
 
-    pub(super) fn dial_from(&mut self, contact: Contact, from_port: Option<u16>, retry_for: Duration) {
-        if self.dialling.insert(contact.addr) {
-            self.out(Output::Dial { contact, from_port, retry_for });
+    pub(super) fn dial_from(&mut self, now: Now, contact: Contact, from_port: Option<u16>, retry_for: Duration) {
+        if !self.dialling.insert(contact.addr) {
+            return;
         }
+        if contact.known == Some(Protocol::P2pchat) && !self.dials_hub(contact.addr) {
+            self.slow_dials.entry(contact.addr).or_insert(now.at + self.limits.relay_first);
+        }
+        self.out(Output::Dial { contact, from_port, retry_for });
     }
 
     /// Link `id`'s member proved its key under `name`: check it against the key that name had when we

@@ -90,7 +90,7 @@ pub enum Output {
     RegisterAgain { tracker: SocketAddr, listen_port: u16 },
     /// Write the known keys met since the last write.
     SaveKnownKeys,
-    /// Every contact of the join was tried once; this many were reached.
+    /// Every contact of the join was tried once, or `relay_first` passed; this many were reached.
     Ready { reached: usize },
 }
 
@@ -279,6 +279,9 @@ pub struct PeerState {
     handshakes: usize,
     /// Addresses being dialled (so peer exchange does not dial them twice).
     dialling: HashSet<SocketAddr>,
+    /// p2pchat members being dialled, and when each is to be reached through a relay instead if the
+    /// dial has not connected by then (the dials go on; see `relaying::relay_slow_dials`).
+    slow_dials: BTreeMap<SocketAddr, Instant>,
     /// Summaries from members that came while the join's history was still to come: compared once it
     /// is in (it brings most of what they would show missing); by the member's session id.
     deferred_summaries: Vec<(String, Summary)>,
@@ -323,6 +326,10 @@ pub struct PeerState {
     untried: HashSet<SocketAddr>,
     reached_first_time: usize,
     ready_told: bool,
+    /// The driver is told the join is done by then at the latest (`relay_first` after it began):
+    /// members not reached yet are reached in the background, and the user need not wait for a
+    /// dial to time out before typing.
+    ready_by: Instant,
     /// The join stops waiting for its history at this time (it is still fetched later, as a catch-up).
     history_deadline: Instant,
     outputs: VecDeque<Output>,
@@ -351,12 +358,13 @@ impl PeerState {
         } = setup;
         let mut ids = Ids::from_seed(seed);
         let history_deadline = now.at + limits.connect_timeout + limits.probe_timeout;
+        let ready_by = now.at + limits.relay_first;
         let mut state = Self {
             my_id: ids.next_id(),
             name,
             renames: 0,
             room,
-            relays: Relays::new(limits.relay_after),
+            relays: Relays::new(limits.relay_first, limits.relay_after),
             requests: Requests::new(history_after, history.ask_on_join, history.answer_messages),
             receipts: Receipts::new(history.first_part_wait, history.answer_wait),
             limits,
@@ -366,6 +374,7 @@ impl PeerState {
             next_link: 0,
             originals: HashSet::new(),
             dialling: HashSet::new(),
+            slow_dials: BTreeMap::new(),
             handshakes: 0,
             learned: learned::Learned::new(now.at),
             deferred_summaries: Vec::new(),
@@ -390,10 +399,11 @@ impl PeerState {
             reached_first_time: 0,
             ready_told: false,
             history_deadline,
+            ready_by,
             outputs: VecDeque::new(),
         };
         for contact in contacts {
-            state.dial(contact, state.limits.retry_refused_for);
+            state.dial(now, contact, state.limits.retry_refused_for);
         }
         state.settle(now);
         state
@@ -406,15 +416,21 @@ impl PeerState {
 
     /// When the state next needs [`Self::handle_timeout`] (besides the keep-alive [`Self::tick`]).
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let join = (self.ready_told && self.requests.waits_for_join()).then_some(self.history_deadline);
-        join.into_iter().chain(self.receipts.next_deadline()).chain(self.learned.next_dial()).min()
+        let join = match self.ready_told {
+            false => Some(self.ready_by),
+            true => self.requests.waits_for_join().then_some(self.history_deadline),
+        };
+        let relays = self.slow_dials.values().copied().chain(self.relays.next_ask_at());
+        join.into_iter().chain(self.receipts.next_deadline()).chain(self.learned.next_dial()).chain(relays).min()
     }
 
     /// Time passed: the join may stop waiting for its history; an answer's first part may be late, or
-    /// the whole answer.
+    /// the whole answer; a member may be due a relay.
     pub fn handle_timeout(&mut self, now: Now) {
         self.settle(now);
         self.dial_learned(now);
+        self.relay_slow_dials(now);
+        self.ask_relays(now);
         let expired = self.receipts.expire(now.at);
         for (link, req) in expired.released {
             self.out(Output::History { link, req, job: Job::Tell(Event::HistorySynced { received: 0 }) });
@@ -462,14 +478,11 @@ impl PeerState {
     /// speaks p2pchat (we are alone, or among original peers), or it took too long. A p2pchat member
     /// that turns up later is still asked, as a catch-up.
     fn settle(&mut self, now: Now) {
-        if !self.untried.is_empty() {
-            return;
-        }
-        if !self.ready_told {
+        if !self.ready_told && (self.untried.is_empty() || now.at >= self.ready_by) {
             self.ready_told = true;
             self.out(Output::Ready { reached: self.reached_first_time });
         }
-        if !self.requests.waits_for_join() {
+        if !self.untried.is_empty() || !self.requests.waits_for_join() {
             return;
         }
         let settled = self.links.values().all(|l| matches!(l.kind, LinkKind::Original | LinkKind::Relay));
@@ -484,6 +497,7 @@ impl PeerState {
     /// A dial to `contact` connected.
     pub fn dialled(&mut self, now: Now, contact: Contact) -> Connect {
         self.dialling.remove(&contact.addr);
+        self.slow_dials.remove(&contact.addr);
         if self.private.is_none() && self.untried.remove(&contact.addr) {
             self.reached_first_time += 1;
         }
@@ -574,20 +588,31 @@ impl PeerState {
         if gave_up {
             self.learned_settled(addr);
         }
-        self.on_dial_failed(addr, known, reason, gave_up, silent);
+        if self.on_dial_failed(addr, known, reason, gave_up, silent) {
+            self.relays.unreached(addr, now.at);
+            self.link_to_hub(now);
+        }
         self.dial_learned(now);
         self.ask_relays(now);
         self.settle(now);
     }
 
-    fn on_dial_failed(&mut self, addr: SocketAddr, known: Option<Protocol>, reason: &str, gave_up: bool, silent: bool) {
+    /// True when we gave up on a p2pchat member: it is to be reached through a relay.
+    fn on_dial_failed(
+        &mut self,
+        addr: SocketAddr,
+        known: Option<Protocol>,
+        reason: &str,
+        gave_up: bool,
+        silent: bool,
+    ) -> bool {
         if self.dials_hub(addr) {
             if gave_up {
                 log::warn!("cannot reach the tracker's relay at {addr} ({reason})");
                 self.dialling.remove(&addr);
                 self.hub = Hub::Unused;
             }
-            return;
+            return false;
         }
         if silent && known == Some(Protocol::P2pchat) {
             // No answer at all from a p2pchat member: perhaps a router that drops what nobody
@@ -600,13 +625,12 @@ impl PeerState {
             log::debug!("{addr} did not answer a dial, but a link to it is up ({reason})");
         } else {
             self.dialling.remove(&addr);
+            self.slow_dials.remove(&addr);
             self.carried.remove(&addr);
             log::warn!("cannot reach {addr} ({reason}); skipping it");
-            if known == Some(Protocol::P2pchat) {
-                self.relays.unreached(addr);
-                self.link_to_hub();
-            }
+            return known == Some(Protocol::P2pchat);
         }
+        false
     }
 
     fn open(
@@ -659,13 +683,14 @@ impl PeerState {
         match report {
             Report::Hello(hello) => self.on_hello(now, link, hello),
             Report::Original => self.on_original(now, link),
-            Report::ProbeRejected => self.on_probe_rejected(link),
+            Report::ProbeRejected => self.on_probe_rejected(now, link),
             Report::Refused { code, message } => self.on_refused(now, link, &code, message),
             Report::Renamed { name } => self.on_renamed(link, name),
             Report::HistoryRequested { req, limit, after } => self.answer_history(now, link, req, limit, after),
             Report::HistoryPart { req, msgs, more } => self.take_history_part(link, req, msgs, more),
             Report::RelayAsked { peer, addr } => self.relay_between(link, &peer, addr),
             Report::RelayOpened { peer, name, addr } => self.relayed_to_us(now, link, peer, name, addr),
+            Report::RelayClosed { peer, .. } if self.stop_relaying(link, &peer) => {}
             Report::RelayClosed { peer, reason, clean } => {
                 // An answer to an ask by address: that neighbour is not linked to it; ask the next.
                 if let Ok(addr) = peer.parse::<SocketAddr>() {
@@ -705,9 +730,9 @@ impl PeerState {
         let (addr, listen_addr) = (link.shown_addr(), link.listen_addr);
         self.remove(now, id, reason, clean);
         if redial_original {
-            self.dial(Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
+            self.dial(now, Contact { addr, known: Some(Protocol::Original) }, self.limits.retry_refused_for);
         } else if let (true, Some(addr)) = (redial_p2pchat, listen_addr) {
-            self.dial(Contact { addr, known: Some(Protocol::P2pchat) }, self.limits.redial_for);
+            self.dial(now, Contact { addr, known: Some(Protocol::P2pchat) }, self.limits.redial_for);
         }
         self.settle(now);
     }
@@ -723,7 +748,7 @@ impl PeerState {
     }
 
     /// Registered with the tracker again after losing it; it lists `contacts`.
-    pub fn registered_again(&mut self, offers: Offers, contacts: Vec<Contact>) {
+    pub fn registered_again(&mut self, now: Now, offers: Offers, contacts: Vec<Contact>) {
         self.notice("registered with the tracker again".to_owned());
         self.registered = true;
         self.tracker_relays = offers.relay;
@@ -732,17 +757,17 @@ impl PeerState {
         // we already know may be on a link we accepted, whose listen address we cannot know.
         for contact in contacts.into_iter().filter(|c| c.known == Some(Protocol::P2pchat)) {
             if !self.linked_to(contact.addr) {
-                self.dial(contact, self.limits.retry_refused_for);
+                self.dial(now, contact, self.limits.retry_refused_for);
             }
         }
     }
 
     /// The tracker asks us to dial this member from our listening port (it cannot reach us).
-    pub fn punch_asked(&mut self, addr: SocketAddr) {
+    pub fn punch_asked(&mut self, now: Now, addr: SocketAddr) {
         if !self.dialling.contains(&addr) && !self.linked_to(addr) {
             log::info!("the tracker says {addr} cannot reach us; dialling it from our listening port");
             let contact = Contact { addr, known: Some(Protocol::P2pchat) };
-            self.dial_from(contact, Some(self.listen_port), self.limits.retry_refused_for);
+            self.dial_from(now, contact, Some(self.listen_port), self.limits.retry_refused_for);
         }
     }
 

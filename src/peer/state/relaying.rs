@@ -16,13 +16,35 @@ impl PeerState {
 
     /// A p2pchat member stays out of reach: if the tracker relays, link to its relay (once), so a
     /// member that can reach nobody we know can still be relayed to us.
-    pub(super) fn link_to_hub(&mut self) {
+    pub(super) fn link_to_hub(&mut self, now: Now) {
         // (In a private room, too: the link to the tracker is not encrypted, but every message on it
         // is sealed, and our hello there carries no name.)
         let (true, Hub::Unused, Some(tracker)) = (self.tracker_relays, self.hub, self.tracker) else { return };
         log::info!("linking to the tracker's relay at {tracker}");
         self.hub = Hub::Dialling;
-        self.dial(Contact { addr: tracker, known: Some(Protocol::P2pchat) }, self.limits.retry_refused_for);
+        self.dial(now, Contact { addr: tracker, known: Some(Protocol::P2pchat) }, self.limits.retry_refused_for);
+    }
+
+    /// p2pchat members whose dial has not connected within `relay_first`: reach them through a relay
+    /// now (our neighbours are asked by address, and the tracker's relay is used if it offers one),
+    /// and have the tracker punch a hole, while the dials go on. Whatever connects first carries the
+    /// room; a direct link that comes up later retires the relay (`retire_relay`).
+    pub(super) fn relay_slow_dials(&mut self, now: Now) {
+        let due: Vec<SocketAddr> =
+            self.slow_dials.iter().filter(|(_, at)| **at <= now.at).map(|(addr, _)| *addr).collect();
+        for addr in due {
+            self.slow_dials.remove(&addr);
+            if !self.dialling.contains(&addr) || self.linked_to(addr) {
+                continue;
+            }
+            log::info!(
+                "{addr} did not answer within {:?}; reaching it through a relay while dialling on",
+                self.limits.relay_first
+            );
+            self.punch(addr);
+            self.relays.unreached(addr, now.at);
+            self.link_to_hub(now);
+        }
     }
 
     /// Whether the connection to `addr` we are opening is our link to the tracker's relay.
@@ -151,8 +173,12 @@ impl PeerState {
         else {
             return;
         };
-        if peer == self.my_id || self.p2pchat_link_to(&peer).is_some() {
+        if peer == self.my_id {
             return;
+        }
+        if self.p2pchat_link_to(&peer).is_some() {
+            // Linked directly already (the relay answered an ask that crossed the direct link).
+            return self.retire_relay(via, &peer);
         }
         match self.relays.opened(via, peer, name.clone(), addr) {
             relay::Opened::New => {
@@ -178,6 +204,39 @@ impl PeerState {
             }
             relay::Opened::Unchanged => {}
         }
+    }
+
+    /// We are linked directly to member `peer`, which link `via` relays to us: tell the relay to stop
+    /// passing its messages to us. Nothing is lost: what the member said before the direct link came
+    /// up either came through the relay already or is in the summary both ends send on the new link.
+    /// (A relay of an earlier version ignores this; its copies are then shown once, as before.)
+    pub(super) fn retire_relay(&mut self, via: LinkId, peer: &str) {
+        if self.links.contains_key(&via) {
+            let frame = Frame::RelayClose { peer: peer.to_owned(), reason: "linked directly".to_owned(), clean: true };
+            self.write_frame(via, &frame);
+        }
+    }
+
+    /// The member on link `asker` says it is linked directly to member `peer` now: stop passing
+    /// messages between the two, and say nothing to either (they have their own link). False when we
+    /// relay nothing between them: then the frame is a relay's, about a member it relayed to us.
+    pub(super) fn stop_relaying(&mut self, asker: LinkId, peer: &str) -> bool {
+        let Some(target) = self.p2pchat_link_to(peer) else { return false };
+        if !self.relays.unpair(asker, target) {
+            return false;
+        }
+        for link in [asker, target] {
+            let on = self.relays.forwards(link);
+            self.out(Output::Forwards { link, on });
+        }
+        if let (Some(a), Some(b)) = (self.links.get(&asker), self.links.get(&target)) {
+            log::info!(
+                "no longer relaying between {} and {}: they are linked directly",
+                a.shown_addr(),
+                b.shown_addr()
+            );
+        }
+        true
     }
 
     /// Link `id` (at `addr`; to member `peer` when it spoke p2pchat) is gone: members it relayed to
