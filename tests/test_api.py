@@ -51,6 +51,26 @@ def wait_connected(peer: Peer, count: int) -> None:
         seen += isinstance(event, PeerJoined)
 
 
+def test_importing_p2pchat_starts_no_thread_and_registers_no_exit_hook():
+    """A program that only imports p2pchat pays nothing: the first Tracker or Peer starts the log
+    bridge's thread and registers the exit hooks (closing peers, then the bridge's last drain)."""
+    code = textwrap.dedent("""
+        import atexit, logging, threading  # logging registers its own exit hook when imported
+        hooks = atexit._ncallbacks()
+        import p2pchat
+        assert threading.active_count() == 1, threading.enumerate()
+        assert atexit._ncallbacks() == hooks, "import registered an exit hook"
+        p2pchat.Peer("ana", "127.0.0.1", 7472)  # made, not joined
+        p2pchat.Peer("bob", "127.0.0.1", 7472)
+        names = [t.name for t in threading.enumerate()]
+        assert names.count("p2pchat-log-bridge") == 1, names
+        assert atexit._ncallbacks() == hooks + 2, atexit._ncallbacks()
+        print("ok")
+    """)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=WAIT)
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
 def test_exceptions_form_one_hierarchy_and_each_is_also_its_builtin():
     builtins = {InvalidInput: ValueError, TrackerUnreachable: ConnectionError, AddressInUse: OSError,
                 PeerClosed: Exception, HistoryError: OSError, IdentityError: OSError}

@@ -20,10 +20,8 @@ asyncio use::
             print(message.sender, message.text)
 """
 
-import atexit as _atexit
 from typing import Union
 
-from . import _core, _logbridge
 from ._core import (
     DEFAULT_PORT,
     MAX_NAME_CHARS,
@@ -87,8 +85,5 @@ __all__ = [
     "new_invite_code",
 ]
 
-# atexit runs handlers last-registered first: close every peer and tracker (letting queued lines out),
-# then stop the log bridge once their last records were forwarded.
-_logbridge.start()
-_atexit.register(_logbridge.stop)
-_atexit.register(_core._shutdown)
+# Importing starts nothing: the first Tracker or Peer starts the log bridge and registers the exit
+# hooks (`_activation`).

@@ -188,6 +188,18 @@ trait Closable: Send + Sync {
 
 static LIVE: Mutex<Vec<Weak<dyn Closable>>> = Mutex::new(Vec::new());
 
+/// Start what importing p2pchat does not (`p2pchat._activation`: the log bridge's thread and the exit
+/// hooks); called first by every Tracker and Peer constructor, and cheap after the first.
+fn activate(py: Python<'_>) -> PyResult<()> {
+    static ACTIVE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !ACTIVE.load(std::sync::atomic::Ordering::Acquire) {
+        // Idempotent on the Python side, so two threads racing here both succeed.
+        py.import("p2pchat._activation")?.call_method0("activate")?;
+        ACTIVE.store(true, std::sync::atomic::Ordering::Release);
+    }
+    Ok(())
+}
+
 fn register_live(item: Weak<dyn Closable>) {
     if let Ok(mut live) = LIVE.lock() {
         live.retain(|w| w.strong_count() > 0);

@@ -10,7 +10,8 @@ use pyo3::types::PyTuple;
 
 use super::awaitables::future_into_py;
 use super::{
-    register_live, runtime, seconds, wait, Closable, Count, InvalidInput, P2PChatError, PeerClosed, Port, Rate,
+    activate, register_live, runtime, seconds, wait, Closable, Count, InvalidInput, P2PChatError, PeerClosed, Port,
+    Rate,
 };
 use crate::history::store::{Key, Location, Record};
 use crate::peer::{self, Event, Events, JoinReport, PeerConfig, PeerError, PeerHandle, Protocol};
@@ -564,6 +565,7 @@ impl PyPeer {
         identity: Option<std::path::PathBuf>,
         secret: Option<String>,
     ) -> PyResult<Self> {
+        activate(py)?;
         let (Port(port), listen, history) = (port, listen.map(|Port(p)| p), history.0);
         let max_message_rate = max_message_rate.map(|Rate(r)| r);
         chat::validate_name(name).map_err(|e| InvalidInput::new_err(e.to_string()))?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use pyo3::prelude::*;
 use tokio::sync::{oneshot, watch};
 
-use super::{register_live, runtime, seconds, wait, Closable, InvalidInput, P2PChatError, Port};
+use super::{activate, register_live, runtime, seconds, wait, Closable, InvalidInput, P2PChatError, Port};
 use crate::tracker::{Tracker, TrackerConfig, TrackerHandle};
 
 /// How long `stop()` waits for the tracker's task to end.
@@ -78,6 +78,7 @@ impl PyTracker {
         registration_timeout: f64,
         relay: bool,
     ) -> PyResult<Self> {
+        activate(py)?;
         let positive = |name: &str, value: f64| match seconds(Some(value))? {
             Some(d) if !d.is_zero() => Ok(d),
             _ => Err(InvalidInput::new_err(format!("{name} must be a positive number of seconds"))),
