@@ -44,6 +44,14 @@ struct Heard {
     asked: Option<Instant>,
 }
 
+impl Heard {
+    /// When it is to be asked for (again): `first` after we heard of it, `after` after the last ask.
+    fn due_at(&self, first: Duration, after: Duration) -> Instant {
+        let waited = self.since + first;
+        self.asked.map_or(waited, |at| waited.max(at + after))
+    }
+}
+
 /// A member's address we could not dial in time, which no neighbour named: asked for by address.
 struct Unreached {
     /// When it became one.
@@ -54,6 +62,18 @@ struct Unreached {
     asking: Option<(LinkId, Instant)>,
     /// No neighbour is asked before this (after a round in which every one said no).
     next_round: Option<Instant>,
+}
+
+impl Unreached {
+    /// When a neighbour is to be asked for it: once the one asked has not answered for `after`, at
+    /// the next round, or at once.
+    fn due_at(&self, after: Duration) -> Instant {
+        match (self.asking, self.next_round) {
+            (Some((_, at)), _) => at + after,
+            (None, Some(at)) => at,
+            (None, None) => self.since,
+        }
+    }
 }
 
 /// Whom to ask for a relay.
@@ -149,19 +169,12 @@ impl Relays {
 
     /// When `due_asks` next has something to ask (if the neighbours it is given do not change).
     pub fn next_ask_at(&self) -> Option<Instant> {
-        let peers =
-            self.heard.iter().filter(|(peer, _)| !self.relayed.contains_key(*peer)).map(|(_, heard)| {
-                match heard.asked {
-                    None => heard.since + self.relay_first,
-                    Some(at) => (heard.since + self.relay_first).max(at + self.relay_after),
-                }
-            });
-        let addrs = self.unreached.values().map(|unreached| match (unreached.asking, unreached.next_round) {
-            (Some((_, at)), _) => at + self.relay_after,
-            (None, Some(at)) => at,
-            // Not asked yet: at once (`due_asks` asks, or starts the wait for a new round).
-            (None, None) => unreached.since,
-        });
+        let peers = self
+            .heard
+            .iter()
+            .filter(|(peer, _)| !self.relayed.contains_key(*peer))
+            .map(|(_, heard)| heard.due_at(self.relay_first, self.relay_after));
+        let addrs = self.unreached.values().map(|unreached| unreached.due_at(self.relay_after));
         peers.chain(addrs).min()
     }
 
@@ -181,15 +194,12 @@ impl Relays {
         let mut asks: Vec<(LinkId, Wanted)> =
             self.due_peer_asks(now).into_iter().map(|(via, peer)| (via, Wanted::Peer(peer))).collect();
         for (addr, unreached) in &mut self.unreached {
-            if let Some((via, at)) = unreached.asking {
-                if now.duration_since(at) < self.relay_after {
-                    continue;
-                }
-                unreached.refused.insert(via);
-                unreached.asking = None;
-            }
-            if unreached.next_round.is_some_and(|at| now < at) {
+            if now < unreached.due_at(self.relay_after) {
                 continue;
+            }
+            // The neighbour asked did not answer in time: a no.
+            if let Some((via, _)) = unreached.asking.take() {
+                unreached.refused.insert(via);
             }
             match neighbours.iter().find(|n| !unreached.refused.contains(n)) {
                 Some(&via) => {
@@ -209,9 +219,7 @@ impl Relays {
     fn due_peer_asks(&mut self, now: Instant) -> Vec<(LinkId, String)> {
         let mut asks = Vec::new();
         for (peer, heard) in &mut self.heard {
-            let waited = now.duration_since(heard.since) >= self.relay_first;
-            let not_lately = heard.asked.is_none_or(|at| now.duration_since(at) >= self.relay_after);
-            if self.relayed.contains_key(peer) || !waited || !not_lately {
+            if self.relayed.contains_key(peer) || now < heard.due_at(self.relay_first, self.relay_after) {
                 continue;
             }
             // The smallest id: any neighbour that knows it will do, and it is the same one each time.
