@@ -24,6 +24,13 @@ Regex = Union[str, Pattern[str]]
 
 MAGIC = b"\xffp2pchat"  # how every p2pchat connection starts
 
+# A chat line as p2pchat's client prints it: `<name> :: text`, or, for a line it got as history (its
+# own log, or a catch-up from the room), `[history DATE TIME] <name> :: text`.
+CHAT_LINE = re.compile(r"^(\[history [^\]]*\] )?<([^>]*)> :: (.*)$")
+# The original client prints each chunk it reads as it comes: lines carry no terminator on the wire, so
+# two that arrive together are printed as one (`<a> :: x<b> :: y`), and its first follows its prompt.
+ORIGINAL_CHUNK_LINE = re.compile(r"<([^>]*)> :: (.*?)(?=<[^>]*> :: |$)")
+
 
 def frame(obj) -> bytes:
     """One p2pchat frame: a 4-byte big-endian length, then JSON."""
@@ -242,6 +249,7 @@ class Room:
 
     def __init__(self) -> None:
         self.procs: list[Proc] = []
+        self.peers: list[Peer] = []
 
     def start(self, argv: Sequence[str], name: str, env: Optional[dict] = None) -> Proc:
         proc = Proc(argv, name, env)
@@ -263,19 +271,30 @@ class Room:
     def p2pchat_peer(self, name: str, tracker_port: int, *extra: str, env: Optional[dict] = None) -> "Peer":
         proc = self.start(python("client.py", "--port", str(tracker_port), "--name", name, *extra), name, env)
         found = proc.err.expect(r"joined as .*listening on port (\d+); connected to (\d+) of (\d+)")
-        return Peer(proc, name, "p2pchat", int(found.group(1)), int(found.group(2)))
+        peer = Peer(proc, name, "p2pchat", int(found.group(1)), int(found.group(2)))
+        self.peers.append(peer)
+        return peer
 
     def reference_peer(self, name: str, tracker_port: int, *extra: str) -> "Peer":
         proc = self.start(python(str(REFERENCE / "original_client.py"), "--port", str(tracker_port), "-d", *extra), name)
         proc.line(name)
         port = int(proc.err.expect(r"listening on (\d+)").group(1))
         peer = Peer(proc, name, "reference", port, 0)
-        # It dials the listed peers one after another; wait until it tried them all.
+        self.peers.append(peer)
         return peer
 
     def stop_all(self) -> None:
+        """Stop every process; then every line a peer was checked to get (`Peer.got`) must have been
+        shown exactly once over its whole run, duplicates arriving after the check included."""
         for proc in reversed(self.procs):
             proc.stop()
+        for peer in self.peers:
+            try:
+                peer.proc.out.wait_closed(timeout=5)
+            except AssertionError:
+                pass  # a child of its own holds the pipe: count what came
+        problems = [problem for peer in self.peers for problem in peer.shown_once_problems()]
+        assert not problems, "lines not shown exactly once:\n" + "\n".join(problems)
 
 
 class Tracker:
@@ -292,6 +311,8 @@ class Peer:
     def __init__(self, proc: Proc, name: str, kind: str, listen_port: int, connected_at_join: int) -> None:
         self.proc, self.name, self.kind, self.listen_port = proc, name, kind, listen_port
         self.connected_at_join = connected_at_join
+        # What `got` waited for, as (sender, text, from history): each must be shown exactly once.
+        self.expected_once: set[tuple[str, str, bool]] = set()
 
     def live_connections(self) -> int:
         return self.proc.err.count(self.OPENED[self.kind]) - self.proc.err.count(self.CLOSED[self.kind])
@@ -307,6 +328,59 @@ class Peer:
 
     def say(self, text: str) -> None:
         self.proc.line(text)
+
+    def chat_lines(self) -> list[tuple[str, str, bool]]:
+        """Every chat line shown so far, as (sender, text, from history)."""
+        shown = []
+        for line in self.proc.out.snapshot():
+            if self.kind == "reference":
+                chunk = line.removeprefix(REFERENCE_PROMPT)
+                shown += [(m.group(1), m.group(2), False) for m in ORIGINAL_CHUNK_LINE.finditer(chunk)]
+            elif found := CHAT_LINE.match(line):
+                shown.append((found.group(2), found.group(3), found.group(1) is not None))
+        return shown
+
+    def got(self, sender: str, text: str, history: bool = False, timeout: float = WAIT) -> None:
+        """Wait until `<sender> :: text` is shown, live (default: not as a `[history …]` line) or as
+        history. From then on it must be shown exactly once, that way and never the other: checked
+        when the room stops (`Room.stop_all`), so that a duplicate that comes later fails the test too."""
+        self.got_all([(sender, text)], history=history, timeout=timeout)
+
+    def got_all(self, lines: Sequence[tuple[str, str]], history: bool = False, timeout: float = WAIT) -> None:
+        """`got` for each (sender, text) in `lines`, within one bound."""
+        wanted = [(sender, text, history) for sender, text in lines]
+        self.expected_once.update(wanted)
+        deadline = time.monotonic() + timeout
+        with self.proc.out.cond:
+            while True:
+                shown = set(self.chat_lines())
+                missing = [line for line in wanted if line not in shown]
+                if not missing:
+                    return
+                remaining = deadline - time.monotonic()
+                if self.proc.out.closed or remaining <= 0:
+                    break
+                self.proc.out.cond.wait(remaining)
+        how = "as history" if history else "live"
+        examples = ", ".join(f"<{sender}> :: {text}" for sender, text, _ in missing[:3])
+        raise AssertionError(
+            f"{self.name} was not shown {len(missing)} line(s) {how} within {timeout}s, e.g. {examples}; "
+            "its stdout:\n" + "\n".join(self.proc.out.snapshot())
+        )
+
+    def shown_once_problems(self) -> list[str]:
+        """For each line `got` waited for: what is wrong if it was not shown exactly once, and only
+        the way it was expected (live or as history)."""
+        counts: dict[tuple[str, str, bool], int] = {}
+        for line in self.chat_lines():
+            counts[line] = counts.get(line, 0) + 1
+        problems = []
+        for sender, text, history in sorted(self.expected_once):
+            right, wrong = counts.get((sender, text, history), 0), counts.get((sender, text, not history), 0)
+            if right != 1 or wrong:
+                how = ("as history", "live") if history else ("live", "as history")
+                problems.append(f"{self.name}: <{sender}> :: {text} shown {right}x {how[0]}, {wrong}x {how[1]}")
+        return problems
 
     def saw_line(self, pattern: Regex, timeout: float = WAIT) -> "re.Match[str]":
         """Wait until this peer printed a chat line matching `pattern` (in any order).

@@ -22,7 +22,7 @@ def test_three_clients_every_message_reaches_every_other_peer(room):
         p.saw_line(rf"^<Eu> :: hello from {p.name}$")
         for other in peers:
             if other is not p:
-                p.saw_line(rf"^<{other.name}> :: hello from {other.name}$")
+                p.got(other.name, f"hello from {other.name}")
 
 
 def test_two_lines_sent_back_to_back_arrive_as_two_messages(room):
@@ -85,7 +85,7 @@ def test_after_stdin_ends_it_stays_in_the_room_until_sigterm(room):
     quiet.proc.err.expect(r"input ended; still in the room")
     talker.wait_connections(1)
     talker.say("are you there?")
-    quiet.saw_line(r"^<talker> :: are you there\?$")
+    quiet.got("talker", "are you there?")
     quiet.proc.signal(signal.SIGTERM)
     assert quiet.proc.wait() == 0
     quiet.proc.err.expect(r"left the room")
@@ -213,7 +213,7 @@ def test_ignore_hides_a_member_for_this_user_only(room):
     ana.say("/ignore bob")
     ana.proc.err.expect(r"hiding messages from bob")
     bob.say("you cannot see me")
-    cid.saw_line(r"^<bob> :: you cannot see me$")
+    cid.got("bob", "you cannot see me")
     # A rename travels on the same link after that line: once ana shows it, the line was handled.
     bob.say("/nick bobby")
     ana.proc.err.expect(r"^\* bob \(127\.0\.0\.1:\d+\) is now known as bobby$")

@@ -104,20 +104,6 @@ def test_ipv6_between_p2pchat_peers_and_ipv4_lists_for_original_clients(room):
             assert answer.decode() == f"127.0.0.1:{four.address[1]}", answer
 
 
-def received_all(proc, expected, timeout: float = WAIT) -> None:
-    """Wait until everything in `expected` appears somewhere in proc's stdout (bounded)."""
-    deadline = time.monotonic() + timeout
-    with proc.out.cond:
-        while True:
-            text = "\n".join(proc.out.lines)
-            missing = [e for e in expected if e not in text]
-            if not missing:
-                return
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"{proc.name} never got {len(missing)} line(s), e.g. {missing[:3]}"
-            proc.out.cond.wait(remaining)
-
-
 def test_churn_in_a_twenty_peer_room(room):
     """For 30 s, p2pchat peers are SIGKILLed and replaced every 2 s while everyone talks. Lines
     between the peers that stay reach each other, reference (original) peers included, and the tracker
@@ -140,7 +126,7 @@ def test_churn_in_a_twenty_peer_room(room):
             speaker = steady[turn % len(steady)]
             line = f"{speaker.name} says #{turn:04d};"
             speaker.say(line)
-            said[speaker.name].append(f"<{speaker.name}> :: {line}")
+            said[speaker.name].append((speaker.name, line))
             turn += 1
             if time.monotonic() >= next_kill:
                 victim = churn.pop(0)
@@ -157,7 +143,7 @@ def test_churn_in_a_twenty_peer_room(room):
 
         for receiver in steady:
             expected = [line for name, lines in said.items() if name != receiver.name for line in lines]
-            received_all(receiver.proc, expected, timeout=30)
+            receiver.got_all(expected, timeout=30)
         assert serial >= 12 and turn >= 100
         wait_until(lambda: not ({p for _, p in tracker.peers()} & set(killed)), "every killed peer is unlisted")
 
@@ -200,4 +186,4 @@ def test_a_peer_that_never_reads_is_dropped_and_the_others_get_everything(room):
     # Dropped once its queue passes its bounds, or by the kernel when its window stayed shut for the user timeout
     # (the send buffer can hold more than these lines); the queue-full path is pinned in tests/mesh.rs.
     ana.proc.err.expect(rf"^\* 127\.0\.0\.1:{stuck_port} left \((not reading|(read|write) failed: .*timed out)", timeout=30)
-    received_all(bob.proc, [f"<ana> :: {i:03d}{big}" for i in range(300)], timeout=30)
+    bob.got_all([("ana", f"{i:03d}{big}") for i in range(300)], timeout=30)

@@ -36,7 +36,7 @@ def test_mixed_room_every_line_reaches_every_peer(room, tmp_path, tracker_kind, 
     for p in peers:
         for other in peers:
             if other is not p:
-                p.saw_line(rf"<{other.name}> :: hi from {other.name} ☃")
+                p.got(other.name, f"hi from {other.name} ☃")
 
     # p2pchat peers speak the extension with each other and the original protocol with reference peers,
     # also under the reference tracker, which tells them nothing.

@@ -25,7 +25,7 @@ def test_rooms_do_not_hear_each_other_and_the_default_room_mixes(room, tmp_path)
         for p in group:
             for other in group:
                 if other is not p:
-                    p.saw_line(rf"^<{other.name}> :: {other.name} speaking$")
+                    p.got(other.name, f"{other.name} speaking")
     # Nobody heard the other room. (Every room's lines have arrived by now: each line goes out at once
     # and all of one room's lines were seen above.)
     for p in red:
@@ -55,8 +55,8 @@ def test_presence_join_leave_kill_nick_and_who(room, tmp_path):
         p.proc.err.saw(r"^\* cid \(127\.0\.0\.1:\d+\) is now known as cida$")
     cid.say("renamed")
     for p in watchers:
-        p.saw_line(r"^<cida> :: renamed$")
-    ref.saw_line(r"<cida> :: renamed$")
+        p.got("cida", "renamed")
+    ref.got("cida", "renamed")
 
     ana.say("/who")
     ana.proc.err.expect(r"4 member\(s\) in the default room:")
@@ -88,14 +88,14 @@ def test_joining_through_a_member_with_peer_reaches_the_whole_room(room):
     # silent port named by a member must tell that member nothing).
     ref.wait_connections(2)
     ref.say("oi from ref")
-    late.saw_line(r"^<ref> :: oi from ref$")
+    late.got("ref", "oi from ref")
     late.wait_connections(2)
     late.say("/who")
     late.proc.err.saw(r"^\*   ana \(127\.0\.0\.1:\d+\) p2pchat$")
     late.proc.err.saw(r"^\*   ref \(127\.0\.0\.1:\d+\) original$")
     late.say("hi everyone")
-    ana.saw_line(r"^<late> :: hi everyone$")
-    ref.saw_line(r"<late> :: hi everyone$")  # after the prompt its input() printed
+    ana.got("late", "hi everyone")
+    ref.got("late", "hi everyone")
 
 
 @pytest.fixture
