@@ -1,14 +1,16 @@
 """History: late joiners see the conversation, gaps are caught up once, every peer keeps a local log."""
 
+import contextlib
 import json
 import signal
 import socket
 import sqlite3
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
-from harness import MAGIC, ROOT, WAIT, frame, python, read_frame, wait_until
+from harness import MAGIC, ROOT, WAIT, frame, home, python, read_frame, wait_until
 from netns import namespace  # noqa: F401 - fixture
 from p2pchat import HistoryError, HistorySynced, Message, Peer, Tracker
 from p2pchat._core import MAX_TEXT_BYTES
@@ -106,6 +108,45 @@ def test_a_restarted_client_shows_its_log_and_gets_what_it_missed_once(room):
         before = [lines.index(next(line for line in lines if line.endswith(f":: before {i}"))) for i in range(5)]
         away = [lines.index(next(line for line in lines if line.endswith(f":: while away {i}"))) for i in range(5)]
         assert before + away == sorted(before + away), "shown in the order they were said"
+
+
+def logged_texts(data: Path) -> list[str]:
+    """The texts in the message log of the user whose data directory is `data`."""
+    with contextlib.closing(sqlite3.connect(data / "history.sqlite3", timeout=WAIT)) as db:
+        return [text for (text,) in db.execute("SELECT text FROM messages")]
+
+
+def test_a_client_alone_shows_its_own_log_after_a_clean_exit_and_after_a_kill(room):
+    """Nobody else is online when bob comes back, so what it shows as history can only come from its
+    own log: after a clean exit, and after a kill that came once the log batch was written."""
+    with Tracker(host="127.0.0.1", port=0) as tracker:
+        port = tracker.address[1]
+
+        def alone_again():
+            wait_until(lambda: tracker.peers() == [], "nobody is listed")
+            return room.p2pchat_peer("bob", port)  # the same name: the same data directory
+
+        ana, bob = room.p2pchat_peer("ana", port), room.p2pchat_peer("bob", port)
+        bob.wait_connections(1)
+        ana.say("said before a clean exit")
+        bob.got("ana", "said before a clean exit")
+        for proc in (bob.proc, ana.proc):
+            proc.line("/quit")
+            assert proc.wait() == 0
+        bob = alone_again()
+        bob.got("ana", "said before a clean exit", history=True)
+
+        ana = room.p2pchat_peer("ana", port)
+        bob.wait_connections(1)
+        ana.say("said before a kill")
+        bob.got("ana", "said before a kill")
+        wait_until(lambda: "said before a kill" in logged_texts(home("bob")), "bob's log batch holds the line")
+        bob.proc.signal(signal.SIGKILL)
+        bob.proc.wait()
+        ana.proc.line("/quit")
+        assert ana.proc.wait() == 0
+        bob = alone_again()
+        bob.got_all([("ana", "said before a clean exit"), ("ana", "said before a kill")], history=True)
 
 
 def test_no_history_writes_no_message_log_to_disk(room, tmp_path):
