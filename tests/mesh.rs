@@ -1918,3 +1918,177 @@ async fn posted_lines_wait_for_no_reply_and_keep_their_order_with_sent_ones() {
     assert!(matches!(b.post("after close").await, Err(peer::PeerError::Closed)));
     assert!(matches!(b.try_post("after close"), Err(peer::PeerError::Closed)));
 }
+
+/// Limits and refusals, seen from the wire: what a stranger's connection gets at each cap.
+mod limits {
+    use super::*;
+    use p2pchat::protocol::{MAGIC, PROTOCOL_VERSION};
+    use p2pchat::wire::frames::{self, Frame, FrameDecoder, Hello};
+
+    /// A p2pchat hello from a member in `room` listening on `port`; a tracker takes one without a
+    /// name as a registration (a named one is for its relay).
+    fn hello(room: &str, port: u16, name: Option<&str>) -> Vec<u8> {
+        let hello = Hello {
+            v: PROTOCOL_VERSION,
+            id: format!("stranger-{port}"),
+            name: name.map(str::to_owned),
+            room: room.into(),
+            listen_port: Some(port),
+            peers: vec![],
+            identity: None,
+            relay: false,
+            quiet: true,
+        };
+        frames::encode_opening(&Frame::Hello(hello))
+    }
+
+    /// Read what the other end says until it closes: the frames after its opening.
+    async fn everything_until_closed(stream: &mut TcpStream) -> Vec<Frame> {
+        let mut bytes = Vec::new();
+        tokio::time::timeout(WAIT, stream.read_to_end(&mut bytes)).await.expect("still open").expect("read failed");
+        assert!(bytes.starts_with(MAGIC), "no p2pchat opening: {bytes:?}");
+        let mut decoder = FrameDecoder::new();
+        decoder.feed(&bytes[MAGIC.len()..]);
+        std::iter::from_fn(|| decoder.next_frame().unwrap()).collect()
+    }
+
+    /// How a new connection to `addr` ends, saying nothing: Ok(()) for a clean close, the error kind
+    /// for a reset (which may come before the connect returns).
+    async fn connect_and_end(addr: std::net::SocketAddr) -> Result<(), std::io::ErrorKind> {
+        match TcpStream::connect(addr).await {
+            Ok(mut stream) => end_of(&mut stream).await,
+            Err(err) => Err(err.kind()),
+        }
+    }
+
+    /// How a connection ended: Ok(()) for a clean close, the error kind for a reset.
+    async fn end_of(stream: &mut TcpStream) -> Result<(), std::io::ErrorKind> {
+        let mut buf = [0u8; 64];
+        match tokio::time::timeout(WAIT, stream.read(&mut buf)).await.expect("the connection was held open") {
+            Ok(0) => Ok(()),
+            Ok(n) => panic!("got {n} bytes instead of the end"),
+            Err(err) => Err(err.kind()),
+        }
+    }
+
+    /// Past `max_links`, the next connection is reset at once; when a link ends its slot is free
+    /// again, and the next member is served.
+    #[tokio::test]
+    async fn past_the_link_limit_a_connection_is_reset_until_a_link_ends() {
+        let (tracker, _stop) = start_tracker().await;
+        let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+        config.limits.max_links = 2;
+        let (ana, _events, _) = peer::join(config).await.unwrap();
+        let first = RawMember::join(ana.listen_addr(), "m1", "one").await;
+        let _second = RawMember::join(ana.listen_addr(), "m2", "two").await;
+        let third = connect_and_end(ana.listen_addr()).await;
+        assert_eq!(third, Err(std::io::ErrorKind::ConnectionReset), "the third link was not reset");
+        drop(first);
+        tokio::time::timeout(WAIT, async {
+            while ana.peers().await.unwrap().len() > 1 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("the closed link was never let go");
+        let again = RawMember::join(ana.listen_addr(), "m3", "three").await;
+        assert_eq!(again.their_hello.name.as_deref(), Some("ana"), "a freed slot serves the next member");
+    }
+
+    /// Past `max_registrations`, the tracker resets a registration without a welcome; when one
+    /// ends, the next is taken.
+    #[tokio::test]
+    async fn past_the_registration_cap_the_tracker_resets_until_one_ends() {
+        let config =
+            TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), max_registrations: 2, ..TrackerConfig::default() };
+        let tracker = Tracker::bind(config).await.unwrap();
+        let (addr, handle) = (tracker.local_addr(), tracker.handle());
+        tokio::spawn(tracker.run(std::future::pending()));
+        // Each from a port of its own: a registration from an address already listed replaces it.
+        let register = |port: u16| async move {
+            let mut stream = TcpStream::connect(addr).await.unwrap();
+            stream.write_all(&hello("", port, None)).await.unwrap();
+            stream
+        };
+        let first = register(1).await;
+        let _second = register(2).await;
+        wait_members(&handle, 2).await;
+        let mut third = register(3).await;
+        assert_eq!(end_of(&mut third).await, Err(std::io::ErrorKind::ConnectionReset), "no reset past the cap");
+        assert_eq!(handle.members("").await.unwrap().len(), 2);
+        drop(first);
+        wait_members(&handle, 1).await;
+        let _fourth = register(4).await;
+        wait_members(&handle, 2).await;
+    }
+
+    /// Past `max_connections` (answers in progress), the next connection is reset at once; when a
+    /// slot frees, the next one is served.
+    #[tokio::test]
+    async fn past_the_answer_cap_a_connection_is_reset_until_a_slot_frees() {
+        let config = TrackerConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            max_connections: 1,
+            answer_after: Duration::from_secs(30),
+            ..TrackerConfig::default()
+        };
+        let (addr, _stop, _task) = start_tracker_with(config).await;
+        // The first holds the only slot: it sent part of the p2pchat magic, so the tracker waits for
+        // the rest (up to answer_after) before it can tell what it is.
+        let mut holder = TcpStream::connect(addr).await.unwrap();
+        holder.write_all(&MAGIC[..4]).await.unwrap();
+        assert_eq!(connect_and_end(addr).await, Err(std::io::ErrorKind::ConnectionReset), "no reset past the cap");
+        drop(holder);
+        // The holder's connection ended; its slot frees as the tracker reads that end. Until then a
+        // newcomer may still be reset: try again, each try bounded.
+        let served = tokio::time::timeout(WAIT, async {
+            loop {
+                let Ok(mut next) = TcpStream::connect(addr).await else { continue };
+                let mut magic = vec![0; MAGIC.len()];
+                if next.write_all(&hello("", 2, None)).await.is_ok() && next.read_exact(&mut magic).await.is_ok() {
+                    return magic;
+                }
+            }
+        })
+        .await
+        .expect("never served once the slot was free");
+        assert_eq!(served, MAGIC);
+    }
+
+    /// A p2pchat member of another room is told so with the `room` code, and closed; nobody is
+    /// shown joining.
+    #[tokio::test]
+    async fn a_member_of_another_room_is_refused_with_the_room_code() {
+        let (tracker, _stop) = start_tracker().await;
+        let (ana, _events) = join_room("ana", tracker, "red").await;
+        let mut blue = TcpStream::connect(ana.listen_addr()).await.unwrap();
+        blue.write_all(&hello("blue", 1, Some("blue"))).await.unwrap();
+        let frames = everything_until_closed(&mut blue).await;
+        assert!(
+            matches!(frames.as_slice(), [Frame::Error { code, .. }] if code == frames::ERR_ROOM),
+            "expected only a `room` error, got {frames:?}"
+        );
+        assert!(ana.peers().await.unwrap().is_empty());
+    }
+
+    /// A peer of an open room dialling a member of a private one gets the `room` code (private
+    /// links are encrypted only), and nothing of the room.
+    #[tokio::test]
+    async fn an_open_room_peer_dialling_a_private_one_is_refused_with_the_room_code() {
+        let (tracker, _stop) = start_tracker().await;
+        let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+        config.private = Some(p2pchat::private::RoomKey::from_secret("plans", "correct horse battery").unwrap());
+        let (ana, _events, _) = peer::join(config).await.unwrap();
+        let mut open = TcpStream::connect(ana.listen_addr()).await.unwrap();
+        open.write_all(&hello("", 1, Some("open"))).await.unwrap();
+        let frames = everything_until_closed(&mut open).await;
+        match frames.as_slice() {
+            [Frame::Error { code, message }] => {
+                assert_eq!(code, frames::ERR_ROOM);
+                assert!(message.contains("encrypted links only"), "{message}");
+            }
+            other => panic!("expected only a `room` error, got {other:?}"),
+        }
+        assert!(ana.peers().await.unwrap().is_empty());
+    }
+}

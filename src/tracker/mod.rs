@@ -61,7 +61,8 @@ pub struct TrackerConfig {
     pub max_entries: usize,
     /// Largest list sent to a client, in bytes (whole entries only).
     pub list_budget: usize,
-    /// Connections served at once; more wait in the kernel's accept queue.
+    /// Connections being answered at once (before they are known as an original client's or a
+    /// registration); one more is reset at once, so a flood cannot grow the tracker.
     pub max_connections: usize,
     /// How long writing a list to a client may take before the connection is dropped.
     pub write_timeout: Duration,
@@ -69,8 +70,9 @@ pub struct TrackerConfig {
     pub answer_after: Duration,
     /// p2pchat peers registered at once (each holds a connection open).
     pub max_registrations: usize,
-    /// A registration that sends nothing (peers ping every 2 s) for this long is dropped, so a peer
-    /// that vanished leaves the list within it.
+    /// A peer that vanished leaves the list within about this long: a registration whose hello did
+    /// not say `quiet` (it pings every 2 s) is dropped after this long without a word; a quiet one is
+    /// watched by TCP keep-alive set to give up within it.
     pub registration_timeout: Duration,
     /// An original entry that no p2pchat member vouched for and that was not otherwise confirmed for
     /// this long is probed (a bare TCP connect, reset at once); it is dropped if the probe fails.
