@@ -51,3 +51,25 @@ def test_the_quick_benchmark_runs_every_scenario_for_both_implementations(tmp_pa
     assert "| idle | 4 peers, nobody typing: CPU s per peer per hour, peer processes |" in run.stdout
     # The chart, drawn when matplotlib is installed (the test extra installs it).
     assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), "no PNG chart was written (is matplotlib installed? pip install .[test])"
+
+
+def test_the_tracker_cross_runs_every_pairing_of_builds():
+    """benches/tracker_cross.py, with this build under two names: every pairing of tracker and load
+    ran each round, and each run joined."""
+    run = subprocess.run(
+        [sys.executable, "benches/tracker_cross.py", "--build", f"a={sys.executable}", "--build", f"b={sys.executable}",
+         "--registrations", "10", "--seconds", "0.2", "--rounds", "2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = json.loads(run.stdout)
+    pairings = {f"tracker {t}, load {load}" for t in "ab" for load in "ab"}
+    assert set(results["runs"]) == pairings, results
+    assert all(len(runs) == 2 and min(runs) > 0 for runs in results["runs"].values()), results
+    assert set(results["median_joins_per_s"]) == pairings
+
+
+def test_the_tracker_cross_refuses_a_build_without_a_name():
+    run = subprocess.run([sys.executable, "benches/tracker_cross.py", "--build", sys.executable],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "NAME=PYTHON" in run.stderr, run.stderr
