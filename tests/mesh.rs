@@ -1430,13 +1430,78 @@ mod private_rooms {
         }
     }
 
+    /// A raw member on a completed private link: frames out and in, each in a record of its own,
+    /// with the nonces counted (the acceptor's empty record was its nonce 0).
+    struct RawPrivateMember {
+        link: RawDialler,
+        sent: u64,
+        received: u64,
+        decoder: FrameDecoder,
+        /// The acceptor's plaintext opens with the magic, as every p2pchat stream does.
+        opened: bool,
+    }
+
+    impl RawPrivateMember {
+        /// Link to `at` and say hello as `id` and `name`, proving `identity`.
+        async fn join(at: std::net::SocketAddr, key: &RoomKey, identity: &Identity, id: &str, name: &str) -> Self {
+            let link = RawDialler::handshake(at, &key.room_id(), key.key()).await;
+            assert!(link.transport.is_some(), "the handshake did not complete");
+            let hello = raw_hello_as(key, identity, &link.binding, id, name);
+            let mut this = Self { link, sent: 0, received: 1, decoder: FrameDecoder::new(), opened: false };
+            this.write(&hello).await;
+            this
+        }
+
+        async fn write(&mut self, plaintext: &[u8]) {
+            let sealed = self.link.seal(self.sent, plaintext);
+            self.sent += 1;
+            self.link.stream.write_all(&sealed).await.unwrap();
+        }
+
+        async fn send(&mut self, frame: &Frame) {
+            self.write(&frames::encode(frame)).await;
+        }
+
+        /// The next frame `wanted` accepts, skipping others.
+        async fn next(&mut self, wanted: impl Fn(&Frame) -> bool) -> Frame {
+            tokio::time::timeout(WAIT, async {
+                loop {
+                    while let Some(frame) = self.decoder.next_frame().unwrap() {
+                        if wanted(&frame) {
+                            return frame;
+                        }
+                    }
+                    let record = self.link.read_record().await.expect("the link closed");
+                    let mut plaintext = vec![0u8; record.len()];
+                    let transport = self.link.transport.as_ref().unwrap();
+                    let n =
+                        transport.read_message(self.received, &record, &mut plaintext).expect("a record that opens");
+                    self.received += 1;
+                    let mut plaintext = &plaintext[..n];
+                    if !self.opened {
+                        assert!(plaintext.starts_with(MAGIC), "no opening inside the encryption");
+                        plaintext = &plaintext[MAGIC.len()..];
+                        self.opened = true;
+                    }
+                    self.decoder.feed(plaintext);
+                }
+            })
+            .await
+            .expect("the frame did not come")
+        }
+    }
+
     /// The hello inside the encryption names the room by its id, like everything on the wire, and
     /// carries an identity proof (made for `binding`).
     fn raw_hello(key: &RoomKey, identity: &Identity, binding: &[u8]) -> Vec<u8> {
+        raw_hello_as(key, identity, binding, &frames::random_id(), "raw")
+    }
+
+    fn raw_hello_as(key: &RoomKey, identity: &Identity, binding: &[u8], id: &str, name: &str) -> Vec<u8> {
         let hello = Hello {
             v: PROTOCOL_VERSION,
-            id: frames::random_id(),
-            name: Some("raw".into()),
+            id: id.into(),
+            name: Some(name.into()),
             room: key.room_id(),
             listen_port: None,
             peers: vec![],
@@ -1826,6 +1891,48 @@ mod private_rooms {
         let pins = std::fs::read_to_string(dir.join("ana").join("known_keys.json")).unwrap_or_default();
         assert!(!pins.contains("mallory"), "a stranger's key was pinned: {pins}");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A member relaying in a private room passes each message on as it came, sealed: the same
+    /// `sealed` frame (id, nonce and ciphertext), never opened and sealed again, so its author's
+    /// signature and seal reach the other end untouched.
+    #[tokio::test]
+    async fn a_member_relays_a_private_rooms_messages_sealed_and_unchanged() {
+        use p2pchat::wire::frames::Chat;
+        let key = RoomKey::from_secret("plans", SECRET).unwrap();
+        let (tracker, _stop) = start_tracker().await;
+        let (ana, mut ana_events) = join_private("ana", tracker, &key).await;
+        let pia_identity = Identity::generate().unwrap();
+        let mut pia = RawPrivateMember::join(ana.listen_addr(), &key, &pia_identity, "pia-session", "pia").await;
+        let mut quin =
+            RawPrivateMember::join(ana.listen_addr(), &key, &Identity::generate().unwrap(), "quin-session", "quin")
+                .await;
+        wait_connections(&ana, 2).await;
+        pia.send(&Frame::RelayAsk { peer: "quin-session".into(), addr: None }).await;
+        assert!(
+            matches!(pia.next(|f| matches!(f, Frame::RelayOpen { .. })).await, Frame::RelayOpen { peer, .. } if peer == "quin-session")
+        );
+        assert!(
+            matches!(quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await, Frame::RelayOpen { peer, .. } if peer == "pia-session")
+        );
+
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let mut chat = Chat {
+            id: frames::random_id(),
+            from: "pia".into(),
+            room: key.room_id(),
+            ts: now,
+            text: "for quin, through ana".into(),
+            ..Chat::default()
+        };
+        pia_identity.sign_chat(&mut chat);
+        let sealed = key.seal(&chat);
+        pia.send(&sealed).await;
+        let passed = quin.next(|f| matches!(f, Frame::Sealed { .. } | Frame::Msg(_))).await;
+        assert_eq!(passed, sealed, "the relay passed on something else than what pia sealed");
+        // Ana is a member: she shows it, checked against the key pia proved on her link.
+        let shown = next_message(&mut ana_events).await;
+        assert_eq!((shown.text.as_str(), shown.signed), ("for quin, through ana", true));
     }
 
     /// A member that can reach nobody goes through the tracker's relay (`--relay`); in a private room
