@@ -1491,6 +1491,21 @@ mod private_rooms {
         }
     }
 
+    /// A message from `from` in the room of `key`, said now and signed by `identity`.
+    fn signed_now(key: &RoomKey, identity: &Identity, from: &str, text: &str) -> p2pchat::wire::frames::Chat {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+        let mut chat = p2pchat::wire::frames::Chat {
+            id: frames::random_id(),
+            from: from.into(),
+            room: key.room_id(),
+            ts: now,
+            text: text.into(),
+            ..Default::default()
+        };
+        identity.sign_chat(&mut chat);
+        chat
+    }
+
     /// The hello inside the encryption names the room by its id, like everything on the wire, and
     /// carries an identity proof (made for `binding`).
     fn raw_hello(key: &RoomKey, identity: &Identity, binding: &[u8]) -> Vec<u8> {
@@ -1671,7 +1686,6 @@ mod private_rooms {
     /// receiver's log holds are seen from the start.
     #[tokio::test]
     async fn a_message_replayed_after_a_restart_is_not_shown_again() {
-        use p2pchat::wire::frames::Chat;
         let key = RoomKey::from_secret("plans", SECRET).unwrap();
         let (tracker, _stop) = start_tracker().await;
         let dir = std::env::temp_dir().join(format!("p2pchat-replay-{}", frames::random_id()));
@@ -1680,19 +1694,7 @@ mod private_rooms {
         config.identity = Some(dir.join("identity.json"));
         config.history.location = p2pchat::history::store::Location::Dir(dir.clone());
         let raw_identity = Identity::generate().unwrap();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-        let signed = |text: &str| {
-            let mut chat = Chat {
-                id: frames::random_id(),
-                from: "raw".into(),
-                room: key.room_id(),
-                ts: now,
-                text: text.into(),
-                ..Chat::default()
-            };
-            raw_identity.sign_chat(&mut chat);
-            chat
-        };
+        let signed = |text: &str| signed_now(&key, &raw_identity, "raw", text);
         let captured = signed("said once");
         for (run, after) in [(1, None), (2, Some(signed("after the replay")))] {
             let (ana, mut ana_events, _) = peer::join(config.clone()).await.unwrap();
@@ -1825,7 +1827,6 @@ mod private_rooms {
     /// that never ran the handshake.
     #[tokio::test]
     async fn a_stranger_at_the_trackers_relay_cannot_post_name_or_pin_in_a_private_room() {
-        use p2pchat::wire::frames::Chat;
         let key = RoomKey::from_secret("plans", SECRET).unwrap();
         let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: true, ..TrackerConfig::default() };
         let (tracker, _stop, _task) = start_tracker_with(config).await;
@@ -1849,31 +1850,14 @@ mod private_rooms {
         quin.send(&Frame::RelayAsk { peer: "mallory-session".into(), addr: None }).await;
         quin.next(|f| matches!(f, Frame::RelayOpen { peer, .. } if peer == "mallory-session")).await;
         let mallory_identity = Identity::generate().unwrap();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-        let mut forged = Chat {
-            id: frames::random_id(),
-            from: "mallory".into(),
-            room: key.room_id(),
-            ts: now,
-            text: "posted without the key".into(),
-            ..Chat::default()
-        };
-        mallory_identity.sign_chat(&mut forged);
+        let forged = signed_now(&key, &mallory_identity, "mallory", "posted without the key");
         mallory.send(&Frame::Msg(forged)).await;
         mallory.send(&Frame::Nick { name: "mallory2".into() }).await;
         quin.next(|f| matches!(f, Frame::Msg(m) if m.text == "posted without the key")).await;
         quin.next(|f| matches!(f, Frame::RelayOpen { name, .. } if name.as_deref() == Some("mallory2"))).await;
         // Then quin, a member, says something sealed: the end of what ana could have shown.
         let quin_identity = Identity::generate().unwrap();
-        let mut reply = Chat {
-            id: frames::random_id(),
-            from: "quin".into(),
-            room: key.room_id(),
-            ts: now,
-            text: "sealed and signed".into(),
-            ..Chat::default()
-        };
-        quin_identity.sign_chat(&mut reply);
+        let reply = signed_now(&key, &quin_identity, "quin", "sealed and signed");
         quin.send(&key.seal(&reply)).await;
         let mut seen = Vec::new();
         loop {
@@ -1898,7 +1882,6 @@ mod private_rooms {
     /// signature and seal reach the other end untouched.
     #[tokio::test]
     async fn a_member_relays_a_private_rooms_messages_sealed_and_unchanged() {
-        use p2pchat::wire::frames::Chat;
         let key = RoomKey::from_secret("plans", SECRET).unwrap();
         let (tracker, _stop) = start_tracker().await;
         let (ana, mut ana_events) = join_private("ana", tracker, &key).await;
@@ -1916,16 +1899,7 @@ mod private_rooms {
             matches!(quin.next(|f| matches!(f, Frame::RelayOpen { .. })).await, Frame::RelayOpen { peer, .. } if peer == "pia-session")
         );
 
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-        let mut chat = Chat {
-            id: frames::random_id(),
-            from: "pia".into(),
-            room: key.room_id(),
-            ts: now,
-            text: "for quin, through ana".into(),
-            ..Chat::default()
-        };
-        pia_identity.sign_chat(&mut chat);
+        let chat = signed_now(&key, &pia_identity, "pia", "for quin, through ana");
         let sealed = key.seal(&chat);
         pia.send(&sealed).await;
         let passed = quin.next(|f| matches!(f, Frame::Sealed { .. } | Frame::Msg(_))).await;
@@ -1939,7 +1913,6 @@ mod private_rooms {
     /// the tracker passes on only sealed messages and never learns a name.
     #[tokio::test]
     async fn the_trackers_relay_carries_a_private_room_sealed() {
-        use p2pchat::wire::frames::Chat;
         let key = RoomKey::from_secret("plans", SECRET).unwrap();
         let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: true, ..TrackerConfig::default() };
         let (tracker, _stop, _task) = start_tracker_with(config).await;
@@ -1973,16 +1946,7 @@ mod private_rooms {
         assert!(p2pchat::identity::verify_chat(&opened).is_ok(), "and it is signed by ana");
         // Quin answers, sealed and signed.
         let quin_identity = Identity::generate().unwrap();
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
-        let mut reply = Chat {
-            id: frames::random_id(),
-            from: "quin".into(),
-            room: key.room_id(),
-            ts: now,
-            text: "count me in".into(),
-            ..Chat::default()
-        };
-        quin_identity.sign_chat(&mut reply);
+        let reply = signed_now(&key, &quin_identity, "quin", "count me in");
         quin.send(&key.seal(&reply)).await;
         let m = next_message(&mut ana_events).await;
         // Signed, and checked, but by a key quin never proved to ana on a link: not shown as verified.
