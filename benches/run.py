@@ -25,7 +25,8 @@ installed). Scenarios:
    10,000 earlier messages as history, against the same 10,000 messages reaching a connected peer live
    in the same run; and the newcomer's log on disk per message.
 6. idle: rooms of 10, 100 and 200 peers (one process each) where nobody types for 30 s: CPU seconds per
-   peer per hour, of the peer processes, and of the whole machine (which counts the kernel's work too,
+   peer per hour, of the peer processes, and of the whole machine; and how often a peer's threads are
+   woken (a receive that polled would show here) (which counts the kernel's work too,
    such as TCP keep-alive probes, and whatever else runs).
 """
 
@@ -247,6 +248,20 @@ class Room:
         for peer in self.peers:
             peer.tell({"cmd": "cpu"})
         return sum(json.loads(peer.next_line(30))["cpu_s"] for peer in self.peers)
+
+    def thread_switches(self) -> int:
+        """Context switches so far of every thread of every peer process (each one is a wake-up or a
+        preemption), read from `/proc` without waking them."""
+        total = 0
+        for peer in self.peers:
+            task = f"/proc/{peer.popen.pid}/task"
+            for tid in os.listdir(task):
+                try:
+                    with open(f"{task}/{tid}/status") as status:
+                        total += sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
+                except FileNotFoundError:
+                    pass  # a thread that ended meanwhile
+        return total
 
     def close(self) -> None:
         stop([peer.popen for peer in self.peers] + [self.tracker])
@@ -586,8 +601,10 @@ def idle(sizes: list[int], seconds: float) -> list[dict]:
                 # them pass before the window opens (a settling time, not a wait for an event).
                 time.sleep(SETTLE)
                 cpu_before, machine_before, started = room.cpu_seconds(), machine_busy_seconds(), time.monotonic()
-                drops_before = loopback_drops()
+                # Read after the CPU query, whose answer wakes every peer: the window holds no command.
+                drops_before, switches_before = loopback_drops(), room.thread_switches()
                 time.sleep(seconds)  # the measuring window: nobody types
+                switches = room.thread_switches() - switches_before
                 cpu_after, machine_after, window = room.cpu_seconds(), machine_busy_seconds(), time.monotonic() - started
                 drops = loopback_drops() - drops_before
             finally:
@@ -595,6 +612,7 @@ def idle(sizes: list[int], seconds: float) -> list[dict]:
             per_peer_hour = 3600 / size / window
             rows.append({"impl": impl, "peers": size, "meshed": room.meshed, "window_s": window, "loopback_drops": drops,
                          "cpu_s_per_peer_hour": (cpu_after - cpu_before) * per_peer_hour,
+                         "wakeups_per_peer_s": switches / size / window,
                          "machine_cpu_s_per_peer_hour": (machine_after - machine_before) * per_peer_hour})
             log(f"  {rows[-1]['cpu_s_per_peer_hour']:.2f} CPU s per peer per hour (machine: "
                 f"{rows[-1]['machine_cpu_s_per_peer_hour']:.2f}){'' if room.meshed else '; the mesh was incomplete'}")
@@ -792,6 +810,8 @@ def table(results: dict) -> str:
                 p["cpu_s_per_peer_hour"], b["cpu_s_per_peer_hour"], "{:.2f}")
             row("idle", f"{size} peers, nobody typing: CPU s per peer per hour, whole machine",
                 p["machine_cpu_s_per_peer_hour"], b["machine_cpu_s_per_peer_hour"], "{:.2f}")
+            row("idle", f"{size} peers, nobody typing: thread wake-ups per peer per second",
+                p["wakeups_per_peer_s"], b["wakeups_per_peer_s"], "{:.1f}")
             row("idle", f"{size} peers, nobody typing: packets lost to a full loopback backlog",
                 p.get("loopback_drops", 0), b.get("loopback_drops", 0))
     if "history" in results:

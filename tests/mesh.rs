@@ -965,7 +965,9 @@ async fn an_original_peer_a_member_vouches_for_is_not_probed() {
     assert_eq!(handle.members("").await.unwrap().len(), 2);
 }
 
-/// A member that floods is muted locally (one notice), and shown again once it slows down.
+/// A member that floods is muted locally (one notice), and shown again once it slows down. (How many
+/// of a burst are shown depends on how fast it arrives here; the exact counts, in virtual time, are
+/// in `state::rules`' flood tests.)
 #[tokio::test]
 async fn a_flooding_member_is_muted() {
     let (tracker, _stop) = start_tracker().await;
@@ -978,14 +980,16 @@ async fn a_flooding_member_is_muted() {
         bob.send(&format!("spam {i}")).await.unwrap();
     }
     let (mut shown, mut notices) = (0, Vec::new());
-    while notices.is_empty() || shown < 30 {
+    while notices.is_empty() {
         match tokio::time::timeout(WAIT, events.recv()).await.unwrap().unwrap() {
             Event::Message(_) => shown += 1,
             Event::Notice { text } => notices.push(text),
             _ => {}
         }
     }
-    assert_eq!(shown, 30, "a burst of 3 x 10 was shown");
+    // The burst (3 x 10) was shown, and then the flood was cut: the 100 lines went out far faster
+    // than 10 a second.
+    assert!((30..100).contains(&shown), "{shown} shown before the mute");
     assert!(notices[0].starts_with("muting bob"), "{notices:?}");
     // Later, at a calm pace, bob is shown again.
     tokio::time::sleep(Duration::from_millis(300)).await;

@@ -449,42 +449,6 @@ def test_an_asyncio_program_ended_by_ctrl_c_while_awaiting_exits_cleanly_on_a_bu
             hog.wait()
 
 
-def thread_switches(pid: int) -> int:
-    """Every context switch of every thread of process `pid` so far (each one is a wake-up or a preemption)."""
-    total = 0
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/status") as status:
-            total += sum(int(line.split()[1]) for line in status if "ctxt_switches" in line)
-    return total
-
-
-@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts wake-ups in /proc (Linux)")
-def test_an_idle_peer_waiting_for_messages_is_not_woken(room, tracker):
-    # A program as the README shows it: a thread in `for message in peer`, the main thread elsewhere.
-    proc = run_script(room, f"""
-        import sys, threading
-        import p2pchat
-        peer = p2pchat.Peer("idle", "127.0.0.1", {tracker.address[1]}, history=0).join()
-        threading.Thread(target=lambda: [print(m.text, flush=True) for m in peer], daemon=True).start()
-        print("waiting", flush=True)
-        sys.stdin.readline()
-    """, "idle")
-    proc.out.expect("waiting")
-    with Peer("talker", *tracker.address, history=0, data_dir=home("talker")) as talker:
-        assert talker.send("are you awake?") == 1
-        proc.out.expect("are you awake?")  # its receiving thread is in place, and now waits
-        before = thread_switches(proc.popen.pid)
-        window = 2.0
-        time.sleep(window)  # a measuring window, not a wait for an event
-        woken = thread_switches(proc.popen.pid) - before
-    # Keep-alives to the tracker and the one member wake its runtime about once a second; polling
-    # (a receive wait cut into 100 ms slices, a log bridge asking every 200 ms) woke it ~130 times.
-    assert woken < 10 * window, f"an idle peer's threads were switched in {woken} times in {window} s"
-    proc.close_stdin()
-    assert proc.wait() == 0
-    assert_clean_stderr(proc)
-
-
 def test_threads_left_iterating_a_peer_end_cleanly_when_the_program_exits(room, tracker):
     # `atexit` closes the peer, which wakes the daemon thread in `for m in peer`. Its end of iteration,
     # made as a Python exception, was normalized with the GIL released for a moment; if the interpreter

@@ -49,6 +49,9 @@ def test_the_quick_benchmark_runs_every_scenario_for_both_implementations(tmp_pa
     assert set(idle) == {"p2pchat", "baseline"} and all(r["meshed"] and r["window_s"] > 0 for r in idle.values()), idle
     assert idle["p2pchat"]["cpu_s_per_peer_hour"] > 0, "the idle peers' CPU was not measured (they do keep the tracker alive)"
     assert "| idle | 4 peers, nobody typing: CPU s per peer per hour, peer processes |" in run.stdout
+    # Counted from /proc; in the quick run's 1 s window an idle peer may well not be woken at all.
+    assert all(r["wakeups_per_peer_s"] >= 0 for r in idle.values()), idle
+    assert "| idle | 4 peers, nobody typing: thread wake-ups per peer per second |" in run.stdout
     # The chart, drawn when matplotlib is installed (the test extra installs it).
     assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), "no PNG chart was written (is matplotlib installed? pip install .[test])"
 

@@ -496,6 +496,30 @@ mod tests {
         assert_eq!(notices, 1);
     }
 
+    /// The bucket in virtual time: a burst of three times the rate, then one message per 1/rate;
+    /// muted in between with one notice, and told when shown again.
+    #[test]
+    fn the_flood_limit_refills_at_its_rate_and_unmutes_with_a_notice() {
+        let (t0, from) = (Instant::now(), "10.0.0.1:7".parse().unwrap());
+        let mut flood = Flood::new(10, t0);
+        for i in 0..30 {
+            assert_eq!(flood.admit(t0, from, Some("bob")), (true, None), "message {i} of the burst");
+        }
+        let (shown, notice) = flood.admit(t0, from, Some("bob"));
+        assert!(!shown && notice.as_deref().is_some_and(|n| n.starts_with("muting bob (10.0.0.1:7)")), "{notice:?}");
+        assert_eq!(flood.admit(t0 + Duration::from_millis(99), from, Some("bob")), (false, None), "one notice only");
+        assert!(flood.muted());
+        let (shown, notice) = flood.admit(t0 + Duration::from_millis(100), from, Some("bob"));
+        assert!(shown && notice.as_deref() == Some("bob (10.0.0.1:7) is no longer muted"), "{notice:?}");
+        // A steady 10 per second is shown in full, however long it goes on.
+        for i in 2..=100 {
+            assert_eq!(flood.admit(t0 + Duration::from_millis(100 * i), from, None), (true, None), "at {i}/10 s");
+        }
+        // A pause refills the burst, and no more than the burst.
+        let later = t0 + Duration::from_secs(3600);
+        assert_eq!((0..31).filter(|_| flood.admit(later, from, None).0).count(), 30);
+    }
+
     #[test]
     fn a_live_message_is_checked_as_history_is() {
         let valid = |id: &str, from: &str| {
