@@ -1,7 +1,7 @@
 """History: late joiners see the conversation, gaps are caught up once, every peer keeps a local log."""
 
 import contextlib
-import json
+import itertools
 import signal
 import socket
 import sqlite3
@@ -204,8 +204,9 @@ def test_a_corrupt_log_gives_a_clear_error_and_a_way_forward(room, tmp_path):
 
 
 def test_history_answers_are_bounded_in_size_and_rate(tmp_path):
-    """A member asked for history again and again answers with at most 10,000 messages each time,
-    within a 16 MiB allowance that refills at 1 MiB/s, however it is asked."""
+    """A member asked for history again and again answers with at most its newest 10,000 messages, and
+    only while its 16 MiB allowance for that link lasts; the allowance comes back with time. (How fast
+    it refills, 1 MiB/s, is checked in virtual time: sync.rs's answer-budget test.)"""
     text = "h" * 1000
     with Tracker(host="127.0.0.1", port=0) as tracker, \
             Peer("ana", *tracker.address, data_dir=tmp_path / "ana", history=0) as ana:
@@ -216,12 +217,10 @@ def test_history_answers_are_bounded_in_size_and_rate(tmp_path):
             raw.sendall(MAGIC + frame({"type": "hello", "v": 1, "id": "greedy", "name": "greedy", "room": ""}))
             assert raw.recv(len(MAGIC), socket.MSG_WAITALL) == MAGIC
             assert read_frame(raw)["type"] == "hello"
-            answers = {}  # req -> messages
-            received_bytes = 0
+            answers: dict[int, list] = {}  # req -> messages
 
             def ask(first_req: int, count: int) -> None:
                 """Ask `count` times at once; wait until every one was answered."""
-                nonlocal received_bytes
                 for req in range(first_req, first_req + count):
                     raw.sendall(frame({"type": "history_request", "req": req, "limit": 1_000_000_000}))
                 pending = set(range(first_req, first_req + count))
@@ -229,28 +228,24 @@ def test_history_answers_are_bounded_in_size_and_rate(tmp_path):
                     message = read_frame(raw)
                     if message["type"] != "history":
                         continue
-                    if message["msgs"]:  # an empty answer is smaller than the ask: no amplification
-                        received_bytes += len(json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode()) + 4
                     answers.setdefault(message["req"], []).extend(message["msgs"])
                     if not message["more"]:
                         pending.discard(message["req"])
 
-            started = time.monotonic()
-            ask(0, 40)  # all at once: the allowance runs out within the first two answers
+            ask(0, 40)  # all at once: ~10 MB each, so the allowance runs out within the first two
             first = [m["text"][:5] for m in answers[0]]
             assert first == [f"{i:05d}" for i in range(2000, 12_000)], "the newest 10,000, oldest first"
             answered = {r: len(m) for r, m in answers.items() if m}
-            assert len(answered) <= 3, answered
-            req = 40
-            while time.monotonic() - started < 4:  # then one after another, as fast as answered
+            assert len(answered) <= 3, f"the allowance did not stop a burst of asks: {answered}"
+            assert all(len(m) <= 10_000 for m in answers.values())
+            # Then one ask after another, as fast as answered: empty answers (each smaller than its
+            # ask) until the allowance has come back, then messages again.
+            deadline = time.monotonic() + WAIT
+            for req in itertools.count(40):
                 ask(req, 1)
-                req += 1
-            took = time.monotonic() - started
-
-    envelopes = 2 * 2**20  # an answer may overdraw by its JSON envelopes (then the next one is smaller)
-    allowance = 16 * 2**20 + took * 2**20 + envelopes
-    assert received_bytes <= allowance, f"{received_bytes} bytes in {took:.1f} s"
-    assert req > 45 and received_bytes > 16 * 2**20, "it did answer, within its allowance"
+                if answers[req]:
+                    break
+                assert time.monotonic() < deadline, f"no answer with messages after {req - 39} more asks"
 
 
 def test_a_history_answer_never_exceeds_the_frame_limit(tmp_path):
