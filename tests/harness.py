@@ -1,5 +1,6 @@
 """Real processes for the tests: start scripts, feed stdin, wait (bounded) for lines they print."""
 
+import contextlib
 import json
 import os
 import re
@@ -10,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from re import Pattern
 from typing import Optional, Union
@@ -230,6 +231,21 @@ def home(name: str) -> Path:
     tests/conftest.py sets): two users never share a message log or an identity, so no delivery check
     can pass on another user's history. The programs a test starts get the same, by name."""
     return Path(os.environ["P2PCHAT_DATA_DIR"]) / name
+
+
+@contextlib.contextmanager
+def reserved_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port held for the test while the block runs: bound but not listening, so connecting to it is
+    refused, and nothing else (another test's process, an outgoing connection's ephemeral port) can
+    take it. A tracker or a peer told to use it can still bind it and listen, since they set the
+    same options (SO_REUSEADDR, and SO_REUSEPORT for a peer). A port picked, freed and passed on
+    instead is free for anyone until the program under test binds it."""
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if hasattr(socket, "SO_REUSEPORT"):
+            holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind((host, 0))
+        yield holder.getsockname()[1]
 
 
 def wait_until(predicate, what: str, timeout: float = WAIT) -> None:

@@ -4,7 +4,6 @@ import asyncio
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import time
 
 import p2pchat
 import pytest
-from harness import WAIT, assert_clean_stderr, home, python, wait_until
+from harness import WAIT, assert_clean_stderr, home, python, reserved_port, wait_until
 from p2pchat import (
     AddressInUse,
     HistoryError,
@@ -80,11 +79,9 @@ def test_exceptions_form_one_hierarchy_and_each_is_also_its_builtin():
     assert issubclass(P2PChatError, Exception)
 
 
-def closed_port() -> int:
-    """A loopback port nothing listens on (it was free a moment ago: bound, then closed)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+def join_with_no_tracker_there() -> None:
+    with reserved_port() as nobody_listens:
+        Peer("ana", "127.0.0.1", nobody_listens, data_dir=home("ana")).join()
 
 
 # The error table of docs/python-api.md, one row each: what raises it, and the builtin that catches it.
@@ -94,7 +91,7 @@ ERROR_TABLE = [
     ("InvalidInput", ValueError, lambda t: Peer("ana", "127.0.0.1", 70000, data_dir=home("ana"))),
     ("InvalidInput", ValueError, lambda t: Tracker("127.0.0.1", -1)),
     ("InvalidInput", ValueError, lambda t: Peer("ana", *t.address, peers=["nowhere"], data_dir=home("ana"))),
-    ("TrackerUnreachable", ConnectionError, lambda t: Peer("ana", "127.0.0.1", closed_port(), data_dir=home("ana")).join()),
+    ("TrackerUnreachable", ConnectionError, lambda t: join_with_no_tracker_there()),
     ("AddressInUse", OSError, lambda t: Tracker("127.0.0.1", t.address[1])),
     ("PeerClosed", P2PChatError, lambda t: Peer("ana", *t.address, data_dir=home("ana")).send("not joined")),
     ("IdentityError", OSError, lambda t: Peer("ana", *t.address, data_dir=os.devnull).join()),
@@ -192,7 +189,7 @@ def test_nick_status_and_history_async_do_what_the_api_says(tracker):
             assert [m.text for m in logged] == [m.text for m in from_async] == ["from bobby"]
             with pytest.raises(InvalidInput):
                 ana.history(limit=-1)
-    with Peer("solo", None, peers=[f"127.0.0.1:{closed_port()}"], data_dir=home("solo")) as solo:
+    with reserved_port() as nobody_listens, Peer("solo", None, peers=[f"127.0.0.1:{nobody_listens}"], data_dir=home("solo")) as solo:
         assert solo.status() == (0, "none"), "joined through peers only: no tracker"
 
 
@@ -281,17 +278,14 @@ def test_unreachable_tracker():
 def test_a_failed_join_can_be_retried():
     """A join that fails (no tracker there yet) leaves the peer as it was, and the same Peer joins
     once the tracker is up."""
-    import socket
-    with socket.socket() as placeholder:  # a port nothing listens on: connecting is refused
-        placeholder.bind(("127.0.0.1", 0))
-        port = placeholder.getsockname()[1]
+    with reserved_port() as port:  # nothing listens on it yet: connecting is refused
         peer = Peer("ana", "127.0.0.1", port, data_dir=home("ana"))
         with pytest.raises(TrackerUnreachable):
             peer.join()
         assert peer.address is None
-    with Tracker(host="127.0.0.1", port=port) as tracker, peer:  # entering joins again
-        assert peer.address is not None
-        wait_until(lambda: len(tracker.peers()) == 1, "the retried join registered")
+        with Tracker(host="127.0.0.1", port=port) as tracker, peer:  # entering joins again
+            assert peer.address is not None
+            wait_until(lambda: len(tracker.peers()) == 1, "the retried join registered")
 
 
 def test_ports_in_use(tracker):
@@ -542,3 +536,18 @@ def test_the_type_aliases_exist_at_runtime():
     assert p2pchat.Address == tuple[str, int]
     kinds = {p2pchat.Message, p2pchat.PeerJoined, p2pchat.PeerLeft, p2pchat.PeerRenamed, p2pchat.Notice}
     assert set(typing.get_args(p2pchat.Event)) == kinds | {p2pchat.HistorySynced}
+
+
+def test_a_reserved_port_is_refused_and_kept_from_others_until_a_tracker_takes_it():
+    """The harness's reserved_port, which tests use instead of a port freed and passed on: while held,
+    connecting is refused and another program cannot bind it, yet a Tracker told to use it can."""
+    import socket
+
+    with reserved_port() as port:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))
+        with Tracker(host="127.0.0.1", port=port) as tracker:
+            assert tracker.address[1] == port
+            socket.create_connection(("127.0.0.1", port), timeout=WAIT).close()

@@ -7,7 +7,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
-from harness import WAIT, assert_clean_stderr, python
+from harness import WAIT, assert_clean_stderr, python, reserved_port
 
 
 def test_three_clients_every_message_reaches_every_other_peer(room):
@@ -135,15 +135,12 @@ def test_a_second_signal_while_leaving_is_ignored_not_a_traceback(monkeypatch):
 
 
 def test_unreachable_tracker_is_retried_until_it_appears(room):
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    port = probe.getsockname()[1]
-    probe.close()
-    client = room.start(python("client.py", "--port", str(port), "--name", "early"), "early")
-    client.err.expect(rf"cannot reach the tracker at 127\.0\.0\.1:{port}.*Retrying in 1 s.*--server and --port")
-    client.err.expect(r"Retrying in 2 s")  # backing off
-    tracker = room.start(python("server.py", "--host", "127.0.0.1", "--port", str(port)), "late-tracker")
-    tracker.err.expect(r"listening on")
+    with reserved_port() as port:
+        client = room.start(python("client.py", "--port", str(port), "--name", "early"), "early")
+        client.err.expect(rf"cannot reach the tracker at 127\.0\.0\.1:{port}.*Retrying in 1 s.*--server and --port")
+        client.err.expect(r"Retrying in 2 s")  # backing off
+        tracker = room.start(python("server.py", "--host", "127.0.0.1", "--port", str(port)), "late-tracker")
+        tracker.err.expect(r"listening on")
     client.err.expect(r"joined as 'early'", timeout=WAIT)
 
 
@@ -171,11 +168,8 @@ def test_a_taken_listen_port_says_so(room):
 
 def test_a_fixed_listen_port_is_used(room):
     tracker = room.p2pchat_tracker()
-    probe = socket.socket()
-    probe.bind(("127.0.0.1", 0))
-    wanted = probe.getsockname()[1]
-    probe.close()
-    peer = room.p2pchat_peer("fixed", tracker.port, "--listen", str(wanted))
+    with reserved_port() as wanted:
+        peer = room.p2pchat_peer("fixed", tracker.port, "--listen", str(wanted))
     assert peer.listen_port == wanted
 
 
