@@ -77,6 +77,9 @@ def test_exceptions_form_one_hierarchy_and_each_is_also_its_builtin():
         assert issubclass(exc, P2PChatError) and issubclass(exc, builtin), exc
         assert repr(exc) == f"<class 'p2pchat.{exc.__name__}'>", "printed as p2pchat.X, not _core.X"
     assert issubclass(P2PChatError, Exception)
+    exported = {getattr(p2pchat, name) for name in p2pchat.__all__}
+    exceptions = {obj for obj in exported if isinstance(obj, type) and issubclass(obj, BaseException)}
+    assert exceptions == set(builtins) | {P2PChatError}, "every exception p2pchat exports is checked here"
 
 
 def join_with_no_tracker_there() -> None:
