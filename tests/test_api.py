@@ -24,6 +24,7 @@ from p2pchat import (
     PeerClosed,
     PeerJoined,
     PeerLeft,
+    PeerRenamed,
     Tracker,
     TrackerUnreachable,
 )
@@ -339,6 +340,58 @@ def test_asyncio_api(tracker):
             await ana.send_async("closed")
 
     asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_recv_async_times_out_without_losing_a_message_and_a_cancelled_receive_leaves_the_peer_usable(tracker):
+    async def main():
+        async with Peer("ana", *tracker.address, data_dir=home("ana")) as ana, \
+                Peer("bob", *tracker.address, data_dir=home("bob")) as bob:
+            wait_until(lambda: len(ana.peers()) == 1, "ana is linked to bob")
+            assert await bob.recv_async(timeout=0.05) is None
+            await ana.send_async("after a timeout")
+            got = await bob.recv_async(timeout=WAIT)
+            assert got is not None and got.text == "after a timeout"
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(bob.recv_async(), 0.05)
+            waiting = asyncio.ensure_future(bob.recv_async())
+            await asyncio.sleep(0)
+            waiting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiting
+            await ana.send_async("after two cancels")
+            got = await bob.recv_async(timeout=WAIT)
+            assert got is not None and got.text == "after two cancels", got
+            with pytest.raises(InvalidInput):
+                await bob.recv_async(timeout=-1)
+            ana.nick("anna")
+            renamed = None
+            while not isinstance(renamed, PeerRenamed):  # after any join or history event still queued
+                renamed = await bob.recv_event_async(timeout=WAIT)
+                assert renamed is not None, "no rename within the bound"
+            assert renamed.new == "anna"
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_messages_compare_by_id_hash_alike_and_match_by_position(tracker):
+    with Peer("ana", *tracker.address, data_dir=home("ana")) as ana, \
+            Peer("bob", *tracker.address, data_dir=home("bob")) as bob:
+        wait_until(lambda: len(ana.peers()) == 1, "ana is linked to bob")
+        ana.send("one")
+        ana.send("two")
+        live = [bob.recv(timeout=WAIT), bob.recv(timeout=WAIT)]
+        assert all(m is not None for m in live)
+        logged = bob.history(limit=2)
+        assert logged == live and logged is not live, "the logged copies are the live messages"
+        assert len(set(live + logged)) == 2 and hash(live[0]) == hash(logged[0])
+        assert live[0] != live[1] and live[0] != "one"
+        assert Message.__match_args__ == ("sender", "text")
+        if sys.version_info >= (3, 10):  # `match` is 3.10 syntax; the package supports 3.9
+            scope = {"Message": Message, "message": live[0]}
+            exec("match message:\n    case Message(sender, text):\n        found = (sender, text)\n", scope)
+            assert scope["found"] == ("ana", "one")
+        with pytest.raises(AttributeError):
+            live[0].text = "changed"  # type: ignore[misc]
 
 
 def test_join_async_does_not_block_the_event_loop(tracker):

@@ -5,7 +5,10 @@ from os import PathLike
 from pathlib import Path
 from types import TracebackType
 from typing import (
+    ClassVar,
+    Literal,
     final,
+    overload,
 )
 
 __all__ = [
@@ -41,6 +44,9 @@ MAX_ROOM_CHARS: int
 # The public names `p2pchat.Address` and `p2pchat.Event` are defined in `p2pchat/__init__.py`; these
 # stub-only aliases say the same.
 _Address = tuple[str, int]
+# What a link speaks, and where a peer stands with its tracker (`Peer.status()`).
+_Protocol = Literal["p2pchat", "original"]
+_TrackerState = Literal["none", "original", "registered", "reconnecting"]
 
 def default_data_dir() -> Path: ...
 def new_invite_code(room: str) -> str:
@@ -50,71 +56,109 @@ def new_invite_code(room: str) -> str:
 class Message:
     """A chat message received from another member."""
 
-    sender: str | None
-    text: str
-    address: _Address | None
-    received_at: float
-    continued: bool
-    id: str | None
-    sent_at: float | None
-    stamp: int | None
-    history: bool
-    signed: bool
+    @property
+    def sender(self) -> str | None: ...
+    @property
+    def text(self) -> str: ...
+    @property
+    def address(self) -> _Address | None: ...
+    @property
+    def received_at(self) -> float: ...
+    @property
+    def continued(self) -> bool: ...
+    @property
+    def id(self) -> str | None: ...
+    @property
+    def sent_at(self) -> float | None: ...
+    @property
+    def stamp(self) -> int | None: ...
+    @property
+    def history(self) -> bool: ...
+    @property
+    def signed(self) -> bool: ...
+    __match_args__: ClassVar[tuple[Literal["sender"], Literal["text"]]]
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
 
 @final
 class PeerJoined:
     """A member joined the room."""
 
-    address: _Address
-    name: str | None
-    protocol: str
-    outgoing: bool
-    relayed_by: _Address | None
-    encrypted: bool
-    fingerprint: str | None
-    key_changed: bool
+    @property
+    def address(self) -> _Address: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def protocol(self) -> _Protocol: ...
+    @property
+    def outgoing(self) -> bool: ...
+    @property
+    def relayed_by(self) -> _Address | None: ...
+    @property
+    def encrypted(self) -> bool: ...
+    @property
+    def fingerprint(self) -> str | None: ...
+    @property
+    def key_changed(self) -> bool: ...
 
 @final
 class PeerLeft:
     """A member left the room (clean: it said goodbye)."""
 
-    address: _Address
-    name: str | None
-    reason: str
-    clean: bool
+    @property
+    def address(self) -> _Address: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def reason(self) -> str: ...
+    @property
+    def clean(self) -> bool: ...
 
 @final
 class PeerRenamed:
     """A member is known by a new name."""
 
-    address: _Address
-    old: str | None
-    new: str
+    @property
+    def address(self) -> _Address: ...
+    @property
+    def old(self) -> str | None: ...
+    @property
+    def new(self) -> str: ...
 
 @final
 class Notice:
     """Something the user should know that is not about one message."""
 
-    text: str
+    @property
+    def text(self) -> str: ...
 
 @final
 class HistorySynced:
     """The history asked for on join is in; live events follow."""
 
-    received: int
+    @property
+    def received(self) -> int: ...
 
 @final
 class PeerInfo:
     """A member this peer holds a connection to."""
 
-    address: _Address
-    name: str | None
-    outgoing: bool
-    protocol: str | None
-    relayed_by: _Address | None
-    encrypted: bool
-    fingerprint: str | None
-    key_changed: bool
+    @property
+    def address(self) -> _Address: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def outgoing(self) -> bool: ...
+    @property
+    def protocol(self) -> _Protocol | None: ...
+    @property
+    def relayed_by(self) -> _Address | None: ...
+    @property
+    def encrypted(self) -> bool: ...
+    @property
+    def fingerprint(self) -> str | None: ...
+    @property
+    def key_changed(self) -> bool: ...
 
 _Event = Message | PeerJoined | PeerLeft | PeerRenamed | Notice | HistorySynced
 
@@ -195,14 +239,20 @@ class Peer:
     def post(self, text: str) -> None: ...
     def send_async(self, text: str) -> Awaitable[int]: ...
     def recv(self, timeout: float | None = None) -> Message | None: ...
-    def recv_async(self) -> Awaitable[Message]: ...
+    @overload
+    def recv_async(self, timeout: None = None) -> Awaitable[Message]: ...
+    @overload
+    def recv_async(self, timeout: float) -> Awaitable[Message | None]: ...
     def recv_event(self, timeout: float | None = None) -> _Event | None: ...
-    def recv_event_async(self) -> Awaitable[_Event]: ...
+    @overload
+    def recv_event_async(self, timeout: None = None) -> Awaitable[_Event]: ...
+    @overload
+    def recv_event_async(self, timeout: float) -> Awaitable[_Event | None]: ...
     def events(self) -> EventStream: ...
     def history(self, limit: int = 100, before: Message | float | None = None) -> list[Message]: ...
     def history_async(self, limit: int = 100, before: Message | float | None = None) -> Awaitable[list[Message]]: ...
     def peers(self) -> list[PeerInfo]: ...
-    def status(self) -> tuple[int, str]: ...
+    def status(self) -> tuple[int, _TrackerState]: ...
     def close(self) -> None: ...
     def close_async(self) -> Awaitable[None]: ...
     def __iter__(self) -> Iterator[Message]: ...

@@ -269,7 +269,7 @@ def list_members(peer: Peer) -> None:
 def link_kind(member: Union[PeerJoined, PeerInfo]) -> str:
     """How we reach a member: its protocol; encrypted, with the key it proved (private rooms); or the
     member relaying it when there is no direct link."""
-    parts = [member.protocol or "connecting"]
+    parts: list[str] = [member.protocol or "connecting"]
     if member.encrypted:
         parts.append("encrypted")
     if member.fingerprint:

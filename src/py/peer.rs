@@ -89,6 +89,34 @@ impl PyMessage {
             None => self.text.clone(),
         }
     }
+
+    /// `case Message(sender, text):` matches these two by position.
+    #[classattr]
+    fn __match_args__() -> (&'static str, &'static str) {
+        ("sender", "text")
+    }
+
+    /// Two messages with ids (from p2pchat peers) are equal when their ids are: the same message
+    /// received live and again as history, or from the log, is one message. A message without an id
+    /// (an original peer's line, which carries none) is equal only to itself. (A comparison with
+    /// anything but a Message gives NotImplemented: the other side decides.)
+    fn __eq__(slf: &Bound<'_, Self>, other: &Bound<'_, Self>) -> bool {
+        match (&slf.get().id, &other.get().id) {
+            (Some(id), Some(other_id)) => id == other_id,
+            _ => slf.is(other),
+        }
+    }
+
+    /// Consistent with `__eq__`: the id's hash, or the object's identity when there is no id.
+    fn __hash__(slf: &Bound<'_, Self>) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        match &slf.get().id {
+            Some(id) => id.hash(&mut hasher),
+            None => (slf.as_ptr() as usize).hash(&mut hasher),
+        }
+        hasher.finish()
+    }
 }
 
 fn protocol_name(protocol: Protocol) -> &'static str {
@@ -673,13 +701,14 @@ impl PyPeer {
         next_message(py, events, limit)?.map_err(PyErr::from)
     }
 
-    /// `await peer.recv_async()`: the next message; raises `PeerClosed` once the peer is closed.
-    fn recv_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    /// `await peer.recv_async()`: the next message; None after `timeout` seconds (None: wait as long as
+    /// it takes); raises `PeerClosed` once the peer is closed. Cancelling the await (a task's
+    /// `cancel()`, `asyncio.wait_for`) takes nothing: the message waits for the next receive.
+    #[pyo3(signature = (timeout = None))]
+    fn recv_async<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
         let (_, events) = self.core.joined()?;
-        future_into_py(py, async move {
-            let event = next_event(events, None, true).await?.ok_or(PeerError::Closed)?;
-            Ok(PyEvent::from(event))
-        })
+        let limit = seconds(timeout)?;
+        future_into_py(py, async move { Ok(next_event(events, limit, true).await?.map(PyEvent::from)) })
     }
 
     /// The next event of any kind: `Message`, `PeerJoined`, `PeerLeft`, `PeerRenamed` or `Notice`; None on
@@ -694,13 +723,13 @@ impl PyPeer {
         }
     }
 
-    /// `await peer.recv_event_async()`: the next event of any kind.
-    fn recv_event_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+    /// `await peer.recv_event_async()`: the next event of any kind; None after `timeout` seconds, as
+    /// `recv_async`.
+    #[pyo3(signature = (timeout = None))]
+    fn recv_event_async<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
         let (_, events) = self.core.joined()?;
-        future_into_py(py, async move {
-            let event = next_event(events, None, false).await?.ok_or(PeerError::Closed)?;
-            Ok(PyEvent::from(event))
-        })
+        let limit = seconds(timeout)?;
+        future_into_py(py, async move { Ok(next_event(events, limit, false).await?.map(PyEvent::from)) })
     }
 
     /// Every event, as an iterator (`for event in peer.events()`) and an async iterator
