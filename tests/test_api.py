@@ -4,6 +4,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -392,6 +393,51 @@ def test_messages_compare_by_id_hash_alike_and_match_by_position(tracker):
             assert scope["found"] == ("ana", "one")
         with pytest.raises(AttributeError):
             live[0].text = "changed"  # type: ignore[misc]
+
+
+def test_async_with_tracker_and_stop_async():
+    async def main():
+        async with Tracker(host="127.0.0.1", port=0) as tracker:
+            assert tracker.running
+            async with Peer("ana", *tracker.address, data_dir=home("ana")):
+                assert len(tracker.peers()) == 1
+        assert not tracker.running, "leaving `async with` stops it"
+        with Tracker(host="127.0.0.1", port=tracker.address[1]) as again:  # the port is free again
+            await again.stop_async()
+            assert not again.running
+            await again.stop_async()  # twice is fine
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+@pytest.mark.parametrize("address, error", [
+    ("::1:7472", "written in brackets"),
+    ("[::1]", r"is not \[IPV6\]:PORT"),
+    ("[::1]:port", r"is not \[IPV6\]:PORT"),
+    (":7472", "is not HOST:PORT"),
+    ("nowhere", "is not HOST:PORT"),
+    ("127.0.0.1:http", "is not a port"),
+    ("127.0.0.1:70000", "is not a port"),
+])
+def test_peer_addresses_are_read_as_the_standard_library_reads_them(address, error):
+    with pytest.raises(InvalidInput, match=error):
+        Peer("ana", None, peers=[address], data_dir=home("ana"))
+
+
+def test_ipv6_and_host_name_peer_addresses_work(tracker):
+    with Peer("ana", *tracker.address, data_dir=home("ana")) as ana:
+        port = ana.address[1]
+        for address in (f"localhost:{port}", ("127.0.0.1", port), f"127.0.0.1:{port}"):
+            with Peer("bob", None, peers=[address], data_dir=home("bob")) as bob:
+                wait_until(lambda: len(bob.peers()) == 1, f"bob reached ana through {address!r}")
+    if socket.has_ipv6:
+        try:
+            with Tracker(host="::1", port=0) as v6:
+                with Peer("ana6", "::1", v6.address[1], data_dir=home("ana6")) as ana6:
+                    with Peer("bob6", None, peers=[f"[::1]:{ana6.address[1]}"], data_dir=home("bob6")) as bob6:
+                        wait_until(lambda: len(bob6.peers()) == 1, "bob reached ana over [::1]")
+        except OSError as err:  # no IPv6 loopback on this machine
+            pytest.skip(f"IPv6 loopback unavailable: {err}")
 
 
 def test_join_async_does_not_block_the_event_loop(tracker):

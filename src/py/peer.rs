@@ -549,22 +549,37 @@ fn logged_message(record: Record) -> PyMessage {
     }
 }
 
-/// `(host, port)` or `"host:port"` to a socket address (host names are looked up).
-fn peer_address(value: &Bound<'_, PyAny>) -> PyResult<SocketAddr> {
-    use std::net::ToSocketAddrs;
-    let (host, port): (String, u16) = if let Ok(text) = value.extract::<String>() {
-        let (host, port) =
-            text.rsplit_once(':').ok_or_else(|| InvalidInput::new_err(format!("{text:?} is not HOST:PORT")))?;
-        let port = port.parse().map_err(|_| InvalidInput::new_err(format!("{port:?} in {text:?} is not a port")))?;
-        (host.trim_start_matches('[').trim_end_matches(']').to_owned(), port)
-    } else {
-        value.extract().map_err(|_| InvalidInput::new_err("a peer address is (host, port) or \"host:port\""))?
+/// `(host, port)`, `"host:port"` or `"[v6]:port"`: the host and the port, checked, not looked up.
+fn host_and_port(value: &Bound<'_, PyAny>) -> PyResult<(String, u16)> {
+    let Ok(text) = value.extract::<String>() else {
+        return value.extract().map_err(|_| InvalidInput::new_err("a peer address is (host, port) or \"host:port\""));
     };
-    (host.as_str(), port)
-        .to_socket_addrs()
-        .map_err(|e| InvalidInput::new_err(format!("cannot find {host}:{port}: {e}")))?
-        .next()
-        .ok_or_else(|| InvalidInput::new_err(format!("{host}:{port} has no address")))
+    // An IP address with its port, v4 or bracketed v6, as the standard library reads it.
+    if let Ok(addr) = text.parse::<SocketAddr>() {
+        return Ok((addr.ip().to_string(), addr.port()));
+    }
+    if text.starts_with('[') {
+        return Err(InvalidInput::new_err(format!("{text:?} is not [IPV6]:PORT")));
+    }
+    let (host, port) =
+        text.rsplit_once(':').ok_or_else(|| InvalidInput::new_err(format!("{text:?} is not HOST:PORT")))?;
+    let port = port.parse().map_err(|_| InvalidInput::new_err(format!("{port:?} in {text:?} is not a port")))?;
+    if host.contains(':') || host.contains(']') || host.is_empty() {
+        // "::1:7472" could split anywhere.
+        return Err(InvalidInput::new_err(format!(
+            "{text:?} is not HOST:PORT (an IPv6 address is written in brackets: \"[::1]:7472\")"
+        )));
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// Look `host` up with the GIL released: a slow resolver must not stop every other Python thread.
+/// The error says why, for the caller to put in its own words.
+pub(super) fn look_up(py: Python<'_>, host: &str, port: u16) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    py.detach(|| (host, port).to_socket_addrs().map(|mut addrs| addrs.next()))
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| "it has no address".to_owned())
 }
 
 #[pymethods]
@@ -606,7 +621,14 @@ impl PyPeer {
             Some(host) => Some(peer::TrackerAddr { host: host.to_owned(), port }),
             None => None,
         };
-        config.peers = peers.iter().map(peer_address).collect::<PyResult<_>>()?;
+        let peers = peers.iter().map(host_and_port).collect::<PyResult<Vec<_>>>()?;
+        config.peers = peers
+            .iter()
+            .map(|(host, port)| {
+                look_up(py, host, *port)
+                    .map_err(|why| InvalidInput::new_err(format!("cannot find {host}:{port}: {why}")))
+            })
+            .collect::<PyResult<_>>()?;
         if config.tracker.is_none() && config.peers.is_empty() {
             return Err(InvalidInput::new_err("nothing to join: give a server or at least one peer address"));
         }

@@ -1,6 +1,6 @@
 //! `p2pchat.Tracker`: the core tracker, running in the background from the moment it is created.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,6 +29,17 @@ impl Control {
     async fn until_stopped(mut stopped: watch::Receiver<bool>) {
         let _ = stopped.wait_for(|done| *done).await;
     }
+
+    /// Ask the tracker to stop, then wait (up to [`STOP_WAIT`]) until its listening socket is closed.
+    fn stopping(&self) -> impl std::future::Future<Output = PyResult<()>> + Send + 'static {
+        self.request_stop();
+        let stopped = self.stopped.clone();
+        async move {
+            tokio::time::timeout(STOP_WAIT, Control::until_stopped(stopped))
+                .await
+                .map_err(|_| P2PChatError::new_err("the tracker did not stop within 2 s"))
+        }
+    }
 }
 
 impl Closable for Control {
@@ -56,12 +67,10 @@ pub struct PyTracker {
     control: Arc<Control>,
 }
 
-fn resolve(host: &str, port: u16) -> PyResult<SocketAddr> {
-    (host, port)
-        .to_socket_addrs()
-        .map_err(|e| InvalidInput::new_err(format!("cannot use {host:?} as an address to listen on: {e}")))?
-        .next()
-        .ok_or_else(|| InvalidInput::new_err(format!("{host:?} has no address to listen on")))
+/// Where to listen: `host` looked up with the GIL released (see `peer::look_up`).
+fn resolve(py: Python<'_>, host: &str, port: u16) -> PyResult<SocketAddr> {
+    super::peer::look_up(py, host, port)
+        .map_err(|why| InvalidInput::new_err(format!("cannot use {host:?} as an address to listen on: {why}")))
 }
 
 #[pymethods]
@@ -84,7 +93,7 @@ impl PyTracker {
             _ => Err(InvalidInput::new_err(format!("{name} must be a positive number of seconds"))),
         };
         let config = TrackerConfig {
-            listen: resolve(host, port.0)?,
+            listen: resolve(py, host, port.0)?,
             original_ttl: positive("original_ttl", original_ttl)?,
             registration_timeout: positive("registration_timeout", registration_timeout)?,
             relay,
@@ -139,16 +148,30 @@ impl PyTracker {
 
     /// Stop serving and wait (up to 2 s) until the listening socket is closed. Stopping twice is fine.
     fn stop(&self, py: Python<'_>) -> PyResult<()> {
-        self.control.request_stop();
-        let stopped = self.control.stopped.clone();
-        match wait(py, async move { tokio::time::timeout(STOP_WAIT, Control::until_stopped(stopped)).await })? {
-            Ok(()) => Ok(()),
-            Err(_) => Err(P2PChatError::new_err("the tracker did not stop within 2 s")),
-        }
+        wait(py, self.control.stopping())?
+    }
+
+    /// `await tracker.stop_async()`: `stop()` without blocking the event loop.
+    fn stop_async<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        super::awaitables::future_into_py(py, self.control.stopping())
     }
 
     fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf
+    }
+
+    /// `async with Tracker(...) as tracker:` (it is serving from creation; leaving stops it).
+    fn __aenter__<'py>(slf: Py<Self>, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        super::awaitables::future_into_py(py, async move { Ok(slf) })
+    }
+
+    #[pyo3(signature = (*_exc))]
+    fn __aexit__<'py>(&self, py: Python<'py>, _exc: &Bound<'py, pyo3::types::PyTuple>) -> PyResult<Bound<'py, PyAny>> {
+        let stopping = self.control.stopping();
+        super::awaitables::future_into_py(py, async move {
+            stopping.await?;
+            Ok(false)
+        })
     }
 
     #[pyo3(signature = (*_exc))]
