@@ -190,11 +190,34 @@ def test_entry_points(room, argv):
 
 def test_installed_console_scripts(room):
     """`pip install .` puts p2pchat, p2pchat-server and p2pchat-client beside this Python."""
-    scripts = Path(sysconfig.get_path("scripts"))
     for name in ("p2pchat", "p2pchat-server", "p2pchat-client"):
-        proc = room.start([str(scripts / name), "--version"], name)
+        proc = room.start([str(scripts_dir() / name), "--version"], name)
         assert proc.wait() == 0
         proc.out.saw(r"^p2pchat \d+\.\d+\.\d+$")
+
+
+def scripts_dir() -> Path:
+    return Path(sysconfig.get_path("scripts"))
+
+
+@pytest.mark.parametrize("argv, invoked_as", [
+    (python("client.py", "--json"), "client.py"),
+    (python("server.py", "--port", "nope"), "server.py"),
+    (python("-m", "p2pchat", "client", "--json"), "p2pchat client"),
+    (python("-m", "p2pchat", "server", "--port", "nope"), "p2pchat server"),
+    ([str(scripts_dir() / "p2pchat-client"), "--json"], "p2pchat-client"),
+    ([str(scripts_dir() / "p2pchat"), "client", "--json"], "p2pchat client"),
+    ([str(scripts_dir() / "p2pchat-server"), "--port", "nope"], "p2pchat-server"),
+])
+def test_usage_and_errors_name_the_program_as_it_was_invoked(room, argv, invoked_as):
+    """`--json` without `--name` is the client's own error; a bad port is argparse's (with usage)."""
+    proc = room.start(argv, "named")
+    assert proc.wait() == 2
+    if "server" in invoked_as:
+        proc.err.saw("^usage: " + re.escape(invoked_as) + " ")
+        proc.err.saw("^" + re.escape(invoked_as) + ": error: argument -p/--port")
+    else:
+        proc.err.saw("^" + re.escape(invoked_as) + r": --json needs --name")
 
 
 def test_ignore_hides_a_member_for_this_user_only(room):

@@ -10,6 +10,7 @@ import sys
 from typing import Optional
 
 from . import __version__, client, server
+from ._cli import invoked_as
 
 EXAMPLES = """\
 examples:
@@ -20,13 +21,13 @@ examples:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="p2pchat", description="Peer-to-peer group chat.", epilog=EXAMPLES,
+    parser = argparse.ArgumentParser(prog=invoked_as(None, "p2pchat"), description="Peer-to-peer group chat.", epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")
     parser.add_argument("command", choices=("server", "client"), help="run the tracker, or join a room")
     parser.add_argument("options", nargs=argparse.REMAINDER, help="the command's own options")
     args = parser.parse_args(argv)
-    return (server.main if args.command == "server" else client.main)(args.options)
+    return (server.main if args.command == "server" else client.main)(args.options, prog=f"{parser.prog} {args.command}")
 
 
 if __name__ == "__main__":

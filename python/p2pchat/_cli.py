@@ -17,6 +17,16 @@ from typing import Any, Optional, TextIO
 _output = threading.Lock()
 
 
+def invoked_as(prog: Optional[str], default: str) -> str:
+    """The program's name as the user invoked it, for `usage:` and error lines: `prog` when a launcher
+    passes it (`p2pchat client`), else the script's file name (`client.py`, `p2pchat-client`), else
+    `default` (under `python -c`, or a launcher's `__main__.py`)."""
+    if prog:
+        return prog
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return name if name and name not in ("-c", "__main__.py") else default
+
+
 class Leave(Exception):
     """Raised by the SIGTERM handler so the command leaves the way Ctrl-C does."""
 

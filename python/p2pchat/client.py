@@ -48,6 +48,7 @@ from ._cli import (
     colours_wanted,
     count,
     handle_signals,
+    invoked_as,
     port,
     setup_logging,
     signals_deferred,
@@ -84,11 +85,15 @@ Type a line and press Enter to send it to everyone; /quit, Ctrl-C or Ctrl-D leav
 """
 
 
+# The program's name as invoked (`client.py`, `p2pchat-client`, `p2pchat client`), set by `main`.
+PROG = "client.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
     # No abbreviations: `--secret` must not quietly mean `--secret-file`.
     parser = argparse.ArgumentParser(
         allow_abbrev=False,
-        prog="client.py",
+        prog=PROG,
         description="Join a p2pchat room: ask the tracker who is there, then chat with everyone directly.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -142,7 +147,7 @@ def room_secret(args: argparse.Namespace) -> Optional[str]:
         except (OSError, UnicodeDecodeError) as err:
             raise SecretUnavailable(f"cannot read the secret file {str(secret_file)!r}: {err}") from None
         if loose:
-            print(f"client.py: warning: other accounts on this machine can read the secret file {str(secret_file)!r}; "
+            print(f"{PROG}: warning: other accounts on this machine can read the secret file {str(secret_file)!r}; "
                   f"chmod 600 it", file=sys.stderr)
         return secret
     # Taken out of the environment once read, so that no program started from here inherits it.
@@ -392,14 +397,14 @@ def chat_from_pipe(peer: Peer, exit_on_eof: bool, ignored: set[str]) -> None:
 
 def fail(args: argparse.Namespace, message: str) -> None:
     """A fatal error: on stderr, and in machine mode also as a JSON object on stdout."""
-    print(f"client.py: {message}", file=sys.stderr)
+    print(f"{PROG}: {message}", file=sys.stderr)
     if args.json:
         machine.emit({"type": "error", "message": message, "fatal": True})
 
 
 def run(args: argparse.Namespace) -> int:
     if args.json and args.name is None:
-        print("client.py: --json needs --name (stdin carries commands, not the name)", file=sys.stderr)
+        print(f"{PROG}: --json needs --name (stdin carries commands, not the name)", file=sys.stderr)
         return 2
     try:
         secret = room_secret(args)
@@ -454,7 +459,9 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
+    global PROG
+    PROG = invoked_as(prog, "client.py")
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
     # Both modes show the peer's notices themselves (`* ...` lines, or notice events in --json): the

@@ -9,7 +9,7 @@ import sys
 from typing import Optional
 
 from . import AddressInUse, P2PChatError, Tracker, __version__
-from ._cli import Leave, handle_signals, port, setup_logging, signals_deferred, status
+from ._cli import Leave, handle_signals, invoked_as, port, setup_logging, signals_deferred, status
 
 EXAMPLES = """\
 examples:
@@ -19,10 +19,14 @@ examples:
 """
 
 
+# The program's name as invoked (`server.py`, `p2pchat-server`, `p2pchat server`), set by `main`.
+PROG = "server.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         allow_abbrev=False,
-        prog="server.py",
+        prog=PROG,
         description="Run a p2pchat tracker. It only tells newcomers who is in the room; chat goes peer to peer.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -42,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
+    global PROG
+    PROG = invoked_as(prog, "server.py")
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
     handle_signals()
@@ -50,10 +56,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         tracker = Tracker(args.host, args.port, original_ttl=args.original_ttl,
                           registration_timeout=args.registration_timeout, relay=args.relay)
     except AddressInUse as err:
-        print(f"server.py: {err} (use --port to choose another)", file=sys.stderr)
+        print(f"{PROG}: {err} (use --port to choose another)", file=sys.stderr)
         return 1
     except (P2PChatError, ValueError) as err:
-        print(f"server.py: {err}", file=sys.stderr)
+        print(f"{PROG}: {err}", file=sys.stderr)
         return 1
     except (KeyboardInterrupt, Leave):
         return 0
