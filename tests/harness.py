@@ -133,10 +133,16 @@ class Proc:
         # PYTHONFAULTHANDLER: a process that outstays a bounded wait is sent SIGABRT, on which Python
         # prints every thread's stack (see `wait`).
         full_env = dict(os.environ, PYTHONUNBUFFERED="1", NO_COLOR="1", PYTHONFAULTHANDLER="1")
+        # The client's settings come from its flags, and from what a test passes: never from the
+        # environment or the config file of whoever runs the tests.
+        for variable in ("P2PCHAT_SERVER", "P2PCHAT_PORT", "P2PCHAT_NAME", "P2PCHAT_ROOM", "P2PCHAT_CONFIG"):
+            full_env.pop(variable, None)
         if "P2PCHAT_DATA_DIR" in os.environ:
             # Every process keeps its own message log, as on separate machines; one started again
-            # under the same name finds its log again.
+            # under the same name finds its log again. Its config file is there too (none unless the
+            # test writes one).
             full_env["P2PCHAT_DATA_DIR"] = os.path.join(os.environ["P2PCHAT_DATA_DIR"], name)
+            full_env["P2PCHAT_CONFIG"] = os.path.join(full_env["P2PCHAT_DATA_DIR"], "client.ini")
         full_env.update(env or {})
         self.popen = subprocess.Popen(
             list(argv), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=full_env, cwd=ROOT

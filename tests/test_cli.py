@@ -220,6 +220,45 @@ def test_usage_and_errors_name_the_program_as_it_was_invoked(room, argv, invoked
         proc.err.saw("^" + re.escape(invoked_as) + r": --json needs --name")
 
 
+def joined_as(proc) -> str:
+    """The name, and the room when it is not the default one, from the client's "joined as" line."""
+    found = proc.err.expect(r"joined as '([^']*)'(?: in room '([^']*)')?")
+    return found.group(1) + (f" in {found.group(2)}" if found.group(2) else "")
+
+
+def test_settings_come_from_flags_then_the_environment_then_the_config_file(room, tmp_path):
+    tracker = room.p2pchat_tracker()
+    config = tmp_path / "client.ini"
+    config.write_text(f"[client]\nport = {tracker.port}\nname = fromfile\nroom = attic\n")
+    # The config file alone: port, name and room.
+    assert joined_as(room.start(python("client.py"), "filed", env={"P2PCHAT_CONFIG": str(config)})) == "fromfile in attic"
+    # The environment over the file.
+    env = {"P2PCHAT_CONFIG": str(config), "P2PCHAT_NAME": "fromenv", "P2PCHAT_ROOM": "cellar"}
+    assert joined_as(room.start(python("client.py"), "envd", env=env)) == "fromenv in cellar"
+    # A flag over both.
+    flags = python("client.py", "--name", "fromflag", "--room", "")
+    assert joined_as(room.start(flags, "flagged", env=env)) == "fromflag"
+    # The environment alone, no file.
+    env = {"P2PCHAT_SERVER": "127.0.0.1", "P2PCHAT_PORT": str(tracker.port), "P2PCHAT_NAME": "onlyenv"}
+    assert joined_as(room.start(python("client.py"), "onlyenv", env=env)) == "onlyenv"
+
+
+@pytest.mark.parametrize("env, ini, error", [
+    ({"P2PCHAT_PORT": "nope"}, None, r"the environment variable P2PCHAT_PORT: .*nope"),
+    ({}, "[client]\nport = 70000\n", r"port in '.*client\.ini': 70000 is not a port number"),
+    ({}, "[client]\ncolour = red\n", r"unknown setting\(s\) colour; known: server, port, name, room"),
+    ({}, "not an ini file\n", r"cannot read the config file"),
+])
+def test_a_bad_setting_says_where_it_came_from(room, tmp_path, env, ini, error):
+    config = tmp_path / "client.ini"
+    if ini is not None:
+        config.write_text(ini)
+    proc = room.start(python("client.py", "--name", "x"), "badly-set", env={"P2PCHAT_CONFIG": str(config), **env})
+    assert proc.wait() == 2
+    proc.err.saw(error)
+    assert_clean_stderr(proc)
+
+
 def test_ignore_hides_a_member_for_this_user_only(room):
     tracker = room.p2pchat_tracker()
     ana = room.p2pchat_peer("ana", tracker.port)

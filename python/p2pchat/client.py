@@ -11,6 +11,7 @@ from stdin and the client stays in the room after stdin ends (like the original)
 """
 
 import argparse
+import configparser
 import getpass
 import logging
 import os
@@ -79,6 +80,8 @@ examples:
   python client.py --history 0 --no-history   no earlier messages shown, nothing written to disk
   python client.py -r plans --private       a private room: asks for its invite code or secret (Enter: a new one)
   P2PCHAT_SECRET=... python client.py -r plans   the same, the secret from the environment
+  P2PCHAT_SERVER=chat.example.org P2PCHAT_NAME=ana python client.py
+                                            settings from the environment (or client.ini: docs/cli.md)
   printf 'ana\\nhello\\n' | python client.py --exit-on-eof
 
 Type a line and press Enter to send it to everyone; /quit, Ctrl-C or Ctrl-D leaves.
@@ -100,9 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("-s", "--server", help="the tracker's IP address or host name (default: 127.0.0.1, "
                         "or none when --peer is given)")
-    parser.add_argument("-p", "--port", type=port, default=7472, help="the tracker's port (default: %(default)s)")
+    parser.add_argument("-p", "--port", type=port, help="the tracker's port (default: 7472)")
     parser.add_argument("-n", "--name", help=f"your name, 1 to {MAX_NAME_CHARS} characters without '>' (default: ask on stdin)")
-    parser.add_argument("-r", "--room", default="", help="the room to join (default: the room original peers are in)")
+    parser.add_argument("-r", "--room", help="the room to join (default: the room original peers are in)")
     parser.add_argument("--peer", action="append", default=[], metavar="HOST:PORT",
                         help="a member to connect to directly (repeatable); the others are learnt from it")
     parser.add_argument("-l", "--listen", type=port, metavar="PORT", help="port to listen on for other peers (default: any free port)")
@@ -130,6 +133,58 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-d", "--debug", action="store_true", help="print debug logs (connections, tracker exchange) on stderr")
     parser.add_argument("--version", action="version", version=f"p2pchat {__version__}")
     return parser
+
+
+# Settings that may also come from the environment or the config file: flag, then environment
+# variable, then config file, then the default.
+SETTINGS = {"server": "P2PCHAT_SERVER", "port": "P2PCHAT_PORT", "name": "P2PCHAT_NAME", "room": "P2PCHAT_ROOM"}
+DEFAULTS = {"server": None, "port": 7472, "name": None, "room": ""}
+
+
+def config_file() -> Path:
+    """Where the client's settings are read from: `P2PCHAT_CONFIG`, else `client.ini` in the platform's
+    config directory (`$XDG_CONFIG_HOME/p2pchat` or `~/.config/p2pchat` on Linux, `~/Library/Application
+    Support/p2pchat` on macOS, `%APPDATA%\\p2pchat` on Windows)."""
+    if os.environ.get("P2PCHAT_CONFIG"):
+        return Path(os.environ["P2PCHAT_CONFIG"])
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+    return base / "p2pchat" / "client.ini"
+
+
+def apply_settings(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Fill each setting not given as a flag from the environment, then the config file's `[client]`
+    section, then the default; a value that is not valid stops with the place it came from."""
+    path = config_file()
+    section: dict[str, str] = {}
+    if path.exists():
+        config = configparser.ConfigParser()
+        try:
+            config.read(path, encoding="utf-8")
+        except (configparser.Error, OSError, UnicodeDecodeError) as err:
+            parser.error(f"cannot read the config file {str(path)!r}: {err}")
+        section = dict(config["client"]) if config.has_section("client") else {}
+        unknown = sorted(set(section) - set(SETTINGS))
+        if unknown:
+            parser.error(f"{str(path)!r}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+    for key, variable in SETTINGS.items():
+        if getattr(args, key) is not None:
+            continue
+        if os.environ.get(variable):
+            raw, where = os.environ[variable], f"the environment variable {variable}"
+        elif key in section:
+            raw, where = section[key], f"{key} in {str(path)!r}"
+        else:
+            setattr(args, key, DEFAULTS[key])
+            continue
+        try:
+            setattr(args, key, port(raw) if key == "port" else raw)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"{where}: {err}")
 
 
 class SecretUnavailable(Exception):
@@ -462,7 +517,9 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: Optional[list[str]] = None, prog: Optional[str] = None) -> int:
     global PROG
     PROG = invoked_as(prog, "client.py")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    apply_settings(args, parser)
     setup_logging(args.debug)
     # Both modes show the peer's notices themselves (`* ...` lines, or notice events in --json): the
     # log would say each one a second time.
