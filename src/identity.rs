@@ -5,6 +5,7 @@
 //! its owner only (0600 on Unix): it is the user's secret. A file that cannot be read as one is never
 //! replaced: the error names it and the ways forward.
 
+use hex::FromHex;
 use std::fs;
 use std::path::{Path, PathBuf};
 
@@ -13,7 +14,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use thiserror::Error;
 
-use crate::wire::frames::{hex, unhex_array, Chat, IdentityProof};
+use crate::wire::frames::{Chat, IdentityProof};
 
 /// The identity file inside a data directory.
 pub const FILE_NAME: &str = "identity.json";
@@ -77,7 +78,7 @@ impl Identity {
         if file.v != FORMAT {
             return Err(format!("written by another p2pchat (identity format {}, this one reads {FORMAT})", file.v));
         }
-        let secret: [u8; 32] = unhex_array(&file.ed25519).ok_or("its key is not 64 hex digits")?;
+        let secret: [u8; 32] = <[u8; 32]>::from_hex(&file.ed25519).map_err(|_| "its key is not 64 hex digits")?;
         Ok(Self { signing: SigningKey::from_bytes(&secret) })
     }
 
@@ -88,7 +89,7 @@ impl Identity {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             crate::owner_only::create_dir(dir)?;
         }
-        let file = File { v: FORMAT, ed25519: hex(self.signing.as_bytes()) };
+        let file = File { v: FORMAT, ed25519: hex::encode(self.signing.as_bytes()) };
         let json = serde_json::to_vec_pretty(&file).map_err(std::io::Error::other)?;
         let temporary = crate::owner_only::write_beside(path, &json)?;
         let placed = fs::hard_link(&temporary, path);
@@ -102,15 +103,15 @@ impl Identity {
     /// Proof that this identity is the end of the link whose handshake hash is `binding`.
     pub fn prove(&self, binding: &[u8]) -> IdentityProof {
         IdentityProof {
-            key: hex(self.public().as_bytes()),
-            sig: hex(&self.signing.sign(&proof_message(binding)).to_bytes()),
+            key: hex::encode(self.public().as_bytes()),
+            sig: hex::encode(self.signing.sign(&proof_message(binding)).to_bytes()),
         }
     }
 
     /// Sign `chat` as its author (private rooms): sets its `key` and `sig`.
     pub fn sign_chat(&self, chat: &mut Chat) {
-        chat.key = Some(hex(self.public().as_bytes()));
-        chat.sig = Some(hex(&self.signing.sign(&chat_message(chat)).to_bytes()));
+        chat.key = Some(hex::encode(self.public().as_bytes()));
+        chat.sig = Some(hex::encode(self.signing.sign(&chat_message(chat)).to_bytes()));
     }
 
     pub fn public(&self) -> VerifyingKey {
@@ -144,8 +145,9 @@ pub fn verify_chat(chat: &Chat) -> Result<VerifyingKey, ProofError> {
 }
 
 fn verify(key: &str, sig: &str, message: &[u8]) -> Result<VerifyingKey, ProofError> {
-    let key = unhex_array::<32>(key).and_then(|k| VerifyingKey::from_bytes(&k).ok()).ok_or(ProofError::BadKey)?;
-    let sig = unhex_array::<64>(sig).map(|s| Signature::from_bytes(&s)).ok_or(ProofError::BadSignature)?;
+    let key =
+        <[u8; 32]>::from_hex(key).ok().and_then(|k| VerifyingKey::from_bytes(&k).ok()).ok_or(ProofError::BadKey)?;
+    let sig = <[u8; 64]>::from_hex(sig).ok().map(|s| Signature::from_bytes(&s)).ok_or(ProofError::BadSignature)?;
     key.verify_strict(message, &sig).map_err(|_| ProofError::BadSignature)?;
     Ok(key)
 }
@@ -168,7 +170,7 @@ pub enum ProofError {
 pub fn fingerprint(key: &VerifyingKey) -> String {
     let digest = Sha256::digest(key.as_bytes());
     // 128 bits: what someone comparing fingerprints aloud can trust against a deliberate collision.
-    let digits = hex(&digest[..16]);
+    let digits = hex::encode(&digest[..16]);
     digits.as_bytes().chunks(4).map(|c| String::from_utf8_lossy(c).into_owned()).collect::<Vec<_>>().join("-")
 }
 
@@ -200,12 +202,12 @@ mod tests {
             text: "héllo ✓".into(),
             ..Chat::default()
         };
-        assert_eq!(hex(&chat_message(&chat)), KAT_SIGNED_BYTES);
+        assert_eq!(hex::encode(chat_message(&chat)), KAT_SIGNED_BYTES);
         identity.sign_chat(&mut chat);
         assert_eq!(chat.key.as_deref(), Some(KAT_PUBLIC_KEY));
         assert_eq!(chat.sig.as_deref(), Some(KAT_SIGNATURE));
         assert_eq!(identity.fingerprint(), KAT_FINGERPRINT);
-        assert_eq!(verify_chat(&chat).map(|k| hex(k.as_bytes())), Ok(KAT_PUBLIC_KEY.to_owned()));
+        assert_eq!(verify_chat(&chat).map(|k| hex::encode(k.as_bytes())), Ok(KAT_PUBLIC_KEY.to_owned()));
         crate::protocol::assert_protocol_md_gives(&[KAT_PUBLIC_KEY, KAT_FINGERPRINT, KAT_SIGNED_BYTES, KAT_SIGNATURE]);
     }
 

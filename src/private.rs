@@ -4,9 +4,9 @@
 //! * key = Argon2id(secret, salt = SHA-256("p2pchat room salt v1" ‖ 0 ‖ room name)[..16]),
 //!   64 MiB, 3 passes, 1 lane, 32 bytes: memory-hard, so a captured room id cannot be matched
 //!   against guessed secrets quickly; salted per room, so one guess never tests two rooms.
-//! * room id = hex(SHA-256("p2pchat room id v1" ‖ 0 ‖ key)[..16]): names the room on the wire,
+//! * room id = hex::encode(SHA-256("p2pchat room id v1" ‖ 0 ‖ key)[..16]): names the room on the wire,
 //!   says nothing about its name or key.
-//! * invite code = `p2pc1-` ‖ hex(key) ‖ `-` ‖ hex(room name): carries the key itself, so the invited
+//! * invite code = `p2pc1-` ‖ hex::encode(key) ‖ `-` ‖ hex::encode(room name): carries the key itself, so the invited
 //!   need no passphrase (and skip the KDF). Whoever holds it can join: it is as secret as the key.
 //! * a new room's key (`RoomKey::generate`) is 32 random bytes, shared only through its invite code:
 //!   nothing on the wire or at the tracker then helps anyone guess it, unlike a passphrase, which the
@@ -14,6 +14,7 @@
 //!
 //! No I/O: the secret is read by the caller (never from the command line; see the client).
 
+use hex::FromHex;
 use std::fmt;
 use zeroize::{Zeroize, Zeroizing};
 
@@ -23,7 +24,7 @@ use thiserror::Error;
 use chacha20poly1305::aead::{Aead, KeyInit, Payload};
 use chacha20poly1305::{XChaCha20Poly1305, XNonce};
 
-use crate::wire::frames::{hex, unhex, unhex_array, Chat, Frame};
+use crate::wire::frames::{Chat, Frame};
 
 /// Argon2id cost: 64 MiB of memory, 3 passes, 1 lane (about a quarter second on a laptop).
 const KDF_MEMORY_KIB: u32 = 64 * 1024;
@@ -118,8 +119,8 @@ impl RoomKey {
 
     fn from_invite(code: &str) -> Result<Self, SecretError> {
         let (key_hex, name_hex) = code.split_once('-').ok_or(SecretError::BadInvite)?;
-        let key = Zeroizing::new(unhex_array::<32>(key_hex).ok_or(SecretError::BadInvite)?);
-        let name = unhex(name_hex).and_then(|n| String::from_utf8(n).ok()).ok_or(SecretError::BadInvite)?;
+        let key = Zeroizing::new(<[u8; 32]>::from_hex(key_hex).map_err(|_| SecretError::BadInvite)?);
+        let name = hex::decode(name_hex).ok().and_then(|n| String::from_utf8(n).ok()).ok_or(SecretError::BadInvite)?;
         if crate::wire::chat::validate_room(&name).is_err() || name.is_empty() {
             return Err(SecretError::BadInvite);
         }
@@ -138,7 +139,7 @@ impl RoomKey {
 
     /// What the tracker and the network see instead of the room's name.
     pub fn room_id(&self) -> String {
-        hex(&tagged_hash(b"p2pchat room id v1", &self.key)[..16])
+        hex::encode(&tagged_hash(b"p2pchat room id v1", &self.key)[..16])
     }
 
     /// `chat` sealed for the room's members (see `Frame::Sealed`): its id stays readable, the rest not.
@@ -154,12 +155,12 @@ impl RoomKey {
             self.cipher().encrypt(XNonce::from_slice(&nonce), Payload { msg: &plaintext, aad: chat.id.as_bytes() });
         let mut data = nonce.to_vec();
         data.extend(sealed.unwrap_or_default());
-        Frame::Sealed { id: chat.id.clone(), data: hex(&data) }
+        Frame::Sealed { id: chat.id.clone(), data: hex::encode(&data) }
     }
 
     /// The message a `sealed` frame holds, if it was sealed with this room's key under this id.
     pub fn open_sealed(&self, id: &str, data: &str) -> Result<Chat, SealError> {
-        let data = unhex(data).filter(|d| d.len() > 24).ok_or(SealError::DoesNotOpen)?;
+        let data = hex::decode(data).ok().filter(|d| d.len() > 24).ok_or(SealError::DoesNotOpen)?;
         let (nonce, ciphertext) = data.split_at(24);
         let plaintext = self
             .cipher()
@@ -179,7 +180,7 @@ impl RoomKey {
 
     /// A code that lets someone join without the secret: it carries the key.
     pub fn invite_code(&self) -> String {
-        format!("{INVITE_PREFIX}{}-{}", hex(&self.key), hex(self.name.as_bytes()))
+        format!("{INVITE_PREFIX}{}-{}", hex::encode(self.key), hex::encode(self.name.as_bytes()))
     }
 }
 
@@ -205,7 +206,7 @@ mod tests {
         let id = a.room_id();
         assert_eq!(id.len(), 32);
         assert!(!id.contains("plans") && id != other_room.room_id());
-        assert!(!format!("{a:?}").contains(&hex(a.key())), "Debug never shows the key");
+        assert!(!format!("{a:?}").contains(&hex::encode(a.key())), "Debug never shows the key");
     }
 
     #[test]
@@ -229,14 +230,14 @@ mod tests {
         let room = RoomKey::from_secret("plans", "correct horse battery").unwrap();
         let chat = Chat { id: "m1".into(), from: "ana".into(), text: "the secret plan".into(), ..Chat::default() };
         let Frame::Sealed { id, data } = room.seal(&chat) else { panic!("not sealed") };
-        assert!(!data.contains(&hex(b"secret plan")) && !data.contains("secret"));
+        assert!(!data.contains(&hex::encode(b"secret plan")) && !data.contains("secret"));
         assert_eq!(room.open_sealed(&id, &data), Ok(chat));
         let other = RoomKey::from_secret("plans", "another secret entirely").unwrap();
         assert_eq!(other.open_sealed(&id, &data), Err(SealError::DoesNotOpen));
         assert_eq!(room.open_sealed("m2", &data), Err(SealError::DoesNotOpen), "the id is bound to it");
-        let mut altered = unhex(&data).unwrap();
+        let mut altered = hex::decode(&data).unwrap();
         altered[30] ^= 1;
-        assert_eq!(room.open_sealed(&id, &hex(&altered)), Err(SealError::DoesNotOpen));
+        assert_eq!(room.open_sealed(&id, &hex::encode(&altered)), Err(SealError::DoesNotOpen));
         assert_eq!(room.open_sealed(&id, "zz"), Err(SealError::DoesNotOpen));
     }
 
@@ -256,10 +257,10 @@ mod tests {
     #[test]
     fn the_key_schedule_gives_the_published_vectors() {
         let room = RoomKey::from_secret("plans", "correct horse battery staple").unwrap();
-        assert_eq!(hex(&tagged_hash(b"p2pchat room salt v1", b"plans")[..16]), KAT_SALT);
-        assert_eq!(hex(room.key()), KAT_ROOM_KEY);
+        assert_eq!(hex::encode(&tagged_hash(b"p2pchat room salt v1", b"plans")[..16]), KAT_SALT);
+        assert_eq!(hex::encode(room.key()), KAT_ROOM_KEY);
         assert_eq!(room.room_id(), KAT_ROOM_ID);
-        assert_eq!(hex(&tagged_hash(b"p2pchat message key v1", room.key())), KAT_MESSAGE_KEY);
+        assert_eq!(hex::encode(tagged_hash(b"p2pchat message key v1", room.key())), KAT_MESSAGE_KEY);
         assert_eq!(room.invite_code(), KAT_INVITE);
         crate::protocol::assert_protocol_md_gives(&[KAT_SALT, KAT_ROOM_KEY, KAT_ROOM_ID, KAT_MESSAGE_KEY, KAT_INVITE]);
     }

@@ -1944,7 +1944,7 @@ mod private_rooms {
         else {
             panic!("the tracker passed on something unsealed")
         };
-        assert!(!data.contains(&p2pchat::wire::frames::hex(b"secret")), "sealed");
+        assert!(!data.contains(&hex::encode(b"secret")), "sealed");
         let opened = key.open_sealed(&id, &data).unwrap();
         assert_eq!((opened.from.as_str(), opened.text.as_str()), ("ana", "the secret plan"), "a member opens it");
         assert!(p2pchat::identity::verify_chat(&opened).is_ok(), "and it is signed by ana");

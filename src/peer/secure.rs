@@ -349,7 +349,7 @@ mod tests {
 
     #[test]
     fn the_handshake_commits_to_the_protocol_version_and_the_room() {
-        let key = RoomKey::from_secret("", &format!("p2pc1-{}-{}", "22".repeat(32), frames::hex(b"plans"))).unwrap();
+        let key = RoomKey::from_secret("", &format!("p2pc1-{}-{}", "22".repeat(32), hex::encode(b"plans"))).unwrap();
         let state =
             |version: u32, room: &str, initiator| noise_state_for(&key, &prologue(version, room), initiator).unwrap();
         let id = key.room_id();

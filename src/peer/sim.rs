@@ -346,7 +346,7 @@ impl Sim {
 
     /// Make the room private, under a key from the seed.
     fn make_private(&mut self) {
-        let code = format!("p2pc1-{}-{}", frames::hex(&self.dice.seed32()), frames::hex(b"simulated"));
+        let code = format!("p2pc1-{}-{}", hex::encode(self.dice.seed32()), hex::encode(b"simulated"));
         self.private = Some(Arc::new(RoomKey::from_secret("", &code).expect("a well-formed invite code")));
     }
 

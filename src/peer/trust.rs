@@ -6,6 +6,7 @@
 //! the remembered key stays. No I/O on the way: `meet` runs in readers for every message of a private
 //! room, so new keys are only marked, and the owner writes the file off the runtime (`unsaved`).
 
+use hex::FromHex;
 use std::collections::HashMap;
 use std::fs;
 use std::path::PathBuf;
@@ -15,7 +16,7 @@ use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::identity::{fingerprint, verify_chat};
-use crate::wire::frames::{hex, unhex_array, Chat};
+use crate::wire::frames::Chat;
 
 pub const FILE_NAME: &str = "known_keys.json";
 const FORMAT: u32 = 1;
@@ -93,7 +94,7 @@ impl KnownKeys {
         let mut rooms = Rooms::new();
         for (room, names) in file.rooms {
             for (name, key) in names {
-                let key = unhex_array(&key).ok_or_else(|| TrustError::Unreadable {
+                let key = <[u8; 32]>::from_hex(&key).ok().ok_or_else(|| TrustError::Unreadable {
                     path: path.clone(),
                     reason: format!("the key of {name:?} is not 64 hex digits"),
                 })?;
@@ -110,7 +111,7 @@ impl KnownKeys {
         match self.rooms.get(room).and_then(|names| names.get(&likeness(name))) {
             Some(known) if known.key == *key.as_bytes() => Seen::Same,
             Some(known) => Seen::Changed {
-                was: VerifyingKey::from_bytes(&known.key).map_or_else(|_| hex(&known.key), |k| fingerprint(&k)),
+                was: VerifyingKey::from_bytes(&known.key).map_or_else(|_| hex::encode(known.key), |k| fingerprint(&k)),
             },
             None => Seen::First,
         }
@@ -152,7 +153,7 @@ impl KnownKeys {
         let rooms = self
             .rooms
             .iter()
-            .map(|(room, names)| (room.clone(), names.values().map(|p| (p.name.clone(), hex(&p.key))).collect()))
+            .map(|(room, names)| (room.clone(), names.values().map(|p| (p.name.clone(), hex::encode(p.key))).collect()))
             .collect();
         Some((path, serde_json::to_vec_pretty(&File { v: FORMAT, rooms }).unwrap_or_default()))
     }
@@ -193,7 +194,8 @@ pub fn check_author(chat: &Chat, room: &str, known: &std::sync::Mutex<KnownKeys>
 /// Whether `chat`'s key (its signature already checked, by `check_author`) is the one its name
 /// proved on a link here: what a message is shown with a ✓ for, without checking it twice.
 pub fn proven(chat: &Chat, room: &str, known: &std::sync::Mutex<KnownKeys>) -> bool {
-    let key = chat.key.as_deref().and_then(unhex_array::<32>).and_then(|k| VerifyingKey::from_bytes(&k).ok());
+    let key =
+        chat.key.as_deref().and_then(|k| <[u8; 32]>::from_hex(k).ok()).and_then(|k| VerifyingKey::from_bytes(&k).ok());
     match (key, known.lock()) {
         (Some(key), Ok(known)) => known.lookup(room, &chat.from, &key) == Seen::Same,
         _ => false,

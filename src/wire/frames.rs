@@ -483,34 +483,7 @@ pub fn random_id() -> String {
         bytes[..8].copy_from_slice(&(nanos as u64).to_be_bytes());
         bytes[8..].copy_from_slice(&COUNTER.fetch_add(1, Ordering::Relaxed).to_be_bytes());
     }
-    hex(&bytes)
-}
-
-/// Lowercase hex digits of `bytes`. Every sent message and every original line gets an id: one
-/// allocation, not one per byte.
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut out = String::with_capacity(2 * bytes.len());
-    for b in bytes {
-        out.push(char::from(DIGITS[usize::from(b >> 4)]));
-        out.push(char::from(DIGITS[usize::from(b & 0xf)]));
-    }
-    out
-}
-
-/// The bytes `hex` wrote (either case); None for anything else.
-pub fn unhex(text: &str) -> Option<Vec<u8>> {
-    // Hex digits only: `from_str_radix` alone also takes a sign ("+f"), which would give one value
-    // two spellings (a signature, a sealed message's data).
-    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| text.get(i..i + 2).and_then(|pair| u8::from_str_radix(pair, 16).ok())).collect()
-}
-
-/// `N` bytes written by `hex`; None for anything else.
-pub fn unhex_array<const N: usize>(text: &str) -> Option<[u8; N]> {
-    unhex(text)?.try_into().ok()
+    hex::encode(bytes)
 }
 
 #[cfg(test)]
@@ -519,12 +492,16 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    /// Ids, keys, signatures and sealed data have one spelling each: hex digits only (a parser that
+    /// also took a sign, "+f", would give one value two).
     fn hex_is_hex_digits_only() {
-        assert_eq!(unhex("0aFf"), Some(vec![0x0a, 0xff]));
+        use hex::FromHex;
+        assert_eq!(hex::decode("0aFf").ok(), Some(vec![0x0a, 0xff]));
         for bad in ["+f", "-1", "0g", "0", " 0a", "+f+f"] {
-            assert_eq!(unhex(bad), None, "{bad:?}");
+            assert!(hex::decode(bad).is_err(), "{bad:?}");
         }
-        assert_eq!(unhex_array::<2>("+f+f"), None);
+        assert!(<[u8; 2]>::from_hex("+f+f").is_err());
+        assert_eq!(hex::encode([0x0a, 0xff]), "0aff", "lowercase, as ids have always been written");
     }
 
     fn hello() -> Hello {

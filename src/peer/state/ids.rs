@@ -6,8 +6,6 @@
 use chacha20::cipher::{KeyIvInit, StreamCipher};
 use chacha20::ChaCha20;
 
-use crate::wire::frames::hex;
-
 pub struct Ids {
     stream: ChaCha20,
 }
@@ -21,7 +19,7 @@ impl Ids {
     pub fn next_id(&mut self) -> String {
         let mut bytes = [0u8; 16];
         self.stream.apply_keystream(&mut bytes);
-        hex(&bytes)
+        hex::encode(bytes)
     }
 }
 

@@ -422,7 +422,7 @@ mod tests {
     #[test]
     fn a_private_room_takes_only_sealed_messages_from_a_link_without_the_handshake() {
         let key =
-            Arc::new(RoomKey::from_secret("", &format!("p2pc1-{}-{}", "11".repeat(32), frames::hex(b"r"))).unwrap());
+            Arc::new(RoomKey::from_secret("", &format!("p2pc1-{}-{}", "11".repeat(32), hex::encode(b"r"))).unwrap());
         // Fresh for each link below: they bring the same message ids.
         let private_rules = || LinkRules {
             room: key.room_id(),
