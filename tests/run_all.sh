@@ -29,8 +29,9 @@ fi
 PY="$VENV/bin/python"
 [ -x "$PY" ] || { echo "cannot make a virtual environment with $PYTHON (on Debian or Ubuntu: apt install python3-venv)"; exit 1; }
 
-echo "== pip install .[test]  (builds the Rust core in release mode, with the benchmark's helpers for test_bench)"
-MATURIN_PEP517_ARGS="--features python,bench" "$PY" -m pip install --quiet --disable-pip-version-check ".[test]"
+echo "== pip install -r tests/requirements.txt, then . (builds the Rust core in release mode, with the benchmark's helpers for test_bench)"
+"$PY" -m pip install --quiet --disable-pip-version-check -r tests/requirements.txt
+MATURIN_PEP517_ARGS="--features python,bench" "$PY" -m pip install --quiet --disable-pip-version-check .
 
 echo "== ruff, mypy --strict on the package, stubtest of _core.pyi against the built module"
 "$PY" -m ruff check python server.py client.py examples tests benches

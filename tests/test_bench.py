@@ -53,7 +53,7 @@ def test_the_quick_benchmark_runs_every_scenario_for_both_implementations(tmp_pa
     assert all(r["wakeups_per_peer_s"] >= 0 for r in idle.values()), idle
     assert "| idle | 4 peers, nobody typing: thread wake-ups per peer per second |" in run.stdout
     # The chart, drawn when matplotlib is installed (the test extra installs it).
-    assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), "no PNG chart was written (is matplotlib installed? pip install .[test])"
+    assert (tmp_path / "quick.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n"), "no PNG chart was written (is matplotlib installed? pip install -r tests/requirements.txt)"
 
 
 def test_the_tracker_cross_runs_every_pairing_of_builds():
