@@ -35,6 +35,7 @@ pub struct PyMessage {
     /// The sender's name from its `<NAME> :: ` prefix (None for bytes that came before any prefix).
     #[pyo3(get)]
     sender: Option<String>,
+    /// What it says: one line, without its end-of-line.
     #[pyo3(get)]
     text: String,
     /// Kept as it came and written out only when asked for: most applications never read it.
@@ -157,8 +158,11 @@ impl PyPeerJoined {
 /// A member left the room.
 #[pyclass(frozen, get_all, name = "PeerLeft", module = "p2pchat._core")]
 pub struct PyPeerLeft {
+    /// Its `(ip, port)`, as `PeerJoined` gave it.
     address: (String, u16),
+    /// Its name when it left (None for an original peer that never said a line).
     name: Option<String>,
+    /// Why, in words: "left" when it said goodbye (`clean`), else what ended the link.
     reason: String,
     /// True when it said goodbye (a p2pchat peer leaving on purpose), False when the link was lost.
     clean: bool,
@@ -175,8 +179,11 @@ impl PyPeerLeft {
 /// (then `old` is None).
 #[pyclass(frozen, get_all, name = "PeerRenamed", module = "p2pchat._core")]
 pub struct PyPeerRenamed {
+    /// Its `(ip, port)`, as `PeerJoined` gave it.
     address: (String, u16),
+    /// The name it had (None: an original peer, named now by its first line).
     old: Option<String>,
+    /// The name it has now.
     new: String,
 }
 
@@ -190,6 +197,7 @@ impl PyPeerRenamed {
 /// Something the user should know that is not about one message (a refused link, a lost tracker).
 #[pyclass(frozen, get_all, name = "Notice", module = "p2pchat._core")]
 pub struct PyNotice {
+    /// What happened, in a sentence for the user.
     text: String,
 }
 
@@ -204,6 +212,7 @@ impl PyNotice {
 /// had any or nobody could be asked); live messages that arrived meanwhile come after it.
 #[pyclass(frozen, get_all, name = "HistorySynced", module = "p2pchat._core")]
 pub struct PyHistorySynced {
+    /// How many earlier messages arrived (0 when nobody had any, or nobody could be asked).
     received: usize,
 }
 
@@ -217,8 +226,12 @@ impl PyHistorySynced {
 /// A member this peer holds a connection to.
 #[pyclass(frozen, get_all, name = "PeerInfo", module = "p2pchat._core")]
 pub struct PyPeerInfo {
+    /// Where it accepts connections, `(ip, port)` (for an original peer that dialled us: its
+    /// connection's address).
     address: (String, u16),
+    /// Its name (None for an original peer that has not said a line yet).
     name: Option<String>,
+    /// True when we dialled it, False when it dialled us.
     outgoing: bool,
     /// "p2pchat", "original", or None while an accepted connection has not shown what it speaks.
     protocol: Option<&'static str>,
