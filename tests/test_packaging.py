@@ -32,8 +32,10 @@ def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheels")
     # What a release publishes: a manylinux2014 wheel (glibc 2.17 and later), linked with zig (ziglang,
     # from PyPI) so that this machine's newer glibc leaves no newer symbol in it; stripped.
+    # maturin runs `python3 -m ziglang` for zig: this environment's python3 comes first on the PATH.
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
     build = subprocess.run([sys.executable, "-m", "maturin", "build", "--release", "--zig", "--compatibility", "manylinux2014",
-                            "--strip", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200)
+                            "--strip", "--out", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
     assert build.returncode == 0, build.stderr[-3000:]
     wheels = list(out.glob("*.whl"))
     assert len(wheels) == 1, wheels
