@@ -27,9 +27,7 @@ fn process_cpu() -> Duration {
 /// poll: a core spent on one idle link.)
 #[tokio::test]
 async fn an_idle_original_link_uses_no_cpu() {
-    let tracker = Tracker::bind(TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() })
-        .await
-        .unwrap();
+    let tracker = Tracker::bind(TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap())).await.unwrap();
     let tracker_addr = tracker.local_addr();
     let (_stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(tracker.run(async move {

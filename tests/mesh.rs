@@ -10,7 +10,7 @@ use tokio::net::{TcpListener, TcpStream};
 const WAIT: Duration = Duration::from_secs(10);
 
 async fn start_tracker() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
-    let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() };
+    let config = TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap());
     let (addr, stop, _task) = start_tracker_with(config).await;
     (addr, stop)
 }
@@ -428,7 +428,9 @@ async fn a_member_behind_keeps_its_link_and_gets_every_line() {
 async fn dropped_for_not_reading(stalled_after: Duration, send_queue_bytes: usize, why: &str) {
     let (tracker, _stop) = start_tracker().await;
     let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
-    config.limits = peer::Limits { send_queue: 4, stalled_after, send_queue_bytes, ..config.limits };
+    config.limits.send_queue = 4;
+    config.limits.stalled_after = stalled_after;
+    config.limits.send_queue_bytes = send_queue_bytes;
     let (ana, mut ana_events, _) = peer::join(config).await.unwrap();
     let mut bob_config = PeerConfig::new("bob", "127.0.0.1", tracker.port());
     bob_config.limits.max_message_rate = u32::MAX / 4; // bob takes the whole flood on purpose
@@ -653,11 +655,8 @@ async fn wait_members(handle: &p2pchat::tracker::TrackerHandle, n: usize) {
 async fn registered_under(bound: Duration, quiet: bool) -> (TcpStream, p2pchat::tracker::TrackerHandle) {
     use p2pchat::protocol::PROTOCOL_VERSION;
     use p2pchat::wire::frames::{self, Frame, Hello};
-    let config = TrackerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        registration_timeout: bound,
-        ..TrackerConfig::default()
-    };
+    let mut config = TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap());
+    config.registration_timeout = bound;
     let tracker = Tracker::bind(config).await.unwrap();
     let (addr, handle) = (tracker.local_addr(), tracker.handle());
     tokio::spawn(tracker.run(std::future::pending()));
@@ -865,7 +864,7 @@ async fn quiet_members_are_neither_pinged_nor_dropped_for_their_silence() {
 /// newcomer finds the whole room.
 #[tokio::test]
 async fn peers_register_again_after_a_tracker_restart() {
-    let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() };
+    let config = TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap());
     let (addr, stop, task) = start_tracker_with(config.clone()).await;
     let (a, _a_events) = join("ana", addr).await;
     let (b, mut b_events) = join("bob", addr).await;
@@ -879,7 +878,8 @@ async fn peers_register_again_after_a_tracker_restart() {
     for i in 0..20 {
         assert_eq!(next_message(&mut b_events).await.text, format!("while the tracker is down {i}"));
     }
-    let config = TrackerConfig { listen: addr, ..config };
+    let mut config = config;
+    config.listen = addr;
     let tracker = Tracker::bind(config).await.unwrap();
     let handle = tracker.handle();
     tokio::spawn(tracker.run(std::future::pending()));
@@ -901,12 +901,9 @@ async fn original_exchange(tracker: std::net::SocketAddr) -> std::net::SocketAdd
 }
 
 async fn tracker_with_ttl(ttl: Duration) -> (std::net::SocketAddr, p2pchat::tracker::TrackerHandle) {
-    let config = TrackerConfig {
-        listen: "127.0.0.1:0".parse().unwrap(),
-        original_ttl: ttl,
-        probe_timeout: Duration::from_millis(500),
-        ..TrackerConfig::default()
-    };
+    let mut config = TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap());
+    config.original_ttl = ttl;
+    config.probe_timeout = Duration::from_millis(500);
     let tracker = Tracker::bind(config).await.unwrap();
     let (addr, handle) = (tracker.local_addr(), tracker.handle());
     tokio::spawn(tracker.run(std::future::pending()));
@@ -1107,7 +1104,8 @@ async fn stop_relaying_when_linked_directly(pia: &mut RawMember, quin: &mut RawM
 #[tokio::test]
 async fn the_trackers_relay_drops_a_member_that_does_not_read() {
     use p2pchat::wire::frames::{self, Chat, Frame};
-    let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: true, ..TrackerConfig::default() };
+    let mut config = TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap());
+    config.relay = true;
     let (tracker, _stop, _task) = start_tracker_with(config).await;
     let _sleeper = RawMember::join(tracker, "sleeper-session", "sleeper").await; // never reads again
     let mut talker = RawMember::join(tracker, "talker-session", "talker").await;
@@ -1244,7 +1242,8 @@ async fn the_tracker_relays_only_when_told_to() {
     let Ok(Some(Frame::Error { message, .. })) = decoder.next_frame() else { panic!("no error frame: {answer:?}") };
     assert!(message.contains("does not relay"), "{message}");
 
-    let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: true, ..TrackerConfig::default() };
+    let mut config = TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap());
+    config.relay = true;
     let (tracker, _stop, _task) = start_tracker_with(config).await;
     let mut pia = RawMember::join(tracker, "pia-session", "pia").await;
     let mut quin = RawMember::join(tracker, "quin-session", "quin").await;
@@ -1315,9 +1314,7 @@ mod private_rooms {
     #[tokio::test]
     async fn members_chat_and_the_tracker_knows_only_the_opaque_id() {
         let key = RoomKey::from_secret("plans", SECRET).unwrap();
-        let bound = Tracker::bind(TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), ..TrackerConfig::default() })
-            .await
-            .unwrap();
+        let bound = Tracker::bind(TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap())).await.unwrap();
         let (tracker, tracker_handle) = (bound.local_addr(), bound.handle());
         let _task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(bound.run(std::future::pending())));
         let (ana, mut ana_events) = join_private("ana", tracker, &key).await;
@@ -1832,7 +1829,8 @@ mod private_rooms {
     #[tokio::test]
     async fn a_stranger_at_the_trackers_relay_cannot_post_name_or_pin_in_a_private_room() {
         let key = RoomKey::from_secret("plans", SECRET).unwrap();
-        let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: true, ..TrackerConfig::default() };
+        let mut config = TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap());
+        config.relay = true;
         let (tracker, _stop, _task) = start_tracker_with(config).await;
         // A member nobody can reach, so that ana links to the relay.
         let _ghost = register_ghost(tracker, &key.room_id()).await;
@@ -1918,7 +1916,8 @@ mod private_rooms {
     #[tokio::test]
     async fn the_trackers_relay_carries_a_private_room_sealed() {
         let key = RoomKey::from_secret("plans", SECRET).unwrap();
-        let config = TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), relay: true, ..TrackerConfig::default() };
+        let mut config = TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap());
+        config.relay = true;
         let (tracker, _stop, _task) = start_tracker_with(config).await;
         // A member of the room nobody can reach (it registered, but listens nowhere)...
         let _ghost = register_ghost(tracker, &key.room_id()).await;
@@ -2074,8 +2073,8 @@ mod limits {
     /// ends, the next is taken.
     #[tokio::test]
     async fn past_the_registration_cap_the_tracker_resets_until_one_ends() {
-        let config =
-            TrackerConfig { listen: "127.0.0.1:0".parse().unwrap(), max_registrations: 2, ..TrackerConfig::default() };
+        let mut config = TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap());
+        config.max_registrations = 2;
         let tracker = Tracker::bind(config).await.unwrap();
         let (addr, handle) = (tracker.local_addr(), tracker.handle());
         tokio::spawn(tracker.run(std::future::pending()));
@@ -2101,12 +2100,9 @@ mod limits {
     /// slot frees, the next one is served.
     #[tokio::test]
     async fn past_the_answer_cap_a_connection_is_reset_until_a_slot_frees() {
-        let config = TrackerConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            max_connections: 1,
-            answer_after: Duration::from_secs(30),
-            ..TrackerConfig::default()
-        };
+        let mut config = TrackerConfig::listening_on("127.0.0.1:0".parse().unwrap());
+        config.max_connections = 1;
+        config.answer_after = Duration::from_secs(30);
         let (addr, _stop, _task) = start_tracker_with(config).await;
         // The first holds the only slot: it sent part of the p2pchat magic, so the tracker waits for
         // the rest (up to answer_after) before it can tell what it is.

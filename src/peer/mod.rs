@@ -59,8 +59,10 @@ pub struct TrackerAddr {
     pub port: u16,
 }
 
-/// Timing and size limits of a peer; the defaults suit a LAN or the Internet.
+/// Timing and size limits of a peer; the defaults suit a LAN or the Internet. Non-exhaustive:
+/// start from `Limits::default()` and assign the fields to change.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Limits {
     /// How long one connection attempt to a peer or the tracker may take.
     pub connect_timeout: Duration,
@@ -142,8 +144,10 @@ impl Default for Limits {
     }
 }
 
-/// What a peer needs to join.
+/// What a peer needs to join: `PeerConfig::new(name, tracker host, tracker port)`, then any field
+/// set by assignment. Non-exhaustive: settings added later break no caller.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct PeerConfig {
     pub name: String,
     /// The room; "" is the default room, the only one original peers can be in.

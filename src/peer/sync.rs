@@ -38,8 +38,10 @@ pub const CHUNK_BYTES: usize = 128 * 1024;
 /// Longest message id accepted in history (ours are 32 characters).
 const MAX_ID_CHARS: usize = 64;
 
-/// How a peer keeps and exchanges history.
+/// How a peer keeps and exchanges history. Non-exhaustive: start from `HistoryConfig::default()`
+/// (or a `PeerConfig`'s) and assign the fields to change.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct HistoryConfig {
     /// Where the log lives.
     pub location: crate::history::store::Location,

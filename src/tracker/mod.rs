@@ -54,7 +54,10 @@ const HELLO_WAIT: Duration = Duration::from_secs(5);
 /// Room for one read of a registered peer: its pings are 19 bytes; a longer frame takes more reads.
 const REGISTRATION_READ: usize = 512;
 
+/// A tracker's settings: `TrackerConfig::listening_on(addr)` (or `default()`, on every interface at
+/// port 7472), then any field set by assignment. Non-exhaustive: settings added later break no caller.
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct TrackerConfig {
     pub listen: SocketAddr,
     /// Addresses remembered at most; the oldest is forgotten first.
@@ -84,6 +87,13 @@ pub struct TrackerConfig {
     /// Relay between members that cannot reach each other (see `hub`). Off by default: the tracker
     /// then never carries a chat message.
     pub relay: bool,
+}
+
+impl TrackerConfig {
+    /// The defaults, listening on `listen` (port 0: any free port, see `Tracker::local_addr`).
+    pub fn listening_on(listen: SocketAddr) -> Self {
+        Self { listen, ..Self::default() }
+    }
 }
 
 impl Default for TrackerConfig {
