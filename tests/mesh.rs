@@ -2163,3 +2163,19 @@ mod limits {
         assert!(ana.peers().await.unwrap().is_empty());
     }
 }
+
+/// A line is in the log (what `history` reads) by the time `send` returns: a caller that asks for
+/// the history right after it sent finds its line there, every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_right_after_send_holds_the_line() {
+    let (tracker, _stop) = start_tracker().await;
+    let mut config = PeerConfig::new("ana", "127.0.0.1", tracker.port());
+    config.history.location = p2pchat::history::store::Location::Memory;
+    let (ana, _events, _) = peer::join(config).await.unwrap();
+    for i in 0..2000 {
+        let text = format!("line {i}");
+        ana.send(&text).await.unwrap();
+        let newest = ana.history(1, None).await.unwrap();
+        assert_eq!(newest.last().map(|r| r.text.as_str()), Some(text.as_str()), "after {i} sends");
+    }
+}

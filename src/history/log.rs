@@ -27,8 +27,9 @@ const GROUP_COMMIT: std::time::Duration = std::time::Duration::from_millis(500);
 const FULL_BATCH: usize = 1024;
 
 enum Job {
-    /// Live messages, written in one transaction.
-    Commit(Vec<Record>),
+    /// Write what the shared batch holds, in one transaction. The records stay in the batch until
+    /// the thread takes them: none is ever on its way outside it, where a query would miss it.
+    Commit,
     /// Anything else; it sees every live message recorded before it was asked.
     Ask(Ask),
 }
@@ -57,13 +58,13 @@ enum Ask {
 struct Batch(Arc<Mutex<Vec<Record>>>);
 
 impl Batch {
-    /// Add `records`; returns whether the batch was empty before, and the whole batch once it is full.
-    fn add(&self, records: Vec<Record>) -> (bool, Option<Vec<Record>>) {
+    /// Add `records`; returns whether the batch was empty before, and whether it just became full
+    /// (once per batch: it stays full until the thread takes it).
+    fn add(&self, records: Vec<Record>) -> (bool, bool) {
         let mut batch = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        let was_empty = batch.is_empty();
+        let before = batch.len();
         batch.extend(records);
-        let full = (batch.len() >= FULL_BATCH).then(|| std::mem::take(&mut *batch));
-        (was_empty, full)
+        (before == 0, before < FULL_BATCH && batch.len() >= FULL_BATCH)
     }
 
     fn take(&self) -> Vec<Record> {
@@ -127,7 +128,7 @@ fn serve(mut store: Store, room: String, mut rx: mpsc::Receiver<Job>, batch: Bat
     let mut live = LiveWriter { failed_before: false };
     while let Some(job) = rx.blocking_recv() {
         match job {
-            Job::Commit(records) => live.write(&mut store, &room, &records),
+            Job::Commit => live.write(&mut store, &room, &batch.take()),
             Job::Ask(ask) => {
                 live.write(&mut store, &room, &batch.take());
                 answer(&mut store, &room, ask);
@@ -170,16 +171,16 @@ impl LiveWriter {
 impl LogHandle {
     /// Log live messages; waits only while the log thread is `QUEUE` batches behind.
     pub async fn record(&self, records: Vec<Record>) {
-        if let Some(full) = self.add(records) {
-            let _ = crate::sending::send(&self.jobs, Job::Commit(full)).await;
+        if self.add(records) {
+            let _ = crate::sending::send(&self.jobs, Job::Commit).await;
         }
     }
 
     /// Log one message without waiting, for callers that must not wait (the peer's actor); a full
     /// batch that finds the queue full is handed to a task that waits.
     pub fn record_now(&self, record: Record) {
-        if let Some(full) = self.add(vec![record]) {
-            if let Err(mpsc::error::TrySendError::Full(job)) = self.jobs.try_send(Job::Commit(full)) {
+        if self.add(vec![record]) {
+            if let Err(mpsc::error::TrySendError::Full(job)) = self.jobs.try_send(Job::Commit) {
                 let jobs = self.jobs.clone();
                 tokio::spawn(async move {
                     let _ = jobs.send(job).await;
@@ -188,17 +189,17 @@ impl LogHandle {
         }
     }
 
-    /// Add to the batch; the first message of a batch sets its timer. Returns a batch to send now.
-    fn add(&self, records: Vec<Record>) -> Option<Vec<Record>> {
+    /// Add to the batch; the first message of a batch sets its timer. Returns whether the batch is
+    /// full, to be written now.
+    fn add(&self, records: Vec<Record>) -> bool {
         let (was_empty, full) = self.batch.add(records);
-        if was_empty && full.is_none() {
-            let (jobs, batch, commit_after) = (self.jobs.clone(), self.batch.clone(), self.commit_after);
+        if was_empty && !full {
+            let (jobs, commit_after) = (self.jobs.clone(), self.commit_after);
             tokio::spawn(async move {
                 tokio::time::sleep(commit_after).await;
-                let records = batch.take();
-                if !records.is_empty() {
-                    let _ = jobs.send(Job::Commit(records)).await;
-                }
+                // The thread takes what the batch holds then (nothing, if a full batch or a query
+                // took it first).
+                let _ = jobs.send(Job::Commit).await;
             });
         }
         full

@@ -330,6 +330,9 @@ pub(super) async fn run(setup: Setup) {
                 match command {
                     Some(Command::Send { text, reply }) => {
                         let reached = driver.state.send(now(), &text);
+                        // Carried out before the caller hears back: the line is in the log's batch (which
+                        // `history` reads) and queued on every link by the time `send` returns.
+                        driver.carry_out();
                         if let Some(reply) = reply {
                             let _ = reply.send(reached);
                         }
