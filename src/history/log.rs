@@ -291,12 +291,19 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_batch_goes_at_once_and_nothing_is_lost_or_doubled() {
-        let log = open(&Location::Memory, "r".into(), keep_all()).unwrap();
+        let mut log = open(&Location::Memory, "r".into(), keep_all()).unwrap();
+        // Only a full batch can make the thread write during this test: the timer is an hour away.
+        log.commit_after = std::time::Duration::from_secs(3600);
         let count = FULL_BATCH * 2 + 7;
         for stamp in 0..count as u64 {
             log.record_now(record(&format!("m{stamp:05}"), stamp));
         }
-        assert!(log.batch.0.lock().unwrap().len() < FULL_BATCH, "full batches were handed to the thread");
+        // The thread takes each full batch on its own (a bounded wait for it, not a sleep).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while log.batch.0.lock().unwrap().len() >= FULL_BATCH {
+            assert!(std::time::Instant::now() < deadline, "a full batch was not taken by the thread");
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
         let logged = log.query(Query::latest(count + 10)).await.unwrap();
         assert_eq!(logged.len(), count);
         assert_eq!(logged.last().map(|r| r.id.as_str()), Some(format!("m{:05}", count - 1).as_str()));
