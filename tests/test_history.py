@@ -174,8 +174,7 @@ def test_a_line_sent_just_before_the_client_exits_is_in_its_log(tmp_path):
         sent = subprocess.run(python("client.py", "--port", str(tracker.address[1]), "--name", "ana", "--data-dir", str(data), "--exit-on-eof"),
                               cwd=ROOT, input="last words\n", capture_output=True, text=True, timeout=WAIT * 2)
     assert sent.returncode == 0, sent.stderr
-    with sqlite3.connect(data / "history.sqlite3") as db:
-        texts = [text for (text,) in db.execute("SELECT text FROM messages")]
+    texts = logged_texts(data)
     assert texts == ["last words"], texts
 
 

@@ -737,8 +737,9 @@ impl PyPeer {
     }
 
     /// `await peer.recv_async()`: the next message; None after `timeout` seconds (None: wait as long as
-    /// it takes); raises `PeerClosed` once the peer is closed. Cancelling the await (a task's
-    /// `cancel()`, `asyncio.wait_for`) takes nothing: the message waits for the next receive.
+    /// it takes); raises `PeerClosed` once the peer is closed. A message that arrives as `timeout`
+    /// runs out waits for the next receive; a cancelled await may drop one handed over at that very
+    /// moment (docs/python-api.md).
     #[pyo3(signature = (timeout = None))]
     fn recv_async<'py>(&self, py: Python<'py>, timeout: Option<f64>) -> PyResult<Bound<'py, PyAny>> {
         let (_, events) = self.core.joined()?;
